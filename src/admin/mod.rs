@@ -1,0 +1,168 @@
+//! The admin listener: /healthz, /readyz, /metrics, and the token-protected /admin/v1 API.
+
+use crate::auth::api_key::constant_time_eq;
+use crate::errors::GatewayError;
+use crate::proxy::Gateway;
+use async_trait::async_trait;
+use http::{Method, Response};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde_json::Value;
+use std::sync::Arc;
+
+pub struct AdminApp(pub Arc<Gateway>);
+
+/// What an admin call answers: JSON or text, with a status.
+struct Reply {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+    retry_after: Option<u64>,
+}
+
+impl Reply {
+    fn json(status: u16, value: &Value) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            body: serde_json::to_vec(value).unwrap_or_default(),
+            retry_after: None,
+        }
+    }
+
+    fn error(e: &GatewayError) -> Self {
+        Self {
+            status: e.status(),
+            content_type: "application/json",
+            body: e.body(),
+            retry_after: e.retry_after,
+        }
+    }
+}
+
+impl From<Result<Value, GatewayError>> for Reply {
+    fn from(r: Result<Value, GatewayError>) -> Self {
+        match r {
+            Ok(v) => Reply::json(200, &v),
+            Err(e) => Reply::error(&e),
+        }
+    }
+}
+
+fn authorized(gw: &Gateway, session: &ServerSession) -> bool {
+    let Some(expected) = gw.config.admin.token.as_deref() else {
+        return false;
+    };
+    let Some(value) = session
+        .req_header()
+        .headers
+        .get(http::header::AUTHORIZATION)
+    else {
+        return false;
+    };
+    let bytes = value.as_bytes();
+    bytes.len() > 7
+        && bytes[..7].eq_ignore_ascii_case(b"bearer ")
+        && constant_time_eq(&bytes[7..], expected.as_bytes())
+}
+
+async fn read_body(session: &mut ServerSession, limit: usize) -> Result<Vec<u8>, GatewayError> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(GatewayError::payload_too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(_) => return Err(GatewayError::bad_request("Could not read the request body")),
+        }
+    }
+}
+
+impl AdminApp {
+    async fn route(&self, session: &mut ServerSession) -> Reply {
+        let gw = &*self.0;
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_owned();
+        match (&method, path.as_str()) {
+            (&Method::GET, "/healthz") => {
+                return Reply::json(200, &serde_json::json!({"status": "ok"}))
+            }
+            (&Method::GET, "/readyz") => {
+                return if gw.store.ready().await {
+                    Reply::json(200, &serde_json::json!({"status": "ready"}))
+                } else {
+                    Reply::error(&GatewayError::store_unavailable())
+                };
+            }
+            (&Method::GET, "/metrics") => {
+                let text = gw
+                    .metrics
+                    .render(gw.directory.cached_keys(), gw.store.ready().await);
+                return Reply {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4",
+                    body: text.into_bytes(),
+                    retry_after: None,
+                };
+            }
+            _ => {}
+        }
+        let Some(rest) = path.strip_prefix("/admin/v1/") else {
+            return Reply::error(&GatewayError::no_route());
+        };
+        if !authorized(gw, session) {
+            return Reply::error(&GatewayError::new(
+                crate::errors::ErrorCode::Unauthorized,
+                "Invalid or missing admin token",
+            ));
+        }
+        let segments: Vec<&str> = rest.split('/').collect();
+        let m = &gw.manager;
+        match (&method, segments.as_slice()) {
+            (&Method::PUT, ["accounts", id]) => {
+                match read_body(session, gw.config.server.max_body_bytes).await {
+                    Ok(body) => m.put_account(id, &body).await.into(),
+                    Err(e) => Reply::error(&e),
+                }
+            }
+            (&Method::GET, ["accounts", id]) => m.show_account(id).await.into(),
+            (&Method::POST, ["accounts", id, "keys"]) => {
+                match read_body(session, gw.config.server.max_body_bytes).await {
+                    Ok(body) => match m.create_key(id, &body).await {
+                        Ok(v) => Reply::json(201, &v),
+                        Err(e) => Reply::error(&e),
+                    },
+                    Err(e) => Reply::error(&e),
+                }
+            }
+            (&Method::GET, ["accounts", id, "keys"]) => m.list_keys(id).await.into(),
+            (&Method::DELETE, ["accounts", id, "keys", key_id]) => {
+                m.revoke_key(id, key_id).await.into()
+            }
+            _ => Reply::error(&GatewayError::no_route()),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let reply = self.route(session).await;
+        // Whatever the caller sent and we did not read would poison keep-alive.
+        if !session.is_body_done() && session.drain_request_body().await.is_err() {
+            session.set_keepalive(None);
+        }
+        let mut builder = Response::builder()
+            .status(reply.status)
+            .header("content-type", reply.content_type)
+            .header("content-length", reply.body.len());
+        if let Some(secs) = reply.retry_after {
+            builder = builder.header("retry-after", secs);
+        }
+        builder.body(reply.body).unwrap_or_default()
+    }
+}

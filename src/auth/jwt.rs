@@ -1,0 +1,337 @@
+//! Console tokens: JWT verification with an allow-list of algorithms and an injected clock.
+
+use crate::config::JwtSettings;
+use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+use std::fmt;
+
+/// Who a valid console token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleIdentity {
+    pub account_id: String,
+    pub user_id: Option<String>,
+}
+
+/// Why a token was refused (logged, never shown to the client beyond "invalid").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtError {
+    Malformed,
+    AlgorithmNotAllowed,
+    NoKey,
+    BadSignature,
+    Expired,
+    NotYetValid,
+    WrongIssuer,
+    WrongAudience,
+    NoAccount,
+}
+
+impl fmt::Display for JwtError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Self::Malformed => "malformed token",
+            Self::AlgorithmNotAllowed => "algorithm not allowed",
+            Self::NoKey => "no key for this token",
+            Self::BadSignature => "bad signature",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not yet valid",
+            Self::WrongIssuer => "wrong issuer",
+            Self::WrongAudience => "wrong audience",
+            Self::NoAccount => "no account claim",
+        };
+        f.write_str(s)
+    }
+}
+
+impl std::error::Error for JwtError {}
+
+/// Verifies console tokens against the configured keys.
+pub struct JwtVerifier {
+    algorithms: Vec<Algorithm>,
+    hmac: Option<DecodingKey>,
+    keys: Vec<(Algorithm, Option<String>, DecodingKey)>,
+    jwks: Option<JwkSet>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    account_claim: String,
+    leeway_secs: i64,
+}
+
+fn is_hmac(a: Algorithm) -> bool {
+    matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+fn same_family(a: Algorithm, b: Algorithm) -> bool {
+    use Algorithm::*;
+    let fam = |x| match x {
+        HS256 | HS384 | HS512 => 0,
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => 1,
+        ES256 | ES384 => 2,
+        EdDSA => 3,
+    };
+    fam(a) == fam(b)
+}
+
+impl JwtVerifier {
+    /// Builds the verifier; an unusable key is an error naming it.
+    pub fn new(s: &JwtSettings) -> Result<Self, String> {
+        let mut keys = Vec::new();
+        for (alg, kid, pem) in &s.public_keys {
+            let key = match alg {
+                Algorithm::RS256
+                | Algorithm::RS384
+                | Algorithm::RS512
+                | Algorithm::PS256
+                | Algorithm::PS384
+                | Algorithm::PS512 => DecodingKey::from_rsa_pem(pem),
+                Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
+                Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
+                _ => {
+                    return Err(format!(
+                        "jwt.public_keys: {alg:?} is not a public-key algorithm"
+                    ))
+                }
+            }
+            .map_err(|e| format!("jwt.public_keys ({alg:?}): {e}"))?;
+            keys.push((*alg, kid.clone(), key));
+        }
+        let jwks = match &s.jwks {
+            Some(text) => {
+                Some(serde_json::from_str(text).map_err(|e| format!("jwt.jwks_file: {e}"))?)
+            }
+            None => None,
+        };
+        Ok(Self {
+            algorithms: s.algorithms.clone(),
+            hmac: s
+                .secret
+                .as_ref()
+                .map(|secret| DecodingKey::from_secret(secret.as_bytes())),
+            keys,
+            jwks,
+            issuer: s.issuer.clone(),
+            audience: s.audience.clone(),
+            account_claim: s.account_claim.clone(),
+            leeway_secs: i64::try_from(s.leeway.as_secs()).unwrap_or(0),
+        })
+    }
+
+    fn key_for(&self, alg: Algorithm, kid: Option<&str>) -> Option<DecodingKey> {
+        if is_hmac(alg) {
+            return self.hmac.clone();
+        }
+        let by_kid = |k: &Option<String>| kid.is_none() || k.is_none() || k.as_deref() == kid;
+        if let Some((_, _, key)) = self
+            .keys
+            .iter()
+            .find(|(a, k, _)| same_family(*a, alg) && by_kid(k))
+        {
+            return Some(key.clone());
+        }
+        let jwks = self.jwks.as_ref()?;
+        let jwk = match kid {
+            Some(kid) => jwks.find(kid)?,
+            None => jwks.keys.first()?,
+        };
+        DecodingKey::from_jwk(jwk).ok()
+    }
+
+    /// Checks signature, algorithm, `exp`, `nbf`, `iss`, `aud` and extracts the account.
+    pub fn verify(&self, token: &str, now_unix: i64) -> Result<ConsoleIdentity, JwtError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
+        if !self.algorithms.contains(&header.alg) {
+            return Err(JwtError::AlgorithmNotAllowed);
+        }
+        let key = self
+            .key_for(header.alg, header.kid.as_deref())
+            .ok_or(JwtError::NoKey)?;
+        let mut validation = Validation::new(header.alg);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims = HashSet::new();
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation).map_err(|e| {
+                match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::InvalidSignature => JwtError::BadSignature,
+                    jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => {
+                        JwtError::AlgorithmNotAllowed
+                    }
+                    _ => JwtError::Malformed,
+                }
+            })?;
+        let claims = data.claims;
+        let num = |name: &str| claims.get(name).and_then(Value::as_i64);
+        match num("exp") {
+            Some(exp) if now_unix < exp.saturating_add(self.leeway_secs) => {}
+            Some(_) => return Err(JwtError::Expired),
+            None => return Err(JwtError::Malformed),
+        }
+        if let Some(nbf) = num("nbf") {
+            if now_unix.saturating_add(self.leeway_secs) < nbf {
+                return Err(JwtError::NotYetValid);
+            }
+        }
+        if let Some(iss) = &self.issuer {
+            if claims.get("iss").and_then(Value::as_str) != Some(iss.as_str()) {
+                return Err(JwtError::WrongIssuer);
+            }
+        }
+        if let Some(aud) = &self.audience {
+            let ok = match claims.get("aud") {
+                Some(Value::String(a)) => a == aud,
+                Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(aud.as_str())),
+                _ => false,
+            };
+            if !ok {
+                return Err(JwtError::WrongAudience);
+            }
+        }
+        let text = |name: &str| {
+            claims
+                .get(name)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        let user_id = text("sub");
+        let account_id = text(&self.account_claim)
+            .or_else(|| user_id.clone())
+            .ok_or(JwtError::NoAccount)?;
+        Ok(ConsoleIdentity {
+            account_id,
+            user_id,
+        })
+    }
+}
+
+/// What a minted development token says.
+pub struct MintRequest<'a> {
+    pub secret: &'a str,
+    pub account_claim: &'a str,
+    pub account_id: &'a str,
+    pub sub: Option<&'a str>,
+    pub issuer: Option<&'a str>,
+    pub audience: Option<&'a str>,
+    pub now_unix: i64,
+    pub ttl_secs: i64,
+}
+
+/// Mints an HS256 console token (development and tests).
+pub fn mint_hs256(m: &MintRequest<'_>) -> Result<String, jsonwebtoken::errors::Error> {
+    let mut claims = Map::new();
+    claims.insert(m.account_claim.into(), Value::from(m.account_id));
+    if let Some(sub) = m.sub {
+        claims.insert("sub".into(), Value::from(sub));
+    }
+    if let Some(iss) = m.issuer {
+        claims.insert("iss".into(), Value::from(iss));
+    }
+    if let Some(aud) = m.audience {
+        claims.insert("aud".into(), Value::from(aud));
+    }
+    claims.insert("iat".into(), Value::from(m.now_unix));
+    claims.insert(
+        "exp".into(),
+        Value::from(m.now_unix.saturating_add(m.ttl_secs)),
+    );
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(m.secret.as_bytes()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn settings() -> JwtSettings {
+        JwtSettings {
+            algorithms: vec![Algorithm::HS256],
+            secret_env: "X".into(),
+            secret: Some("s3cret".into()),
+            issuer: Some("msgflash".into()),
+            audience: Some("console".into()),
+            account_claim: "account_id".into(),
+            leeway: Duration::ZERO,
+            public_keys: Vec::new(),
+            jwks: None,
+        }
+    }
+
+    fn mint(secret: &str, ttl: i64, iss: &str, aud: &str) -> String {
+        mint_hs256(&MintRequest {
+            secret,
+            account_claim: "account_id",
+            account_id: "acc_1",
+            sub: Some("user_7"),
+            issuer: Some(iss),
+            audience: Some(aud),
+            now_unix: NOW,
+            ttl_secs: ttl,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn valid_token_yields_account_and_user() {
+        let v = JwtVerifier::new(&settings()).unwrap();
+        let id = v
+            .verify(&mint("s3cret", 60, "msgflash", "console"), NOW)
+            .unwrap();
+        assert_eq!(id.account_id, "acc_1");
+        assert_eq!(id.user_id.as_deref(), Some("user_7"));
+    }
+
+    #[test]
+    fn each_failure_is_named() {
+        let v = JwtVerifier::new(&settings()).unwrap();
+        let good = mint("s3cret", 60, "msgflash", "console");
+        assert_eq!(v.verify(&good, NOW + 60), Err(JwtError::Expired));
+        assert_eq!(
+            v.verify(&mint("other", 60, "msgflash", "console"), NOW),
+            Err(JwtError::BadSignature)
+        );
+        assert_eq!(
+            v.verify(&mint("s3cret", 60, "evil", "console"), NOW),
+            Err(JwtError::WrongIssuer)
+        );
+        assert_eq!(
+            v.verify(&mint("s3cret", 60, "msgflash", "x"), NOW),
+            Err(JwtError::WrongAudience)
+        );
+        assert_eq!(v.verify("not.a.jwt", NOW), Err(JwtError::Malformed));
+    }
+
+    #[test]
+    fn alg_none_and_unlisted_algorithms_are_refused() {
+        let v = JwtVerifier::new(&settings()).unwrap();
+        // {"alg":"none","typ":"JWT"} . {"account_id":"acc_1","exp":9999999999} . (empty)
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJhY2NvdW50X2lkIjoiYWNjXzEiLCJleHAiOjk5OTk5OTk5OTl9.";
+        assert_eq!(v.verify(none, NOW), Err(JwtError::Malformed));
+        let hs384 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS384),
+            &serde_json::json!({"account_id": "a", "exp": NOW + 60}),
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&hs384, NOW), Err(JwtError::AlgorithmNotAllowed));
+    }
+
+    #[test]
+    fn account_falls_back_to_sub() {
+        let v = JwtVerifier::new(&settings()).unwrap();
+        let t = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "u1", "exp": NOW + 60, "iss": "msgflash", "aud": ["console"]}),
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&t, NOW).unwrap().account_id, "u1");
+    }
+}

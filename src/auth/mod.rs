@@ -1,0 +1,101 @@
+//! Authentication: API keys to principals (cache first, store on miss) and console JWTs.
+
+pub mod api_key;
+pub mod jwt;
+
+use crate::cache::BoundedCache;
+use crate::clock::Clock;
+use crate::store::{Account, KeyRecord, Store, StoreError};
+use api_key::KeyHash;
+use std::sync::Arc;
+
+/// The caller behind a valid, unrevoked key.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub key: Arc<KeyRecord>,
+    pub account: Arc<Account>,
+}
+
+/// Key and account lookups with bounded positive and negative caches in front of the store.
+pub struct Directory {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    keys: BoundedCache<KeyHash, Arc<KeyRecord>>,
+    unknown: BoundedCache<KeyHash, ()>,
+    accounts: BoundedCache<String, Arc<Account>>,
+}
+
+impl Directory {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        capacity: usize,
+        negative_capacity: usize,
+        ttl_ns: u64,
+    ) -> Self {
+        Self {
+            store,
+            clock,
+            keys: BoundedCache::new(capacity, ttl_ns),
+            unknown: BoundedCache::new(negative_capacity, ttl_ns),
+            accounts: BoundedCache::new(capacity, ttl_ns),
+        }
+    }
+
+    /// The principal for a well-formed key, or `None` when the key is unknown or revoked.
+    pub async fn lookup(&self, key: &[u8]) -> Result<Option<Principal>, StoreError> {
+        let hash = KeyHash::of(key);
+        let now = self.clock.now_ns();
+        if self.unknown.get(&hash, now).is_some() {
+            return Ok(None);
+        }
+        let record = match self.keys.get(&hash, now) {
+            Some(record) => record,
+            None => match self.store.key_by_hash(&hash.to_hex()).await? {
+                Some(record) if record.is_active() => {
+                    let record = Arc::new(record);
+                    self.keys.insert(hash, record.clone(), now);
+                    record
+                }
+                _ => {
+                    self.unknown.insert(hash, (), now);
+                    return Ok(None);
+                }
+            },
+        };
+        let account = match self.accounts.get(&record.account_id, now) {
+            Some(account) => account,
+            None => match self.store.account(&record.account_id).await? {
+                Some(account) => {
+                    let account = Arc::new(account);
+                    self.accounts
+                        .insert(record.account_id.clone(), account.clone(), now);
+                    account
+                }
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(Principal {
+            key: record,
+            account,
+        }))
+    }
+
+    /// Drops everything cached about a key (after a create or revoke).
+    pub fn forget_key(&self, hash_hex: &str) {
+        if let Some(hash) = KeyHash::from_hex(hash_hex) {
+            self.keys.remove(&hash);
+            self.unknown.remove(&hash);
+        }
+    }
+
+    /// Drops a cached account (after a plan or subscription change).
+    pub fn forget_account(&self, account_id: &str) {
+        self.accounts.remove(&account_id.to_owned());
+    }
+
+    /// Entries held by the positive key cache.
+    pub fn cached_keys(&self) -> usize {
+        self.keys.len()
+    }
+}

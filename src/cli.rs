@@ -1,0 +1,258 @@
+//! The command line: run | check | accounts | keys | jwt (SPEC §8).
+
+use crate::auth::jwt::{mint_hs256, MintRequest};
+use crate::client::{request, HttpResponse};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{parse_duration, Config};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "msgflash-gateway",
+    version,
+    about = "The MsgFlash API edge gateway"
+)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(short, long, global = true, default_value = "gateway.toml")]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve: the public listener, the admin listener and (if configured) the echo upstream.
+    Run,
+    /// Validate the configuration and the policy files; exit 1 on any error.
+    Check,
+    /// Manage accounts through the admin API of a running gateway.
+    #[command(subcommand)]
+    Accounts(AccountsCmd),
+    /// Manage API keys through the admin API of a running gateway.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Console tokens for development and tests.
+    #[command(subcommand)]
+    Jwt(JwtCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountsCmd {
+    /// Create or update an account.
+    Put {
+        account: String,
+        #[arg(long)]
+        plan: String,
+        #[arg(long, default_value = "active", value_parser = ["active", "inactive"])]
+        subscription: String,
+        #[arg(long, default_value_t = 1)]
+        anchor_day: u8,
+    },
+    /// Show an account, its usage and key count.
+    Show { account: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Create a key; prints the full key alone (or the record with --json).
+    Create {
+        account: String,
+        #[arg(long)]
+        name: String,
+        /// Restrict the key to a scope (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Restrict the key to an instance id (repeatable).
+        #[arg(long = "instance")]
+        instances: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List an account's keys (no secrets).
+    List { account: String },
+    /// Revoke a key, effective immediately.
+    Revoke { account: String, key_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JwtCmd {
+    /// Mint an HS256 console token with the configured secret.
+    Mint(MintArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MintArgs {
+    account: String,
+    #[arg(long)]
+    sub: Option<String>,
+    #[arg(long, default_value = "1h")]
+    ttl: String,
+}
+
+/// Runs a parsed command line.
+pub fn execute(cli: Cli) -> ExitCode {
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("msgflash-gateway: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Config, String> {
+    Config::load(path).map_err(|e| format!("invalid configuration:\n{e}"))
+}
+
+fn dispatch(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Run => {
+            let config = load(&cli.config)?;
+            crate::server::run(config).map_err(|e| e.to_string())
+        }
+        Command::Check => {
+            let config = load(&cli.config)?;
+            for warning in config.missing_secrets() {
+                eprintln!("warning: {warning}");
+            }
+            println!(
+                "{}: ok ({} routes, {} upstreams, {} plans)",
+                cli.config.display(),
+                config.routes.len(),
+                config.upstreams.len(),
+                config.plans.names().count()
+            );
+            Ok(())
+        }
+        Command::Accounts(cmd) => {
+            let admin = AdminClient::new(&load(&cli.config)?)?;
+            let reply = match cmd {
+                AccountsCmd::Put {
+                    account,
+                    plan,
+                    subscription,
+                    anchor_day,
+                } => admin.call(
+                    "PUT",
+                    &format!("/admin/v1/accounts/{account}"),
+                    Some(json!({"plan": plan, "subscription": subscription, "quotaAnchorDay": anchor_day})),
+                )?,
+                AccountsCmd::Show { account } => {
+                    admin.call("GET", &format!("/admin/v1/accounts/{account}"), None)?
+                }
+            };
+            print_json(&reply);
+            Ok(())
+        }
+        Command::Keys(cmd) => {
+            let admin = AdminClient::new(&load(&cli.config)?)?;
+            match cmd {
+                KeysCmd::Create {
+                    account,
+                    name,
+                    scopes,
+                    instances,
+                    json: as_json,
+                } => {
+                    let reply = admin.call(
+                        "POST",
+                        &format!("/admin/v1/accounts/{account}/keys"),
+                        Some(json!({"name": name, "scopes": scopes, "instanceIds": instances})),
+                    )?;
+                    if as_json {
+                        print_json(&reply);
+                    } else {
+                        println!("{}", reply["key"].as_str().unwrap_or_default());
+                    }
+                }
+                KeysCmd::List { account } => print_json(&admin.call(
+                    "GET",
+                    &format!("/admin/v1/accounts/{account}/keys"),
+                    None,
+                )?),
+                KeysCmd::Revoke { account, key_id } => print_json(&admin.call(
+                    "DELETE",
+                    &format!("/admin/v1/accounts/{account}/keys/{key_id}"),
+                    None,
+                )?),
+            }
+            Ok(())
+        }
+        Command::Jwt(JwtCmd::Mint(args)) => {
+            let config = load(&cli.config)?;
+            let secret = config.jwt.secret.as_deref().ok_or_else(|| {
+                format!(
+                    "the JWT secret is not set: export {}",
+                    config.jwt.secret_env
+                )
+            })?;
+            let ttl = parse_duration(&args.ttl)
+                .ok_or_else(|| format!("--ttl {}: not a duration", args.ttl))?;
+            let token = mint_hs256(&MintRequest {
+                secret,
+                account_claim: &config.jwt.account_claim,
+                account_id: &args.account,
+                sub: args.sub.as_deref(),
+                issuer: config.jwt.issuer.as_deref(),
+                audience: config.jwt.audience.as_deref(),
+                now_unix: SystemClock.now_unix(),
+                ttl_secs: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
+            })
+            .map_err(|e| format!("cannot mint: {e}"))?;
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// The admin API of a running gateway, as the configuration locates it.
+struct AdminClient {
+    addr: SocketAddr,
+    token: String,
+}
+
+impl AdminClient {
+    fn new(config: &Config) -> Result<Self, String> {
+        let mut addr = config.admin.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let token = config.admin.token.clone().ok_or_else(|| {
+            format!(
+                "the admin token is not set: export {}",
+                config.admin.token_env
+            )
+        })?;
+        Ok(Self { addr, token })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let auth = format!("Bearer {}", self.token);
+        let mut headers = vec![("authorization", auth.as_str())];
+        let bytes = body.map(|b| serde_json::to_vec(&b).unwrap_or_default());
+        if bytes.is_some() {
+            headers.push(("content-type", "application/json"));
+        }
+        let resp: HttpResponse = request(self.addr, method, path, &headers, bytes.as_deref())
+            .map_err(|e| format!("cannot reach the admin API at {}: {e}", self.addr))?;
+        let value = resp.json().unwrap_or(Value::Null);
+        if (200..300).contains(&resp.status) {
+            Ok(value)
+        } else {
+            let msg = value["error"]["message"]
+                .as_str()
+                .unwrap_or("unexpected answer");
+            let code = value["error"]["code"].as_str().unwrap_or("ERROR");
+            Err(format!("{} {code}: {msg}", resp.status))
+        }
+    }
+}

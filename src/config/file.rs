@@ -1,0 +1,274 @@
+//! The shape of gateway.toml as written: serde structs, unknown fields refused.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    pub server: ServerFile,
+    pub admin: AdminFile,
+    #[serde(default)]
+    pub store: StoreFile,
+    #[serde(default)]
+    pub cache: CacheFile,
+    #[serde(default)]
+    pub policies: PoliciesFile,
+    #[serde(default)]
+    pub jwt: JwtFile,
+    #[serde(default)]
+    pub forward: ForwardFile,
+    pub echo: Option<EchoFile>,
+    pub upstreams: BTreeMap<String, UpstreamFile>,
+    pub routes: Vec<RouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub listen: Spanned<String>,
+    #[serde(default = "default_threads")]
+    pub threads: Spanned<usize>,
+    #[serde(default = "default_keepalive")]
+    pub keepalive_timeout: Spanned<String>,
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: Spanned<usize>,
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: Spanned<usize>,
+    #[serde(default = "default_grace_period")]
+    pub grace_period: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub listen: Spanned<String>,
+    #[serde(default = "default_admin_token_env")]
+    pub token_env: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    pub data_file: Option<String>,
+    pub redis_url: Option<Spanned<String>>,
+    pub redis_url_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheFile {
+    #[serde(default = "default_cache_capacity")]
+    pub capacity: Spanned<usize>,
+    #[serde(default = "default_cache_capacity")]
+    pub negative_capacity: Spanned<usize>,
+    #[serde(default = "default_cache_ttl")]
+    pub ttl: Spanned<String>,
+}
+
+impl Default for CacheFile {
+    fn default() -> Self {
+        Self {
+            capacity: default_cache_capacity(),
+            negative_capacity: default_cache_capacity(),
+            ttl: default_cache_ttl(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoliciesFile {
+    #[serde(default = "default_policies_dir")]
+    pub dir: String,
+}
+
+impl Default for PoliciesFile {
+    fn default() -> Self {
+        Self {
+            dir: default_policies_dir(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtFile {
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<Spanned<String>>,
+    #[serde(default = "default_jwt_secret_env")]
+    pub secret_env: String,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    #[serde(default = "default_account_claim")]
+    pub account_claim: String,
+    #[serde(default = "default_leeway")]
+    pub leeway: Spanned<String>,
+    #[serde(default)]
+    pub public_keys: Vec<PublicKeyFile>,
+    pub jwks_file: Option<Spanned<String>>,
+}
+
+impl Default for JwtFile {
+    fn default() -> Self {
+        Self {
+            algorithms: default_algorithms(),
+            secret_env: default_jwt_secret_env(),
+            issuer: None,
+            audience: None,
+            account_claim: default_account_claim(),
+            leeway: default_leeway(),
+            public_keys: Vec::new(),
+            jwks_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKeyFile {
+    pub alg: Spanned<String>,
+    pub kid: Option<String>,
+    pub pem_file: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardFile {
+    #[serde(default = "d_account_header")]
+    pub account_id_header: Spanned<String>,
+    #[serde(default = "d_key_header")]
+    pub key_id_header: Spanned<String>,
+    #[serde(default = "d_user_header")]
+    pub user_id_header: Spanned<String>,
+    #[serde(default = "d_request_id_header")]
+    pub request_id_header: Spanned<String>,
+    #[serde(default)]
+    pub strip_request_headers: Vec<Spanned<String>>,
+}
+
+impl Default for ForwardFile {
+    fn default() -> Self {
+        Self {
+            account_id_header: d_account_header(),
+            key_id_header: d_key_header(),
+            user_id_header: d_user_header(),
+            request_id_header: d_request_id_header(),
+            strip_request_headers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EchoFile {
+    pub listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    pub addresses: Spanned<Vec<Spanned<String>>>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Spanned<String>,
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout: Spanned<String>,
+    pub health_check: Option<HealthCheckFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckFile {
+    #[serde(default = "default_hc_interval")]
+    pub interval: Spanned<String>,
+    #[serde(default = "default_hc_timeout")]
+    pub timeout: Spanned<String>,
+    #[serde(default = "one")]
+    pub unhealthy_threshold: Spanned<u32>,
+    #[serde(default = "one")]
+    pub healthy_threshold: Spanned<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub prefix: Spanned<String>,
+    pub auth: Spanned<String>,
+    pub upstream: Spanned<String>,
+    #[serde(default)]
+    pub forward_api_key: bool,
+    pub require_subscription: Option<bool>,
+    pub ip_rate_per_second: Option<Spanned<u32>>,
+    pub ip_burst: Option<Spanned<u32>>,
+}
+
+fn spanned<T>(v: T) -> Spanned<T> {
+    Spanned::new(0..0, v)
+}
+fn default_threads() -> Spanned<usize> {
+    spanned(2)
+}
+fn default_keepalive() -> Spanned<String> {
+    spanned("60s".into())
+}
+fn default_max_header_bytes() -> Spanned<usize> {
+    spanned(16 * 1024)
+}
+fn default_max_body_bytes() -> Spanned<usize> {
+    spanned(1024 * 1024)
+}
+fn default_grace_period() -> Spanned<String> {
+    spanned("5s".into())
+}
+fn default_admin_token_env() -> String {
+    "MSGFLASH_ADMIN_TOKEN".into()
+}
+fn default_cache_capacity() -> Spanned<usize> {
+    spanned(100_000)
+}
+fn default_cache_ttl() -> Spanned<String> {
+    spanned("30s".into())
+}
+fn default_policies_dir() -> String {
+    "lua-free-policies".into()
+}
+fn default_algorithms() -> Vec<Spanned<String>> {
+    vec![spanned("HS256".into())]
+}
+fn default_jwt_secret_env() -> String {
+    "MSGFLASH_JWT_SECRET".into()
+}
+fn default_account_claim() -> String {
+    "account_id".into()
+}
+fn default_leeway() -> Spanned<String> {
+    spanned("30s".into())
+}
+fn d_account_header() -> Spanned<String> {
+    spanned("x-account-id".into())
+}
+fn d_key_header() -> Spanned<String> {
+    spanned("x-api-key-id".into())
+}
+fn d_user_header() -> Spanned<String> {
+    spanned("x-user-id".into())
+}
+fn d_request_id_header() -> Spanned<String> {
+    spanned("x-request-id".into())
+}
+fn default_connect_timeout() -> Spanned<String> {
+    spanned("2s".into())
+}
+fn default_read_timeout() -> Spanned<String> {
+    spanned("30s".into())
+}
+fn default_hc_interval() -> Spanned<String> {
+    spanned("5s".into())
+}
+fn default_hc_timeout() -> Spanned<String> {
+    spanned("1s".into())
+}
+fn one() -> Spanned<u32> {
+    spanned(1)
+}

@@ -1,0 +1,261 @@
+//! Every response the gateway makes itself: typed errors and the one JSON shape of SPEC §5.
+
+use std::borrow::Cow;
+use std::fmt;
+
+/// The fixed error codes of SPEC §5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    Unauthorized,
+    Forbidden,
+    SubscriptionInactive,
+    ApiKeyLimitReached,
+    NotFound,
+    PayloadTooLarge,
+    HeadersTooLarge,
+    ApiRateLimitExceeded,
+    MonthlyQuotaExceeded,
+    TooManyRequests,
+    BadGateway,
+    ServiceUnavailable,
+    GatewayTimeout,
+    BadRequest,
+}
+
+impl ErrorCode {
+    /// The code as it appears in the JSON body.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unauthorized => "UNAUTHORIZED",
+            Self::Forbidden => "FORBIDDEN",
+            Self::SubscriptionInactive => "SUBSCRIPTION_INACTIVE",
+            Self::ApiKeyLimitReached => "API_KEY_LIMIT_REACHED",
+            Self::NotFound => "NOT_FOUND",
+            Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Self::HeadersTooLarge => "HEADERS_TOO_LARGE",
+            Self::ApiRateLimitExceeded => "API_RATE_LIMIT_EXCEEDED",
+            Self::MonthlyQuotaExceeded => "MONTHLY_API_REQUEST_QUOTA_EXCEEDED",
+            Self::TooManyRequests => "TOO_MANY_REQUESTS",
+            Self::BadGateway => "BAD_GATEWAY",
+            Self::ServiceUnavailable => "SERVICE_UNAVAILABLE",
+            Self::GatewayTimeout => "GATEWAY_TIMEOUT",
+            Self::BadRequest => "BAD_REQUEST",
+        }
+    }
+
+    /// The HTTP status that goes with the code.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::Unauthorized => 401,
+            Self::Forbidden | Self::SubscriptionInactive | Self::ApiKeyLimitReached => 403,
+            Self::NotFound => 404,
+            Self::PayloadTooLarge => 413,
+            Self::HeadersTooLarge => 431,
+            Self::ApiRateLimitExceeded | Self::MonthlyQuotaExceeded | Self::TooManyRequests => 429,
+            Self::BadGateway => 502,
+            Self::ServiceUnavailable => 503,
+            Self::GatewayTimeout => 504,
+            Self::BadRequest => 400,
+        }
+    }
+}
+
+/// A rejection the gateway answers itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayError {
+    pub code: ErrorCode,
+    pub message: Cow<'static, str>,
+    /// Seconds for `Retry-After`, when the client may try again later.
+    pub retry_after: Option<u64>,
+}
+
+impl GatewayError {
+    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+
+    pub fn status(&self) -> u16 {
+        self.code.status()
+    }
+
+    /// `{"error":{"code":"…","message":"…"}}`
+    pub fn body(&self) -> Vec<u8> {
+        let value = serde_json::json!({
+            "error": { "code": self.code.as_str(), "message": self.message }
+        });
+        serde_json::to_vec(&value).unwrap_or_default()
+    }
+
+    // The catalogue of messages, so that every surface says the same words.
+
+    pub fn missing_api_key() -> Self {
+        Self::new(
+            ErrorCode::Unauthorized,
+            "Missing API key. Send it in the x-api-key header.",
+        )
+    }
+
+    pub fn bearer_on_public_api() -> Self {
+        Self::new(
+            ErrorCode::Unauthorized,
+            "Missing API key. The public API expects the x-api-key header, not a Bearer token.",
+        )
+    }
+
+    pub fn invalid_api_key() -> Self {
+        Self::new(ErrorCode::Unauthorized, "Invalid or revoked API key")
+    }
+
+    pub fn missing_bearer() -> Self {
+        Self::new(
+            ErrorCode::Unauthorized,
+            "Missing bearer token. Send it in the Authorization header.",
+        )
+    }
+
+    pub fn api_key_on_console() -> Self {
+        Self::new(
+            ErrorCode::Unauthorized,
+            "The console uses Bearer tokens: send Authorization: Bearer <token>, not x-api-key.",
+        )
+    }
+
+    pub fn invalid_token() -> Self {
+        Self::new(ErrorCode::Unauthorized, "Invalid or expired token")
+    }
+
+    pub fn subscription_inactive() -> Self {
+        Self::new(
+            ErrorCode::SubscriptionInactive,
+            "The account has no active subscription for this action",
+        )
+    }
+
+    pub fn rate_limited(retry_after: u64) -> Self {
+        Self::new(
+            ErrorCode::ApiRateLimitExceeded,
+            "Too many requests: more than the allowed requests per second on this API key",
+        )
+        .with_retry_after(retry_after)
+    }
+
+    pub fn quota_exceeded(retry_after: u64) -> Self {
+        Self::new(
+            ErrorCode::MonthlyQuotaExceeded,
+            "Monthly API request quota exhausted",
+        )
+        .with_retry_after(retry_after)
+    }
+
+    pub fn too_many_requests(retry_after: u64) -> Self {
+        Self::new(
+            ErrorCode::TooManyRequests,
+            "Too many requests from this client",
+        )
+        .with_retry_after(retry_after)
+    }
+
+    pub fn no_route() -> Self {
+        Self::new(ErrorCode::NotFound, "No route matches this request")
+    }
+
+    pub fn bad_path() -> Self {
+        Self::new(ErrorCode::BadRequest, "Malformed request path")
+    }
+
+    pub fn headers_too_large() -> Self {
+        Self::new(ErrorCode::HeadersTooLarge, "Request headers too large")
+    }
+
+    pub fn payload_too_large() -> Self {
+        Self::new(ErrorCode::PayloadTooLarge, "Request body too large")
+    }
+
+    pub fn store_unavailable() -> Self {
+        Self::new(
+            ErrorCode::ServiceUnavailable,
+            "The key store is unavailable. Try again shortly.",
+        )
+        .with_retry_after(1)
+    }
+
+    pub fn no_healthy_upstream() -> Self {
+        Self::new(
+            ErrorCode::ServiceUnavailable,
+            "No healthy upstream is available",
+        )
+        .with_retry_after(1)
+    }
+
+    pub fn bad_gateway() -> Self {
+        Self::new(ErrorCode::BadGateway, "The upstream service failed")
+    }
+
+    pub fn gateway_timeout() -> Self {
+        Self::new(ErrorCode::GatewayTimeout, "The upstream service timed out")
+    }
+
+    pub fn key_limit_reached(max: u32) -> Self {
+        Self::new(
+            ErrorCode::ApiKeyLimitReached,
+            format!("API key limit reached: the plan allows {max} active key(s)"),
+        )
+    }
+
+    pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+
+    pub fn not_found(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorCode::NotFound, message)
+    }
+}
+
+impl fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status(),
+            self.code.as_str(),
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for GatewayError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_the_documented_shape() {
+        assert_eq!(
+            String::from_utf8(GatewayError::invalid_api_key().body()).unwrap(),
+            r#"{"error":{"code":"UNAUTHORIZED","message":"Invalid or revoked API key"}}"#
+        );
+    }
+
+    #[test]
+    fn codes_have_their_statuses() {
+        assert_eq!(GatewayError::quota_exceeded(5).status(), 429);
+        assert_eq!(GatewayError::quota_exceeded(5).retry_after, Some(5));
+        assert_eq!(GatewayError::rate_limited(0).retry_after, Some(1));
+        assert_eq!(GatewayError::subscription_inactive().status(), 403);
+        assert_eq!(GatewayError::headers_too_large().status(), 431);
+        assert_eq!(
+            ErrorCode::MonthlyQuotaExceeded.as_str(),
+            "MONTHLY_API_REQUEST_QUOTA_EXCEEDED"
+        );
+    }
+}

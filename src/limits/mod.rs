@@ -1,0 +1,4 @@
+//! Rate-limit and quota decisions: pure logic, clock injected.
+
+pub mod gcra;
+pub mod quota;

@@ -1,0 +1,324 @@
+//! Account and key management, shared by the admin API and the console's /api/api-keys.
+
+use crate::auth::api_key::{random_id, NewKey};
+use crate::auth::Directory;
+use crate::clock::Clock;
+use crate::errors::GatewayError;
+use crate::limits::quota;
+use crate::policy::Plans;
+use crate::store::{Account, CreateKeyError, KeyRecord, Store, StoreError, Subscription};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Body of `PUT /admin/v1/accounts/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PutAccount {
+    plan: String,
+    #[serde(default = "active")]
+    subscription: Subscription,
+    #[serde(default = "first")]
+    quota_anchor_day: u8,
+}
+
+fn active() -> Subscription {
+    Subscription::Active
+}
+fn first() -> u8 {
+    1
+}
+
+/// Body of a key creation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CreateKey {
+    name: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    instance_ids: Vec<String>,
+}
+
+/// Management operations; every answer is JSON or a [`GatewayError`].
+pub struct Manager {
+    store: Arc<dyn Store>,
+    directory: Arc<Directory>,
+    plans: Plans,
+    clock: Arc<dyn Clock>,
+}
+
+fn unavailable(e: StoreError) -> GatewayError {
+    tracing::error!(error = %e, "store error in a management call");
+    GatewayError::store_unavailable()
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, GatewayError> {
+    serde_json::from_slice(body)
+        .map_err(|e| GatewayError::bad_request(format!("Invalid request body: {e}")))
+}
+
+/// Account ids and key ids: 1 to 128 of `[A-Za-z0-9._:-]`.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+fn valid_scope(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b':' | b'_' | b'-' | b'.')
+        })
+}
+
+/// `8-4-4-4-12` hex digits.
+pub fn valid_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC, e.g. `2026-11-29T03:27:35.120Z`.
+pub fn rfc3339(ms: u64) -> String {
+    let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
+    let (y, m, d) = quota::civil_from_days(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// A key as listed: everything but the secret.
+pub fn key_view(k: &KeyRecord) -> Value {
+    json!({
+        "id": k.id,
+        "name": k.name,
+        "prefix": k.prefix,
+        "last4": k.last4,
+        "createdAt": rfc3339(k.created_at_ms),
+        "lastUsedAt": k.last_used_at_ms.map(rfc3339),
+        "revokedAt": k.revoked_at_ms.map(rfc3339),
+        "scopes": k.scopes,
+        "instanceIds": k.instance_ids,
+    })
+}
+
+impl Manager {
+    pub fn new(
+        store: Arc<dyn Store>,
+        directory: Arc<Directory>,
+        plans: Plans,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            store,
+            directory,
+            plans,
+            clock,
+        }
+    }
+
+    async fn existing_account(&self, id: &str) -> Result<Account, GatewayError> {
+        if !valid_id(id) {
+            return Err(GatewayError::not_found("Unknown account"));
+        }
+        self.store
+            .account(id)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| GatewayError::not_found("Unknown account"))
+    }
+
+    async fn account_view(&self, account: &Account) -> Result<Value, GatewayError> {
+        let plan = self.plans.get(&account.plan);
+        let period = quota::period_at(self.clock.now_unix(), account.quota_anchor_day);
+        let requests = self
+            .store
+            .usage(&account.id, &period.id())
+            .await
+            .map_err(unavailable)?;
+        let active = self
+            .store
+            .list_keys(&account.id)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .filter(|k| k.is_active())
+            .count();
+        Ok(json!({
+            "id": account.id,
+            "plan": account.plan,
+            "subscription": account.subscription,
+            "quotaAnchorDay": account.quota_anchor_day,
+            "usage": {
+                "period": period.id(),
+                "requests": requests,
+                "quota": plan.map(|p| p.monthly_requests),
+            },
+            "keys": { "active": active, "max": plan.map(|p| p.max_keys) },
+        }))
+    }
+
+    /// `PUT /admin/v1/accounts/{id}`
+    pub async fn put_account(&self, id: &str, body: &[u8]) -> Result<Value, GatewayError> {
+        if !valid_id(id) {
+            return Err(GatewayError::bad_request(
+                "Account ids are 1 to 128 characters of A-Z a-z 0-9 . _ : -",
+            ));
+        }
+        let req: PutAccount = parse(body)?;
+        if self.plans.get(&req.plan).is_none() {
+            let known: Vec<&str> = self.plans.names().collect();
+            return Err(GatewayError::bad_request(format!(
+                "Unknown plan \"{}\" (known: {})",
+                req.plan,
+                known.join(", ")
+            )));
+        }
+        if !(1..=31).contains(&req.quota_anchor_day) {
+            return Err(GatewayError::bad_request(
+                "quotaAnchorDay must be between 1 and 31",
+            ));
+        }
+        let now = self.clock.now_ms();
+        let created = self
+            .store
+            .account(id)
+            .await
+            .map_err(unavailable)?
+            .map_or(now, |a| a.created_at_ms);
+        let account = self
+            .store
+            .put_account(Account {
+                id: id.to_owned(),
+                plan: req.plan,
+                subscription: req.subscription,
+                quota_anchor_day: req.quota_anchor_day,
+                created_at_ms: created,
+                updated_at_ms: now,
+            })
+            .await
+            .map_err(unavailable)?;
+        self.directory.forget_account(id);
+        self.account_view(&account).await
+    }
+
+    /// `GET /admin/v1/accounts/{id}`
+    pub async fn show_account(&self, id: &str) -> Result<Value, GatewayError> {
+        let account = self.existing_account(id).await?;
+        self.account_view(&account).await
+    }
+
+    /// Creates a key; the answer holds the full key, shown this once.
+    pub async fn create_key(&self, account_id: &str, body: &[u8]) -> Result<Value, GatewayError> {
+        let req: CreateKey = parse(body)?;
+        let name = req.name.trim();
+        if name.is_empty() || name.chars().count() > 100 {
+            return Err(GatewayError::bad_request(
+                "name must be 1 to 100 characters",
+            ));
+        }
+        if let Some(bad) = req.scopes.iter().find(|s| !valid_scope(s)) {
+            return Err(GatewayError::bad_request(format!(
+                "Invalid scope \"{bad}\""
+            )));
+        }
+        if let Some(bad) = req.instance_ids.iter().find(|s| !valid_uuid(s)) {
+            return Err(GatewayError::bad_request(format!(
+                "Invalid instance id \"{bad}\": expected a UUID"
+            )));
+        }
+        let account = self.existing_account(account_id).await?;
+        let max = self.plans.get(&account.plan).map_or(0, |p| p.max_keys);
+        let key = NewKey::generate().map_err(|e| {
+            tracing::error!(error = %e, "OS random generator failed");
+            GatewayError::store_unavailable()
+        })?;
+        let id = random_id("key_").map_err(|_| GatewayError::store_unavailable())?;
+        let record = KeyRecord {
+            id,
+            account_id: account.id.clone(),
+            name: name.to_owned(),
+            hash: key.hash().to_hex(),
+            prefix: key.display_prefix(),
+            last4: key.last4(),
+            scopes: req.scopes,
+            instance_ids: req.instance_ids,
+            created_at_ms: self.clock.now_ms(),
+            last_used_at_ms: None,
+            revoked_at_ms: None,
+        };
+        let record = match self.store.create_key(record, max).await {
+            Ok(r) => r,
+            Err(CreateKeyError::LimitReached { max }) => {
+                return Err(GatewayError::key_limit_reached(max))
+            }
+            Err(CreateKeyError::UnknownAccount) => {
+                return Err(GatewayError::not_found("Unknown account"))
+            }
+            Err(CreateKeyError::Store(e)) => return Err(unavailable(e)),
+        };
+        self.directory.forget_key(&record.hash);
+        let mut view = key_view(&record);
+        view["key"] = Value::from(key.expose());
+        Ok(view)
+    }
+
+    /// Every key of the account, without secrets.
+    pub async fn list_keys(&self, account_id: &str) -> Result<Value, GatewayError> {
+        let account = self.existing_account(account_id).await?;
+        let keys = self
+            .store
+            .list_keys(&account.id)
+            .await
+            .map_err(unavailable)?;
+        Ok(json!({ "keys": keys.iter().map(key_view).collect::<Vec<_>>() }))
+    }
+
+    /// Revokes a key; effective for the next request.
+    pub async fn revoke_key(&self, account_id: &str, key_id: &str) -> Result<Value, GatewayError> {
+        if !valid_id(account_id) || !valid_id(key_id) {
+            return Err(GatewayError::not_found("Unknown API key"));
+        }
+        let revoked = self
+            .store
+            .revoke_key(account_id, key_id, self.clock.now_ms())
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| GatewayError::not_found("Unknown API key"))?;
+        self.directory.forget_key(&revoked.hash);
+        Ok(key_view(&revoked))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_795_923_255_120), "2026-11-29T03:34:15.120Z");
+    }
+
+    #[test]
+    fn ids_and_uuids() {
+        assert!(valid_id("acc_123:eu-1.x"));
+        assert!(!valid_id(""));
+        assert!(!valid_id("a/b"));
+        assert!(valid_uuid("3fa85f64-5717-4562-b3fc-2c963f66afa6"));
+        assert!(!valid_uuid("3fa85f64-5717-4562-b3fc-2c963f66afa"));
+        assert!(!valid_uuid("not-a-uuid"));
+    }
+}

@@ -1,0 +1,178 @@
+//! Prometheus metrics: requests by route and status, a latency histogram, store and cache gauges.
+
+use dashmap::DashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the latency histogram, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// Counters shared by every request; cheap atomics, labels from a bounded set.
+pub struct Metrics {
+    /// Route prefixes, by route index; requests matching no route use the label `none`.
+    routes: Vec<String>,
+    /// (route index or usize::MAX, status) -> count. Bounded: routes × statuses.
+    requests: DashMap<(usize, u16), AtomicU64>,
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+    /// Rejections by error code.
+    rejections: DashMap<&'static str, AtomicU64>,
+    store_errors: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new(routes: Vec<String>) -> Self {
+        Self {
+            routes,
+            requests: DashMap::new(),
+            latency_buckets: Default::default(),
+            latency_count: AtomicU64::new(0),
+            latency_sum_us: AtomicU64::new(0),
+            rejections: DashMap::new(),
+            store_errors: AtomicU64::new(0),
+        }
+    }
+
+    /// One finished request.
+    pub fn record(&self, route: Option<usize>, status: u16, elapsed: Duration) {
+        let key = (route.unwrap_or(usize::MAX), status);
+        match self.requests.get(&key) {
+            Some(c) => {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                self.requests
+                    .entry(key)
+                    .or_default()
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let secs = elapsed.as_secs_f64();
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// One request the gateway answered itself with `code`.
+    pub fn rejected(&self, code: &'static str) {
+        self.rejections
+            .entry(code)
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn store_error(&self) {
+        self.store_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self, cached_keys: usize, store_ready: bool) -> String {
+        let mut out = String::with_capacity(2048);
+        out.push_str(
+            "# HELP msgflash_requests_total Requests handled, by route prefix and status.\n",
+        );
+        out.push_str("# TYPE msgflash_requests_total counter\n");
+        let mut rows: Vec<(String, u16, u64)> = self
+            .requests
+            .iter()
+            .map(|e| {
+                let (route, status) = *e.key();
+                let label = self
+                    .routes
+                    .get(route)
+                    .map_or("none", String::as_str)
+                    .to_string();
+                (label, status, e.value().load(Ordering::Relaxed))
+            })
+            .collect();
+        rows.sort();
+        for (route, status, n) in rows {
+            let _ = writeln!(
+                out,
+                "msgflash_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+                escape(&route)
+            );
+        }
+        out.push_str("# HELP msgflash_request_duration_seconds Time from request head to the end of logging.\n");
+        out.push_str("# TYPE msgflash_request_duration_seconds histogram\n");
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "msgflash_request_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+                self.latency_buckets[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "msgflash_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "msgflash_request_duration_seconds_sum {}",
+            self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "msgflash_request_duration_seconds_count {count}");
+        out.push_str("# HELP msgflash_rejections_total Requests answered by the gateway itself, by error code.\n");
+        out.push_str("# TYPE msgflash_rejections_total counter\n");
+        let mut codes: Vec<(&str, u64)> = self
+            .rejections
+            .iter()
+            .map(|e| (*e.key(), e.value().load(Ordering::Relaxed)))
+            .collect();
+        codes.sort();
+        for (code, n) in codes {
+            let _ = writeln!(out, "msgflash_rejections_total{{code=\"{code}\"}} {n}");
+        }
+        out.push_str("# HELP msgflash_store_errors_total Store calls that failed.\n");
+        out.push_str("# TYPE msgflash_store_errors_total counter\n");
+        let _ = writeln!(
+            out,
+            "msgflash_store_errors_total {}",
+            self.store_errors.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP msgflash_key_cache_entries Keys held by the local cache.\n");
+        out.push_str("# TYPE msgflash_key_cache_entries gauge\n");
+        let _ = writeln!(out, "msgflash_key_cache_entries {cached_keys}");
+        out.push_str("# HELP msgflash_store_ready Whether the key store answers (1) or not (0).\n");
+        out.push_str("# TYPE msgflash_store_ready gauge\n");
+        let _ = writeln!(out, "msgflash_store_ready {}", u8::from(store_ready));
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histogram() {
+        let m = Metrics::new(vec!["/api/v1/".into()]);
+        m.record(Some(0), 200, Duration::from_micros(300));
+        m.record(Some(0), 200, Duration::from_millis(20));
+        m.record(None, 404, Duration::from_micros(10));
+        m.rejected("NOT_FOUND");
+        let text = m.render(3, true);
+        assert!(text.contains("msgflash_requests_total{route=\"/api/v1/\",status=\"200\"} 2\n"));
+        assert!(text.contains("msgflash_requests_total{route=\"none\",status=\"404\"} 1\n"));
+        assert!(text.contains("msgflash_request_duration_seconds_bucket{le=\"0.0005\"} 2\n"));
+        assert!(text.contains("msgflash_request_duration_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("msgflash_rejections_total{code=\"NOT_FOUND\"} 1\n"));
+        assert!(text.contains("msgflash_key_cache_entries 3\n"));
+    }
+}

@@ -1,0 +1,137 @@
+//! The console surface: Bearer JWTs, and the key-management endpoints the gateway serves itself.
+
+use super::{Gateway, Identity};
+use crate::errors::GatewayError;
+use http::Method;
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
+
+/// Verifies the console token of a request.
+pub fn authenticate(gw: &Gateway, req: &RequestHeader) -> Result<Identity, GatewayError> {
+    let Some(value) = req.headers.get(http::header::AUTHORIZATION) else {
+        return Err(if req.headers.contains_key("x-api-key") {
+            GatewayError::api_key_on_console()
+        } else {
+            GatewayError::missing_bearer()
+        });
+    };
+    let bytes = value.as_bytes();
+    if bytes.len() <= 7 || !bytes[..7].eq_ignore_ascii_case(b"bearer ") {
+        return Err(GatewayError::invalid_token());
+    }
+    let token = std::str::from_utf8(&bytes[7..])
+        .map_err(|_| GatewayError::invalid_token())?
+        .trim();
+    match gw.jwt.verify(token, gw.clock.now_unix()) {
+        Ok(id) => Ok(Identity {
+            account_id: id.account_id,
+            key_id: None,
+            user_id: id.user_id,
+        }),
+        Err(why) => {
+            tracing::debug!(reason = %why, "console token refused");
+            Err(GatewayError::invalid_token())
+        }
+    }
+}
+
+/// A key-management call under `/api/api-keys`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeyCall {
+    List,
+    Create,
+    Revoke(String),
+}
+
+/// Recognises `/api/api-keys` calls; `Some(Err)` for a known path with a wrong method.
+pub fn key_call(method: &Method, path: &str) -> Option<Result<KeyCall, GatewayError>> {
+    let rest = path.strip_prefix("/api/api-keys")?;
+    let call = match (method, rest) {
+        (&Method::GET, "" | "/") => KeyCall::List,
+        (&Method::POST, "" | "/") => KeyCall::Create,
+        (&Method::DELETE, id) if id.len() > 1 && !id[1..].contains('/') => {
+            KeyCall::Revoke(id[1..].to_owned())
+        }
+        (_, "" | "/") => return Some(Err(GatewayError::not_found("No such key-management call"))),
+        (_, id) if id.starts_with('/') => {
+            return Some(Err(GatewayError::not_found("No such key-management call")))
+        }
+        _ => return None,
+    };
+    Some(Ok(call))
+}
+
+/// Serves a key-management call for the token's account: (status, JSON body).
+pub async fn serve(
+    gw: &Gateway,
+    session: &mut Session,
+    account_id: &str,
+    call: KeyCall,
+) -> Result<(u16, Vec<u8>), GatewayError> {
+    let value = match call {
+        KeyCall::List => gw.manager.list_keys(account_id).await?,
+        KeyCall::Create => {
+            let body = read_body(session, gw.config.server.max_body_bytes).await?;
+            let created = gw.manager.create_key(account_id, &body).await?;
+            return Ok((201, serde_json::to_vec(&created).unwrap_or_default()));
+        }
+        KeyCall::Revoke(id) => gw.manager.revoke_key(account_id, &id).await?,
+    };
+    Ok((200, serde_json::to_vec(&value).unwrap_or_default()))
+}
+
+/// Reads a whole request body, refusing more than `limit` bytes.
+pub async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>, GatewayError> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(GatewayError::payload_too_large());
+    }
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    session.set_keepalive(None);
+                    return Err(GatewayError::payload_too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(_) => {
+                session.set_keepalive(None);
+                return Err(GatewayError::bad_request("Could not read the request body"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_calls() {
+        assert_eq!(
+            key_call(&Method::GET, "/api/api-keys").unwrap().unwrap(),
+            KeyCall::List
+        );
+        assert_eq!(
+            key_call(&Method::POST, "/api/api-keys/").unwrap().unwrap(),
+            KeyCall::Create
+        );
+        assert_eq!(
+            key_call(&Method::DELETE, "/api/api-keys/key_1")
+                .unwrap()
+                .unwrap(),
+            KeyCall::Revoke("key_1".into())
+        );
+        assert!(key_call(&Method::PUT, "/api/api-keys").unwrap().is_err());
+        assert!(key_call(&Method::GET, "/api/api-keys-other").is_none());
+        assert!(key_call(&Method::GET, "/api/messages").is_none());
+    }
+}

@@ -1,0 +1,398 @@
+//! The pingora proxy: route, authenticate, limit, rewrite headers, forward, report.
+
+pub mod console;
+pub mod headers;
+pub mod ip_limit;
+pub mod public_api;
+pub mod respond;
+pub mod router;
+pub mod upstream;
+
+use crate::auth::jwt::JwtVerifier;
+use crate::auth::Directory;
+use crate::clock::Clock;
+use crate::config::{AuthMode, Config};
+use crate::errors::GatewayError;
+use crate::manage::Manager;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use async_trait::async_trait;
+use headers::{ceil_secs, RateHeaders, RequestIds};
+use ip_limit::IpLimiter;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use router::Router;
+use std::sync::Arc;
+use std::time::Instant;
+use upstream::Pool;
+
+/// Everything a request needs, shared by all requests of one gateway.
+pub struct Gateway {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub directory: Arc<Directory>,
+    pub manager: Manager,
+    pub jwt: JwtVerifier,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Metrics,
+    pub pools: Vec<Arc<Pool>>,
+    router: Router,
+    ip_limiter: IpLimiter,
+    request_ids: RequestIds,
+}
+
+impl Gateway {
+    /// Assembles the gateway around a store; errors name what is unusable.
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, String> {
+        let ttl_ns = u64::try_from(config.cache.ttl.as_nanos()).unwrap_or(u64::MAX);
+        let directory = Arc::new(Directory::new(
+            store.clone(),
+            clock.clone(),
+            config.cache.capacity,
+            config.cache.negative_capacity,
+            ttl_ns,
+        ));
+        Ok(Self {
+            jwt: JwtVerifier::new(&config.jwt)?,
+            manager: Manager::new(
+                store.clone(),
+                directory.clone(),
+                config.plans.clone(),
+                clock.clone(),
+            ),
+            metrics: Metrics::new(config.routes.iter().map(|r| r.prefix.clone()).collect()),
+            pools: config
+                .upstreams
+                .iter()
+                .map(|u| Arc::new(Pool::new(u)))
+                .collect(),
+            router: Router::new(&config.routes),
+            ip_limiter: IpLimiter::new(config.cache.negative_capacity),
+            request_ids: RequestIds::new(),
+            directory,
+            store,
+            clock,
+            config,
+        })
+    }
+}
+
+/// Who a forwarded request speaks for.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub account_id: String,
+    pub key_id: Option<String>,
+    pub user_id: Option<String>,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    started: Instant,
+    route: Option<usize>,
+    /// The URI to forward when normalisation changed the path.
+    rewritten: Option<http::Uri>,
+    request_id: String,
+    identity: Option<Identity>,
+    rate: Option<RateHeaders>,
+    /// Bit i: upstream member i was tried.
+    tried: u64,
+    member: Option<usize>,
+}
+
+/// The pingora face of a [`Gateway`].
+pub struct GatewayProxy(pub Arc<Gateway>);
+
+fn header_bytes(req: &RequestHeader) -> usize {
+    req.headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum()
+}
+
+/// The normalised path and the URI to forward when it differs from the request's.
+fn normalised(req: &RequestHeader) -> Result<(String, Option<http::Uri>), GatewayError> {
+    let raw = req.uri.path();
+    let path = crate::path::normalise(raw).map_err(|_| GatewayError::bad_path())?;
+    if path == raw {
+        return Ok((path.into_owned(), None));
+    }
+    let pq = match req.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let uri = http::Uri::try_from(pq).map_err(|_| GatewayError::bad_path())?;
+    Ok((path.into_owned(), Some(uri)))
+}
+
+impl GatewayProxy {
+    /// Decides what happens to a request: `Ok(None)` forward, `Ok(Some(..))` answered locally.
+    async fn admit(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> Result<Option<(u16, Vec<u8>)>, GatewayError> {
+        let gw = &*self.0;
+        let req = session.req_header();
+        if header_bytes(req) > gw.config.server.max_header_bytes {
+            return Err(GatewayError::headers_too_large());
+        }
+        let (path, rewritten) = normalised(req)?;
+        ctx.rewritten = rewritten;
+        let route_index = gw.router.find(&path).ok_or_else(GatewayError::no_route)?;
+        ctx.route = Some(route_index);
+        let route = &gw.config.routes[route_index];
+        match route.auth {
+            AuthMode::ApiKey => {
+                match public_api::authorize(gw, req, route).await {
+                    Ok((identity, rate)) => {
+                        ctx.identity = Some(identity);
+                        ctx.rate = Some(rate);
+                    }
+                    Err(refusal) => {
+                        ctx.rate = refusal.rate;
+                        return Err(refusal.error);
+                    }
+                }
+                Ok(None)
+            }
+            AuthMode::Jwt => {
+                let identity = console::authenticate(gw, req)?;
+                if let Some(call) = console::key_call(&req.method, &path) {
+                    let answer = console::serve(gw, session, &identity.account_id, call?).await?;
+                    return Ok(Some(answer));
+                }
+                ctx.identity = Some(identity);
+                Ok(None)
+            }
+            AuthMode::Open => {
+                if let (Some(limit), Some(ip)) = (
+                    route.ip_limit,
+                    session
+                        .client_addr()
+                        .and_then(|a| a.as_inet())
+                        .map(|a| a.ip()),
+                ) {
+                    gw.ip_limiter
+                        .check(route_index, ip, gw.clock.now_ns(), limit)
+                        .map_err(|retry_ns| GatewayError::too_many_requests(ceil_secs(retry_ns)))?;
+                }
+                Ok(None)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for GatewayProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            route: None,
+            rewritten: None,
+            request_id: String::new(),
+            identity: None,
+            rate: None,
+            tried: 0,
+            member: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let gw = &*self.0;
+        session.set_keepalive(Some(gw.config.server.keepalive_timeout.as_secs()));
+        ctx.request_id = match session
+            .req_header()
+            .headers
+            .get(&gw.config.forward.request_id_header)
+        {
+            Some(v) if RequestIds::is_sane(v.as_bytes()) => {
+                String::from_utf8_lossy(v.as_bytes()).into_owned()
+            }
+            _ => gw.request_ids.next(),
+        };
+        match self.admit(session, ctx).await {
+            Ok(None) => Ok(false),
+            Ok(Some((status, body))) => {
+                respond::send(gw, session, ctx, status, body, None).await?;
+                Ok(true)
+            }
+            Err(err) => {
+                respond::send_error(gw, session, ctx, &err).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let gw = &*self.0;
+        let route = ctx
+            .route
+            .and_then(|i| gw.config.routes.get(i))
+            .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(404), "no route"))?;
+        let pool = &gw.pools[route.upstream];
+        let (member, addr) = pool
+            .pick(ctx.tried)
+            .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(503), "no healthy upstream"))?;
+        if member < 64 {
+            ctx.tried |= 1 << member;
+        }
+        ctx.member = Some(member);
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(pool.connect_timeout);
+        peer.options.read_timeout = Some(pool.read_timeout);
+        peer.options.write_timeout = Some(pool.read_timeout);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let gw = &*self.0;
+        if let (Some(route), Some(member)) =
+            (ctx.route.and_then(|i| gw.config.routes.get(i)), ctx.member)
+        {
+            let pool = &gw.pools[route.upstream];
+            pool.report(member, false);
+            // Another address may take the request: connecting sent nothing upstream.
+            if pool.pick(ctx.tried).is_some() {
+                e.set_retry(true);
+            }
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        up: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let gw = &*self.0;
+        let fwd = &gw.config.forward;
+        let forward_key = ctx
+            .route
+            .and_then(|i| gw.config.routes.get(i))
+            .is_some_and(|r| r.forward_api_key);
+        if !forward_key {
+            up.remove_header("x-api-key");
+        }
+        for name in [
+            &fwd.account_id_header,
+            &fwd.key_id_header,
+            &fwd.user_id_header,
+        ]
+        .into_iter()
+        .chain(fwd.strip_request_headers.iter())
+        {
+            while up.remove_header(name).is_some() {}
+        }
+        if let Some(id) = &ctx.identity {
+            up.insert_header(fwd.account_id_header.clone(), id.account_id.as_str())?;
+            if let Some(key_id) = &id.key_id {
+                up.insert_header(fwd.key_id_header.clone(), key_id.as_str())?;
+            }
+            if let Some(user_id) = &id.user_id {
+                up.insert_header(fwd.user_id_header.clone(), user_id.as_str())?;
+            }
+        }
+        up.insert_header(fwd.request_id_header.clone(), ctx.request_id.as_str())?;
+        if let Some(ip) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        {
+            let xff = match up
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
+                _ => ip.to_string(),
+            };
+            up.insert_header("x-forwarded-for", xff)?;
+        }
+        up.insert_header("x-forwarded-proto", "http")?;
+        if let Some(uri) = ctx.rewritten.take() {
+            up.set_uri(uri);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(rate) = &ctx.rate {
+            for (name, value) in rate.pairs() {
+                resp.insert_header(name, value)?;
+            }
+        }
+        resp.insert_header(
+            self.0.config.forward.request_id_header.clone(),
+            ctx.request_id.as_str(),
+        )?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let err = match e.etype() {
+            ErrorType::HTTPStatus(503) => GatewayError::no_healthy_upstream(),
+            ErrorType::HTTPStatus(404) => GatewayError::no_route(),
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                GatewayError::gateway_timeout()
+            }
+            _ if e.esource() == &ErrorSource::Upstream => GatewayError::bad_gateway(),
+            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+                if e.esource() == &ErrorSource::Downstream =>
+            {
+                return FailToProxy {
+                    error_code: 0,
+                    can_reuse_downstream: false,
+                };
+            }
+            _ if e.esource() == &ErrorSource::Downstream => {
+                GatewayError::bad_request("Malformed request")
+            }
+            _ => GatewayError::bad_gateway(),
+        };
+        if let Some(member) = ctx.member {
+            if matches!(
+                e.etype(),
+                ErrorType::ConnectRefused | ErrorType::ConnectTimedout | ErrorType::ConnectError
+            ) {
+                if let Some(route) = ctx.route.and_then(|i| self.0.config.routes.get(i)) {
+                    self.0.pools[route.upstream].report(member, false);
+                }
+            }
+        }
+        session.set_keepalive(None);
+        if let Err(write) = respond::send_error(&self.0, session, ctx, &err).await {
+            tracing::debug!(error = %write, "could not write the error response");
+        }
+        FailToProxy {
+            error_code: err.status(),
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        self.0
+            .metrics
+            .record(ctx.route, status, ctx.started.elapsed());
+    }
+}

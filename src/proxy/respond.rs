@@ -1,0 +1,70 @@
+//! Writing responses the gateway makes itself, with content-length and an honest connection.
+
+use super::{Ctx, Gateway};
+use crate::errors::GatewayError;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+
+/// Sends `err` as SPEC §5 JSON, with Retry-After and the rate-limit state when known.
+pub async fn send_error(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    err: &GatewayError,
+) -> Result<()> {
+    gw.metrics.rejected(err.code.as_str());
+    send(gw, session, ctx, err.status(), err.body(), err.retry_after).await
+}
+
+/// Sends a JSON document with `status`.
+pub async fn send(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    status: u16,
+    body: Vec<u8>,
+    retry_after: Option<u64>,
+) -> Result<()> {
+    settle_request_body(gw, session).await;
+    let mut h = ResponseHeader::build(status, Some(8))?;
+    h.insert_header("content-type", "application/json")?;
+    h.insert_header("content-length", body.len().to_string())?;
+    if let Some(secs) = retry_after {
+        h.insert_header("retry-after", secs.to_string())?;
+    }
+    if let Some(rate) = &ctx.rate {
+        for (name, value) in rate.pairs() {
+            h.insert_header(name, value)?;
+        }
+    }
+    h.insert_header(
+        gw.config.forward.request_id_header.clone(),
+        ctx.request_id.as_str(),
+    )?;
+    session.write_response_header(Box::new(h), false).await?;
+    session.write_response_body(Some(body.into()), true).await?;
+    Ok(())
+}
+
+/// Before answering early: drain a small unread request body so keep-alive stays honest,
+/// or give up keep-alive for a large or unknown one.
+async fn settle_request_body(gw: &Gateway, session: &mut Session) {
+    if session.is_body_done() {
+        return;
+    }
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    match declared {
+        Some(n) if n <= gw.config.server.max_body_bytes => {
+            if session.drain_request_body().await.is_err() {
+                session.set_keepalive(None);
+            }
+        }
+        _ => session.set_keepalive(None),
+    }
+}

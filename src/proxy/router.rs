@@ -1,0 +1,62 @@
+//! Route matching: longest prefix on the normalised path.
+
+use crate::config::Route;
+
+/// Routes ordered for matching.
+pub struct Router {
+    /// (prefix, route index), longest prefix first.
+    ordered: Vec<(String, usize)>,
+}
+
+impl Router {
+    pub fn new(routes: &[Route]) -> Self {
+        let mut ordered: Vec<(String, usize)> = routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.prefix.clone(), i))
+            .collect();
+        ordered.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        Self { ordered }
+    }
+
+    /// The index of the route for `path`. A prefix ending in `/` also matches the path
+    /// without that slash (`/api/v1/` matches `/api/v1`).
+    pub fn find(&self, path: &str) -> Option<usize> {
+        self.ordered.iter().find_map(|(prefix, i)| {
+            let hit = path.starts_with(prefix.as_str())
+                || prefix
+                    .strip_suffix('/')
+                    .is_some_and(|bare| !bare.is_empty() && path == bare);
+            hit.then_some(*i)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AuthMode;
+
+    fn route(prefix: &str) -> Route {
+        Route {
+            prefix: prefix.into(),
+            auth: AuthMode::Open,
+            upstream: 0,
+            forward_api_key: false,
+            require_subscription: false,
+            ip_limit: None,
+        }
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let r = Router::new(&[route("/api/"), route("/api/v1/"), route("/api/auth/")]);
+        assert_eq!(r.find("/api/v1/messages/send"), Some(1));
+        assert_eq!(r.find("/api/v1"), Some(1));
+        assert_eq!(r.find("/api/auth/login"), Some(2));
+        assert_eq!(r.find("/api/api-keys"), Some(0));
+        assert_eq!(r.find("/api"), Some(0));
+        assert_eq!(r.find("/API/v1/x"), None);
+        assert_eq!(r.find("/internal"), None);
+    }
+}

@@ -1,0 +1,164 @@
+//! The key store: one trait for accounts, key records and counters, whatever holds them.
+
+pub mod embedded;
+
+use crate::limits::gcra::BucketParams;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+pub use embedded::EmbeddedStore;
+
+/// Whether an account may use routes that require a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Subscription {
+    Active,
+    Inactive,
+}
+
+/// A customer account: its plan, subscription and quota anchor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Account {
+    pub id: String,
+    pub plan: String,
+    pub subscription: Subscription,
+    /// Day of the month (1..=31, UTC) on which the monthly quota resets.
+    pub quota_anchor_day: u8,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// One API key as stored: the SHA-256 of the secret, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeyRecord {
+    pub id: String,
+    pub account_id: String,
+    pub name: String,
+    /// Lowercase hex SHA-256 of the full key.
+    pub hash: String,
+    pub prefix: String,
+    pub last4: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub instance_ids: Vec<String>,
+    pub created_at_ms: u64,
+    #[serde(default)]
+    pub last_used_at_ms: Option<u64>,
+    #[serde(default)]
+    pub revoked_at_ms: Option<u64>,
+}
+
+impl KeyRecord {
+    pub fn is_active(&self) -> bool {
+        self.revoked_at_ms.is_none()
+    }
+}
+
+/// Everything the store needs to decide one authorized request's rate limit and quota.
+#[derive(Debug, Clone)]
+pub struct AdmitRequest<'a> {
+    pub key_id: &'a str,
+    pub account_id: &'a str,
+    pub now_ns: u64,
+    pub bucket: BucketParams,
+    /// Identifier of the current quota period (its start date).
+    pub period_id: &'a str,
+    pub monthly_quota: u64,
+}
+
+/// The store's decision for one request: checks 6 and 7 of SPEC §3, atomically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Forwarded: one token and one quota unit consumed.
+    Allowed {
+        remaining: u32,
+        reset_after_ns: u64,
+        used: u64,
+    },
+    /// Over the per-key rate: nothing consumed.
+    RateLimited {
+        retry_after_ns: u64,
+        reset_after_ns: u64,
+    },
+    /// Over the monthly quota: nothing consumed.
+    QuotaExceeded {
+        remaining: u32,
+        reset_after_ns: u64,
+        used: u64,
+    },
+}
+
+/// Why a key could not be created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateKeyError {
+    UnknownAccount,
+    LimitReached { max: u32 },
+    Store(StoreError),
+}
+
+/// The store could not answer: never a reason to say 401.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    Unavailable(String),
+    Persist(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unavailable(why) => write!(f, "store unavailable: {why}"),
+            Self::Persist(why) => write!(f, "store could not persist: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<StoreError> for CreateKeyError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+/// Accounts, keys and counters. Implementations: [`EmbeddedStore`] (one node) and Redis (many).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The key record whose hash is `hash_hex`, revoked or not.
+    async fn key_by_hash(&self, hash_hex: &str) -> Result<Option<KeyRecord>, StoreError>;
+
+    async fn account(&self, id: &str) -> Result<Option<Account>, StoreError>;
+
+    /// Creates or replaces an account (counters are kept).
+    async fn put_account(&self, account: Account) -> Result<Account, StoreError>;
+
+    /// Adds a key to its account unless the account already has `max_keys` active keys.
+    async fn create_key(
+        &self,
+        record: KeyRecord,
+        max_keys: u32,
+    ) -> Result<KeyRecord, CreateKeyError>;
+
+    /// All keys of an account, revoked ones included, oldest first.
+    async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>, StoreError>;
+
+    /// Marks a key revoked; `None` when the account has no such key.
+    async fn revoke_key(
+        &self,
+        account_id: &str,
+        key_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<KeyRecord>, StoreError>;
+
+    /// Rate limit then quota, atomically; a rejection consumes nothing.
+    async fn admit(&self, request: &AdmitRequest<'_>) -> Result<Admission, StoreError>;
+
+    /// Requests counted in the account's period `period_id`.
+    async fn usage(&self, account_id: &str, period_id: &str) -> Result<u64, StoreError>;
+
+    /// True when the store can serve requests.
+    async fn ready(&self) -> bool;
+}
