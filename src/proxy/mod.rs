@@ -115,6 +115,21 @@ fn header_bytes(req: &RequestHeader) -> usize {
         .sum()
 }
 
+/// True when the request came with both Transfer-Encoding and Content-Length. pingora drops the
+/// Content-Length and turns keep-alive off for such a request (RFC 9112 §6.1), so that is what
+/// it looks like here: chunked, keep-alive off, yet an HTTP/1.1 request that did not ask to close.
+fn had_te_and_cl(session: &Session) -> bool {
+    let req = session.req_header();
+    req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        && session.get_keepalive().is_none()
+        && req.version == http::Version::HTTP_11
+        && !req
+            .headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+}
+
 /// The normalised path and the URI to forward when it differs from the request's.
 fn normalised(req: &RequestHeader) -> Result<(String, Option<http::Uri>), GatewayError> {
     let raw = req.uri.path();
@@ -139,6 +154,10 @@ impl GatewayProxy {
     ) -> Result<Option<(u16, Vec<u8>)>, GatewayError> {
         let gw = &*self.0;
         let req = session.req_header();
+        if had_te_and_cl(session) {
+            // A request smuggling shape (RFC 9112 §6.1): refuse it; the connection closes.
+            return Err(GatewayError::bad_request("Ambiguous request framing"));
+        }
         if header_bytes(req) > gw.config.server.max_header_bytes {
             return Err(GatewayError::headers_too_large());
         }
@@ -207,7 +226,10 @@ impl ProxyHttp for GatewayProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let gw = &*self.0;
-        session.set_keepalive(Some(gw.config.server.keepalive_timeout.as_secs()));
+        // Bound idle keep-alive, without reviving a connection pingora or the client chose to close.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(gw.config.server.keepalive_timeout.as_secs()));
+        }
         ctx.request_id = match session
             .req_header()
             .headers

@@ -1,0 +1,218 @@
+//! SPEC §7: the admin listener, its token, account and key management, health and metrics.
+
+use crate::support::*;
+use msgflash_gateway::client::request;
+use serde_json::json;
+use std::sync::{Arc, Barrier};
+
+#[test]
+fn admin_api_needs_the_token() {
+    let gw = Gateway::start();
+    for auth in [None, Some("Bearer wrong"), Some(ADMIN_TOKEN)] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        let r = request(gw.admin, "GET", "/admin/v1/accounts/acme", &headers, None).unwrap();
+        assert_error(&r, 401, "UNAUTHORIZED", "Invalid or missing admin token");
+    }
+}
+
+#[test]
+fn health_readiness_and_metrics() {
+    let gw = Gateway::start();
+    let r = request(gw.admin, "GET", "/healthz", &[], None).unwrap();
+    assert_eq!(
+        (r.status, r.json().unwrap()),
+        (200, json!({"status": "ok"}))
+    );
+    let r = request(gw.admin, "GET", "/readyz", &[], None).unwrap();
+    assert_eq!(
+        (r.status, r.json().unwrap()),
+        (200, json!({"status": "ready"}))
+    );
+    gw.get("/nowhere", &[]);
+    let (key, _) = gw.account_with_key("acme", "pro");
+    gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    let r = request(gw.admin, "GET", "/metrics", &[], None).unwrap();
+    assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4"));
+    let text = r.text();
+    assert!(
+        text.contains("msgflash_requests_total{route=\"none\",status=\"404\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("msgflash_requests_total{route=\"/api/v1/\",status=\"200\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("msgflash_request_duration_seconds_count 2\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("msgflash_rejections_total{code=\"NOT_FOUND\"} 1\n"),
+        "{text}"
+    );
+    assert!(!text.contains(&key));
+}
+
+#[test]
+fn accounts_are_put_and_shown() {
+    let gw = Gateway::start();
+    let r = gw.admin_call(
+        "PUT",
+        "/admin/v1/accounts/acme",
+        Some(json!({"plan": "pro", "quotaAnchorDay": 15})),
+    );
+    assert_eq!(r.status, 200);
+    gw.create_key("acme");
+    let v = gw
+        .admin_call("GET", "/admin/v1/accounts/acme", None)
+        .json()
+        .unwrap();
+    assert_eq!(
+        v,
+        json!({
+            "id": "acme", "plan": "pro", "subscription": "active", "quotaAnchorDay": 15,
+            "usage": {"period": "2026-11-15", "requests": 0, "quota": 500000},
+            "keys": {"active": 1, "max": 10}
+        })
+    );
+    let r = gw.admin_call("GET", "/admin/v1/accounts/nobody", None);
+    assert_error(&r, 404, "NOT_FOUND", "Unknown account");
+    let r = gw.admin_call(
+        "PUT",
+        "/admin/v1/accounts/acme",
+        Some(json!({"plan": "gold"})),
+    );
+    assert_error(
+        &r,
+        400,
+        "BAD_REQUEST",
+        "Unknown plan \"gold\" (known: free, plus, pro, starter, tiny)",
+    );
+    let r = gw.admin_call(
+        "PUT",
+        "/admin/v1/accounts/acme",
+        Some(json!({"plan": "pro", "colour": "red"})),
+    );
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn keys_are_created_listed_and_revoked() {
+    let gw = Gateway::start();
+    gw.put_account("acme", "starter", "active");
+    let r = gw.admin_call(
+        "POST",
+        "/admin/v1/accounts/acme/keys",
+        Some(json!({"name": "prod", "scopes": ["messages:send"], "instanceIds": ["3fa85f64-5717-4562-b3fc-2c963f66afa6"]})),
+    );
+    assert_eq!(r.status, 201);
+    let created = r.json().unwrap();
+    let key = created["key"].as_str().unwrap();
+    assert_eq!(created["createdAt"], "2026-11-29T00:00:00.000Z");
+    assert_eq!(
+        created["instanceIds"],
+        json!(["3fa85f64-5717-4562-b3fc-2c963f66afa6"])
+    );
+    let list = gw
+        .admin_call("GET", "/admin/v1/accounts/acme/keys", None)
+        .json()
+        .unwrap();
+    assert_eq!(list["keys"][0]["id"], created["id"]);
+    assert!(!list.to_string().contains(key));
+    let r = gw.admin_call(
+        "DELETE",
+        &format!(
+            "/admin/v1/accounts/acme/keys/{}",
+            created["id"].as_str().unwrap()
+        ),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json().unwrap()["revokedAt"], "2026-11-29T00:00:00.000Z");
+    let r = gw.admin_call("DELETE", "/admin/v1/accounts/acme/keys/key_nope", None);
+    assert_error(&r, 404, "NOT_FOUND", "Unknown API key");
+    let r = gw.admin_call(
+        "POST",
+        "/admin/v1/accounts/nobody/keys",
+        Some(json!({"name": "x"})),
+    );
+    assert_error(&r, 404, "NOT_FOUND", "Unknown account");
+    let r = gw.admin_call(
+        "POST",
+        "/admin/v1/accounts/acme/keys",
+        Some(json!({"name": "x", "instanceIds": ["nope"]})),
+    );
+    assert_error(
+        &r,
+        400,
+        "BAD_REQUEST",
+        "Invalid instance id \"nope\": expected a UUID",
+    );
+}
+
+#[test]
+fn revocation_is_effective_on_the_next_request() {
+    let gw = Gateway::start();
+    let (key, key_id) = gw.account_with_key("acme", "pro");
+    let mut conn = gw.connect();
+    assert_eq!(
+        conn.send("GET", "/api/v1/x", &[("x-api-key", &key)], None)
+            .unwrap()
+            .status,
+        200
+    );
+    let r = gw.admin_call(
+        "DELETE",
+        &format!("/admin/v1/accounts/acme/keys/{key_id}"),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let r = conn
+        .send("GET", "/api/v1/x", &[("x-api-key", &key)], None)
+        .unwrap();
+    assert_error(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
+}
+
+#[test]
+fn concurrent_creates_never_exceed_the_plan_cap() {
+    let gw = Arc::new(Gateway::start());
+    gw.put_account("acme", "starter", "active"); // cap 3
+    let barrier = Arc::new(Barrier::new(12));
+    let handles: Vec<_> = (0..12)
+        .map(|i| {
+            let (gw, barrier) = (gw.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                gw.admin_call(
+                    "POST",
+                    "/admin/v1/accounts/acme/keys",
+                    Some(json!({"name": format!("k{i}")})),
+                )
+                .status
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 403).count(),
+        9,
+        "{statuses:?}"
+    );
+    // Revoked keys do not count.
+    let list = gw
+        .admin_call("GET", "/admin/v1/accounts/acme/keys", None)
+        .json()
+        .unwrap();
+    let id = list["keys"][0]["id"].as_str().unwrap().to_owned();
+    gw.admin_call(
+        "DELETE",
+        &format!("/admin/v1/accounts/acme/keys/{id}"),
+        None,
+    );
+    gw.create_key("acme");
+}

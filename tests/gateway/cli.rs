@@ -1,0 +1,127 @@
+//! SPEC §8: the real binary's check, keys and jwt commands.
+
+use crate::support::*;
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_msgflash-gateway"))
+}
+
+#[test]
+fn check_accepts_the_shipped_configuration() {
+    let out = bin()
+        .args([
+            "check",
+            "-c",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.toml"),
+        ])
+        .env("MSGFLASH_ADMIN_TOKEN", "x")
+        .env("MSGFLASH_JWT_SECRET", "y")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.ends_with("gateway.toml: ok (3 routes, 2 upstreams, 4 plans)\n"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_names_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("p")).unwrap();
+    std::fs::write(
+        dir.path().join("p/plans.toml"),
+        "[plans.free]\nmax_keys = 1\nmonthly_requests = 10\nburst = 0\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("gateway.toml"),
+        "[server]\nlisten = \"0.0.0.0:80800\"\n[admin]\nlisten = \"127.0.0.1:9090\"\n[policies]\ndir = \"p\"\n\
+         [upstreams.api]\naddresses = [\"127.0.0.1:1\"]\nread_timeout = \"soon\"\n\
+         [[routes]]\nprefix = \"/api/v1/\"\nauth = \"apikey\"\nupstream = \"apí\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check", "-c"])
+        .arg(dir.path().join("gateway.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let d = dir.path().display();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "msgflash-gateway: invalid configuration:\n\
+             {d}/gateway.toml:2:10: server.listen: \"0.0.0.0:80800\" is not an IP:port address\n\
+             {d}/gateway.toml:9:16: upstreams.api.read_timeout: \"soon\" is not a duration (use e.g. \"250ms\", \"5s\", \"1m\")\n\
+             {d}/gateway.toml:12:8: routes[0].auth: unknown auth mode \"apikey\" (expected \"api_key\", \"jwt\" or \"open\")\n\
+             {d}/gateway.toml:13:12: routes[0].upstream: unknown upstream \"apí\"\n\
+             {d}/p/plans.toml:4:9: plans.free.burst: must be at least 1, got 0\n"
+        )
+    );
+
+    std::fs::write(
+        dir.path().join("gateway.toml"),
+        "[server]\nlisten = \"0.0.0.0:8080\"\nthreds = 2\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check", "-c"])
+        .arg(dir.path().join("gateway.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with(&format!("msgflash-gateway: invalid configuration:\n{d}/gateway.toml:3:1: server.threds: unknown field `threds`")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn keys_and_jwt_commands_drive_a_running_gateway() {
+    let gw = Gateway::start();
+    gw.put_account("acme", "pro", "active");
+    let run = |args: &[&str]| {
+        let out = bin()
+            .arg("-c")
+            .arg(gw.config_path())
+            .args(args)
+            .env("TEST_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("TEST_JWT_SECRET", JWT_SECRET)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let key = run(&["keys", "create", "acme", "--name", "ci"]);
+    assert!(
+        key.starts_with("msgf_live_") && key.len() == 75 && key.ends_with('\n'),
+        "{key:?}"
+    );
+    let key = key.trim();
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", key)]));
+    let list: serde_json::Value = serde_json::from_str(&run(&["keys", "list", "acme"])).unwrap();
+    let id = list["keys"][0]["id"].as_str().unwrap().to_owned();
+    run(&["keys", "revoke", "acme", &id]);
+    assert_eq!(gw.get("/api/v1/x", &[("x-api-key", key)]).status, 401);
+    let shown: serde_json::Value =
+        serde_json::from_str(&run(&["accounts", "show", "acme"])).unwrap();
+    assert_eq!(shown["keys"]["active"], 0);
+    let token = run(&["jwt", "mint", "acme", "--sub", "u9"]);
+    let seen = echoed(&gw.get(
+        "/api/x",
+        &[("authorization", &format!("Bearer {}", token.trim()))],
+    ));
+    assert_eq!(seen["headers"]["x-user-id"], "u9");
+}

@@ -1,0 +1,172 @@
+//! SPEC §4: console JWTs, the gateway-served /api/api-keys, open routes with a per-IP limit.
+
+use crate::support::*;
+use serde_json::json;
+
+const INVALID_TOKEN: &str = "Invalid or expired token";
+
+#[test]
+fn console_requires_a_bearer_token() {
+    let gw = Gateway::start();
+    let r = gw.get("/api/dashboard", &[]);
+    assert_error(
+        &r,
+        401,
+        "UNAUTHORIZED",
+        "Missing bearer token. Send it in the Authorization header.",
+    );
+    let r = gw.get("/api/dashboard", &[("x-api-key", "msgf_live_abc")]);
+    assert_error(
+        &r,
+        401,
+        "UNAUTHORIZED",
+        "The console uses Bearer tokens: send Authorization: Bearer <token>, not x-api-key.",
+    );
+    for bad in ["Bearer", "Bearer not.a.jwt", "Basic dXNlcjpwYXNz"] {
+        let r = gw.get("/api/dashboard", &[("authorization", bad)]);
+        assert_error(&r, 401, "UNAUTHORIZED", INVALID_TOKEN);
+    }
+}
+
+#[test]
+fn expired_and_forged_tokens_are_refused() {
+    let gw = Gateway::start();
+    let token = gw.token("acme", 60);
+    let auth = format!("Bearer {token}");
+    echoed(&gw.get("/api/dashboard", &[("authorization", &auth)]));
+    // 30 s of leeway past the 60 s of validity.
+    gw.clock.advance_ms(91_000);
+    assert_error(
+        &gw.get("/api/dashboard", &[("authorization", &auth)]),
+        401,
+        "UNAUTHORIZED",
+        INVALID_TOKEN,
+    );
+    // alg=none, same claims
+    let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJhY2NvdW50X2lkIjoiYWNtZSIsImV4cCI6OTk5OTk5OTk5OSwiaXNzIjoibXNnZmxhc2giLCJhdWQiOiJtc2dmbGFzaC1jb25zb2xlIn0.";
+    let r = gw.get(
+        "/api/dashboard",
+        &[("authorization", &format!("Bearer {none}"))],
+    );
+    assert_error(&r, 401, "UNAUTHORIZED", INVALID_TOKEN);
+    // a flipped signature byte
+    let mut forged = gw.token("acme", 3600).into_bytes();
+    let last = forged.len() - 2;
+    forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let r = gw.get(
+        "/api/dashboard",
+        &[("authorization", &format!("Bearer {forged}"))],
+    );
+    assert_error(&r, 401, "UNAUTHORIZED", INVALID_TOKEN);
+}
+
+#[test]
+fn console_requests_carry_account_and_user() {
+    let gw = Gateway::start();
+    let auth = format!("Bearer {}", gw.token("acme", 3600));
+    let seen = echoed(&gw.get(
+        "/api/instances",
+        &[
+            ("authorization", &auth),
+            ("x-account-id", "victim"),
+            ("x-user-id", "victim"),
+        ],
+    ));
+    assert_eq!(seen["headers"]["x-account-id"], "acme");
+    assert_eq!(seen["headers"]["x-user-id"], "user-1");
+    assert!(seen["headers"].get("x-api-key-id").is_none());
+}
+
+#[test]
+fn console_manages_the_tokens_own_keys() {
+    let gw = Gateway::start();
+    gw.put_account("acme", "starter", "active");
+    gw.put_account("other", "pro", "active");
+    let (_, other_key_id) = gw.create_key("other");
+    let auth = format!("Bearer {}", gw.token("acme", 3600));
+    let h = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+
+    let r = gw.send(
+        "POST",
+        "/api/api-keys",
+        &h,
+        Some(br#"{"name":"ci","scopes":["messages:send"]}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let created = r.json().unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    assert_eq!(created["prefix"], key[..14]);
+    assert_eq!(created["last4"], key[key.len() - 4..]);
+    assert_eq!(created["scopes"], json!(["messages:send"]));
+
+    let list = gw.get("/api/api-keys", &h).json().unwrap();
+    assert_eq!(list["keys"].as_array().unwrap().len(), 1);
+    assert!(
+        list["keys"][0].get("key").is_none(),
+        "a listing must not show the secret"
+    );
+    assert!(!list.to_string().contains(&key));
+
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+    let id = created["id"].as_str().unwrap();
+    let r = gw.send("DELETE", &format!("/api/api-keys/{id}"), &h, None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json().unwrap()["revokedAt"].is_string());
+    assert_error(
+        &gw.get("/api/v1/x", &[("x-api-key", &key)]),
+        401,
+        "UNAUTHORIZED",
+        "Invalid or revoked API key",
+    );
+
+    // Another account's key is not this token's to revoke.
+    let r = gw.send("DELETE", &format!("/api/api-keys/{other_key_id}"), &h, None);
+    assert_error(&r, 404, "NOT_FOUND", "Unknown API key");
+}
+
+#[test]
+fn console_key_creation_respects_the_plan_cap() {
+    let gw = Gateway::start();
+    gw.put_account("acme", "free", "active");
+    let auth = format!("Bearer {}", gw.token("acme", 3600));
+    let h = [("authorization", auth.as_str())];
+    assert_eq!(
+        gw.send("POST", "/api/api-keys", &h, Some(br#"{"name":"a"}"#))
+            .status,
+        201
+    );
+    let r = gw.send("POST", "/api/api-keys", &h, Some(br#"{"name":"b"}"#));
+    assert_error(
+        &r,
+        403,
+        "API_KEY_LIMIT_REACHED",
+        "API key limit reached: the plan allows 1 active key(s)",
+    );
+    let r = gw.send("POST", "/api/api-keys", &h, Some(br#"{"name":"#));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json().unwrap()["error"]["code"], "BAD_REQUEST");
+}
+
+#[test]
+fn open_routes_need_no_credential_but_are_limited_per_ip() {
+    let gw = Gateway::start();
+    // ip_burst = 3, ip_rate_per_second = 1
+    for _ in 0..3 {
+        let seen = echoed(&gw.send("POST", "/api/auth/login", &[], Some(b"{}")));
+        assert!(seen["headers"].get("x-account-id").is_none());
+    }
+    let r = gw.send("POST", "/api/auth/login", &[], Some(b"{}"));
+    assert_error(
+        &r,
+        429,
+        "TOO_MANY_REQUESTS",
+        "Too many requests from this client",
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    gw.clock.advance_ms(1000);
+    echoed(&gw.send("POST", "/api/auth/login", &[], Some(b"{}")));
+}

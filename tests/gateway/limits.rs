@@ -1,0 +1,171 @@
+//! SPEC §3 checks 6–7: the per-key token bucket and the monthly quota, on a manual clock.
+
+use crate::support::*;
+use std::sync::{Arc, Barrier};
+
+/// Sends `n` requests at once with `key`, returns the statuses.
+fn burst(gw: &Gateway, key: &str, n: usize) -> Vec<u16> {
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let barrier = barrier.clone();
+            let key = key.to_owned();
+            let mut conn = gw.connect();
+            std::thread::spawn(move || {
+                barrier.wait();
+                conn.send("GET", "/api/v1/messages", &[("x-api-key", &key)], None)
+                    .expect("request")
+                    .status
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect()
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
+#[test]
+fn concurrent_burst_of_16_lets_exactly_10_through() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let statuses = burst(&gw, &key, 16);
+    assert_eq!(
+        (count(&statuses, 200), count(&statuses, 429)),
+        (10, 6),
+        "{statuses:?}"
+    );
+}
+
+#[test]
+fn the_11th_request_in_the_same_instant_is_429_with_retry_after() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    for i in 0..10 {
+        let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+        echoed(&r);
+        assert_eq!(
+            r.header("x-ratelimit-remaining"),
+            Some((9 - i).to_string().as_str())
+        );
+    }
+    let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    assert_error(
+        &r,
+        429,
+        "API_RATE_LIMIT_EXCEEDED",
+        "Too many requests: more than the allowed requests per second on this API key",
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=0;t=1"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    // 100 ms later exactly one token is back.
+    gw.clock.advance_ms(100);
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+    assert_eq!(gw.get("/api/v1/x", &[("x-api-key", &key)]).status, 429);
+}
+
+#[test]
+fn steady_10_per_second_for_3_seconds_never_sees_429() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    for _ in 0..30 {
+        let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        gw.clock.advance_ms(100);
+    }
+}
+
+#[test]
+fn offered_20_per_second_gets_10_per_second_through() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let mut ok = 0;
+    for _ in 0..60 {
+        if gw.get("/api/v1/x", &[("x-api-key", &key)]).status == 200 {
+            ok += 1;
+        }
+        gw.clock.advance_ms(50);
+    }
+    // The last request goes out at 2.95 s: the burst of 10, plus one token per 100 ms since.
+    assert_eq!(ok, 10 + 29);
+}
+
+#[test]
+fn keys_have_separate_buckets() {
+    let gw = Gateway::start();
+    let (a, _) = gw.account_with_key("acme", "pro");
+    let (b, _) = gw.create_key("acme");
+    assert_eq!(count(&burst(&gw, &a, 12), 200), 10);
+    assert_eq!(count(&burst(&gw, &b, 12), 200), 10);
+}
+
+#[test]
+fn monthly_quota_is_exact_and_retry_after_points_at_the_next_period() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("small", "tiny"); // 5 requests a month
+    let statuses = burst(&gw, &key, 8);
+    assert_eq!(
+        (count(&statuses, 200), count(&statuses, 429)),
+        (5, 3),
+        "{statuses:?}"
+    );
+    let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    assert_error(
+        &r,
+        429,
+        "MONTHLY_API_REQUEST_QUOTA_EXCEEDED",
+        "Monthly API request quota exhausted",
+    );
+    // T0 is 2026-11-29T00:00:00Z; the period ends 2026-12-01T00:00:00Z.
+    assert_eq!(r.header("retry-after"), Some("172800"));
+    // Quota rejections consume no token: 5 admitted requests used 5 of the 10.
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=5;t=1"));
+    let usage = gw
+        .admin_call("GET", "/admin/v1/accounts/small", None)
+        .json()
+        .unwrap();
+    assert_eq!(
+        usage["usage"],
+        serde_json::json!({"period": "2026-11-01", "requests": 5, "quota": 5})
+    );
+    // The next period starts afresh.
+    gw.clock.advance_ms(2 * 86_400 * 1000);
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+}
+
+#[test]
+fn rate_limited_requests_do_not_count_toward_the_quota() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "starter"); // quota 50
+    let statuses = burst(&gw, &key, 16);
+    assert_eq!(count(&statuses, 200), 10);
+    let v = gw
+        .admin_call("GET", "/admin/v1/accounts/acme", None)
+        .json()
+        .unwrap();
+    assert_eq!(v["usage"]["requests"], 10);
+}
+
+#[test]
+fn rejected_before_the_limiter_consumes_nothing() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    gw.put_account("acme", "pro", "inactive");
+    for _ in 0..20 {
+        assert_eq!(gw.get("/api/v1/x", &[("x-api-key", &key)]).status, 403);
+    }
+    gw.put_account("acme", "pro", "active");
+    let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    echoed(&r);
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("9"));
+    let v = gw
+        .admin_call("GET", "/admin/v1/accounts/acme", None)
+        .json()
+        .unwrap();
+    assert_eq!(v["usage"]["requests"], 1);
+}

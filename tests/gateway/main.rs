@@ -1,0 +1,11 @@
+//! Black-box tests against real listeners: one gateway per test, a recording upstream.
+
+mod admin;
+mod bad_input;
+mod cli;
+mod console;
+mod lifecycle;
+mod limits;
+mod public_api;
+mod support;
+mod upstreams;

@@ -1,0 +1,170 @@
+//! SPEC §3 checks 1–4, forwarding and headers on /api/v1/.
+
+use crate::support::*;
+
+const UNKNOWN: &str = "msgf_live_0000000000000000000000000000000000000000000000000000000000000000";
+
+#[test]
+fn missing_key_says_where_to_send_it() {
+    let gw = Gateway::start();
+    let r = gw.get("/api/v1/messages/send", &[]);
+    assert_error(
+        &r,
+        401,
+        "UNAUTHORIZED",
+        "Missing API key. Send it in the x-api-key header.",
+    );
+    assert!(r.header("x-request-id").is_some());
+}
+
+#[test]
+fn bearer_token_on_the_public_api_is_explained() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let auth = format!("Bearer {key}");
+    let r = gw.get("/api/v1/messages/send", &[("authorization", &auth)]);
+    assert_error(
+        &r,
+        401,
+        "UNAUTHORIZED",
+        "Missing API key. The public API expects the x-api-key header, not a Bearer token.",
+    );
+}
+
+#[test]
+fn malformed_unknown_duplicate_keys_are_401() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let upper = format!("msgf_live_{}", key["msgf_live_".len()..].to_uppercase());
+    let short = &key[..key.len() - 1];
+    let test_prefix = key.replace("live", "test");
+    for bad in [
+        upper.as_str(),
+        short,
+        &test_prefix,
+        UNKNOWN,
+        "",
+        "msgf_live_",
+    ] {
+        let r = gw.get("/api/v1/x", &[("x-api-key", bad)]);
+        assert_error(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
+        assert!(!r.text().contains(bad) || bad.is_empty());
+    }
+    let r = gw.get("/api/v1/x", &[("x-api-key", &key), ("x-api-key", &key)]);
+    assert_error(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
+}
+
+#[test]
+fn authorized_requests_carry_identity_and_never_the_key() {
+    let gw = Gateway::start();
+    let (key, key_id) = gw.account_with_key("acme", "pro");
+    let r = gw.send(
+        "POST",
+        "/api/v1/messages/send",
+        &[
+            ("x-api-key", &key),
+            ("x-account-id", "victim"),
+            ("X-Api-Key-Id", "forged"),
+            ("x-user-id", "forged"),
+            ("x-internal-user", "forged"),
+            ("x-request-id", "client-req-42"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("content-type", "application/json"),
+        ],
+        Some(br#"{"instanceId":"3fa85f64-5717-4562-b3fc-2c963f66afa6","to":"+33612345000"}"#),
+    );
+    let seen = echoed(&r);
+    let h = &seen["headers"];
+    assert_eq!(h["x-account-id"], "acme");
+    assert_eq!(h["x-api-key-id"], key_id.as_str());
+    assert!(h.get("x-api-key").is_none(), "the key reached the upstream");
+    assert!(h.get("x-user-id").is_none());
+    assert!(h.get("x-internal-user").is_none());
+    assert_eq!(h["x-request-id"], "client-req-42");
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(seen["uri"], "/api/v1/messages/send");
+    assert_eq!(seen["bodyBytes"], 73);
+    assert_eq!(r.header("x-request-id"), Some("client-req-42"));
+    assert!(!r.text().contains(&key));
+}
+
+#[test]
+fn insane_request_ids_are_replaced() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let r = gw.get(
+        "/api/v1/x",
+        &[("x-api-key", &key), ("x-request-id", "has spaces<script>")],
+    );
+    let seen = echoed(&r);
+    let id = seen["headers"]["x-request-id"].as_str().unwrap().to_owned();
+    assert_eq!(id.len(), 32);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(r.header("x-request-id"), Some(id.as_str()));
+}
+
+#[test]
+fn rate_limit_headers_word_for_word() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "starter");
+    let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    echoed(&r);
+    // November 2026 has 30 days.
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some("\"burst\";q=10;w=1, \"monthly\";q=50;w=2592000")
+    );
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=9;t=1"));
+    assert_eq!(r.header("x-ratelimit-limit"), Some("10"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("9"));
+    assert_eq!(r.header("x-ratelimit-reset"), Some("1"));
+}
+
+#[test]
+fn inactive_subscription_is_403_before_any_limit() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    gw.put_account("acme", "pro", "inactive");
+    let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    assert_error(
+        &r,
+        403,
+        "SUBSCRIPTION_INACTIVE",
+        "The account has no active subscription for this action",
+    );
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some("\"burst\";q=10;w=1, \"monthly\";q=500000;w=2592000")
+    );
+    assert_eq!(r.header("ratelimit"), None);
+    gw.put_account("acme", "pro", "active");
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+}
+
+#[test]
+fn paths_are_normalised_before_routing_and_forwarding() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let seen = echoed(&gw.get("/api/v1//messages/./%73end?to=1", &[("x-api-key", &key)]));
+    assert_eq!(seen["uri"], "/api/v1/messages/send?to=1");
+    // `..` leaves the public API: the console's rules apply, so the key is not enough.
+    let r = gw.get("/api/v1/../internal", &[("x-api-key", &key)]);
+    assert_error(
+        &r,
+        401,
+        "UNAUTHORIZED",
+        "The console uses Bearer tokens: send Authorization: Bearer <token>, not x-api-key.",
+    );
+    let r = gw.get("/API/v1/messages", &[("x-api-key", &key)]);
+    assert_error(&r, 404, "NOT_FOUND", "No route matches this request");
+    let r = gw.get("/api/v1/%zz", &[("x-api-key", &key)]);
+    assert_error(&r, 400, "BAD_REQUEST", "Malformed request path");
+}
+
+#[test]
+fn unknown_paths_are_404_json() {
+    let gw = Gateway::start();
+    let r = gw.get("/internal/metrics", &[]);
+    assert_error(&r, 404, "NOT_FOUND", "No route matches this request");
+}

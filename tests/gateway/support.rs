@@ -1,0 +1,312 @@
+//! Test harness: a real gateway (in-process, real listeners) with a manual clock, the built-in
+//! echo upstream as the recording backend, and helpers that speak HTTP to both listeners.
+
+use msgflash_gateway::client::{request, Connection, HttpResponse};
+use msgflash_gateway::clock::ManualClock;
+use msgflash_gateway::config::Config;
+use msgflash_gateway::server::Running;
+use serde_json::{json, Value};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
+/// 2026-11-29T00:00:00Z: every test starts its clock here.
+pub const T0: u64 = 1_795_910_400;
+
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr")
+}
+
+/// Waits until something accepts connections on `addr` (bounded: 20 s).
+pub fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::yield_now();
+    }
+}
+
+pub const PLANS: &str = r#"
+[plans.free]
+max_keys = 1
+monthly_requests = 1000
+[plans.starter]
+max_keys = 3
+monthly_requests = 50
+[plans.pro]
+max_keys = 10
+monthly_requests = 500000
+[plans.plus]
+max_keys = 10
+monthly_requests = 5000000
+[plans.tiny]
+max_keys = 2
+monthly_requests = 5
+"#;
+
+/// How a test gateway differs from the default.
+#[derive(Clone)]
+pub struct Setup {
+    /// Extra TOML for [[routes]] / [upstreams.*] appended to the file.
+    pub extra: String,
+    /// Replaces the default `[upstreams.api]` table.
+    pub api_upstream: Option<String>,
+    pub plans: String,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            extra: String::new(),
+            api_upstream: None,
+            plans: PLANS.into(),
+        }
+    }
+}
+
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub clock: Arc<ManualClock>,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub echo: SocketAddr,
+    pub running: Option<Running>,
+    setup: Setup,
+}
+
+fn write_config(
+    dir: &Path,
+    s: &Setup,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    echo: SocketAddr,
+) -> PathBuf {
+    std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
+    std::fs::write(dir.join("policies/plans.toml"), &s.plans).expect("plans");
+    // `{echo}` in a custom upstream table stands for the echo upstream's address.
+    let api = s.api_upstream.clone().map(|a| a.replace("{echo}", &echo.to_string())).unwrap_or_else(|| {
+        format!("[upstreams.api]\naddresses = [\"{echo}\"]\nconnect_timeout = \"1s\"\nread_timeout = \"2s\"\n")
+    });
+    let text = format!(
+        r#"
+[server]
+listen = "{proxy}"
+threads = 2
+max_header_bytes = 8192
+max_body_bytes = 4096
+
+[admin]
+listen = "{admin}"
+token_env = "TEST_ADMIN_TOKEN"
+
+[store]
+data_file = "data/store.json"
+
+[policies]
+dir = "policies"
+
+[jwt]
+algorithms = ["HS256"]
+secret_env = "TEST_JWT_SECRET"
+issuer = "msgflash"
+audience = "msgflash-console"
+
+[forward]
+strip_request_headers = ["x-internal-user"]
+
+[echo]
+listen = "{echo}"
+
+{api}
+[upstreams.console]
+addresses = ["{echo}"]
+
+[[routes]]
+prefix = "/api/v1/"
+auth = "api_key"
+upstream = "api"
+
+[[routes]]
+prefix = "/api/auth/"
+auth = "open"
+upstream = "console"
+ip_rate_per_second = 1
+ip_burst = 3
+
+[[routes]]
+prefix = "/api/"
+auth = "jwt"
+upstream = "console"
+{extra}
+"#,
+        extra = s.extra
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+pub fn env(name: &str) -> Option<String> {
+    match name {
+        "TEST_ADMIN_TOKEN" => Some(ADMIN_TOKEN.into()),
+        "TEST_JWT_SECRET" => Some(JWT_SECRET.into()),
+        _ => None,
+    }
+}
+
+impl Gateway {
+    pub fn start() -> Self {
+        Self::start_with(Setup::default())
+    }
+
+    pub fn start_with(setup: Setup) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut gw = Gateway {
+            dir,
+            clock: Arc::new(ManualClock::at_unix(T0)),
+            proxy: free_addr(),
+            admin: free_addr(),
+            echo: free_addr(),
+            running: None,
+            setup,
+        };
+        gw.boot();
+        gw
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.toml")
+    }
+
+    fn boot(&mut self) {
+        let path = write_config(
+            self.dir.path(),
+            &self.setup,
+            self.proxy,
+            self.admin,
+            self.echo,
+        );
+        let config = Config::load_with_env(&path, &env).unwrap_or_else(|e| panic!("config: {e}"));
+        let running =
+            Running::start(config, self.clock.clone()).unwrap_or_else(|e| panic!("start: {e}"));
+        self.running = Some(running);
+        wait_listening(self.proxy);
+        wait_listening(self.admin);
+        wait_listening(self.echo);
+    }
+
+    /// Stops the gateway and starts it again on the same ports and data file.
+    pub fn restart(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop();
+        }
+        self.boot();
+    }
+
+    pub fn admin_call(&self, method: &str, path: &str, body: Option<Value>) -> HttpResponse {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let bytes = body.map(|b| serde_json::to_vec(&b).expect("json"));
+        request(
+            self.admin,
+            method,
+            path,
+            &[("authorization", &auth)],
+            bytes.as_deref(),
+        )
+        .expect("admin call")
+    }
+
+    pub fn put_account(&self, id: &str, plan: &str, subscription: &str) {
+        let r = self.admin_call(
+            "PUT",
+            &format!("/admin/v1/accounts/{id}"),
+            Some(json!({"plan": plan, "subscription": subscription})),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
+    /// Creates a key and returns (key, key id).
+    pub fn create_key(&self, account: &str) -> (String, String) {
+        let r = self.admin_call(
+            "POST",
+            &format!("/admin/v1/accounts/{account}/keys"),
+            Some(json!({"name": "test"})),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        let v = r.json().expect("json");
+        (
+            v["key"].as_str().expect("key").to_owned(),
+            v["id"].as_str().expect("id").to_owned(),
+        )
+    }
+
+    /// An account on `plan` with one key.
+    pub fn account_with_key(&self, id: &str, plan: &str) -> (String, String) {
+        self.put_account(id, plan, "active");
+        self.create_key(id)
+    }
+
+    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+        request(self.proxy, "GET", path, headers, None).expect("request")
+    }
+
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> HttpResponse {
+        request(self.proxy, method, path, headers, body).expect("request")
+    }
+
+    pub fn connect(&self) -> Connection {
+        Connection::open(self.proxy).expect("connect")
+    }
+
+    pub fn token(&self, account: &str, ttl_secs: i64) -> String {
+        msgflash_gateway::auth::jwt::mint_hs256(&msgflash_gateway::auth::jwt::MintRequest {
+            secret: JWT_SECRET,
+            account_claim: "account_id",
+            account_id: account,
+            sub: Some("user-1"),
+            issuer: Some("msgflash"),
+            audience: Some("msgflash-console"),
+            now_unix: T0 as i64,
+            ttl_secs,
+        })
+        .expect("mint")
+    }
+}
+
+/// The error body SPEC §5 prescribes.
+pub fn error_body(code: &str, message: &str) -> Value {
+    json!({"error": {"code": code, "message": message}})
+}
+
+/// Asserts status, JSON error body, content-type and content-length of a gateway-made response.
+#[track_caller]
+pub fn assert_error(r: &HttpResponse, status: u16, code: &str, message: &str) {
+    assert_eq!(r.status, status, "body: {}", r.text());
+    assert_eq!(r.json().expect("json body"), error_body(code, message));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(
+        r.header("content-length"),
+        Some(r.body.len().to_string().as_str())
+    );
+}
+
+/// What the echo upstream says it received.
+pub fn echoed(r: &HttpResponse) -> Value {
+    assert_eq!(r.status, 200, "body: {}", r.text());
+    assert_eq!(
+        r.header("x-echo"),
+        Some("msgflash"),
+        "not from the upstream"
+    );
+    r.json().expect("echo json")
+}

@@ -1,0 +1,85 @@
+//! SPEC §5 upstream failures: refused (502), timed out (504), none healthy (503), failover.
+
+use crate::support::*;
+use std::net::TcpListener;
+
+fn upstream(addresses: &[String], extra: &str) -> Setup {
+    let list = addresses
+        .iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Setup {
+        api_upstream: Some(format!(
+            "[upstreams.api]\naddresses = [{list}]\nconnect_timeout = \"500ms\"\nread_timeout = \"300ms\"\n{extra}\n"
+        )),
+        ..Setup::default()
+    }
+}
+
+/// An upstream that accepts connections and never answers.
+fn silent_upstream() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().take(16) {
+            held.push(conn);
+        }
+    });
+    addr
+}
+
+#[test]
+fn refused_upstream_is_502() {
+    let dead = free_addr().to_string();
+    let gw = Gateway::start_with(upstream(&[dead], ""));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    assert_error(&r, 502, "BAD_GATEWAY", "The upstream service failed");
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=9;t=1"));
+}
+
+#[test]
+fn silent_upstream_is_504() {
+    let gw = Gateway::start_with(upstream(&[silent_upstream()], ""));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    assert_error(&r, 504, "GATEWAY_TIMEOUT", "The upstream service timed out");
+}
+
+#[test]
+fn a_dead_address_is_skipped() {
+    let dead = free_addr().to_string();
+    let gw2 = Gateway::start_with(upstream(&[dead, "{echo}".into()], ""));
+    let (key, _) = gw2.account_with_key("acme", "pro");
+    // Round robin starts on the dead address half of the time: every request still succeeds.
+    for _ in 0..6 {
+        let r = gw2.get("/api/v1/x", &[("x-api-key", &key)]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        gw2.clock.advance_ms(100);
+    }
+}
+
+#[test]
+fn no_healthy_address_is_503() {
+    let dead = free_addr().to_string();
+    let checks =
+        "health_check = { interval = \"1h\", timeout = \"100ms\", unhealthy_threshold = 1 }";
+    let gw = Gateway::start_with(upstream(&[dead], checks));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let first = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    assert!(
+        first.status == 502 || first.status == 503,
+        "{}",
+        first.text()
+    );
+    let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    assert_error(
+        &r,
+        503,
+        "SERVICE_UNAVAILABLE",
+        "No healthy upstream is available",
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+}
