@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::echo::EchoApp;
 use crate::proxy::upstream::HealthChecker;
 use crate::proxy::{Gateway, GatewayProxy};
-use crate::store::{EmbeddedStore, Store};
+use crate::store::{EmbeddedStore, RedisStore, Store};
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
@@ -39,9 +39,11 @@ impl std::error::Error for StartError {}
 
 /// Opens the store the configuration names.
 pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
-    let store = EmbeddedStore::open(&config.store.data_file)
-        .map_err(|e| StartError::Store(e.to_string()))?;
-    Ok(Arc::new(store))
+    let err = |e: crate::store::StoreError| StartError::Store(e.to_string());
+    Ok(match &config.store.redis {
+        Some(redis) => Arc::new(RedisStore::connect(redis).map_err(err)?),
+        None => Arc::new(EmbeddedStore::open(&config.store.data_file).map_err(err)?),
+    })
 }
 
 /// Builds the pingora server and the gateway it serves.

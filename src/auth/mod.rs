@@ -94,6 +94,22 @@ impl Directory {
         self.accounts.remove(&account_id.to_owned());
     }
 
+    /// Drops everything cached (after invalidations may have been missed).
+    pub fn clear(&self) {
+        self.keys.clear();
+        self.unknown.clear();
+        self.accounts.clear();
+    }
+
+    /// Applies a change announced by another node.
+    pub fn apply(&self, change: &crate::store::Invalidation) {
+        match change {
+            crate::store::Invalidation::Key(hash) => self.forget_key(hash),
+            crate::store::Invalidation::Account(id) => self.forget_account(id),
+            crate::store::Invalidation::All => self.clear(),
+        }
+    }
+
     /// Entries held by the positive key cache.
     pub fn cached_keys(&self) -> usize {
         self.keys.len()

@@ -54,6 +54,15 @@ pub struct StoreFile {
     pub data_file: Option<String>,
     pub redis_url: Option<Spanned<String>>,
     pub redis_url_env: Option<String>,
+    pub timeout: Option<Spanned<String>>,
+    pub breaker_threshold: Option<Spanned<u32>>,
+    pub breaker_cooldown: Option<Spanned<String>>,
+}
+
+impl StoreFile {
+    pub fn store_url(&self) -> Option<&Spanned<String>> {
+        self.redis_url.as_ref()
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -58,19 +58,11 @@ impl std::fmt::Debug for Admin {
     }
 }
 
-#[derive(Clone)]
+/// Which store holds the state: Redis when a URL is set, the embedded data file otherwise.
+#[derive(Debug, Clone)]
 pub struct StoreSettings {
     pub data_file: PathBuf,
-    pub redis_url: Option<String>,
-}
-
-impl std::fmt::Debug for StoreSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreSettings")
-            .field("data_file", &self.data_file)
-            .field("redis_url", &self.redis_url.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
+    pub redis: Option<crate::store::RedisSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -227,28 +219,7 @@ impl Config {
             .redis_url_env
             .clone()
             .unwrap_or_else(|| "MSGFLASH_REDIS_URL".into());
-        let store = StoreSettings {
-            data_file: base.join(
-                raw.store
-                    .data_file
-                    .clone()
-                    .unwrap_or_else(|| "data/store.json".into()),
-            ),
-            redis_url: env(&redis_env)
-                .or_else(|| raw.store.redis_url.as_ref().map(|u| u.get_ref().clone())),
-        };
-        if let Some(url) = &raw.store.redis_url {
-            r.at(
-                url.span(),
-                "store.redis_url",
-                "the Redis store is not available in this release; remove it to use the embedded store",
-            );
-        } else if store.redis_url.is_some() {
-            r.whole(
-                redis_env.clone(),
-                "the Redis store is not available in this release; unset it to use the embedded store",
-            );
-        }
+        let store = store_settings(&mut r, &raw.store, &base, env(&redis_env));
         let cache = CacheSettings {
             capacity: positive(&mut r, "cache.capacity", &raw.cache.capacity),
             negative_capacity: positive(
@@ -344,6 +315,54 @@ impl Config {
             ));
         }
         missing
+    }
+}
+
+fn store_settings(
+    r: &mut Reporter,
+    raw: &file::StoreFile,
+    base: &Path,
+    url_from_env: Option<String>,
+) -> StoreSettings {
+    let timeout = raw.timeout.as_ref().map_or(Duration::from_millis(50), |t| {
+        duration(r, "store.timeout", t)
+    });
+    let breaker_cooldown = raw
+        .breaker_cooldown
+        .as_ref()
+        .map_or(Duration::from_millis(500), |t| {
+            duration(r, "store.breaker_cooldown", t)
+        });
+    let breaker_threshold = raw
+        .breaker_threshold
+        .as_ref()
+        .map_or(3, |t| positive(r, "store.breaker_threshold", t));
+    let url = url_from_env.or_else(|| {
+        let url = raw.store_url()?;
+        let ok = ["redis://", "redis+cluster://"]
+            .iter()
+            .any(|p| url.get_ref().starts_with(p));
+        if !ok {
+            r.at(
+                url.span(),
+                "store.redis_url",
+                "expected redis://host:port or redis+cluster://host:port,host:port",
+            );
+        }
+        Some(url.get_ref().clone())
+    });
+    StoreSettings {
+        data_file: base.join(
+            raw.data_file
+                .clone()
+                .unwrap_or_else(|| "data/store.json".into()),
+        ),
+        redis: url.map(|url| crate::store::RedisSettings {
+            url,
+            timeout,
+            breaker_threshold,
+            breaker_cooldown,
+        }),
     }
 }
 

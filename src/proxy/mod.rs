@@ -58,6 +58,12 @@ impl Gateway {
             config.cache.negative_capacity,
             ttl_ns,
         ));
+        let weak = Arc::downgrade(&directory);
+        store.on_invalidation(Arc::new(move |change| {
+            if let Some(directory) = weak.upgrade() {
+                directory.apply(&change);
+            }
+        }));
         Ok(Self {
             jwt: JwtVerifier::new(&config.jwt)?,
             manager: Manager::new(

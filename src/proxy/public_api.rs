@@ -99,6 +99,7 @@ pub async fn authorize(
             now_ns,
             bucket: plan.bucket,
             period_id: &period_id,
+            period_end_unix: period.end_unix,
             monthly_quota: plan.monthly_requests,
         })
         .await;

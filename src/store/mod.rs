@@ -1,6 +1,8 @@
 //! The key store: one trait for accounts, key records and counters, whatever holds them.
 
+pub mod breaker;
 pub mod embedded;
+pub mod redis_store;
 
 use crate::limits::gcra::BucketParams;
 use async_trait::async_trait;
@@ -8,6 +10,21 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 pub use embedded::EmbeddedStore;
+pub use redis_store::{RedisSettings, RedisStore};
+use std::sync::Arc;
+
+/// Something other nodes changed: drop it from the local caches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// A key, by its SHA-256 hex.
+    Key(String),
+    Account(String),
+    /// Everything (after missing messages).
+    All,
+}
+
+/// Where a store delivers invalidations.
+pub type InvalidationSink = Arc<dyn Fn(Invalidation) + Send + Sync>;
 
 /// Whether an account may use routes that require a subscription.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +84,8 @@ pub struct AdmitRequest<'a> {
     pub bucket: BucketParams,
     /// Identifier of the current quota period (its start date).
     pub period_id: &'a str,
+    /// End of the current quota period (Unix seconds): counters may expire after it.
+    pub period_end_unix: i64,
     pub monthly_quota: u64,
 }
 
@@ -161,4 +180,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// True when the store can serve requests.
     async fn ready(&self) -> bool;
+
+    /// Delivers changes made through other nodes to `sink` (shared stores only).
+    fn on_invalidation(&self, _sink: InvalidationSink) {}
 }

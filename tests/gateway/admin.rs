@@ -5,9 +5,8 @@ use msgflash_gateway::client::request;
 use serde_json::json;
 use std::sync::{Arc, Barrier};
 
-#[test]
-fn admin_api_needs_the_token() {
-    let gw = Gateway::start();
+fn admin_api_needs_the_token(b: Backend) {
+    let gw = Gateway::on(b);
     for auth in [None, Some("Bearer wrong"), Some(ADMIN_TOKEN)] {
         let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
         let r = request(gw.admin, "GET", "/admin/v1/accounts/acme", &headers, None).unwrap();
@@ -15,9 +14,8 @@ fn admin_api_needs_the_token() {
     }
 }
 
-#[test]
-fn health_readiness_and_metrics() {
-    let gw = Gateway::start();
+fn health_readiness_and_metrics(b: Backend) {
+    let gw = Gateway::on(b);
     let r = request(gw.admin, "GET", "/healthz", &[], None).unwrap();
     assert_eq!(
         (r.status, r.json().unwrap()),
@@ -53,9 +51,8 @@ fn health_readiness_and_metrics() {
     assert!(!text.contains(&key));
 }
 
-#[test]
-fn accounts_are_put_and_shown() {
-    let gw = Gateway::start();
+fn accounts_are_put_and_shown(b: Backend) {
+    let gw = Gateway::on(b);
     let r = gw.admin_call(
         "PUT",
         "/admin/v1/accounts/acme",
@@ -96,9 +93,8 @@ fn accounts_are_put_and_shown() {
     assert_eq!(r.status, 400);
 }
 
-#[test]
-fn keys_are_created_listed_and_revoked() {
-    let gw = Gateway::start();
+fn keys_are_created_listed_and_revoked(b: Backend) {
+    let gw = Gateway::on(b);
     gw.put_account("acme", "starter", "active");
     let r = gw.admin_call(
         "POST",
@@ -150,9 +146,8 @@ fn keys_are_created_listed_and_revoked() {
     );
 }
 
-#[test]
-fn revocation_is_effective_on_the_next_request() {
-    let gw = Gateway::start();
+fn revocation_is_effective_on_the_next_request(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, key_id) = gw.account_with_key("acme", "pro");
     let mut conn = gw.connect();
     assert_eq!(
@@ -173,9 +168,8 @@ fn revocation_is_effective_on_the_next_request() {
     assert_error(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
 }
 
-#[test]
-fn concurrent_creates_never_exceed_the_plan_cap() {
-    let gw = Arc::new(Gateway::start());
+fn concurrent_creates_never_exceed_the_plan_cap(b: Backend) {
+    let gw = Arc::new(Gateway::on(b));
     gw.put_account("acme", "starter", "active"); // cap 3
     let barrier = Arc::new(Barrier::new(12));
     let handles: Vec<_> = (0..12)
@@ -216,3 +210,12 @@ fn concurrent_creates_never_exceed_the_plan_cap() {
     );
     gw.create_key("acme");
 }
+
+crate::on_both_stores!(
+    admin_api_needs_the_token,
+    health_readiness_and_metrics,
+    accounts_are_put_and_shown,
+    keys_are_created_listed_and_revoked,
+    revocation_is_effective_on_the_next_request,
+    concurrent_creates_never_exceed_the_plan_cap,
+);

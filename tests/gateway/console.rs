@@ -5,9 +5,8 @@ use serde_json::json;
 
 const INVALID_TOKEN: &str = "Invalid or expired token";
 
-#[test]
-fn console_requires_a_bearer_token() {
-    let gw = Gateway::start();
+fn console_requires_a_bearer_token(b: Backend) {
+    let gw = Gateway::on(b);
     let r = gw.get("/api/dashboard", &[]);
     assert_error(
         &r,
@@ -28,9 +27,8 @@ fn console_requires_a_bearer_token() {
     }
 }
 
-#[test]
-fn expired_and_forged_tokens_are_refused() {
-    let gw = Gateway::start();
+fn expired_and_forged_tokens_are_refused(b: Backend) {
+    let gw = Gateway::on(b);
     let token = gw.token("acme", 60);
     let auth = format!("Bearer {token}");
     echoed(&gw.get("/api/dashboard", &[("authorization", &auth)]));
@@ -61,9 +59,8 @@ fn expired_and_forged_tokens_are_refused() {
     assert_error(&r, 401, "UNAUTHORIZED", INVALID_TOKEN);
 }
 
-#[test]
-fn console_requests_carry_account_and_user() {
-    let gw = Gateway::start();
+fn console_requests_carry_account_and_user(b: Backend) {
+    let gw = Gateway::on(b);
     let auth = format!("Bearer {}", gw.token("acme", 3600));
     let seen = echoed(&gw.get(
         "/api/instances",
@@ -78,9 +75,8 @@ fn console_requests_carry_account_and_user() {
     assert!(seen["headers"].get("x-api-key-id").is_none());
 }
 
-#[test]
-fn console_manages_the_tokens_own_keys() {
-    let gw = Gateway::start();
+fn console_manages_the_tokens_own_keys(b: Backend) {
+    let gw = Gateway::on(b);
     gw.put_account("acme", "starter", "active");
     gw.put_account("other", "pro", "active");
     let (_, other_key_id) = gw.create_key("other");
@@ -128,9 +124,8 @@ fn console_manages_the_tokens_own_keys() {
     assert_error(&r, 404, "NOT_FOUND", "Unknown API key");
 }
 
-#[test]
-fn console_key_creation_respects_the_plan_cap() {
-    let gw = Gateway::start();
+fn console_key_creation_respects_the_plan_cap(b: Backend) {
+    let gw = Gateway::on(b);
     gw.put_account("acme", "free", "active");
     let auth = format!("Bearer {}", gw.token("acme", 3600));
     let h = [("authorization", auth.as_str())];
@@ -151,9 +146,8 @@ fn console_key_creation_respects_the_plan_cap() {
     assert_eq!(r.json().unwrap()["error"]["code"], "BAD_REQUEST");
 }
 
-#[test]
-fn open_routes_need_no_credential_but_are_limited_per_ip() {
-    let gw = Gateway::start();
+fn open_routes_need_no_credential_but_are_limited_per_ip(b: Backend) {
+    let gw = Gateway::on(b);
     // ip_burst = 3, ip_rate_per_second = 1
     for _ in 0..3 {
         let seen = echoed(&gw.send("POST", "/api/auth/login", &[], Some(b"{}")));
@@ -170,3 +164,12 @@ fn open_routes_need_no_credential_but_are_limited_per_ip() {
     gw.clock.advance_ms(1000);
     echoed(&gw.send("POST", "/api/auth/login", &[], Some(b"{}")));
 }
+
+crate::on_both_stores!(
+    console_requires_a_bearer_token,
+    expired_and_forged_tokens_are_refused,
+    console_requests_carry_account_and_user,
+    console_manages_the_tokens_own_keys,
+    console_key_creation_respects_the_plan_cap,
+    open_routes_need_no_credential_but_are_limited_per_ip,
+);

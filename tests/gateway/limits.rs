@@ -29,9 +29,8 @@ fn count(statuses: &[u16], status: u16) -> usize {
     statuses.iter().filter(|s| **s == status).count()
 }
 
-#[test]
-fn concurrent_burst_of_16_lets_exactly_10_through() {
-    let gw = Gateway::start();
+fn concurrent_burst_of_16_lets_exactly_10_through(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "pro");
     let statuses = burst(&gw, &key, 16);
     assert_eq!(
@@ -41,9 +40,8 @@ fn concurrent_burst_of_16_lets_exactly_10_through() {
     );
 }
 
-#[test]
-fn the_11th_request_in_the_same_instant_is_429_with_retry_after() {
-    let gw = Gateway::start();
+fn the_11th_request_in_the_same_instant_is_429_with_retry_after(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "pro");
     for i in 0..10 {
         let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
@@ -69,9 +67,8 @@ fn the_11th_request_in_the_same_instant_is_429_with_retry_after() {
     assert_eq!(gw.get("/api/v1/x", &[("x-api-key", &key)]).status, 429);
 }
 
-#[test]
-fn steady_10_per_second_for_3_seconds_never_sees_429() {
-    let gw = Gateway::start();
+fn steady_10_per_second_for_3_seconds_never_sees_429(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "pro");
     for _ in 0..30 {
         let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
@@ -80,9 +77,8 @@ fn steady_10_per_second_for_3_seconds_never_sees_429() {
     }
 }
 
-#[test]
-fn offered_20_per_second_gets_10_per_second_through() {
-    let gw = Gateway::start();
+fn offered_20_per_second_gets_10_per_second_through(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "pro");
     let mut ok = 0;
     for _ in 0..60 {
@@ -95,18 +91,16 @@ fn offered_20_per_second_gets_10_per_second_through() {
     assert_eq!(ok, 10 + 29);
 }
 
-#[test]
-fn keys_have_separate_buckets() {
-    let gw = Gateway::start();
+fn keys_have_separate_buckets(b: Backend) {
+    let gw = Gateway::on(b);
     let (a, _) = gw.account_with_key("acme", "pro");
     let (b, _) = gw.create_key("acme");
     assert_eq!(count(&burst(&gw, &a, 12), 200), 10);
     assert_eq!(count(&burst(&gw, &b, 12), 200), 10);
 }
 
-#[test]
-fn monthly_quota_is_exact_and_retry_after_points_at_the_next_period() {
-    let gw = Gateway::start();
+fn monthly_quota_is_exact_and_retry_after_points_at_the_next_period(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("small", "tiny"); // 5 requests a month
     let statuses = burst(&gw, &key, 8);
     assert_eq!(
@@ -138,9 +132,8 @@ fn monthly_quota_is_exact_and_retry_after_points_at_the_next_period() {
     echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
 }
 
-#[test]
-fn rate_limited_requests_do_not_count_toward_the_quota() {
-    let gw = Gateway::start();
+fn rate_limited_requests_do_not_count_toward_the_quota(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "starter"); // quota 50
     let statuses = burst(&gw, &key, 16);
     assert_eq!(count(&statuses, 200), 10);
@@ -151,9 +144,8 @@ fn rate_limited_requests_do_not_count_toward_the_quota() {
     assert_eq!(v["usage"]["requests"], 10);
 }
 
-#[test]
-fn rejected_before_the_limiter_consumes_nothing() {
-    let gw = Gateway::start();
+fn rejected_before_the_limiter_consumes_nothing(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "pro");
     gw.put_account("acme", "pro", "inactive");
     for _ in 0..20 {
@@ -169,3 +161,14 @@ fn rejected_before_the_limiter_consumes_nothing() {
         .unwrap();
     assert_eq!(v["usage"]["requests"], 1);
 }
+
+crate::on_both_stores!(
+    concurrent_burst_of_16_lets_exactly_10_through,
+    the_11th_request_in_the_same_instant_is_429_with_retry_after,
+    steady_10_per_second_for_3_seconds_never_sees_429,
+    offered_20_per_second_gets_10_per_second_through,
+    keys_have_separate_buckets,
+    monthly_quota_is_exact_and_retry_after_points_at_the_next_period,
+    rate_limited_requests_do_not_count_toward_the_quota,
+    rejected_before_the_limiter_consumes_nothing,
+);

@@ -7,5 +7,6 @@ mod console;
 mod lifecycle;
 mod limits;
 mod public_api;
+mod redis_server;
 mod support;
 mod upstreams;

@@ -4,9 +4,8 @@ use crate::support::*;
 
 const UNKNOWN: &str = "msgf_live_0000000000000000000000000000000000000000000000000000000000000000";
 
-#[test]
-fn missing_key_says_where_to_send_it() {
-    let gw = Gateway::start();
+fn missing_key_says_where_to_send_it(b: Backend) {
+    let gw = Gateway::on(b);
     let r = gw.get("/api/v1/messages/send", &[]);
     assert_error(
         &r,
@@ -17,9 +16,8 @@ fn missing_key_says_where_to_send_it() {
     assert!(r.header("x-request-id").is_some());
 }
 
-#[test]
-fn bearer_token_on_the_public_api_is_explained() {
-    let gw = Gateway::start();
+fn bearer_token_on_the_public_api_is_explained(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "pro");
     let auth = format!("Bearer {key}");
     let r = gw.get("/api/v1/messages/send", &[("authorization", &auth)]);
@@ -31,9 +29,8 @@ fn bearer_token_on_the_public_api_is_explained() {
     );
 }
 
-#[test]
-fn malformed_unknown_duplicate_keys_are_401() {
-    let gw = Gateway::start();
+fn malformed_unknown_duplicate_keys_are_401(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "pro");
     let upper = format!("msgf_live_{}", key["msgf_live_".len()..].to_uppercase());
     let short = &key[..key.len() - 1];
@@ -54,9 +51,8 @@ fn malformed_unknown_duplicate_keys_are_401() {
     assert_error(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
 }
 
-#[test]
-fn authorized_requests_carry_identity_and_never_the_key() {
-    let gw = Gateway::start();
+fn authorized_requests_carry_identity_and_never_the_key(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, key_id) = gw.account_with_key("acme", "pro");
     let r = gw.send(
         "POST",
@@ -89,9 +85,8 @@ fn authorized_requests_carry_identity_and_never_the_key() {
     assert!(!r.text().contains(&key));
 }
 
-#[test]
-fn insane_request_ids_are_replaced() {
-    let gw = Gateway::start();
+fn insane_request_ids_are_replaced(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "pro");
     let r = gw.get(
         "/api/v1/x",
@@ -104,9 +99,8 @@ fn insane_request_ids_are_replaced() {
     assert_eq!(r.header("x-request-id"), Some(id.as_str()));
 }
 
-#[test]
-fn rate_limit_headers_word_for_word() {
-    let gw = Gateway::start();
+fn rate_limit_headers_word_for_word(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "starter");
     let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
     echoed(&r);
@@ -121,9 +115,8 @@ fn rate_limit_headers_word_for_word() {
     assert_eq!(r.header("x-ratelimit-reset"), Some("1"));
 }
 
-#[test]
-fn inactive_subscription_is_403_before_any_limit() {
-    let gw = Gateway::start();
+fn inactive_subscription_is_403_before_any_limit(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "pro");
     gw.put_account("acme", "pro", "inactive");
     let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
@@ -142,9 +135,8 @@ fn inactive_subscription_is_403_before_any_limit() {
     echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
 }
 
-#[test]
-fn paths_are_normalised_before_routing_and_forwarding() {
-    let gw = Gateway::start();
+fn paths_are_normalised_before_routing_and_forwarding(b: Backend) {
+    let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "pro");
     let seen = echoed(&gw.get("/api/v1//messages/./%73end?to=1", &[("x-api-key", &key)]));
     assert_eq!(seen["uri"], "/api/v1/messages/send?to=1");
@@ -162,9 +154,20 @@ fn paths_are_normalised_before_routing_and_forwarding() {
     assert_error(&r, 400, "BAD_REQUEST", "Malformed request path");
 }
 
-#[test]
-fn unknown_paths_are_404_json() {
-    let gw = Gateway::start();
+fn unknown_paths_are_404_json(b: Backend) {
+    let gw = Gateway::on(b);
     let r = gw.get("/internal/metrics", &[]);
     assert_error(&r, 404, "NOT_FOUND", "No route matches this request");
 }
+
+crate::on_both_stores!(
+    missing_key_says_where_to_send_it,
+    bearer_token_on_the_public_api_is_explained,
+    malformed_unknown_duplicate_keys_are_401,
+    authorized_requests_carry_identity_and_never_the_key,
+    insane_request_ids_are_replaced,
+    rate_limit_headers_word_for_word,
+    inactive_subscription_is_403_before_any_limit,
+    paths_are_normalised_before_routing_and_forwarding,
+    unknown_paths_are_404_json,
+);

@@ -48,9 +48,33 @@ max_keys = 2
 monthly_requests = 5
 "#;
 
+/// Which store a gateway runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+    Redis,
+}
+
+/// Runs each named `fn(Backend)` as a test on both stores, so that they cannot drift.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $( #[test] fn $name() { super::$name($crate::support::Backend::Embedded) } )*
+        }
+        mod redis {
+            $( #[test] fn $name() { super::$name($crate::support::Backend::Redis) } )*
+        }
+    };
+}
+
 /// How a test gateway differs from the default.
 #[derive(Clone)]
 pub struct Setup {
+    /// Redis URL: the gateway runs on the Redis store.
+    pub redis_url: Option<String>,
+    /// A clock shared with other gateways (multi-node tests).
+    pub clock: Option<Arc<ManualClock>>,
     /// Extra TOML for [[routes]] / [upstreams.*] appended to the file.
     pub extra: String,
     /// Replaces the default `[upstreams.api]` table.
@@ -61,6 +85,8 @@ pub struct Setup {
 impl Default for Setup {
     fn default() -> Self {
         Self {
+            redis_url: None,
+            clock: None,
             extra: String::new(),
             api_upstream: None,
             plans: PLANS.into(),
@@ -75,6 +101,8 @@ pub struct Gateway {
     pub admin: SocketAddr,
     pub echo: SocketAddr,
     pub running: Option<Running>,
+    /// The Redis this gateway started for itself (Backend::Redis).
+    pub redis: Option<crate::redis_server::RedisServer>,
     setup: Setup,
 }
 
@@ -105,6 +133,7 @@ token_env = "TEST_ADMIN_TOKEN"
 
 [store]
 data_file = "data/store.json"
+{redis}
 
 [policies]
 dir = "policies"
@@ -143,7 +172,12 @@ auth = "jwt"
 upstream = "console"
 {extra}
 "#,
-        extra = s.extra
+        extra = s.extra,
+        redis = s
+            .redis_url
+            .as_ref()
+            .map(|u| format!("redis_url = \"{u}\"\ntimeout = \"200ms\""))
+            .unwrap_or_default(),
     );
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).expect("config");
@@ -163,11 +197,31 @@ impl Gateway {
         Self::start_with(Setup::default())
     }
 
+    /// A gateway on `backend`; for Redis, with a redis-server of its own.
+    pub fn on(backend: Backend) -> Self {
+        match backend {
+            Backend::Embedded => Self::start(),
+            Backend::Redis => {
+                let redis = crate::redis_server::RedisServer::start();
+                let mut gw = Self::start_with(Setup {
+                    redis_url: Some(redis.url()),
+                    ..Setup::default()
+                });
+                gw.redis = Some(redis);
+                gw
+            }
+        }
+    }
+
     pub fn start_with(setup: Setup) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut gw = Gateway {
             dir,
-            clock: Arc::new(ManualClock::at_unix(T0)),
+            clock: setup
+                .clock
+                .clone()
+                .unwrap_or_else(|| Arc::new(ManualClock::at_unix(T0))),
+            redis: None,
             proxy: free_addr(),
             admin: free_addr(),
             echo: free_addr(),

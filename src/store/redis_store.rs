@@ -1,0 +1,559 @@
+//! The Redis store: any number of gateway nodes share keys, accounts, limits and quotas through
+//! one Redis (or Redis Cluster). No server-side scripting: single commands and MULTI/EXEC only.
+//!
+//! Key patterns. Every key of one account carries the hash tag `{a:<account id>}`, so that the
+//! transactions below touch one Redis Cluster slot. Account ids are `[A-Za-z0-9._:-]`, never braces.
+//!
+//! | key                              | type   | holds                                          | TTL |
+//! |----------------------------------|--------|------------------------------------------------|-----|
+//! | `mf:{a:<acct>}`                  | STRING | account JSON                                   | none |
+//! | `mf:{a:<acct>}:keys`             | HASH   | key id -> key record JSON (SHA-256, no secret)  | none |
+//! | `mf:{a:<acct>}:active`           | SET    | ids of active keys: the plan cap counts these   | none |
+//! | `mf:{a:<acct>}:used`             | HASH   | key id -> last use, Unix ms                     | none |
+//! | `mf:{a:<acct>}:tat:<key id>`     | ZSET   | member `t`, score = GCRA theoretical arrival time (µs) | burst window + 1 s, refreshed per request |
+//! | `mf:{a:<acct>}:q:<period start>` | STRING | requests counted in the quota period            | until 35 days after the period ends |
+//! | `mf:kh:<sha256 hex>`             | STRING | key record JSON, for lookup by hash             | none |
+//! | channel `mf:invalidate`          | pub/sub| `k <hash>`, `a <acct>`: drop from local caches   | - |
+//!
+//! One authorized request costs one round trip: `MULTI; ZADD tat GT now t; ZINCRBY tat T t;
+//! PEXPIRE tat; INCR q; EXPIREAT q; HSET used; EXEC`. `ZADD GT` then `ZINCRBY` computes GCRA's
+//! `max(tat, now) + T` atomically; a rejection (rate or quota) is compensated with
+//! `ZINCRBY -T` and `DECR`, so it consumes nothing. Between a rejected increment and its
+//! compensation another request can only see *more* usage, never less: the limits may briefly
+//! refuse early, never admit extra.
+
+use super::breaker::Breaker;
+use super::{
+    Account, Admission, AdmitRequest, CreateKeyError, Invalidation, InvalidationSink, KeyRecord,
+    Store, StoreError,
+};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Invalidation channel.
+pub const CHANNEL: &str = "mf:invalidate";
+
+/// How to reach Redis and how long to wait for it.
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// `redis://[user:pass@]host:port[/db]`, or `redis+cluster://host:port,host:port,...`.
+    pub url: String,
+    /// Deadline of one store call on the request path.
+    pub timeout: Duration,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long the open breaker fails fast before probing again.
+    pub breaker_cooldown: Duration,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Seed URLs of a `redis+cluster://` URL, or `None` for a single-node URL.
+pub fn cluster_seeds(url: &str) -> Option<Vec<String>> {
+    let rest = url.strip_prefix("redis+cluster://")?;
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    Some(
+        hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("redis://{auth}{h}"))
+            .collect(),
+    )
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    async fn pipe<T: FromRedisValue>(&mut self, p: &Pipeline) -> RedisResult<T> {
+        match self {
+            Conn::Single(c) => p.query_async(c).await,
+            Conn::Cluster(c) => p.query_async(c).await,
+        }
+    }
+
+    async fn cmd<T: FromRedisValue>(&mut self, cmd: &Cmd) -> RedisResult<T> {
+        match self {
+            Conn::Single(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+}
+
+fn account_key(a: &str) -> String {
+    format!("mf:{{a:{a}}}")
+}
+fn keys_key(a: &str) -> String {
+    format!("mf:{{a:{a}}}:keys")
+}
+fn active_key(a: &str) -> String {
+    format!("mf:{{a:{a}}}:active")
+}
+fn used_key(a: &str) -> String {
+    format!("mf:{{a:{a}}}:used")
+}
+fn tat_key(a: &str, key_id: &str) -> String {
+    format!("mf:{{a:{a}}}:tat:{key_id}")
+}
+fn quota_key(a: &str, period: &str) -> String {
+    format!("mf:{{a:{a}}}:q:{period}")
+}
+fn hash_key(hash: &str) -> String {
+    format!("mf:kh:{hash}")
+}
+
+/// Errors that say Redis is unreachable (as opposed to a bad reply): they trip the breaker.
+fn is_outage(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Unavailable(format!("corrupt record: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Persist(e.to_string()))
+}
+
+/// Shared Redis state for one gateway process.
+pub struct RedisStore {
+    /// Runs the connections' I/O and the invalidation subscriber; shut down in the background on drop.
+    runtime: Option<tokio::runtime::Runtime>,
+    conn: Conn,
+    /// Where the subscriber connects (the seeds, for a cluster).
+    pubsub_clients: Vec<redis::Client>,
+    timeout: Duration,
+    breaker: Arc<Breaker>,
+}
+
+impl RedisStore {
+    /// Connects (bounded by a few seconds); an unreachable Redis at start is an error.
+    pub fn connect(s: &RedisSettings) -> Result<Self, StoreError> {
+        let fail = |e: &dyn std::fmt::Display| StoreError::Unavailable(e.to_string());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("msgflash-redis")
+            .enable_all()
+            .build()
+            .map_err(|e| fail(&e))?;
+        let connect_timeout = Duration::from_secs(3);
+        let (conn, pubsub_clients) = match cluster_seeds(&s.url) {
+            Some(seeds) => {
+                let client = redis::cluster::ClusterClient::builder(seeds.clone())
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(s.timeout.max(Duration::from_millis(10)))
+                    .retries(1)
+                    .build()
+                    .map_err(|e| fail(&e))?;
+                let conn = runtime
+                    .block_on(async {
+                        tokio::time::timeout(connect_timeout, client.get_async_connection()).await
+                    })
+                    .map_err(|_| fail(&"timed out connecting to the Redis cluster"))?
+                    .map_err(|e| fail(&e))?;
+                let pubsub = seeds
+                    .iter()
+                    .map(|u| redis::Client::open(u.as_str()))
+                    .collect::<RedisResult<Vec<_>>>()
+                    .map_err(|e| fail(&e))?;
+                (Conn::Cluster(conn), pubsub)
+            }
+            None => {
+                let client = redis::Client::open(s.url.as_str()).map_err(|e| fail(&e))?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(connect_timeout))
+                    .set_response_timeout(Some(s.timeout.max(Duration::from_millis(10))))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                let conn = runtime
+                    .block_on(async {
+                        tokio::time::timeout(
+                            connect_timeout,
+                            client.get_connection_manager_with_config(config),
+                        )
+                        .await
+                    })
+                    .map_err(|_| fail(&"timed out connecting to Redis"))?
+                    .map_err(|e| fail(&e))?;
+                (Conn::Single(conn), vec![client])
+            }
+        };
+        Ok(Self {
+            runtime: Some(runtime),
+            conn,
+            pubsub_clients,
+            timeout: s.timeout,
+            breaker: Arc::new(Breaker::new(
+                s.breaker_threshold,
+                u64::try_from(s.breaker_cooldown.as_nanos()).unwrap_or(u64::MAX),
+            )),
+        })
+    }
+
+    /// Runs one store call under the deadline and the circuit breaker.
+    async fn guarded<T>(
+        &self,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        if !self.breaker.allows() {
+            return Err(StoreError::Unavailable("circuit open".into()));
+        }
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => {
+                self.breaker.success();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                if is_outage(&e) {
+                    self.breaker.failure();
+                }
+                Err(StoreError::Unavailable(e.to_string()))
+            }
+            Err(_) => {
+                self.breaker.failure();
+                Err(StoreError::Unavailable("timed out".into()))
+            }
+        }
+    }
+
+    async fn pipe<T: FromRedisValue>(&self, p: &Pipeline) -> Result<T, StoreError> {
+        let mut c = self.conn.clone();
+        self.guarded(async move { c.pipe(p).await }).await
+    }
+
+    async fn cmd<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        let mut c = self.conn.clone();
+        self.guarded(async move { c.cmd(cmd).await }).await
+    }
+
+    async fn publish(&self, message: String) {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(CHANNEL).arg(message);
+        if let Err(e) = self.cmd::<i64>(&cmd).await {
+            tracing::warn!(error = %e, "could not publish a cache invalidation");
+        }
+    }
+
+    async fn compensate(&self, tat: &str, quota: &str, t_us: u64) {
+        let mut p = redis::pipe();
+        p.atomic()
+            .cmd("ZINCRBY")
+            .arg(tat)
+            .arg(-(t_us as f64))
+            .arg("t")
+            .ignore()
+            .cmd("DECR")
+            .arg(quota)
+            .ignore();
+        if let Err(e) = self.pipe::<()>(&p).await {
+            tracing::warn!(error = %e, "could not give back a rejected request's usage");
+        }
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Listens on the invalidation channel; after every (re)subscription the local caches are
+/// flushed, since anything published while away was missed.
+async fn subscribe(clients: Vec<redis::Client>, sink: InvalidationSink) {
+    let mut attempt = 0usize;
+    loop {
+        let client = &clients[attempt % clients.len()];
+        attempt = attempt.wrapping_add(1);
+        let connected =
+            tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub()).await;
+        if let Ok(Ok(mut pubsub)) = connected {
+            if pubsub.subscribe(CHANNEL).await.is_ok() {
+                sink(Invalidation::All);
+                let mut messages = pubsub.on_message();
+                while let Some(msg) = messages.next().await {
+                    let Ok(payload) = msg.get_payload::<String>() else {
+                        continue;
+                    };
+                    match payload.split_once(' ') {
+                        Some(("k", hash)) => sink(Invalidation::Key(hash.to_owned())),
+                        Some(("a", account)) => sink(Invalidation::Account(account.to_owned())),
+                        _ => sink(Invalidation::All),
+                    }
+                }
+                tracing::warn!("invalidation channel lost; resubscribing");
+                sink(Invalidation::All);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn key_by_hash(&self, hash_hex: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let json: Option<String> = self.cmd(redis::cmd("GET").arg(hash_key(hash_hex))).await?;
+        json.as_deref().map(decode).transpose()
+    }
+
+    async fn account(&self, id: &str) -> Result<Option<Account>, StoreError> {
+        let json: Option<String> = self.cmd(redis::cmd("GET").arg(account_key(id))).await?;
+        json.as_deref().map(decode).transpose()
+    }
+
+    async fn put_account(&self, account: Account) -> Result<Account, StoreError> {
+        let json = encode(&account)?;
+        self.cmd::<()>(redis::cmd("SET").arg(account_key(&account.id)).arg(json))
+            .await?;
+        self.publish(format!("a {}", account.id)).await;
+        Ok(account)
+    }
+
+    async fn create_key(
+        &self,
+        record: KeyRecord,
+        max_keys: u32,
+    ) -> Result<KeyRecord, CreateKeyError> {
+        let a = record.account_id.as_str();
+        let exists: bool = self.cmd(redis::cmd("EXISTS").arg(account_key(a))).await?;
+        if !exists {
+            return Err(CreateKeyError::UnknownAccount);
+        }
+        // The cap: add, then count, atomically; whoever counts past the cap takes its id back.
+        let mut p = redis::pipe();
+        p.atomic()
+            .cmd("SADD")
+            .arg(active_key(a))
+            .arg(&record.id)
+            .ignore()
+            .cmd("SCARD")
+            .arg(active_key(a));
+        let (count,): (u64,) = self.pipe(&p).await?;
+        if count > u64::from(max_keys) {
+            self.cmd::<()>(redis::cmd("SREM").arg(active_key(a)).arg(&record.id))
+                .await?;
+            return Err(CreateKeyError::LimitReached { max: max_keys });
+        }
+        let json = encode(&record)?;
+        self.cmd::<()>(
+            redis::cmd("HSET")
+                .arg(keys_key(a))
+                .arg(&record.id)
+                .arg(&json),
+        )
+        .await?;
+        self.cmd::<()>(redis::cmd("SET").arg(hash_key(&record.hash)).arg(&json))
+            .await?;
+        self.publish(format!("k {}", record.hash)).await;
+        Ok(record)
+    }
+
+    async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut p = redis::pipe();
+        p.cmd("HGETALL")
+            .arg(keys_key(account_id))
+            .cmd("HGETALL")
+            .arg(used_key(account_id))
+            .cmd("SMEMBERS")
+            .arg(active_key(account_id));
+        let (records, used, active): (HashMap<String, String>, HashMap<String, u64>, Vec<String>) =
+            self.pipe(&p).await?;
+        let mut keys = records
+            .values()
+            .map(|json| decode::<KeyRecord>(json))
+            .collect::<Result<Vec<_>, _>>()?;
+        for key in &mut keys {
+            if let Some(ms) = used.get(&key.id) {
+                key.last_used_at_ms = Some(*ms);
+            }
+        }
+        // An id counted against the cap without an active record (a create that died halfway).
+        for id in active {
+            if !keys.iter().any(|k| k.id == id && k.is_active()) {
+                self.cmd::<()>(redis::cmd("SREM").arg(active_key(account_id)).arg(&id))
+                    .await?;
+            }
+        }
+        keys.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        Ok(keys)
+    }
+
+    async fn revoke_key(
+        &self,
+        account_id: &str,
+        key_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let json: Option<String> = self
+            .cmd(redis::cmd("HGET").arg(keys_key(account_id)).arg(key_id))
+            .await?;
+        let Some(json) = json else { return Ok(None) };
+        let mut record: KeyRecord = decode(&json)?;
+        record.revoked_at_ms = record.revoked_at_ms.or(Some(now_ms));
+        let json = encode(&record)?;
+        // The lookup record first: from here on no node that asks Redis accepts the key.
+        self.cmd::<()>(redis::cmd("SET").arg(hash_key(&record.hash)).arg(&json))
+            .await?;
+        let mut p = redis::pipe();
+        p.atomic()
+            .cmd("HSET")
+            .arg(keys_key(account_id))
+            .arg(key_id)
+            .arg(&json)
+            .ignore()
+            .cmd("SREM")
+            .arg(active_key(account_id))
+            .arg(key_id)
+            .ignore()
+            .cmd("DEL")
+            .arg(tat_key(account_id, key_id))
+            .ignore();
+        self.pipe::<()>(&p).await?;
+        self.publish(format!("k {}", record.hash)).await;
+        let used: Option<u64> = self
+            .cmd(redis::cmd("HGET").arg(used_key(account_id)).arg(key_id))
+            .await?;
+        record.last_used_at_ms = used.or(record.last_used_at_ms);
+        Ok(Some(record))
+    }
+
+    async fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, StoreError> {
+        let t_us = (1_000_000 / u64::from(req.bucket.rate_per_second.max(1))).max(1);
+        let burst_us = u64::from(req.bucket.burst.max(1)) * t_us;
+        let now_us = req.now_ns / 1000;
+        let tat = tat_key(req.account_id, req.key_id);
+        let quota = quota_key(req.account_id, req.period_id);
+        let mut p = redis::pipe();
+        p.atomic()
+            .cmd("ZADD")
+            .arg(&tat)
+            .arg("GT")
+            .arg(now_us)
+            .arg("t")
+            .ignore()
+            .cmd("ZINCRBY")
+            .arg(&tat)
+            .arg(t_us)
+            .arg("t")
+            .cmd("PEXPIRE")
+            .arg(&tat)
+            .arg(burst_us / 1000 + 1000)
+            .ignore()
+            .cmd("INCR")
+            .arg(&quota)
+            .cmd("EXPIREAT")
+            .arg(&quota)
+            .arg(req.period_end_unix + 35 * 86_400)
+            .ignore()
+            .cmd("HSET")
+            .arg(used_key(req.account_id))
+            .arg(req.key_id)
+            .arg(req.now_ns / 1_000_000)
+            .ignore();
+        let (new_tat, used): (f64, u64) = self.pipe(&p).await?;
+        let new_tat = new_tat as u64;
+        let prior_tat = new_tat.saturating_sub(t_us);
+        let allow_at = new_tat.saturating_sub(burst_us);
+        if now_us < allow_at {
+            self.compensate(&tat, &quota, t_us).await;
+            return Ok(Admission::RateLimited {
+                retry_after_ns: (allow_at - now_us) * 1000,
+                reset_after_ns: prior_tat.saturating_sub(now_us) * 1000,
+            });
+        }
+        if used > req.monthly_quota {
+            self.compensate(&tat, &quota, t_us).await;
+            let remaining = ((now_us + burst_us).saturating_sub(prior_tat.max(now_us)) / t_us)
+                .min(u64::from(req.bucket.burst));
+            return Ok(Admission::QuotaExceeded {
+                remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+                reset_after_ns: prior_tat.saturating_sub(now_us) * 1000,
+                used: used - 1,
+            });
+        }
+        let remaining =
+            ((now_us - allow_at) / t_us).min(u64::from(req.bucket.burst.saturating_sub(1)));
+        Ok(Admission::Allowed {
+            remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+            reset_after_ns: (new_tat - now_us) * 1000,
+            used,
+        })
+    }
+
+    async fn usage(&self, account_id: &str, period_id: &str) -> Result<u64, StoreError> {
+        let n: Option<u64> = self
+            .cmd(redis::cmd("GET").arg(quota_key(account_id, period_id)))
+            .await?;
+        Ok(n.unwrap_or(0))
+    }
+
+    async fn ready(&self) -> bool {
+        self.cmd::<String>(&redis::cmd("PING")).await.is_ok()
+    }
+
+    fn on_invalidation(&self, sink: InvalidationSink) {
+        if let Some(rt) = &self.runtime {
+            rt.spawn(subscribe(self.pubsub_clients.clone(), sink));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_become_seed_lists() {
+        assert_eq!(cluster_seeds("redis://127.0.0.1:6379"), None);
+        assert_eq!(
+            cluster_seeds("redis+cluster://10.0.0.1:7000, 10.0.0.2:7001"),
+            Some(vec![
+                "redis://10.0.0.1:7000".into(),
+                "redis://10.0.0.2:7001".into()
+            ])
+        );
+        assert_eq!(
+            cluster_seeds("redis+cluster://:secret@h1:7000,h2:7000"),
+            Some(vec![
+                "redis://:secret@h1:7000".into(),
+                "redis://:secret@h2:7000".into()
+            ])
+        );
+    }
+
+    #[test]
+    fn keys_of_one_account_share_a_hash_tag() {
+        for k in [
+            account_key("acme"),
+            keys_key("acme"),
+            active_key("acme"),
+            used_key("acme"),
+            tat_key("acme", "key_1"),
+            quota_key("acme", "2026-11-01"),
+        ] {
+            assert!(k.starts_with("mf:{a:acme}"), "{k}");
+        }
+    }
+}
