@@ -6,6 +6,7 @@ mod cli;
 mod console;
 mod lifecycle;
 mod limits;
+mod multinode;
 mod public_api;
 mod redis_server;
 mod support;

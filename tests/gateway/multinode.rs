@@ -1,0 +1,270 @@
+//! Several gateway nodes on one Redis behave as one: limits, quotas, caps, revocation,
+//! round trips per request, and a Redis outage.
+
+use crate::redis_server::RedisServer;
+use crate::support::*;
+use msgflash_gateway::client::request;
+use msgflash_gateway::clock::ManualClock;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+/// `n` gateways on one Redis, sharing one manual clock.
+fn nodes(n: usize, redis: &RedisServer) -> Vec<Gateway> {
+    let clock = Arc::new(ManualClock::at_unix(T0));
+    (0..n)
+        .map(|_| {
+            Gateway::start_with(Setup {
+                redis_url: Some(redis.url()),
+                clock: Some(clock.clone()),
+                ..Setup::default()
+            })
+        })
+        .collect()
+}
+
+/// Fires `per_node` requests at each node at once; returns the statuses.
+fn burst_across(nodes: &[Gateway], key: &str, per_node: usize) -> Vec<u16> {
+    let total = nodes.len() * per_node;
+    let barrier = Arc::new(Barrier::new(total));
+    let mut handles = Vec::new();
+    for gw in nodes {
+        for _ in 0..per_node {
+            let (barrier, key) = (barrier.clone(), key.to_owned());
+            let mut conn = gw.connect();
+            handles.push(std::thread::spawn(move || {
+                barrier.wait();
+                conn.send("GET", "/api/v1/messages", &[("x-api-key", &key)], None)
+                    .expect("request")
+                    .status
+            }));
+        }
+    }
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect()
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
+/// Polls `f` until it holds (bounded); returns how long it took.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never: {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn a_burst_of_20_across_two_nodes_lets_exactly_10_through() {
+    let redis = RedisServer::start();
+    let n = nodes(2, &redis);
+    let (key, _) = n[0].account_with_key("acme", "pro");
+    let statuses = burst_across(&n, &key, 10);
+    assert_eq!(
+        (count(&statuses, 200), count(&statuses, 429)),
+        (10, 10),
+        "{statuses:?}"
+    );
+    // 100 ms later, one more token for the two nodes together.
+    n[0].clock.advance_ms(100);
+    let statuses = burst_across(&n, &key, 2);
+    assert_eq!(count(&statuses, 200), 1, "{statuses:?}");
+}
+
+#[test]
+fn the_quota_is_never_exceeded_across_three_nodes() {
+    let redis = RedisServer::start();
+    let n = nodes(3, &redis);
+    let (key, _) = n[0].account_with_key("small", "tiny"); // 5 a month
+    let statuses = burst_across(&n, &key, 3);
+    assert_eq!(
+        (count(&statuses, 200), count(&statuses, 429)),
+        (5, 4),
+        "{statuses:?}"
+    );
+    let usage = n[2]
+        .admin_call("GET", "/admin/v1/accounts/small", None)
+        .json()
+        .unwrap();
+    assert_eq!(usage["usage"]["requests"], 5);
+    // Rejections consumed no tokens: 5 of the bucket's 10 are still there on every node.
+    let r = n[1].get("/api/v1/x", &[("x-api-key", &key)]);
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=5;t=1"));
+}
+
+#[test]
+fn concurrent_creates_on_two_nodes_respect_the_cap() {
+    let redis = RedisServer::start();
+    let n: Vec<Arc<Gateway>> = nodes(2, &redis).into_iter().map(Arc::new).collect();
+    n[0].put_account("acme", "starter", "active"); // cap 3
+    let barrier = Arc::new(Barrier::new(12));
+    let handles: Vec<_> = (0..12)
+        .map(|i| {
+            let (gw, barrier) = (n[i % 2].clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let body = serde_json::json!({"name": format!("k{i}")});
+                gw.admin_call("POST", "/admin/v1/accounts/acme/keys", Some(body))
+                    .status
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        (count(&statuses, 201), count(&statuses, 403)),
+        (3, 9),
+        "{statuses:?}"
+    );
+    let shown = n[1]
+        .admin_call("GET", "/admin/v1/accounts/acme", None)
+        .json()
+        .unwrap();
+    assert_eq!(shown["keys"], serde_json::json!({"active": 3, "max": 3}));
+}
+
+#[test]
+fn revocation_reaches_every_node_at_once() {
+    let redis = RedisServer::start();
+    let n = nodes(2, &redis);
+    let (key, key_id) = n[0].account_with_key("acme", "pro");
+    let mut timings = Vec::new();
+    for round in 0..5 {
+        let (key, key_id) = if round == 0 {
+            (key.clone(), key_id.clone())
+        } else {
+            n[0].create_key("acme")
+        };
+        // Both nodes have the key cached.
+        for gw in &n {
+            assert_eq!(gw.get("/api/v1/x", &[("x-api-key", &key)]).status, 200);
+        }
+        let r = n[0].admin_call(
+            "DELETE",
+            &format!("/admin/v1/accounts/acme/keys/{key_id}"),
+            None,
+        );
+        assert_eq!(r.status, 200);
+        let took = eventually("node B rejects the revoked key", || {
+            n[1].get("/api/v1/x", &[("x-api-key", &key)]).status == 401
+        });
+        assert_eq!(n[0].get("/api/v1/x", &[("x-api-key", &key)]).status, 401);
+        timings.push(took);
+        n[0].clock.advance_ms(1000);
+    }
+    timings.sort();
+    println!(
+        "revocation to rejection on the other node: median {:?}, max {:?}",
+        timings[2], timings[4]
+    );
+}
+
+#[test]
+fn account_changes_reach_every_node() {
+    let redis = RedisServer::start();
+    let n = nodes(2, &redis);
+    let (key, _) = n[0].account_with_key("acme", "pro");
+    assert_eq!(n[1].get("/api/v1/x", &[("x-api-key", &key)]).status, 200);
+    n[0].put_account("acme", "pro", "inactive");
+    eventually("node B sees the inactive subscription", || {
+        n[1].get("/api/v1/x", &[("x-api-key", &key)]).status == 403
+    });
+}
+
+#[test]
+fn one_round_trip_per_authorized_request_and_none_for_a_known_bogus_key() {
+    let redis = RedisServer::start();
+    let n = nodes(1, &redis);
+    let gw = &n[0];
+    let (key, _) = gw.account_with_key("acme", "pro");
+    assert_eq!(gw.get("/api/v1/x", &[("x-api-key", &key)]).status, 200); // loads key + account
+    let before = redis.command_calls();
+    for _ in 0..8 {
+        assert_eq!(gw.get("/api/v1/x", &[("x-api-key", &key)]).status, 200);
+        gw.clock.advance_ms(100);
+    }
+    let after = redis.command_calls();
+    let delta = |c: &str| after.get(c).copied().unwrap_or(0) - before.get(c).copied().unwrap_or(0);
+    let total: u64 = after.iter().map(|(c, _)| delta(c)).sum::<u64>() - delta("info");
+    println!(
+        "8 authorized requests: {} commands, {} MULTI/EXEC round trips",
+        total,
+        delta("exec")
+    );
+    assert_eq!(delta("exec"), 8);
+    assert_eq!(delta("multi"), 8);
+    assert_eq!(delta("get"), 0, "an authorized request re-read a record");
+    // Every command of those requests was inside the 8 transactions (6 each, plus MULTI/EXEC).
+    assert_eq!(total, 8 * 8);
+
+    let bogus = "msgf_live_1111111111111111111111111111111111111111111111111111111111111111";
+    let before = redis.command_calls();
+    for _ in 0..10 {
+        assert_eq!(gw.get("/api/v1/x", &[("x-api-key", bogus)]).status, 401);
+    }
+    let after = redis.command_calls();
+    let total: u64 = after
+        .iter()
+        .map(|(c, n)| n - before.get(c).copied().unwrap_or(0))
+        .sum::<u64>()
+        - 1;
+    assert_eq!(
+        total, 1,
+        "only the first lookup of a bogus key may reach Redis"
+    );
+}
+
+#[test]
+fn a_redis_outage_never_yields_401_or_500_and_recovery_keeps_counters() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let n = nodes(1, &redis);
+    let gw = &n[0];
+    let (cached, _) = gw.account_with_key("acme", "pro");
+    let (uncached, _) = gw.create_key("acme");
+    for _ in 0..3 {
+        assert_eq!(gw.get("/api/v1/x", &[("x-api-key", &cached)]).status, 200);
+    }
+    redis.kill();
+    for key in [&cached, &uncached] {
+        for _ in 0..5 {
+            let r = gw.get("/api/v1/x", &[("x-api-key", key)]);
+            assert_error(
+                &r,
+                503,
+                "SERVICE_UNAVAILABLE",
+                "The key store is unavailable. Try again shortly.",
+            );
+            assert_eq!(r.header("retry-after"), Some("1"));
+        }
+    }
+    let ready = request(gw.admin, "GET", "/readyz", &[], None).unwrap();
+    assert_eq!(ready.status, 503);
+    let metrics = request(gw.admin, "GET", "/metrics", &[], None)
+        .unwrap()
+        .text();
+    assert!(metrics.contains("msgflash_store_ready 0\n"), "{metrics}");
+
+    redis.restart();
+    gw.clock.advance_ms(1000);
+    eventually("requests succeed again once Redis is back", || {
+        gw.get("/api/v1/x", &[("x-api-key", &uncached)]).status == 200
+    });
+    assert_eq!(
+        request(gw.admin, "GET", "/readyz", &[], None)
+            .unwrap()
+            .status,
+        200
+    );
+    let usage = gw
+        .admin_call("GET", "/admin/v1/accounts/acme", None)
+        .json()
+        .unwrap();
+    assert_eq!(
+        usage["usage"]["requests"], 4,
+        "the counters survived the outage"
+    );
+}
