@@ -3,6 +3,7 @@
 mod admin;
 mod bad_input;
 mod cli;
+mod cluster;
 mod console;
 mod lifecycle;
 mod limits;

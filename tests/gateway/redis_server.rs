@@ -17,8 +17,12 @@ impl RedisServer {
     }
 
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_at(free_addr(), extra)
+    }
+
+    pub fn start_at(addr: SocketAddr, extra: &[&str]) -> Self {
         let mut server = Self {
-            addr: free_addr(),
+            addr,
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
