@@ -29,7 +29,12 @@ fn health_readiness_and_metrics(b: Backend) {
     gw.get("/nowhere", &[]);
     let (key, _) = gw.account_with_key("acme", "pro");
     gw.get("/api/v1/x", &[("x-api-key", &key)]);
-    let r = request(gw.admin, "GET", "/metrics", &[], None).unwrap();
+    // Metrics are recorded once a response is out, so the client may be a moment ahead.
+    let mut r = request(gw.admin, "GET", "/metrics", &[], None).unwrap();
+    eventually("both requests are counted", || {
+        r = request(gw.admin, "GET", "/metrics", &[], None).unwrap();
+        r.text().contains("msgflash_request_duration_seconds_count 2\n")
+    });
     assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4"));
     let text = r.text();
     assert!(

@@ -6,7 +6,6 @@ use crate::support::*;
 use msgflash_gateway::client::request;
 use msgflash_gateway::clock::ManualClock;
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
 
 /// `n` gateways on one Redis, sharing one manual clock.
 fn nodes(n: usize, redis: &RedisServer) -> Vec<Gateway> {
@@ -47,16 +46,6 @@ fn burst_across(nodes: &[Gateway], key: &str, per_node: usize) -> Vec<u16> {
 
 fn count(statuses: &[u16], status: u16) -> usize {
     statuses.iter().filter(|s| **s == status).count()
-}
-
-/// Polls `f` until it holds (bounded); returns how long it took.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < Duration::from_secs(10), "never: {what}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    start.elapsed()
 }
 
 #[test]

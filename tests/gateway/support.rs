@@ -364,3 +364,14 @@ pub fn echoed(r: &HttpResponse) -> Value {
     );
     r.json().expect("echo json")
 }
+
+/// Polls `f` until it holds (bounded); returns how long it took.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never: {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    start.elapsed()
+}
+
