@@ -22,6 +22,7 @@ pub struct Metrics {
     /// Rejections by error code.
     rejections: DashMap<&'static str, AtomicU64>,
     store_errors: AtomicU64,
+    fail_open: AtomicU64,
 }
 
 impl Metrics {
@@ -34,6 +35,7 @@ impl Metrics {
             latency_sum_us: AtomicU64::new(0),
             rejections: DashMap::new(),
             store_errors: AtomicU64::new(0),
+            fail_open: AtomicU64::new(0),
         }
     }
 
@@ -74,6 +76,11 @@ impl Metrics {
 
     pub fn store_error(&self) {
         self.store_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request forwarded unmetered because the store failed and the route fails open.
+    pub fn fail_open(&self) {
+        self.fail_open.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Prometheus text exposition format 0.0.4.
@@ -141,6 +148,13 @@ impl Metrics {
             out,
             "msgflash_store_errors_total {}",
             self.store_errors.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP msgflash_fail_open_total Requests forwarded unmetered while the store failed.\n");
+        out.push_str("# TYPE msgflash_fail_open_total counter\n");
+        let _ = writeln!(
+            out,
+            "msgflash_fail_open_total {}",
+            self.fail_open.load(Ordering::Relaxed)
         );
         out.push_str("# HELP msgflash_key_cache_entries Keys held by the local cache.\n");
         out.push_str("# TYPE msgflash_key_cache_entries gauge\n");

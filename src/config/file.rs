@@ -210,6 +210,7 @@ pub struct RouteFile {
     pub require_subscription: Option<bool>,
     pub ip_rate_per_second: Option<Spanned<u32>>,
     pub ip_burst: Option<Spanned<u32>>,
+    pub on_store_error: Option<Spanned<String>>,
 }
 
 fn spanned<T>(v: T) -> Spanned<T> {

@@ -133,6 +133,15 @@ pub enum AuthMode {
     Open,
 }
 
+/// What a route does when the store cannot decide the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorMode {
+    /// 503 SERVICE_UNAVAILABLE with Retry-After.
+    FailClosed,
+    /// Forward a known (cached) caller unmetered, counted in metrics.
+    FailOpen,
+}
+
 #[derive(Debug, Clone)]
 pub struct Route {
     pub prefix: String,
@@ -143,6 +152,7 @@ pub struct Route {
     pub require_subscription: bool,
     /// Per-client-IP limit (open routes).
     pub ip_limit: Option<BucketParams>,
+    pub on_store_error: StoreErrorMode,
 }
 
 /// Parses `150ms`, `2s`, `5m`, `1h`.
@@ -529,7 +539,24 @@ fn routes(r: &mut Reporter, raw: &[file::RouteFile], upstreams: &[Upstream]) -> 
                 "per-IP limits apply to open routes only",
             );
         }
+        let on_store_error = match route
+            .on_store_error
+            .as_ref()
+            .map(|m| (m, m.get_ref().as_str()))
+        {
+            None | Some((_, "fail_closed")) => StoreErrorMode::FailClosed,
+            Some((_, "fail_open")) => StoreErrorMode::FailOpen,
+            Some((m, other)) => {
+                r.at(
+                    m.span(),
+                    field("on_store_error"),
+                    format!("unknown mode \"{other}\" (expected \"fail_closed\" or \"fail_open\")"),
+                );
+                StoreErrorMode::FailClosed
+            }
+        };
         out.push(Route {
+            on_store_error,
             prefix,
             auth,
             upstream,

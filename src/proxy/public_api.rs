@@ -3,7 +3,7 @@
 use super::headers::{ceil_secs, RateHeaders};
 use super::{Gateway, Identity};
 use crate::auth::api_key;
-use crate::config::Route;
+use crate::config::{Route, StoreErrorMode};
 use crate::errors::GatewayError;
 use crate::limits::quota;
 use crate::store::{Admission, AdmitRequest, Subscription};
@@ -142,6 +142,19 @@ pub async fn authorize(
         }
         Err(e) => {
             gw.metrics.store_error();
+            if route.on_store_error == StoreErrorMode::FailOpen {
+                // The caller is known (cached); only the counting is missing. Forward unmetered.
+                gw.metrics.fail_open();
+                tracing::warn!(error = %e, "limits unavailable; forwarding unmetered (fail_open)");
+                return Ok((
+                    Identity {
+                        account_id: account.id.clone(),
+                        key_id: Some(principal.key.id.clone()),
+                        user_id: None,
+                    },
+                    rate,
+                ));
+            }
             tracing::error!(error = %e, "rate-limit decision failed");
             Err(GatewayError::store_unavailable().into())
         }

@@ -45,6 +45,7 @@ mod tests {
             forward_api_key: false,
             require_subscription: false,
             ip_limit: None,
+            on_store_error: crate::config::StoreErrorMode::FailClosed,
         }
     }
 

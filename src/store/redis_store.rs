@@ -303,8 +303,9 @@ async fn subscribe(clients: Vec<redis::Client>, sink: InvalidationSink) {
                         _ => sink(Invalidation::All),
                     }
                 }
+                // Keep serving from the caches while away (an outage must not turn cached
+                // callers away); the flush comes with the resubscription.
                 tracing::warn!("invalidation channel lost; resubscribing");
-                sink(Invalidation::All);
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -33,7 +33,8 @@ fn health_readiness_and_metrics(b: Backend) {
     let mut r = request(gw.admin, "GET", "/metrics", &[], None).unwrap();
     eventually("both requests are counted", || {
         r = request(gw.admin, "GET", "/metrics", &[], None).unwrap();
-        r.text().contains("msgflash_request_duration_seconds_count 2\n")
+        r.text()
+            .contains("msgflash_request_duration_seconds_count 2\n")
     });
     assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4"));
     let text = r.text();

@@ -257,3 +257,61 @@ fn a_redis_outage_never_yields_401_or_500_and_recovery_keeps_counters() {
         "the counters survived the outage"
     );
 }
+
+#[test]
+fn fail_open_routes_forward_known_callers_unmetered_during_an_outage() {
+    let mut redis = RedisServer::start();
+    let gw = Gateway::start_with(Setup {
+        redis_url: Some(redis.url()),
+        extra: "[[routes]]\nprefix = \"/api/v1/status/\"\nauth = \"api_key\"\nupstream = \"api\"\non_store_error = \"fail_open\"\n".into(),
+        ..Setup::default()
+    });
+    let (cached, key_id) = gw.account_with_key("acme", "pro");
+    let (uncached, _) = gw.create_key("acme");
+    assert_eq!(
+        gw.get("/api/v1/status/1", &[("x-api-key", &cached)]).status,
+        200
+    );
+    redis.kill();
+    let seen = echoed(&gw.get("/api/v1/status/1", &[("x-api-key", &cached)]));
+    assert_eq!(seen["headers"]["x-account-id"], "acme");
+    assert_eq!(seen["headers"]["x-api-key-id"], key_id.as_str());
+    // A caller the node cannot vouch for is never let through, and fail_closed routes stay closed.
+    let r = gw.get("/api/v1/status/1", &[("x-api-key", &uncached)]);
+    assert_error(
+        &r,
+        503,
+        "SERVICE_UNAVAILABLE",
+        "The key store is unavailable. Try again shortly.",
+    );
+    assert_eq!(
+        gw.get("/api/v1/messages", &[("x-api-key", &cached)]).status,
+        503
+    );
+    let metrics = request(gw.admin, "GET", "/metrics", &[], None)
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains("msgflash_fail_open_total 1\n"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_node_that_lost_its_subscription_flushes_its_cache() {
+    let redis = RedisServer::start();
+    let n = nodes(2, &redis);
+    let (key, key_id) = n[0].account_with_key("acme", "pro");
+    assert_eq!(n[1].get("/api/v1/x", &[("x-api-key", &key)]).status, 200);
+    // Drop every subscriber connection, then revoke while they are away.
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let r = n[0].admin_call(
+        "DELETE",
+        &format!("/admin/v1/accounts/acme/keys/{key_id}"),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    eventually("node B resubscribes, flushes and rejects", || {
+        n[1].get("/api/v1/x", &[("x-api-key", &key)]).status == 401
+    });
+}

@@ -374,4 +374,3 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
     }
     start.elapsed()
 }
-
