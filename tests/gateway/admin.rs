@@ -89,7 +89,7 @@ fn accounts_are_put_and_shown(b: Backend) {
         &r,
         400,
         "BAD_REQUEST",
-        "Unknown plan \"gold\" (known: free, plus, pro, starter, tiny)",
+        "Unknown plan \"gold\" (known: free, plus, pro, slow, starter, tiny)",
     );
     let r = gw.admin_call(
         "PUT",

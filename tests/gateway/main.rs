@@ -8,6 +8,7 @@ mod console;
 mod lifecycle;
 mod limits;
 mod multinode;
+mod processes;
 mod public_api;
 mod redis_server;
 mod support;

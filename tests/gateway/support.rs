@@ -46,6 +46,11 @@ monthly_requests = 5000000
 [plans.tiny]
 max_keys = 2
 monthly_requests = 5
+[plans.slow]
+max_keys = 3
+monthly_requests = 1000
+rate_per_second = 1
+burst = 10
 "#;
 
 /// Which store a gateway runs on.
@@ -106,7 +111,7 @@ pub struct Gateway {
     setup: Setup,
 }
 
-fn write_config(
+pub fn write_config(
     dir: &Path,
     s: &Setup,
     proxy: SocketAddr,
