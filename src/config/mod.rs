@@ -387,6 +387,25 @@ fn addr(r: &mut Reporter, field: &str, v: &Spanned<String>) -> SocketAddr {
     })
 }
 
+/// An upstream address: `IP:port`, or `host:port` resolved once, when the configuration loads.
+fn resolved(r: &mut Reporter, field: &str, v: &Spanned<String>) -> SocketAddr {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = SocketAddr::from_str(v.get_ref()) {
+        return a;
+    }
+    match v.get_ref().to_socket_addrs().map(|mut it| it.next()) {
+        Ok(Some(a)) => a,
+        _ => {
+            r.at(
+                v.span(),
+                field,
+                format!("\"{}\" is neither IP:port nor a resolvable host:port", v.get_ref()),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        }
+    }
+}
+
 fn duration(r: &mut Reporter, field: &str, v: &Spanned<String>) -> Duration {
     parse_duration(v.get_ref()).unwrap_or_else(|| {
         r.at(
@@ -442,7 +461,7 @@ fn upstream(r: &mut Reporter, name: &str, u: &file::UpstreamFile) -> Upstream {
             .addresses
             .get_ref()
             .iter()
-            .map(|a| addr(r, &field("addresses"), a))
+            .map(|a| resolved(r, &field("addresses"), a))
             .collect(),
         connect_timeout: duration(r, &field("connect_timeout"), &u.connect_timeout),
         read_timeout: duration(r, &field("read_timeout"), &u.read_timeout),
