@@ -23,6 +23,8 @@ pub struct Directory {
     keys: BoundedCache<KeyHash, Arc<KeyRecord>>,
     unknown: BoundedCache<KeyHash, ()>,
     accounts: BoundedCache<String, Arc<Account>>,
+    /// key id -> (blocked until, bucket full at), Unix ns: keys the store found over their rate.
+    rate_blocks: BoundedCache<String, (u64, u64)>,
 }
 
 impl Directory {
@@ -39,6 +41,8 @@ impl Directory {
             keys: BoundedCache::new(capacity, ttl_ns),
             unknown: BoundedCache::new(negative_capacity, ttl_ns),
             accounts: BoundedCache::new(capacity, ttl_ns),
+            // An entry is never useful for longer than a bucket takes to refill (seconds).
+            rate_blocks: BoundedCache::new(negative_capacity, 60_000_000_000),
         }
     }
 
@@ -99,6 +103,23 @@ impl Directory {
         self.keys.clear();
         self.unknown.clear();
         self.accounts.clear();
+        self.rate_blocks.clear();
+    }
+
+    /// Remembers that the store refused `key_id` until `until_ns`: nothing can give the key a
+    /// token before then (other nodes only take tokens), so refusing locally is exact.
+    pub fn block_rate(&self, key_id: &str, until_ns: u64, full_at_ns: u64) {
+        self.rate_blocks.insert(
+            key_id.to_owned(),
+            (until_ns, full_at_ns),
+            self.clock.now_ns(),
+        );
+    }
+
+    /// `(retry_after_ns, reset_after_ns)` when `key_id` is still refused at `now_ns`.
+    pub fn rate_blocked(&self, key_id: &str, now_ns: u64) -> Option<(u64, u64)> {
+        let (until, full_at) = self.rate_blocks.get(&key_id.to_owned(), now_ns)?;
+        (now_ns < until).then(|| (until - now_ns, full_at.saturating_sub(now_ns)))
     }
 
     /// Applies a change announced by another node.

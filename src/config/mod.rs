@@ -399,7 +399,10 @@ fn resolved(r: &mut Reporter, field: &str, v: &Spanned<String>) -> SocketAddr {
             r.at(
                 v.span(),
                 field,
-                format!("\"{}\" is neither IP:port nor a resolvable host:port", v.get_ref()),
+                format!(
+                    "\"{}\" is neither IP:port nor a resolvable host:port",
+                    v.get_ref()
+                ),
             );
             SocketAddr::from(([127, 0, 0, 1], 0))
         }

@@ -89,7 +89,17 @@ pub async fn authorize(
         });
     }
     // 5. scopes and instances: enforced by route policies (lua-free-policies), not yet declared.
-    // 6 and 7. rate limit, then quota, in one store decision
+    // 6 and 7. rate limit, then quota, in one store decision; a key the store just refused
+    // is refused here until its retry time, at no store cost.
+    if let Some((retry_after_ns, reset_after_ns)) =
+        gw.directory.rate_blocked(&principal.key.id, now_ns)
+    {
+        rate.live = Some((0, ceil_secs(reset_after_ns)));
+        return Err(Refusal {
+            error: GatewayError::rate_limited(ceil_secs(retry_after_ns)),
+            rate: Some(rate),
+        });
+    }
     let period_id = period.id();
     let decision = gw
         .store
@@ -123,6 +133,14 @@ pub async fn authorize(
             retry_after_ns,
             reset_after_ns,
         }) => {
+            // Concurrent refusals not yet given back can inflate the store's retry time, and a
+            // truly refused key gets a token within one emission interval: block no longer.
+            let block = retry_after_ns.min(plan.bucket.emission_interval_ns());
+            gw.directory.block_rate(
+                &principal.key.id,
+                now_ns.saturating_add(block),
+                now_ns.saturating_add(reset_after_ns),
+            );
             rate.live = Some((0, ceil_secs(reset_after_ns)));
             Err(Refusal {
                 error: GatewayError::rate_limited(ceil_secs(retry_after_ns)),

@@ -190,6 +190,26 @@ fn one_round_trip_per_authorized_request_and_none_for_a_known_bogus_key() {
     // Every command of those requests was inside the 8 transactions (6 each, plus MULTI/EXEC).
     assert_eq!(total, 8 * 8);
 
+    // An abusive key: the first refusal asks Redis, the rest until the retry time do not.
+    let before = redis.command_calls();
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(gw.get("/api/v1/x", &[("x-api-key", &key)]).status);
+    }
+    let after = redis.command_calls();
+    let admitted = statuses.iter().filter(|s| **s == 200).count() as u64;
+    assert!(
+        admitted < 20
+            && statuses
+                .iter()
+                .skip_while(|s| **s == 200)
+                .all(|s| *s == 429),
+        "{statuses:?}"
+    );
+    let delta = |c: &str| after.get(c).copied().unwrap_or(0) - before.get(c).copied().unwrap_or(0);
+    // The admitted ones, the first refusal and its compensation; the other refusals stay local.
+    assert_eq!(delta("exec"), admitted + 2, "{statuses:?}");
+
     let bogus = "msgf_live_1111111111111111111111111111111111111111111111111111111111111111";
     let before = redis.command_calls();
     for _ in 0..10 {
