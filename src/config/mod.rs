@@ -365,7 +365,7 @@ fn store_settings(
         data_file: base.join(
             raw.data_file
                 .clone()
-                .unwrap_or_else(|| "data/store.json".into()),
+                .unwrap_or_else(|| "data/store.jsonl".into()),
         ),
         redis: url.map(|url| crate::store::RedisSettings {
             url,

@@ -1,26 +1,13 @@
 //! The embedded store: one node; accounts and key hashes in a data file, counters in memory.
 
+use super::journal::{Entry, Journal};
 use super::{Account, Admission, AdmitRequest, CreateKeyError, KeyRecord, Store, StoreError};
 use crate::limits::gcra::{self, BucketDecision};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
-/// Version of the data file's format.
-const FORMAT_VERSION: u32 = 1;
-
-/// What the data file holds.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DataFile {
-    version: u32,
-    accounts: Vec<Account>,
-    keys: Vec<KeyRecord>,
-}
+use std::path::Path;
 
 /// The persistent part, indexed.
 #[derive(Debug, Default)]
@@ -30,6 +17,43 @@ struct Data {
     keys: BTreeMap<String, KeyRecord>,
     /// key hash -> key id
     by_hash: HashMap<String, String>,
+    /// account id -> its key ids
+    by_account: HashMap<String, Vec<String>>,
+}
+
+impl Data {
+    fn apply(&mut self, entry: Entry) {
+        match entry {
+            Entry::Account(a) => {
+                self.accounts.insert(a.id.clone(), a);
+            }
+            Entry::Key(k) => {
+                if !self.keys.contains_key(&k.id) {
+                    self.by_account
+                        .entry(k.account_id.clone())
+                        .or_default()
+                        .push(k.id.clone());
+                }
+                self.by_hash.insert(k.hash.clone(), k.id.clone());
+                self.keys.insert(k.id.clone(), k);
+            }
+        }
+    }
+
+    fn entries(&self) -> Vec<Entry> {
+        let accounts = self.accounts.values().cloned().map(Entry::Account);
+        accounts
+            .chain(self.keys.values().cloned().map(Entry::Key))
+            .collect()
+    }
+
+    fn active_keys(&self, account_id: &str) -> usize {
+        self.by_account.get(account_id).map_or(0, |ids| {
+            ids.iter()
+                .filter(|id| self.keys.get(*id).is_some_and(KeyRecord::is_active))
+                .count()
+        })
+    }
 }
 
 /// Per-key limiter state.
@@ -39,11 +63,11 @@ struct Bucket {
     last_used_ms: u64,
 }
 
-/// Single-node store. Writes go to the data file (write, fsync, rename) before they return.
+/// Single-node store. Every change is in the data file (appended and fsynced) before it returns.
 pub struct EmbeddedStore {
     data: RwLock<Data>,
-    /// Serialises writers so that the file always holds the latest state; `None`: memory only.
-    file: Mutex<Option<PathBuf>>,
+    /// Serialises writers; `None`: memory only.
+    journal: Mutex<Option<Journal>>,
     buckets: DashMap<String, Bucket>,
     /// account id -> (period id, requests counted)
     quotas: DashMap<String, (String, u64)>,
@@ -55,124 +79,49 @@ impl EmbeddedStore {
         Self::from_data(Data::default(), None)
     }
 
-    /// Opens (or starts) the data file at `path`.
+    /// Opens (or starts) the data file at `path` and compacts it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let data = match std::fs::read(path) {
-            Ok(bytes) => {
-                let file: DataFile = serde_json::from_slice(&bytes).map_err(|e| {
-                    StoreError::Persist(format!("{}: not a valid data file: {e}", path.display()))
-                })?;
-                if file.version != FORMAT_VERSION {
-                    return Err(StoreError::Persist(format!(
-                        "{}: unsupported data file version {}",
-                        path.display(),
-                        file.version
-                    )));
-                }
-                let mut data = Data::default();
-                for account in file.accounts {
-                    data.accounts.insert(account.id.clone(), account);
-                }
-                for key in file.keys {
-                    data.by_hash.insert(key.hash.clone(), key.id.clone());
-                    data.keys.insert(key.id.clone(), key);
-                }
-                data
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir)
-                        .map_err(|e| StoreError::Persist(format!("{}: {e}", dir.display())))?;
-                }
-                Data::default()
-            }
-            Err(e) => return Err(StoreError::Persist(format!("{}: {e}", path.display()))),
-        };
-        Ok(Self::from_data(data, Some(path.to_path_buf())))
+        let mut data = Data::default();
+        for entry in Journal::read(path)? {
+            data.apply(entry);
+        }
+        let journal = Journal::create(path, &data.entries())?;
+        Ok(Self::from_data(data, Some(journal)))
     }
 
-    fn from_data(data: Data, file: Option<PathBuf>) -> Self {
+    fn from_data(data: Data, journal: Option<Journal>) -> Self {
         Self {
             data: RwLock::new(data),
-            file: Mutex::new(file),
+            journal: Mutex::new(journal),
             buckets: DashMap::new(),
             quotas: DashMap::new(),
         }
     }
 
-    /// Applies `change` and persists the result before returning; on a failed write the
-    /// change is rolled back, so memory never holds what the disk does not.
+    /// Decides a change under the writer lock, persists it, then applies it in memory: memory
+    /// never holds what the disk does not.
     fn write<T>(
         &self,
-        change: impl FnOnce(&mut Data) -> Result<(T, Undo), CreateKeyError>,
+        decide: impl FnOnce(&Data) -> Result<(T, Option<Entry>), CreateKeyError>,
     ) -> Result<T, CreateKeyError> {
-        let file = self.file.lock();
-        let (out, undo) = change(&mut self.data.write())?;
-        if let Some(path) = file.as_ref() {
-            let snapshot = {
-                let data = self.data.read();
-                let doc = DataFile {
-                    version: FORMAT_VERSION,
-                    accounts: data.accounts.values().cloned().collect(),
-                    keys: data.keys.values().cloned().collect(),
-                };
-                serde_json::to_vec_pretty(&doc)
-            };
-            let result = snapshot
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| write_atomically(path, &bytes).map_err(|e| e.to_string()));
-            if let Err(why) = result {
-                undo.apply(&mut self.data.write());
-                return Err(CreateKeyError::Store(StoreError::Persist(format!(
-                    "{}: {why}",
-                    path.display()
-                ))));
+        let mut journal = self.journal.lock();
+        let (out, entry) = decide(&self.data.read())?;
+        let Some(entry) = entry else { return Ok(out) };
+        if let Some(j) = journal.as_mut() {
+            j.append(std::slice::from_ref(&entry))?;
+        }
+        let mut data = self.data.write();
+        data.apply(entry);
+        if let Some(j) = journal.as_mut() {
+            // Keep the file near the size of the live state.
+            if j.appended > 1000 && j.appended > data.keys.len() + data.accounts.len() {
+                if let Err(e) = j.compact(&data.entries()) {
+                    tracing::warn!(error = %e, "could not compact the data file; it keeps growing");
+                }
             }
         }
         Ok(out)
     }
-}
-
-/// How to take back one change when it could not be persisted.
-enum Undo {
-    Account(String, Option<Account>),
-    Key(String, Option<KeyRecord>),
-}
-
-impl Undo {
-    fn apply(self, data: &mut Data) {
-        match self {
-            Undo::Account(id, Some(old)) => {
-                data.accounts.insert(id, old);
-            }
-            Undo::Account(id, None) => {
-                data.accounts.remove(&id);
-            }
-            Undo::Key(id, Some(old)) => {
-                data.keys.insert(id, old);
-            }
-            Undo::Key(id, None) => {
-                if let Some(old) = data.keys.remove(&id) {
-                    data.by_hash.remove(&old.hash);
-                }
-            }
-        }
-    }
-}
-
-/// Write to a temporary file, fsync it, rename it over `path`, fsync the directory.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 fn store_only(e: CreateKeyError) -> StoreError {
@@ -198,11 +147,8 @@ impl Store for EmbeddedStore {
     }
 
     async fn put_account(&self, account: Account) -> Result<Account, StoreError> {
-        self.write(|data| {
-            let old = data.accounts.insert(account.id.clone(), account.clone());
-            Ok((account.clone(), Undo::Account(account.id.clone(), old)))
-        })
-        .map_err(store_only)
+        self.write(|_| Ok((account.clone(), Some(Entry::Account(account.clone())))))
+            .map_err(store_only)
     }
 
     async fn create_key(
@@ -214,26 +160,21 @@ impl Store for EmbeddedStore {
             if !data.accounts.contains_key(&record.account_id) {
                 return Err(CreateKeyError::UnknownAccount);
             }
-            let active = data
-                .keys
-                .values()
-                .filter(|k| k.account_id == record.account_id && k.is_active())
-                .count();
-            if active >= max_keys as usize {
+            if data.active_keys(&record.account_id) >= max_keys as usize {
                 return Err(CreateKeyError::LimitReached { max: max_keys });
             }
-            data.by_hash.insert(record.hash.clone(), record.id.clone());
-            data.keys.insert(record.id.clone(), record.clone());
-            Ok((record.clone(), Undo::Key(record.id.clone(), None)))
+            Ok((record.clone(), Some(Entry::Key(record.clone()))))
         })
     }
 
     async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>, StoreError> {
         let data = self.data.read();
         let mut keys: Vec<KeyRecord> = data
-            .keys
-            .values()
-            .filter(|k| k.account_id == account_id)
+            .by_account
+            .get(account_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| data.keys.get(id))
             .cloned()
             .collect();
         drop(data);
@@ -253,16 +194,14 @@ impl Store for EmbeddedStore {
         now_ms: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
         let last_used = self.buckets.remove(key_id).map(|(_, b)| b.last_used_ms);
-        self.write(|data| match data.keys.get_mut(key_id) {
+        self.write(|data| match data.keys.get(key_id) {
             Some(key) if key.account_id == account_id => {
-                let old = key.clone();
-                if key.revoked_at_ms.is_none() {
-                    key.revoked_at_ms = Some(now_ms);
-                }
+                let mut key = key.clone();
+                key.revoked_at_ms = key.revoked_at_ms.or(Some(now_ms));
                 key.last_used_at_ms = last_used.or(key.last_used_at_ms);
-                Ok((Some(key.clone()), Undo::Key(key_id.to_owned(), Some(old))))
+                Ok((Some(key.clone()), Some(Entry::Key(key))))
             }
-            _ => Ok((None, Undo::Key(String::new(), None))),
+            _ => Ok((None, None)),
         })
         .map_err(store_only)
     }

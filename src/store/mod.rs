@@ -2,6 +2,7 @@
 
 pub mod breaker;
 pub mod embedded;
+mod journal;
 pub mod redis_store;
 
 use crate::limits::gcra::BucketParams;

@@ -21,7 +21,7 @@ fn restart_keeps_accounts_and_keys_but_never_the_key_itself() {
         "UNAUTHORIZED",
         "Invalid or revoked API key",
     );
-    let data = std::fs::read_to_string(gw.dir.path().join("data/store.json")).unwrap();
+    let data = std::fs::read_to_string(gw.dir.path().join("data/store.jsonl")).unwrap();
     assert!(
         !data.contains(&key) && !data.contains(&key[10..]),
         "the data file holds a key"

@@ -137,7 +137,7 @@ listen = "{admin}"
 token_env = "TEST_ADMIN_TOKEN"
 
 [store]
-data_file = "data/store.json"
+data_file = "data/store.jsonl"
 {redis}
 
 [policies]
