@@ -27,7 +27,11 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve: the public listener, the admin listener and (if configured) the echo upstream.
-    Run,
+    Run {
+        /// Take the listening sockets over from a running gateway (send it SIGQUIT next).
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Validate the configuration and the policy files; exit 1 on any error.
     Check,
     /// Manage accounts through the admin API of a running gateway.
@@ -111,9 +115,9 @@ fn load(path: &std::path::Path) -> Result<Config, String> {
 
 fn dispatch(cli: Cli) -> Result<(), String> {
     match cli.command {
-        Command::Run => {
+        Command::Run { upgrade } => {
             let config = load(&cli.config)?;
-            crate::server::run(config).map_err(|e| e.to_string())
+            crate::server::run(config, upgrade).map_err(|e| e.to_string())
         }
         Command::Check => {
             let config = load(&cli.config)?;
@@ -121,11 +125,12 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                 eprintln!("warning: {warning}");
             }
             println!(
-                "{}: ok ({} routes, {} upstreams, {} plans)",
+                "{}: ok ({} routes, {} upstreams, {} plans, {} route policies)",
                 cli.config.display(),
                 config.routes.len(),
                 config.upstreams.len(),
-                config.plans.names().count()
+                config.policies.plans.names().count(),
+                config.policies.routes.len()
             );
             Ok(())
         }

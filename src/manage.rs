@@ -5,7 +5,7 @@ use crate::auth::Directory;
 use crate::clock::Clock;
 use crate::errors::GatewayError;
 use crate::limits::quota;
-use crate::policy::Plans;
+use crate::policy::{Plans, Policies};
 use crate::store::{Account, CreateKeyError, KeyRecord, Store, StoreError, Subscription};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -44,7 +44,6 @@ struct CreateKey {
 pub struct Manager {
     store: Arc<dyn Store>,
     directory: Arc<Directory>,
-    plans: Plans,
     clock: Arc<dyn Clock>,
 }
 
@@ -115,16 +114,10 @@ pub fn key_view(k: &KeyRecord) -> Value {
 }
 
 impl Manager {
-    pub fn new(
-        store: Arc<dyn Store>,
-        directory: Arc<Directory>,
-        plans: Plans,
-        clock: Arc<dyn Clock>,
-    ) -> Self {
+    pub fn new(store: Arc<dyn Store>, directory: Arc<Directory>, clock: Arc<dyn Clock>) -> Self {
         Self {
             store,
             directory,
-            plans,
             clock,
         }
     }
@@ -140,8 +133,8 @@ impl Manager {
             .ok_or_else(|| GatewayError::not_found("Unknown account"))
     }
 
-    async fn account_view(&self, account: &Account) -> Result<Value, GatewayError> {
-        let plan = self.plans.get(&account.plan);
+    async fn account_view(&self, plans: &Plans, account: &Account) -> Result<Value, GatewayError> {
+        let plan = plans.get(&account.plan);
         let period = quota::period_at(self.clock.now_unix(), account.quota_anchor_day);
         let requests = self
             .store
@@ -171,15 +164,21 @@ impl Manager {
     }
 
     /// `PUT /admin/v1/accounts/{id}`
-    pub async fn put_account(&self, id: &str, body: &[u8]) -> Result<Value, GatewayError> {
+    pub async fn put_account(
+        &self,
+        policies: &Policies,
+        id: &str,
+        body: &[u8],
+    ) -> Result<Value, GatewayError> {
+        let plans = &policies.plans;
         if !valid_id(id) {
             return Err(GatewayError::bad_request(
                 "Account ids are 1 to 128 characters of A-Z a-z 0-9 . _ : -",
             ));
         }
         let req: PutAccount = parse(body)?;
-        if self.plans.get(&req.plan).is_none() {
-            let known: Vec<&str> = self.plans.names().collect();
+        if plans.get(&req.plan).is_none() {
+            let known: Vec<&str> = plans.names().collect();
             return Err(GatewayError::bad_request(format!(
                 "Unknown plan \"{}\" (known: {})",
                 req.plan,
@@ -211,17 +210,22 @@ impl Manager {
             .await
             .map_err(unavailable)?;
         self.directory.forget_account(id);
-        self.account_view(&account).await
+        self.account_view(plans, &account).await
     }
 
     /// `GET /admin/v1/accounts/{id}`
-    pub async fn show_account(&self, id: &str) -> Result<Value, GatewayError> {
+    pub async fn show_account(&self, policies: &Policies, id: &str) -> Result<Value, GatewayError> {
         let account = self.existing_account(id).await?;
-        self.account_view(&account).await
+        self.account_view(&policies.plans, &account).await
     }
 
     /// Creates a key; the answer holds the full key, shown this once.
-    pub async fn create_key(&self, account_id: &str, body: &[u8]) -> Result<Value, GatewayError> {
+    pub async fn create_key(
+        &self,
+        policies: &Policies,
+        account_id: &str,
+        body: &[u8],
+    ) -> Result<Value, GatewayError> {
         let req: CreateKey = parse(body)?;
         let name = req.name.trim();
         if name.is_empty() || name.chars().count() > 100 {
@@ -229,9 +233,10 @@ impl Manager {
                 "name must be 1 to 100 characters",
             ));
         }
-        if let Some(bad) = req.scopes.iter().find(|s| !valid_scope(s)) {
+        let known = |s: &String| valid_scope(s) && policies.routes.knows_scope(s);
+        if let Some(bad) = req.scopes.iter().find(|s| !known(s)) {
             return Err(GatewayError::bad_request(format!(
-                "Invalid scope \"{bad}\""
+                "Unknown scope \"{bad}\""
             )));
         }
         if let Some(bad) = req.instance_ids.iter().find(|s| !valid_uuid(s)) {
@@ -240,7 +245,7 @@ impl Manager {
             )));
         }
         let account = self.existing_account(account_id).await?;
-        let max = self.plans.get(&account.plan).map_or(0, |p| p.max_keys);
+        let max = policies.plans.get(&account.plan).map_or(0, |p| p.max_keys);
         let key = NewKey::generate().map_err(|e| {
             tracing::error!(error = %e, "OS random generator failed");
             GatewayError::store_unavailable()

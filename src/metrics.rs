@@ -3,6 +3,7 @@
 use dashmap::DashMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Upper bounds of the latency histogram, in seconds.
@@ -12,10 +13,10 @@ const BUCKETS: [f64; 12] = [
 
 /// Counters shared by every request; cheap atomics, labels from a bounded set.
 pub struct Metrics {
-    /// Route prefixes, by route index; requests matching no route use the label `none`.
-    routes: Vec<String>,
-    /// (route index or usize::MAX, status) -> count. Bounded: routes × statuses.
-    requests: DashMap<(usize, u16), AtomicU64>,
+    /// (route prefix, status) -> count; requests matching no route use the label `none`.
+    /// Bounded: configured prefixes × statuses.
+    requests: DashMap<(Arc<str>, u16), AtomicU64>,
+    none: Arc<str>,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
@@ -26,10 +27,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(routes: Vec<String>) -> Self {
+    pub fn new() -> Self {
         Self {
-            routes,
             requests: DashMap::new(),
+            none: Arc::from("none"),
             latency_buckets: Default::default(),
             latency_count: AtomicU64::new(0),
             latency_sum_us: AtomicU64::new(0),
@@ -40,8 +41,8 @@ impl Metrics {
     }
 
     /// One finished request.
-    pub fn record(&self, route: Option<usize>, status: u16, elapsed: Duration) {
-        let key = (route.unwrap_or(usize::MAX), status);
+    pub fn record(&self, route: Option<&Arc<str>>, status: u16, elapsed: Duration) {
+        let key = (route.unwrap_or(&self.none).clone(), status);
         match self.requests.get(&key) {
             Some(c) => {
                 c.fetch_add(1, Ordering::Relaxed);
@@ -94,13 +95,12 @@ impl Metrics {
             .requests
             .iter()
             .map(|e| {
-                let (route, status) = *e.key();
-                let label = self
-                    .routes
-                    .get(route)
-                    .map_or("none", String::as_str)
-                    .to_string();
-                (label, status, e.value().load(Ordering::Relaxed))
+                let (route, status) = e.key();
+                (
+                    route.to_string(),
+                    *status,
+                    e.value().load(Ordering::Relaxed),
+                )
             })
             .collect();
         rows.sort();
@@ -166,6 +166,12 @@ impl Metrics {
     }
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
 }
@@ -176,9 +182,10 @@ mod tests {
 
     #[test]
     fn renders_counters_and_histogram() {
-        let m = Metrics::new(vec!["/api/v1/".into()]);
-        m.record(Some(0), 200, Duration::from_micros(300));
-        m.record(Some(0), 200, Duration::from_millis(20));
+        let m = Metrics::new();
+        let route: Arc<str> = Arc::from("/api/v1/");
+        m.record(Some(&route), 200, Duration::from_micros(300));
+        m.record(Some(&route), 200, Duration::from_millis(20));
         m.record(None, 404, Duration::from_micros(10));
         m.rejected("NOT_FOUND");
         let text = m.render(3, true);

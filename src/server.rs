@@ -2,15 +2,16 @@
 
 use crate::admin::AdminApp;
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{process_env, Config, Env};
 use crate::echo::EchoApp;
+use crate::gateway::Gateway;
 use crate::proxy::upstream::HealthChecker;
-use crate::proxy::{Gateway, GatewayProxy};
+use crate::proxy::GatewayProxy;
 use crate::store::{EmbeddedStore, RedisStore, Store};
 use async_trait::async_trait;
-use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
-use pingora::services::background::background_service;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use std::fmt;
 use std::sync::Arc;
@@ -46,23 +47,49 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     })
 }
 
+/// How a server starts.
+pub struct Launch {
+    pub clock: Arc<dyn Clock>,
+    pub env: Env,
+    /// Take the listening sockets over from a running old process (graceful binary upgrade).
+    pub upgrade: bool,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+            env: process_env(),
+            upgrade: false,
+        }
+    }
+}
+
 /// Builds the pingora server and the gateway it serves.
-pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<(Server, Arc<Gateway>), StartError> {
+pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), StartError> {
     let missing = config.missing_secrets();
     if !missing.is_empty() {
         return Err(StartError::MissingSecrets(missing));
     }
     let store = open_store(&config)?;
-    let gateway = Arc::new(Gateway::new(config, store, clock).map_err(StartError::Setup)?);
-    let cfg = &gateway.config;
+    let gateway =
+        Arc::new(Gateway::new(config, store, launch.clock, launch.env).map_err(StartError::Setup)?);
+    let live = gateway.live();
+    let cfg = &live.config;
     let grace = cfg.server.grace_period.as_secs();
     let conf = ServerConf {
         threads: cfg.server.threads,
         grace_period_seconds: Some(grace),
         graceful_shutdown_timeout_seconds: Some(grace.max(1)),
+        upgrade_sock: cfg.server.upgrade_sock.display().to_string(),
+        pid_file: cfg.server.pid_file.display().to_string(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade: launch.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
@@ -76,16 +103,18 @@ pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<(Server, Arc<Gatew
     admin.add_tcp(&cfg.admin.listen.to_string());
     admin.threads = Some(1);
 
-    let health = background_service(
-        "upstream health",
-        HealthChecker {
-            pools: gateway.pools.clone(),
-        },
-    );
-
     server.add_service(proxy);
     server.add_service(admin);
-    server.add_service(health);
+    server.add_service(background_service(
+        "upstream health",
+        HealthChecker {
+            gateway: gateway.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "reload on SIGHUP",
+        ReloadOnHangup(gateway.clone()),
+    ));
     if let Some(echo_addr) = cfg.echo {
         let mut echo = Service::new("msgflash-echo".to_string(), EchoApp);
         echo.add_tcp(&echo_addr.to_string());
@@ -95,17 +124,60 @@ pub fn build(config: Config, clock: Arc<dyn Clock>) -> Result<(Server, Arc<Gatew
     Ok((server, gateway))
 }
 
-/// Serves until SIGTERM (graceful), SIGINT (fast) or SIGQUIT (hand-over to a new binary).
-pub fn run(config: Config) -> Result<(), StartError> {
-    let (server, gateway) = build(config, Arc::new(SystemClock))?;
-    let cfg = &gateway.config;
+/// Reloads gateway.toml and the policies on SIGHUP; a refused reload is logged with its
+/// reasons and changes nothing.
+struct ReloadOnHangup(Arc<Gateway>);
+
+#[async_trait]
+impl BackgroundService for ReloadOnHangup {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangups = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::hangup(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reload with POST /admin/v1/reload");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                got = hangups.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    match self.0.reload() {
+                        Ok(r) => tracing::info!(routes = r.routes, route_policies = r.route_policies, plans = r.plans, needs_restart = ?r.needs_restart, "configuration reloaded"),
+                        Err(why) => tracing::error!(reasons = %why, "reload refused; the current configuration stays"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Serves until SIGTERM (graceful), SIGINT (fast) or SIGQUIT (hand-over to a new binary
+/// started with `run --upgrade`); SIGHUP reloads.
+pub fn run(config: Config, upgrade: bool) -> Result<(), StartError> {
+    let (server, gateway) = build(
+        config,
+        Launch {
+            upgrade,
+            ..Launch::default()
+        },
+    )?;
+    let live = gateway.live();
+    let cfg = &live.config;
     tracing::info!(
         listen = %cfg.server.listen,
         admin = %cfg.admin.listen,
         echo = ?cfg.echo,
         routes = cfg.routes.len(),
+        upgrade,
         "msgflash-gateway starting"
     );
+    drop(live);
     server.run(RunArgs::default());
     Ok(())
 }
@@ -131,7 +203,18 @@ pub struct Running {
 impl Running {
     /// Starts a gateway on a background thread; its listeners bind as the thread starts.
     pub fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> {
-        let (server, gateway) = build(config, clock)?;
+        Self::start_with(
+            config,
+            Launch {
+                clock,
+                ..Launch::default()
+            },
+        )
+    }
+
+    /// As [`Running::start`], with secrets from `launch.env`.
+    pub fn start_with(config: Config, launch: Launch) -> Result<Running, StartError> {
+        let (server, gateway) = build(config, launch)?;
         let stop = Arc::new(Notify::new());
         let signal = NotifyShutdown(stop.clone());
         let thread = std::thread::Builder::new()

@@ -2,7 +2,7 @@
 
 use crate::auth::api_key::constant_time_eq;
 use crate::errors::GatewayError;
-use crate::proxy::Gateway;
+use crate::gateway::Gateway;
 use async_trait::async_trait;
 use http::{Method, Response};
 use pingora::apps::http_app::ServeHttp;
@@ -50,7 +50,8 @@ impl From<Result<Value, GatewayError>> for Reply {
 }
 
 fn authorized(gw: &Gateway, session: &ServerSession) -> bool {
-    let Some(expected) = gw.config.admin.token.as_deref() else {
+    let live = gw.live();
+    let Some(expected) = live.config.admin.token.as_deref() else {
         return false;
     };
     let Some(value) = session
@@ -122,23 +123,35 @@ impl AdminApp {
         }
         let segments: Vec<&str> = rest.split('/').collect();
         let m = &gw.manager;
+        let live = gw.live();
+        let policies = &live.config.policies;
+        let limit = live.config.server.max_body_bytes;
         match (&method, segments.as_slice()) {
-            (&Method::PUT, ["accounts", id]) => {
-                match read_body(session, gw.config.server.max_body_bytes).await {
-                    Ok(body) => m.put_account(id, &body).await.into(),
-                    Err(e) => Reply::error(&e),
+            (&Method::POST, ["reload"]) => match gw.reload() {
+                Ok(r) => Reply::json(
+                    200,
+                    &serde_json::json!({
+                        "reloaded": true, "routes": r.routes, "routePolicies": r.route_policies,
+                        "plans": r.plans, "needsRestart": r.needs_restart,
+                    }),
+                ),
+                Err(why) => {
+                    tracing::error!(reasons = %why, "reload refused; the current configuration stays");
+                    Reply::error(&GatewayError::bad_request(format!("Reload refused: {why}")))
                 }
-            }
-            (&Method::GET, ["accounts", id]) => m.show_account(id).await.into(),
-            (&Method::POST, ["accounts", id, "keys"]) => {
-                match read_body(session, gw.config.server.max_body_bytes).await {
-                    Ok(body) => match m.create_key(id, &body).await {
-                        Ok(v) => Reply::json(201, &v),
-                        Err(e) => Reply::error(&e),
-                    },
+            },
+            (&Method::PUT, ["accounts", id]) => match read_body(session, limit).await {
+                Ok(body) => m.put_account(policies, id, &body).await.into(),
+                Err(e) => Reply::error(&e),
+            },
+            (&Method::GET, ["accounts", id]) => m.show_account(policies, id).await.into(),
+            (&Method::POST, ["accounts", id, "keys"]) => match read_body(session, limit).await {
+                Ok(body) => match m.create_key(policies, id, &body).await {
+                    Ok(v) => Reply::json(201, &v),
                     Err(e) => Reply::error(&e),
-                }
-            }
+                },
+                Err(e) => Reply::error(&e),
+            },
             (&Method::GET, ["accounts", id, "keys"]) => m.list_keys(id).await.into(),
             (&Method::DELETE, ["accounts", id, "keys", key_id]) => {
                 m.revoke_key(id, key_id).await.into()

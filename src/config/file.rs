@@ -36,8 +36,13 @@ pub struct ServerFile {
     pub max_header_bytes: Spanned<usize>,
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: Spanned<usize>,
+    #[serde(default = "default_max_inspected_body_bytes")]
+    pub max_inspected_body_bytes: Spanned<usize>,
     #[serde(default = "default_grace_period")]
     pub grace_period: Spanned<String>,
+    /// Where a new process started with `run --upgrade` receives the listening sockets.
+    pub upgrade_sock: Option<String>,
+    pub pid_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,10 +212,6 @@ pub struct RouteFile {
     pub upstream: Spanned<String>,
     #[serde(default)]
     pub forward_api_key: bool,
-    pub require_subscription: Option<bool>,
-    pub ip_rate_per_second: Option<Spanned<u32>>,
-    pub ip_burst: Option<Spanned<u32>>,
-    pub on_store_error: Option<Spanned<String>>,
 }
 
 fn spanned<T>(v: T) -> Spanned<T> {
@@ -227,6 +228,9 @@ fn default_max_header_bytes() -> Spanned<usize> {
 }
 fn default_max_body_bytes() -> Spanned<usize> {
     spanned(1024 * 1024)
+}
+fn default_max_inspected_body_bytes() -> Spanned<usize> {
+    spanned(64 * 1024)
 }
 fn default_grace_period() -> Spanned<String> {
     spanned("5s".into())

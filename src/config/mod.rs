@@ -3,8 +3,7 @@
 pub mod error;
 mod file;
 
-use crate::limits::gcra::BucketParams;
-use crate::policy::Plans;
+use crate::policy::Policies;
 use error::Reporter;
 pub use error::{ConfigError, ConfigErrors};
 use http::HeaderName;
@@ -27,7 +26,7 @@ pub struct Config {
     pub echo: Option<SocketAddr>,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
-    pub plans: Plans,
+    pub policies: Policies,
 }
 
 #[derive(Debug, Clone)]
@@ -37,7 +36,11 @@ pub struct Server {
     pub keepalive_timeout: Duration,
     pub max_header_bytes: usize,
     pub max_body_bytes: usize,
+    /// Largest body read to find an instance id (at most pingora's 64 KiB replay buffer).
+    pub max_inspected_body_bytes: usize,
     pub grace_period: Duration,
+    pub upgrade_sock: PathBuf,
+    pub pid_file: PathBuf,
 }
 
 #[derive(Clone)]
@@ -149,10 +152,14 @@ pub struct Route {
     /// Index into [`Config::upstreams`].
     pub upstream: usize,
     pub forward_api_key: bool,
-    pub require_subscription: bool,
-    /// Per-client-IP limit (open routes).
-    pub ip_limit: Option<BucketParams>,
-    pub on_store_error: StoreErrorMode,
+}
+
+/// Where secrets come from: the process environment, or a stand-in (tests).
+pub type Env = std::sync::Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// The process environment.
+pub fn process_env() -> Env {
+    std::sync::Arc::new(|name: &str| std::env::var(name).ok())
 }
 
 /// Parses `150ms`, `2s`, `5m`, `1h`.
@@ -201,7 +208,7 @@ impl Config {
         };
         let env = |name: &str| env(name).filter(|v| !v.is_empty());
         let policies_dir = base.join(&raw.policies.dir);
-        let plans = Plans::load(&policies_dir.join("plans.toml"));
+        let policies = Policies::load(&policies_dir);
 
         let server = Server {
             listen: addr(&mut r, "server.listen", &raw.server.listen),
@@ -217,7 +224,20 @@ impl Config {
                 &raw.server.max_header_bytes,
             ),
             max_body_bytes: positive(&mut r, "server.max_body_bytes", &raw.server.max_body_bytes),
+            max_inspected_body_bytes: inspected_limit(&mut r, &raw.server.max_inspected_body_bytes),
             grace_period: duration(&mut r, "server.grace_period", &raw.server.grace_period),
+            upgrade_sock: base.join(
+                raw.server
+                    .upgrade_sock
+                    .as_deref()
+                    .unwrap_or("data/upgrade.sock"),
+            ),
+            pid_file: base.join(
+                raw.server
+                    .pid_file
+                    .as_deref()
+                    .unwrap_or("data/msgflash-gateway.pid"),
+            ),
         };
         let admin = Admin {
             listen: addr(&mut r, "admin.listen", &raw.admin.listen),
@@ -276,11 +296,11 @@ impl Config {
         let routes = routes(&mut r, &raw.routes, &upstreams);
 
         let mut errors = r.errors;
-        let plans = match plans {
+        let policies = match policies {
             Ok(p) => p,
             Err(ConfigErrors(mut e)) => {
                 errors.append(&mut e);
-                Plans::default()
+                Policies::default()
             }
         };
         if !errors.is_empty() {
@@ -297,7 +317,7 @@ impl Config {
             echo,
             upstreams,
             routes,
-            plans,
+            policies,
         })
     }
 
@@ -326,6 +346,18 @@ impl Config {
         }
         missing
     }
+}
+
+fn inspected_limit(r: &mut Reporter, v: &Spanned<usize>) -> usize {
+    let n = positive(r, "server.max_inspected_body_bytes", v);
+    if n > 64 * 1024 {
+        r.at(
+            v.span(),
+            "server.max_inspected_body_bytes",
+            format!("at most 65536 (the body is replayed from pingora's 64 KiB buffer), got {n}"),
+        );
+    }
+    n
 }
 
 fn store_settings(
@@ -539,54 +571,11 @@ fn routes(r: &mut Reporter, raw: &[file::RouteFile], upstreams: &[Upstream]) -> 
                 );
                 0
             });
-        let ip_limit = match (&route.ip_rate_per_second, &route.ip_burst) {
-            (None, None) => None,
-            (rate, burst) => {
-                let rate = rate
-                    .as_ref()
-                    .map_or(10, |v| positive(r, &field("ip_rate_per_second"), v));
-                let burst = burst
-                    .as_ref()
-                    .map_or(rate, |v| positive(r, &field("ip_burst"), v));
-                Some(BucketParams {
-                    rate_per_second: rate,
-                    burst,
-                })
-            }
-        };
-        if ip_limit.is_some() && auth != AuthMode::Open {
-            r.at(
-                route.prefix.span(),
-                field("ip_rate_per_second"),
-                "per-IP limits apply to open routes only",
-            );
-        }
-        let on_store_error = match route
-            .on_store_error
-            .as_ref()
-            .map(|m| (m, m.get_ref().as_str()))
-        {
-            None | Some((_, "fail_closed")) => StoreErrorMode::FailClosed,
-            Some((_, "fail_open")) => StoreErrorMode::FailOpen,
-            Some((m, other)) => {
-                r.at(
-                    m.span(),
-                    field("on_store_error"),
-                    format!("unknown mode \"{other}\" (expected \"fail_closed\" or \"fail_open\")"),
-                );
-                StoreErrorMode::FailClosed
-            }
-        };
         out.push(Route {
-            on_store_error,
             prefix,
             auth,
             upstream,
             forward_api_key: route.forward_api_key,
-            require_subscription: route
-                .require_subscription
-                .unwrap_or(auth == AuthMode::ApiKey),
-            ip_limit,
         });
     }
     out

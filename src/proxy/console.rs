@@ -1,13 +1,19 @@
 //! The console surface: Bearer JWTs, and the key-management endpoints the gateway serves itself.
 
-use super::{Gateway, Identity};
+use super::Identity;
 use crate::errors::GatewayError;
+use crate::gateway::Gateway;
+use crate::live::Live;
 use http::Method;
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 
 /// Verifies the console token of a request.
-pub fn authenticate(gw: &Gateway, req: &RequestHeader) -> Result<Identity, GatewayError> {
+pub fn authenticate(
+    gw: &Gateway,
+    live: &Live,
+    req: &RequestHeader,
+) -> Result<Identity, GatewayError> {
     let Some(value) = req.headers.get(http::header::AUTHORIZATION) else {
         return Err(if req.headers.contains_key("x-api-key") {
             GatewayError::api_key_on_console()
@@ -22,7 +28,7 @@ pub fn authenticate(gw: &Gateway, req: &RequestHeader) -> Result<Identity, Gatew
     let token = std::str::from_utf8(&bytes[7..])
         .map_err(|_| GatewayError::invalid_token())?
         .trim();
-    match gw.jwt.verify(token, gw.clock.now_unix()) {
+    match live.jwt.verify(token, gw.clock.now_unix()) {
         Ok(id) => Ok(Identity {
             account_id: id.account_id,
             key_id: None,
@@ -64,6 +70,7 @@ pub fn key_call(method: &Method, path: &str) -> Option<Result<KeyCall, GatewayEr
 /// Serves a key-management call for the token's account: (status, JSON body).
 pub async fn serve(
     gw: &Gateway,
+    live: &Live,
     session: &mut Session,
     account_id: &str,
     call: KeyCall,
@@ -71,8 +78,11 @@ pub async fn serve(
     let value = match call {
         KeyCall::List => gw.manager.list_keys(account_id).await?,
         KeyCall::Create => {
-            let body = read_body(session, gw.config.server.max_body_bytes).await?;
-            let created = gw.manager.create_key(account_id, &body).await?;
+            let body = read_body(session, live.config.server.max_body_bytes).await?;
+            let created = gw
+                .manager
+                .create_key(&live.config.policies, account_id, &body)
+                .await?;
             return Ok((201, serde_json::to_vec(&created).unwrap_or_default()));
         }
         KeyCall::Revoke(id) => gw.manager.revoke_key(account_id, &id).await?,

@@ -1,93 +1,26 @@
-//! The pingora proxy: route, authenticate, limit, rewrite headers, forward, report.
+//! The pingora proxy: route, authenticate, apply policies and limits, rewrite headers, forward.
 
 pub mod console;
 pub mod headers;
+pub mod inspect;
 pub mod ip_limit;
 pub mod public_api;
 pub mod respond;
 pub mod router;
 pub mod upstream;
 
-use crate::auth::jwt::JwtVerifier;
-use crate::auth::Directory;
-use crate::clock::Clock;
-use crate::config::{AuthMode, Config};
+use crate::config::{AuthMode, Route};
 use crate::errors::GatewayError;
-use crate::manage::Manager;
-use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::gateway::Gateway;
+use crate::live::Live;
 use async_trait::async_trait;
 use headers::{ceil_secs, RateHeaders, RequestIds};
-use ip_limit::IpLimiter;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
-use router::Router;
 use std::sync::Arc;
 use std::time::Instant;
-use upstream::Pool;
-
-/// Everything a request needs, shared by all requests of one gateway.
-pub struct Gateway {
-    pub config: Config,
-    pub store: Arc<dyn Store>,
-    pub directory: Arc<Directory>,
-    pub manager: Manager,
-    pub jwt: JwtVerifier,
-    pub clock: Arc<dyn Clock>,
-    pub metrics: Metrics,
-    pub pools: Vec<Arc<Pool>>,
-    router: Router,
-    ip_limiter: IpLimiter,
-    request_ids: RequestIds,
-}
-
-impl Gateway {
-    /// Assembles the gateway around a store; errors name what is unusable.
-    pub fn new(
-        config: Config,
-        store: Arc<dyn Store>,
-        clock: Arc<dyn Clock>,
-    ) -> Result<Self, String> {
-        let ttl_ns = u64::try_from(config.cache.ttl.as_nanos()).unwrap_or(u64::MAX);
-        let directory = Arc::new(Directory::new(
-            store.clone(),
-            clock.clone(),
-            config.cache.capacity,
-            config.cache.negative_capacity,
-            ttl_ns,
-        ));
-        let weak = Arc::downgrade(&directory);
-        store.on_invalidation(Arc::new(move |change| {
-            if let Some(directory) = weak.upgrade() {
-                directory.apply(&change);
-            }
-        }));
-        Ok(Self {
-            jwt: JwtVerifier::new(&config.jwt)?,
-            manager: Manager::new(
-                store.clone(),
-                directory.clone(),
-                config.plans.clone(),
-                clock.clone(),
-            ),
-            metrics: Metrics::new(config.routes.iter().map(|r| r.prefix.clone()).collect()),
-            pools: config
-                .upstreams
-                .iter()
-                .map(|u| Arc::new(Pool::new(u)))
-                .collect(),
-            router: Router::new(&config.routes),
-            ip_limiter: IpLimiter::new(config.cache.negative_capacity),
-            request_ids: RequestIds::new(),
-            directory,
-            store,
-            clock,
-            config,
-        })
-    }
-}
 
 /// Who a forwarded request speaks for.
 #[derive(Debug, Clone)]
@@ -100,6 +33,8 @@ pub struct Identity {
 /// Per-request state.
 pub struct Ctx {
     started: Instant,
+    /// The configuration this request lives by, from start to end.
+    live: Arc<Live>,
     route: Option<usize>,
     /// The URI to forward when normalisation changed the path.
     rewritten: Option<http::Uri>,
@@ -109,6 +44,12 @@ pub struct Ctx {
     /// Bit i: upstream member i was tried.
     tried: u64,
     member: Option<usize>,
+}
+
+impl Ctx {
+    fn route(&self) -> Option<&Route> {
+        self.route.and_then(|i| self.live.config.routes.get(i))
+    }
 }
 
 /// The pingora face of a [`Gateway`].
@@ -159,22 +100,35 @@ impl GatewayProxy {
         ctx: &mut Ctx,
     ) -> Result<Option<(u16, Vec<u8>)>, GatewayError> {
         let gw = &*self.0;
+        let live = ctx.live.clone();
         let req = session.req_header();
         if had_te_and_cl(session) {
             // A request smuggling shape (RFC 9112 §6.1): refuse it; the connection closes.
             return Err(GatewayError::bad_request("Ambiguous request framing"));
         }
-        if header_bytes(req) > gw.config.server.max_header_bytes {
+        if header_bytes(req) > live.config.server.max_header_bytes {
             return Err(GatewayError::headers_too_large());
         }
         let (path, rewritten) = normalised(req)?;
         ctx.rewritten = rewritten;
-        let route_index = gw.router.find(&path).ok_or_else(GatewayError::no_route)?;
+        let route_index = live.router.find(&path).ok_or_else(GatewayError::no_route)?;
         ctx.route = Some(route_index);
-        let route = &gw.config.routes[route_index];
+        let route = &live.config.routes[route_index];
+        let policy = live.config.policies.routes.find(&req.method, &path);
+        if let (Some(limit), Some(ip)) = (
+            policy.and_then(|p| p.ip_limit),
+            session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+        ) {
+            gw.ip_limiter
+                .check(route_index, ip, gw.clock.now_ns(), limit)
+                .map_err(|retry_ns| GatewayError::too_many_requests(ceil_secs(retry_ns)))?;
+        }
         match route.auth {
             AuthMode::ApiKey => {
-                match public_api::authorize(gw, req, route).await {
+                match public_api::authorize(gw, &live, session, policy, &path).await {
                     Ok((identity, rate)) => {
                         ctx.identity = Some(identity);
                         ctx.rate = Some(rate);
@@ -187,28 +141,16 @@ impl GatewayProxy {
                 Ok(None)
             }
             AuthMode::Jwt => {
-                let identity = console::authenticate(gw, req)?;
+                let identity = console::authenticate(gw, &live, req)?;
                 if let Some(call) = console::key_call(&req.method, &path) {
-                    let answer = console::serve(gw, session, &identity.account_id, call?).await?;
+                    let answer =
+                        console::serve(gw, &live, session, &identity.account_id, call?).await?;
                     return Ok(Some(answer));
                 }
                 ctx.identity = Some(identity);
                 Ok(None)
             }
-            AuthMode::Open => {
-                if let (Some(limit), Some(ip)) = (
-                    route.ip_limit,
-                    session
-                        .client_addr()
-                        .and_then(|a| a.as_inet())
-                        .map(|a| a.ip()),
-                ) {
-                    gw.ip_limiter
-                        .check(route_index, ip, gw.clock.now_ns(), limit)
-                        .map_err(|retry_ns| GatewayError::too_many_requests(ceil_secs(retry_ns)))?;
-                }
-                Ok(None)
-            }
+            AuthMode::Open => Ok(None),
         }
     }
 }
@@ -220,6 +162,7 @@ impl ProxyHttp for GatewayProxy {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             started: Instant::now(),
+            live: self.0.live(),
             route: None,
             rewritten: None,
             request_id: String::new(),
@@ -234,12 +177,12 @@ impl ProxyHttp for GatewayProxy {
         let gw = &*self.0;
         // Bound idle keep-alive, without reviving a connection pingora or the client chose to close.
         if session.get_keepalive().is_some() {
-            session.set_keepalive(Some(gw.config.server.keepalive_timeout.as_secs()));
+            session.set_keepalive(Some(ctx.live.config.server.keepalive_timeout.as_secs()));
         }
         ctx.request_id = match session
             .req_header()
             .headers
-            .get(&gw.config.forward.request_id_header)
+            .get(&ctx.live.config.forward.request_id_header)
         {
             Some(v) if RequestIds::is_sane(v.as_bytes()) => {
                 String::from_utf8_lossy(v.as_bytes()).into_owned()
@@ -249,7 +192,7 @@ impl ProxyHttp for GatewayProxy {
         match self.admit(session, ctx).await {
             Ok(None) => Ok(false),
             Ok(Some((status, body))) => {
-                respond::send(gw, session, ctx, status, body, None).await?;
+                respond::send(session, ctx, status, body, None).await?;
                 Ok(true)
             }
             Err(err) => {
@@ -260,12 +203,11 @@ impl ProxyHttp for GatewayProxy {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let gw = &*self.0;
-        let route = ctx
-            .route
-            .and_then(|i| gw.config.routes.get(i))
+        let upstream = ctx
+            .route()
+            .map(|r| r.upstream)
             .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(404), "no route"))?;
-        let pool = &gw.pools[route.upstream];
+        let pool = &ctx.live.pools[upstream];
         let (member, addr) = pool
             .pick(ctx.tried)
             .ok_or_else(|| Error::explain(ErrorType::HTTPStatus(503), "no healthy upstream"))?;
@@ -287,11 +229,8 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let gw = &*self.0;
-        if let (Some(route), Some(member)) =
-            (ctx.route.and_then(|i| gw.config.routes.get(i)), ctx.member)
-        {
-            let pool = &gw.pools[route.upstream];
+        if let (Some(route), Some(member)) = (ctx.route(), ctx.member) {
+            let pool = &ctx.live.pools[route.upstream];
             pool.report(member, false);
             // Another address may take the request: connecting sent nothing upstream.
             if pool.pick(ctx.tried).is_some() {
@@ -307,13 +246,8 @@ impl ProxyHttp for GatewayProxy {
         up: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let gw = &*self.0;
-        let fwd = &gw.config.forward;
-        let forward_key = ctx
-            .route
-            .and_then(|i| gw.config.routes.get(i))
-            .is_some_and(|r| r.forward_api_key);
-        if !forward_key {
+        let fwd = &ctx.live.config.forward;
+        if !ctx.route().is_some_and(|r| r.forward_api_key) {
             up.remove_header("x-api-key");
         }
         for name in [
@@ -370,7 +304,7 @@ impl ProxyHttp for GatewayProxy {
             }
         }
         resp.insert_header(
-            self.0.config.forward.request_id_header.clone(),
+            ctx.live.config.forward.request_id_header.clone(),
             ctx.request_id.as_str(),
         )?;
         Ok(())
@@ -397,14 +331,12 @@ impl ProxyHttp for GatewayProxy {
             }
             _ => GatewayError::bad_gateway(),
         };
-        if let Some(member) = ctx.member {
+        if let (Some(member), Some(route)) = (ctx.member, ctx.route()) {
             if matches!(
                 e.etype(),
                 ErrorType::ConnectRefused | ErrorType::ConnectTimedout | ErrorType::ConnectError
             ) {
-                if let Some(route) = ctx.route.and_then(|i| self.0.config.routes.get(i)) {
-                    self.0.pools[route.upstream].report(member, false);
-                }
+                ctx.live.pools[route.upstream].report(member, false);
             }
         }
         session.set_keepalive(None);
@@ -419,8 +351,7 @@ impl ProxyHttp for GatewayProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        self.0
-            .metrics
-            .record(ctx.route, status, ctx.started.elapsed());
+        let label = ctx.route.and_then(|i| ctx.live.labels.get(i));
+        self.0.metrics.record(label, status, ctx.started.elapsed());
     }
 }

@@ -1,13 +1,18 @@
 //! The public API's checks (SPEC §3), in order, stopping at the first failure.
 
 use super::headers::{ceil_secs, RateHeaders};
-use super::{Gateway, Identity};
-use crate::auth::api_key;
-use crate::config::{Route, StoreErrorMode};
-use crate::errors::GatewayError;
+use super::inspect;
+use super::Identity;
+use crate::auth::{api_key, Principal};
+use crate::config::StoreErrorMode;
+use crate::errors::{ErrorCode, GatewayError};
+use crate::gateway::Gateway;
 use crate::limits::quota;
+use crate::live::Live;
+use crate::policy::{InstanceSource, RoutePolicy};
 use crate::store::{Admission, AdmitRequest, Subscription};
 use pingora::http::RequestHeader;
+use pingora::proxy::Session;
 
 /// Why a request was refused, with the rate-limit state to report when it is known.
 pub struct Refusal {
@@ -21,13 +26,12 @@ impl From<GatewayError> for Refusal {
     }
 }
 
-/// Runs checks 1–7; on success the request may be forwarded as `Identity`.
-pub async fn authorize(
-    gw: &Gateway,
-    req: &RequestHeader,
-    route: &Route,
-) -> Result<(Identity, RateHeaders), Refusal> {
-    // 1. present (exactly once)
+fn forbidden(message: String) -> GatewayError {
+    GatewayError::new(ErrorCode::Forbidden, message)
+}
+
+/// Checks 1–3: the key, present once, well formed, known and not revoked.
+async fn principal(gw: &Gateway, req: &RequestHeader) -> Result<Principal, GatewayError> {
     let mut keys = req.headers.get_all("x-api-key").iter();
     let key = match (keys.next(), keys.next()) {
         (None, _) => {
@@ -41,28 +45,85 @@ pub async fn authorize(
                 GatewayError::bearer_on_public_api()
             } else {
                 GatewayError::missing_api_key()
-            }
-            .into());
+            });
         }
-        (Some(_), Some(_)) => return Err(GatewayError::invalid_api_key().into()),
+        (Some(_), Some(_)) => return Err(GatewayError::invalid_api_key()),
         (Some(key), None) => key.as_bytes(),
     };
-    // 2. well formed: no store I/O for anything else
+    // No store I/O for anything that cannot be a key.
     if !api_key::is_well_formed(key) {
-        return Err(GatewayError::invalid_api_key().into());
+        return Err(GatewayError::invalid_api_key());
     }
-    // 3. known and not revoked
-    let principal = match gw.directory.lookup(key).await {
-        Ok(Some(p)) => p,
-        Ok(None) => return Err(GatewayError::invalid_api_key().into()),
+    match gw.directory.lookup(key).await {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => Err(GatewayError::invalid_api_key()),
         Err(e) => {
             gw.metrics.store_error();
             tracing::error!(error = %e, "key lookup failed");
-            return Err(GatewayError::store_unavailable().into());
+            Err(GatewayError::store_unavailable())
+        }
+    }
+}
+
+/// Check 5: the key's scopes and instances against what the route policy declares.
+async fn restrictions(
+    live: &Live,
+    session: &mut Session,
+    principal: &Principal,
+    policy: Option<&RoutePolicy>,
+    path: &str,
+) -> Result<(), GatewayError> {
+    let key = &principal.key;
+    let Some(policy) = policy else { return Ok(()) };
+    if let Some(scope) = &policy.scope {
+        if !key.scopes.is_empty() && !key.scopes.iter().any(|s| s == scope) {
+            return Err(forbidden(format!("This API key lacks the scope {scope}")));
+        }
+    }
+    let (Some(source), false) = (&policy.instance, key.instance_ids.is_empty()) else {
+        return Ok(());
+    };
+    let instance = match source {
+        InstanceSource::PathSegment(n) => inspect::path_segment(path, *n).map(str::to_owned),
+        InstanceSource::Query(name) => inspect::query_param(session.req_header().uri.query(), name),
+        InstanceSource::Body(field) => {
+            let body = read_body(session, live.config.server.max_inspected_body_bytes).await?;
+            inspect::body_field(&body, field)
+                .map_err(|_| GatewayError::bad_request("The request body is not a JSON object"))?
         }
     };
-    let account = &principal.account;
-    let Some(plan) = gw.config.plans.get(&account.plan) else {
+    match instance {
+        Some(id) if key.instance_ids.contains(&id) => Ok(()),
+        Some(id) => {
+            let shown: String = id.chars().take(64).collect();
+            Err(forbidden(format!(
+                "This API key may not use instance {shown}"
+            )))
+        }
+        None => Err(forbidden(
+            "This API key is restricted to specific instances and the request names none".into(),
+        )),
+    }
+}
+
+/// Reads the whole body (at most `limit` bytes) into pingora's replay buffer, from which it
+/// is forwarded unchanged.
+async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>, GatewayError> {
+    session.enable_retry_buffering();
+    super::console::read_body(session, limit).await
+}
+
+/// Runs checks 1–7; on success the request may be forwarded as `Identity`.
+pub async fn authorize(
+    gw: &Gateway,
+    live: &Live,
+    session: &mut Session,
+    policy: Option<&RoutePolicy>,
+    path: &str,
+) -> Result<(Identity, RateHeaders), Refusal> {
+    let principal = principal(gw, session.req_header()).await?;
+    let account = principal.account.clone();
+    let Some(plan) = live.config.policies.plans.get(&account.plan) else {
         tracing::error!(account = %account.id, plan = %account.plan, "account refers to an unknown plan");
         return Err(GatewayError::store_unavailable().into());
     };
@@ -81,24 +142,34 @@ pub async fn authorize(
         period_secs: period.seconds(),
         live: None,
     };
+    let refuse = |error: GatewayError, rate: RateHeaders| Refusal {
+        error,
+        rate: Some(rate),
+    };
     // 4. subscription
-    if route.require_subscription && account.subscription != Subscription::Active {
-        return Err(Refusal {
-            error: GatewayError::subscription_inactive(),
-            rate: Some(rate),
-        });
+    let required = policy.and_then(|p| p.require_subscription).unwrap_or(true);
+    if required && account.subscription != Subscription::Active {
+        return Err(refuse(GatewayError::subscription_inactive(), rate));
     }
-    // 5. scopes and instances: enforced by route policies (lua-free-policies), not yet declared.
+    // 5. scopes and instances
+    if let Err(e) = restrictions(live, session, &principal, policy, path).await {
+        return Err(refuse(e, rate));
+    }
+    let identity = Identity {
+        account_id: account.id.clone(),
+        key_id: Some(principal.key.id.clone()),
+        user_id: None,
+    };
     // 6 and 7. rate limit, then quota, in one store decision; a key the store just refused
     // is refused here until its retry time, at no store cost.
     if let Some((retry_after_ns, reset_after_ns)) =
         gw.directory.rate_blocked(&principal.key.id, now_ns)
     {
         rate.live = Some((0, ceil_secs(reset_after_ns)));
-        return Err(Refusal {
-            error: GatewayError::rate_limited(ceil_secs(retry_after_ns)),
-            rate: Some(rate),
-        });
+        return Err(refuse(
+            GatewayError::rate_limited(ceil_secs(retry_after_ns)),
+            rate,
+        ));
     }
     let period_id = period.id();
     let decision = gw
@@ -120,14 +191,7 @@ pub async fn authorize(
             ..
         }) => {
             rate.live = Some((remaining, ceil_secs(reset_after_ns)));
-            Ok((
-                Identity {
-                    account_id: account.id.clone(),
-                    key_id: Some(principal.key.id.clone()),
-                    user_id: None,
-                },
-                rate,
-            ))
+            Ok((identity, rate))
         }
         Ok(Admission::RateLimited {
             retry_after_ns,
@@ -142,10 +206,10 @@ pub async fn authorize(
                 now_ns.saturating_add(reset_after_ns),
             );
             rate.live = Some((0, ceil_secs(reset_after_ns)));
-            Err(Refusal {
-                error: GatewayError::rate_limited(ceil_secs(retry_after_ns)),
-                rate: Some(rate),
-            })
+            Err(refuse(
+                GatewayError::rate_limited(ceil_secs(retry_after_ns)),
+                rate,
+            ))
         }
         Ok(Admission::QuotaExceeded {
             remaining,
@@ -153,25 +217,21 @@ pub async fn authorize(
             ..
         }) => {
             rate.live = Some((remaining, ceil_secs(reset_after_ns)));
-            Err(Refusal {
-                error: GatewayError::quota_exceeded(period.seconds_left(now_unix)),
-                rate: Some(rate),
-            })
+            Err(refuse(
+                GatewayError::quota_exceeded(period.seconds_left(now_unix)),
+                rate,
+            ))
         }
         Err(e) => {
             gw.metrics.store_error();
-            if route.on_store_error == StoreErrorMode::FailOpen {
+            let mode = policy
+                .and_then(|p| p.on_store_error)
+                .unwrap_or(StoreErrorMode::FailClosed);
+            if mode == StoreErrorMode::FailOpen {
                 // The caller is known (cached); only the counting is missing. Forward unmetered.
                 gw.metrics.fail_open();
                 tracing::warn!(error = %e, "limits unavailable; forwarding unmetered (fail_open)");
-                return Ok((
-                    Identity {
-                        account_id: account.id.clone(),
-                        key_id: Some(principal.key.id.clone()),
-                        user_id: None,
-                    },
-                    rate,
-                ));
+                return Ok((identity, rate));
             }
             tracing::error!(error = %e, "rate-limit decision failed");
             Err(GatewayError::store_unavailable().into())

@@ -1,7 +1,8 @@
 //! Writing responses the gateway makes itself, with content-length and an honest connection.
 
-use super::{Ctx, Gateway};
+use super::Ctx;
 use crate::errors::GatewayError;
+use crate::gateway::Gateway;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
@@ -14,19 +15,18 @@ pub async fn send_error(
     err: &GatewayError,
 ) -> Result<()> {
     gw.metrics.rejected(err.code.as_str());
-    send(gw, session, ctx, err.status(), err.body(), err.retry_after).await
+    send(session, ctx, err.status(), err.body(), err.retry_after).await
 }
 
 /// Sends a JSON document with `status`.
 pub async fn send(
-    gw: &Gateway,
     session: &mut Session,
     ctx: &mut Ctx,
     status: u16,
     body: Vec<u8>,
     retry_after: Option<u64>,
 ) -> Result<()> {
-    settle_request_body(gw, session).await;
+    settle_request_body(session, ctx.live.config.server.max_body_bytes).await;
     let mut h = ResponseHeader::build(status, Some(8))?;
     h.insert_header("content-type", "application/json")?;
     h.insert_header("content-length", body.len().to_string())?;
@@ -39,7 +39,7 @@ pub async fn send(
         }
     }
     h.insert_header(
-        gw.config.forward.request_id_header.clone(),
+        ctx.live.config.forward.request_id_header.clone(),
         ctx.request_id.as_str(),
     )?;
     session.write_response_header(Box::new(h), false).await?;
@@ -49,7 +49,7 @@ pub async fn send(
 
 /// Before answering early: drain a small unread request body so keep-alive stays honest,
 /// or give up keep-alive for a large or unknown one.
-async fn settle_request_body(gw: &Gateway, session: &mut Session) {
+async fn settle_request_body(session: &mut Session, max_body_bytes: usize) {
     if session.is_body_done() {
         return;
     }
@@ -60,7 +60,7 @@ async fn settle_request_body(gw: &Gateway, session: &mut Session) {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     match declared {
-        Some(n) if n <= gw.config.server.max_body_bytes => {
+        Some(n) if n <= max_body_bytes => {
             if session.drain_request_body().await.is_err() {
                 session.set_keepalive(None);
             }

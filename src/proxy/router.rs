@@ -43,9 +43,6 @@ mod tests {
             auth: AuthMode::Open,
             upstream: 0,
             forward_api_key: false,
-            require_subscription: false,
-            ip_limit: None,
-            on_store_error: crate::config::StoreErrorMode::FailClosed,
         }
     }
 

@@ -48,6 +48,33 @@ impl Pool {
         }
     }
 
+    /// True when this pool was built from an identical upstream definition.
+    pub fn serves(&self, u: &Upstream) -> bool {
+        self.name == u.name
+            && self.connect_timeout == u.connect_timeout
+            && self.read_timeout == u.read_timeout
+            && self.health.map(|h| {
+                (
+                    h.interval,
+                    h.timeout,
+                    h.unhealthy_threshold,
+                    h.healthy_threshold,
+                )
+            }) == u.health_check.map(|h| {
+                (
+                    h.interval,
+                    h.timeout,
+                    h.unhealthy_threshold,
+                    h.healthy_threshold,
+                )
+            })
+            && self
+                .members
+                .iter()
+                .map(|m| m.addr)
+                .eq(u.addresses.iter().copied())
+    }
+
     pub fn len(&self) -> usize {
         self.members.len()
     }
@@ -103,29 +130,28 @@ impl Pool {
     }
 }
 
-/// Probes every address of every pool that has a health check, by TCP connect.
+/// Probes every address of every pool that has a health check, by TCP connect; the pools are
+/// read from the gateway's current snapshot each round, so reloads are followed.
 pub struct HealthChecker {
-    pub pools: Vec<Arc<Pool>>,
+    pub gateway: Arc<crate::gateway::Gateway>,
 }
 
 #[async_trait]
 impl BackgroundService for HealthChecker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let checked: Vec<(Arc<Pool>, HealthCheck)> = self
-            .pools
-            .iter()
-            .filter_map(|p| p.health.map(|h| (p.clone(), h)))
-            .collect();
-        if checked.is_empty() {
-            return;
-        }
-        let interval = checked
-            .iter()
-            .map(|(_, h)| h.interval)
-            .min()
-            .unwrap_or(Duration::from_secs(5))
-            .max(Duration::from_millis(50));
         loop {
+            let live = self.gateway.live();
+            let checked: Vec<(&Arc<Pool>, HealthCheck)> = live
+                .pools
+                .iter()
+                .filter_map(|p| p.health.map(|h| (p, h)))
+                .collect();
+            let interval = checked
+                .iter()
+                .map(|(_, h)| h.interval)
+                .min()
+                .unwrap_or(Duration::from_secs(5))
+                .max(Duration::from_millis(50));
             for (pool, h) in &checked {
                 for (i, m) in pool.members.iter().enumerate() {
                     let probe =
@@ -134,6 +160,8 @@ impl BackgroundService for HealthChecker {
                     pool.report(i, matches!(probe, Ok(Ok(_))));
                 }
             }
+            drop(checked);
+            drop(live);
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(interval) => {}

@@ -26,7 +26,7 @@ fn check_accepts_the_shipped_configuration() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.ends_with("gateway.toml: ok (3 routes, 2 upstreams, 4 plans)\n"),
+        stdout.ends_with("gateway.toml: ok (3 routes, 2 upstreams, 4 plans, 10 route policies)\n"),
         "{stdout}"
     );
 }

@@ -283,7 +283,8 @@ fn fail_open_routes_forward_known_callers_unmetered_during_an_outage() {
     let mut redis = RedisServer::start();
     let gw = Gateway::start_with(Setup {
         redis_url: Some(redis.url()),
-        extra: "[[routes]]\nprefix = \"/api/v1/status/\"\nauth = \"api_key\"\nupstream = \"api\"\non_store_error = \"fail_open\"\n".into(),
+        policies: "[[route]]\nprefix = \"/api/v1/status/\"\non_store_error = \"fail_open\"\n"
+            .into(),
         ..Setup::default()
     });
     let (cached, key_id) = gw.account_with_key("acme", "pro");

@@ -4,7 +4,7 @@
 use msgflash_gateway::client::{request, Connection, HttpResponse};
 use msgflash_gateway::clock::ManualClock;
 use msgflash_gateway::config::Config;
-use msgflash_gateway::server::Running;
+use msgflash_gateway::server::{Launch, Running};
 use serde_json::{json, Value};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -29,6 +29,34 @@ pub fn wait_listening(addr: SocketAddr) {
         std::thread::yield_now();
     }
 }
+
+/// The test route policies (`Setup::policies` is appended).
+pub const ROUTE_POLICIES: &str = r#"
+scopes = ["messages:send", "messages:read", "instances:read"]
+
+[[route]]
+prefix = "/api/auth/"
+ip_rate_per_second = 1
+ip_burst = 3
+
+[[route]]
+prefix = "/api/v1/messages/send"
+methods = ["POST"]
+scope = "messages:send"
+instance = { from = "body", field = "instanceId" }
+
+[[route]]
+prefix = "/api/v1/messages/"
+methods = ["GET"]
+scope = "messages:read"
+require_subscription = false
+instance = { from = "query", param = "instanceId" }
+
+[[route]]
+prefix = "/api/v1/instances/"
+scope = "instances:read"
+instance = { from = "path", segment = 3 }
+"#;
 
 pub const PLANS: &str = r#"
 [plans.free]
@@ -82,6 +110,8 @@ pub struct Setup {
     pub clock: Option<Arc<ManualClock>>,
     /// Extra TOML for [[routes]] / [upstreams.*] appended to the file.
     pub extra: String,
+    /// Extra [[route]] policies appended to routes.toml.
+    pub policies: String,
     /// Replaces the default `[upstreams.api]` table.
     pub api_upstream: Option<String>,
     pub plans: String,
@@ -93,6 +123,7 @@ impl Default for Setup {
             redis_url: None,
             clock: None,
             extra: String::new(),
+            policies: String::new(),
             api_upstream: None,
             plans: PLANS.into(),
         }
@@ -120,6 +151,11 @@ pub fn write_config(
 ) -> PathBuf {
     std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
     std::fs::write(dir.join("policies/plans.toml"), &s.plans).expect("plans");
+    std::fs::write(
+        dir.join("policies/routes.toml"),
+        format!("{ROUTE_POLICIES}\n{}", s.policies),
+    )
+    .expect("routes");
     // `{echo}` in a custom upstream table stands for the echo upstream's address.
     let api = s.api_upstream.clone().map(|a| a.replace("{echo}", &echo.to_string())).unwrap_or_else(|| {
         format!("[upstreams.api]\naddresses = [\"{echo}\"]\nconnect_timeout = \"1s\"\nread_timeout = \"2s\"\n")
@@ -131,6 +167,7 @@ listen = "{proxy}"
 threads = 2
 max_header_bytes = 8192
 max_body_bytes = 4096
+max_inspected_body_bytes = 2048
 
 [admin]
 listen = "{admin}"
@@ -168,8 +205,6 @@ upstream = "api"
 prefix = "/api/auth/"
 auth = "open"
 upstream = "console"
-ip_rate_per_second = 1
-ip_burst = 3
 
 [[routes]]
 prefix = "/api/"
@@ -250,8 +285,12 @@ impl Gateway {
             self.echo,
         );
         let config = Config::load_with_env(&path, &env).unwrap_or_else(|e| panic!("config: {e}"));
-        let running =
-            Running::start(config, self.clock.clone()).unwrap_or_else(|e| panic!("start: {e}"));
+        let launch = Launch {
+            clock: self.clock.clone(),
+            env: Arc::new(env),
+            upgrade: false,
+        };
+        let running = Running::start_with(config, launch).unwrap_or_else(|e| panic!("start: {e}"));
         self.running = Some(running);
         wait_listening(self.proxy);
         wait_listening(self.admin);

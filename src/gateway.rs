@@ -1,0 +1,105 @@
+//! One gateway's shared state: the reloadable snapshot, the store, caches, metrics.
+
+use crate::auth::Directory;
+use crate::clock::Clock;
+use crate::config::{Config, Env};
+use crate::live::Live;
+use crate::manage::Manager;
+use crate::metrics::Metrics;
+use crate::proxy::headers::RequestIds;
+use crate::proxy::ip_limit::IpLimiter;
+use crate::store::Store;
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use std::sync::Arc;
+
+pub struct Gateway {
+    live: ArcSwap<Live>,
+    /// Serialises reloads (SIGHUP and the admin endpoint may race).
+    reloading: Mutex<()>,
+    env: Env,
+    pub store: Arc<dyn Store>,
+    pub directory: Arc<Directory>,
+    pub manager: Manager,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Metrics,
+    pub ip_limiter: IpLimiter,
+    pub request_ids: RequestIds,
+}
+
+/// What a successful reload applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    pub routes: usize,
+    pub route_policies: usize,
+    pub plans: usize,
+    /// Changed settings that take effect at the next restart only.
+    pub needs_restart: Vec<&'static str>,
+}
+
+impl Gateway {
+    /// Assembles the gateway around a store; `env` supplies secrets now and at every reload.
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        env: Env,
+    ) -> Result<Self, String> {
+        let ttl_ns = u64::try_from(config.cache.ttl.as_nanos()).unwrap_or(u64::MAX);
+        let directory = Arc::new(Directory::new(
+            store.clone(),
+            clock.clone(),
+            config.cache.capacity,
+            config.cache.negative_capacity,
+            ttl_ns,
+        ));
+        let weak = Arc::downgrade(&directory);
+        store.on_invalidation(Arc::new(move |change| {
+            if let Some(directory) = weak.upgrade() {
+                directory.apply(&change);
+            }
+        }));
+        let ip_capacity = config.cache.negative_capacity;
+        Ok(Self {
+            live: ArcSwap::from_pointee(Live::build(config, None)?),
+            reloading: Mutex::new(()),
+            env,
+            manager: Manager::new(store.clone(), directory.clone(), clock.clone()),
+            metrics: Metrics::new(),
+            ip_limiter: IpLimiter::new(ip_capacity),
+            request_ids: RequestIds::new(),
+            directory,
+            store,
+            clock,
+        })
+    }
+
+    /// The current snapshot.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Re-reads gateway.toml and the policy files; applies them atomically, or changes nothing
+    /// and says why. In-flight requests finish on the snapshot they started with.
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        let _one_at_a_time = self.reloading.lock();
+        let current = self.live();
+        let env = &self.env;
+        let config = Config::load_with_env(&current.config.path, &|name| env(name))
+            .map_err(|e| e.to_string())?;
+        let missing = config.missing_secrets();
+        if !missing.is_empty() {
+            return Err(missing.join("; "));
+        }
+        let needs_restart = current.restart_only_changes(&config);
+        let next = Live::build(config, Some(&current))?;
+        let reloaded = Reloaded {
+            routes: next.config.routes.len(),
+            route_policies: next.config.policies.routes.len(),
+            plans: next.config.policies.plans.names().count(),
+            needs_restart,
+        };
+        self.live.store(Arc::new(next));
+        Ok(reloaded)
+    }
+}

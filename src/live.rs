@@ -1,0 +1,75 @@
+//! The reloadable part of a gateway: configuration, policies, routes, upstream pools, JWT keys.
+//! Requests take one snapshot at their start, so a reload never changes a request midway.
+
+use crate::auth::jwt::JwtVerifier;
+use crate::config::Config;
+use crate::proxy::router::Router;
+use crate::proxy::upstream::Pool;
+use std::sync::Arc;
+
+pub struct Live {
+    pub config: Config,
+    pub router: Router,
+    /// By upstream index.
+    pub pools: Vec<Arc<Pool>>,
+    pub jwt: JwtVerifier,
+    /// Metric label of each route (its prefix), by route index.
+    pub labels: Vec<Arc<str>>,
+}
+
+impl Live {
+    /// Builds a snapshot; pools whose upstream did not change keep their health state.
+    pub fn build(config: Config, previous: Option<&Live>) -> Result<Live, String> {
+        let pools = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                previous
+                    .and_then(|p| p.pools.iter().find(|old| old.serves(u)))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Pool::new(u)))
+            })
+            .collect();
+        Ok(Live {
+            jwt: JwtVerifier::new(&config.jwt)?,
+            router: Router::new(&config.routes),
+            labels: config
+                .routes
+                .iter()
+                .map(|r| Arc::from(r.prefix.as_str()))
+                .collect(),
+            pools,
+            config,
+        })
+    }
+
+    /// Settings that only a restart applies, named when a reload changes them.
+    pub fn restart_only_changes(&self, next: &Config) -> Vec<&'static str> {
+        let (a, b) = (&self.config, next);
+        let mut changed = Vec::new();
+        if a.server.listen != b.server.listen {
+            changed.push("server.listen");
+        }
+        if a.server.threads != b.server.threads {
+            changed.push("server.threads");
+        }
+        if a.admin.listen != b.admin.listen {
+            changed.push("admin.listen");
+        }
+        if a.store.data_file != b.store.data_file
+            || a.store.redis.as_ref().map(|r| &r.url) != b.store.redis.as_ref().map(|r| &r.url)
+        {
+            changed.push("store");
+        }
+        if a.cache.capacity != b.cache.capacity
+            || a.cache.negative_capacity != b.cache.negative_capacity
+            || a.cache.ttl != b.cache.ttl
+        {
+            changed.push("cache");
+        }
+        if a.echo != b.echo {
+            changed.push("echo");
+        }
+        changed
+    }
+}

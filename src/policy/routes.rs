@@ -1,0 +1,326 @@
+//! routes.toml: per path prefix and method, what a request needs (scope, subscription, instance)
+//! and how it is limited (per-IP limits, behaviour when the store fails).
+
+use crate::config::error::Reporter;
+use crate::config::{ConfigErrors, StoreErrorMode};
+use crate::limits::gcra::BucketParams;
+use http::Method;
+use serde::Deserialize;
+use std::path::Path;
+use std::str::FromStr;
+use toml::Spanned;
+
+/// Where a request names the instance it acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceSource {
+    /// The n-th segment (0-based) of the normalised path: `/api/v1/instances/{id}` is segment 3.
+    PathSegment(usize),
+    /// A query parameter.
+    Query(String),
+    /// A top-level string field of a JSON body (read, bounded, and forwarded unchanged).
+    Body(String),
+}
+
+/// The rules for one prefix (and optionally some methods).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutePolicy {
+    pub prefix: String,
+    /// Empty: every method.
+    pub methods: Vec<Method>,
+    pub scope: Option<String>,
+    pub require_subscription: Option<bool>,
+    pub instance: Option<InstanceSource>,
+    pub ip_limit: Option<BucketParams>,
+    pub on_store_error: Option<StoreErrorMode>,
+}
+
+/// All route policies; the most specific match wins (longest prefix, then a method list over none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoutePolicies {
+    pub scopes: Vec<String>,
+    ordered: Vec<RoutePolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutesFile {
+    #[serde(default)]
+    scopes: Vec<Spanned<String>>,
+    #[serde(default)]
+    route: Vec<RouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    prefix: Spanned<String>,
+    #[serde(default)]
+    methods: Vec<Spanned<String>>,
+    scope: Option<Spanned<String>>,
+    require_subscription: Option<bool>,
+    instance: Option<Spanned<InstanceFile>>,
+    ip_rate_per_second: Option<Spanned<u32>>,
+    ip_burst: Option<Spanned<u32>>,
+    on_store_error: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstanceFile {
+    from: String,
+    segment: Option<usize>,
+    param: Option<String>,
+    field: Option<String>,
+}
+
+impl RoutePolicies {
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let source = std::fs::read_to_string(path).map_err(|e| {
+            let mut r = Reporter::new(path, "");
+            r.whole("(file)", format!("cannot read: {e}"));
+            ConfigErrors(r.errors)
+        })?;
+        Self::parse(path, &source)
+    }
+
+    pub fn parse(path: &Path, source: &str) -> Result<Self, ConfigErrors> {
+        let mut r = Reporter::new(path, source);
+        let raw: RoutesFile = match toml::from_str(source) {
+            Ok(raw) => raw,
+            Err(e) => {
+                r.toml(&e);
+                return Err(ConfigErrors(r.errors));
+            }
+        };
+        let scopes: Vec<String> = raw.scopes.iter().map(|s| s.get_ref().clone()).collect();
+        // (policy, route index, line of its prefix)
+        let mut out: Vec<(RoutePolicy, usize, usize)> = Vec::new();
+        for (i, route) in raw.route.iter().enumerate() {
+            let policy = validate(&mut r, i, route, &scopes);
+            let line = crate::config::error::line_col(source, route.prefix.span().start).0;
+            let overlap = |o: &RoutePolicy| {
+                o.prefix == policy.prefix
+                    && (o.methods.is_empty()
+                        || policy.methods.is_empty()
+                        || o.methods.iter().any(|m| policy.methods.contains(m)))
+            };
+            if let Some((_, j, other_line)) = out.iter().find(|(o, _, _)| overlap(o)) {
+                r.at(
+                    route.prefix.span(),
+                    format!("route[{i}].prefix"),
+                    format!(
+                        "\"{}\" overlaps route[{j}] (line {other_line}) for the same methods: conflicting rules",
+                        policy.prefix
+                    ),
+                );
+                continue;
+            }
+            out.push((policy, i, line));
+        }
+        let mut ordered: Vec<RoutePolicy> = out.into_iter().map(|(p, _, _)| p).collect();
+        ordered.sort_by(|a, b| {
+            b.prefix
+                .len()
+                .cmp(&a.prefix.len())
+                .then(b.methods.is_empty().cmp(&a.methods.is_empty()).reverse())
+        });
+        r.finish(RoutePolicies { scopes, ordered })
+    }
+
+    /// The policy for a request, if any declares it.
+    pub fn find(&self, method: &Method, path: &str) -> Option<&RoutePolicy> {
+        self.ordered.iter().find(|p| {
+            path.starts_with(p.prefix.as_str())
+                && (p.methods.is_empty() || p.methods.contains(method))
+        })
+    }
+
+    /// True when `scope` may be given to a key (any scope when none are declared).
+    pub fn knows_scope(&self, scope: &str) -> bool {
+        self.scopes.is_empty() || self.scopes.iter().any(|s| s == scope)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ordered.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ordered.is_empty()
+    }
+}
+
+fn validate(r: &mut Reporter, i: usize, route: &RouteFile, scopes: &[String]) -> RoutePolicy {
+    let field = |f: &str| format!("route[{i}].{f}");
+    let prefix = route.prefix.get_ref().clone();
+    if !prefix.starts_with('/')
+        || crate::path::normalise(&prefix)
+            .map(|p| p != prefix)
+            .unwrap_or(true)
+    {
+        r.at(
+            route.prefix.span(),
+            field("prefix"),
+            format!("\"{prefix}\" must be a normalised path starting with '/'"),
+        );
+    }
+    let methods = route
+        .methods
+        .iter()
+        .filter_map(|m| match Method::from_str(m.get_ref()) {
+            Ok(method) if m.get_ref().bytes().all(|b| b.is_ascii_uppercase()) => Some(method),
+            _ => {
+                r.at(
+                    m.span(),
+                    field("methods"),
+                    format!("\"{}\" is not an HTTP method (use upper case)", m.get_ref()),
+                );
+                None
+            }
+        })
+        .collect();
+    if let Some(scope) = &route.scope {
+        if !scopes.iter().any(|s| s == scope.get_ref()) {
+            r.at(
+                scope.span(),
+                field("scope"),
+                format!(
+                    "unknown scope \"{}\" (declare it in scopes)",
+                    scope.get_ref()
+                ),
+            );
+        }
+    }
+    let instance = route.instance.as_ref().and_then(|inst| {
+        let span = inst.span();
+        let inst = inst.get_ref();
+        let source = match (inst.from.as_str(), inst.segment, &inst.param, &inst.field) {
+            ("path", Some(n), None, None) => InstanceSource::PathSegment(n),
+            ("query", None, Some(p), None) if !p.is_empty() => InstanceSource::Query(p.clone()),
+            ("body", None, None, Some(f)) if !f.is_empty() => InstanceSource::Body(f.clone()),
+            _ => {
+                r.at(
+                    span,
+                    field("instance"),
+                    "expected { from = \"path\", segment = N }, { from = \"query\", param = \"...\" } or { from = \"body\", field = \"...\" }",
+                );
+                return None;
+            }
+        };
+        Some(source)
+    });
+    let mut positive = |v: &Option<Spanned<u32>>, f: &str| {
+        v.as_ref().map(|v| {
+            if *v.get_ref() == 0 {
+                r.at(v.span(), field(f), "must be at least 1, got 0");
+            }
+            *v.get_ref()
+        })
+    };
+    let rate = positive(&route.ip_rate_per_second, "ip_rate_per_second");
+    let burst = positive(&route.ip_burst, "ip_burst");
+    let ip_limit = match (rate, burst) {
+        (None, None) => None,
+        (rate, burst) => {
+            let rate = rate.unwrap_or(10);
+            Some(BucketParams {
+                rate_per_second: rate,
+                burst: burst.unwrap_or(rate),
+            })
+        }
+    };
+    let on_store_error = route
+        .on_store_error
+        .as_ref()
+        .and_then(|m| match m.get_ref().as_str() {
+            "fail_closed" => Some(StoreErrorMode::FailClosed),
+            "fail_open" => Some(StoreErrorMode::FailOpen),
+            other => {
+                r.at(
+                    m.span(),
+                    field("on_store_error"),
+                    format!("unknown mode \"{other}\" (expected \"fail_closed\" or \"fail_open\")"),
+                );
+                None
+            }
+        });
+    RoutePolicy {
+        prefix,
+        methods,
+        scope: route.scope.as_ref().map(|s| s.get_ref().clone()),
+        require_subscription: route.require_subscription,
+        instance,
+        ip_limit,
+        on_store_error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(src: &str) -> Result<RoutePolicies, String> {
+        RoutePolicies::parse(Path::new("routes.toml"), src).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_shipped_policies_load() {
+        let p = RoutePolicies::load(Path::new("lua-free-policies/routes.toml")).unwrap();
+        let send = p.find(&Method::POST, "/api/v1/messages/send").unwrap();
+        assert_eq!(send.scope.as_deref(), Some("messages:send"));
+        assert_eq!(
+            send.instance,
+            Some(InstanceSource::Body("instanceId".into()))
+        );
+        assert_eq!(send.require_subscription, Some(true));
+    }
+
+    #[test]
+    fn most_specific_wins() {
+        let p = parse(
+            "scopes = [\"a\", \"b\"]\n\
+             [[route]]\nprefix = \"/api/v1/\"\nscope = \"a\"\n\
+             [[route]]\nprefix = \"/api/v1/x/\"\nmethods = [\"GET\"]\nscope = \"b\"\n\
+             [[route]]\nprefix = \"/api/v1/x/\"\nmethods = [\"POST\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            p.find(&Method::GET, "/api/v1/x/1")
+                .unwrap()
+                .scope
+                .as_deref(),
+            Some("b")
+        );
+        assert_eq!(p.find(&Method::POST, "/api/v1/x/1").unwrap().scope, None);
+        assert_eq!(
+            p.find(&Method::DELETE, "/api/v1/x/1")
+                .unwrap()
+                .scope
+                .as_deref(),
+            Some("a")
+        );
+        assert!(p.find(&Method::GET, "/api/other").is_none());
+    }
+
+    #[test]
+    fn every_problem_is_located_word_for_word() {
+        let err = parse(
+            "scopes = [\"messages:send\"]\n\
+             [[route]]\nprefix = \"/api/v1/a\"\nscope = \"messages:sned\"\n\
+             [[route]]\nprefix = \"/api/v1/b\"\nmethods = [\"get\"]\nip_rate_per_second = 0\nip_burst = 0\n\
+             [[route]]\nprefix = \"/api/v1/a\"\nmethods = [\"POST\"]\n\
+             [[route]]\nprefix = \"api/v1/c\"\ninstance = { from = \"header\", field = \"x\" }\non_store_error = \"maybe\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            "routes.toml:4:9: route[0].scope: unknown scope \"messages:sned\" (declare it in scopes)\n\
+             routes.toml:7:12: route[1].methods: \"get\" is not an HTTP method (use upper case)\n\
+             routes.toml:8:22: route[1].ip_rate_per_second: must be at least 1, got 0\n\
+             routes.toml:9:12: route[1].ip_burst: must be at least 1, got 0\n\
+             routes.toml:11:10: route[2].prefix: \"/api/v1/a\" overlaps route[0] (line 3) for the same methods: conflicting rules\n\
+             routes.toml:14:10: route[3].prefix: \"api/v1/c\" must be a normalised path starting with '/'\n\
+             routes.toml:15:12: route[3].instance: expected { from = \"path\", segment = N }, { from = \"query\", param = \"...\" } or { from = \"body\", field = \"...\" }\n\
+             routes.toml:16:18: route[3].on_store_error: unknown mode \"maybe\" (expected \"fail_closed\" or \"fail_open\")"
+        );
+    }
+}
