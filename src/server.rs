@@ -76,6 +76,12 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
         Arc::new(Gateway::new(config, store, launch.clock, launch.env).map_err(StartError::Setup)?);
     let live = gateway.live();
     let cfg = &live.config;
+    for file in [&cfg.server.upgrade_sock, &cfg.server.pid_file] {
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StartError::Setup(format!("{}: {e}", dir.display())))?;
+        }
+    }
     let grace = cfg.server.grace_period.as_secs();
     let conf = ServerConf {
         threads: cfg.server.threads,

@@ -13,21 +13,35 @@ struct Process {
     child: Child,
     proxy: SocketAddr,
     admin: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl Process {
     fn spawn(redis: &RedisServer) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
         let (proxy, admin, echo) = (free_addr(), free_addr(), free_addr());
         let setup = Setup {
             redis_url: Some(redis.url()),
             ..Setup::default()
         };
-        let path = write_config(dir.path(), &setup, proxy, admin, echo);
+        write_config(tmp.path(), &setup, proxy, admin, echo);
+        let mut p = Self::start_in(tmp.path(), proxy, admin, &[]);
+        p._tmp = Some(tmp);
+        p
+    }
+
+    /// Starts the binary on the configuration already written in `dir`.
+    fn start_in(
+        dir: &std::path::Path,
+        proxy: SocketAddr,
+        admin: SocketAddr,
+        flags: &[&str],
+    ) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_msgflash-gateway"))
             .args(["run", "-c"])
-            .arg(&path)
+            .arg(dir.join("gateway.toml"))
+            .args(flags)
             .env("TEST_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("TEST_JWT_SECRET", JWT_SECRET)
             .env("RUST_LOG", "warn")
@@ -41,8 +55,18 @@ impl Process {
             child,
             proxy,
             admin,
-            _dir: dir,
+            dir: dir.to_path_buf(),
+            _tmp: None,
         }
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .unwrap();
+        assert!(ok.success());
     }
 
     fn admin(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
@@ -138,5 +162,91 @@ fn three_processes_never_exceed_the_quota() {
         statuses.iter().filter(|s| **s == 429).count(),
         4,
         "{statuses:?}"
+    );
+}
+
+#[test]
+fn sighup_reloads_the_policies_of_a_running_process() {
+    let redis = RedisServer::start();
+    let node = Process::spawn(&redis);
+    node.admin("PUT", "/admin/v1/accounts/acme", json!({"plan": "pro"}));
+    let key = node.admin("POST", "/admin/v1/accounts/acme/keys", json!({"name": "k"}))["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let quota_of = || {
+        let r = request(node.proxy, "GET", "/api/v1/x", &[("x-api-key", &key)], None).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.header("ratelimit-policy").unwrap_or_default().to_owned()
+    };
+    assert!(quota_of().ends_with("\"monthly\";q=500000;w=2592000"));
+    let plans = node.dir.join("policies/plans.toml");
+    let text = std::fs::read_to_string(&plans)
+        .unwrap()
+        .replace("monthly_requests = 500000", "monthly_requests = 600000");
+    std::fs::write(&plans, text).unwrap();
+    node.signal("HUP");
+    eventually("the new quota is in force", || {
+        quota_of().ends_with("\"monthly\";q=600000;w=2592000")
+    });
+    // Still alive and serving: SIGHUP reloads, it does not terminate.
+    assert_eq!(
+        request(node.admin, "GET", "/healthz", &[], None)
+            .unwrap()
+            .status,
+        200
+    );
+}
+
+#[test]
+fn sigquit_hands_the_sockets_to_a_new_process_without_refusing_anyone() {
+    let redis = RedisServer::start();
+    let old = Process::spawn(&redis);
+    old.admin("PUT", "/admin/v1/accounts/acme", json!({"plan": "pro"}));
+    let key = old.admin("POST", "/admin/v1/accounts/acme/keys", json!({"name": "k"}))["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Traffic on fresh connections all along (bounded: at most 20 000 requests).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, key, proxy) = (stop.clone(), key.clone(), old.proxy);
+        std::thread::spawn(move || {
+            let mut outcomes = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && outcomes.len() < 20_000 {
+                let r = request(proxy, "GET", "/api/v1/x", &[("x-api-key", &key)], None);
+                outcomes.push(r.map(|r| r.status).map_err(|e| e.to_string()));
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            outcomes
+        })
+    };
+    // The new binary waits on the upgrade socket for the listeners.
+    let dir = old.dir.clone();
+    let (proxy, admin) = (old.proxy, old.admin);
+    let new = std::thread::spawn(move || Process::start_in(&dir, proxy, admin, &["--upgrade"]));
+    let sock = old.dir.join("data/upgrade.sock");
+    eventually("the new process listens on the upgrade socket", || {
+        sock.exists()
+    });
+    old.signal("QUIT");
+    let new = new.join().unwrap();
+    let mut old = old;
+    let exited = old.child.wait().unwrap();
+    assert!(exited.success(), "{exited:?}");
+    // The new process serves on the same addresses, with the same store.
+    let r = request(new.proxy, "GET", "/api/v1/x", &[("x-api-key", &key)], None).unwrap();
+    assert_ne!(r.status, 401, "{}", r.text());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let outcomes = traffic.join().unwrap();
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| !matches!(o, Ok(200) | Ok(429)))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        outcomes.len()
     );
 }

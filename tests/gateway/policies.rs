@@ -1,0 +1,171 @@
+//! SPEC §2–3 check 5 and route policies: scopes, instances (path, query, JSON body),
+//! subscription per route, and key creation against the declared scopes.
+
+use crate::support::*;
+use serde_json::json;
+
+const A: &str = "3fa85f64-5717-4562-b3fc-2c963f66afa6";
+const B: &str = "9b2e8a3c-1111-4222-8333-444455556666";
+
+/// A key on `acme` (pro) with the given restrictions.
+fn restricted_key(gw: &Gateway, scopes: &[&str], instances: &[&str]) -> String {
+    gw.put_account("acme", "pro", "active");
+    let r = gw.admin_call(
+        "POST",
+        "/admin/v1/accounts/acme/keys",
+        Some(json!({"name": "restricted", "scopes": scopes, "instanceIds": instances})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json().unwrap()["key"].as_str().unwrap().to_owned()
+}
+
+fn send(gw: &Gateway, key: &str, body: &[u8]) -> msgflash_gateway::client::HttpResponse {
+    gw.send(
+        "POST",
+        "/api/v1/messages/send",
+        &[("x-api-key", key), ("content-type", "application/json")],
+        Some(body),
+    )
+}
+
+fn scopes_limit_what_a_key_may_call(b: Backend) {
+    let gw = Gateway::on(b);
+    let key = restricted_key(&gw, &["messages:read"], &[]);
+    let r = send(&gw, &key, format!(r#"{{"instanceId":"{A}"}}"#).as_bytes());
+    assert_error(
+        &r,
+        403,
+        "FORBIDDEN",
+        "This API key lacks the scope messages:send",
+    );
+    assert!(!r.text().contains(&key));
+    echoed(&gw.get("/api/v1/messages/42", &[("x-api-key", &key)]));
+    // Routes that declare no scope are open to every key of the account.
+    echoed(&gw.get("/api/v1/other", &[("x-api-key", &key)]));
+    // A refused request consumed nothing: 3 requests went through the limiter so far.
+    let v = gw
+        .admin_call("GET", "/admin/v1/accounts/acme", None)
+        .json()
+        .unwrap();
+    assert_eq!(v["usage"]["requests"], 2);
+}
+
+fn instances_are_read_from_the_body_without_changing_it(b: Backend) {
+    let gw = Gateway::on(b);
+    let key = restricted_key(&gw, &[], &[A]);
+    let body = format!(r#"{{"to":"+33612345000","instanceId":"{A}","text":"Hello"}}"#);
+    let seen = echoed(&send(&gw, &key, body.as_bytes()));
+    assert_eq!(
+        seen["body"],
+        body.as_str(),
+        "the upstream must receive the body unchanged"
+    );
+    assert_eq!(
+        seen["headers"]["content-length"],
+        body.len().to_string().as_str()
+    );
+
+    let r = send(&gw, &key, format!(r#"{{"instanceId":"{B}"}}"#).as_bytes());
+    assert_error(
+        &r,
+        403,
+        "FORBIDDEN",
+        &format!("This API key may not use instance {B}"),
+    );
+    let r = send(&gw, &key, br#"{"to":"+33612345000"}"#);
+    assert_error(
+        &r,
+        403,
+        "FORBIDDEN",
+        "This API key is restricted to specific instances and the request names none",
+    );
+    let r = send(&gw, &key, b"not json");
+    assert_error(
+        &r,
+        400,
+        "BAD_REQUEST",
+        "The request body is not a JSON object",
+    );
+    // The test configuration inspects at most 2048 bytes.
+    let big = format!(r#"{{"instanceId":"{A}","text":"{}"}}"#, "x".repeat(3000));
+    let r = send(&gw, &key, big.as_bytes());
+    assert_error(&r, 413, "PAYLOAD_TOO_LARGE", "Request body too large");
+}
+
+fn unrestricted_keys_are_never_held_up_by_body_inspection(b: Backend) {
+    let gw = Gateway::on(b);
+    let key = restricted_key(&gw, &[], &[]);
+    let big = format!(r#"{{"instanceId":"{B}","text":"{}"}}"#, "x".repeat(3000));
+    let seen = echoed(&send(&gw, &key, big.as_bytes()));
+    assert_eq!(seen["bodyBytes"], big.len());
+}
+
+fn instances_are_read_from_query_and_path(b: Backend) {
+    let gw = Gateway::on(b);
+    let key = restricted_key(&gw, &[], &[A]);
+    echoed(&gw.get(
+        &format!("/api/v1/messages/1?instanceId={A}"),
+        &[("x-api-key", &key)],
+    ));
+    let r = gw.get(
+        &format!("/api/v1/messages/1?instanceId={B}"),
+        &[("x-api-key", &key)],
+    );
+    assert_error(
+        &r,
+        403,
+        "FORBIDDEN",
+        &format!("This API key may not use instance {B}"),
+    );
+    echoed(&gw.get(
+        &format!("/api/v1/instances/{A}/status"),
+        &[("x-api-key", &key)],
+    ));
+    let r = gw.get(
+        &format!("/api/v1/instances/{B}/status"),
+        &[("x-api-key", &key)],
+    );
+    assert_error(
+        &r,
+        403,
+        "FORBIDDEN",
+        &format!("This API key may not use instance {B}"),
+    );
+    let r = gw.get("/api/v1/instances/", &[("x-api-key", &key)]);
+    assert_eq!(r.status, 403);
+}
+
+fn the_route_policy_decides_whether_a_subscription_is_needed(b: Backend) {
+    let gw = Gateway::on(b);
+    let key = restricted_key(&gw, &[], &[]);
+    gw.put_account("acme", "pro", "inactive");
+    // Reading message status: the policy does not require a subscription.
+    echoed(&gw.get("/api/v1/messages/42", &[("x-api-key", &key)]));
+    let r = send(&gw, &key, format!(r#"{{"instanceId":"{A}"}}"#).as_bytes());
+    assert_error(
+        &r,
+        403,
+        "SUBSCRIPTION_INACTIVE",
+        "The account has no active subscription for this action",
+    );
+}
+
+fn keys_only_take_declared_scopes(b: Backend) {
+    let gw = Gateway::on(b);
+    gw.put_account("acme", "pro", "active");
+    let r = gw.admin_call(
+        "POST",
+        "/admin/v1/accounts/acme/keys",
+        Some(json!({"name": "x", "scopes": ["messages:send", "billing:admin"]})),
+    );
+    assert_error(&r, 400, "BAD_REQUEST", "Unknown scope \"billing:admin\"");
+}
+
+crate::on_both_stores!(
+    scopes_limit_what_a_key_may_call,
+    instances_are_read_from_the_body_without_changing_it,
+    unrestricted_keys_are_never_held_up_by_body_inspection,
+    instances_are_read_from_query_and_path,
+    the_route_policy_decides_whether_a_subscription_is_needed,
+    keys_only_take_declared_scopes,
+);
