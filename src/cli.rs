@@ -121,6 +121,7 @@ fn dispatch(cli: Cli) -> Result<(), String> {
         }
         Command::Check => {
             let config = load(&cli.config)?;
+            check_accounts(&config)?;
             for warning in config.missing_secrets() {
                 eprintln!("warning: {warning}");
             }
@@ -212,6 +213,33 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             println!("{token}");
             Ok(())
         }
+    }
+}
+
+/// Accounts in the embedded data file must name plans that exist.
+fn check_accounts(config: &Config) -> Result<(), String> {
+    if config.store.redis.is_some() || !config.store.data_file.exists() {
+        return Ok(());
+    }
+    let file = &config.store.data_file;
+    let accounts =
+        crate::store::embedded::accounts_in(file).map_err(|e| format!("invalid data file: {e}"))?;
+    let problems: Vec<String> = accounts
+        .iter()
+        .filter(|(_, a)| config.policies.plans.get(&a.plan).is_none())
+        .map(|(line, a)| {
+            format!(
+                "{}:{line}:1: accounts.{}.plan: unknown plan \"{}\"",
+                file.display(),
+                a.id,
+                a.plan
+            )
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("invalid configuration:\n{}", problems.join("\n")))
     }
 }
 

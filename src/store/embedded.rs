@@ -73,6 +73,19 @@ pub struct EmbeddedStore {
     quotas: DashMap<String, (String, u64)>,
 }
 
+/// Accounts in the data file at `path` (their latest line), for `check` to validate.
+pub fn accounts_in(path: &Path) -> Result<Vec<(usize, Account)>, StoreError> {
+    let mut latest: BTreeMap<String, (usize, Account)> = BTreeMap::new();
+    for (line, entry) in Journal::read_lines(path)? {
+        if let Entry::Account(a) = entry {
+            latest.insert(a.id.clone(), (line, a));
+        }
+    }
+    let mut accounts: Vec<(usize, Account)> = latest.into_values().collect();
+    accounts.sort_by_key(|(line, _)| *line);
+    Ok(accounts)
+}
+
 impl EmbeddedStore {
     /// A store that keeps nothing on disk.
     pub fn in_memory() -> Self {

@@ -41,6 +41,14 @@ fn persist_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
 impl Journal {
     /// Reads the records in `path` (none when it does not exist yet), in write order.
     pub fn read(path: &Path) -> Result<Vec<Entry>, StoreError> {
+        Ok(Self::read_lines(path)?
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect())
+    }
+
+    /// As [`Journal::read`], with the 1-based line of each record.
+    pub fn read_lines(path: &Path) -> Result<Vec<(usize, Entry)>, StoreError> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -67,7 +75,7 @@ impl Journal {
             }
             let entry = serde_json::from_str(line.trim_end())
                 .map_err(|e| persist_err(path, format!("line {}: {e}", i + 1)))?;
-            entries.push(entry);
+            entries.push((i + 1, entry));
         }
         Ok(entries)
     }

@@ -125,3 +125,31 @@ fn keys_and_jwt_commands_drive_a_running_gateway() {
     ));
     assert_eq!(seen["headers"]["x-user-id"], "u9");
 }
+
+#[test]
+fn check_names_accounts_whose_plan_is_gone() {
+    let mut gw = Gateway::start();
+    gw.put_account("small", "tiny", "active");
+    gw.put_account("acme", "pro", "active");
+    if let Some(r) = gw.running.take() {
+        r.stop();
+    }
+    let plans = gw.dir.path().join("policies/plans.toml");
+    let text = std::fs::read_to_string(&plans).unwrap();
+    std::fs::write(&plans, text.replace("[plans.tiny]", "[plans.micro]")).unwrap();
+    let out = bin()
+        .args(["check", "-c"])
+        .arg(gw.config_path())
+        .env("TEST_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("TEST_JWT_SECRET", JWT_SECRET)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "msgflash-gateway: invalid configuration:\n{}:2:1: accounts.small.plan: unknown plan \"tiny\"\n",
+            gw.dir.path().join("data/store.jsonl").display()
+        )
+    );
+}
