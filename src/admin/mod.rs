@@ -3,6 +3,7 @@
 use crate::auth::api_key::constant_time_eq;
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
+use crate::proxy::inspect::read_body;
 use async_trait::async_trait;
 use http::{Method, Response};
 use pingora::apps::http_app::ServeHttp;
@@ -65,22 +66,6 @@ fn authorized(gw: &Gateway, session: &ServerSession) -> bool {
     bytes.len() > 7
         && bytes[..7].eq_ignore_ascii_case(b"bearer ")
         && constant_time_eq(&bytes[7..], expected.as_bytes())
-}
-
-async fn read_body(session: &mut ServerSession, limit: usize) -> Result<Vec<u8>, GatewayError> {
-    let mut body = Vec::new();
-    loop {
-        match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > limit {
-                    return Err(GatewayError::payload_too_large());
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(body),
-            Err(_) => return Err(GatewayError::bad_request("Could not read the request body")),
-        }
-    }
 }
 
 impl AdminApp {

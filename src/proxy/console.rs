@@ -78,7 +78,8 @@ pub async fn serve(
     let value = match call {
         KeyCall::List => gw.manager.list_keys(account_id).await?,
         KeyCall::Create => {
-            let body = read_body(session, live.config.server.max_body_bytes).await?;
+            let body =
+                super::inspect::read_body(session, live.config.server.max_body_bytes).await?;
             let created = gw
                 .manager
                 .create_key(&live.config.policies, account_id, &body)
@@ -88,36 +89,6 @@ pub async fn serve(
         KeyCall::Revoke(id) => gw.manager.revoke_key(account_id, &id).await?,
     };
     Ok((200, serde_json::to_vec(&value).unwrap_or_default()))
-}
-
-/// Reads a whole request body, refusing more than `limit` bytes.
-pub async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>, GatewayError> {
-    let declared = session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(GatewayError::payload_too_large());
-    }
-    let mut body = Vec::new();
-    loop {
-        match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > limit {
-                    session.set_keepalive(None);
-                    return Err(GatewayError::payload_too_large());
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(body),
-            Err(_) => {
-                session.set_keepalive(None);
-                return Err(GatewayError::bad_request("Could not read the request body"));
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,42 @@
-//! Reading an instance id out of a request: a path segment, a query parameter, or a top-level
-//! JSON body field (parsed without building the document).
+//! Reading what a request carries: its whole body (bounded), and an instance id from a path
+//! segment, a query parameter, or a top-level JSON body field (parsed without building the
+//! document).
 
+use crate::errors::GatewayError;
+use pingora::protocols::http::ServerSession;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use std::borrow::Cow;
 use std::fmt;
+
+/// Reads a whole request body, refusing more than `limit` bytes.
+pub async fn read_body(session: &mut ServerSession, limit: usize) -> Result<Vec<u8>, GatewayError> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(GatewayError::payload_too_large());
+    }
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    session.set_keepalive(None);
+                    return Err(GatewayError::payload_too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(_) => {
+                session.set_keepalive(None);
+                return Err(GatewayError::bad_request("Could not read the request body"));
+            }
+        }
+    }
+}
 
 /// The `n`-th (0-based) non-empty segment of a normalised path.
 pub fn path_segment(path: &str, n: usize) -> Option<&str> {

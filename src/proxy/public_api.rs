@@ -110,7 +110,7 @@ async fn restrictions(
 /// is forwarded unchanged.
 async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>, GatewayError> {
     session.enable_retry_buffering();
-    super::console::read_body(session, limit).await
+    inspect::read_body(session, limit).await
 }
 
 /// Runs checks 1–7; on success the request may be forwarded as `Identity`.
