@@ -1,5 +1,6 @@
 //! A bounded, sharded TTL cache: the only kind of cache on the request path.
 
+use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
@@ -61,14 +62,19 @@ impl<K: Eq + Hash + Clone, V: Clone> BoundedCache<K, V> {
         }
     }
 
-    fn shard(&self, key: &K) -> Option<&Shard<K, V>> {
+    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> Option<&Shard<K, V>> {
         let n = self.shards.len() as u64; // at most 16
         let index = usize::try_from(self.hasher.hash_one(key) % n).unwrap_or(0);
         self.shards.get(index)
     }
 
-    /// The live value for `key`; an expired entry is removed and `None` returned.
-    pub fn get(&self, key: &K, now_ns: u64) -> Option<V> {
+    /// The live value for `key` (any borrowed form, e.g. `&str` for `String` keys); an expired
+    /// entry is removed and `None` returned.
+    pub fn get<Q>(&self, key: &Q, now_ns: u64) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let mut map = self.shard(key)?.map.lock();
         match map.get(key) {
             Some((value, expires_at)) if now_ns < *expires_at => Some(value.clone()),
@@ -105,7 +111,11 @@ impl<K: Eq + Hash + Clone, V: Clone> BoundedCache<K, V> {
     }
 
     /// Removes `key`, returning its value (expired or not).
-    pub fn remove(&self, key: &K) -> Option<V> {
+    pub fn remove<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.shard(key)?.map.lock().remove(key).map(|(v, _)| v)
     }
 

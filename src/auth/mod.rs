@@ -67,7 +67,7 @@ impl Directory {
                 }
             },
         };
-        let account = match self.accounts.get(&record.account_id, now) {
+        let account = match self.accounts.get(record.account_id.as_str(), now) {
             Some(account) => account,
             None => match self.store.account(&record.account_id).await? {
                 Some(account) => {
@@ -95,7 +95,7 @@ impl Directory {
 
     /// Drops a cached account (after a plan or subscription change).
     pub fn forget_account(&self, account_id: &str) {
-        self.accounts.remove(&account_id.to_owned());
+        self.accounts.remove(account_id);
     }
 
     /// Drops everything cached (after invalidations may have been missed).
@@ -118,7 +118,7 @@ impl Directory {
 
     /// `(retry_after_ns, reset_after_ns)` when `key_id` is still refused at `now_ns`.
     pub fn rate_blocked(&self, key_id: &str, now_ns: u64) -> Option<(u64, u64)> {
-        let (until, full_at) = self.rate_blocks.get(&key_id.to_owned(), now_ns)?;
+        let (until, full_at) = self.rate_blocks.get(key_id, now_ns)?;
         (now_ns < until).then(|| (until - now_ns, full_at.saturating_sub(now_ns)))
     }
 
