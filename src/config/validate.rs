@@ -1,0 +1,320 @@
+//! Turning the file's raw values into the validated model, one located error per problem.
+
+use super::error::Reporter;
+use super::file;
+use super::*;
+use http::HeaderName;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+use toml::Spanned;
+
+pub(super) fn inspected_limit(r: &mut Reporter, v: &Spanned<usize>) -> usize {
+    let n = positive(r, "server.max_inspected_body_bytes", v);
+    if n > 64 * 1024 {
+        r.at(
+            v.span(),
+            "server.max_inspected_body_bytes",
+            format!("at most 65536 (the body is replayed from pingora's 64 KiB buffer), got {n}"),
+        );
+    }
+    n
+}
+
+pub(super) fn store_settings(
+    r: &mut Reporter,
+    raw: &file::StoreFile,
+    base: &Path,
+    url_from_env: Option<String>,
+) -> StoreSettings {
+    let timeout = raw.timeout.as_ref().map_or(Duration::from_millis(50), |t| {
+        duration(r, "store.timeout", t)
+    });
+    let breaker_cooldown = raw
+        .breaker_cooldown
+        .as_ref()
+        .map_or(Duration::from_millis(500), |t| {
+            duration(r, "store.breaker_cooldown", t)
+        });
+    let breaker_threshold = raw
+        .breaker_threshold
+        .as_ref()
+        .map_or(3, |t| positive(r, "store.breaker_threshold", t));
+    let url = url_from_env.or_else(|| {
+        let url = raw.store_url()?;
+        let ok = ["redis://", "redis+cluster://"]
+            .iter()
+            .any(|p| url.get_ref().starts_with(p));
+        if !ok {
+            r.at(
+                url.span(),
+                "store.redis_url",
+                "expected redis://host:port or redis+cluster://host:port,host:port",
+            );
+        }
+        Some(url.get_ref().clone())
+    });
+    StoreSettings {
+        data_file: base.join(
+            raw.data_file
+                .clone()
+                .unwrap_or_else(|| "data/store.jsonl".into()),
+        ),
+        redis: url.map(|url| crate::store::RedisSettings {
+            url,
+            timeout,
+            breaker_threshold,
+            breaker_cooldown,
+        }),
+    }
+}
+
+pub(super) fn addr(r: &mut Reporter, field: &str, v: &Spanned<String>) -> SocketAddr {
+    SocketAddr::from_str(v.get_ref()).unwrap_or_else(|_| {
+        r.at(
+            v.span(),
+            field,
+            format!("\"{}\" is not an IP:port address", v.get_ref()),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
+/// An upstream address: `IP:port`, or `host:port` resolved once, when the configuration loads.
+pub(super) fn resolved(r: &mut Reporter, field: &str, v: &Spanned<String>) -> SocketAddr {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = SocketAddr::from_str(v.get_ref()) {
+        return a;
+    }
+    match v.get_ref().to_socket_addrs().map(|mut it| it.next()) {
+        Ok(Some(a)) => a,
+        _ => {
+            r.at(
+                v.span(),
+                field,
+                format!(
+                    "\"{}\" is neither IP:port nor a resolvable host:port",
+                    v.get_ref()
+                ),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        }
+    }
+}
+
+pub(super) fn duration(r: &mut Reporter, field: &str, v: &Spanned<String>) -> Duration {
+    parse_duration(v.get_ref()).unwrap_or_else(|| {
+        r.at(
+            v.span(),
+            field,
+            format!(
+                "\"{}\" is not a duration (use e.g. \"250ms\", \"5s\", \"1m\")",
+                v.get_ref()
+            ),
+        );
+        Duration::ZERO
+    })
+}
+
+pub(super) fn positive<T: Copy + Default + PartialOrd + std::fmt::Display>(
+    r: &mut Reporter,
+    field: &str,
+    v: &Spanned<T>,
+) -> T {
+    if *v.get_ref() <= T::default() {
+        r.at(
+            v.span(),
+            field,
+            format!("must be at least 1, got {}", v.get_ref()),
+        );
+    }
+    *v.get_ref()
+}
+
+pub(super) fn header(r: &mut Reporter, field: &str, v: &Spanned<String>) -> HeaderName {
+    HeaderName::from_str(&v.get_ref().to_ascii_lowercase()).unwrap_or_else(|_| {
+        r.at(
+            v.span(),
+            field,
+            format!("\"{}\" is not a valid header name", v.get_ref()),
+        );
+        HeaderName::from_static("x-invalid")
+    })
+}
+
+pub(super) fn upstream(r: &mut Reporter, name: &str, u: &file::UpstreamFile) -> Upstream {
+    let field = |f: &str| format!("upstreams.{name}.{f}");
+    if u.addresses.get_ref().is_empty() {
+        r.at(
+            u.addresses.span(),
+            field("addresses"),
+            "needs at least one address",
+        );
+    }
+    Upstream {
+        name: name.to_string(),
+        addresses: u
+            .addresses
+            .get_ref()
+            .iter()
+            .map(|a| resolved(r, &field("addresses"), a))
+            .collect(),
+        connect_timeout: duration(r, &field("connect_timeout"), &u.connect_timeout),
+        read_timeout: duration(r, &field("read_timeout"), &u.read_timeout),
+        health_check: u.health_check.as_ref().map(|h| HealthCheck {
+            interval: duration(r, &field("health_check.interval"), &h.interval),
+            timeout: duration(r, &field("health_check.timeout"), &h.timeout),
+            unhealthy_threshold: positive(
+                r,
+                &field("health_check.unhealthy_threshold"),
+                &h.unhealthy_threshold,
+            ),
+            healthy_threshold: positive(
+                r,
+                &field("health_check.healthy_threshold"),
+                &h.healthy_threshold,
+            ),
+        }),
+    }
+}
+
+pub(super) fn routes(
+    r: &mut Reporter,
+    raw: &[file::RouteFile],
+    upstreams: &[Upstream],
+) -> Vec<Route> {
+    let mut out: Vec<Route> = Vec::with_capacity(raw.len());
+    for (i, route) in raw.iter().enumerate() {
+        let field = |f: &str| format!("routes[{i}].{f}");
+        let prefix = route.prefix.get_ref().clone();
+        if !prefix.starts_with('/') {
+            r.at(
+                route.prefix.span(),
+                field("prefix"),
+                format!("\"{prefix}\" must start with '/'"),
+            );
+        } else if crate::path::normalise(&prefix)
+            .map(|p| p != prefix)
+            .unwrap_or(true)
+        {
+            r.at(
+                route.prefix.span(),
+                field("prefix"),
+                format!("\"{prefix}\" is not a normalised path"),
+            );
+        }
+        if out.iter().any(|o| o.prefix == prefix) {
+            r.at(
+                route.prefix.span(),
+                field("prefix"),
+                format!("\"{prefix}\" is declared twice"),
+            );
+        }
+        let auth = match route.auth.get_ref().as_str() {
+            "api_key" => AuthMode::ApiKey,
+            "jwt" => AuthMode::Jwt,
+            "open" => AuthMode::Open,
+            other => {
+                r.at(
+                    route.auth.span(),
+                    field("auth"),
+                    format!(
+                        "unknown auth mode \"{other}\" (expected \"api_key\", \"jwt\" or \"open\")"
+                    ),
+                );
+                AuthMode::Open
+            }
+        };
+        let upstream = upstreams
+            .iter()
+            .position(|u| &u.name == route.upstream.get_ref())
+            .unwrap_or_else(|| {
+                r.at(
+                    route.upstream.span(),
+                    field("upstream"),
+                    format!("unknown upstream \"{}\"", route.upstream.get_ref()),
+                );
+                0
+            });
+        out.push(Route {
+            prefix,
+            auth,
+            upstream,
+            forward_api_key: route.forward_api_key,
+        });
+    }
+    out
+}
+
+pub(super) fn jwt_settings(
+    r: &mut Reporter,
+    raw: &file::JwtFile,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> JwtSettings {
+    let algorithms = raw
+        .algorithms
+        .iter()
+        .filter_map(|a| match jsonwebtoken::Algorithm::from_str(a.get_ref()) {
+            Ok(alg) => Some(alg),
+            Err(_) => {
+                r.at(
+                    a.span(),
+                    "jwt.algorithms",
+                    format!("unknown algorithm \"{}\"", a.get_ref()),
+                );
+                None
+            }
+        })
+        .collect();
+    let public_keys = raw
+        .public_keys
+        .iter()
+        .filter_map(|k| {
+            let alg = jsonwebtoken::Algorithm::from_str(k.alg.get_ref())
+                .map_err(|_| {
+                    r.at(
+                        k.alg.span(),
+                        "jwt.public_keys.alg",
+                        format!("unknown algorithm \"{}\"", k.alg.get_ref()),
+                    )
+                })
+                .ok()?;
+            let path = base.join(k.pem_file.get_ref());
+            let pem = std::fs::read(&path)
+                .map_err(|e| {
+                    r.at(
+                        k.pem_file.span(),
+                        "jwt.public_keys.pem_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })
+                .ok()?;
+            Some((alg, k.kid.clone(), pem))
+        })
+        .collect();
+    let jwks = raw.jwks_file.as_ref().and_then(|f| {
+        let path = base.join(f.get_ref());
+        std::fs::read_to_string(&path)
+            .map_err(|e| {
+                r.at(
+                    f.span(),
+                    "jwt.jwks_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })
+            .ok()
+    });
+    JwtSettings {
+        algorithms,
+        secret: env(&raw.secret_env),
+        secret_env: raw.secret_env.clone(),
+        issuer: raw.issuer.clone(),
+        audience: raw.audience.clone(),
+        account_claim: raw.account_claim.clone(),
+        leeway: duration(r, "jwt.leeway", &raw.leeway),
+        public_keys,
+        jwks,
+    }
+}
