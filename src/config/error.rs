@@ -118,6 +118,27 @@ impl<'a> Reporter<'a> {
     }
 }
 
+/// Reads a configuration or policy file, or says in one located error why it cannot.
+pub fn read_source(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        let mut r = Reporter::new(path, "");
+        r.whole("(file)", format!("cannot read: {e}"));
+        ConfigErrors(r.errors)
+    })
+}
+
+/// Parses a TOML document into its file shape, or the located parse error.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    source: &str,
+) -> Result<T, ConfigErrors> {
+    toml::from_str(source).map_err(|e| {
+        let mut r = Reporter::new(path, source);
+        r.toml(&e);
+        ConfigErrors(r.errors)
+    })
+}
+
 /// 1-based line and column of a byte offset.
 pub fn line_col(source: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(source.len());

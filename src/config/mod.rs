@@ -188,24 +188,10 @@ impl Config {
         path: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
-        let source = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                file: path.to_path_buf(),
-                line: 0,
-                column: 0,
-                field: "(file)".into(),
-                message: format!("cannot read: {e}"),
-            }])
-        })?;
+        let source = error::read_source(path)?;
+        let raw: file::GatewayFile = error::parse_toml(path, &source)?;
         let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
         let mut r = Reporter::new(path, &source);
-        let raw: file::GatewayFile = match toml::from_str(&source) {
-            Ok(raw) => raw,
-            Err(e) => {
-                r.toml(&e);
-                return Err(ConfigErrors(r.errors));
-            }
-        };
         let env = |name: &str| env(name).filter(|v| !v.is_empty());
         let policies_dir = base.join(&raw.policies.dir);
         let policies = Policies::load(&policies_dir);

@@ -48,24 +48,14 @@ fn ten() -> Spanned<u32> {
 impl Plans {
     /// Reads and validates a plans file.
     pub fn load(path: &Path) -> Result<Plans, ConfigErrors> {
-        let source = std::fs::read_to_string(path).map_err(|e| {
-            let mut r = Reporter::new(path, "");
-            r.whole("(file)", format!("cannot read: {e}"));
-            ConfigErrors(r.errors)
-        })?;
+        let source = crate::config::error::read_source(path)?;
         Self::parse(path, &source)
     }
 
     /// Validates a plans document; `path` only names it in errors.
     pub fn parse(path: &Path, source: &str) -> Result<Plans, ConfigErrors> {
+        let raw: PlansFile = crate::config::error::parse_toml(path, source)?;
         let mut r = Reporter::new(path, source);
-        let raw: PlansFile = match toml::from_str(source) {
-            Ok(raw) => raw,
-            Err(e) => {
-                r.toml(&e);
-                return Err(ConfigErrors(r.errors));
-            }
-        };
         if raw.plans.is_empty() {
             r.whole("plans", "at least one plan is required");
         }

@@ -75,23 +75,13 @@ struct InstanceFile {
 
 impl RoutePolicies {
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
-        let source = std::fs::read_to_string(path).map_err(|e| {
-            let mut r = Reporter::new(path, "");
-            r.whole("(file)", format!("cannot read: {e}"));
-            ConfigErrors(r.errors)
-        })?;
+        let source = crate::config::error::read_source(path)?;
         Self::parse(path, &source)
     }
 
     pub fn parse(path: &Path, source: &str) -> Result<Self, ConfigErrors> {
+        let raw: RoutesFile = crate::config::error::parse_toml(path, source)?;
         let mut r = Reporter::new(path, source);
-        let raw: RoutesFile = match toml::from_str(source) {
-            Ok(raw) => raw,
-            Err(e) => {
-                r.toml(&e);
-                return Err(ConfigErrors(r.errors));
-            }
-        };
         let scopes: Vec<String> = raw.scopes.iter().map(|s| s.get_ref().clone()).collect();
         // (policy, route index, line of its prefix)
         let mut out: Vec<(RoutePolicy, usize, usize)> = Vec::new();

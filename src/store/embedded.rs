@@ -196,7 +196,7 @@ impl Store for EmbeddedStore {
                 key.last_used_at_ms = Some(bucket.last_used_ms);
             }
         }
-        keys.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        super::oldest_first(&mut keys);
         Ok(keys)
     }
 

@@ -76,6 +76,11 @@ impl KeyRecord {
     }
 }
 
+/// The order keys are listed in: oldest first, ties by id.
+pub fn oldest_first(keys: &mut [KeyRecord]) {
+    keys.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+}
+
 /// Everything the store needs to decide one authorized request's rate limit and quota.
 #[derive(Debug, Clone)]
 pub struct AdmitRequest<'a> {

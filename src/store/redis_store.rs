@@ -397,7 +397,7 @@ impl Store for RedisStore {
                     .await?;
             }
         }
-        keys.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        super::oldest_first(&mut keys);
         Ok(keys)
     }
 
