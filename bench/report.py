@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Markdown report of a bench/run.sh output directory (medians over the rounds).
+
+usage: report.py OUT_DIR [--peak TARGET | --tune]"""
+import statistics
+import sys
+from collections import defaultdict
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+KEYS = 10_000
+LIMIT_PER_KEY = 10.0
+NAMES = {
+    "direct": "upstream direct (floor)",
+    "passthrough": "pingora passthrough",
+    "nginx_proxy": "nginx plain proxy",
+    "nginx_gw": "nginx API-key gateway",
+    "gw_embedded": "msgflash-gateway, embedded store",
+    "gw_redis": "msgflash-gateway, Redis store",
+}
+SCENARIOS = {
+    "valid": "(a) valid traffic, 10k keys",
+    "abusive": "(b) one abusive key (429 path)",
+    "bogus": "(c) random unknown keys (401 path)",
+    "bogus_repeat": "(c') one repeated unknown key",
+    "jwt": "(d) console JWT `GET /api/dashboard`",
+}
+AUTH_TARGETS = {"nginx_gw", "gw_embedded", "gw_redis"}
+
+
+def ms(text):
+    for unit in ("us", "ms", "s", "m"):
+        if text.endswith(unit) and text[: -len(unit)].replace(".", "", 1).isdigit():
+            return float(text[: -len(unit)]) * UNITS[unit]
+    raise ValueError(text)
+
+
+def parse_wrk(path):
+    r = {"rps": 0.0, "p50": float("nan"), "p99": float("nan"), "requests": 0, "non2xx": 0, "errors": 0}
+    with open(path) as f:
+        for line in f:
+            w = line.split()
+            if not w:
+                continue
+            if w[0] == "Requests/sec:":
+                r["rps"] = float(w[1])
+            elif w[0] == "50%":
+                r["p50"] = ms(w[1])
+            elif w[0] == "99%":
+                r["p99"] = ms(w[1])
+            elif len(w) > 2 and w[1] == "requests" and w[2] == "in":
+                r["requests"] = int(w[0])
+            elif line.strip().startswith("Non-2xx"):
+                r["non2xx"] = int(w[-1])
+            elif w[0] == "Socket" and w[1] == "errors:":
+                r["errors"] = sum(int(x.strip(",")) for x in w[3::2])
+    return r
+
+
+FILES = defaultdict(list)  # (tag, scenario, target) -> [wrk output path]
+
+
+def load(out):
+    runs = defaultdict(list)  # (tag, scenario, target) -> [run]
+    with open(f"{out}/results.tsv") as f:
+        for line in f:
+            tag, rnd, scenario, target, path, calls, conns = line.rstrip("\n").split("\t")
+            r = parse_wrk(path)
+            r["round"], r["calls"], r["conns"] = int(rnd), int(calls), int(conns)
+            runs[(tag, scenario, target)].append(r)
+            FILES[(tag, scenario, target)].append(path)
+    return runs
+
+
+def med(runs, field):
+    vals = [r[field] for r in runs if r[field] == r[field]]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def fmt_ms(v):
+    return "n/a" if v != v else (f"{v:.3f}" if v < 1 else f"{v:.2f}")
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}×" if b else "n/a"
+
+
+def meta(out):
+    try:
+        with open(f"{out}/meta.txt") as f:
+            return dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+    except OSError:
+        return {}
+
+
+def main_report(out, runs):
+    m = meta(out)
+    targets = []
+    for (tag, _, target) in runs:
+        if tag == "main" and target not in targets:
+            targets.append(target)
+    scenarios = [s for s in SCENARIOS if any(k[0] == "main" and k[1] == s for k in runs)]
+    k = max((r["round"] for v in runs.values() for r in v), default=0)
+    print(f"### Run of {m.get('date_utc', '?')} (git {m.get('git', '?')})\n")
+    print(f"{m.get('cpu', '?')}; kernel {m.get('kernel', '?')}; {m.get('nginx', '')}".replace(" wrk=", ", wrk ").replace(" redis=", ", redis ").replace("nginx=", "nginx ") + ".")
+    print(f"`{m.get('mode', '')}`; medians of {k} rounds, targets alternated round-robin.\n")
+    print("| scenario | target | req/s | p50 ms | p99 ms | × passthrough | × nginx gw | non-2xx | Redis cmds/req |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    warnings = []
+    for s in scenarios:
+        base_pt = med(runs.get(("main", s, "passthrough"), []), "rps")
+        base_ng = med(runs.get(("main", s, "nginx_gw"), []), "rps")
+        for t in targets:
+            rs = runs.get(("main", s, t))
+            if not rs:
+                continue
+            rps = med(rs, "rps")
+            non2xx = statistics.median(r["non2xx"] / r["requests"] if r["requests"] else 0 for r in rs)
+            cmds = "–"
+            if t == "gw_redis":
+                cmds = f"{statistics.median(r['calls'] / r['requests'] if r['requests'] else 0 for r in rs):.4f}"
+            print(f"| {SCENARIOS[s]} | {NAMES.get(t, t)} | {rps:,.0f} | {fmt_ms(med(rs, 'p50'))} | "
+                  f"{fmt_ms(med(rs, 'p99'))} | {ratio(rps, base_pt)} | {ratio(rps, base_ng)} | "
+                  f"{non2xx:.1%} | {cmds} |")
+            errs = sum(r["errors"] for r in rs)
+            if errs:
+                warnings.append(f"{s}/{t}: {errs} socket errors over the rounds")
+            if s == "valid" and t in AUTH_TARGETS:
+                peak = max(r["rps"] for r in rs)
+                if peak / KEYS >= LIMIT_PER_KEY:
+                    warnings.append(f"valid/{t}: {peak:,.0f} req/s over {KEYS} keys is "
+                                    f"{peak / KEYS:.1f} req/s per key, at or over the limit")
+    valid_peak = max((r["rps"] for (tag, s, t), rs in runs.items() if tag == "main" and s == "valid"
+                      and t in AUTH_TARGETS for r in rs), default=0)
+    print(f"\nPer-key rate check (valid traffic, round robin over {KEYS:,} keys): highest gateway rate "
+          f"{valid_peak:,.0f} req/s = {valid_peak / KEYS:.2f} req/s per key (limit {LIMIT_PER_KEY:.0f}).")
+    for w in warnings:
+        print(f"\n**warning**: {w}")
+
+    redis_report(runs, FILES)
+
+    half = {t: rs for (tag, s, t), rs in runs.items() if tag == "half"}
+    if half:
+        print(f"\n#### Latency at half of the peak rate (valid traffic; {m.get('half_peak_conns', '?')} "
+              f"connections, each pausing {m.get('half_peak_delay_ms', '?')} ms after every response; "
+              f"peak = gateway embedded {m.get('half_peak_of', '?')} req/s)\n")
+        print("| target | req/s achieved | p50 ms | p99 ms | p99 added over direct, ms |")
+        print("|---|---:|---:|---:|---:|")
+        direct_p99 = med(half.get("direct", []), "p99")
+        for t in targets:
+            if t not in half:
+                continue
+            p99 = med(half[t], "p99")
+            added = "–" if t == "direct" else f"{p99 - direct_p99:+.3f}"
+            print(f"| {NAMES.get(t, t)} | {med(half[t], 'rps'):,.0f} | {fmt_ms(med(half[t], 'p50'))} | "
+                  f"{fmt_ms(p99)} | {added} |")
+
+    def get(s, t):
+        return med(runs.get(("main", s, t), []), "rps")
+
+    print("\n#### Targets (reported, not asserted)\n")
+    pt = get("valid", "passthrough")
+    for t, goal in (("gw_embedded", 0.90), ("gw_redis", 0.80)):
+        v = get("valid", t)
+        if v == v and pt:
+            print(f"- valid traffic, {NAMES[t]}: {v / pt:.2f}× passthrough (target ≥ {goal:.2f}×): "
+                  f"{'met' if v / pt >= goal else 'NOT met'}")
+    if half and "direct" in half:
+        for t in ("gw_embedded", "gw_redis"):
+            if t in half:
+                added = med(half[t], "p99") - med(half["direct"], "p99")
+                print(f"- p99 added over direct at half peak, {NAMES[t]}: {added:+.3f} ms (target ≤ 0.5 ms): "
+                      f"{'met' if added <= 0.5 else 'NOT met'}")
+    for s in ("abusive", "bogus_repeat", "bogus"):
+        rs = runs.get(("main", s, "gw_redis"))
+        if rs:
+            calls = [r["calls"] for r in rs]
+            reqs = [r["requests"] for r in rs]
+            print(f"- {SCENARIOS[s]}, Redis: {statistics.median(calls):,.0f} Redis commands for a median "
+                  f"{statistics.median(reqs):,.0f} requests per run (per round: {calls})")
+
+
+def redis_breakdown(path):
+    """Per-command call deltas of one gw_redis run (from the INFO commandstats snapshots)."""
+    def snap(suffix):
+        calls = {}
+        try:
+            with open(path + suffix) as f:
+                for line in f:
+                    name, rest = line.strip().split(":", 1)
+                    fields = dict(kv.split("=", 1) for kv in rest.split(","))
+                    calls[name[len("cmdstat_"):]] = int(fields["calls"])
+        except OSError:
+            pass
+        return calls
+
+    before, after = snap(".redis-before"), snap(".redis-after")
+    return {k: v - before.get(k, 0) for k, v in after.items() if k != "info" and v - before.get(k, 0) > 0}
+
+
+def redis_report(runs, files):
+    rows = []
+    for s in SCENARIOS:
+        rs = runs.get(("main", s, "gw_redis"))
+        if not rs:
+            continue
+        per_cmd = defaultdict(list)
+        for r, path in zip(rs, files[("main", s, "gw_redis")]):
+            for cmd, n in redis_breakdown(path).items():
+                per_cmd[cmd].append(n / r["requests"] if r["requests"] else 0)
+        parts = ", ".join(f"{cmd} {statistics.median(v + [0] * (len(rs) - len(v))):.4f}"
+                          for cmd, v in sorted(per_cmd.items(), key=lambda kv: -sum(kv[1])))
+        rows.append(f"| {SCENARIOS[s]} | {parts or 'none'} |")
+    if rows:
+        print("\n#### Redis commands per request by command (gateway on Redis; medians over the rounds)\n")
+        print("Redis counts the commands a Lua script runs one by one, besides the EVALSHA that "
+              "carries them: EVALSHA (plus GET on a cache miss) is the number of round trips.\n")
+        print("| scenario | commands per request |")
+        print("|---|---|")
+        for row in rows:
+            print(row)
+
+
+def tune_report(out, runs):
+    m = meta(out)
+    print(f"### pingora knobs on the passthrough, {m.get('date_utc', '?')} ({m.get('mode', '')})\n")
+    print("| target | req/s | p50 ms | p99 ms | × default passthrough | × nginx plain proxy |")
+    print("|---|---:|---:|---:|---:|---:|")
+    base = med(runs.get(("tune", "valid", "passthrough_default"), []), "rps")
+    ngx = med(runs.get(("tune", "valid", "nginx_proxy"), []), "rps")
+    for (tag, s, t), rs in runs.items():
+        if tag != "tune":
+            continue
+        rps = med(rs, "rps")
+        print(f"| {t} | {rps:,.0f} | {fmt_ms(med(rs, 'p50'))} | {fmt_ms(med(rs, 'p99'))} | "
+              f"{ratio(rps, base)} | {ratio(rps, ngx)} |")
+
+
+def main():
+    out = sys.argv[1]
+    runs = load(out)
+    if len(sys.argv) > 3 and sys.argv[2] == "--peak":
+        print(f"{med(runs[('main', 'valid', sys.argv[3])], 'rps'):.0f}")
+    elif len(sys.argv) > 2 and sys.argv[2] == "--tune":
+        tune_report(out, runs)
+    else:
+        main_report(out, runs)
+
+
+if __name__ == "__main__":
+    main()

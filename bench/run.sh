@@ -1,0 +1,491 @@
+#!/usr/bin/env bash
+# msgflash-gateway against its peers: one command, see docs/benchmarks.md.
+#
+#   bench/run.sh            # full run: K=3 rounds x 5 scenarios x 6 targets, 10 s each, + half-peak
+#   K=1 DURATION=3 bench/run.sh          # a quick look
+#   bench/run.sh tune                    # the framework gap: passthrough variants vs nginx
+#
+# Environment (defaults in brackets):
+#   K [3]  rounds            DURATION [10] seconds per wrk run   CONNS [32] wrk connections
+#   WRK_THREADS [1]
+#   PIN [1]   1: one worker per proxy (nginx worker_processes = gateway/passthrough threads = 1),
+#             every proxy pinned to CPU 1, wrk + upstream + redis pinned to CPU 0.
+#             0: no pinning, WORKERS [2] workers per proxy, everything shares both cores.
+#   SCENARIOS ["valid abusive bogus bogus_repeat jwt"]
+#   TARGETS   ["direct passthrough nginx_proxy nginx_gw gw_embedded gw_redis"]
+#   HALF_PEAK [1]  also run the fixed-rate "half of peak" latency phase
+#   JOBS [1]  cargo -j (the machine is shared)       NO_BUILD [0]  1: use the existing binaries
+# Raw output: target/bench/run-<UTC date>/ (target/bench/latest points to it).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH=$ROOT/bench
+MODE=${1:-run}
+K=${K:-3}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-32}
+WRK_THREADS=${WRK_THREADS:-1}
+PIN=${PIN:-1}
+if [ "$PIN" = 1 ]; then WORKERS=1; else WORKERS=${WORKERS:-2}; fi
+SCENARIOS=${SCENARIOS:-"valid abusive bogus bogus_repeat jwt"}
+TARGETS=${TARGETS:-"direct passthrough nginx_proxy nginx_gw gw_embedded gw_redis"}
+HALF_PEAK=${HALF_PEAK:-1}
+JOBS=${JOBS:-1}
+NO_BUILD=${NO_BUILD:-0}
+ACCOUNTS=${ACCOUNTS:-1000}
+KEYS_PER_ACCOUNT=10
+
+P_UP=18081 P_PASS=18090 P_NGX_PROXY=18091 P_NGX_GW=18092
+P_GW_EMB=18093 P_ADM_EMB=19093 P_GW_REDIS=18094 P_ADM_REDIS=19094 P_REDIS=16399
+
+export MSGFLASH_ADMIN_TOKEN=bench-admin-token-0123456789
+export MSGFLASH_JWT_SECRET=bench-jwt-secret-0123456789abcdef
+
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+OUT=$ROOT/target/bench/$MODE-$STAMP
+mkdir -p "$OUT"/{logs,wrk,conf}
+ln -sfn "$OUT" "$ROOT/target/bench/latest"
+[ "$MODE" = tune ] && ln -sfn "$OUT" "$ROOT/target/bench/latest-tune"
+GW=$ROOT/target/release/msgflash-gateway
+PASS=$ROOT/target/release/examples/passthrough
+
+log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+
+# --- prerequisites -------------------------------------------------------------------------
+install_missing() {
+  local missing=()
+  command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+  command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+  command -v python3 >/dev/null 2>&1 || missing+=(python3)
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
+  command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+  command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
+  if [ "$MODE" = tune ]; then
+    [ -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] || missing+=(libjemalloc2)
+    [ -e /usr/lib/x86_64-linux-gnu/libmimalloc.so.2 ] || missing+=(libmimalloc2.0)
+  fi
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo=sudo
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$OUT/logs/apt.log"
+  fi
+}
+install_missing
+
+if [ "$NO_BUILD" != 1 ]; then
+  log "building (cargo -j$JOBS): release binary, passthrough and cache_memory examples"
+  (cd "$ROOT" && cargo build --release -j"$JOBS" --bin msgflash-gateway \
+    --example passthrough --example cache_memory) 2>&1 | tail -n 3 >&2
+fi
+
+# --- process management --------------------------------------------------------------------
+PIDS=()
+NGINX_DIRS=()
+cleanup() {
+  set +e
+  for d in "${NGINX_DIRS[@]}"; do
+    [ -f "$d/nginx.pid" ] && kill "$(cat "$d/nginx.pid")" 2>/dev/null
+  done
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  sleep 0.5
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
+}
+trap cleanup EXIT
+
+proxy_cpu() { [ "$PIN" = 1 ] && echo "taskset -c 1" || true; }
+load_cpu() { [ "$PIN" = 1 ] && echo "taskset -c 0" || true; }
+
+wait_port() {
+  local port=$1 i
+  for i in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  log "nothing listening on $port"; return 1
+}
+
+for port in $P_UP $P_PASS $P_NGX_PROXY $P_NGX_GW $P_GW_EMB $P_ADM_EMB $P_GW_REDIS $P_ADM_REDIS $P_REDIS; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    log "port $port is already in use (a previous run still alive?)"; exit 1
+  fi
+done
+
+# nginx instance NAME WORKERS CPU_PREFIX: config from stdin (the http{} body)
+start_nginx() {
+  local name=$1 workers=$2 cpu=$3 dir=$OUT/conf/$1
+  mkdir -p "$dir/tmp"
+  {
+    cat <<EOF
+user root;
+worker_processes $workers;
+pid $dir/nginx.pid;
+error_log $OUT/logs/$name.error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path $dir/tmp/body;
+  proxy_temp_path $dir/tmp/proxy;
+  fastcgi_temp_path $dir/tmp/fastcgi;
+  uwsgi_temp_path $dir/tmp/uwsgi;
+  scgi_temp_path $dir/tmp/scgi;
+  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+EOF
+    cat
+    echo "}"
+  } >"$dir/nginx.conf"
+  $cpu nginx -p "$dir" -e "$OUT/logs/$name.error.log" -c "$dir/nginx.conf"
+  NGINX_DIRS+=("$dir")
+}
+
+PROXY_TO_UP="proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+UPSTREAM_BLOCK="upstream up { server 127.0.0.1:$P_UP; keepalive 128; keepalive_requests 1000000; }"
+
+start_upstream() {
+  log "upstream: nginx return 200 on :$P_UP ($WORKERS workers)"
+  start_nginx upstream "$WORKERS" "$(load_cpu)" <<EOF
+  server {
+    listen 127.0.0.1:$P_UP backlog=4096;
+    location / { default_type application/json; return 200 '{"ok":true}'; }
+  }
+EOF
+  wait_port $P_UP
+}
+
+start_nginx_proxy() {
+  log "nginx plain proxy on :$P_NGX_PROXY"
+  start_nginx nginx_proxy "$WORKERS" "$(proxy_cpu)" <<EOF
+  $UPSTREAM_BLOCK
+  server {
+    listen 127.0.0.1:$P_NGX_PROXY backlog=4096;
+    location / { $PROXY_TO_UP }
+  }
+EOF
+  wait_port $P_NGX_PROXY
+}
+
+start_nginx_gw() {
+  local keys=$1
+  log "nginx API-key gateway on :$P_NGX_GW ($(wc -l <"$keys") keys in the map)"
+  awk '{ printf "\"%s\" \"bench%05d\";\n", $1, int((NR-1)/10) }' "$keys" >"$OUT/conf/keys.map"
+  start_nginx nginx_gw "$WORKERS" "$(proxy_cpu)" <<EOF
+  $UPSTREAM_BLOCK
+  map_hash_max_size 65536;
+  map_hash_bucket_size 128;
+  map \$http_x_api_key \$account_id {
+    default "";
+    include $OUT/conf/keys.map;
+  }
+  limit_req_zone \$http_x_api_key zone=perkey:10m rate=10r/s;
+  server {
+    listen 127.0.0.1:$P_NGX_GW backlog=4096;
+    default_type application/json;
+    location /api/v1/ {
+      if (\$http_x_api_key = "") {
+        return 401 '{"error":{"code":"UNAUTHORIZED","message":"Missing API key. Send it in the x-api-key header."}}';
+      }
+      if (\$account_id = "") {
+        return 401 '{"error":{"code":"UNAUTHORIZED","message":"Invalid or revoked API key"}}';
+      }
+      limit_req zone=perkey burst=10 nodelay;
+      limit_req_status 429;
+      error_page 429 = @rate_limited;
+      proxy_set_header x-account-id \$account_id;
+      proxy_set_header x-api-key "";
+      proxy_set_header Host \$host;
+      $PROXY_TO_UP
+    }
+    location @rate_limited {
+      add_header Retry-After 1 always;
+      return 429 '{"error":{"code":"API_RATE_LIMIT_EXCEEDED","message":"API rate limit exceeded"}}';
+    }
+    # Console routes: nginx has no JWT verification without njs/lua or the commercial
+    # auth_jwt module, so this only proxies with the Authorization header (no check).
+    location /api/ {
+      proxy_set_header Host \$host;
+      $PROXY_TO_UP
+    }
+    location / { return 404 '{"error":{"code":"NOT_FOUND","message":"Not found"}}'; }
+  }
+EOF
+  wait_port $P_NGX_GW
+}
+
+start_passthrough() {
+  local name=$1 port=$2
+  shift 2
+  log "pingora passthrough $name on :$port ($*)"
+  env PT_LISTEN=127.0.0.1:$port PT_UPSTREAM=127.0.0.1:$P_UP PT_THREADS="$WORKERS" \
+    PT_PID_FILE="$OUT/conf/$name.pid" PT_UPGRADE_SOCK="$OUT/conf/$name.sock" "$@" \
+    $(proxy_cpu) "$PASS" >"$OUT/logs/$name.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$port"
+}
+
+start_redis() {
+  log "redis-server on :$P_REDIS (own instance, no persistence)"
+  $(load_cpu) redis-server --port $P_REDIS --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$OUT/conf" --logfile "$OUT/logs/redis.log" &
+  PIDS+=($!)
+  wait_port $P_REDIS
+}
+
+gw_config() { # NAME PORT ADMIN_PORT STORE_LINE
+  cat >"$OUT/conf/$1.toml" <<EOF
+# msgflash-gateway bench config (written by bench/run.sh)
+[server]
+listen = "127.0.0.1:$2"
+threads = $WORKERS
+
+[admin]
+listen = "127.0.0.1:$3"
+
+[store]
+$4
+
+[policies]
+dir = "$BENCH/policies"
+
+[jwt]
+algorithms = ["HS256"]
+issuer = "msgflash"
+audience = "msgflash-console"
+
+[upstreams.api]
+addresses = ["127.0.0.1:$P_UP"]
+
+[[routes]]
+prefix = "/api/v1/"
+auth = "api_key"
+upstream = "api"
+
+[[routes]]
+prefix = "/api/"
+auth = "jwt"
+upstream = "api"
+EOF
+  "$GW" check -c "$OUT/conf/$1.toml" >&2
+}
+
+start_gateway() { # NAME PORT ADMIN_PORT STORE_LINE
+  gw_config "$@"
+  log "msgflash-gateway $1 on :$2 (admin :$3, $4)"
+  RUST_LOG=${RUST_LOG:-warn} $(proxy_cpu) "$GW" run -c "$OUT/conf/$1.toml" >"$OUT/logs/$1.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$2"
+  wait_port "$3"
+}
+
+# Commands executed by Redis (INFO itself excluded). Redis counts the commands that a script
+# runs one by one, besides the EVALSHA itself: the per-command breakdown goes to FILE.
+redis_calls() { # FILE
+  redis-cli -p $P_REDIS INFO commandstats | tr -d '\r' | grep '^cmdstat_' | tee "$1" |
+    awk -F'[:=,]' '$1 != "cmdstat_info" { s += $3 } END { print s + 0 }'
+}
+
+port_of() {
+  case $1 in
+    direct) echo $P_UP ;; passthrough*) echo $P_PASS ;; nginx_proxy) echo $P_NGX_PROXY ;;
+    nginx_gw) echo $P_NGX_GW ;; gw_embedded*) echo $P_GW_EMB ;; gw_redis) echo $P_GW_REDIS ;;
+    *) log "unknown target $1"; exit 1 ;;
+  esac
+}
+keys_of() { [ "$1" = gw_redis ] && echo "$OUT/conf/keys_redis.txt" || echo "$OUT/conf/keys_embedded.txt"; }
+
+# run_wrk TARGET PORT SCENARIO ROUND TAG CONNS DELAY_MS
+run_wrk() {
+  local target=$1 port=$2 scenario=$3 round=$4 tag=$5 conns=$6 delay=$7
+  local file=$OUT/wrk/$tag-$scenario-$target-r$round.txt before=0 after=0
+  [ "$target" = gw_redis ] && before=$(redis_calls "$file.redis-before")
+  BENCH_MODE=$scenario BENCH_KEYS=$(keys_of "$target") BENCH_TOKEN=$TOKEN BENCH_DELAY_MS=$delay \
+    $(load_cpu) wrk -t"$WRK_THREADS" -c"$conns" -d"${DURATION}s" --latency --timeout 5s \
+    -s "$BENCH/wrk/load.lua" "http://127.0.0.1:$port" >"$file" 2>&1 || true
+  [ "$target" = gw_redis ] && after=$(redis_calls "$file.redis-after")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tag" "$round" "$scenario" "$target" "$file" \
+    "$((after - before))" "$conns" >>"$OUT/results.tsv"
+  log "$(printf '%-6s r%s %-13s %-12s %s' "$tag" "$round" "$scenario" "$target" \
+    "$(awk '/Requests\/sec/ { printf "%s req/s", $2 } /Non-2xx/ { printf ", non-2xx %s", $NF }' "$file")")"
+  sleep 1 # let the buckets refill between runs
+}
+
+TOKEN=""
+setup_all() {
+  start_upstream
+  case " $TARGETS " in *" passthrough "*) start_passthrough passthrough $P_PASS ;; esac
+  case " $TARGETS " in *" nginx_proxy "*) start_nginx_proxy ;; esac
+  case " $TARGETS " in *" gw_redis "*) start_redis ;; esac
+  rm -f "$OUT/conf/store.json"
+  start_gateway gw_embedded $P_GW_EMB $P_ADM_EMB "data_file = \"$OUT/conf/store.json\""
+  log "creating $ACCOUNTS accounts x $KEYS_PER_ACCOUNT keys on gw_embedded"
+  python3 "$BENCH/mkkeys.py" 127.0.0.1:$P_ADM_EMB "$OUT/conf/keys_embedded.txt" "$ACCOUNTS" $KEYS_PER_ACCOUNT >&2
+  case " $TARGETS " in *" gw_redis "*)
+    start_gateway gw_redis $P_GW_REDIS $P_ADM_REDIS "redis_url = \"redis://127.0.0.1:$P_REDIS\""
+    log "creating $ACCOUNTS accounts x $KEYS_PER_ACCOUNT keys on gw_redis"
+    python3 "$BENCH/mkkeys.py" 127.0.0.1:$P_ADM_REDIS "$OUT/conf/keys_redis.txt" "$ACCOUNTS" $KEYS_PER_ACCOUNT >&2
+    ;;
+  esac
+  case " $TARGETS " in *" nginx_gw "*) start_nginx_gw "$OUT/conf/keys_embedded.txt" ;; esac
+  TOKEN=$("$GW" -c "$OUT/conf/gw_embedded.toml" jwt mint bench00000 --sub u1 --ttl 2h)
+
+  # sanity: a valid key and a console token are forwarded (200) by every target
+  local t key code
+  for t in $TARGETS; do
+    key=$(head -n 1 "$(keys_of "$t")")
+    code=$(curl -s -o "$OUT/logs/sanity-$t.txt" -w '%{http_code}' -X POST \
+      "http://127.0.0.1:$(port_of "$t")/api/v1/messages/send" -H "x-api-key: $key" \
+      -H 'content-type: application/json' -d '{"to":"+33612345000"}')
+    [ "$code" = 200 ] || { log "sanity: $t answered $code to a valid key"; exit 1; }
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$(port_of "$t")/api/dashboard" \
+      -H "authorization: Bearer $TOKEN")
+    [ "$code" = 200 ] || { log "sanity: $t answered $code to a console token"; exit 1; }
+  done
+  log "sanity checks passed"
+}
+
+describe() {
+  {
+    echo "date_utc=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "git=$(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet -- src || echo '+dirty-src')"
+    echo "mode=$MODE K=$K DURATION=$DURATION CONNS=$CONNS WRK_THREADS=$WRK_THREADS WORKERS=$WORKERS PIN=$PIN"
+    echo "scenarios=$SCENARIOS"
+    echo "targets=$TARGETS"
+    echo "keys=$((ACCOUNTS * KEYS_PER_ACCOUNT))"
+    echo "cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//') x $(nproc)"
+    echo "kernel=$(uname -r)"
+    echo "nginx=$(nginx -v 2>&1 | cut -d/ -f2) wrk=$(wrk -v 2>&1 | head -n1 | awk '{print $2}') redis=$(redis-server --version | awk '{print $3}')"
+  } >"$OUT/meta.txt"
+}
+
+main_run() {
+  describe
+  setup_all
+  local round scenario target
+  for round in $(seq "$K"); do
+    for scenario in $SCENARIOS; do
+      for target in $TARGETS; do
+        run_wrk "$target" "$(port_of "$target")" "$scenario" "$round" main "$CONNS" 0
+      done
+    done
+  done
+  if [ "$HALF_PEAK" = 1 ]; then
+    # "Half of peak" without wrk2: each connection pauses DELAY ms after every response, so
+    # rate ~ conns / (DELAY + latency). conns = half the gateway's median peak x DELAY.
+    local peak delay=10 conns
+    peak=$(python3 "$BENCH/report.py" "$OUT" --peak gw_embedded)
+    conns=$(python3 -c "import math; print(max(1, math.ceil($peak / 2 * $delay / 1000)))")
+    log "half-peak phase: gw_embedded peak $peak req/s -> $conns connections x ${delay} ms pause"
+    printf 'half_peak_of=%s\nhalf_peak_conns=%s\nhalf_peak_delay_ms=%s\n' "$peak" "$conns" "$delay" >>"$OUT/meta.txt"
+    for round in $(seq "$K"); do
+      for target in $TARGETS; do
+        case $target in nginx_proxy) continue ;; esac
+        run_wrk "$target" "$(port_of "$target")" valid "$round" half "$conns" $delay
+      done
+    done
+  fi
+  python3 "$BENCH/report.py" "$OUT" | tee "$OUT/summary.md"
+  log "cache memory (examples/cache_memory):"
+  "$ROOT/target/release/examples/cache_memory" 100000 | tee "$OUT/cache_memory.txt"
+  log "raw output: $OUT"
+}
+
+# --- tune: pingora knobs on the passthrough, against nginx as a plain proxy ----------------
+# A variant is a '+'-joined list of settings; "gw..." variants run msgflash-gateway (embedded
+# store, valid traffic) instead of the passthrough, with the same allocator settings.
+variant_env() { # VARIANT: prints the environment assignments, one a line
+  local part parts
+  IFS='+' read -ra parts <<<"$1"
+  for part in "${parts[@]}"; do
+    case $part in
+      default | again | gw) ;;
+      nows) echo PT_WORK_STEALING=0 ;;
+      pool1k) echo PT_POOL=1024 ;;
+      lt2) echo PT_LISTENER_TASKS=2 ;;
+      reuseport) echo PT_REUSEPORT=1; echo PT_LISTENER_TASKS=2 ;;
+      kalimit) echo PT_KEEPALIVE_LIMIT=1000000 ;;
+      threads1) echo PT_THREADS=1 ;;
+      threads4) echo PT_THREADS=4 ;;
+      jemalloc) echo LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ;;
+      mimalloc) echo LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libmimalloc.so.2 ;;
+      arena1) echo GLIBC_TUNABLES=glibc.malloc.arena_max=1 ;;
+      *) log "unknown setting $part in variant $1"; exit 1 ;;
+    esac
+  done
+}
+
+# perf profile of PIDS (comma-separated) while wrk runs (PROFILE=1, DURATION >= 5):
+# the top symbols go to target/bench/.../profiles/
+PROFILE_JOB=""
+wait_profiles() { [ -z "$PROFILE_JOB" ] || wait "$PROFILE_JOB" || true; PROFILE_JOB=""; }
+profile_pid() { # NAME PIDS
+  [ "${PROFILE:-0}" = 1 ] && command -v perf >/dev/null 2>&1 || return 0
+  mkdir -p "$OUT/profiles"
+  (set +e; sleep 1; perf record -e cpu-clock -F 499 -g -p "$2" -o "$OUT/profiles/$1.data" -- sleep 3 \
+     >/dev/null 2>&1;
+   perf report -i "$OUT/profiles/$1.data" --stdio --no-children -g none --sort dso,symbol 2>/dev/null |
+     grep -v '^$' | grep -E '^ +[0-9]' | head -n 40 >"$OUT/profiles/$1.top.txt";
+   perf report -i "$OUT/profiles/$1.data" --stdio --no-children -g none --sort dso 2>/dev/null |
+     grep -E '^ +[0-9]' | head -n 15 >"$OUT/profiles/$1.dso.txt";
+   echo "$(perf script -i "$OUT/profiles/$1.data" -F period 2>/dev/null | wc -l) samples at 499 Hz over 3 s" \
+     >"$OUT/profiles/$1.samples.txt") &
+  PROFILE_JOB=$!
+}
+
+tune_run() {
+  describe
+  TARGETS="direct passthrough nginx_proxy"
+  local variants=${VARIANTS:-"default nows pool1k lt2 reuseport kalimit threads1 threads4 jemalloc mimalloc again gw gw+jemalloc gw+mimalloc"}
+  start_upstream
+  start_nginx_proxy
+  echo "msgf_live_$(printf '0%.0s' $(seq 64))" >"$OUT/conf/keys_embedded.txt"
+  case " $variants " in *" gw"*)
+    rm -f "$OUT/conf/store.json"
+    start_gateway gw_embedded $P_GW_EMB $P_ADM_EMB "data_file = \"$OUT/conf/store.json\""
+    python3 "$BENCH/mkkeys.py" 127.0.0.1:$P_ADM_EMB "$OUT/conf/keys_embedded.txt" "$ACCOUNTS" $KEYS_PER_ACCOUNT >&2
+    kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'
+    ;;
+  esac
+  local v round envs
+  for round in $(seq "$K"); do
+    # nginx's workers are the master's children
+    profile_pid "nginx_proxy-r$round" "$(pgrep -d, -P "$(cat "$OUT/conf/nginx_proxy/nginx.pid")")"
+    run_wrk nginx_proxy $P_NGX_PROXY valid "$round" tune "$CONNS" 0
+    wait_profiles
+    run_wrk direct $P_UP valid "$round" tune "$CONNS" 0
+    for v in $variants; do
+      mapfile -t envs < <(variant_env "$v")
+      case $v in
+        gw*)
+          log "msgflash-gateway ($v)"
+          env "${envs[@]}" RUST_LOG=warn $(proxy_cpu) "$GW" run -c "$OUT/conf/gw_embedded.toml" \
+            >"$OUT/logs/gw_$v.log" 2>&1 &
+          PIDS+=($!)
+          wait_port $P_GW_EMB
+          profile_pid "$v-r$round" "${PIDS[-1]}"
+          run_wrk "gw_embedded_$v" $P_GW_EMB valid "$round" tune "$CONNS" 0
+          ;;
+        *)
+          start_passthrough "pt_$v" $P_PASS "${envs[@]}"
+          profile_pid "passthrough_$v-r$round" "${PIDS[-1]}"
+          run_wrk "passthrough_$v" $P_PASS valid "$round" tune "$CONNS" 0
+          ;;
+      esac
+      wait_profiles
+      kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
+      unset 'PIDS[-1]'
+      sleep 0.5
+    done
+  done
+  python3 "$BENCH/report.py" "$OUT" --tune | tee "$OUT/summary.md"
+  log "raw output: $OUT"
+}
+
+case $MODE in
+  run) main_run ;;
+  tune) tune_run ;;
+  *) echo "usage: bench/run.sh [run|tune]" >&2; exit 2 ;;
+esac
