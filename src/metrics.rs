@@ -54,11 +54,10 @@ impl Metrics {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
+        // One bucket per request (the one it falls in); the exposition accumulates them.
         let secs = elapsed.as_secs_f64();
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
+        if let Some(i) = BUCKETS.iter().position(|bound| secs <= *bound) {
+            self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.latency_count.fetch_add(1, Ordering::Relaxed);
         self.latency_sum_us.fetch_add(
@@ -113,11 +112,12 @@ impl Metrics {
         }
         out.push_str("# HELP msgflash_request_duration_seconds Time from request head to the end of logging.\n");
         out.push_str("# TYPE msgflash_request_duration_seconds histogram\n");
+        let mut cumulative = 0;
         for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.latency_buckets[i].load(Ordering::Relaxed);
             let _ = writeln!(
                 out,
-                "msgflash_request_duration_seconds_bucket{{le=\"{bound}\"}} {}",
-                self.latency_buckets[i].load(Ordering::Relaxed)
+                "msgflash_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
             );
         }
         let count = self.latency_count.load(Ordering::Relaxed);

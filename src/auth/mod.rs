@@ -7,22 +7,30 @@ use crate::cache::BoundedCache;
 use crate::clock::Clock;
 use crate::store::{Account, KeyRecord, Store, StoreError};
 use api_key::KeyHash;
+use http::HeaderValue;
 use std::sync::Arc;
 
-/// The caller behind a valid, unrevoked key.
+/// The caller behind a valid, unrevoked key, with its ids ready to forward as header values.
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub key: Arc<KeyRecord>,
     pub account: Arc<Account>,
+    pub key_id_value: HeaderValue,
+    pub account_id_value: HeaderValue,
+}
+
+/// A header value for an id (ids are validated `[A-Za-z0-9._:-]` when created).
+fn id_value(id: &str) -> HeaderValue {
+    HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("invalid-id"))
 }
 
 /// Key and account lookups with bounded positive and negative caches in front of the store.
 pub struct Directory {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    keys: BoundedCache<KeyHash, Arc<KeyRecord>>,
+    keys: BoundedCache<KeyHash, (Arc<KeyRecord>, HeaderValue)>,
     unknown: BoundedCache<KeyHash, ()>,
-    accounts: BoundedCache<String, Arc<Account>>,
+    accounts: BoundedCache<String, (Arc<Account>, HeaderValue)>,
     /// key id -> (blocked until, bucket full at), Unix ns: keys the store found over their rate.
     rate_blocks: BoundedCache<String, (u64, u64)>,
 }
@@ -53,13 +61,14 @@ impl Directory {
         if self.unknown.get(&hash, now).is_some() {
             return Ok(None);
         }
-        let record = match self.keys.get(&hash, now) {
-            Some(record) => record,
+        let (record, key_id_value) = match self.keys.get(&hash, now) {
+            Some(entry) => entry,
             None => match self.store.key_by_hash(&hash.to_hex()).await? {
                 Some(record) if record.is_active() => {
-                    let record = Arc::new(record);
-                    self.keys.insert(hash, record.clone(), now);
-                    record
+                    let value = id_value(&record.id);
+                    let entry = (Arc::new(record), value);
+                    self.keys.insert(hash, entry.clone(), now);
+                    entry
                 }
                 _ => {
                     self.unknown.insert(hash, (), now);
@@ -67,14 +76,14 @@ impl Directory {
                 }
             },
         };
-        let account = match self.accounts.get(record.account_id.as_str(), now) {
-            Some(account) => account,
+        let (account, account_id_value) = match self.accounts.get(record.account_id.as_str(), now) {
+            Some(entry) => entry,
             None => match self.store.account(&record.account_id).await? {
                 Some(account) => {
-                    let account = Arc::new(account);
+                    let entry = (Arc::new(account), id_value(&record.account_id));
                     self.accounts
-                        .insert(record.account_id.clone(), account.clone(), now);
-                    account
+                        .insert(record.account_id.clone(), entry.clone(), now);
+                    entry
                 }
                 None => return Ok(None),
             },
@@ -82,6 +91,8 @@ impl Directory {
         Ok(Some(Principal {
             key: record,
             account,
+            key_id_value,
+            account_id_value,
         }))
     }
 

@@ -4,16 +4,17 @@ use super::Identity;
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
 use crate::live::Live;
-use http::Method;
+use http::{HeaderValue, Method};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 
 /// Verifies the console token of a request.
+/// The account the token speaks for, and the identity to forward.
 pub fn authenticate(
     gw: &Gateway,
     live: &Live,
     req: &RequestHeader,
-) -> Result<Identity, GatewayError> {
+) -> Result<(String, Identity), GatewayError> {
     let Some(value) = req.headers.get(http::header::AUTHORIZATION) else {
         return Err(if req.headers.contains_key("x-api-key") {
             GatewayError::api_key_on_console()
@@ -29,11 +30,17 @@ pub fn authenticate(
         .map_err(|_| GatewayError::invalid_token())?
         .trim();
     match live.jwt.verify(token, gw.clock.now_unix()) {
-        Ok(id) => Ok(Identity {
-            account_id: id.account_id,
-            key_id: None,
-            user_id: id.user_id,
-        }),
+        Ok(id) => {
+            // Claims become header values: anything a header cannot carry is refused.
+            let value =
+                |s: &str| HeaderValue::from_str(s).map_err(|_| GatewayError::invalid_token());
+            let identity = Identity {
+                account_id: value(&id.account_id)?,
+                key_id: None,
+                user_id: id.user_id.as_deref().map(value).transpose()?,
+            };
+            Ok((id.account_id, identity))
+        }
         Err(why) => {
             tracing::debug!(reason = %why, "console token refused");
             Err(GatewayError::invalid_token())

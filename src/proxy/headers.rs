@@ -1,5 +1,6 @@
 //! Header values the gateway writes: rate-limit state and request ids.
 
+use http::HeaderValue;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The rate-limit state a response reports (IETF ratelimit-headers draft plus X-RateLimit-*).
@@ -19,24 +20,38 @@ pub fn ceil_secs(ns: u64) -> u64 {
     ns.div_ceil(1_000_000_000)
 }
 
+/// A header value written through a stack buffer: no intermediate `String`.
+fn formatted(args: std::fmt::Arguments<'_>) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 128];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let _ = cursor.write_fmt(args);
+    let n = usize::try_from(cursor.position()).unwrap_or(0);
+    HeaderValue::from_bytes(&buf[..n]).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
 impl RateHeaders {
     /// `(name, value)` pairs, in the order they are sent.
-    pub fn pairs(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::with_capacity(5);
-        out.push((
-            "ratelimit-policy",
-            format!(
-                "\"burst\";q={};w={}, \"monthly\";q={};w={}",
-                self.burst, self.burst_window, self.quota, self.period_secs
-            ),
+    pub fn pairs(&self) -> impl Iterator<Item = (&'static str, HeaderValue)> {
+        let policy = formatted(format_args!(
+            "\"burst\";q={};w={}, \"monthly\";q={};w={}",
+            self.burst, self.burst_window, self.quota, self.period_secs
         ));
-        out.push(("x-ratelimit-limit", self.burst.to_string()));
-        if let Some((remaining, reset)) = self.live {
-            out.push(("ratelimit", format!("\"burst\";r={remaining};t={reset}")));
-            out.push(("x-ratelimit-remaining", remaining.to_string()));
-            out.push(("x-ratelimit-reset", reset.to_string()));
-        }
-        out
+        let fixed = [
+            ("ratelimit-policy", policy),
+            ("x-ratelimit-limit", HeaderValue::from(self.burst)),
+        ];
+        let live = self.live.map(|(remaining, reset)| {
+            [
+                (
+                    "ratelimit",
+                    formatted(format_args!("\"burst\";r={remaining};t={reset}")),
+                ),
+                ("x-ratelimit-remaining", HeaderValue::from(remaining)),
+                ("x-ratelimit-reset", HeaderValue::from(reset)),
+            ]
+        });
+        fixed.into_iter().chain(live.into_iter().flatten())
     }
 }
 
@@ -57,9 +72,9 @@ impl RequestIds {
         }
     }
 
-    pub fn next(&self) -> String {
+    pub fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        format!("{:016x}{n:016x}", self.node)
+        formatted(format_args!("{:016x}{n:016x}", self.node))
     }
 
     /// A client-supplied id is kept when it is 1–128 characters of `[A-Za-z0-9._:-]`.
@@ -91,8 +106,12 @@ mod tests {
             period_secs: 2_592_000,
             live: Some((9, 1)),
         };
+        let pairs: Vec<(&str, String)> = h
+            .pairs()
+            .map(|(n, v)| (n, v.to_str().unwrap().to_owned()))
+            .collect();
         assert_eq!(
-            h.pairs(),
+            pairs,
             vec![
                 (
                     "ratelimit-policy",
@@ -109,9 +128,9 @@ mod tests {
     #[test]
     fn request_ids() {
         let ids = RequestIds::new();
-        let (a, b) = (ids.next(), ids.next());
+        let (a, b) = (ids.next().to_str().unwrap().to_owned(), ids.next());
         assert_eq!(a.len(), 32);
-        assert_ne!(a, b);
+        assert_ne!(a.as_str(), b.to_str().unwrap());
         assert!(RequestIds::is_sane(b"abc-123_x.y:z"));
         assert!(!RequestIds::is_sane(b""));
         assert!(!RequestIds::is_sane(b"a b"));

@@ -15,6 +15,7 @@ use crate::gateway::Gateway;
 use crate::live::Live;
 use async_trait::async_trait;
 use headers::{ceil_secs, RateHeaders, RequestIds};
+use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -22,13 +23,15 @@ use pingora::{Error, ErrorSource, ErrorType, Result};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Who a forwarded request speaks for.
+/// Who a forwarded request speaks for, as the header values that say it.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    pub account_id: String,
-    pub key_id: Option<String>,
-    pub user_id: Option<String>,
+    pub account_id: HeaderValue,
+    pub key_id: Option<HeaderValue>,
+    pub user_id: Option<HeaderValue>,
 }
+
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Per-request state.
 pub struct Ctx {
@@ -38,7 +41,7 @@ pub struct Ctx {
     route: Option<usize>,
     /// The URI to forward when normalisation changed the path.
     rewritten: Option<http::Uri>,
-    request_id: String,
+    request_id: HeaderValue,
     identity: Option<Identity>,
     rate: Option<RateHeaders>,
     /// Bit i: upstream member i was tried.
@@ -141,10 +144,9 @@ impl GatewayProxy {
                 Ok(None)
             }
             AuthMode::Jwt => {
-                let identity = console::authenticate(gw, &live, req)?;
+                let (account_id, identity) = console::authenticate(gw, &live, req)?;
                 if let Some(call) = console::key_call(&req.method, &path) {
-                    let answer =
-                        console::serve(gw, &live, session, &identity.account_id, call?).await?;
+                    let answer = console::serve(gw, &live, session, &account_id, call?).await?;
                     return Ok(Some(answer));
                 }
                 ctx.identity = Some(identity);
@@ -165,7 +167,7 @@ impl ProxyHttp for GatewayProxy {
             live: self.0.live(),
             route: None,
             rewritten: None,
-            request_id: String::new(),
+            request_id: HeaderValue::from_static(""),
             identity: None,
             rate: None,
             tried: 0,
@@ -184,9 +186,7 @@ impl ProxyHttp for GatewayProxy {
             .headers
             .get(&ctx.live.config.forward.request_id_header)
         {
-            Some(v) if RequestIds::is_sane(v.as_bytes()) => {
-                String::from_utf8_lossy(v.as_bytes()).into_owned()
-            }
+            Some(v) if RequestIds::is_sane(v.as_bytes()) => v.clone(),
             _ => gw.request_ids.next(),
         };
         match self.admit(session, ctx).await {
@@ -248,7 +248,7 @@ impl ProxyHttp for GatewayProxy {
     ) -> Result<()> {
         let fwd = &ctx.live.config.forward;
         if !ctx.route().is_some_and(|r| r.forward_api_key) {
-            up.remove_header("x-api-key");
+            up.remove_header(&X_API_KEY);
         }
         for name in [
             &fwd.account_id_header,
@@ -260,16 +260,16 @@ impl ProxyHttp for GatewayProxy {
         {
             while up.remove_header(name).is_some() {}
         }
-        if let Some(id) = &ctx.identity {
-            up.insert_header(fwd.account_id_header.clone(), id.account_id.as_str())?;
-            if let Some(key_id) = &id.key_id {
-                up.insert_header(fwd.key_id_header.clone(), key_id.as_str())?;
+        if let Some(id) = ctx.identity.take() {
+            up.insert_header(fwd.account_id_header.clone(), id.account_id)?;
+            if let Some(key_id) = id.key_id {
+                up.insert_header(fwd.key_id_header.clone(), key_id)?;
             }
-            if let Some(user_id) = &id.user_id {
-                up.insert_header(fwd.user_id_header.clone(), user_id.as_str())?;
+            if let Some(user_id) = id.user_id {
+                up.insert_header(fwd.user_id_header.clone(), user_id)?;
             }
         }
-        up.insert_header(fwd.request_id_header.clone(), ctx.request_id.as_str())?;
+        up.insert_header(fwd.request_id_header.clone(), ctx.request_id.clone())?;
         if let Some(ip) = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -305,7 +305,7 @@ impl ProxyHttp for GatewayProxy {
         }
         resp.insert_header(
             ctx.live.config.forward.request_id_header.clone(),
-            ctx.request_id.as_str(),
+            ctx.request_id.clone(),
         )?;
         Ok(())
     }

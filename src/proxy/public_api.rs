@@ -156,8 +156,8 @@ pub async fn authorize(
         return Err(refuse(e, rate));
     }
     let identity = Identity {
-        account_id: account.id.clone(),
-        key_id: Some(principal.key.id.clone()),
+        account_id: principal.account_id_value.clone(),
+        key_id: Some(principal.key_id_value.clone()),
         user_id: None,
     };
     // 6 and 7. rate limit, then quota, in one store decision; a key the store just refused

@@ -40,7 +40,7 @@ pub async fn send(
     }
     h.insert_header(
         ctx.live.config.forward.request_id_header.clone(),
-        ctx.request_id.as_str(),
+        ctx.request_id.clone(),
     )?;
     session.write_response_header(Box::new(h), false).await?;
     session.write_response_body(Some(body.into()), true).await?;

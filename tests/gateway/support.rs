@@ -168,7 +168,7 @@ threads = 2
 max_header_bytes = 8192
 max_body_bytes = 4096
 max_inspected_body_bytes = 2048
-grace_period = "0s"
+grace_period = "1s"
 
 [admin]
 listen = "{admin}"
