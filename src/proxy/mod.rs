@@ -285,7 +285,7 @@ impl ProxyHttp for GatewayProxy {
             };
             up.insert_header("x-forwarded-for", xff)?;
         }
-        up.insert_header("x-forwarded-proto", "http")?;
+        up.insert_header("x-forwarded-proto", HeaderValue::from_static("http"))?;
         if let Some(uri) = ctx.rewritten.take() {
             up.set_uri(uri);
         }

@@ -27,7 +27,8 @@ pub async fn send(
     retry_after: Option<u64>,
 ) -> Result<()> {
     settle_request_body(session, ctx.live.config.server.max_body_bytes).await;
-    let mut h = ResponseHeader::build(status, Some(8))?;
+    // No case map: every name here is written lower-case by us.
+    let mut h = ResponseHeader::build_no_case(status, Some(8))?;
     h.insert_header("content-type", "application/json")?;
     h.insert_header("content-length", body.len().to_string())?;
     if let Some(secs) = retry_after {
