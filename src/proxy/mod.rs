@@ -260,13 +260,15 @@ impl ProxyHttp for GatewayProxy {
         {
             while up.remove_header(name).is_some() {}
         }
-        if let Some(id) = ctx.identity.take() {
-            up.insert_header(fwd.account_id_header.clone(), id.account_id)?;
-            if let Some(key_id) = id.key_id {
-                up.insert_header(fwd.key_id_header.clone(), key_id)?;
+        // Cloned, not taken: pingora rebuilds the upstream request for every attempt (a retry
+        // after a reused connection failed), and each must carry the identity and the path.
+        if let Some(id) = &ctx.identity {
+            up.insert_header(fwd.account_id_header.clone(), id.account_id.clone())?;
+            if let Some(key_id) = &id.key_id {
+                up.insert_header(fwd.key_id_header.clone(), key_id.clone())?;
             }
-            if let Some(user_id) = id.user_id {
-                up.insert_header(fwd.user_id_header.clone(), user_id)?;
+            if let Some(user_id) = &id.user_id {
+                up.insert_header(fwd.user_id_header.clone(), user_id.clone())?;
             }
         }
         up.insert_header(fwd.request_id_header.clone(), ctx.request_id.clone())?;
@@ -286,8 +288,8 @@ impl ProxyHttp for GatewayProxy {
             up.insert_header("x-forwarded-for", xff)?;
         }
         up.insert_header("x-forwarded-proto", HeaderValue::from_static("http"))?;
-        if let Some(uri) = ctx.rewritten.take() {
-            up.set_uri(uri);
+        if let Some(uri) = &ctx.rewritten {
+            up.set_uri(uri.clone());
         }
         Ok(())
     }

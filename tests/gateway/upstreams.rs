@@ -54,9 +54,16 @@ fn a_dead_address_is_skipped() {
     let gw2 = Gateway::start_with(upstream(&[dead, "{echo}".into()], ""));
     let (key, _) = gw2.account_with_key("acme", "pro");
     // Round robin starts on the dead address half of the time: every request still succeeds.
+    // A request that fails over to the next address is rewritten like any other.
     for _ in 0..6 {
-        let r = gw2.get("/api/v1/x", &[("x-api-key", &key)]);
-        assert_eq!(r.status, 200, "{}", r.text());
+        let seen = echoed(&gw2.get(
+            "/api/v1//./x",
+            &[("x-api-key", &key), ("x-account-id", "spoof")],
+        ));
+        assert_eq!(seen["uri"], "/api/v1/x");
+        assert_eq!(seen["headers"]["x-account-id"], "acme");
+        assert!(seen["headers"]["x-api-key-id"].is_string());
+        assert!(seen["headers"].get("x-api-key").is_none());
         gw2.clock.advance_ms(100);
     }
 }
