@@ -9,14 +9,15 @@
 //! | `mf:{a:<acct>}`                  | STRING | account JSON                                   | none |
 //! | `mf:{a:<acct>}:keys`             | HASH   | key id -> key record JSON (SHA-256, no secret)  | none |
 //! | `mf:{a:<acct>}:active`           | SET    | ids of active keys: the plan cap counts these   | none |
-//! | `mf:{a:<acct>}:used`             | HASH   | key id -> last use, Unix ms                     | none |
+//! | `mf:{a:<acct>}:used`             | HASH   | key id -> last use, Unix ms (each node writes it at most once a minute per key) | none |
 //! | `mf:{a:<acct>}:tat:<key id>`     | ZSET   | member `t`, score = GCRA theoretical arrival time (µs) | burst window + 1 s, refreshed per request |
 //! | `mf:{a:<acct>}:q:<period start>` | STRING | requests counted in the quota period            | until 35 days after the period ends |
 //! | `mf:kh:<sha256 hex>`             | STRING | key record JSON, for lookup by hash             | none |
 //! | channel `mf:invalidate`          | pub/sub| `k <hash>`, `a <acct>`: drop from local caches   | - |
 //!
 //! One authorized request costs one round trip: `MULTI; ZADD tat GT now t; ZINCRBY tat T t;
-//! PEXPIRE tat; INCR q; EXPIREAT q; HSET used; EXEC`. `ZADD GT` then `ZINCRBY` computes GCRA's
+//! PEXPIRE tat; INCR q; EXEC` (plus `EXPIREAT q` once per period and node, and `HSET used` at
+//! most once a minute per key and node). `ZADD GT` then `ZINCRBY` computes GCRA's
 //! `max(tat, now) + T` atomically; a rejection (rate or quota) is compensated with
 //! `ZINCRBY -T` and `DECR`, so it consumes nothing. Between a rejected increment and its
 //! compensation another request can only see *more* usage, never less: the limits may briefly
@@ -27,6 +28,7 @@ use super::{
     Account, Admission, AdmitRequest, CreateKeyError, Invalidation, InvalidationSink, KeyRecord,
     Store, StoreError,
 };
+use crate::cache::BoundedCache;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -145,7 +147,14 @@ pub struct RedisStore {
     pubsub_clients: Vec<redis::Client>,
     timeout: Duration,
     breaker: Arc<Breaker>,
+    /// account id -> the quota period whose counter expiry this node has already set.
+    quota_expiry_set: BoundedCache<String, String>,
+    /// Keys whose last use this node wrote less than a minute ago.
+    last_use_written: BoundedCache<String, ()>,
 }
+
+/// How often one node records a key's last use.
+const LAST_USE_EVERY_NS: u64 = 60_000_000_000;
 
 impl RedisStore {
     /// Connects (bounded by a few seconds); an unreachable Redis at start is an error.
@@ -204,6 +213,8 @@ impl RedisStore {
             conn,
             pubsub_clients,
             timeout: s.timeout,
+            quota_expiry_set: BoundedCache::new(100_000, 86_400_000_000_000),
+            last_use_written: BoundedCache::new(100_000, LAST_USE_EVERY_NS),
             breaker: Arc::new(Breaker::new(
                 s.breaker_threshold,
                 u64::try_from(s.breaker_cooldown.as_nanos()).unwrap_or(u64::MAX),
@@ -446,6 +457,13 @@ impl Store for RedisStore {
         let now_us = req.now_ns / 1000;
         let tat = tat_key(req.account_id, req.key_id);
         let quota = quota_key(req.account_id, req.period_id);
+        // Counter expiry once per period and node, last use at most once a minute per key and
+        // node: the usual transaction is MULTI, ZADD, ZINCRBY, PEXPIRE, INCR, EXEC.
+        let set_expiry = self
+            .quota_expiry_set
+            .get(req.account_id, req.now_ns)
+            .is_none_or(|p| p != req.period_id);
+        let write_use = self.last_use_written.get(req.key_id, req.now_ns).is_none();
         let mut p = redis::pipe();
         p.atomic()
             .cmd("ZADD")
@@ -463,17 +481,32 @@ impl Store for RedisStore {
             .arg(burst_us / 1000 + 1000)
             .ignore()
             .cmd("INCR")
-            .arg(&quota)
-            .cmd("EXPIREAT")
-            .arg(&quota)
-            .arg(req.period_end_unix + 35 * 86_400)
-            .ignore()
-            .cmd("HSET")
-            .arg(used_key(req.account_id))
-            .arg(req.key_id)
-            .arg(req.now_ns / 1_000_000)
-            .ignore();
+            .arg(&quota);
+        if set_expiry {
+            p.cmd("EXPIREAT")
+                .arg(&quota)
+                .arg(req.period_end_unix + 35 * 86_400)
+                .ignore();
+        }
+        if write_use {
+            p.cmd("HSET")
+                .arg(used_key(req.account_id))
+                .arg(req.key_id)
+                .arg(req.now_ns / 1_000_000)
+                .ignore();
+        }
         let (new_tat, used): (f64, u64) = self.pipe(&p).await?;
+        if set_expiry {
+            self.quota_expiry_set.insert(
+                req.account_id.to_owned(),
+                req.period_id.to_owned(),
+                req.now_ns,
+            );
+        }
+        if write_use {
+            self.last_use_written
+                .insert(req.key_id.to_owned(), (), req.now_ns);
+        }
         let new_tat = new_tat as u64;
         let prior_tat = new_tat.saturating_sub(t_us);
         let allow_at = new_tat.saturating_sub(burst_us);
