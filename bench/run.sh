@@ -13,8 +13,10 @@
 #             0: no pinning, WORKERS [2] workers per proxy, everything shares both cores.
 #   SCENARIOS ["valid abusive bogus bogus_repeat jwt"]
 #   TARGETS   ["direct passthrough nginx_proxy nginx_gw gw_embedded gw_redis"]
-#   HALF_PEAK [1]  also run the fixed-rate "half of peak" latency phase
+#   HALF_PEAK [1]  also run the fixed-rate "half of peak" latency phase; HALF_DELAY_MS [10]
+#             pause of each connection; HALF_PEAK_RPS: the peak to halve (default: measured)
 #   JOBS [1]  cargo -j (the machine is shared)       NO_BUILD [0]  1: use the existing binaries
+#   PORT_BASE [27180]  the nine ports used are PORT_BASE .. PORT_BASE+8
 # Raw output: target/bench/run-<UTC date>/ (target/bench/latest points to it).
 set -euo pipefail
 
@@ -35,8 +37,10 @@ NO_BUILD=${NO_BUILD:-0}
 ACCOUNTS=${ACCOUNTS:-1000}
 KEYS_PER_ACCOUNT=10
 
-P_UP=18081 P_PASS=18090 P_NGX_PROXY=18091 P_NGX_GW=18092
-P_GW_EMB=18093 P_ADM_EMB=19093 P_GW_REDIS=18094 P_ADM_REDIS=19094 P_REDIS=16399
+# Ports: PORT_BASE+0..9, below the ephemeral range so that nothing else picks them at random.
+PB=${PORT_BASE:-27180}
+P_UP=$PB P_PASS=$((PB + 1)) P_NGX_PROXY=$((PB + 2)) P_NGX_GW=$((PB + 3)) P_GW_EMB=$((PB + 4))
+P_ADM_EMB=$((PB + 5)) P_GW_REDIS=$((PB + 6)) P_ADM_REDIS=$((PB + 7)) P_REDIS=$((PB + 8))
 
 export MSGFLASH_ADMIN_TOKEN=bench-admin-token-0123456789
 export MSGFLASH_JWT_SECRET=bench-jwt-secret-0123456789abcdef
@@ -47,7 +51,8 @@ mkdir -p "$OUT"/{logs,wrk,conf}
 ln -sfn "$OUT" "$ROOT/target/bench/latest"
 [ "$MODE" = tune ] && ln -sfn "$OUT" "$ROOT/target/bench/latest-tune"
 GW=$ROOT/target/release/msgflash-gateway
-PASS=$ROOT/target/release/examples/passthrough
+PASS=$ROOT/target/release/examples/passthrough_mimalloc   # the gateway's allocator
+PASS_GLIBC=$ROOT/target/release/examples/passthrough      # glibc malloc (LD_PRELOAD-able)
 
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
@@ -80,7 +85,7 @@ install_missing
 if [ "$NO_BUILD" != 1 ]; then
   log "building (cargo -j$JOBS): release binary, passthrough and cache_memory examples"
   (cd "$ROOT" && cargo build --release -j"$JOBS" --bin msgflash-gateway \
-    --example passthrough --example cache_memory) 2>&1 | tail -n 3 >&2
+    --example passthrough --example passthrough_mimalloc --example cache_memory) 2>&1 | tail -n 3 >&2
 fi
 
 # --- process management --------------------------------------------------------------------
@@ -175,8 +180,8 @@ start_nginx_gw() {
   awk '{ printf "\"%s\" \"bench%05d\";\n", $1, int((NR-1)/10) }' "$keys" >"$OUT/conf/keys.map"
   start_nginx nginx_gw "$WORKERS" "$(proxy_cpu)" <<EOF
   $UPSTREAM_BLOCK
-  map_hash_max_size 65536;
-  map_hash_bucket_size 128;
+  map_hash_max_size 16384;
+  map_hash_bucket_size 512; # 74-byte keys: 128 forces nginx to ignore it (warning)
   map \$http_x_api_key \$account_id {
     default "";
     include $OUT/conf/keys.map;
@@ -222,7 +227,7 @@ start_passthrough() {
   log "pingora passthrough $name on :$port ($*)"
   env PT_LISTEN=127.0.0.1:$port PT_UPSTREAM=127.0.0.1:$P_UP PT_THREADS="$WORKERS" \
     PT_PID_FILE="$OUT/conf/$name.pid" PT_UPGRADE_SOCK="$OUT/conf/$name.sock" "$@" \
-    $(proxy_cpu) "$PASS" >"$OUT/logs/$name.log" 2>&1 &
+    $(proxy_cpu) "${PASS_BIN:-$PASS}" >"$OUT/logs/$name.log" 2>&1 &
   PIDS+=($!)
   wait_port "$port"
 }
@@ -357,6 +362,7 @@ describe() {
     echo "keys=$((ACCOUNTS * KEYS_PER_ACCOUNT))"
     echo "cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//') x $(nproc)"
     echo "kernel=$(uname -r)"
+    echo "loadavg_start=$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "nginx=$(nginx -v 2>&1 | cut -d/ -f2) wrk=$(wrk -v 2>&1 | head -n1 | awk '{print $2}') redis=$(redis-server --version | awk '{print $3}')"
   } >"$OUT/meta.txt"
 }
@@ -375,8 +381,8 @@ main_run() {
   if [ "$HALF_PEAK" = 1 ]; then
     # "Half of peak" without wrk2: each connection pauses DELAY ms after every response, so
     # rate ~ conns / (DELAY + latency). conns = half the gateway's median peak x DELAY.
-    local peak delay=10 conns
-    peak=$(python3 "$BENCH/report.py" "$OUT" --peak gw_embedded)
+    local peak delay=${HALF_DELAY_MS:-10} conns
+    peak=${HALF_PEAK_RPS:-$(python3 "$BENCH/report.py" "$OUT" --peak gw_embedded)}
     conns=$(python3 -c "import math; print(max(1, math.ceil($peak / 2 * $delay / 1000)))")
     log "half-peak phase: gw_embedded peak $peak req/s -> $conns connections x ${delay} ms pause"
     printf 'half_peak_of=%s\nhalf_peak_conns=%s\nhalf_peak_delay_ms=%s\n' "$peak" "$conns" "$delay" >>"$OUT/meta.txt"
@@ -387,6 +393,7 @@ main_run() {
       done
     done
   fi
+  echo "loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/meta.txt"
   python3 "$BENCH/report.py" "$OUT" | tee "$OUT/summary.md"
   log "cache memory (examples/cache_memory):"
   "$ROOT/target/release/examples/cache_memory" 100000 | tee "$OUT/cache_memory.txt"
@@ -401,13 +408,14 @@ variant_env() { # VARIANT: prints the environment assignments, one a line
   IFS='+' read -ra parts <<<"$1"
   for part in "${parts[@]}"; do
     case $part in
-      default | again | gw) ;;
+      default | again | gw | mi) ;;
       nows) echo PT_WORK_STEALING=0 ;;
       pool1k) echo PT_POOL=1024 ;;
       lt2) echo PT_LISTENER_TASKS=2 ;;
       reuseport) echo PT_REUSEPORT=1; echo PT_LISTENER_TASKS=2 ;;
       kalimit) echo PT_KEEPALIVE_LIMIT=1000000 ;;
       threads1) echo PT_THREADS=1 ;;
+      threads2) echo PT_THREADS=2 ;;
       threads4) echo PT_THREADS=4 ;;
       jemalloc) echo LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ;;
       mimalloc) echo LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libmimalloc.so.2 ;;
@@ -438,7 +446,7 @@ profile_pid() { # NAME PIDS
 tune_run() {
   describe
   TARGETS="direct passthrough nginx_proxy"
-  local variants=${VARIANTS:-"default nows pool1k lt2 reuseport kalimit threads1 threads4 jemalloc mimalloc again gw gw+jemalloc gw+mimalloc"}
+  local variants=${VARIANTS:-"default nows pool1k lt2 reuseport kalimit threads2 jemalloc mimalloc mi mi+nows again gw gw+threads2"}
   start_upstream
   start_nginx_proxy
   echo "msgf_live_$(printf '0%.0s' $(seq 64))" >"$OUT/conf/keys_embedded.txt"
@@ -460,8 +468,15 @@ tune_run() {
       mapfile -t envs < <(variant_env "$v")
       case $v in
         gw*)
-          log "msgflash-gateway ($v)"
-          env "${envs[@]}" RUST_LOG=warn $(proxy_cpu) "$GW" run -c "$OUT/conf/gw_embedded.toml" \
+          local cfg=$OUT/conf/gw_embedded.toml e
+          for e in "${envs[@]}"; do
+            case $e in PT_THREADS=*)
+              cfg=$OUT/conf/gw_embedded_t${e#PT_THREADS=}.toml
+              sed "s/^threads = .*/threads = ${e#PT_THREADS=}/" "$OUT/conf/gw_embedded.toml" >"$cfg" ;;
+            esac
+          done
+          log "msgflash-gateway ($v, $(grep '^threads' "$cfg"))"
+          env "${envs[@]}" RUST_LOG=warn $(proxy_cpu) "$GW" run -c "$cfg" \
             >"$OUT/logs/gw_$v.log" 2>&1 &
           PIDS+=($!)
           wait_port $P_GW_EMB
@@ -469,7 +484,10 @@ tune_run() {
           run_wrk "gw_embedded_$v" $P_GW_EMB valid "$round" tune "$CONNS" 0
           ;;
         *)
+          # the glibc build, so that LD_PRELOAD can swap the allocator; "mi..." = the mimalloc build
+          case $v in mi | mi+*) PASS_BIN=$PASS ;; *) PASS_BIN=$PASS_GLIBC ;; esac
           start_passthrough "pt_$v" $P_PASS "${envs[@]}"
+          unset PASS_BIN
           profile_pid "passthrough_$v-r$round" "${PIDS[-1]}"
           run_wrk "passthrough_$v" $P_PASS valid "$round" tune "$CONNS" 0
           ;;
@@ -480,6 +498,7 @@ tune_run() {
       sleep 0.5
     done
   done
+  echo "loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/meta.txt"
   python3 "$BENCH/report.py" "$OUT" --tune | tee "$OUT/summary.md"
   log "raw output: $OUT"
 }
@@ -488,4 +507,4 @@ case $MODE in
   run) main_run ;;
   tune) tune_run ;;
   *) echo "usage: bench/run.sh [run|tune]" >&2; exit 2 ;;
-esac
+esac; exit $? # on the same line: bash reads no further, so editing this file mid-run is harmless

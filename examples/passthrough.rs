@@ -1,24 +1,24 @@
-//! A plain pingora 0.9 reverse proxy with no authentication: the framework's own cost,
-//! measured by `bench/run.sh` next to nginx and msgflash-gateway.
-//!
-//! Every request goes to one upstream over pingora's pooled keep-alive connections.
-//! Settings come from environment variables so that the benchmark can try pingora's knobs
-//! without rebuilding:
-//!
-//! | variable | default | meaning |
-//! |---|---|---|
-//! | `PT_LISTEN` | `127.0.0.1:18090` | listen address |
-//! | `PT_UPSTREAM` | `127.0.0.1:18081` | upstream address |
-//! | `PT_THREADS` | `2` | `ServerConf::threads` |
-//! | `PT_WORK_STEALING` | `1` | `ServerConf::work_stealing` (0 = one current-thread runtime per thread) |
-//! | `PT_POOL` | `128` | `ServerConf::upstream_keepalive_pool_size` |
-//! | `PT_LISTENER_TASKS` | `1` | `ServerConf::listener_tasks_per_fd` |
-//! | `PT_KEEPALIVE_LIMIT` | unset | `HttpServerOptions::keepalive_request_limit` |
-//! | `PT_REUSEPORT` | `0` | `TcpSocketOptions::so_reuseport` on the listener |
-//! | `PT_PID_FILE` | `/tmp/msgflash-passthrough.pid` | pid file (`ServerConf::pid_file`) |
-//!
-//! The allocator is the system one; `bench/run.sh` tries jemalloc and mimalloc through
-//! `LD_PRELOAD` (Debian's libjemalloc2 / libmimalloc2.0), which needs no new dependency.
+// A plain pingora 0.9 reverse proxy with no authentication: the framework's own cost,
+// measured by `bench/run.sh` next to nginx and msgflash-gateway.
+//
+// Every request goes to one upstream over pingora's pooled keep-alive connections.
+// Settings come from environment variables so that the benchmark can try pingora's knobs
+// without rebuilding:
+//
+// | variable | default | meaning |
+// |---|---|---|
+// | `PT_LISTEN` | `127.0.0.1:27181` | listen address |
+// | `PT_UPSTREAM` | `127.0.0.1:27180` | upstream address |
+// | `PT_THREADS` | `2` | `ServerConf::threads` |
+// | `PT_WORK_STEALING` | `1` | `ServerConf::work_stealing` (0 = one current-thread runtime per thread) |
+// | `PT_POOL` | `128` | `ServerConf::upstream_keepalive_pool_size` |
+// | `PT_LISTENER_TASKS` | `1` | `ServerConf::listener_tasks_per_fd` |
+// | `PT_KEEPALIVE_LIMIT` | unset | `HttpServerOptions::keepalive_request_limit` |
+// | `PT_REUSEPORT` | `0` | `TcpSocketOptions::so_reuseport` on the listener |
+// | `PT_PID_FILE` | `/tmp/msgflash-passthrough.pid` | pid file (`ServerConf::pid_file`) |
+//
+// The allocator is the system one; `bench/run.sh` tries jemalloc and mimalloc through
+// `LD_PRELOAD` (Debian's libjemalloc2 / libmimalloc2.0), which needs no new dependency.
 
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
@@ -55,8 +55,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 fn main() {
-    let listen: String = env_or("PT_LISTEN", "127.0.0.1:18090".to_string());
-    let upstream: SocketAddr = env_or("PT_UPSTREAM", "127.0.0.1:18081".parse().unwrap());
+    let listen: String = env_or("PT_LISTEN", "127.0.0.1:27181".to_string());
+    let upstream: SocketAddr = env_or("PT_UPSTREAM", "127.0.0.1:27180".parse().unwrap());
     let conf = ServerConf {
         threads: env_or("PT_THREADS", 2usize),
         work_stealing: env_or::<u8>("PT_WORK_STEALING", 1) != 0,
