@@ -8,15 +8,19 @@ use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use std::borrow::Cow;
 use std::fmt;
 
-/// Reads a whole request body, refusing more than `limit` bytes.
-pub async fn read_body(session: &mut ServerSession, limit: usize) -> Result<Vec<u8>, GatewayError> {
-    let declared = session
+/// The body length a request declares in `Content-Length`, when it declares one.
+pub fn declared_length(session: &ServerSession) -> Option<usize> {
+    session
         .req_header()
         .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
+        .and_then(|v| v.parse::<usize>().ok())
+}
+
+/// Reads a whole request body, refusing more than `limit` bytes.
+pub async fn read_body(session: &mut ServerSession, limit: usize) -> Result<Vec<u8>, GatewayError> {
+    if declared_length(session).is_some_and(|n| n > limit) {
         return Err(GatewayError::payload_too_large());
     }
     let mut body = Vec::new();

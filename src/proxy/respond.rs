@@ -54,13 +54,7 @@ async fn settle_request_body(session: &mut Session, max_body_bytes: usize) {
     if session.is_body_done() {
         return;
     }
-    let declared = session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    match declared {
+    match super::inspect::declared_length(session) {
         Some(n) if n <= max_body_bytes => {
             if session.drain_request_body().await.is_err() {
                 session.set_keepalive(None);

@@ -100,40 +100,17 @@ fn a_three_master_cluster_behaves_as_one_store() {
     assert!(slots.len() > 1);
 
     // Burst: 20 across two nodes, exactly 10 through, for every account.
+    let nodes = [&*n[0], &*n[1]];
     for a in accounts {
         let (key, _) = n[0].create_key(a);
-        let barrier = Arc::new(Barrier::new(20));
-        let handles = (0..20)
-            .map(|i| {
-                let (barrier, key, mut conn) = (barrier.clone(), key.clone(), n[i % 2].connect());
-                std::thread::spawn(move || {
-                    barrier.wait();
-                    conn.send("GET", "/api/v1/x", &[("x-api-key", &key)], None)
-                        .unwrap()
-                        .status
-                })
-            })
-            .collect();
-        let s = statuses(handles);
+        let s = burst_across(&nodes, &key, 10);
         assert_eq!(s.iter().filter(|x| **x == 200).count(), 10, "{a}: {s:?}");
     }
 
     // Quota: 5 a month, 9 concurrent requests on two nodes.
     n[1].put_account("small", "tiny", "active");
     let (key, key_id) = n[1].create_key("small");
-    let barrier = Arc::new(Barrier::new(9));
-    let handles = (0..9)
-        .map(|i| {
-            let (barrier, key, mut conn) = (barrier.clone(), key.clone(), n[i % 2].connect());
-            std::thread::spawn(move || {
-                barrier.wait();
-                conn.send("GET", "/api/v1/x", &[("x-api-key", &key)], None)
-                    .unwrap()
-                    .status
-            })
-        })
-        .collect();
-    let s = statuses(handles);
+    let s = burst_across(&[&*n[0], &*n[1], &*n[0]], &key, 3);
     assert_eq!(s.iter().filter(|x| **x == 200).count(), 5, "{s:?}");
 
     // Key cap: "tiny" allows 2; one exists; 6 concurrent creates on two nodes add exactly one.

@@ -7,6 +7,10 @@ use msgflash_gateway::client::request;
 use msgflash_gateway::clock::ManualClock;
 use std::sync::{Arc, Barrier};
 
+fn refs(nodes: &[Gateway]) -> Vec<&Gateway> {
+    nodes.iter().collect()
+}
+
 /// `n` gateways on one Redis, sharing one manual clock.
 fn nodes(n: usize, redis: &RedisServer) -> Vec<Gateway> {
     let clock = Arc::new(ManualClock::at_unix(T0));
@@ -21,29 +25,6 @@ fn nodes(n: usize, redis: &RedisServer) -> Vec<Gateway> {
         .collect()
 }
 
-/// Fires `per_node` requests at each node at once; returns the statuses.
-fn burst_across(nodes: &[Gateway], key: &str, per_node: usize) -> Vec<u16> {
-    let total = nodes.len() * per_node;
-    let barrier = Arc::new(Barrier::new(total));
-    let mut handles = Vec::new();
-    for gw in nodes {
-        for _ in 0..per_node {
-            let (barrier, key) = (barrier.clone(), key.to_owned());
-            let mut conn = gw.connect();
-            handles.push(std::thread::spawn(move || {
-                barrier.wait();
-                conn.send("GET", "/api/v1/messages", &[("x-api-key", &key)], None)
-                    .expect("request")
-                    .status
-            }));
-        }
-    }
-    handles
-        .into_iter()
-        .map(|h| h.join().expect("thread"))
-        .collect()
-}
-
 fn count(statuses: &[u16], status: u16) -> usize {
     statuses.iter().filter(|s| **s == status).count()
 }
@@ -53,7 +34,7 @@ fn a_burst_of_20_across_two_nodes_lets_exactly_10_through() {
     let redis = RedisServer::start();
     let n = nodes(2, &redis);
     let (key, _) = n[0].account_with_key("acme", "pro");
-    let statuses = burst_across(&n, &key, 10);
+    let statuses = burst_across(&refs(&n), &key, 10);
     assert_eq!(
         (count(&statuses, 200), count(&statuses, 429)),
         (10, 10),
@@ -61,7 +42,7 @@ fn a_burst_of_20_across_two_nodes_lets_exactly_10_through() {
     );
     // 100 ms later, one more token for the two nodes together.
     n[0].clock.advance_ms(100);
-    let statuses = burst_across(&n, &key, 2);
+    let statuses = burst_across(&refs(&n), &key, 2);
     assert_eq!(count(&statuses, 200), 1, "{statuses:?}");
 }
 
@@ -70,7 +51,7 @@ fn the_quota_is_never_exceeded_across_three_nodes() {
     let redis = RedisServer::start();
     let n = nodes(3, &redis);
     let (key, _) = n[0].account_with_key("small", "tiny"); // 5 a month
-    let statuses = burst_across(&n, &key, 3);
+    let statuses = burst_across(&refs(&n), &key, 3);
     assert_eq!(
         (count(&statuses, 200), count(&statuses, 429)),
         (5, 4),

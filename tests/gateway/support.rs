@@ -8,7 +8,7 @@ use msgflash_gateway::server::{Launch, Running};
 use serde_json::{json, Value};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -418,4 +418,27 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
         std::thread::sleep(Duration::from_millis(1));
     }
     start.elapsed()
+}
+
+/// Fires `per_node` requests at each node at once; returns the statuses.
+pub fn burst_across(nodes: &[&Gateway], key: &str, per_node: usize) -> Vec<u16> {
+    let total = nodes.len() * per_node;
+    let barrier = Arc::new(Barrier::new(total));
+    let mut handles = Vec::new();
+    for gw in nodes {
+        for _ in 0..per_node {
+            let (barrier, key) = (barrier.clone(), key.to_owned());
+            let mut conn = gw.connect();
+            handles.push(std::thread::spawn(move || {
+                barrier.wait();
+                conn.send("GET", "/api/v1/messages", &[("x-api-key", &key)], None)
+                    .expect("request")
+                    .status
+            }));
+        }
+    }
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect()
 }
