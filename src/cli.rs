@@ -125,14 +125,14 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             for warning in config.missing_secrets() {
                 eprintln!("warning: {warning}");
             }
-            println!(
+            say(format_args!(
                 "{}: ok ({} routes, {} upstreams, {} plans, {} route policies)",
                 cli.config.display(),
                 config.routes.len(),
                 config.upstreams.len(),
                 config.policies.plans.names().count(),
                 config.policies.routes.len()
-            );
+            ));
             Ok(())
         }
         Command::Accounts(cmd) => {
@@ -173,7 +173,10 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                     if as_json {
                         print_json(&reply);
                     } else {
-                        println!("{}", reply["key"].as_str().unwrap_or_default());
+                        say(format_args!(
+                            "{}",
+                            reply["key"].as_str().unwrap_or_default()
+                        ));
                     }
                 }
                 KeysCmd::List { account } => print_json(&admin.call(
@@ -210,7 +213,7 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                 ttl_secs: i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX),
             })
             .map_err(|e| format!("cannot mint: {e}"))?;
-            println!("{token}");
+            say(format_args!("{token}"));
             Ok(())
         }
     }
@@ -243,8 +246,17 @@ fn check_accounts(config: &Config) -> Result<(), String> {
     }
 }
 
+/// One line on stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    say(format_args!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_default()
+    ));
 }
 
 /// The admin API of a running gateway, as the configuration locates it.
