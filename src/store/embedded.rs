@@ -66,8 +66,8 @@ struct Bucket {
 /// Single-node store. Every change is in the data file (appended and fsynced) before it returns.
 pub struct EmbeddedStore {
     data: RwLock<Data>,
-    /// Serialises writers; `None`: memory only.
-    journal: Mutex<Option<Journal>>,
+    /// The data file; its lock serialises writers.
+    journal: Mutex<Journal>,
     buckets: DashMap<String, Bucket>,
     /// account id -> (period id, requests counted)
     quotas: DashMap<String, (String, u64)>,
@@ -87,11 +87,6 @@ pub fn accounts_in(path: &Path) -> Result<Vec<(usize, Account)>, StoreError> {
 }
 
 impl EmbeddedStore {
-    /// A store that keeps nothing on disk.
-    pub fn in_memory() -> Self {
-        Self::from_data(Data::default(), None)
-    }
-
     /// Opens (or starts) the data file at `path` and compacts it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let mut data = Data::default();
@@ -99,16 +94,12 @@ impl EmbeddedStore {
             data.apply(entry);
         }
         let journal = Journal::create(path, &data.entries())?;
-        Ok(Self::from_data(data, Some(journal)))
-    }
-
-    fn from_data(data: Data, journal: Option<Journal>) -> Self {
-        Self {
+        Ok(Self {
             data: RwLock::new(data),
             journal: Mutex::new(journal),
             buckets: DashMap::new(),
             quotas: DashMap::new(),
-        }
+        })
     }
 
     /// Decides a change under the writer lock, persists it, then applies it in memory: memory
@@ -120,17 +111,13 @@ impl EmbeddedStore {
         let mut journal = self.journal.lock();
         let (out, entry) = decide(&self.data.read())?;
         let Some(entry) = entry else { return Ok(out) };
-        if let Some(j) = journal.as_mut() {
-            j.append(std::slice::from_ref(&entry))?;
-        }
+        journal.append(std::slice::from_ref(&entry))?;
         let mut data = self.data.write();
         data.apply(entry);
-        if let Some(j) = journal.as_mut() {
-            // Keep the file near the size of the live state.
-            if j.appended > 1000 && j.appended > data.keys.len() + data.accounts.len() {
-                if let Err(e) = j.compact(&data.entries()) {
-                    tracing::warn!(error = %e, "could not compact the data file; it keeps growing");
-                }
+        // Keep the file near the size of the live state.
+        if journal.appended > 1000 && journal.appended > data.keys.len() + data.accounts.len() {
+            if let Err(e) = journal.compact(&data.entries()) {
+                tracing::warn!(error = %e, "could not compact the data file; it keeps growing");
             }
         }
         Ok(out)
@@ -281,5 +268,43 @@ impl Store for EmbeddedStore {
 
     async fn ready(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Subscription;
+
+    fn account(plan: &str) -> Account {
+        Account {
+            id: "acme".into(),
+            plan: plan.into(),
+            subscription: Subscription::Active,
+            quota_anchor_day: 1,
+            created_at_ms: 1,
+            updated_at_ms: 2,
+        }
+    }
+
+    #[test]
+    fn the_data_file_stays_near_the_live_state_and_survives_a_reopen() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.jsonl");
+        let store = EmbeddedStore::open(&path).unwrap();
+        for i in 0..2500 {
+            let plan = if i % 2 == 0 { "free" } else { "pro" };
+            rt.block_on(store.put_account(account(plan))).unwrap();
+        }
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines <= 1002, "{lines} lines for one account");
+        drop(store);
+        let store = EmbeddedStore::open(&path).unwrap();
+        let acme = rt.block_on(store.account("acme")).unwrap().unwrap();
+        assert_eq!(acme.plan, "pro");
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
     }
 }
