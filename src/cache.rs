@@ -110,6 +110,20 @@ impl<K: Eq + Hash + Clone, V: Clone> BoundedCache<K, V> {
         map.insert(key, (value, expires_at));
     }
 
+    /// Runs `f` on the live value for `key` under the shard's lock (check-and-set in one step);
+    /// `None` when there is no live value.
+    pub fn update<Q, R>(&self, key: &Q, now_ns: u64, f: impl FnOnce(&mut V) -> R) -> Option<R>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut map = self.shard(key)?.map.lock();
+        match map.get_mut(key) {
+            Some((value, expires_at)) if now_ns < *expires_at => Some(f(value)),
+            _ => None,
+        }
+    }
+
     /// Removes `key`, returning its value (expired or not).
     pub fn remove<Q>(&self, key: &Q) -> Option<V>
     where

@@ -24,6 +24,20 @@ fn id_value(id: &str) -> HeaderValue {
     HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("invalid-id"))
 }
 
+/// The local verdict on a key's rate before asking the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateGate {
+    /// Nothing known: ask the store.
+    Open,
+    /// This request asks the store on behalf of a key that was just blocked.
+    Probe,
+    /// Refused here, no store call.
+    Refuse {
+        retry_after_ns: u64,
+        reset_after_ns: u64,
+    },
+}
+
 /// Key and account lookups with bounded positive and negative caches in front of the store.
 pub struct Directory {
     store: Arc<dyn Store>,
@@ -117,8 +131,8 @@ impl Directory {
         self.rate_blocks.clear();
     }
 
-    /// Remembers that the store refused `key_id` until `until_ns`: nothing can give the key a
-    /// token before then (other nodes only take tokens), so refusing locally is exact.
+    /// Remembers that `key_id` gets no token before `until_ns`: nothing can give it one
+    /// earlier (other nodes only take tokens), so refusing locally until then is exact.
     pub fn block_rate(&self, key_id: &str, until_ns: u64, full_at_ns: u64) {
         self.rate_blocks.insert(
             key_id.to_owned(),
@@ -127,10 +141,30 @@ impl Directory {
         );
     }
 
-    /// `(retry_after_ns, reset_after_ns)` when `key_id` is still refused at `now_ns`.
-    pub fn rate_blocked(&self, key_id: &str, now_ns: u64) -> Option<(u64, u64)> {
-        let (until, full_at) = self.rate_blocks.get(key_id, now_ns)?;
-        (now_ns < until).then(|| (until - now_ns, full_at.saturating_sub(now_ns)))
+    /// Forgets a key's block (the store admitted it with tokens to spare, or failed).
+    pub fn unblock_rate(&self, key_id: &str) {
+        self.rate_blocks.remove(key_id);
+    }
+
+    /// What the local blocks say about a request of `key_id` at `now_ns`. Within one emission
+    /// interval after a block ends, at most one token exists: one request asks the store
+    /// (`Probe`) and the others are refused until it has answered.
+    pub fn rate_gate(&self, key_id: &str, now_ns: u64, interval_ns: u64) -> RateGate {
+        self.rate_blocks
+            .update(key_id, now_ns, |(until, full_at)| {
+                if now_ns < *until {
+                    RateGate::Refuse {
+                        retry_after_ns: *until - now_ns,
+                        reset_after_ns: full_at.saturating_sub(now_ns),
+                    }
+                } else if now_ns < until.saturating_add(interval_ns) {
+                    *until = now_ns.saturating_add(interval_ns);
+                    RateGate::Probe
+                } else {
+                    RateGate::Open
+                }
+            })
+            .unwrap_or(RateGate::Open)
     }
 
     /// Applies a change announced by another node.

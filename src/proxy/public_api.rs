@@ -3,7 +3,7 @@
 use super::headers::{ceil_secs, RateHeaders};
 use super::inspect;
 use super::Identity;
-use crate::auth::{api_key, Principal};
+use crate::auth::{api_key, Principal, RateGate};
 use crate::config::StoreErrorMode;
 use crate::errors::{ErrorCode, GatewayError};
 use crate::gateway::Gateway;
@@ -162,8 +162,12 @@ pub async fn authorize(
     };
     // 6 and 7. rate limit, then quota, in one store decision; a key the store just refused
     // is refused here until its retry time, at no store cost.
-    if let Some((retry_after_ns, reset_after_ns)) =
-        gw.directory.rate_blocked(&principal.key.id, now_ns)
+    let interval_ns = plan.bucket.emission_interval_ns();
+    let key_id = principal.key.id.as_str();
+    if let RateGate::Refuse {
+        retry_after_ns,
+        reset_after_ns,
+    } = gw.directory.rate_gate(key_id, now_ns, interval_ns)
     {
         rate.live = Some((0, ceil_secs(reset_after_ns)));
         return Err(refuse(
@@ -191,6 +195,19 @@ pub async fn authorize(
             ..
         }) => {
             rate.live = Some((remaining, ceil_secs(reset_after_ns)));
+            if remaining == 0 {
+                // The bucket is empty: the next token is due at new_tat + T - burst·T, and never
+                // later than one interval from now (concurrent refusals may inflate new_tat).
+                let next_token = now_ns
+                    .saturating_add(reset_after_ns)
+                    .saturating_add(interval_ns)
+                    .saturating_sub(u64::from(plan.bucket.burst) * interval_ns)
+                    .min(now_ns.saturating_add(interval_ns));
+                gw.directory
+                    .block_rate(key_id, next_token, now_ns.saturating_add(reset_after_ns));
+            } else {
+                gw.directory.unblock_rate(key_id);
+            }
             Ok((identity, rate))
         }
         Ok(Admission::RateLimited {
@@ -199,9 +216,9 @@ pub async fn authorize(
         }) => {
             // Concurrent refusals not yet given back can inflate the store's retry time, and a
             // truly refused key gets a token within one emission interval: block no longer.
-            let block = retry_after_ns.min(plan.bucket.emission_interval_ns());
+            let block = retry_after_ns.min(interval_ns);
             gw.directory.block_rate(
-                &principal.key.id,
+                key_id,
                 now_ns.saturating_add(block),
                 now_ns.saturating_add(reset_after_ns),
             );
@@ -216,6 +233,7 @@ pub async fn authorize(
             reset_after_ns,
             ..
         }) => {
+            gw.directory.unblock_rate(key_id);
             rate.live = Some((remaining, ceil_secs(reset_after_ns)));
             Err(refuse(
                 GatewayError::quota_exceeded(period.seconds_left(now_unix)),
@@ -223,6 +241,7 @@ pub async fn authorize(
             ))
         }
         Err(e) => {
+            gw.directory.unblock_rate(key_id);
             gw.metrics.store_error();
             let mode = policy
                 .and_then(|p| p.on_store_error)
