@@ -142,26 +142,35 @@ impl Metrics {
         for (code, n) in codes {
             let _ = writeln!(out, "msgflash_rejections_total{{code=\"{code}\"}} {n}");
         }
-        out.push_str("# HELP msgflash_store_errors_total Store calls that failed.\n");
-        out.push_str("# TYPE msgflash_store_errors_total counter\n");
-        let _ = writeln!(
-            out,
-            "msgflash_store_errors_total {}",
-            self.store_errors.load(Ordering::Relaxed)
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        single(
+            &mut out,
+            "msgflash_store_errors_total",
+            "counter",
+            "Store calls that failed.",
+            load(&self.store_errors),
         );
-        out.push_str("# HELP msgflash_fail_open_total Requests forwarded unmetered while the store failed.\n");
-        out.push_str("# TYPE msgflash_fail_open_total counter\n");
-        let _ = writeln!(
-            out,
-            "msgflash_fail_open_total {}",
-            self.fail_open.load(Ordering::Relaxed)
+        single(
+            &mut out,
+            "msgflash_fail_open_total",
+            "counter",
+            "Requests forwarded unmetered while the store failed.",
+            load(&self.fail_open),
         );
-        out.push_str("# HELP msgflash_key_cache_entries Keys held by the local cache.\n");
-        out.push_str("# TYPE msgflash_key_cache_entries gauge\n");
-        let _ = writeln!(out, "msgflash_key_cache_entries {cached_keys}");
-        out.push_str("# HELP msgflash_store_ready Whether the key store answers (1) or not (0).\n");
-        out.push_str("# TYPE msgflash_store_ready gauge\n");
-        let _ = writeln!(out, "msgflash_store_ready {}", u8::from(store_ready));
+        single(
+            &mut out,
+            "msgflash_key_cache_entries",
+            "gauge",
+            "Keys held by the local cache.",
+            cached_keys as u64,
+        );
+        single(
+            &mut out,
+            "msgflash_store_ready",
+            "gauge",
+            "Whether the key store answers (1) or not (0).",
+            u64::from(store_ready),
+        );
         out
     }
 }
@@ -170,6 +179,14 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A metric family of one unlabelled sample.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
 }
 
 fn escape(s: &str) -> String {

@@ -7,6 +7,11 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_msgflash-gateway"))
 }
 
+/// `msgflash-gateway check -c <config>`, without secrets in the environment.
+fn check(config: &std::path::Path) -> std::process::Output {
+    bin().args(["check", "-c"]).arg(config).output().unwrap()
+}
+
 #[test]
 fn check_accepts_the_shipped_configuration() {
     let out = bin()
@@ -47,11 +52,7 @@ fn check_names_file_line_and_field() {
          [[routes]]\nprefix = \"/api/v1/\"\nauth = \"apikey\"\nupstream = \"apí\"\n",
     )
     .unwrap();
-    let out = bin()
-        .args(["check", "-c"])
-        .arg(dir.path().join("gateway.toml"))
-        .output()
-        .unwrap();
+    let out = check(&dir.path().join("gateway.toml"));
     assert_eq!(out.status.code(), Some(1));
     let d = dir.path().display();
     assert_eq!(
@@ -71,11 +72,7 @@ fn check_names_file_line_and_field() {
         "[server]\nlisten = \"0.0.0.0:8080\"\nthreds = 2\n",
     )
     .unwrap();
-    let out = bin()
-        .args(["check", "-c"])
-        .arg(dir.path().join("gateway.toml"))
-        .output()
-        .unwrap();
+    let out = check(&dir.path().join("gateway.toml"));
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
