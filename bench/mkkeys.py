@@ -3,7 +3,7 @@
 gateway's admin API and writes the full keys, one a line, to OUT.
 
 usage: mkkeys.py ADMIN_ADDR OUT [ACCOUNTS] [KEYS_PER_ACCOUNT] [PREFIX]
-(the admin token comes from MSGFLASH_ADMIN_TOKEN)"""
+(the admin token comes from MSGFLASH_ADMIN_TOKEN; BENCH_PLAN names another plan than "bench")"""
 import http.client
 import json
 import os
@@ -14,6 +14,7 @@ addr, out = sys.argv[1], sys.argv[2]
 accounts = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
 per = int(sys.argv[4]) if len(sys.argv) > 4 else 10
 prefix = sys.argv[5] if len(sys.argv) > 5 else "bench"
+plan = os.environ.get("BENCH_PLAN", "bench")
 host, port = addr.rsplit(":", 1)
 headers = {
     "authorization": "Bearer " + os.environ["MSGFLASH_ADMIN_TOKEN"],
@@ -38,7 +39,7 @@ def worker(part, parts):
         for a in range(part, accounts, parts):
             acct = f"{prefix}{a:05d}"
             call(conn, "PUT", f"/admin/v1/accounts/{acct}",
-                 {"plan": "bench", "subscription": "active"}, 200)
+                 {"plan": plan, "subscription": "active"}, 200)
             for k in range(per):
                 rec = call(conn, "POST", f"/admin/v1/accounts/{acct}/keys", {"name": f"k{k}"}, 201)
                 keys[a * per + k] = rec["key"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Markdown report of a bench/run.sh output directory (medians over the rounds).
 
-usage: report.py OUT_DIR [--peak TARGET | --tune]"""
+usage: report.py OUT_DIR [--peak TARGET | --tune | --callgrind]"""
 import statistics
 import sys
 from collections import defaultdict
@@ -96,7 +96,7 @@ def main_report(out, runs):
     m = meta(out)
     targets = []
     for (tag, _, target) in runs:
-        if tag in ("main", "half") and target not in targets:
+        if (tag == "main" or tag.startswith("half")) and target not in targets:
             targets.append(target)
     scenarios = [s for s in SCENARIOS if any(k[0] == "main" and k[1] == s for k in runs)]
     k = max((r["round"] for v in runs.values() for r in v), default=0)
@@ -139,11 +139,15 @@ def main_report(out, runs):
 
     redis_report(runs, FILES)
 
-    half = {t: rs for (tag, s, t), rs in runs.items() if tag == "half"}
-    if half:
-        print(f"\n#### Latency at half of the peak rate (valid traffic; {m.get('half_peak_conns', '?')} "
-              f"connections, each pausing {m.get('half_peak_delay_ms', '?')} ms after every response; "
-              f"peak = gateway embedded {m.get('half_peak_of', '?')} req/s)\n")
+    halves = {}  # gateway -> {target: runs}
+    for (tag, s, t), rs in runs.items():
+        if tag.startswith("half_"):
+            halves.setdefault(tag[len("half_"):], {})[t] = rs
+    for gw, half in halves.items():
+        print(f"\n#### Latency at half of the peak of {NAMES.get(gw, gw)} (valid traffic, "
+              f"{m.get(f'half_{gw}_rate', '?')} req/s offered open loop over {m.get('open_conns', '?')} "
+              f"connections by examples/openloop.rs; peak {m.get(f'half_{gw}_peak', '?')} req/s; "
+              f"latency from each request's due time)\n")
         print("| target | req/s achieved | p50 ms | p99 ms | p99 added over direct, ms |")
         print("|---|---:|---:|---:|---:|")
         direct_p99 = med(half.get("direct", []), "p99")
@@ -171,12 +175,11 @@ def main_report(out, runs):
                   f"{pr:.2f}× as the median of the per-round ratios "
                   f"({', '.join(f'{x:.2f}' for x in per_round)}) (target ≥ {goal:.2f}×): "
                   f"{'met' if min(v / pt, pr) >= goal else ('NOT met' if max(v / pt, pr) < goal else 'inconclusive')}")
-    if half and "direct" in half:
-        for t in ("gw_embedded", "gw_redis"):
-            if t in half:
-                added = med(half[t], "p99") - med(half["direct"], "p99")
-                print(f"- p99 added over direct at half peak, {NAMES[t]}: {added:+.3f} ms (target ≤ 0.5 ms): "
-                      f"{'met' if added <= 0.5 else 'NOT met'}")
+    for gw, half in halves.items():
+        if gw in half and "direct" in half:
+            added = med(half[gw], "p99") - med(half["direct"], "p99")
+            print(f"- p99 added over direct at half peak, {NAMES[gw]}: {added:+.3f} ms (target ≤ 0.5 ms): "
+                  f"{'met' if added <= 0.5 else 'NOT met'}")
     for s in ("abusive", "bogus_repeat", "bogus"):
         rs = runs.get(("main", s, "gw_redis"))
         if rs:
@@ -244,8 +247,34 @@ def tune_report(out, runs):
               f"{ratio(rps, base)} | {ratio(rps, ngx)} |")
 
 
+CG_SCENARIOS = {
+    "valid": "forwarded (200)",
+    "abusive": "one key over its rate (429)",
+    "bogus_repeat": "one repeated unknown key (401)",
+}
+
+
+def callgrind_report(out):
+    m = meta(out)
+    with open(f"{out}/callgrind.tsv") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    base = next((int(r[4]) / int(r[2]) for r in rows if r[0] == "passthrough"), float("nan"))
+    print(f"### Instructions per request under callgrind, {m.get('date_utc', '?')} (git {m.get('git', '?')})\n")
+    print("One keep-alive client, POST /api/v1/messages/send; whole-process instructions "
+          "(all threads) over the measured requests, after a warm-up.\n")
+    print("| target | scenario | responses | instructions per request | × passthrough |")
+    print("|---|---|---|---:|---:|")
+    for name, scenario, n, statuses, total in rows:
+        per = int(total) / int(n) if total else float("nan")
+        print(f"| {NAMES.get(name, name)} | {CG_SCENARIOS.get(scenario, scenario)} | {statuses} | "
+              f"{per / 1000:,.1f} k | {per / base:.2f}× |")
+
+
 def main():
     out = sys.argv[1]
+    if len(sys.argv) > 2 and sys.argv[2] == "--callgrind":
+        callgrind_report(out)
+        return
     runs = load(out)
     if len(sys.argv) > 3 and sys.argv[2] == "--peak":
         print(f"{med(runs[('main', 'valid', sys.argv[3])], 'rps'):.0f}")

@@ -4,6 +4,7 @@
 #   bench/run.sh            # full run: K=3 rounds x 5 scenarios x 6 targets, 10 s each, + half-peak
 #   K=1 DURATION=3 bench/run.sh          # a quick look
 #   bench/run.sh tune                    # the framework gap: passthrough variants vs nginx
+#   bench/run.sh callgrind               # instructions per request (deterministic), by target
 #
 # Environment (defaults in brackets):
 #   K [3]  rounds            DURATION [10] seconds per wrk run   CONNS [32] wrk connections
@@ -13,8 +14,10 @@
 #             0: no pinning, WORKERS [2] workers per proxy, everything shares both cores.
 #   SCENARIOS ["valid abusive bogus bogus_repeat jwt"]
 #   TARGETS   ["direct passthrough nginx_proxy nginx_gw gw_embedded gw_redis"]
-#   HALF_PEAK [1]  also run the fixed-rate "half of peak" latency phase; HALF_DELAY_MS [10]
-#             pause of each connection; HALF_PEAK_RPS: the peak to halve (default: measured)
+#   HALF_PEAK [1]  also run the latency phase: valid traffic at a fixed rate, half of each
+#             gateway's measured peak, from examples/openloop.rs (open loop, latency counted from
+#             each request's due time); OPEN_CONNS [50] its connections; HALF_PEAK_RPS: one rate
+#             to use instead of the measured halves
 #   JOBS [1]  cargo -j (the machine is shared)       NO_BUILD [0]  1: use the existing binaries
 #   PORT_BASE [27180]  the nine ports used are PORT_BASE .. PORT_BASE+8
 # Raw output: target/bench/run-<UTC date>/ (target/bench/latest points to it).
@@ -53,6 +56,8 @@ ln -sfn "$OUT" "$ROOT/target/bench/latest"
 GW=$ROOT/target/release/msgflash-gateway
 PASS=$ROOT/target/release/examples/passthrough_mimalloc   # the gateway's allocator
 PASS_GLIBC=$ROOT/target/release/examples/passthrough      # glibc malloc (LD_PRELOAD-able)
+OPENLOOP=$ROOT/target/release/examples/openloop
+OPEN_CONNS=${OPEN_CONNS:-50}
 
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
@@ -67,6 +72,7 @@ install_missing() {
   command -v curl >/dev/null 2>&1 || missing+=(curl)
   command -v cmake >/dev/null 2>&1 || missing+=(cmake)
   command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
+  command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
   if [ "$MODE" = tune ]; then
     [ -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] || missing+=(libjemalloc2)
     [ -e /usr/lib/x86_64-linux-gnu/libmimalloc.so.2 ] || missing+=(libmimalloc2.0)
@@ -83,9 +89,10 @@ install_missing() {
 install_missing
 
 if [ "$NO_BUILD" != 1 ]; then
-  log "building (cargo -j$JOBS): release binary, passthrough and cache_memory examples"
+  log "building (cargo -j$JOBS): release binary, passthrough, cache_memory and openloop examples"
   (cd "$ROOT" && cargo build --release -j"$JOBS" --bin msgflash-gateway \
-    --example passthrough --example passthrough_mimalloc --example cache_memory) 2>&1 | tail -n 3 >&2
+    --example passthrough --example passthrough_mimalloc --example cache_memory \
+    --example openloop) 2>&1 | tail -n 3 >&2
 fi
 
 # --- process management --------------------------------------------------------------------
@@ -102,12 +109,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
+WRAP="" # a command the proxies run under (callgrind mode)
 proxy_cpu() { [ "$PIN" = 1 ] && echo "taskset -c 1" || true; }
 load_cpu() { [ "$PIN" = 1 ] && echo "taskset -c 0" || true; }
 
 wait_port() {
   local port=$1 i
-  for i in $(seq 100); do
+  for i in $(seq "${WAIT_TRIES:-100}"); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
     sleep 0.1
   done
@@ -227,7 +235,7 @@ start_passthrough() {
   log "pingora passthrough $name on :$port ($*)"
   env PT_LISTEN=127.0.0.1:$port PT_UPSTREAM=127.0.0.1:$P_UP PT_THREADS="$WORKERS" \
     PT_PID_FILE="$OUT/conf/$name.pid" PT_UPGRADE_SOCK="$OUT/conf/$name.sock" "$@" \
-    $(proxy_cpu) "${PASS_BIN:-$PASS}" >"$OUT/logs/$name.log" 2>&1 &
+    $(proxy_cpu) $WRAP "${PASS_BIN:-$PASS}" >"$OUT/logs/$name.log" 2>&1 &
   PIDS+=($!)
   wait_port "$port"
 }
@@ -280,7 +288,7 @@ EOF
 start_gateway() { # NAME PORT ADMIN_PORT STORE_LINE
   gw_config "$@"
   log "msgflash-gateway $1 on :$2 (admin :$3, $4)"
-  RUST_LOG=${RUST_LOG:-warn} $(proxy_cpu) "$GW" run -c "$OUT/conf/$1.toml" >"$OUT/logs/$1.log" 2>&1 &
+  RUST_LOG=${RUST_LOG:-warn} $(proxy_cpu) $WRAP "$GW" run -c "$OUT/conf/$1.toml" >"$OUT/logs/$1.log" 2>&1 &
   PIDS+=($!)
   wait_port "$2"
   wait_port "$3"
@@ -316,6 +324,19 @@ run_wrk() {
   log "$(printf '%-6s r%s %-13s %-12s %s' "$tag" "$round" "$scenario" "$target" \
     "$(awk '/Requests\/sec/ { printf "%s req/s", $2 } /Non-2xx/ { printf ", non-2xx %s", $NF }' "$file")")"
   sleep 1 # let the buckets refill between runs
+}
+
+# run_open TARGET PORT ROUND TAG RATE: valid traffic at a fixed RATE from examples/openloop.rs
+run_open() {
+  local target=$1 port=$2 round=$3 tag=$4 rate=$5
+  local file=$OUT/wrk/$tag-valid-$target-r$round.txt
+  $(load_cpu) "$OPENLOOP" "127.0.0.1:$port" "$rate" "$DURATION" "$OPEN_CONNS" valid \
+    "$(keys_of "$target")" >"$file" 2>&1 || true
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tag" "$round" valid "$target" "$file" 0 "$OPEN_CONNS" \
+    >>"$OUT/results.tsv"
+  log "$(printf '%-6s r%s %-12s %s' "$tag" "$round" "$target" \
+    "$(awk '/Requests\/sec/ { printf "%s req/s", $2 } $1 == "99%" { printf ", p99 %s", $2 }' "$file")")"
+  sleep 1
 }
 
 TOKEN=""
@@ -379,17 +400,20 @@ main_run() {
     done
   done
   if [ "$HALF_PEAK" = 1 ]; then
-    # "Half of peak" without wrk2: each connection pauses DELAY ms after every response, so
-    # rate ~ conns / (DELAY + latency). conns = half the gateway's median peak x DELAY.
-    local peak delay=${HALF_DELAY_MS:-10} conns
-    peak=${HALF_PEAK_RPS:-$(python3 "$BENCH/report.py" "$OUT" --peak gw_embedded)}
-    conns=$(python3 -c "import math; print(max(1, math.ceil($peak / 2 * $delay / 1000)))")
-    log "half-peak phase: gw_embedded peak $peak req/s -> $conns connections x ${delay} ms pause"
-    printf 'half_peak_of=%s\nhalf_peak_conns=%s\nhalf_peak_delay_ms=%s\n' "$peak" "$conns" "$delay" >>"$OUT/meta.txt"
-    for round in $(seq "$K"); do
-      for target in $TARGETS; do
-        case $target in nginx_proxy) continue ;; esac
-        run_wrk "$target" "$(port_of "$target")" valid "$round" half "$conns" $delay
+    # Latency at half of a gateway's peak: every target gets the same fixed request rate from
+    # the open-loop generator, so "added over direct" compares like with like.
+    local gw peak rate
+    for gw in gw_embedded gw_redis; do
+      case " $TARGETS " in *" $gw "*) ;; *) continue ;; esac
+      peak=$(python3 "$BENCH/report.py" "$OUT" --peak "$gw")
+      rate=${HALF_PEAK_RPS:-$((peak / 2))}
+      log "latency phase: $gw peak $peak req/s -> $rate req/s open loop over $OPEN_CONNS connections"
+      printf 'half_%s_peak=%s\nhalf_%s_rate=%s\nopen_conns=%s\n' "$gw" "$peak" "$gw" "$rate" "$OPEN_CONNS" >>"$OUT/meta.txt"
+      for round in $(seq "$K"); do
+        for target in direct passthrough nginx_gw "$gw"; do
+          case " $TARGETS " in *" $target "*) ;; *) continue ;; esac
+          run_open "$target" "$(port_of "$target")" "$round" "half_$gw" "$rate"
+        done
       done
     done
   fi
@@ -503,8 +527,75 @@ tune_run() {
   log "raw output: $OUT"
 }
 
+# --- callgrind: instructions per request, which do not depend on what else the machine does ---
+# Each target runs under valgrind's callgrind; one Python client sends WARMUP requests, the
+# counters are zeroed, then N more requests; the whole process's instruction total for those N
+# (every thread: runtime, timers, store) divided by N is the figure.
+cg_measure() { # NAME PORT KEY SCENARIO
+  local name=$1 port=$2 key=$3 scenario=$4 pid=${PIDS[-1]} n=${CG_REQUESTS:-2000} statuses dump
+  python3 "$BENCH/client.py" "127.0.0.1:$port" "${CG_WARMUP:-200}" "$key" >/dev/null
+  callgrind_control -z "$pid" >/dev/null
+  statuses=$(python3 "$BENCH/client.py" "127.0.0.1:$port" "$n" "$key")
+  callgrind_control -d "$pid" >/dev/null
+  dump=$(ls -t "$OUT/callgrind/$name.$pid".* | head -n 1)
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$scenario" "$n" "$statuses" \
+    "$(awk '/^(totals|summary):/ { print $2; exit }' "$dump")" >>"$OUT/callgrind.tsv"
+  log "$name $scenario: $statuses, $(tail -n 1 "$OUT/callgrind.tsv" | cut -f5) instructions"
+}
+
+# One key on the bench plan (10 r/s: the client outruns it, so nearly every request is refused)
+# and one on the unmetered plan (every request is forwarded).
+cg_keys() { # ADMIN_PORT SUFFIX
+  local plan
+  for plan in bench unmetered; do
+    BENCH_PLAN=$plan python3 "$BENCH/mkkeys.py" "127.0.0.1:$1" "$OUT/conf/cg_${plan}_$2.txt" 1 1 "cg$plan" >&2
+  done
+}
+
+cg_start() { # NAME: sets WRAP for the next start_* call
+  mkdir -p "$OUT/callgrind"
+  WRAP="valgrind --tool=callgrind --callgrind-out-file=$OUT/callgrind/$1.%p"
+  WAIT_TRIES=600
+}
+
+cg_stop() {
+  WRAP=""
+  kill -INT "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'
+}
+
+callgrind_run() {
+  describe
+  local bogus="msgf_live_$(printf '0%.0s' $(seq 64))" key
+  start_upstream
+  cg_start passthrough
+  start_passthrough passthrough $P_PASS
+  cg_measure passthrough $P_PASS "$bogus" valid
+  cg_stop
+  rm -f "$OUT/conf/store.json"
+  cg_start gw_embedded
+  start_gateway gw_embedded $P_GW_EMB $P_ADM_EMB "data_file = \"$OUT/conf/store.json\""
+  cg_keys $P_ADM_EMB embedded
+  cg_measure gw_embedded $P_GW_EMB "$(cat "$OUT/conf/cg_unmetered_embedded.txt")" valid
+  cg_measure gw_embedded $P_GW_EMB "$(cat "$OUT/conf/cg_bench_embedded.txt")" abusive
+  cg_measure gw_embedded $P_GW_EMB "$bogus" bogus_repeat
+  cg_stop
+  case " $TARGETS " in *" gw_redis "*)
+    start_redis
+    cg_start gw_redis
+    start_gateway gw_redis $P_GW_REDIS $P_ADM_REDIS "redis_url = \"redis://127.0.0.1:$P_REDIS\""
+    cg_keys $P_ADM_REDIS redis
+    cg_measure gw_redis $P_GW_REDIS "$(cat "$OUT/conf/cg_unmetered_redis.txt")" valid
+    cg_measure gw_redis $P_GW_REDIS "$(cat "$OUT/conf/cg_bench_redis.txt")" abusive
+    cg_stop
+    ;;
+  esac
+  python3 "$BENCH/report.py" "$OUT" --callgrind | tee "$OUT/summary.md"
+  log "raw output: $OUT"
+}
+
 case $MODE in
   run) main_run ;;
   tune) tune_run ;;
-  *) echo "usage: bench/run.sh [run|tune]" >&2; exit 2 ;;
+  callgrind) callgrind_run ;;
+  *) echo "usage: bench/run.sh [run|tune|callgrind]" >&2; exit 2 ;;
 esac; exit $? # on the same line: bash reads no further, so editing this file mid-run is harmless

@@ -1,6 +1,7 @@
 //! Header values the gateway writes: rate-limit state and request ids.
 
-use http::HeaderValue;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The rate-limit state a response reports (IETF ratelimit-headers draft plus X-RateLimit-*).
@@ -20,38 +21,126 @@ pub fn ceil_secs(ns: u64) -> u64 {
     ns.div_ceil(1_000_000_000)
 }
 
-/// A header value written through a stack buffer: no intermediate `String`.
-fn formatted(args: std::fmt::Arguments<'_>) -> HeaderValue {
-    use std::io::Write;
-    let mut buf = [0u8; 128];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    let _ = cursor.write_fmt(args);
-    let n = usize::try_from(cursor.position()).unwrap_or(0);
-    HeaderValue::from_bytes(&buf[..n]).unwrap_or_else(|_| HeaderValue::from_static(""))
+/// A header value assembled in a stack buffer from text and numbers, without `core::fmt`
+/// (which costs more than the rest of a header insert). Numbers here are at most 20 digits
+/// and every value well under the buffer; should one not fit, it is cut, never overrun.
+struct ValueBuf {
+    buf: [u8; 128],
+    len: usize,
 }
 
+impl ValueBuf {
+    fn new() -> Self {
+        Self {
+            buf: [0; 128],
+            len: 0,
+        }
+    }
+
+    fn bytes(mut self, b: &[u8]) -> Self {
+        let n = b.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&b[..n]);
+        self.len += n;
+        self
+    }
+
+    fn num(self, mut n: u64) -> Self {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.bytes(&digits[i..])
+    }
+
+    fn hex16(self, n: u64) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 16];
+        for (i, d) in out.iter_mut().enumerate() {
+            *d = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        self.bytes(&out)
+    }
+
+    fn ip(self, ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                self.num(a.into())
+                    .bytes(b".")
+                    .num(b.into())
+                    .bytes(b".")
+                    .num(c.into())
+                    .bytes(b".")
+                    .num(d.into())
+            }
+            IpAddr::V6(v6) => self.bytes(v6.to_string().as_bytes()),
+        }
+    }
+
+    fn value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.buf[..self.len])
+            .unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+}
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
 impl RateHeaders {
-    /// `(name, value)` pairs, in the order they are sent.
-    pub fn pairs(&self) -> impl Iterator<Item = (&'static str, HeaderValue)> {
-        let policy = formatted(format_args!(
-            "\"burst\";q={};w={}, \"monthly\";q={};w={}",
-            self.burst, self.burst_window, self.quota, self.period_secs
-        ));
-        let fixed = [
-            ("ratelimit-policy", policy),
-            ("x-ratelimit-limit", HeaderValue::from(self.burst)),
-        ];
-        let live = self.live.map(|(remaining, reset)| {
-            [
-                (
-                    "ratelimit",
-                    formatted(format_args!("\"burst\";r={remaining};t={reset}")),
-                ),
-                ("x-ratelimit-remaining", HeaderValue::from(remaining)),
-                ("x-ratelimit-reset", HeaderValue::from(reset)),
-            ]
-        });
-        fixed.into_iter().chain(live.into_iter().flatten())
+    /// Writes the headers (replacing any of the same name), in the order they are sent.
+    pub fn write_to(&self, headers: &mut HeaderMap) {
+        headers.insert(
+            RATELIMIT_POLICY.clone(),
+            ValueBuf::new()
+                .bytes(b"\"burst\";q=")
+                .num(self.burst.into())
+                .bytes(b";w=")
+                .num(self.burst_window)
+                .bytes(b", \"monthly\";q=")
+                .num(self.quota)
+                .bytes(b";w=")
+                .num(self.period_secs)
+                .value(),
+        );
+        headers.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(self.burst));
+        if let Some((remaining, reset)) = self.live {
+            headers.insert(
+                RATELIMIT.clone(),
+                ValueBuf::new()
+                    .bytes(b"\"burst\";r=")
+                    .num(remaining.into())
+                    .bytes(b";t=")
+                    .num(reset)
+                    .value(),
+            );
+            headers.insert(X_RATELIMIT_REMAINING.clone(), HeaderValue::from(remaining));
+            headers.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from(reset));
+        }
+    }
+}
+
+/// `X-Forwarded-For`: the client's address appended to a non-blank prior value.
+pub fn forwarded_for(prior: Option<&HeaderValue>, ip: IpAddr) -> HeaderValue {
+    match prior.and_then(|v| v.to_str().ok()).map(str::trim) {
+        Some(prior) if !prior.is_empty() => {
+            // A chain of proxies can be longer than the stack buffer.
+            let ip = ValueBuf::new().ip(ip);
+            let mut chain = Vec::with_capacity(prior.len() + 2 + ip.len);
+            chain.extend_from_slice(prior.as_bytes());
+            chain.extend_from_slice(b", ");
+            chain.extend_from_slice(&ip.buf[..ip.len]);
+            HeaderValue::from_bytes(&chain).unwrap_or_else(|_| ip.value())
+        }
+        _ => ValueBuf::new().ip(ip).value(),
     }
 }
 
@@ -74,7 +163,7 @@ impl RequestIds {
 
     pub fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        formatted(format_args!("{:016x}{n:016x}", self.node))
+        ValueBuf::new().hex16(self.node).hex16(n).value()
     }
 
     /// A client-supplied id is kept when it is 1–128 characters of `[A-Za-z0-9._:-]`.
@@ -106,23 +195,64 @@ mod tests {
             period_secs: 2_592_000,
             live: Some((9, 1)),
         };
-        let pairs: Vec<(&str, String)> = h
-            .pairs()
-            .map(|(n, v)| (n, v.to_str().unwrap().to_owned()))
+        let mut map = HeaderMap::new();
+        h.write_to(&mut map);
+        let pairs: Vec<(&str, &str)> = map
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
             .collect();
         assert_eq!(
             pairs,
             vec![
                 (
                     "ratelimit-policy",
-                    "\"burst\";q=10;w=1, \"monthly\";q=1000;w=2592000".to_string()
+                    "\"burst\";q=10;w=1, \"monthly\";q=1000;w=2592000"
                 ),
-                ("x-ratelimit-limit", "10".to_string()),
-                ("ratelimit", "\"burst\";r=9;t=1".to_string()),
-                ("x-ratelimit-remaining", "9".to_string()),
-                ("x-ratelimit-reset", "1".to_string()),
+                ("x-ratelimit-limit", "10"),
+                ("ratelimit", "\"burst\";r=9;t=1"),
+                ("x-ratelimit-remaining", "9"),
+                ("x-ratelimit-reset", "1"),
             ]
         );
+        let mut map = HeaderMap::new();
+        RateHeaders { live: None, ..h }.write_to(&mut map);
+        assert_eq!(map.len(), 2);
+    }
+
+    #[test]
+    fn value_buf_writes_numbers_like_display() {
+        for n in [0, 7, 10, 99, 1_000, 4_294_967_295, u64::MAX] {
+            assert_eq!(ValueBuf::new().num(n).value(), n.to_string().as_str());
+        }
+        assert_eq!(
+            ValueBuf::new().hex16(0xab).hex16(u64::MAX).value(),
+            "00000000000000abffffffffffffffff"
+        );
+        let long = "x".repeat(200);
+        assert_eq!(ValueBuf::new().bytes(long.as_bytes()).len, 128);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn value_buf_num_matches_to_string(n: u64) {
+            let expected = n.to_string();
+            proptest::prop_assert_eq!(ValueBuf::new().num(n).value(), expected.as_str());
+        }
+    }
+
+    #[test]
+    fn forwarded_for_appends_to_a_prior_value() {
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        assert_eq!(forwarded_for(None, ip), "10.0.0.7");
+        let blank = HeaderValue::from_static("  ");
+        assert_eq!(forwarded_for(Some(&blank), ip), "10.0.0.7");
+        let prior = HeaderValue::from_static("203.0.113.9");
+        assert_eq!(forwarded_for(Some(&prior), ip), "203.0.113.9, 10.0.0.7");
+        let v6: IpAddr = "::1".parse().unwrap();
+        assert_eq!(forwarded_for(None, v6), "::1");
+        let chain = vec!["203.0.113.9"; 20].join(", ");
+        let appended = forwarded_for(Some(&HeaderValue::from_str(&chain).unwrap()), ip);
+        assert_eq!(appended, format!("{chain}, 10.0.0.7").as_str());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The pingora proxy: route, authenticate, apply policies and limits, rewrite headers, forward.
 
 pub mod console;
+pub mod header_maps;
 pub mod headers;
 pub mod inspect;
 pub mod ip_limit;
@@ -32,6 +33,8 @@ pub struct Identity {
 }
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Per-request state.
 pub struct Ctx {
@@ -246,48 +249,45 @@ impl ProxyHttp for GatewayProxy {
         up: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let fwd = &ctx.live.config.forward;
-        if !ctx.route().is_some_and(|r| r.forward_api_key) {
-            up.remove_header(&X_API_KEY);
-        }
-        for name in [
-            &fwd.account_id_header,
-            &fwd.key_id_header,
-            &fwd.user_id_header,
-        ]
-        .into_iter()
-        .chain(fwd.strip_request_headers.iter())
-        {
-            while up.remove_header(name).is_some() {}
-        }
-        // Cloned, not taken: pingora rebuilds the upstream request for every attempt (a retry
-        // after a reused connection failed), and each must carry the identity and the path.
-        if let Some(id) = &ctx.identity {
-            up.insert_header(fwd.account_id_header.clone(), id.account_id.clone())?;
-            if let Some(key_id) = &id.key_id {
-                up.insert_header(fwd.key_id_header.clone(), key_id.clone())?;
-            }
-            if let Some(user_id) = &id.user_id {
-                up.insert_header(fwd.user_id_header.clone(), user_id.clone())?;
-            }
-        }
-        up.insert_header(fwd.request_id_header.clone(), ctx.request_id.clone())?;
-        if let Some(ip) = session
+        let client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
-        {
-            let xff = match up
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
+            .map(|a| a.ip());
+        let keep_api_key = ctx.route().is_some_and(|r| r.forward_api_key);
+        let fwd = &ctx.live.config.forward;
+        header_maps::edit_request(up, |parts| {
+            let h = &mut parts.headers;
+            if !keep_api_key {
+                h.remove(&X_API_KEY);
+            }
+            for name in [
+                &fwd.account_id_header,
+                &fwd.key_id_header,
+                &fwd.user_id_header,
+            ]
+            .into_iter()
+            .chain(fwd.strip_request_headers.iter())
             {
-                Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-                _ => ip.to_string(),
-            };
-            up.insert_header("x-forwarded-for", xff)?;
-        }
-        up.insert_header("x-forwarded-proto", HeaderValue::from_static("http"))?;
+                h.remove(name);
+            }
+            // Cloned, not taken: pingora rebuilds the upstream request for every attempt (a
+            // retry after a reused connection failed), and each must carry the identity.
+            if let Some(id) = &ctx.identity {
+                h.insert(fwd.account_id_header.clone(), id.account_id.clone());
+                if let Some(key_id) = &id.key_id {
+                    h.insert(fwd.key_id_header.clone(), key_id.clone());
+                }
+                if let Some(user_id) = &id.user_id {
+                    h.insert(fwd.user_id_header.clone(), user_id.clone());
+                }
+            }
+            h.insert(fwd.request_id_header.clone(), ctx.request_id.clone());
+            if let Some(ip) = client_ip {
+                let xff = headers::forwarded_for(h.get(&X_FORWARDED_FOR), ip);
+                h.insert(X_FORWARDED_FOR.clone(), xff);
+            }
+            h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        });
         if let Some(uri) = &ctx.rewritten {
             up.set_uri(uri.clone());
         }
@@ -300,15 +300,15 @@ impl ProxyHttp for GatewayProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some(rate) = &ctx.rate {
-            for (name, value) in rate.pairs() {
-                resp.insert_header(name, value)?;
+        header_maps::edit_response(resp, |parts| {
+            if let Some(rate) = &ctx.rate {
+                rate.write_to(&mut parts.headers);
             }
-        }
-        resp.insert_header(
-            ctx.live.config.forward.request_id_header.clone(),
-            ctx.request_id.clone(),
-        )?;
+            parts.headers.insert(
+                ctx.live.config.forward.request_id_header.clone(),
+                ctx.request_id.clone(),
+            );
+        });
         Ok(())
     }
 

@@ -3,6 +3,8 @@
 use super::Ctx;
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::HeaderValue;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
@@ -27,22 +29,23 @@ pub async fn send(
     retry_after: Option<u64>,
 ) -> Result<()> {
     settle_request_body(session, ctx.live.config.server.max_body_bytes).await;
-    // No case map: every name here is written lower-case by us.
-    let mut h = ResponseHeader::build_no_case(status, Some(8))?;
-    h.insert_header("content-type", "application/json")?;
-    h.insert_header("content-length", body.len().to_string())?;
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = http::StatusCode::from_u16(status)
+        .map_err(|_| pingora::Error::new(pingora::ErrorType::InternalError))?;
+    let h = &mut parts.headers;
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     if let Some(secs) = retry_after {
-        h.insert_header("retry-after", secs.to_string())?;
+        h.insert(RETRY_AFTER, HeaderValue::from(secs));
     }
     if let Some(rate) = &ctx.rate {
-        for (name, value) in rate.pairs() {
-            h.insert_header(name, value)?;
-        }
+        rate.write_to(h);
     }
-    h.insert_header(
+    h.insert(
         ctx.live.config.forward.request_id_header.clone(),
         ctx.request_id.clone(),
-    )?;
+    );
+    let h = ResponseHeader::from(parts);
     session.write_response_header(Box::new(h), false).await?;
     session.write_response_body(Some(body.into()), true).await?;
     Ok(())
