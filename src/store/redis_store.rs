@@ -103,6 +103,27 @@ impl Conn {
     }
 }
 
+/// What makes a connection: kept so that the request path can open its own (see
+/// [`RedisStore::local`]).
+enum Connector {
+    Single(redis::Client, ConnectionManagerConfig),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+impl Connector {
+    /// Opens a connection whose I/O task runs on the calling task's runtime.
+    async fn connect(&self) -> RedisResult<Conn> {
+        Ok(match self {
+            Connector::Single(client, config) => Conn::Single(
+                client
+                    .get_connection_manager_with_config(config.clone())
+                    .await?,
+            ),
+            Connector::Cluster(client) => Conn::Cluster(client.get_async_connection().await?),
+        })
+    }
+}
+
 fn account_key(a: &str) -> String {
     format!("mf:{{a:{a}}}")
 }
@@ -142,7 +163,15 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
 pub struct RedisStore {
     /// Runs the connections' I/O and the invalidation subscriber; shut down in the background on drop.
     runtime: Option<tokio::runtime::Runtime>,
+    /// Made at start on `runtime`: serves every caller until `local` exists.
     conn: Conn,
+    connector: Connector,
+    /// The connection the request path uses, opened by the first admission on the runtime
+    /// that runs it (the proxy's): a store call is then no hop to another thread and back,
+    /// which on a busy 2-core machine cost as much as the round trip itself.
+    local: tokio::sync::OnceCell<Conn>,
+    /// When opening `local` last failed: it is not tried again for a second.
+    local_failed_at: parking_lot::Mutex<Option<std::time::Instant>>,
     /// Where the subscriber connects (the seeds, for a cluster).
     pubsub_clients: Vec<redis::Client>,
     timeout: Duration,
@@ -167,7 +196,7 @@ impl RedisStore {
             .build()
             .map_err(|e| fail(&e))?;
         let connect_timeout = Duration::from_secs(3);
-        let (conn, pubsub_clients) = match cluster_seeds(&s.url) {
+        let (connector, pubsub_clients) = match cluster_seeds(&s.url) {
             Some(seeds) => {
                 let client = redis::cluster::ClusterClient::builder(seeds.clone())
                     .connection_timeout(connect_timeout)
@@ -175,18 +204,12 @@ impl RedisStore {
                     .retries(1)
                     .build()
                     .map_err(|e| fail(&e))?;
-                let conn = runtime
-                    .block_on(async {
-                        tokio::time::timeout(connect_timeout, client.get_async_connection()).await
-                    })
-                    .map_err(|_| fail(&"timed out connecting to the Redis cluster"))?
-                    .map_err(|e| fail(&e))?;
                 let pubsub = seeds
                     .iter()
                     .map(|u| redis::Client::open(u.as_str()))
                     .collect::<RedisResult<Vec<_>>>()
                     .map_err(|e| fail(&e))?;
-                (Conn::Cluster(conn), pubsub)
+                (Connector::Cluster(client), pubsub)
             }
             None => {
                 let client = redis::Client::open(s.url.as_str()).map_err(|e| fail(&e))?;
@@ -195,22 +218,19 @@ impl RedisStore {
                     .set_response_timeout(Some(s.timeout.max(Duration::from_millis(10))))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_millis(500));
-                let conn = runtime
-                    .block_on(async {
-                        tokio::time::timeout(
-                            connect_timeout,
-                            client.get_connection_manager_with_config(config),
-                        )
-                        .await
-                    })
-                    .map_err(|_| fail(&"timed out connecting to Redis"))?
-                    .map_err(|e| fail(&e))?;
-                (Conn::Single(conn), vec![client])
+                (Connector::Single(client.clone(), config), vec![client])
             }
         };
+        let conn = runtime
+            .block_on(async { tokio::time::timeout(connect_timeout, connector.connect()).await })
+            .map_err(|_| fail(&"timed out connecting to Redis"))?
+            .map_err(|e| fail(&e))?;
         Ok(Self {
             runtime: Some(runtime),
             conn,
+            connector,
+            local: tokio::sync::OnceCell::new(),
+            local_failed_at: parking_lot::Mutex::new(None),
             pubsub_clients,
             timeout: s.timeout,
             quota_expiry_set: BoundedCache::new(100_000, 86_400_000_000_000),
@@ -248,13 +268,47 @@ impl RedisStore {
         }
     }
 
+    /// The request path's own connection once it exists, else the start-up one.
+    fn pick(&self) -> Conn {
+        self.local.get().unwrap_or(&self.conn).clone()
+    }
+
+    /// Opens the request path's connection on the calling runtime, once; a failure leaves the
+    /// start-up connection in use and is retried a second later.
+    async fn open_local(&self) {
+        if self.local.initialized() {
+            return;
+        }
+        {
+            let mut failed = self.local_failed_at.lock();
+            if failed.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *failed = None;
+        }
+        let opened = self
+            .local
+            .get_or_try_init(|| async {
+                match tokio::time::timeout(self.timeout, self.connector.connect()).await {
+                    Ok(Ok(conn)) => Ok(conn),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("timed out".to_owned()),
+                }
+            })
+            .await;
+        if let Err(e) = opened {
+            tracing::warn!(error = %e, "could not open the request path's Redis connection; using the shared one");
+            *self.local_failed_at.lock() = Some(std::time::Instant::now());
+        }
+    }
+
     async fn pipe<T: FromRedisValue>(&self, p: &Pipeline) -> Result<T, StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.pick();
         self.guarded(async move { c.pipe(p).await }).await
     }
 
     async fn cmd<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
-        let mut c = self.conn.clone();
+        let mut c = self.pick();
         self.guarded(async move { c.cmd(cmd).await }).await
     }
 
@@ -452,6 +506,8 @@ impl Store for RedisStore {
     }
 
     async fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, StoreError> {
+        // Only the proxy admits: this runs on its runtime.
+        self.open_local().await;
         let t_us = (1_000_000 / u64::from(req.bucket.rate_per_second.max(1))).max(1);
         let burst_us = u64::from(req.bucket.burst.max(1)) * t_us;
         let now_us = req.now_ns / 1000;
