@@ -4,6 +4,7 @@ use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -12,6 +13,10 @@ const MAX_SHARDS: usize = 16;
 struct Shard<K, V> {
     map: Mutex<HashMap<K, (V, u64)>>,
     cap: usize,
+    /// A full shard is swept for expired entries at most once per `ttl / 8`: sweeping on
+    /// every insert would make each insert into a full cache a scan of the whole shard (a
+    /// flood of unknown keys would pay it per request).
+    sweep_after_ns: AtomicU64,
 }
 
 /// A cache of at most `capacity` entries, each living `ttl_ns` nanoseconds after its insert.
@@ -52,6 +57,7 @@ impl<K: Eq + Hash + Clone, V: Clone> BoundedCache<K, V> {
             .map(|i| Shard {
                 map: Mutex::new(HashMap::new()),
                 cap: base + usize::from(i < extra),
+                sweep_after_ns: AtomicU64::new(0),
             })
             .collect();
         Self {
@@ -87,7 +93,7 @@ impl<K: Eq + Hash + Clone, V: Clone> BoundedCache<K, V> {
     }
 
     /// Inserts or replaces `key`. When its shard is full, expired entries of that shard are
-    /// dropped first, then one arbitrary entry if it is still full.
+    /// dropped first (at most once per `ttl / 8`), then one arbitrary entry if it is still full.
     pub fn insert(&self, key: K, value: V, now_ns: u64) {
         let Some(shard) = self.shard(&key) else {
             return;
@@ -98,8 +104,12 @@ impl<K: Eq + Hash + Clone, V: Clone> BoundedCache<K, V> {
             *slot = (value, expires_at);
             return;
         }
-        if map.len() >= shard.cap {
+        if map.len() >= shard.cap && now_ns >= shard.sweep_after_ns.load(Ordering::Relaxed) {
             map.retain(|_, (_, exp)| now_ns < *exp);
+            shard.sweep_after_ns.store(
+                now_ns.saturating_add((self.ttl_ns / 8).max(1)),
+                Ordering::Relaxed,
+            );
         }
         while map.len() >= shard.cap {
             let Some(victim) = map.keys().next().cloned() else {
@@ -212,6 +222,23 @@ mod tests {
         cache.insert('g', 7, 12); // all live: one arbitrary entry goes
         assert_eq!(cache.len(), 4);
         assert_eq!(cache.get(&'g', 12), Some(7));
+    }
+
+    #[test]
+    fn a_full_shard_is_swept_at_most_once_per_eighth_of_the_ttl() {
+        let cache = BoundedCache::with_shards(2, 80, 1);
+        cache.insert('a', 1, 0);
+        cache.insert('b', 2, 0);
+        cache.insert('c', 3, 80); // full; a and b expired: swept. Next sweep not before 90.
+        assert_eq!(cache.len(), 1);
+        cache.insert('d', 4, 81);
+        cache.insert('e', 5, 85); // full of live entries, no sweep due: one arbitrary entry goes
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.get(&'e', 85), Some(5));
+        // At 161 whichever of c and d is left has expired and a sweep is due: it goes, e stays.
+        cache.insert('f', 6, 161);
+        assert_eq!(cache.get(&'e', 161), Some(5));
+        assert_eq!(cache.get(&'f', 161), Some(6));
     }
 
     #[test]
