@@ -41,6 +41,8 @@ struct Tally {
     from_send_us: Vec<u64>,
     /// Per completed request, microseconds from the moment it was due to its response.
     from_due_us: Vec<u64>,
+    /// (microseconds from send to response, seconds into the run at the send) of the slowest.
+    slowest: Vec<(u64, f64)>,
     /// Requests sent more than a millisecond after they were due (the connection was busy,
     /// or the generator late).
     late: u64,
@@ -146,7 +148,11 @@ fn pace(plan: &Plan, start: std::time::Instant, lanes: Vec<UnboundedSender<std::
 }
 
 /// One connection: sends a request for every due time it is handed, in order.
-async fn drive(plan: Arc<Plan>, mut due_times: UnboundedReceiver<std::time::Instant>) -> Tally {
+async fn drive(
+    plan: Arc<Plan>,
+    start: Instant,
+    mut due_times: UnboundedReceiver<std::time::Instant>,
+) -> Tally {
     let mut tally = Tally::default();
     let mut conn: Option<Conn> = None;
     while let Some(due) = due_times.recv().await {
@@ -168,7 +174,12 @@ async fn drive(plan: Arc<Plan>, mut due_times: UnboundedReceiver<std::time::Inst
         }
         match exchange(c, &request).await {
             Ok((status, bytes)) => {
-                tally.from_send_us.push(sent.elapsed().as_micros() as u64);
+                let took = sent.elapsed().as_micros() as u64;
+                tally.from_send_us.push(took);
+                keep_slowest(
+                    &mut tally.slowest,
+                    (took, sent.duration_since(start).as_secs_f64()),
+                );
                 tally.from_due_us.push(due.elapsed().as_micros() as u64);
                 tally.bytes += bytes;
                 if !(200..400).contains(&status) {
@@ -182,6 +193,16 @@ async fn drive(plan: Arc<Plan>, mut due_times: UnboundedReceiver<std::time::Inst
         }
     }
     tally
+}
+
+/// Keeps the ten slowest requests: when they happened tells a periodic stall from noise.
+fn keep_slowest(slowest: &mut Vec<(u64, f64)>, candidate: (u64, f64)) {
+    if slowest.len() == 10 && slowest.last().is_some_and(|last| last.0 >= candidate.0) {
+        return;
+    }
+    slowest.push(candidate);
+    slowest.sort_by(|a, b| b.0.cmp(&a.0));
+    slowest.truncate(10);
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -254,12 +275,21 @@ fn main() {
     let all = runtime.block_on(async {
         let tasks: Vec<_> = receivers
             .into_iter()
-            .map(|due_times| tokio::spawn(drive(Arc::clone(&plan), due_times)))
+            .map(|due_times| {
+                tokio::spawn(drive(
+                    Arc::clone(&plan),
+                    Instant::from_std(start),
+                    due_times,
+                ))
+            })
             .collect();
         let mut all = Tally::default();
         for task in tasks {
             if let Ok(t) = task.await {
                 all.from_send_us.extend(t.from_send_us);
+                for slow in t.slowest {
+                    keep_slowest(&mut all.slowest, slow);
+                }
                 all.from_due_us.extend(t.from_due_us);
                 all.late += t.late;
                 all.non_2xx += t.non_2xx;
@@ -283,6 +313,15 @@ fn main() {
     for p in [50.0, 75.0, 90.0, 99.0, 99.9] {
         println!("  {p:>5}%  {}us", percentile(&all.from_send_us, p));
     }
+    let slowest: Vec<String> = all
+        .slowest
+        .iter()
+        .map(|(us, at)| format!("{us}us@{at:.3}s"))
+        .collect();
+    println!(
+        "  slowest (latency@seconds into the run): {}",
+        slowest.join(" ")
+    );
     println!(
         "  Latency from the due time (includes waiting for a busy connection and timer lateness)"
     );

@@ -79,7 +79,7 @@ impl RedisServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// `calls` per command from INFO commandstats, e.g. `exec` -> 12.
+    /// `calls` per command from INFO commandstats, e.g. `incr` -> 12.
     pub fn command_calls(&self) -> std::collections::HashMap<String, u64> {
         self.cli(&["INFO", "commandstats"])
             .lines()
