@@ -201,7 +201,7 @@ fn keep_slowest(slowest: &mut Vec<(u64, f64)>, candidate: (u64, f64)) {
         return;
     }
     slowest.push(candidate);
-    slowest.sort_by(|a, b| b.0.cmp(&a.0));
+    slowest.sort_by_key(|s| std::cmp::Reverse(s.0));
     slowest.truncate(10);
 }
 
