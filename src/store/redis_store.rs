@@ -10,20 +10,20 @@
 //! | `mf:{a:<acct>}:keys`             | HASH   | key id -> key record JSON (SHA-256, no secret)  | none |
 //! | `mf:{a:<acct>}:active`           | SET    | ids of active keys: the plan cap counts these   | none |
 //! | `mf:{a:<acct>}:used`             | HASH   | key id -> last use, Unix ms (each node writes it at most once a minute per key) | none |
-//! | `mf:{a:<acct>}:tat:<key id>`     | ZSET   | member `t`, score = GCRA theoretical arrival time (µs) | burst window + 1 s, refreshed per request |
+//! | `mf:{a:<acct>}:tat:<key id>`     | ZSET   | member `t`, score = GCRA theoretical arrival time (µs) | burst window + 61 s, refreshed by each node at most once a minute per key |
 //! | `mf:{a:<acct>}:q:<period start>` | STRING | requests counted in the quota period            | until 35 days after the period ends |
 //! | `mf:kh:<sha256 hex>`             | STRING | key record JSON, for lookup by hash             | none |
 //! | channel `mf:invalidate`          | pub/sub| `k <hash>`, `a <acct>`: drop from local caches   | - |
 //!
 //! One authorized request costs one round trip, a pipeline of `ZADD tat GT now t; ZINCRBY tat T
-//! t; PEXPIRE tat; INCR q` (plus `EXPIREAT q` once per period and node, and `HSET used` at most
-//! once a minute per key and node). `ZADD GT` then `ZINCRBY` computes GCRA's `max(tat, now) + T`;
+//! t; INCR q` (plus `EXPIREAT q` once per period and node, and `PEXPIRE tat` + `HSET used` at
+//! most once a minute per key and node: the TAT's TTL covers a minute without refresh). `ZADD GT` then `ZINCRBY` computes GCRA's `max(tat, now) + T`;
 //! a rejection (rate or quota) is compensated with `ZINCRBY -T` and `DECR`, so it consumes
 //! nothing. Between a rejected increment and its compensation another request can only see
 //! *more* usage, never less: the limits may briefly refuse early, never admit extra.
 //!
-//! No MULTI/EXEC around the pipeline (it cost more client CPU than the four commands: seven
-//! replies to parse instead of four). Redis runs one connection's commands in order, so a
+//! No MULTI/EXEC around the pipeline (it cost more client CPU than the commands themselves:
+//! seven replies to parse instead of three). Redis runs one connection's commands in order, so a
 //! request's `ZADD GT` precedes its `ZINCRBY`; another node's commands may come in between.
 //! That only makes the answer more conservative: with requests numbered in `ZINCRBY` order,
 //! request k reads `v_k = max(tat₀, now_j of every ZADD before it) + k·T`, and every j ≤ k sent its
@@ -187,12 +187,17 @@ pub struct RedisStore {
     breaker: Arc<Breaker>,
     /// account id -> the quota period whose counter expiry this node has already set.
     quota_expiry_set: BoundedCache<String, String>,
-    /// Keys whose last use this node wrote less than a minute ago.
+    /// Keys whose last use and TAT expiry this node wrote less than a minute ago.
     last_use_written: BoundedCache<String, ()>,
 }
 
-/// How often one node records a key's last use.
+/// How often one node records a key's last use and pushes back its TAT's expiry.
 const LAST_USE_EVERY_NS: u64 = 60_000_000_000;
+
+/// A TAT key lives this long past its burst window after each refresh: a node that admits with
+/// a key refreshes at least once per `LAST_USE_EVERY_NS`, so the key outlives the last request's
+/// TAT (at most a burst window ahead) by a second.
+const TAT_TTL_MARGIN_MS: u64 = LAST_USE_EVERY_NS / 1_000_000 + 1_000;
 
 impl RedisStore {
     /// Connects (bounded by a few seconds); an unreachable Redis at start is an error.
@@ -521,9 +526,9 @@ impl Store for RedisStore {
         let now_us = req.now_ns / 1000;
         let tat = tat_key(req.account_id, req.key_id);
         let quota = quota_key(req.account_id, req.period_id);
-        // Counter expiry once per period and node, last use at most once a minute per key and
-        // node: the usual pipeline is ZADD, ZINCRBY, PEXPIRE, INCR. No MULTI: see the module
-        // doc for why interleaving with other nodes' pipelines can only refuse early.
+        // Counter expiry once per period and node; TAT expiry and last use at most once a
+        // minute per key and node: the usual pipeline is ZADD, ZINCRBY, INCR. No MULTI: see the
+        // module doc for why interleaving with other nodes' pipelines can only refuse early.
         let set_expiry = self
             .quota_expiry_set
             .get(req.account_id, req.now_ns)
@@ -540,10 +545,6 @@ impl Store for RedisStore {
             .arg(&tat)
             .arg(t_us)
             .arg("t")
-            .cmd("PEXPIRE")
-            .arg(&tat)
-            .arg(burst_us / 1000 + 1000)
-            .ignore()
             .cmd("INCR")
             .arg(&quota);
         if set_expiry {
@@ -553,6 +554,10 @@ impl Store for RedisStore {
                 .ignore();
         }
         if write_use {
+            p.cmd("PEXPIRE")
+                .arg(&tat)
+                .arg(burst_us / 1000 + TAT_TTL_MARGIN_MS)
+                .ignore();
             p.cmd("HSET")
                 .arg(used_key(req.account_id))
                 .arg(req.key_id)

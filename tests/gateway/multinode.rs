@@ -150,8 +150,13 @@ fn one_round_trip_per_authorized_request_and_none_for_a_known_bogus_key() {
     let redis = RedisServer::start();
     let n = nodes(1, &redis);
     let gw = &n[0];
-    let (key, _) = gw.account_with_key("acme", "pro");
+    let (key, key_id) = gw.account_with_key("acme", "pro");
     assert_eq!(gw.get("/api/v1/x", &[("x-api-key", &key)]).status, 200); // loads key + account
+                                                                         // The first admission set the TAT's expiry: the burst window (1 s on "pro") plus the
+                                                                         // 61 s that cover a minute without refresh.
+    let ttl = redis.cli(&["PTTL", &format!("mf:{{a:acme}}:tat:{key_id}")]);
+    let ttl: u64 = ttl.trim().parse().expect("PTTL");
+    assert!((60_001..=62_000).contains(&ttl), "PTTL {ttl}");
     let before = redis.command_calls();
     for _ in 0..8 {
         assert_eq!(gw.get("/api/v1/x", &[("x-api-key", &key)]).status, 200);
@@ -167,9 +172,9 @@ fn one_round_trip_per_authorized_request_and_none_for_a_known_bogus_key() {
     );
     assert_eq!(delta("incr"), 8);
     assert_eq!(delta("get"), 0, "an authorized request re-read a record");
-    // Every command was in the 8 pipelines: ZADD ZINCRBY PEXPIRE INCR (the counter's expiry
-    // and the key's last use were written by the first request already).
-    assert_eq!(total, 8 * 4);
+    // Every command was in the 8 pipelines: ZADD ZINCRBY INCR (the counter's expiry, the TAT's
+    // expiry and the key's last use were written by the first request already).
+    assert_eq!(total, 8 * 3);
 
     // An abusive key: the first refusal asks Redis, the rest until the retry time do not.
     let before = redis.command_calls();
