@@ -1,10 +1,20 @@
 //! Console tokens: JWT verification with an allow-list of algorithms and an injected clock.
 
+use crate::cache::BoundedCache;
 use crate::config::JwtSettings;
 use jsonwebtoken::{jwk::JwkSet, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::Arc;
+
+/// Tokens verified recently, as Envoy's `jwt_cache_config` keeps them: a repeated token costs a
+/// SHA-256 and a lookup instead of a signature check (5.8 µs for HS256, far more for RSA).
+/// Bounded; an entry is used only while its token's `exp` (plus leeway) has not passed, and a
+/// reload builds a new verifier, so new keys or claims rules never meet old entries.
+const VERIFIED_CAPACITY: usize = 10_000;
+const VERIFIED_TTL_NS: u64 = 300_000_000_000;
 
 /// Who a valid console token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +66,8 @@ pub struct JwtVerifier {
     audience: Option<String>,
     account_claim: String,
     leeway_secs: i64,
+    /// SHA-256 of a token -> who it speaks for and the Unix second it stops being valid.
+    verified: BoundedCache<[u8; 32], (Arc<ConsoleIdentity>, i64)>,
 }
 
 fn is_hmac(a: Algorithm) -> bool {
@@ -114,7 +126,13 @@ impl JwtVerifier {
             audience: s.audience.clone(),
             account_claim: s.account_claim.clone(),
             leeway_secs: i64::try_from(s.leeway.as_secs()).unwrap_or(0),
+            verified: BoundedCache::new(VERIFIED_CAPACITY, VERIFIED_TTL_NS),
         })
+    }
+
+    /// Tokens held in the verified-token cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.verified.len()
     }
 
     fn key_for(&self, alg: Algorithm, kid: Option<&str>) -> Option<DecodingKey> {
@@ -137,8 +155,32 @@ impl JwtVerifier {
         DecodingKey::from_jwk(jwk).ok()
     }
 
-    /// Checks signature, algorithm, `exp`, `nbf`, `iss`, `aud` and extracts the account.
-    pub fn verify(&self, token: &str, now_unix: i64) -> Result<ConsoleIdentity, JwtError> {
+    /// Checks signature, algorithm, `exp`, `nbf`, `iss`, `aud` and extracts the account; a
+    /// token verified before and not yet expired is answered from the cache.
+    pub fn verify(&self, token: &str, now_unix: i64) -> Result<Arc<ConsoleIdentity>, JwtError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now_ns = u64::try_from(now_unix)
+            .unwrap_or(0)
+            .saturating_mul(1_000_000_000);
+        if let Some((identity, valid_until)) = self.verified.get(&digest, now_ns) {
+            if now_unix < valid_until {
+                return Ok(identity);
+            }
+        }
+        let (identity, valid_until) = self.verify_uncached(token, now_unix)?;
+        let identity = Arc::new(identity);
+        self.verified
+            .insert(digest, (Arc::clone(&identity), valid_until), now_ns);
+        Ok(identity)
+    }
+
+    /// The full check, without the cache (also what the benchmarks compare the cache with);
+    /// returns the identity and the Unix second from which the token is expired.
+    pub fn verify_uncached(
+        &self,
+        token: &str,
+        now_unix: i64,
+    ) -> Result<(ConsoleIdentity, i64), JwtError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
         if !self.algorithms.contains(&header.alg) {
             return Err(JwtError::AlgorithmNotAllowed);
@@ -163,11 +205,13 @@ impl JwtVerifier {
             })?;
         let claims = data.claims;
         let num = |name: &str| claims.get(name).and_then(Value::as_i64);
-        match num("exp") {
-            Some(exp) if now_unix < exp.saturating_add(self.leeway_secs) => {}
+        let valid_until = match num("exp") {
+            Some(exp) if now_unix < exp.saturating_add(self.leeway_secs) => {
+                exp.saturating_add(self.leeway_secs)
+            }
             Some(_) => return Err(JwtError::Expired),
             None => return Err(JwtError::Malformed),
-        }
+        };
         if let Some(nbf) = num("nbf") {
             if now_unix.saturating_add(self.leeway_secs) < nbf {
                 return Err(JwtError::NotYetValid);
@@ -199,10 +243,13 @@ impl JwtVerifier {
         let account_id = text(&self.account_claim)
             .or_else(|| user_id.clone())
             .ok_or(JwtError::NoAccount)?;
-        Ok(ConsoleIdentity {
-            account_id,
-            user_id,
-        })
+        Ok((
+            ConsoleIdentity {
+                account_id,
+                user_id,
+            },
+            valid_until,
+        ))
     }
 }
 
@@ -286,6 +333,23 @@ mod tests {
             .unwrap();
         assert_eq!(id.account_id, "acc_1");
         assert_eq!(id.user_id.as_deref(), Some("user_7"));
+    }
+
+    #[test]
+    fn a_verified_token_is_cached_until_it_expires_and_a_tampered_one_never_hits() {
+        let v = JwtVerifier::new(&settings()).unwrap();
+        let good = mint("s3cret", 60, "msgflash", "console");
+        let first = v.verify(&good, NOW).unwrap();
+        assert_eq!(v.cached_tokens(), 1);
+        let again = v.verify(&good, NOW + 59).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "answered from the cache");
+        // exp = NOW + 60: refused from then on, cached or not.
+        assert_eq!(v.verify(&good, NOW + 60), Err(JwtError::Expired));
+        // Same header and claims, another signature: a different token, checked in full.
+        let (unsigned, _) = good.rsplit_once('.').unwrap();
+        let forged = format!("{unsigned}.AAAA");
+        assert_eq!(v.verify(&forged, NOW), Err(JwtError::BadSignature));
+        assert_eq!(v.cached_tokens(), 1, "failures are not cached");
     }
 
     #[test]

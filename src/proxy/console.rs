@@ -39,7 +39,7 @@ pub fn authenticate(
                 key_id: None,
                 user_id: id.user_id.as_deref().map(value).transpose()?,
             };
-            Ok((id.account_id, identity))
+            Ok((id.account_id.clone(), identity))
         }
         Err(why) => {
             tracing::debug!(reason = %why, "console token refused");
