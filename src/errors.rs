@@ -89,10 +89,23 @@ impl GatewayError {
 
     /// `{"error":{"code":"…","message":"…"}}`
     pub fn body(&self) -> Vec<u8> {
-        let value = serde_json::json!({
-            "error": { "code": self.code.as_str(), "message": self.message }
-        });
-        serde_json::to_vec(&value).unwrap_or_default()
+        // Borrowed fields, no intermediate `Value` tree: this runs for every refusal.
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(serde::Serialize)]
+        struct Inner<'a> {
+            code: &'a str,
+            message: &'a str,
+        }
+        serde_json::to_vec(&Body {
+            error: Inner {
+                code: self.code.as_str(),
+                message: &self.message,
+            },
+        })
+        .unwrap_or_default()
     }
 
     // The catalogue of messages, so that every surface says the same words.
@@ -244,6 +257,18 @@ mod tests {
             String::from_utf8(GatewayError::invalid_api_key().body()).unwrap(),
             r#"{"error":{"code":"UNAUTHORIZED","message":"Invalid or revoked API key"}}"#
         );
+    }
+
+    #[test]
+    fn messages_are_json_escaped() {
+        let e = GatewayError::new(ErrorCode::Forbidden, "scope \"a\\b\"\n");
+        let body = e.body();
+        assert_eq!(
+            String::from_utf8(body.clone()).unwrap(),
+            r#"{"error":{"code":"FORBIDDEN","message":"scope \"a\\b\"\n"}}"#
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["message"], "scope \"a\\b\"\n");
     }
 
     #[test]
