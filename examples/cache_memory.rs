@@ -1,13 +1,17 @@
 //! Memory held by the gateway's key caches, measured as the RSS delta (`/proc/self/statm`)
 //! of filling `BoundedCache`s shaped like `auth::Directory`'s:
 //!
-//! * positive key cache: `KeyHash -> Arc<KeyRecord>` (records as `manage` creates them);
-//! * account cache: `String -> Arc<Account>` (one account per 10 keys, the Pro plan's cap);
+//! * positive key cache: `KeyHash -> (Arc<CachedKey>, key id header value)` (records as
+//!   `manage` creates them, slimmed the way `Directory` caches them);
+//! * account cache: `String -> (Arc<Account>, account id header value)` (one account per 10
+//!   keys, the Pro plan's cap);
 //! * negative cache: `KeyHash -> ()` (unknown keys).
 //!
 //! `cargo run --release --example cache_memory [-- ENTRIES]` (default 100000). Linux only.
 
+use http::HeaderValue;
 use msgflash_gateway::auth::api_key::{random_id, KeyHash, NewKey};
+use msgflash_gateway::auth::CachedKey;
 use msgflash_gateway::cache::BoundedCache;
 use msgflash_gateway::store::{Account, KeyRecord, Subscription};
 use std::sync::Arc;
@@ -63,7 +67,8 @@ fn main() {
     // Records are built inside the measured section: their strings are what the cache holds.
     // Temporaries (the key itself, hex buffers) are freed at once and reused by the allocator.
     let start = rss_bytes();
-    let key_cache: BoundedCache<KeyHash, Arc<KeyRecord>> = BoundedCache::new(capacity, TTL_NS);
+    let key_cache: BoundedCache<KeyHash, (Arc<CachedKey>, HeaderValue)> =
+        BoundedCache::new(capacity, TTL_NS);
     for i in 0..entries {
         let key = NewKey::generate().expect("random");
         let record = KeyRecord {
@@ -79,11 +84,13 @@ fn main() {
             last_used_at_ms: None,
             revoked_at_ms: None,
         };
-        key_cache.insert(key.hash(), Arc::new(record), 0);
+        let id_value = HeaderValue::from_str(&record.id).expect("id");
+        key_cache.insert(key.hash(), (Arc::new(CachedKey::from(record)), id_value), 0);
     }
     let after_keys = rss_bytes();
 
-    let account_cache: BoundedCache<String, Arc<Account>> = BoundedCache::new(capacity, TTL_NS);
+    let account_cache: BoundedCache<String, (Arc<Account>, HeaderValue)> =
+        BoundedCache::new(capacity, TTL_NS);
     for i in 0..accounts_n {
         let account = Account {
             id: format!("acct_{i:08}"),
@@ -93,7 +100,8 @@ fn main() {
             created_at_ms: 1_764_000_000_000,
             updated_at_ms: 1_764_000_000_000,
         };
-        account_cache.insert(account.id.clone(), Arc::new(account), 0);
+        let id_value = HeaderValue::from_str(&account.id).expect("id");
+        account_cache.insert(account.id.clone(), (Arc::new(account), id_value), 0);
     }
     let after_accounts = rss_bytes();
 
@@ -111,7 +119,7 @@ fn main() {
     );
     println!("msgflash-gateway cache memory (RSS delta from /proc/self/statm)");
     report(
-        "key cache (KeyHash -> KeyRecord)",
+        "key cache (KeyHash -> CachedKey)",
         start,
         after_keys,
         entries,

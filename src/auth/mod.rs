@@ -10,10 +10,33 @@ use api_key::KeyHash;
 use http::HeaderValue;
 use std::sync::Arc;
 
+/// What the request path needs of a key: all the key cache holds. (A full [`KeyRecord`] also
+/// carries its name, display prefix, last four characters, timestamps and its own hash, which
+/// made a cached key twice as large.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedKey {
+    pub id: Box<str>,
+    pub account_id: Box<str>,
+    pub scopes: Box<[Box<str>]>,
+    pub instance_ids: Box<[Box<str>]>,
+}
+
+impl From<KeyRecord> for CachedKey {
+    fn from(r: KeyRecord) -> Self {
+        let boxed = |v: Vec<String>| v.into_iter().map(String::into_boxed_str).collect();
+        Self {
+            id: r.id.into_boxed_str(),
+            account_id: r.account_id.into_boxed_str(),
+            scopes: boxed(r.scopes),
+            instance_ids: boxed(r.instance_ids),
+        }
+    }
+}
+
 /// The caller behind a valid, unrevoked key, with its ids ready to forward as header values.
 #[derive(Debug, Clone)]
 pub struct Principal {
-    pub key: Arc<KeyRecord>,
+    pub key: Arc<CachedKey>,
     pub account: Arc<Account>,
     pub key_id_value: HeaderValue,
     pub account_id_value: HeaderValue,
@@ -42,7 +65,7 @@ pub enum RateGate {
 pub struct Directory {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    keys: BoundedCache<KeyHash, (Arc<KeyRecord>, HeaderValue)>,
+    keys: BoundedCache<KeyHash, (Arc<CachedKey>, HeaderValue)>,
     unknown: BoundedCache<KeyHash, ()>,
     accounts: BoundedCache<String, (Arc<Account>, HeaderValue)>,
     /// key id -> (blocked until, bucket full at), Unix ns: keys the store found over their rate.
@@ -80,7 +103,7 @@ impl Directory {
             None => match self.store.key_by_hash(&hash.to_hex()).await? {
                 Some(record) if record.is_active() => {
                     let value = id_value(&record.id);
-                    let entry = (Arc::new(record), value);
+                    let entry = (Arc::new(CachedKey::from(record)), value);
                     self.keys.insert(hash, entry.clone(), now);
                     entry
                 }
@@ -90,13 +113,13 @@ impl Directory {
                 }
             },
         };
-        let (account, account_id_value) = match self.accounts.get(record.account_id.as_str(), now) {
+        let (account, account_id_value) = match self.accounts.get(&*record.account_id, now) {
             Some(entry) => entry,
             None => match self.store.account(&record.account_id).await? {
                 Some(account) => {
                     let entry = (Arc::new(account), id_value(&record.account_id));
                     self.accounts
-                        .insert(record.account_id.clone(), entry.clone(), now);
+                        .insert(record.account_id.to_string(), entry.clone(), now);
                     entry
                 }
                 None => return Ok(None),

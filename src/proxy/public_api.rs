@@ -76,7 +76,7 @@ async fn restrictions(
     let key = &principal.key;
     let Some(policy) = policy else { return Ok(()) };
     if let Some(scope) = &policy.scope {
-        if !key.scopes.is_empty() && !key.scopes.iter().any(|s| s == scope) {
+        if !key.scopes.is_empty() && !key.scopes.iter().any(|s| **s == **scope) {
             return Err(forbidden(format!("This API key lacks the scope {scope}")));
         }
     }
@@ -93,7 +93,7 @@ async fn restrictions(
         }
     };
     match instance {
-        Some(id) if key.instance_ids.contains(&id) => Ok(()),
+        Some(id) if key.instance_ids.iter().any(|i| **i == *id) => Ok(()),
         Some(id) => {
             let shown: String = id.chars().take(64).collect();
             Err(forbidden(format!(
@@ -163,7 +163,7 @@ pub async fn authorize(
     // 6 and 7. rate limit, then quota, in one store decision; a key the store just refused
     // is refused here until its retry time, at no store cost.
     let interval_ns = plan.bucket.emission_interval_ns();
-    let key_id = principal.key.id.as_str();
+    let key_id: &str = &principal.key.id;
     if let RateGate::Refuse {
         retry_after_ns,
         reset_after_ns,
