@@ -1,5 +1,6 @@
 //! The Redis store: any number of gateway nodes share keys, accounts, limits and quotas through
-//! one Redis (or Redis Cluster). No server-side scripting: single commands, pipelines and MULTI/EXEC only.
+//! one Redis (or Redis Cluster). No server-side scripting: single commands, pipelines and
+//! MULTI/EXEC only.
 //!
 //! Key patterns. Every key of one account carries the hash tag `{a:<account id>}`, so that the
 //! transactions below touch one Redis Cluster slot. Account ids are `[A-Za-z0-9._:-]`, never braces.
@@ -17,18 +18,18 @@
 //!
 //! One authorized request costs one round trip, a pipeline of `ZADD tat GT now t; ZINCRBY tat T
 //! t; INCR q` (plus `EXPIREAT q` once per period and node, and `PEXPIRE tat` + `HSET used` at
-//! most once a minute per key and node: the TAT's TTL covers a minute without refresh). `ZADD GT` then `ZINCRBY` computes GCRA's `max(tat, now) + T`;
-//! a rejection (rate or quota) is compensated with `ZINCRBY -T` and `DECR`, so it consumes
-//! nothing. Between a rejected increment and its compensation another request can only see
+//! most once a minute per key and node: the TAT's TTL covers a minute without refresh).
+//! `ZADD GT` then `ZINCRBY` computes GCRA's `max(tat, now) + T`; a rejection (rate or quota) is
+//! compensated with `ZINCRBY -T` and `DECR`, so it consumes nothing. Between a rejected increment and its compensation another request can only see
 //! *more* usage, never less: the limits may briefly refuse early, never admit extra.
 //!
 //! No MULTI/EXEC around the pipeline (it cost more client CPU than the commands themselves:
 //! seven replies to parse instead of three). Redis runs one connection's commands in order, so a
 //! request's `ZADD GT` precedes its `ZINCRBY`; another node's commands may come in between.
 //! That only makes the answer more conservative: with requests numbered in `ZINCRBY` order,
-//! request k reads `v_k = max(tat₀, now_j of every ZADD before it) + k·T`, and every j ≤ k sent its
-//! ZADD before its own ZINCRBY, so `v_k ≥ max(tat₀ + k·T, max_{j≤k} now_j + (k-j+1)·T)`, which is
-//! exactly what sequential GCRA would give request k. A request therefore never sees less
+//! request k reads `v_k = max(tat₀, now_j of every ZADD before it) + k·T`, and every j ≤ k sent
+//! its ZADD before its own ZINCRBY, so `v_k ≥ max(tat₀ + k·T, max_{j≤k} now_j + (k-j+1)·T)`,
+//! which is exactly what sequential GCRA would give request k. A request therefore never sees less
 //! usage than some serial order would show it. A pipeline cut short by a lost connection can
 //! leave a token taken without its request admitted: early refusal again, never extra.
 
