@@ -176,12 +176,14 @@ pub struct RedisStore {
     /// Made at start on `runtime`: serves every caller until `local` exists.
     conn: Conn,
     connector: Connector,
-    /// The connection the request path uses, opened by the first admission on the runtime
-    /// that runs it (the proxy's): a store call is then no hop to another thread and back,
-    /// which on a busy 2-core machine cost as much as the round trip itself.
+    /// The connection the request path uses, opened by the first admission on the runtime that
+    /// runs it (the proxy's): a store call is then no hop to another thread and back, which on
+    /// a busy 2-core machine cost as much as the round trip itself. Until it exists, `conn`
+    /// serves.
     local: tokio::sync::OnceCell<Conn>,
-    /// When opening `local` last failed: it is not tried again for a second.
-    local_failed_at: parking_lot::Mutex<Option<std::time::Instant>>,
+    /// Whether a request is opening `local` now, and when an attempt last failed (retried a
+    /// second later at the earliest).
+    local_opening: parking_lot::Mutex<LocalOpening>,
     /// Where the subscriber connects (the seeds, for a cluster).
     pubsub_clients: Vec<redis::Client>,
     timeout: Duration,
@@ -190,6 +192,22 @@ pub struct RedisStore {
     quota_expiry_set: BoundedCache<String, String>,
     /// Keys whose last use and TAT expiry this node wrote less than a minute ago.
     last_use_written: BoundedCache<String, ()>,
+}
+
+/// Whether the request path's own connection is being opened, and when that last failed.
+#[derive(Default)]
+struct LocalOpening {
+    in_progress: bool,
+    failed_at: Option<std::time::Instant>,
+}
+
+/// Marks the opening of the request path's connection as over when dropped.
+struct ClearOnDrop<'a>(&'a parking_lot::Mutex<LocalOpening>);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.lock().in_progress = false;
+    }
 }
 
 /// How often one node records a key's last use and pushes back its TAT's expiry.
@@ -245,7 +263,7 @@ impl RedisStore {
             conn,
             connector,
             local: tokio::sync::OnceCell::new(),
-            local_failed_at: parking_lot::Mutex::new(None),
+            local_opening: parking_lot::Mutex::default(),
             pubsub_clients,
             timeout: s.timeout,
             quota_expiry_set: BoundedCache::new(100_000, 86_400_000_000_000),
@@ -288,32 +306,37 @@ impl RedisStore {
         self.local.get().unwrap_or(&self.conn).clone()
     }
 
-    /// Opens the request path's connection on the calling runtime, once; a failure leaves the
-    /// start-up connection in use and is retried a second later.
+    /// Opens the request path's connection on the calling runtime unless it exists, another
+    /// request is opening it, or an attempt failed less than a second ago. Only the request
+    /// that opens it waits (at most the store deadline); the others use `conn` meanwhile.
     async fn open_local(&self) {
         if self.local.initialized() {
             return;
         }
         {
-            let mut failed = self.local_failed_at.lock();
-            if failed.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            let mut state = self.local_opening.lock();
+            if state.in_progress
+                || state
+                    .failed_at
+                    .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+            {
                 return;
             }
-            *failed = None;
+            state.in_progress = true;
         }
-        let opened = self
-            .local
-            .get_or_try_init(|| async {
-                match tokio::time::timeout(self.timeout, self.connector.connect()).await {
-                    Ok(Ok(conn)) => Ok(conn),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("timed out".to_owned()),
-                }
-            })
-            .await;
-        if let Err(e) = opened {
-            tracing::warn!(error = %e, "could not open the request path's Redis connection; using the shared one");
-            *self.local_failed_at.lock() = Some(std::time::Instant::now());
+        // Cleared however this ends, a dropped request included.
+        let _opening = ClearOnDrop(&self.local_opening);
+        let failure = match tokio::time::timeout(self.timeout, self.connector.connect()).await {
+            Ok(Ok(conn)) => {
+                let _ = self.local.set(conn);
+                None
+            }
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("timed out".to_owned()),
+        };
+        if let Some(e) = &failure {
+            tracing::warn!(error = %e, "could not open the request path's Redis connection; the shared one serves");
+            self.local_opening.lock().failed_at = Some(std::time::Instant::now());
         }
     }
 
