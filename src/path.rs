@@ -22,6 +22,18 @@ impl std::fmt::Display for PathError {
 
 impl std::error::Error for PathError {}
 
+/// What is wrong with a configured route prefix, if anything: prefixes must start with '/'
+/// and already be in the form `normalise` gives, or no request could ever match them.
+pub fn prefix_problem(prefix: &str) -> Option<&'static str> {
+    if !prefix.starts_with('/') {
+        Some("must start with '/'")
+    } else if normalise(prefix).map_or(true, |p| p != prefix) {
+        Some("is not a normalised path")
+    } else {
+        None
+    }
+}
+
 /// Normalises a request path (without query string):
 /// - it must start with `/`;
 /// - `%XX` of an RFC 3986 unreserved character is decoded, any other `%XX` is kept with
@@ -128,6 +140,20 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn prefix_problems_are_named() {
+        assert_eq!(prefix_problem("/api/v1/"), None);
+        assert_eq!(prefix_problem("api/"), Some("must start with '/'"));
+        assert_eq!(
+            prefix_problem("/api//v1/"),
+            Some("is not a normalised path")
+        );
+        assert_eq!(
+            prefix_problem("/api/%7e/"),
+            Some("is not a normalised path")
+        );
+    }
 
     fn norm(p: &str) -> String {
         match normalise(p) {

@@ -188,20 +188,11 @@ pub(super) fn routes(
     for (i, route) in raw.iter().enumerate() {
         let field = |f: &str| format!("routes[{i}].{f}");
         let prefix = route.prefix.get_ref().clone();
-        if !prefix.starts_with('/') {
+        if let Some(problem) = crate::path::prefix_problem(&prefix) {
             r.at(
                 route.prefix.span(),
                 field("prefix"),
-                format!("\"{prefix}\" must start with '/'"),
-            );
-        } else if crate::path::normalise(&prefix)
-            .map(|p| p != prefix)
-            .unwrap_or(true)
-        {
-            r.at(
-                route.prefix.span(),
-                field("prefix"),
-                format!("\"{prefix}\" is not a normalised path"),
+                format!("\"{prefix}\" {problem}"),
             );
         }
         if out.iter().any(|o| o.prefix == prefix) {

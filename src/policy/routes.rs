@@ -142,11 +142,7 @@ impl RoutePolicies {
 fn validate(r: &mut Reporter, i: usize, route: &RouteFile, scopes: &[String]) -> RoutePolicy {
     let field = |f: &str| format!("route[{i}].{f}");
     let prefix = route.prefix.get_ref().clone();
-    if !prefix.starts_with('/')
-        || crate::path::normalise(&prefix)
-            .map(|p| p != prefix)
-            .unwrap_or(true)
-    {
+    if crate::path::prefix_problem(&prefix).is_some() {
         r.at(
             route.prefix.span(),
             field("prefix"),

@@ -8,8 +8,8 @@ use http::{HeaderValue, Method};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 
-/// Verifies the console token of a request.
-/// The account the token speaks for, and the identity to forward.
+/// Verifies the console token of a request: the account it speaks for, and the identity to
+/// forward.
 pub fn authenticate(
     gw: &Gateway,
     live: &Live,

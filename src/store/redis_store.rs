@@ -190,8 +190,8 @@ pub struct RedisStore {
     breaker: Arc<Breaker>,
     /// account id -> the quota period whose counter expiry this node has already set.
     quota_expiry_set: BoundedCache<String, String>,
-    /// Keys whose last use and TAT expiry this node wrote less than a minute ago.
-    last_use_written: BoundedCache<String, ()>,
+    /// Keys whose last use and TAT expiry this node wrote ("touched") less than a minute ago.
+    key_touched: BoundedCache<String, ()>,
 }
 
 /// Whether the request path's own connection is being opened, and when that last failed.
@@ -267,7 +267,7 @@ impl RedisStore {
             pubsub_clients,
             timeout: s.timeout,
             quota_expiry_set: BoundedCache::new(100_000, 86_400_000_000_000),
-            last_use_written: BoundedCache::new(100_000, LAST_USE_EVERY_NS),
+            key_touched: BoundedCache::new(100_000, LAST_USE_EVERY_NS),
             breaker: Arc::new(Breaker::new(
                 s.breaker_threshold,
                 u64::try_from(s.breaker_cooldown.as_nanos()).unwrap_or(u64::MAX),
@@ -557,7 +557,7 @@ impl Store for RedisStore {
             .quota_expiry_set
             .get(req.account_id, req.now_ns)
             .is_none_or(|p| p != req.period_id);
-        let write_use = self.last_use_written.get(req.key_id, req.now_ns).is_none();
+        let touch = self.key_touched.get(req.key_id, req.now_ns).is_none();
         let mut p = redis::pipe();
         p.cmd("ZADD")
             .arg(&tat)
@@ -577,7 +577,7 @@ impl Store for RedisStore {
                 .arg(req.period_end_unix + 35 * 86_400)
                 .ignore();
         }
-        if write_use {
+        if touch {
             p.cmd("PEXPIRE")
                 .arg(&tat)
                 .arg(burst_us / 1000 + TAT_TTL_MARGIN_MS)
@@ -596,8 +596,8 @@ impl Store for RedisStore {
                 req.now_ns,
             );
         }
-        if write_use {
-            self.last_use_written
+        if touch {
+            self.key_touched
                 .insert(req.key_id.to_owned(), (), req.now_ns);
         }
         let new_tat = new_tat as u64;
