@@ -248,11 +248,7 @@ fn main() {
         connections: (number(3) as usize).max(1),
         mode,
         keys,
-        token: if extra.is_empty() {
-            String::new()
-        } else {
-            extra
-        },
+        token: extra,
         next_key: AtomicUsize::new(0),
     });
     let runtime = match tokio::runtime::Builder::new_current_thread()
