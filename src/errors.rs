@@ -185,6 +185,76 @@ impl GatewayError {
         Self::new(ErrorCode::BadRequest, "Malformed request path")
     }
 
+    /// A path refused by the normaliser: malformed, or one a backend could read differently.
+    pub fn ambiguous_path(why: crate::path::PathError) -> Self {
+        if why.is_ambiguous() {
+            Self::new(
+                ErrorCode::BadRequest,
+                format!("Ambiguous request path: it contains {why}"),
+            )
+        } else {
+            Self::bad_path()
+        }
+    }
+
+    pub fn scope_missing(scope: &str) -> Self {
+        Self::new(
+            ErrorCode::Forbidden,
+            format!("This API key lacks the scope {scope}"),
+        )
+    }
+
+    pub fn scope_undeclared() -> Self {
+        Self::new(
+            ErrorCode::Forbidden,
+            "This API key is restricted to scopes and this route is granted by none of them",
+        )
+    }
+
+    pub fn instance_source_undeclared() -> Self {
+        Self::new(
+            ErrorCode::Forbidden,
+            "This API key is restricted to specific instances and this route does not say which instance it acts on",
+        )
+    }
+
+    pub fn instance_not_allowed(id: &str) -> Self {
+        let shown: String = id.chars().take(64).collect();
+        Self::new(
+            ErrorCode::Forbidden,
+            format!("This API key may not use instance {shown}"),
+        )
+    }
+
+    pub fn instance_missing() -> Self {
+        Self::new(
+            ErrorCode::Forbidden,
+            "This API key is restricted to specific instances and the request names none",
+        )
+    }
+
+    pub fn body_not_json_object() -> Self {
+        Self::bad_request("The request body is not a JSON object")
+    }
+
+    /// An inspected query parameter or JSON field given more than once.
+    pub fn duplicate_parameter(name: &str) -> Self {
+        Self::bad_request(format!(
+            "The query parameter {name} is given more than once"
+        ))
+    }
+
+    pub fn duplicate_field(name: &str) -> Self {
+        Self::bad_request(format!("The JSON field {name} is given more than once"))
+    }
+
+    /// An inspected query string with a `;`, a separator to some parsers only.
+    pub fn semicolon_in_query(name: &str) -> Self {
+        Self::bad_request(format!(
+            "The query string contains ';': {name} could be read differently"
+        ))
+    }
+
     pub fn headers_too_large() -> Self {
         Self::new(ErrorCode::HeadersTooLarge, "Request headers too large")
     }

@@ -2,13 +2,27 @@
 
 use std::borrow::Cow;
 
-/// Why a request path was rejected.
+/// Why a request path was refused. Every variant but the first two is a path that some backend
+/// would resolve differently from the gateway (SPEC §1): refused, never guessed at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathError {
     /// The path is empty or does not start with `/`.
     NotAbsolute,
     /// A `%` is not followed by two hexadecimal digits.
     BadPercentEncoding,
+    /// `%2F` or `%5C`: a separator to a decoding backend, a segment character to the gateway.
+    EncodedSlash,
+    /// A raw `\`: a separator to some servers (IIS, Windows file APIs, some proxies).
+    Backslash,
+    /// `;` or `%3B`: path parameters that Tomcat, Jetty and Spring strip before routing.
+    Semicolon,
+    /// `%25`: double encoding, decoded twice by some chains.
+    DoubleEncoding,
+    /// A control byte, raw or encoded (`%00`–`%1F`, `%7F`).
+    ControlByte,
+    /// A raw byte outside ASCII (RFC 3986 requires percent-encoding it; servers decode it
+    /// as UTF-8, Latin-1 or not at all).
+    NonAscii,
 }
 
 impl std::fmt::Display for PathError {
@@ -16,41 +30,87 @@ impl std::fmt::Display for PathError {
         f.write_str(match self {
             PathError::NotAbsolute => "request path does not start with '/'",
             PathError::BadPercentEncoding => "request path has a malformed percent-encoding",
+            PathError::EncodedSlash => "an encoded '/' or '\\' (%2F, %5C)",
+            PathError::Backslash => "a backslash",
+            PathError::Semicolon => "a ';' (path parameters)",
+            PathError::DoubleEncoding => "an encoded '%' (%25)",
+            PathError::ControlByte => "a control character",
+            PathError::NonAscii => "a raw non-ASCII byte (percent-encode it)",
         })
     }
 }
 
 impl std::error::Error for PathError {}
 
+impl PathError {
+    /// True for paths that are well formed but that backends may read differently.
+    pub fn is_ambiguous(self) -> bool {
+        !matches!(self, PathError::NotAbsolute | PathError::BadPercentEncoding)
+    }
+}
+
+/// What the normaliser lets through beyond the strict default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathRules {
+    /// Keep `%2F` / `%5C` as segment characters instead of refusing them (for backends that
+    /// need encoded slashes in an id; `server.allow_encoded_slashes`).
+    pub allow_encoded_slashes: bool,
+}
+
 /// What is wrong with a configured route prefix, if anything: prefixes must start with '/'
 /// and already be in the form `normalise` gives, or no request could ever match them.
 pub fn prefix_problem(prefix: &str) -> Option<&'static str> {
     if !prefix.starts_with('/') {
         Some("must start with '/'")
-    } else if normalise(prefix).map_or(true, |p| p != prefix) {
+    } else if normalise(prefix, PathRules::default()).map_or(true, |p| p != prefix) {
         Some("is not a normalised path")
     } else {
         None
     }
 }
 
+/// Whether a route or policy `prefix` covers the normalised `path`, on whole segments: a
+/// prefix ending in `/` covers everything below it and the path without that slash
+/// (`/api/v1/` covers `/api/v1`); any other prefix covers itself and everything below it
+/// (`/api/v1/status` covers `/api/v1/status/x`, never `/api/v1/statusX`).
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match prefix.strip_suffix('/') {
+        Some(bare) => path.starts_with(prefix) || (!bare.is_empty() && path == bare),
+        None => path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+    }
+}
+
 /// Normalises a request path (without query string):
 /// - it must start with `/`;
+/// - ambiguous input is refused (see [`PathError`]): `\`, `;`, control bytes and raw
+///   non-ASCII bytes, and the encodings `%2F`, `%5C` (unless `rules` allow them), `%3B`,
+///   `%25`, `%00`–`%1F`, `%7F`;
 /// - `%XX` of an RFC 3986 unreserved character is decoded, any other `%XX` is kept with
-///   upper-case hex digits (so `%2F` stays an ordinary segment character);
+///   upper-case hex digits;
 /// - runs of `/` collapse, `.` segments are dropped, `..` removes the previous segment
 ///   (never above the root);
 /// - a trailing slash is kept when the input ended with `/` or with a `.`/`..` segment.
 ///
-/// Returns the input borrowed when it is already normal.
-pub fn normalise(path: &str) -> Result<Cow<'_, str>, PathError> {
+/// What comes out, fully percent-decoded by a backend, has the same segments as the gateway
+/// routed on. Returns the input borrowed when it is already normal.
+pub fn normalise(path: &str, rules: PathRules) -> Result<Cow<'_, str>, PathError> {
     if !path.starts_with('/') {
         return Err(PathError::NotAbsolute);
+    }
+    if let Some(b) = path.bytes().find(|b| !is_plain(*b)) {
+        return Err(match b {
+            b'\\' => PathError::Backslash,
+            b';' => PathError::Semicolon,
+            0x80.. => PathError::NonAscii,
+            _ => PathError::ControlByte,
+        });
     }
     if !needs_work(path) {
         return Ok(Cow::Borrowed(path));
     }
-    let decoded = decode_unreserved(path)?;
+    let decoded = decode_unreserved(path, rules)?;
     let mut segments: Vec<&str> = Vec::new();
     let mut trailing_slash = false;
     // `decoded` starts with '/' because `path` does and decoding never touches it.
@@ -82,6 +142,11 @@ pub fn normalise(path: &str) -> Result<Cow<'_, str>, PathError> {
     }
 }
 
+/// Bytes a path may carry as they are: printable ASCII but `\` and `;`.
+fn is_plain(b: u8) -> bool {
+    (0x21..0x7f).contains(&b) && b != b'\\' && b != b';'
+}
+
 fn needs_work(path: &str) -> bool {
     path.contains('%')
         || path.contains("//")
@@ -104,8 +169,9 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-/// Decodes `%XX` of unreserved characters and upper-cases the hex of every other `%XX`.
-fn decode_unreserved(path: &str) -> Result<String, PathError> {
+/// Decodes `%XX` of unreserved characters, upper-cases the hex of every other `%XX`, and
+/// refuses the encodings that a decoding backend would read as structure.
+fn decode_unreserved(path: &str, rules: PathRules) -> Result<String, PathError> {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
@@ -124,6 +190,13 @@ fn decode_unreserved(path: &str) -> Result<String, PathError> {
             return Err(PathError::BadPercentEncoding);
         };
         let value = hi * 16 + lo;
+        match value {
+            b'/' | b'\\' if !rules.allow_encoded_slashes => return Err(PathError::EncodedSlash),
+            b';' => return Err(PathError::Semicolon),
+            b'%' => return Err(PathError::DoubleEncoding),
+            0x00..=0x1f | 0x7f => return Err(PathError::ControlByte),
+            _ => {}
+        }
         if is_unreserved(value) {
             out.push(char::from(value));
         } else {
@@ -141,6 +214,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const STRICT: PathRules = PathRules {
+        allow_encoded_slashes: false,
+    };
+    const SLASHES: PathRules = PathRules {
+        allow_encoded_slashes: true,
+    };
+
     #[test]
     fn prefix_problems_are_named() {
         assert_eq!(prefix_problem("/api/v1/"), None);
@@ -153,10 +233,25 @@ mod tests {
             prefix_problem("/api/%7e/"),
             Some("is not a normalised path")
         );
+        assert_eq!(prefix_problem("/api;x/"), Some("is not a normalised path"));
+    }
+
+    #[test]
+    fn prefixes_match_whole_segments() {
+        assert!(prefix_matches("/api/v1/status", "/api/v1/status"));
+        assert!(prefix_matches("/api/v1/status", "/api/v1/status/"));
+        assert!(prefix_matches("/api/v1/status", "/api/v1/status/x"));
+        assert!(!prefix_matches("/api/v1/status", "/api/v1/statusX"));
+        assert!(!prefix_matches("/api/v1/status", "/api/v1/stat"));
+        assert!(prefix_matches("/api/v1/", "/api/v1/x"));
+        assert!(prefix_matches("/api/v1/", "/api/v1"));
+        assert!(!prefix_matches("/api/v1/", "/api/v1x"));
+        assert!(prefix_matches("/", "/"));
+        assert!(prefix_matches("/", "/anything"));
     }
 
     fn norm(p: &str) -> String {
-        match normalise(p) {
+        match normalise(p, STRICT) {
             Ok(n) => n.into_owned(),
             Err(e) => panic!("{p:?}: {e}"),
         }
@@ -168,14 +263,51 @@ mod tests {
         assert_eq!(norm("/api//v1///x"), "/api/v1/x");
         assert_eq!(norm("/api/v1/%6Dessages"), "/api/v1/messages");
         assert_eq!(norm("/api/%2e%2e/admin"), "/admin");
-        assert_eq!(norm("/a/%2fb"), "/a/%2Fb");
         assert_eq!(norm("/.."), "/");
         assert_eq!(norm("/a/./b/."), "/a/b/");
         assert_eq!(norm("/API/v1/"), "/API/v1/");
-        assert_eq!(normalise("/a%zz"), Err(PathError::BadPercentEncoding));
-        assert_eq!(normalise("/a%2"), Err(PathError::BadPercentEncoding));
-        assert_eq!(normalise("a/b"), Err(PathError::NotAbsolute));
-        assert_eq!(normalise(""), Err(PathError::NotAbsolute));
+        let e = |p| normalise(p, STRICT);
+        assert_eq!(e("/a%zz"), Err(PathError::BadPercentEncoding));
+        assert_eq!(e("/a%2"), Err(PathError::BadPercentEncoding));
+        assert_eq!(e("a/b"), Err(PathError::NotAbsolute));
+        assert_eq!(e(""), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn ambiguous_paths_are_refused() {
+        let e = |p| normalise(p, STRICT).map(Cow::into_owned);
+        for (path, why) in [
+            ("/api/auth/..%2fapi-keys", PathError::EncodedSlash),
+            ("/api/auth/..%2Fapi-keys", PathError::EncodedSlash),
+            ("/api/auth/..%5capi-keys", PathError::EncodedSlash),
+            ("/api/auth/..\\api-keys", PathError::Backslash),
+            ("/api/auth/..;/api-keys", PathError::Semicolon),
+            ("/api/auth/..%3b/api-keys", PathError::Semicolon),
+            (
+                "/api/v1/instances%2f..%2f..%2fapi-keys",
+                PathError::EncodedSlash,
+            ),
+            ("/api/%252e%252e/x", PathError::DoubleEncoding),
+            ("/api/%00", PathError::ControlByte),
+            ("/api/%0a", PathError::ControlByte),
+            ("/api/%7F", PathError::ControlByte),
+            ("/api/\u{1}", PathError::ControlByte),
+            ("/api/\u{7f}", PathError::ControlByte),
+            ("/api/ x", PathError::ControlByte),
+            ("/api/api-keys\u{e9}", PathError::NonAscii),
+        ] {
+            assert_eq!(e(path), Err(why), "{path:?}");
+            assert!(why.is_ambiguous());
+        }
+        assert!(!PathError::NotAbsolute.is_ambiguous());
+        // The one switch: encoded slashes kept as segment characters.
+        assert_eq!(normalise("/a/%2fb", SLASHES).unwrap(), "/a/%2Fb");
+        assert_eq!(normalise("/a/%5c..", SLASHES).unwrap(), "/a/%5C..");
+        assert_eq!(
+            normalise("/a/%3b", SLASHES),
+            Err(PathError::Semicolon),
+            "only slashes are relaxed"
+        );
     }
 
     #[test]
@@ -190,12 +322,10 @@ mod tests {
         assert_eq!(norm("/a/.b/..c"), "/a/.b/..c");
         assert_eq!(norm("/%7euser/%41%5a"), "/~user/AZ");
         assert_eq!(norm("/a%20b/%c3%a9"), "/a%20b/%C3%A9");
-        assert_eq!(norm("/caf\u{e9}/./x"), "/caf\u{e9}/x");
-        assert_eq!(norm("/%25"), "/%25");
-        assert_eq!(normalise("/%"), Err(PathError::BadPercentEncoding));
-        assert_eq!(normalise("/%g0"), Err(PathError::BadPercentEncoding));
-        assert_eq!(normalise("/%\u{e9}"), Err(PathError::BadPercentEncoding));
-        assert_eq!(normalise("?a"), Err(PathError::NotAbsolute));
+        let e = |p| normalise(p, STRICT);
+        assert_eq!(e("/%"), Err(PathError::BadPercentEncoding));
+        assert_eq!(e("/%g0"), Err(PathError::BadPercentEncoding));
+        assert_eq!(e("?a"), Err(PathError::NotAbsolute));
         assert!(!PathError::NotAbsolute.to_string().is_empty());
     }
 
@@ -205,15 +335,15 @@ mod tests {
             "/",
             "/api/v1/messages",
             "/API/v1/",
-            "/a/%2Fb",
+            "/a/%C3%A9",
             "/.well-known/x",
         ] {
             assert!(
-                matches!(normalise(p), Ok(Cow::Borrowed(s)) if s == p),
+                matches!(normalise(p, STRICT), Ok(Cow::Borrowed(s)) if s == p),
                 "{p}"
             );
         }
-        assert!(matches!(normalise("/a/%2fb"), Ok(Cow::Owned(_))));
+        assert!(matches!(normalise("/a/%c3%a9", STRICT), Ok(Cow::Owned(_))));
     }
 
     fn path_strategy() -> impl Strategy<Value = String> {
@@ -227,15 +357,26 @@ mod tests {
             Just("-"),
             Just("~"),
             Just("\u{e9}"),
+            Just("\\"),
+            Just(";"),
             Just("%2e"),
             Just("%2E"),
             Just("%2f"),
             Just("%2F"),
+            Just("%5c"),
+            Just("%3b"),
             Just("%41"),
             Just("%7e"),
             Just("%25"),
+            Just("%252f"),
             Just("%3a"),
+            Just("%00"),
+            Just("%0d"),
             Just("%c3%a9"),
+            Just("api"),
+            Just("v1"),
+            Just("auth"),
+            Just("api-keys"),
         ];
         prop::collection::vec(token, 0..24).prop_map(|t| format!("/{}", t.concat()))
     }
@@ -249,33 +390,94 @@ mod tests {
             })
     }
 
+    /// How a backend that percent-decodes the whole path and then resolves dot segments
+    /// (nginx with a URI in `proxy_pass`, Spring, Express's `decodeURIComponent` routers)
+    /// reads a forwarded path: its segments, `\` taken as a separator too.
+    fn backend_view(forwarded: &str) -> Vec<String> {
+        let decoded = percent_encoding::percent_decode_str(forwarded)
+            .decode_utf8_lossy()
+            .into_owned();
+        let mut segments: Vec<String> = Vec::new();
+        for s in decoded.split(['/', '\\']) {
+            match s {
+                "" | "." => {}
+                ".." => {
+                    segments.pop();
+                }
+                s => segments.push(s.split(';').next().unwrap_or("").to_owned()),
+            }
+        }
+        segments
+    }
+
+    /// The gateway's own view: the segments of its normalised path, decoded.
+    fn gateway_view(normalised: &str) -> Vec<String> {
+        normalised
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+            .collect()
+    }
+
     proptest! {
         #[test]
         fn normalise_is_idempotent(p in path_strategy()) {
-            let once = norm(&p);
-            let twice = norm(&once);
-            prop_assert_eq!(&twice, &once);
-            prop_assert!(matches!(normalise(&once), Ok(Cow::Borrowed(_))));
+            if let Ok(once) = normalise(&p, STRICT) {
+                let twice = norm(&once);
+                prop_assert_eq!(&twice, &once);
+                prop_assert!(matches!(normalise(&once, STRICT), Ok(Cow::Borrowed(_))));
+            }
         }
 
         #[test]
         fn output_is_canonical(p in path_strategy()) {
-            let out = norm(&p);
-            prop_assert!(out.starts_with('/'));
-            prop_assert!(!out.contains("//"), "{}", out);
-            prop_assert!(out.split('/').all(|s| s != "." && s != ".."), "{}", out);
-            prop_assert!(!has_encoded_unreserved(&out), "{}", out);
-            let lower_hex = out
-                .as_bytes()
-                .windows(3)
-                .any(|w| w[0] == b'%' && (w[1].is_ascii_lowercase() || w[2].is_ascii_lowercase()));
-            prop_assert!(!lower_hex, "{}", out);
+            if let Ok(out) = normalise(&p, STRICT) {
+                prop_assert!(out.starts_with('/'));
+                prop_assert!(!out.contains("//"), "{}", out);
+                prop_assert!(out.split('/').all(|s| s != "." && s != ".."), "{}", out);
+                prop_assert!(!has_encoded_unreserved(&out), "{}", out);
+                let lower_hex = out
+                    .as_bytes()
+                    .windows(3)
+                    .any(|w| w[0] == b'%' && (w[1].is_ascii_lowercase() || w[2].is_ascii_lowercase()));
+                prop_assert!(!lower_hex, "{}", out);
+            }
+        }
+
+        /// Against a reference decoder: whatever is forwarded, a decoding backend sees exactly
+        /// the segments the gateway routed on (so it routes to the same place), and nothing
+        /// in it is a separator, a parameter or a control byte to anyone.
+        #[test]
+        fn forwarded_paths_read_the_same_to_a_decoding_backend(p in path_strategy()) {
+            if let Ok(out) = normalise(&p, STRICT) {
+                let ours = gateway_view(&out);
+                prop_assert_eq!(&backend_view(&out), &ours, "{} -> {}", p, out);
+                for s in &ours {
+                    prop_assert!(
+                        !s.contains(['/', '\\', ';', '%']) && !s.chars().any(char::is_control),
+                        "{} -> {}: segment {:?}", p, out, s
+                    );
+                }
+                let routes = ["/api/", "/api/v1/", "/api/auth/", "/api/api-keys"];
+                let decoded = format!("/{}", ours.join("/"));
+                for r in routes {
+                    prop_assert_eq!(prefix_matches(r, &out), prefix_matches(r, &decoded), "{} {}", r, out);
+                }
+            } else {
+                // Refused: the input held something ambiguous or malformed.
+                let ambiguous = ["\\", ";", "%2f", "%2F", "%5c", "%3b", "%25", "%00", "%0d", "\u{e9}"];
+                prop_assert!(ambiguous.iter().any(|a| p.contains(a)), "{} refused", p);
+            }
         }
 
         #[test]
         fn arbitrary_input_never_panics(p in any::<String>()) {
-            let _ = normalise(&p);
-            let _ = normalise(&format!("/{p}"));
+            let _ = normalise(&p, STRICT);
+            let _ = normalise(&format!("/{p}"), SLASHES);
         }
     }
 }

@@ -232,15 +232,15 @@ impl JwtVerifier {
                 return Err(JwtError::WrongAudience);
             }
         }
-        let text = |name: &str| {
-            claims
-                .get(name)
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
+        // Absent is absent; present but empty or not a string is a refusal, never a reason to
+        // fall back to another claim.
+        let text = |name: &str| match claims.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+            Some(_) => Err(JwtError::NoAccount),
         };
-        let user_id = text("sub");
-        let account_id = text(&self.account_claim)
+        let user_id = text("sub")?;
+        let account_id = text(&self.account_claim)?
             .or_else(|| user_id.clone())
             .ok_or(JwtError::NoAccount)?;
         Ok((
@@ -397,5 +397,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.verify(&t, NOW).unwrap().account_id, "u1");
+    }
+
+    #[test]
+    fn a_present_account_claim_of_the_wrong_shape_never_falls_back() {
+        let v = JwtVerifier::new(&settings()).unwrap();
+        for claims in [
+            serde_json::json!({"account_id": 42, "sub": "acc_victim"}),
+            serde_json::json!({"account_id": "", "sub": "acc_victim"}),
+            serde_json::json!({"account_id": null, "sub": "acc_victim"}),
+            serde_json::json!({"account_id": ["acc_victim"], "sub": "acc_victim"}),
+            serde_json::json!({"account_id": "acme", "sub": 7}),
+        ] {
+            let mut claims = claims;
+            claims["exp"] = (NOW + 60).into();
+            claims["iss"] = "msgflash".into();
+            claims["aud"] = "console".into();
+            let t = jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(b"s3cret"),
+            )
+            .unwrap();
+            assert_eq!(v.verify(&t, NOW), Err(JwtError::NoAccount), "{claims}");
+        }
     }
 }

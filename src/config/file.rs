@@ -40,6 +40,9 @@ pub struct ServerFile {
     pub max_inspected_body_bytes: Spanned<usize>,
     #[serde(default = "default_grace_period")]
     pub grace_period: Spanned<String>,
+    /// Keep `%2F` / `%5C` in paths instead of refusing them (400) — off by default.
+    #[serde(default)]
+    pub allow_encoded_slashes: bool,
     /// Where a new process started with `run --upgrade` receives the listening sockets.
     pub upgrade_sock: Option<String>,
     pub pid_file: Option<String>,

@@ -39,6 +39,8 @@ pub struct Server {
     /// Largest body read to find an instance id (at most pingora's 64 KiB replay buffer).
     pub max_inspected_body_bytes: usize,
     pub grace_period: Duration,
+    /// What the path normaliser lets through (`allow_encoded_slashes`).
+    pub path_rules: crate::path::PathRules,
     pub upgrade_sock: PathBuf,
     pub pid_file: PathBuf,
 }
@@ -199,11 +201,7 @@ impl Config {
         let server = Server {
             listen: addr(&mut r, "server.listen", &raw.server.listen),
             threads: positive(&mut r, "server.threads", &raw.server.threads),
-            keepalive_timeout: duration(
-                &mut r,
-                "server.keepalive_timeout",
-                &raw.server.keepalive_timeout,
-            ),
+            keepalive_timeout: keepalive(&mut r, &raw.server.keepalive_timeout),
             max_header_bytes: positive(
                 &mut r,
                 "server.max_header_bytes",
@@ -212,6 +210,9 @@ impl Config {
             max_body_bytes: positive(&mut r, "server.max_body_bytes", &raw.server.max_body_bytes),
             max_inspected_body_bytes: inspected_limit(&mut r, &raw.server.max_inspected_body_bytes),
             grace_period: duration(&mut r, "server.grace_period", &raw.server.grace_period),
+            path_rules: crate::path::PathRules {
+                allow_encoded_slashes: raw.server.allow_encoded_slashes,
+            },
             upgrade_sock: base.join(
                 raw.server
                     .upgrade_sock

@@ -22,6 +22,23 @@ pub(super) fn inspected_limit(r: &mut Reporter, v: &Spanned<usize>) -> usize {
     n
 }
 
+/// The idle keep-alive bound: whole seconds, at least one (pingora reads 0 s as "forever" and
+/// would truncate anything shorter to it).
+pub(super) fn keepalive(r: &mut Reporter, v: &Spanned<String>) -> Duration {
+    let d = duration(r, "server.keepalive_timeout", v);
+    if parse_duration(v.get_ref()).is_some() && d < Duration::from_secs(1) {
+        r.at(
+            v.span(),
+            "server.keepalive_timeout",
+            format!(
+                "at least 1s (pingora takes whole seconds and reads 0 as \"never close\"), got \"{}\"",
+                v.get_ref()
+            ),
+        );
+    }
+    d
+}
+
 pub(super) fn store_settings(
     r: &mut Reporter,
     raw: &file::StoreFile,

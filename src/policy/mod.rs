@@ -6,7 +6,7 @@ pub mod routes;
 
 use crate::config::ConfigErrors;
 pub use plans::{Plan, Plans};
-pub use routes::{InstanceSource, RoutePolicies, RoutePolicy};
+pub use routes::{InstanceSource, RoutePolicies, RoutePolicy, ScopeRule};
 use std::path::Path;
 
 /// Everything in the policy directory.

@@ -1,5 +1,10 @@
 //! routes.toml: per path prefix and method, what a request needs (scope, subscription, instance)
 //! and how it is limited (per-IP limits, behaviour when the store fails).
+//!
+//! Restricted keys are denied by default: a key with scopes passes only a policy that names
+//! one of them (or says `scope = "none"`), a key with instance ids only a policy that says
+//! where the instance comes from (or `instance = "none"`). Prefixes match on whole segments,
+//! by the rule the router uses ([`crate::path::prefix_matches`]); `HEAD` matches as `GET`.
 
 use crate::config::error::Reporter;
 use crate::config::{ConfigErrors, StoreErrorMode};
@@ -10,9 +15,20 @@ use std::path::Path;
 use std::str::FromStr;
 use toml::Spanned;
 
+/// Which scope a restricted key needs on a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopeRule {
+    /// A key with scopes must carry this one.
+    Required(String),
+    /// `scope = "none"`: the route needs no scope; every key may call it.
+    NotNeeded,
+}
+
 /// Where a request names the instance it acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InstanceSource {
+    /// `instance = "none"`: the route acts on no instance; instance-restricted keys may call it.
+    InstanceFree,
     /// The n-th segment (0-based) of the normalised path: `/api/v1/instances/{id}` is segment 3.
     PathSegment(usize),
     /// A query parameter.
@@ -27,7 +43,8 @@ pub struct RoutePolicy {
     pub prefix: String,
     /// Empty: every method.
     pub methods: Vec<Method>,
-    pub scope: Option<String>,
+    /// `None`: not declared, so keys with scopes are refused.
+    pub scope: Option<ScopeRule>,
     pub require_subscription: Option<bool>,
     pub instance: Option<InstanceSource>,
     pub ip_limit: Option<BucketParams>,
@@ -58,7 +75,8 @@ struct RouteFile {
     methods: Vec<Spanned<String>>,
     scope: Option<Spanned<String>>,
     require_subscription: Option<bool>,
-    instance: Option<Spanned<InstanceFile>>,
+    /// `"none"` or a table ([`InstanceFile`]), told apart in `validate`.
+    instance: Option<Spanned<toml::Value>>,
     ip_rate_per_second: Option<Spanned<u32>>,
     ip_burst: Option<Spanned<u32>>,
     on_store_error: Option<Spanned<String>>,
@@ -82,6 +100,15 @@ impl RoutePolicies {
     pub fn parse(path: &Path, source: &str) -> Result<Self, ConfigErrors> {
         let raw: RoutesFile = crate::config::error::parse_toml(path, source)?;
         let mut r = Reporter::new(path, source);
+        for s in &raw.scopes {
+            if s.get_ref() == "none" {
+                r.at(
+                    s.span(),
+                    "scopes",
+                    "\"none\" is reserved (scope = \"none\" marks a route that needs no scope)",
+                );
+            }
+        }
         let scopes: Vec<String> = raw.scopes.iter().map(|s| s.get_ref().clone()).collect();
         // (policy, route index, line of its prefix)
         let mut out: Vec<(RoutePolicy, usize, usize)> = Vec::new();
@@ -117,17 +144,23 @@ impl RoutePolicies {
         r.finish(RoutePolicies { scopes, ordered })
     }
 
-    /// The policy for a request, if any declares it.
+    /// The policy for a request, if any declares it. `HEAD` matches entries listing `GET`.
     pub fn find(&self, method: &Method, path: &str) -> Option<&RoutePolicy> {
+        let method = if method == Method::HEAD {
+            &Method::GET
+        } else {
+            method
+        };
         self.ordered.iter().find(|p| {
-            path.starts_with(p.prefix.as_str())
+            crate::path::prefix_matches(&p.prefix, path)
                 && (p.methods.is_empty() || p.methods.contains(method))
         })
     }
 
-    /// True when `scope` may be given to a key (any scope when none are declared).
+    /// True when `scope` is declared and so may be given to a key (none may when no scope
+    /// is declared).
     pub fn knows_scope(&self, scope: &str) -> bool {
-        self.scopes.is_empty() || self.scopes.iter().any(|s| s == scope)
+        self.scopes.iter().any(|s| s == scope)
     }
 
     pub fn len(&self) -> usize {
@@ -165,7 +198,7 @@ fn validate(r: &mut Reporter, i: usize, route: &RouteFile, scopes: &[String]) ->
         })
         .collect();
     if let Some(scope) = &route.scope {
-        if !scopes.iter().any(|s| s == scope.get_ref()) {
+        if scope.get_ref() != "none" && !scopes.iter().any(|s| s == scope.get_ref()) {
             r.at(
                 scope.span(),
                 field("scope"),
@@ -178,16 +211,26 @@ fn validate(r: &mut Reporter, i: usize, route: &RouteFile, scopes: &[String]) ->
     }
     let instance = route.instance.as_ref().and_then(|inst| {
         let span = inst.span();
-        let inst = inst.get_ref();
-        let source = match (inst.from.as_str(), inst.segment, &inst.param, &inst.field) {
-            ("path", Some(n), None, None) => InstanceSource::PathSegment(n),
-            ("query", None, Some(p), None) if !p.is_empty() => InstanceSource::Query(p.clone()),
-            ("body", None, None, Some(f)) if !f.is_empty() => InstanceSource::Body(f.clone()),
+        let table = match inst.get_ref() {
+            toml::Value::String(s) if s == "none" => return Some(InstanceSource::InstanceFree),
+            v => v.clone().try_into::<InstanceFile>().ok(),
+        };
+        let source = match table
+            .as_ref()
+            .map(|t| (t.from.as_str(), t.segment, &t.param, &t.field))
+        {
+            Some(("path", Some(n), None, None)) => InstanceSource::PathSegment(n),
+            Some(("query", None, Some(p), None)) if !p.is_empty() => {
+                InstanceSource::Query(p.clone())
+            }
+            Some(("body", None, None, Some(f))) if !f.is_empty() => {
+                InstanceSource::Body(f.clone())
+            }
             _ => {
                 r.at(
                     span,
                     field("instance"),
-                    "expected { from = \"path\", segment = N }, { from = \"query\", param = \"...\" } or { from = \"body\", field = \"...\" }",
+                    "expected \"none\", { from = \"path\", segment = N }, { from = \"query\", param = \"...\" } or { from = \"body\", field = \"...\" }",
                 );
                 return None;
             }
@@ -232,7 +275,10 @@ fn validate(r: &mut Reporter, i: usize, route: &RouteFile, scopes: &[String]) ->
     RoutePolicy {
         prefix,
         methods,
-        scope: route.scope.as_ref().map(|s| s.get_ref().clone()),
+        scope: route.scope.as_ref().map(|s| match s.get_ref().as_str() {
+            "none" => ScopeRule::NotNeeded,
+            name => ScopeRule::Required(name.to_owned()),
+        }),
         require_subscription: route.require_subscription,
         instance,
         ip_limit,
@@ -252,12 +298,19 @@ mod tests {
     fn the_shipped_policies_load() {
         let p = RoutePolicies::load(Path::new("lua-free-policies/routes.toml")).unwrap();
         let send = p.find(&Method::POST, "/api/v1/messages/send").unwrap();
-        assert_eq!(send.scope.as_deref(), Some("messages:send"));
+        assert_eq!(
+            send.scope,
+            Some(ScopeRule::Required("messages:send".into()))
+        );
         assert_eq!(
             send.instance,
             Some(InstanceSource::Body("instanceId".into()))
         );
         assert_eq!(send.require_subscription, Some(true));
+    }
+
+    fn scope_of(p: &RoutePolicies, m: Method, path: &str) -> Option<Option<ScopeRule>> {
+        p.find(&m, path).map(|p| p.scope.clone())
     }
 
     #[test]
@@ -269,22 +322,36 @@ mod tests {
              [[route]]\nprefix = \"/api/v1/x/\"\nmethods = [\"POST\"]\n",
         )
         .unwrap();
-        assert_eq!(
-            p.find(&Method::GET, "/api/v1/x/1")
-                .unwrap()
-                .scope
-                .as_deref(),
-            Some("b")
-        );
-        assert_eq!(p.find(&Method::POST, "/api/v1/x/1").unwrap().scope, None);
-        assert_eq!(
-            p.find(&Method::DELETE, "/api/v1/x/1")
-                .unwrap()
-                .scope
-                .as_deref(),
-            Some("a")
-        );
+        let named = |s: &str| Some(Some(ScopeRule::Required(s.into())));
+        assert_eq!(scope_of(&p, Method::GET, "/api/v1/x/1"), named("b"));
+        assert_eq!(scope_of(&p, Method::HEAD, "/api/v1/x/1"), named("b"));
+        assert_eq!(scope_of(&p, Method::GET, "/api/v1/x"), named("b"));
+        assert_eq!(scope_of(&p, Method::POST, "/api/v1/x/1"), Some(None));
+        assert_eq!(scope_of(&p, Method::DELETE, "/api/v1/x/1"), named("a"));
+        assert_eq!(scope_of(&p, Method::GET, "/api/v1/xy"), named("a"));
         assert!(p.find(&Method::GET, "/api/other").is_none());
+    }
+
+    #[test]
+    fn prefixes_match_whole_segments_and_none_is_a_keyword() {
+        let p = parse(
+            "scopes = [\"a\"]\n\
+             [[route]]\nprefix = \"/api/v1/status\"\nscope = \"none\"\ninstance = \"none\"\n",
+        )
+        .unwrap();
+        let status = p.find(&Method::GET, "/api/v1/status").unwrap();
+        assert_eq!(status.scope, Some(ScopeRule::NotNeeded));
+        assert_eq!(status.instance, Some(InstanceSource::InstanceFree));
+        assert!(p.find(&Method::GET, "/api/v1/status/x").is_some());
+        assert!(p.find(&Method::GET, "/api/v1/statusX").is_none());
+        assert!(p.knows_scope("a"));
+        assert!(!p.knows_scope("none"));
+        // No scopes declared: no scope is known, so none may be given to a key.
+        assert!(!parse("").unwrap().knows_scope("a"));
+        assert_eq!(
+            parse("scopes = [\"none\"]\n").unwrap_err(),
+            "routes.toml:1:11: scopes: \"none\" is reserved (scope = \"none\" marks a route that needs no scope)"
+        );
     }
 
     #[test]
@@ -305,7 +372,7 @@ mod tests {
              routes.toml:9:12: route[1].ip_burst: must be at least 1, got 0\n\
              routes.toml:11:10: route[2].prefix: \"/api/v1/a\" overlaps route[0] (line 3) for the same methods: conflicting rules\n\
              routes.toml:14:10: route[3].prefix: \"api/v1/c\" must be a normalised path starting with '/'\n\
-             routes.toml:15:12: route[3].instance: expected { from = \"path\", segment = N }, { from = \"query\", param = \"...\" } or { from = \"body\", field = \"...\" }\n\
+             routes.toml:15:12: route[3].instance: expected \"none\", { from = \"path\", segment = N }, { from = \"query\", param = \"...\" } or { from = \"body\", field = \"...\" }\n\
              routes.toml:16:18: route[3].on_store_error: unknown mode \"maybe\" (expected \"fail_closed\" or \"fail_open\")"
         );
     }

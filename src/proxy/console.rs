@@ -56,20 +56,24 @@ pub enum KeyCall {
     Revoke(String),
 }
 
-/// Recognises `/api/api-keys` calls; `Some(Err)` for a known path with a wrong method.
+/// Recognises `/api/api-keys` calls on whole path segments (`/api/api-keysX` is not one);
+/// `Some(Err)` for a known path with a wrong method or too many segments.
 pub fn key_call(method: &Method, path: &str) -> Option<Result<KeyCall, GatewayError>> {
     let rest = path.strip_prefix("/api/api-keys")?;
-    let call = match (method, rest) {
-        (&Method::GET, "" | "/") => KeyCall::List,
-        (&Method::POST, "" | "/") => KeyCall::Create,
-        (&Method::DELETE, id) if id.len() > 1 && !id[1..].contains('/') => {
-            KeyCall::Revoke(id[1..].to_owned())
-        }
-        (_, "" | "/") => return Some(Err(GatewayError::not_found("No such key-management call"))),
-        (_, id) if id.starts_with('/') => {
-            return Some(Err(GatewayError::not_found("No such key-management call")))
-        }
-        _ => return None,
+    let not_a_call = || Some(Err(GatewayError::not_found("No such key-management call")));
+    let id = match rest {
+        "" | "/" => None,
+        _ => match rest.strip_prefix('/') {
+            None => return None,
+            Some(id) if id.contains('/') => return not_a_call(),
+            Some(id) => Some(id),
+        },
+    };
+    let call = match (method, id) {
+        (&Method::GET, None) => KeyCall::List,
+        (&Method::POST, None) => KeyCall::Create,
+        (&Method::DELETE, Some(id)) => KeyCall::Revoke(id.to_owned()),
+        _ => return not_a_call(),
     };
     Some(Ok(call))
 }
@@ -119,7 +123,16 @@ mod tests {
             KeyCall::Revoke("key_1".into())
         );
         assert!(key_call(&Method::PUT, "/api/api-keys").unwrap().is_err());
+        assert!(key_call(&Method::GET, "/api/api-keys/key_1")
+            .unwrap()
+            .is_err());
+        assert!(key_call(&Method::DELETE, "/api/api-keys/a/b")
+            .unwrap()
+            .is_err());
+        assert!(key_call(&Method::DELETE, "/api/api-keys").unwrap().is_err());
         assert!(key_call(&Method::GET, "/api/api-keys-other").is_none());
+        assert!(key_call(&Method::DELETE, "/api/api-keysXYZ").is_none());
+        assert!(key_call(&Method::DELETE, "/api/api-keys\u{e9}").is_none());
         assert!(key_call(&Method::GET, "/api/messages").is_none());
     }
 }

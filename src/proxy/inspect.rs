@@ -47,38 +47,92 @@ pub fn path_segment(path: &str, n: usize) -> Option<&str> {
     path.split('/').filter(|s| !s.is_empty()).nth(n)
 }
 
-/// The first value of query parameter `name`, percent-decoded.
-pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
+/// Why an inspected value cannot be trusted to read the same at the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ambiguity {
+    /// The field or parameter is given more than once (backends keep the first, the last, or
+    /// all of them), counting spellings that differ only in case (ASP.NET, Go's encoding/json).
+    Duplicate,
+    /// The query string has a `;`, a separator to some parsers and not to others.
+    Semicolon,
+}
+
+/// True when a backend matching names case-insensitively could take `key` for `name`. Go's
+/// encoding/json also folds `ſ` (U+017F) to `s` and the Kelvin sign to `k`: upper-casing
+/// then lower-casing each character catches both.
+fn same_name_to_some_backend(key: &str, name: &str) -> bool {
+    let fold = |s: &str| -> String {
+        s.chars()
+            .flat_map(char::to_uppercase)
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    key.eq_ignore_ascii_case(name) || (!key.is_ascii() && fold(key) == fold(name))
+}
+
+/// The value of query parameter `name`, percent-decoded (`+` as a space); `Ok(None)` when
+/// absent. Refused when the name appears twice (in any case) or the query holds a `;`.
+pub fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, Ambiguity> {
+    let Some(query) = query else { return Ok(None) };
+    if query.contains(';') {
+        return Err(Ambiguity::Semicolon);
+    }
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let mut found: Option<String> = None;
+    let mut seen = 0usize;
+    for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = percent_encoding::percent_decode_str(k).decode_utf8().ok()?;
-        (k == name).then(|| {
-            percent_encoding::percent_decode_str(&v.replace('+', " "))
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-    })
+        let k = decode(k);
+        if same_name_to_some_backend(&k, name) {
+            seen += 1;
+            if seen > 1 {
+                return Err(Ambiguity::Duplicate);
+            }
+            if k == name {
+                found = Some(decode(v));
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// Why a body could not be read for its field.
 #[derive(Debug, PartialEq, Eq)]
-pub struct NotAJsonObject;
+pub enum BodyError {
+    NotAJsonObject,
+    Ambiguous(Ambiguity),
+}
 
 /// The string value of top-level field `field` of a JSON object; `Ok(None)` when absent or not
-/// a string. Other fields are skipped, never materialised.
-pub fn body_field(body: &[u8], field: &str) -> Result<Option<String>, NotAJsonObject> {
+/// a string. Other fields are skipped, never materialised. Keys are compared once decoded
+/// (`"instance\u0049d"` is `instanceId`); a second key that some backend reads as `field` is
+/// an ambiguity.
+pub fn body_field(body: &[u8], field: &str) -> Result<Option<String>, BodyError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let found = FieldSeed(field)
         .deserialize(&mut de)
-        .map_err(|_| NotAJsonObject)?;
-    de.end().map_err(|_| NotAJsonObject)?;
-    Ok(found)
+        .map_err(|_| BodyError::NotAJsonObject)?;
+    de.end().map_err(|_| BodyError::NotAJsonObject)?;
+    match found {
+        FieldFound::Once(v) => Ok(v),
+        FieldFound::Twice => Err(BodyError::Ambiguous(Ambiguity::Duplicate)),
+    }
+}
+
+/// What the top level of a body said about the field.
+enum FieldFound {
+    Once(Option<String>),
+    Twice,
 }
 
 struct FieldSeed<'a>(&'a str);
 
 impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
-    type Value = Option<String>;
+    type Value = FieldFound;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_map(self)
@@ -86,7 +140,7 @@ impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
 }
 
 impl<'de> Visitor<'de> for FieldSeed<'_> {
-    type Value = Option<String>;
+    type Value = FieldFound;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
@@ -94,34 +148,48 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut found = None;
+        let mut seen = 0usize;
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            if key == self.0 && found.is_none() {
-                found = map
-                    .next_value::<serde_json::Value>()?
-                    .as_str()
-                    .map(str::to_owned);
-            } else {
-                map.next_value::<IgnoredAny>()?;
+            if same_name_to_some_backend(&key, self.0) {
+                seen += 1;
+                if key == self.0 {
+                    found = map
+                        .next_value::<serde_json::Value>()?
+                        .as_str()
+                        .map(str::to_owned);
+                    continue;
+                }
             }
+            map.next_value::<IgnoredAny>()?;
         }
-        Ok(found)
+        // The whole document is still read to the end: a malformed tail is refused too.
+        Ok(if seen > 1 {
+            FieldFound::Twice
+        } else {
+            FieldFound::Once(found)
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn segments_and_queries() {
         assert_eq!(path_segment("/api/v1/instances/abc/qr", 3), Some("abc"));
         assert_eq!(path_segment("/api/v1/instances/", 3), None);
-        assert_eq!(
-            query_param(Some("a=1&instanceId=x%2Dy&b"), "instanceId").as_deref(),
-            Some("x-y")
-        );
-        assert_eq!(query_param(Some("instanceIdx=1"), "instanceId"), None);
-        assert_eq!(query_param(None, "instanceId"), None);
+        let q = |s: &str| query_param(Some(s), "instanceId");
+        assert_eq!(q("a=1&instanceId=x%2Dy&b"), Ok(Some("x-y".into())));
+        assert_eq!(q("instanceIdx=1"), Ok(None));
+        assert_eq!(query_param(None, "instanceId"), Ok(None));
+        assert_eq!(q("instanceId=A&instanceId=B"), Err(Ambiguity::Duplicate));
+        assert_eq!(q("instanceId=A&instance%49d=B"), Err(Ambiguity::Duplicate));
+        assert_eq!(q("instanceId=A&InstanceID=B"), Err(Ambiguity::Duplicate));
+        assert_eq!(q("instanceId=A;instanceId=B"), Err(Ambiguity::Semicolon));
+        // A spelling only a case-insensitive backend reads is not ours: nothing named.
+        assert_eq!(q("InstanceId=A"), Ok(None));
     }
 
     #[test]
@@ -133,11 +201,80 @@ mod tests {
         );
         assert_eq!(body_field(br#"{"instanceId":7}"#, "instanceId"), Ok(None));
         assert_eq!(body_field(br#"{"a":"\u00e9"}"#, "instanceId"), Ok(None));
-        assert_eq!(body_field(b"[1,2]", "instanceId"), Err(NotAJsonObject));
-        assert_eq!(
-            body_field(b"{\"a\":1} trailing", "instanceId"),
-            Err(NotAJsonObject)
-        );
-        assert_eq!(body_field(b"", "instanceId"), Err(NotAJsonObject));
+        let not_object = Err(BodyError::NotAJsonObject);
+        assert_eq!(body_field(b"[1,2]", "instanceId"), not_object);
+        assert_eq!(body_field(b"{\"a\":1} trailing", "instanceId"), not_object);
+        assert_eq!(body_field(b"", "instanceId"), not_object);
+        let twice = Err(BodyError::Ambiguous(Ambiguity::Duplicate));
+        for dup in [
+            r#"{"instanceId":"A","instanceId":"B"}"#,
+            r#"{"instanceId":"A","instance\u0049d":"B"}"#,
+            r#"{"instanceId":"A","INSTANCEID":"B"}"#,
+            r#"{"instanceId":"A","in\u017ftanceId":"B"}"#,
+            r#"{"instanceId":"A","instanceId":7}"#,
+        ] {
+            assert_eq!(body_field(dup.as_bytes(), "instanceId"), twice, "{dup}");
+        }
+    }
+
+    /// Keys to build objects from: the field, its escaped and case-folded spellings, others.
+    fn key_strategy() -> impl Strategy<Value = (String, String)> {
+        // (as written in JSON, as decoded)
+        prop_oneof![
+            Just(("instanceId".to_owned(), "instanceId".to_owned())),
+            Just(("instance\\u0049d".to_owned(), "instanceId".to_owned())),
+            Just(("\\u0069nstanceId".to_owned(), "instanceId".to_owned())),
+            Just(("InstanceId".to_owned(), "InstanceId".to_owned())),
+            Just(("instanceid".to_owned(), "instanceid".to_owned())),
+            Just(("to".to_owned(), "to".to_owned())),
+            Just(("text".to_owned(), "text".to_owned())),
+            Just(("instance".to_owned(), "instance".to_owned())),
+        ]
+    }
+
+    fn value_strategy() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(r#""3fa85f64-5717-4562-b3fc-2c963f66afa6""#.to_owned()),
+            Just(r#""B""#.to_owned()),
+            Just("7".to_owned()),
+            Just("null".to_owned()),
+            Just(r#"{"instanceId":"nested"}"#.to_owned()),
+            Just(r#"["x"]"#.to_owned()),
+        ]
+    }
+
+    proptest! {
+        /// Against serde_json::Value (which keeps the last of duplicate keys): with one
+        /// spelling of the field at most, both read the same; with more, the reader refuses.
+        #[test]
+        fn body_field_agrees_with_serde_json_or_refuses(
+            entries in proptest::collection::vec((key_strategy(), value_strategy()), 0..6)
+        ) {
+            let body = format!(
+                "{{{}}}",
+                entries
+                    .iter()
+                    .map(|((written, _), v)| format!("\"{written}\":{v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let ours = body_field(body.as_bytes(), "instanceId");
+            let lookalikes = entries
+                .iter()
+                .filter(|((_, decoded), _)| decoded.eq_ignore_ascii_case("instanceId"))
+                .count();
+            if lookalikes > 1 {
+                prop_assert_eq!(ours, Err(BodyError::Ambiguous(Ambiguity::Duplicate)), "{}", body);
+            } else {
+                let reference: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let expected = reference["instanceId"].as_str().map(str::to_owned);
+                prop_assert_eq!(ours, Ok(expected), "{}", body);
+            }
+        }
+
+        #[test]
+        fn body_field_never_panics(body in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = body_field(&body, "instanceId");
+        }
     }
 }

@@ -14,6 +14,7 @@ use crate::config::{AuthMode, Route};
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
 use crate::live::Live;
+use crate::path::PathError;
 use async_trait::async_trait;
 use headers::{ceil_secs, RateHeaders, RequestIds};
 use http::{HeaderName, HeaderValue};
@@ -83,11 +84,23 @@ fn had_te_and_cl(session: &Session) -> bool {
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
 }
 
-/// The normalised path and the URI to forward when it differs from the request's.
-fn normalised(req: &RequestHeader) -> Result<(String, Option<http::Uri>), GatewayError> {
+/// The normalised path and the URI to forward when it differs from the request's. The
+/// request-target as received must be what the URI says (origin-form, valid UTF-8): otherwise
+/// pingora would forward bytes the gateway never routed on.
+fn normalised(
+    req: &RequestHeader,
+    rules: crate::path::PathRules,
+) -> Result<(String, Option<http::Uri>), GatewayError> {
+    if !req.raw_path_is_utf8() {
+        return Err(GatewayError::ambiguous_path(PathError::NonAscii));
+    }
     let raw = req.uri.path();
-    let path = crate::path::normalise(raw).map_err(|_| GatewayError::bad_path())?;
-    if path == raw {
+    let path = crate::path::normalise(raw, rules).map_err(GatewayError::ambiguous_path)?;
+    let origin_form = req
+        .uri
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str().as_bytes() == req.raw_path());
+    if path == raw && origin_form {
         return Ok((path.into_owned(), None));
     }
     let pq = match req.uri.query() {
@@ -115,7 +128,7 @@ impl GatewayProxy {
         if header_bytes(req) > live.config.server.max_header_bytes {
             return Err(GatewayError::headers_too_large());
         }
-        let (path, rewritten) = normalised(req)?;
+        let (path, rewritten) = normalised(req, live.config.server.path_rules)?;
         ctx.rewritten = rewritten;
         let route_index = live.router.find(&path).ok_or_else(GatewayError::no_route)?;
         ctx.route = Some(route_index);

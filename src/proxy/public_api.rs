@@ -5,12 +5,13 @@ use super::inspect;
 use super::Identity;
 use crate::auth::{api_key, Principal, RateGate};
 use crate::config::StoreErrorMode;
-use crate::errors::{ErrorCode, GatewayError};
+use crate::errors::GatewayError;
 use crate::gateway::Gateway;
 use crate::limits::quota;
 use crate::live::Live;
-use crate::policy::{InstanceSource, RoutePolicy};
+use crate::policy::{InstanceSource, RoutePolicy, ScopeRule};
 use crate::store::{Admission, AdmitRequest, Subscription};
+use inspect::{Ambiguity, BodyError};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 
@@ -24,10 +25,6 @@ impl From<GatewayError> for Refusal {
     fn from(error: GatewayError) -> Self {
         Self { error, rate: None }
     }
-}
-
-fn forbidden(message: String) -> GatewayError {
-    GatewayError::new(ErrorCode::Forbidden, message)
 }
 
 /// Checks 1–3: the key, present once, well formed, known and not revoked.
@@ -65,7 +62,8 @@ async fn principal(gw: &Gateway, req: &RequestHeader) -> Result<Principal, Gatew
     }
 }
 
-/// Check 5: the key's scopes and instances against what the route policy declares.
+/// Check 5: the key's scopes and instances against what the route policy declares. Deny by
+/// default: a restricted key passes only a policy that says how the restriction applies.
 async fn restrictions(
     live: &Live,
     session: &mut Session,
@@ -74,35 +72,43 @@ async fn restrictions(
     path: &str,
 ) -> Result<(), GatewayError> {
     let key = &principal.key;
-    let Some(policy) = policy else { return Ok(()) };
-    if let Some(scope) = &policy.scope {
-        if !key.scopes.is_empty() && !key.scopes.iter().any(|s| **s == **scope) {
-            return Err(forbidden(format!("This API key lacks the scope {scope}")));
+    if !key.scopes.is_empty() {
+        match policy.and_then(|p| p.scope.as_ref()) {
+            Some(ScopeRule::NotNeeded) => {}
+            Some(ScopeRule::Required(scope)) => {
+                if !key.scopes.iter().any(|s| **s == **scope) {
+                    return Err(GatewayError::scope_missing(scope));
+                }
+            }
+            None => return Err(GatewayError::scope_undeclared()),
         }
     }
-    let (Some(source), false) = (&policy.instance, key.instance_ids.is_empty()) else {
+    if key.instance_ids.is_empty() {
         return Ok(());
+    }
+    let Some(source) = policy.and_then(|p| p.instance.as_ref()) else {
+        return Err(GatewayError::instance_source_undeclared());
     };
     let instance = match source {
+        InstanceSource::InstanceFree => return Ok(()),
         InstanceSource::PathSegment(n) => inspect::path_segment(path, *n).map(str::to_owned),
-        InstanceSource::Query(name) => inspect::query_param(session.req_header().uri.query(), name),
+        InstanceSource::Query(name) => inspect::query_param(session.req_header().uri.query(), name)
+            .map_err(|why| match why {
+                Ambiguity::Duplicate => GatewayError::duplicate_parameter(name),
+                Ambiguity::Semicolon => GatewayError::semicolon_in_query(name),
+            })?,
         InstanceSource::Body(field) => {
             let body = read_body(session, live.config.server.max_inspected_body_bytes).await?;
-            inspect::body_field(&body, field)
-                .map_err(|_| GatewayError::bad_request("The request body is not a JSON object"))?
+            inspect::body_field(&body, field).map_err(|e| match e {
+                BodyError::NotAJsonObject => GatewayError::body_not_json_object(),
+                BodyError::Ambiguous(_) => GatewayError::duplicate_field(field),
+            })?
         }
     };
     match instance {
         Some(id) if key.instance_ids.iter().any(|i| **i == *id) => Ok(()),
-        Some(id) => {
-            let shown: String = id.chars().take(64).collect();
-            Err(forbidden(format!(
-                "This API key may not use instance {shown}"
-            )))
-        }
-        None => Err(forbidden(
-            "This API key is restricted to specific instances and the request names none".into(),
-        )),
+        Some(id) => Err(GatewayError::instance_not_allowed(&id)),
+        None => Err(GatewayError::instance_missing()),
     }
 }
 

@@ -1,4 +1,4 @@
-//! Route matching: longest prefix on the normalised path.
+//! Route matching: longest prefix on the normalised path, on whole segments.
 
 use crate::config::Route;
 
@@ -19,16 +19,12 @@ impl Router {
         Self { ordered }
     }
 
-    /// The index of the route for `path`. A prefix ending in `/` also matches the path
-    /// without that slash (`/api/v1/` matches `/api/v1`).
+    /// The index of the route for `path` ([`crate::path::prefix_matches`]: the rule route
+    /// policies use too).
     pub fn find(&self, path: &str) -> Option<usize> {
-        self.ordered.iter().find_map(|(prefix, i)| {
-            let hit = path.starts_with(prefix.as_str())
-                || prefix
-                    .strip_suffix('/')
-                    .is_some_and(|bare| !bare.is_empty() && path == bare);
-            hit.then_some(*i)
-        })
+        self.ordered
+            .iter()
+            .find_map(|(prefix, i)| crate::path::prefix_matches(prefix, path).then_some(*i))
     }
 }
 
@@ -48,7 +44,16 @@ mod tests {
 
     #[test]
     fn longest_prefix_wins() {
-        let r = Router::new(&[route("/api/"), route("/api/v1/"), route("/api/auth/")]);
+        let r = Router::new(&[
+            route("/api/"),
+            route("/api/v1/"),
+            route("/api/auth/"),
+            route("/api/v1/status"),
+        ]);
+        assert_eq!(r.find("/api/v1/status"), Some(3));
+        assert_eq!(r.find("/api/v1/status/x"), Some(3));
+        assert_eq!(r.find("/api/v1/statusX"), Some(1));
+        assert_eq!(r.find("/api/v1x"), Some(0));
         assert_eq!(r.find("/api/v1/messages/send"), Some(1));
         assert_eq!(r.find("/api/v1"), Some(1));
         assert_eq!(r.find("/api/auth/login"), Some(2));

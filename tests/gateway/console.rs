@@ -110,7 +110,12 @@ fn console_manages_the_tokens_own_keys(b: Backend) {
     );
     assert!(!list.to_string().contains(&key));
 
-    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+    echoed(&gw.send(
+        "POST",
+        "/api/v1/messages/send",
+        &[("x-api-key", &key), ("content-type", "application/json")],
+        Some(b"{}"),
+    ));
     let id = created["id"].as_str().unwrap();
     let r = gw.send("DELETE", &format!("/api/api-keys/{id}"), &h, None);
     assert_eq!(r.status, 200, "{}", r.text());

@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod cluster;
 mod console;
+mod hostile;
 mod lifecycle;
 mod limits;
 mod multinode;

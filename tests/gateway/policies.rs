@@ -40,14 +40,19 @@ fn scopes_limit_what_a_key_may_call(b: Backend) {
     );
     assert!(!r.text().contains(&key));
     echoed(&gw.get("/api/v1/messages/42", &[("x-api-key", &key)]));
-    // Routes that declare no scope are open to every key of the account.
-    echoed(&gw.get("/api/v1/other", &[("x-api-key", &key)]));
-    // A refused request consumed nothing: 3 requests went through the limiter so far.
+    // Deny by default: a route whose policy names no scope is closed to keys with scopes.
+    assert_error(
+        &gw.get("/api/v1/other", &[("x-api-key", &key)]),
+        403,
+        "FORBIDDEN",
+        "This API key is restricted to scopes and this route is granted by none of them",
+    );
+    // A refused request consumed nothing: one request went through the limiter so far.
     let v = gw
         .admin_call("GET", "/admin/v1/accounts/acme", None)
         .json()
         .unwrap();
-    assert_eq!(v["usage"]["requests"], 2);
+    assert_eq!(v["usage"]["requests"], 1);
 }
 
 fn instances_are_read_from_the_body_without_changing_it(b: Backend) {

@@ -119,17 +119,19 @@ fn two_processes_let_exactly_10_of_a_burst_of_20_through() {
         .as_str()
         .unwrap()
         .to_owned();
-    // "slow" refills one token per second: the burst of 10 is all there is unless the 20
-    // requests take longer than a second to arrive.
+    // "slow" refills one token per second: the burst of 10 is all there is, plus one token
+    // per whole second the 20 requests take to arrive (a loaded machine can stretch them).
+    let started = std::time::Instant::now();
     let statuses = fire(&nodes, &key, 10);
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        10,
-        "{statuses:?}"
+    let refilled = usize::try_from(started.elapsed().as_secs()).unwrap_or(usize::MAX);
+    let passed = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        (10..=10 + refilled).contains(&passed),
+        "{passed} passed in {refilled} s: {statuses:?}"
     );
     assert_eq!(
         statuses.iter().filter(|s| **s == 429).count(),
-        10,
+        20 - passed,
         "{statuses:?}"
     );
 }

@@ -112,6 +112,10 @@ pub struct Setup {
     pub extra: String,
     /// Extra [[route]] policies appended to routes.toml.
     pub policies: String,
+    /// Replaces the whole test routes.toml (e.g. with the shipped one).
+    pub route_policies: Option<String>,
+    /// Extra lines in the [server] table.
+    pub server: String,
     /// Replaces the default `[upstreams.api]` table.
     pub api_upstream: Option<String>,
     pub plans: String,
@@ -124,6 +128,8 @@ impl Default for Setup {
             clock: None,
             extra: String::new(),
             policies: String::new(),
+            route_policies: None,
+            server: String::new(),
             api_upstream: None,
             plans: PLANS.into(),
         }
@@ -153,7 +159,9 @@ pub fn write_config(
     std::fs::write(dir.join("policies/plans.toml"), &s.plans).expect("plans");
     std::fs::write(
         dir.join("policies/routes.toml"),
-        format!("{ROUTE_POLICIES}\n{}", s.policies),
+        s.route_policies
+            .clone()
+            .unwrap_or_else(|| format!("{ROUTE_POLICIES}\n{}", s.policies)),
     )
     .expect("routes");
     // `{echo}` in a custom upstream table stands for the echo upstream's address.
@@ -169,6 +177,7 @@ max_header_bytes = 8192
 max_body_bytes = 4096
 max_inspected_body_bytes = 2048
 grace_period = "1s"
+{server}
 
 [admin]
 listen = "{admin}"
@@ -214,6 +223,7 @@ upstream = "console"
 {extra}
 "#,
         extra = s.extra,
+        server = s.server,
         redis = s
             .redis_url
             .as_ref()
@@ -397,6 +407,13 @@ pub fn assert_error(r: &HttpResponse, status: u16, code: &str, message: &str) {
         r.header("content-length"),
         Some(r.body.len().to_string().as_str())
     );
+}
+
+/// As [`assert_error`], and the answer is the gateway's own: the upstream never saw the request.
+#[track_caller]
+pub fn assert_refused(r: &HttpResponse, status: u16, code: &str, message: &str) {
+    assert_error(r, status, code, message);
+    assert_eq!(r.header("x-echo"), None, "the upstream answered");
 }
 
 /// What the echo upstream says it received.

@@ -1,0 +1,318 @@
+//! The hostile world (issue 9, SPEC §1–2, §4): every way around a restriction that was once
+//! reproduced, one test each, asserting the refusal word for word and that the upstream saw
+//! nothing. Deny by default; refuse what a backend could read differently.
+
+use crate::support::*;
+use msgflash_gateway::client::HttpResponse;
+use serde_json::json;
+
+const A: &str = "3fa85f64-5717-4562-b3fc-2c963f66afa6";
+const B: &str = "9b2e8a3c-1111-4222-8333-444455556666";
+const SHIPPED_ROUTES: &str = include_str!("../../lua-free-policies/routes.toml");
+const NO_SCOPE: &str =
+    "This API key is restricted to scopes and this route is granted by none of them";
+const NO_INSTANCE_SOURCE: &str = "This API key is restricted to specific instances and this route does not say which instance it acts on";
+
+/// A gateway on the shipped routes.toml and a key of `acme` with the given restrictions.
+fn shipped_with_key(scopes: &[&str], instances: &[&str]) -> (Gateway, String) {
+    let gw = Gateway::start_with(Setup {
+        route_policies: Some(SHIPPED_ROUTES.into()),
+        ..Setup::default()
+    });
+    let key = key_with(&gw, scopes, instances);
+    (gw, key)
+}
+
+fn key_with(gw: &Gateway, scopes: &[&str], instances: &[&str]) -> String {
+    gw.put_account("acme", "pro", "active");
+    let r = gw.admin_call(
+        "POST",
+        "/admin/v1/accounts/acme/keys",
+        Some(json!({"name": "restricted", "scopes": scopes, "instanceIds": instances})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json().unwrap()["key"].as_str().unwrap().to_owned()
+}
+
+fn call(gw: &Gateway, method: &str, path: &str, key: &str, body: Option<&str>) -> HttpResponse {
+    gw.send(
+        method,
+        path,
+        &[("x-api-key", key), ("content-type", "application/json")],
+        body.map(str::as_bytes),
+    )
+}
+
+#[test]
+fn restricted_keys_are_refused_wherever_no_policy_says_how_their_restriction_applies() {
+    let (gw, key) = shipped_with_key(&["messages:read"], &[A]);
+    for (method, path, message) in [
+        (
+            "POST",
+            "/api/v1/webhooks",
+            "This API key lacks the scope webhooks:write",
+        ),
+        (
+            "GET",
+            "/api/v1/instances",
+            "This API key lacks the scope instances:read",
+        ),
+        (
+            "POST",
+            "/api/v1/contacts",
+            "This API key lacks the scope contacts:write",
+        ),
+        ("POST", "/api/v1/messages/abc", NO_SCOPE),
+        ("POST", "/api/v1/Messages/send", NO_SCOPE),
+        ("GET", "/api/v1/statusX", NO_SCOPE),
+        ("GET", "/api/v1/unknown", NO_SCOPE),
+    ] {
+        let r = call(&gw, method, path, &key, Some("{}"));
+        assert_refused(&r, 403, "FORBIDDEN", message);
+    }
+    // What the restrictions allow still works: HEAD is read as GET, status needs no scope.
+    echoed(&call(
+        &gw,
+        "GET",
+        &format!("/api/v1/messages/1?instanceId={A}"),
+        &key,
+        None,
+    ));
+    let head = gw.send(
+        "HEAD",
+        &format!("/api/v1/messages/1?instanceId={A}"),
+        &[("x-api-key", &key)],
+        None,
+    );
+    assert_eq!(
+        (head.status, head.header("x-echo")),
+        (200, Some("msgflash"))
+    );
+    echoed(&call(&gw, "GET", "/api/v1/status", &key, None));
+
+    // Instance restrictions alone: a route must say where the instance comes from.
+    let key = key_with(&gw, &[], &[A]);
+    for path in ["/api/v1/unknown", "/api/v1/statusX"] {
+        let r = call(&gw, "GET", path, &key, None);
+        assert_refused(&r, 403, "FORBIDDEN", NO_INSTANCE_SOURCE);
+    }
+    // Webhooks and contacts are declared instance-free; the status route too.
+    for path in ["/api/v1/webhooks", "/api/v1/contacts/7", "/api/v1/status"] {
+        echoed(&call(&gw, "GET", path, &key, None));
+    }
+    let r = call(&gw, "GET", "/api/v1/instances", &key, None);
+    assert_refused(
+        &r,
+        403,
+        "FORBIDDEN",
+        "This API key is restricted to specific instances and the request names none",
+    );
+
+    // A key without restrictions is never held up by any of this.
+    let free = key_with(&gw, &[], &[]);
+    echoed(&call(&gw, "GET", "/api/v1/unknown", &free, None));
+}
+
+#[test]
+fn a_duplicated_inspected_field_or_parameter_is_refused() {
+    let gw = Gateway::start();
+    let key = key_with(&gw, &[], &[A]);
+    let send = |body: String| call(&gw, "POST", "/api/v1/messages/send", &key, Some(&body));
+    let twice = "The JSON field instanceId is given more than once";
+    for body in [
+        format!(r#"{{"instanceId":"{A}","instanceId":"{B}"}}"#),
+        format!(r#"{{"instanceId":"{A}","instance\u0049d":"{B}"}}"#),
+        format!(r#"{{"instanceId":"{A}","InstanceID":"{B}"}}"#),
+        format!(r#"{{"instanceId":"{B}","instanceId":"{A}"}}"#),
+    ] {
+        assert_refused(&send(body), 400, "BAD_REQUEST", twice);
+    }
+    // A nested field of the same name is not the top-level one.
+    echoed(&send(format!(
+        r#"{{"instanceId":"{A}","x":{{"instanceId":"{B}"}}}}"#
+    )));
+
+    let get = |query: String| {
+        call(
+            &gw,
+            "GET",
+            &format!("/api/v1/messages/1?{query}"),
+            &key,
+            None,
+        )
+    };
+    let twice = "The query parameter instanceId is given more than once";
+    for query in [
+        format!("instanceId={A}&instanceId={B}"),
+        format!("instanceId={A}&instance%49d={B}"),
+        format!("instanceId={A}&INSTANCEID={B}"),
+    ] {
+        assert_refused(&get(query), 400, "BAD_REQUEST", twice);
+    }
+    assert_refused(
+        &get(format!("instanceId={A};instanceId={B}")),
+        400,
+        "BAD_REQUEST",
+        "The query string contains ';': instanceId could be read differently",
+    );
+    echoed(&get(format!("other=1&instanceId={A}")));
+}
+
+#[test]
+fn paths_a_backend_could_resolve_differently_are_refused_before_the_credential() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let unknown = format!("msgf_live_{}", "0".repeat(64));
+    let cases = [
+        (
+            "/api/auth/..%2fapi-keys",
+            "an encoded '/' or '\\' (%2F, %5C)",
+        ),
+        (
+            "/api/auth/..%2Fapi-keys",
+            "an encoded '/' or '\\' (%2F, %5C)",
+        ),
+        (
+            "/api/auth/..%5capi-keys",
+            "an encoded '/' or '\\' (%2F, %5C)",
+        ),
+        (
+            "/api/v1/instances%2f..%2f..%2fapi-keys",
+            "an encoded '/' or '\\' (%2F, %5C)",
+        ),
+        ("/api/auth/..;/api-keys", "a ';' (path parameters)"),
+        ("/api/v1/messages;jsessionid=1", "a ';' (path parameters)"),
+        ("/api/auth/..\\api-keys", "a backslash"),
+        ("/api/v1/%252e%252e/x", "an encoded '%' (%25)"),
+        ("/api/v1/messages%00", "a control character"),
+        ("/api/v1/messages%0d%0ax:y", "a control character"),
+    ];
+    for (path, why) in cases {
+        let message = format!("Ambiguous request path: it contains {why}");
+        for headers in [
+            vec![],
+            vec![("x-api-key", key.as_str())],
+            vec![("x-api-key", unknown.as_str())],
+        ] {
+            let r = gw.send("GET", path, &headers, None);
+            assert_refused(&r, 400, "BAD_REQUEST", &message);
+        }
+    }
+    // Raw bytes a client library would never send: non-ASCII, even valid UTF-8, is refused by
+    // the gateway; invalid UTF-8 already by pingora's parser (a bare 400 that closes).
+    let raw = |path: &[u8]| {
+        let mut req = b"GET ".to_vec();
+        req.extend_from_slice(path);
+        req.extend_from_slice(
+            format!(" HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\n\r\n").as_bytes(),
+        );
+        gw.connect().raw(&req).unwrap()
+    };
+    assert_refused(
+        &raw(b"/api/v1/messages/\xc3\xa9"),
+        400,
+        "BAD_REQUEST",
+        "Ambiguous request path: it contains a raw non-ASCII byte (percent-encode it)",
+    );
+    let r = raw(b"/api/v1/messages/\xff");
+    assert_eq!((r.status, r.header("x-echo")), (400, None));
+    // What stays allowed: encoded non-ASCII, and encoded unreserved characters (decoded).
+    let seen = echoed(&gw.get("/api/v1/messages/%c3%a9/%41", &[("x-api-key", &key)]));
+    assert_eq!(seen["uri"], "/api/v1/messages/%C3%A9/A");
+}
+
+#[test]
+fn absolute_form_targets_are_forwarded_in_origin_form() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let req = format!(
+        "GET http://elsewhere.example/api/v1/messages?x=1 HTTP/1.1\r\nhost: elsewhere.example\r\nx-api-key: {key}\r\n\r\n"
+    );
+    let seen = echoed(&gw.connect().raw(req.as_bytes()).unwrap());
+    assert_eq!(seen["uri"], "/api/v1/messages?x=1");
+}
+
+#[test]
+fn encoded_slashes_pass_only_where_the_operator_allows_them() {
+    let gw = Gateway::start_with(Setup {
+        server: "allow_encoded_slashes = true".into(),
+        ..Setup::default()
+    });
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let seen = echoed(&gw.get("/api/v1/files/a%2fb", &[("x-api-key", &key)]));
+    assert_eq!(seen["uri"], "/api/v1/files/a%2Fb");
+    // Everything else stays refused.
+    let r = gw.get("/api/v1/files/a;b", &[("x-api-key", &key)]);
+    assert_refused(
+        &r,
+        400,
+        "BAD_REQUEST",
+        "Ambiguous request path: it contains a ';' (path parameters)",
+    );
+}
+
+/// A console token with exactly these claims (plus iss, aud, exp), signed with the test secret.
+fn token_with(mut claims: serde_json::Value) -> String {
+    claims["iss"] = "msgflash".into();
+    claims["aud"] = "msgflash-console".into();
+    claims["exp"] = (T0 as i64 + 3600).into();
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[test]
+fn an_account_claim_of_the_wrong_type_never_falls_back_to_sub() {
+    let gw = Gateway::start();
+    for claims in [
+        json!({"account_id": 42, "sub": "acc_victim"}),
+        json!({"account_id": "", "sub": "acc_victim"}),
+        json!({"account_id": {"id": "acc_victim"}, "sub": "acc_victim"}),
+    ] {
+        let auth = format!("Bearer {}", token_with(claims));
+        let r = gw.get("/api/dashboard", &[("authorization", &auth)]);
+        assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or expired token");
+    }
+    // Absent: the documented fallback to sub.
+    let auth = format!("Bearer {}", token_with(json!({"sub": "acc_1"})));
+    let seen = echoed(&gw.get("/api/dashboard", &[("authorization", &auth)]));
+    assert_eq!(seen["headers"]["x-account-id"], "acc_1");
+}
+
+#[test]
+fn console_endpoints_match_whole_segments() {
+    let gw = Gateway::start();
+    let (key, id) = gw.account_with_key("acme", "pro");
+    let auth = format!("Bearer {}", gw.token("acme", 3600));
+    // Not a key-management call: forwarded to the console backend like any console path.
+    let suffix = &id[id.len() - 2..];
+    let seen = echoed(&gw.send(
+        "DELETE",
+        &format!("/api/api-keys{suffix}"),
+        &[("authorization", &auth)],
+        None,
+    ));
+    assert_eq!(seen["method"], "DELETE");
+    echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
+    // A multi-byte character gets an answer, and revokes nothing.
+    let req =
+        format!("DELETE /api/api-keys\u{e9} HTTP/1.1\r\nhost: x\r\nauthorization: {auth}\r\n\r\n");
+    let r = gw.connect().raw(req.as_bytes()).unwrap();
+    assert_refused(
+        &r,
+        400,
+        "BAD_REQUEST",
+        "Ambiguous request path: it contains a raw non-ASCII byte (percent-encode it)",
+    );
+    let r = gw.send(
+        "DELETE",
+        &format!("/api/api-keys/{id}/x"),
+        &[("authorization", &auth)],
+        None,
+    );
+    assert_refused(&r, 404, "NOT_FOUND", "No such key-management call");
+    echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
+}
