@@ -45,8 +45,8 @@ PB=${PORT_BASE:-27180}
 P_UP=$PB P_PASS=$((PB + 1)) P_NGX_PROXY=$((PB + 2)) P_NGX_GW=$((PB + 3)) P_GW_EMB=$((PB + 4))
 P_ADM_EMB=$((PB + 5)) P_GW_REDIS=$((PB + 6)) P_ADM_REDIS=$((PB + 7)) P_REDIS=$((PB + 8))
 
-export MSGFLASH_ADMIN_TOKEN=bench-admin-token-0123456789
-export MSGFLASH_JWT_SECRET=bench-jwt-secret-0123456789abcdef
+export MSGFLASH_ADMIN_TOKEN=$(openssl rand -hex 24)
+export MSGFLASH_JWT_SECRET=$(openssl rand -hex 32)
 
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT=$ROOT/target/bench/$MODE-$STAMP

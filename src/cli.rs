@@ -122,6 +122,13 @@ fn dispatch(cli: Cli) -> Result<(), String> {
         Command::Check => {
             let config = load(&cli.config)?;
             check_accounts(&config)?;
+            let weak = config.weak_secrets();
+            if !weak.is_empty() {
+                return Err(format!("invalid configuration:\n{}", weak.join("\n")));
+            }
+            for warning in &config.warnings {
+                eprintln!("{warning}");
+            }
             for warning in config.missing_secrets() {
                 eprintln!("warning: {warning}");
             }

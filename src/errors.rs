@@ -177,6 +177,14 @@ impl GatewayError {
         .with_retry_after(retry_after)
     }
 
+    pub fn key_writes_limited(retry_after: u64) -> Self {
+        Self::new(
+            ErrorCode::TooManyRequests,
+            "Too many API key changes for this account: at most 10 a minute",
+        )
+        .with_retry_after(retry_after)
+    }
+
     pub fn no_route() -> Self {
         Self::new(ErrorCode::NotFound, "No route matches this request")
     }

@@ -7,7 +7,7 @@ use crate::live::Live;
 use crate::manage::Manager;
 use crate::metrics::Metrics;
 use crate::proxy::headers::RequestIds;
-use crate::proxy::ip_limit::IpLimiter;
+use crate::proxy::ip_limit::{IpLimiter, LocalLimiter};
 use crate::store::Store;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -24,6 +24,8 @@ pub struct Gateway {
     pub clock: Arc<dyn Clock>,
     pub metrics: Metrics,
     pub ip_limiter: IpLimiter,
+    /// Console key creations and revocations per account (`console::KEY_WRITES_PER_MINUTE`).
+    pub key_writes: LocalLimiter<String>,
     pub request_ids: RequestIds,
 }
 
@@ -67,6 +69,7 @@ impl Gateway {
             manager: Manager::new(store.clone(), directory.clone(), clock.clone()),
             metrics: Metrics::new(),
             ip_limiter: IpLimiter::new(ip_capacity),
+            key_writes: LocalLimiter::new(ip_capacity),
             request_ids: RequestIds::new(),
             directory,
             store,
@@ -87,7 +90,7 @@ impl Gateway {
         let env = &self.env;
         let config = Config::load_with_env(&current.config.path, &|name| env(name))
             .map_err(|e| e.to_string())?;
-        let missing = config.missing_secrets();
+        let missing = config.secret_problems();
         if !missing.is_empty() {
             return Err(missing.join("; "));
         }

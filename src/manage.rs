@@ -40,6 +40,11 @@ struct CreateKey {
     instance_ids: Vec<String>,
 }
 
+/// The most instance ids one key may be restricted to.
+pub const MAX_INSTANCE_IDS: usize = 100;
+/// The most scopes one key may carry (every declared scope, at most, in practice).
+pub const MAX_SCOPES: usize = 100;
+
 /// Management operations; every answer is JSON or a [`GatewayError`].
 pub struct Manager {
     store: Arc<dyn Store>,
@@ -191,12 +196,20 @@ impl Manager {
             ));
         }
         let now = self.clock.now_ms();
-        let created = self
-            .store
-            .account(id)
-            .await
-            .map_err(unavailable)?
-            .map_or(now, |a| a.created_at_ms);
+        let existing = self.store.account(id).await.map_err(unavailable)?;
+        let created = existing.as_ref().map_or(now, |a| a.created_at_ms);
+        if let Some(old) = existing.filter(|a| a.quota_anchor_day != req.quota_anchor_day) {
+            // A new anchor day starts no fresh period: the month's usage carries over.
+            let now_unix = self.clock.now_unix();
+            let from = quota::period_at(now_unix, old.quota_anchor_day);
+            let to = quota::period_at(now_unix, req.quota_anchor_day);
+            if from.id() != to.id() {
+                self.store
+                    .carry_usage(id, &from.id(), &to.id(), to.end_unix)
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
         let account = self
             .store
             .put_account(Account {
@@ -237,6 +250,16 @@ impl Manager {
         if let Some(bad) = req.scopes.iter().find(|s| !known(s)) {
             return Err(GatewayError::bad_request(format!(
                 "Unknown scope \"{bad}\""
+            )));
+        }
+        if req.instance_ids.len() > MAX_INSTANCE_IDS {
+            return Err(GatewayError::bad_request(format!(
+                "At most {MAX_INSTANCE_IDS} instanceIds per key"
+            )));
+        }
+        if req.scopes.len() > MAX_SCOPES {
+            return Err(GatewayError::bad_request(format!(
+                "At most {MAX_SCOPES} scopes per key"
             )));
         }
         if let Some(bad) = req.instance_ids.iter().find(|s| !valid_uuid(s)) {

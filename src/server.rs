@@ -67,7 +67,7 @@ impl Default for Launch {
 
 /// Builds the pingora server and the gateway it serves.
 pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), StartError> {
-    let missing = config.missing_secrets();
+    let missing = config.secret_problems();
     if !missing.is_empty() {
         return Err(StartError::MissingSecrets(missing));
     }

@@ -150,10 +150,10 @@ impl AdminApp {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let reply = self.route(session).await;
-        // Whatever the caller sent and we did not read would poison keep-alive.
-        if !session.is_body_done() && session.drain_request_body().await.is_err() {
-            session.set_keepalive(None);
-        }
+        // Whatever the caller sent and we did not read would poison keep-alive: drained when
+        // small, else the connection closes after the answer.
+        let limit = self.0.live().config.server.max_body_bytes;
+        crate::proxy::inspect::settle_body(session, limit).await;
         let mut builder = Response::builder()
             .status(reply.status)
             .header("content-type", reply.content_type)

@@ -163,6 +163,9 @@ pub struct ForwardFile {
     pub request_id_header: Spanned<String>,
     #[serde(default)]
     pub strip_request_headers: Vec<Spanned<String>>,
+    /// Headers some backends take as the request's URL, method or client chain.
+    #[serde(default = "d_override_headers")]
+    pub strip_override_headers: Vec<Spanned<String>>,
 }
 
 impl Default for ForwardFile {
@@ -173,6 +176,7 @@ impl Default for ForwardFile {
             user_id_header: d_user_header(),
             request_id_header: d_request_id_header(),
             strip_request_headers: Vec::new(),
+            strip_override_headers: d_override_headers(),
         }
     }
 }
@@ -273,6 +277,22 @@ fn d_user_header() -> Spanned<String> {
 }
 fn d_request_id_header() -> Spanned<String> {
     spanned("x-request-id".into())
+}
+/// `Forwarded` (the gateway writes its own `X-Forwarded-*` only), the URL overrides of IIS,
+/// Symfony and Zend, and the method overrides of Rails, Express, Spring and ASP.NET.
+pub const OVERRIDE_HEADERS: [&str; 6] = [
+    "forwarded",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+fn d_override_headers() -> Vec<Spanned<String>> {
+    OVERRIDE_HEADERS
+        .iter()
+        .map(|h| spanned(h.to_string()))
+        .collect()
 }
 fn default_connect_timeout() -> Spanned<String> {
     spanned("2s".into())

@@ -27,8 +27,53 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
     pub policies: Policies,
+    /// Things that work but that an operator should know (`check` prints them).
+    pub warnings: Vec<ConfigWarning>,
 }
 
+/// A located remark that does not make the configuration invalid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: warning: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+/// Minimum lengths of the secrets (SPEC §9).
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 24;
+pub const MIN_HMAC_SECRET_BYTES: usize = 32;
+/// Words that mark a secret copied from an example rather than generated.
+pub const PLACEHOLDER_WORDS: [&str; 5] = ["change-me", "changeme", "secret", "example", "dev-"];
+
+/// Why a secret is not one, if it is not.
+fn weak_secret(what: &str, var: &str, value: &str, min: usize) -> Option<String> {
+    let lower = value.to_ascii_lowercase();
+    if let Some(word) = PLACEHOLDER_WORDS.iter().find(|w| lower.contains(*w)) {
+        return Some(format!(
+            "{what} ({var}) contains the placeholder \"{word}\": generate one, e.g. $(openssl rand -hex 32)"
+        ));
+    }
+    (value.len() < min).then(|| {
+        format!(
+            "{what} ({var}) is too short: at least {min} bytes, got {}",
+            value.len()
+        )
+    })
+}
 #[derive(Debug, Clone)]
 pub struct Server {
     pub listen: SocketAddr,
@@ -104,6 +149,20 @@ impl std::fmt::Debug for JwtSettings {
     }
 }
 
+impl JwtSettings {
+    /// True when an HMAC algorithm is allowed, so the shared secret is needed.
+    pub fn allows_hmac(&self) -> bool {
+        self.algorithms.iter().any(|a| {
+            matches!(
+                a,
+                jsonwebtoken::Algorithm::HS256
+                    | jsonwebtoken::Algorithm::HS384
+                    | jsonwebtoken::Algorithm::HS512
+            )
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Forward {
     pub account_id_header: HeaderName,
@@ -111,6 +170,24 @@ pub struct Forward {
     pub user_id_header: HeaderName,
     pub request_id_header: HeaderName,
     pub strip_request_headers: Vec<HeaderName>,
+    /// Removed too, by default `Forwarded` and the URL and method override headers.
+    pub strip_override_headers: Vec<HeaderName>,
+}
+
+impl Forward {
+    /// Headers whose meaning the gateway owns: a client's copy, in any spelling a backend
+    /// could read as the same name, never reaches the upstream.
+    pub fn owned_headers(&self) -> impl Iterator<Item = &HeaderName> {
+        [
+            &self.account_id_header,
+            &self.key_id_header,
+            &self.user_id_header,
+            &self.request_id_header,
+        ]
+        .into_iter()
+        .chain(self.strip_request_headers.iter())
+        .chain(self.strip_override_headers.iter())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -247,6 +324,7 @@ impl Config {
             ttl: duration(&mut r, "cache.ttl", &raw.cache.ttl),
         };
         let jwt = jwt_settings(&mut r, &raw.jwt, &base, &env);
+        let warnings = jwt_warnings(path, &source, &raw.jwt);
         let forward = Forward {
             account_id_header: header(
                 &mut r,
@@ -269,6 +347,12 @@ impl Config {
                 .strip_request_headers
                 .iter()
                 .map(|h| header(&mut r, "forward.strip_request_headers", h))
+                .collect(),
+            strip_override_headers: raw
+                .forward
+                .strip_override_headers
+                .iter()
+                .map(|h| header(&mut r, "forward.strip_override_headers", h))
                 .collect(),
         };
         let echo = raw
@@ -305,7 +389,38 @@ impl Config {
             upstreams,
             routes,
             policies,
+            warnings,
         })
+    }
+
+    /// Secrets that are set but are no secrets: too short, or a placeholder. They stop `run`,
+    /// a reload and `check`.
+    pub fn weak_secrets(&self) -> Vec<String> {
+        let mut weak = Vec::new();
+        if let Some(token) = &self.admin.token {
+            weak.extend(weak_secret(
+                "the admin token",
+                &self.admin.token_env,
+                token,
+                MIN_ADMIN_TOKEN_BYTES,
+            ));
+        }
+        if let (Some(secret), true) = (&self.jwt.secret, self.jwt.allows_hmac()) {
+            weak.extend(weak_secret(
+                "the JWT HMAC secret",
+                &self.jwt.secret_env,
+                secret,
+                MIN_HMAC_SECRET_BYTES,
+            ));
+        }
+        weak
+    }
+
+    /// Everything about the secrets that stops `run` and a reload: missing or weak.
+    pub fn secret_problems(&self) -> Vec<String> {
+        let mut problems = self.missing_secrets();
+        problems.extend(self.weak_secrets());
+        problems
     }
 
     /// Problems that stop `run` but not `check`: missing secrets.
@@ -317,15 +432,7 @@ impl Config {
                 self.admin.token_env
             ));
         }
-        let needs_secret = self.jwt.algorithms.iter().any(|a| {
-            matches!(
-                a,
-                jsonwebtoken::Algorithm::HS256
-                    | jsonwebtoken::Algorithm::HS384
-                    | jsonwebtoken::Algorithm::HS512
-            )
-        });
-        if needs_secret && self.jwt.secret.is_none() {
+        if self.jwt.allows_hmac() && self.jwt.secret.is_none() {
             missing.push(format!(
                 "jwt.algorithms allows HMAC but the secret is not set: export {}",
                 self.jwt.secret_env

@@ -255,6 +255,32 @@ pub(super) fn routes(
     out
 }
 
+/// Claims checks left off: tokens minted for another service with the same key pass.
+pub(super) fn jwt_warnings(path: &Path, source: &str, raw: &file::JwtFile) -> Vec<ConfigWarning> {
+    let line = source
+        .lines()
+        .position(|l| l.trim_start().starts_with("[jwt]"))
+        .map_or(1, |i| i + 1);
+    let at = |message: &str| ConfigWarning {
+        file: path.to_path_buf(),
+        line,
+        column: 1,
+        message: message.to_owned(),
+    };
+    let mut warnings = Vec::new();
+    if raw.issuer.is_none() {
+        warnings.push(at(
+            "jwt.issuer is not set: console tokens from any issuer are accepted",
+        ));
+    }
+    if raw.audience.is_none() {
+        warnings.push(at(
+            "jwt.audience is not set: console tokens meant for any audience are accepted",
+        ));
+    }
+    warnings
+}
+
 pub(super) fn jwt_settings(
     r: &mut Reporter,
     raw: &file::JwtFile,

@@ -44,7 +44,17 @@ fn clamp_u32(v: u64) -> u32 {
 /// The comparison `now < new_tat - burst*T` is evaluated as `now + burst*T < new_tat`,
 /// which is the same wherever neither side saturates and exact near the epoch.
 pub fn decide(tat_ns: Option<u64>, now_ns: u64, params: BucketParams) -> BucketDecision {
-    let t = params.emission_interval_ns();
+    decide_every(tat_ns, now_ns, params.emission_interval_ns(), params.burst)
+}
+
+/// [`decide`] for a bucket given by its emission interval rather than a rate per second
+/// (slower than one a second: ten a minute is one every 6 s).
+pub fn decide_every(tat_ns: Option<u64>, now_ns: u64, t: u64, burst: u32) -> BucketDecision {
+    let params = BucketParams {
+        rate_per_second: 1,
+        burst,
+    };
+    let t = t.max(1);
     let window = params.burst_u64().saturating_mul(t);
     let tat = tat_ns.map_or(now_ns, |v| v.max(now_ns));
     let new_tat = tat.saturating_add(t);

@@ -78,6 +78,10 @@ pub fn key_call(method: &Method, path: &str) -> Option<Result<KeyCall, GatewayEr
     Some(Ok(call))
 }
 
+/// Key creations and revocations one account may make through the console, per minute and
+/// node: a token holder cannot drive unbounded writes (and fsyncs) into the store.
+pub const KEY_WRITES_PER_MINUTE: u32 = 10;
+
 /// Serves a key-management call for the token's account: (status, JSON body).
 pub async fn serve(
     gw: &Gateway,
@@ -86,6 +90,19 @@ pub async fn serve(
     account_id: &str,
     call: KeyCall,
 ) -> Result<(u16, Vec<u8>), GatewayError> {
+    if matches!(call, KeyCall::Create | KeyCall::Revoke(_)) {
+        let every_ns = 60_000_000_000 / u64::from(KEY_WRITES_PER_MINUTE);
+        gw.key_writes
+            .check_every(
+                account_id.to_owned(),
+                gw.clock.now_ns(),
+                every_ns,
+                KEY_WRITES_PER_MINUTE,
+            )
+            .map_err(|retry_ns| {
+                GatewayError::key_writes_limited(super::headers::ceil_secs(retry_ns))
+            })?;
+    }
     let value = match call {
         KeyCall::List => gw.manager.list_keys(account_id).await?,
         KeyCall::Create => {

@@ -1,4 +1,5 @@
-//! Header values the gateway writes: rate-limit state and request ids.
+//! Header values the gateway writes (rate-limit state, request ids, the forwarding chain) and
+//! the client headers it removes because they would speak for it.
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
@@ -129,6 +130,29 @@ impl RateHeaders {
 }
 
 /// `X-Forwarded-For`: the client's address appended to a non-blank prior value.
+/// Headers the gateway writes or verifies itself, beyond the configured ones.
+const ALWAYS_OWNED: [&str; 3] = ["x-api-key", "x-forwarded-for", "x-forwarded-proto"];
+
+/// Removes client headers whose name, with `_` read as `-`, is one the gateway owns:
+/// `x_account_id` is `HTTP_X_ACCOUNT_ID` to CGI, Rack and PHP, the same variable as the
+/// trusted `x-account-id`.
+pub fn remove_underscore_spellings(h: &mut HeaderMap, fwd: &crate::config::Forward) {
+    if !h.keys().any(|n| n.as_str().contains('_')) {
+        return;
+    }
+    let owned = |dashed: &str| {
+        ALWAYS_OWNED.contains(&dashed) || fwd.owned_headers().any(|o| o.as_str() == dashed)
+    };
+    let doomed: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| n.as_str().contains('_') && owned(&n.as_str().replace('_', "-")))
+        .cloned()
+        .collect();
+    for name in doomed {
+        h.remove(&name);
+    }
+}
+
 pub fn forwarded_for(prior: Option<&HeaderValue>, ip: IpAddr) -> HeaderValue {
     match prior.and_then(|v| v.to_str().ok()).map(str::trim) {
         Some(prior) if !prior.is_empty() => {

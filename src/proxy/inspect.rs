@@ -42,6 +42,23 @@ pub async fn read_body(session: &mut ServerSession, limit: usize) -> Result<Vec<
     }
 }
 
+/// Before answering without reading the request body: drain a small declared body so
+/// keep-alive stays honest, or give up keep-alive for a large or unknown one (never read
+/// more than `max_bytes` for nothing).
+pub async fn settle_body(session: &mut ServerSession, max_bytes: usize) {
+    if session.is_body_done() {
+        return;
+    }
+    match declared_length(session) {
+        Some(n) if n <= max_bytes => {
+            if session.drain_request_body().await.is_err() {
+                session.set_keepalive(None);
+            }
+        }
+        _ => session.set_keepalive(None),
+    }
+}
+
 /// The `n`-th (0-based) non-empty segment of a normalised path.
 pub fn path_segment(path: &str, n: usize) -> Option<&str> {
     path.split('/').filter(|s| !s.is_empty()).nth(n)

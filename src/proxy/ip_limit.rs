@@ -1,16 +1,21 @@
-//! Per-client-IP token buckets for open routes: local to the node, bounded in memory.
+//! Local token buckets, one per key, bounded in memory: per client IP on open routes, per
+//! account on the console's key-management writes. Local to the node.
 
 use crate::limits::gcra::{self, BucketDecision, BucketParams};
 use dashmap::DashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 
-/// Buckets keyed by (route index, client IP).
-pub struct IpLimiter {
-    buckets: DashMap<(usize, IpAddr), u64>,
+/// Buckets keyed by `K`, holding each key's theoretical arrival time.
+pub struct LocalLimiter<K: Hash + Eq> {
+    buckets: DashMap<K, u64>,
     capacity: usize,
 }
 
-impl IpLimiter {
+/// Per (route index, client IP).
+pub type IpLimiter = LocalLimiter<(usize, IpAddr)>;
+
+impl<K: Hash + Eq> LocalLimiter<K> {
     pub fn new(capacity: usize) -> Self {
         Self {
             buckets: DashMap::new(),
@@ -19,12 +24,17 @@ impl IpLimiter {
     }
 
     /// `Ok(())` when admitted, `Err(retry_after_ns)` when over the limit.
-    pub fn check(
+    pub fn check(&self, key: K, now_ns: u64, params: BucketParams) -> Result<(), u64> {
+        self.check_every(key, now_ns, params.emission_interval_ns(), params.burst)
+    }
+
+    /// As [`Self::check`], for one token every `interval_ns` up to `burst`.
+    pub fn check_every(
         &self,
-        route: usize,
-        ip: IpAddr,
+        key: K,
         now_ns: u64,
-        params: BucketParams,
+        interval_ns: u64,
+        burst: u32,
     ) -> Result<(), u64> {
         if self.buckets.len() >= self.capacity {
             // Full buckets are as good as absent: forget them first.
@@ -33,8 +43,8 @@ impl IpLimiter {
                 self.buckets.clear();
             }
         }
-        let mut tat = self.buckets.entry((route, ip)).or_insert(0);
-        match gcra::decide(Some(*tat).filter(|t| *t > 0), now_ns, params) {
+        let mut tat = self.buckets.entry(key).or_insert(0);
+        match gcra::decide_every(Some(*tat).filter(|t| *t > 0), now_ns, interval_ns, burst) {
             BucketDecision::Allow { new_tat_ns, .. } => {
                 *tat = new_tat_ns;
                 Ok(())
@@ -57,13 +67,25 @@ mod tests {
         };
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        assert!(l.check(0, a, 1, p).is_ok());
-        assert!(l.check(0, a, 1, p).is_ok());
-        assert!(l.check(0, a, 1, p).is_err());
-        assert!(l.check(0, b, 1, p).is_ok());
+        assert!(l.check((0, a), 1, p).is_ok());
+        assert!(l.check((0, a), 1, p).is_ok());
+        assert!(l.check((0, a), 1, p).is_err());
+        assert!(l.check((0, b), 1, p).is_ok());
         for i in 0..100u8 {
-            let _ = l.check(0, IpAddr::from([10, 1, 0, i]), 1, p);
+            let _ = l.check((0, IpAddr::from([10, 1, 0, i])), 1, p);
             assert!(l.buckets.len() <= 4);
         }
+    }
+
+    #[test]
+    fn slower_than_a_second() {
+        let l: LocalLimiter<&str> = LocalLimiter::new(4);
+        let six_s = 6_000_000_000;
+        for _ in 0..10 {
+            assert!(l.check_every("acme", 1, six_s, 10).is_ok());
+        }
+        assert_eq!(l.check_every("acme", 1, six_s, 10), Err(six_s));
+        assert!(l.check_every("acme", 1 + six_s, six_s, 10).is_ok());
+        assert!(l.check_every("other", 1, six_s, 10).is_ok());
     }
 }

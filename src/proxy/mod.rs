@@ -142,7 +142,7 @@ impl GatewayProxy {
                 .map(|a| a.ip()),
         ) {
             gw.ip_limiter
-                .check(route_index, ip, gw.clock.now_ns(), limit)
+                .check((route_index, ip), gw.clock.now_ns(), limit)
                 .map_err(|retry_ns| GatewayError::too_many_requests(ceil_secs(retry_ns)))?;
         }
         match route.auth {
@@ -273,16 +273,10 @@ impl ProxyHttp for GatewayProxy {
             if !keep_api_key {
                 h.remove(&X_API_KEY);
             }
-            for name in [
-                &fwd.account_id_header,
-                &fwd.key_id_header,
-                &fwd.user_id_header,
-            ]
-            .into_iter()
-            .chain(fwd.strip_request_headers.iter())
-            {
+            for name in fwd.owned_headers() {
                 h.remove(name);
             }
+            headers::remove_underscore_spellings(h, fwd);
             // Cloned, not taken: pingora rebuilds the upstream request for every attempt (a
             // retry after a reused connection failed), and each must carry the identity.
             if let Some(id) = &ctx.identity {

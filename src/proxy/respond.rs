@@ -28,7 +28,7 @@ pub async fn send(
     body: Vec<u8>,
     retry_after: Option<u64>,
 ) -> Result<()> {
-    settle_request_body(session, ctx.live.config.server.max_body_bytes).await;
+    super::inspect::settle_body(session, ctx.live.config.server.max_body_bytes).await;
     let mut parts = http::Response::new(()).into_parts().0;
     parts.status = http::StatusCode::from_u16(status)
         .map_err(|_| pingora::Error::new(pingora::ErrorType::InternalError))?;
@@ -49,20 +49,4 @@ pub async fn send(
     session.write_response_header(Box::new(h), false).await?;
     session.write_response_body(Some(body.into()), true).await?;
     Ok(())
-}
-
-/// Before answering early: drain a small unread request body so keep-alive stays honest,
-/// or give up keep-alive for a large or unknown one.
-async fn settle_request_body(session: &mut Session, max_body_bytes: usize) {
-    if session.is_body_done() {
-        return;
-    }
-    match super::inspect::declared_length(session) {
-        Some(n) if n <= max_body_bytes => {
-            if session.drain_request_body().await.is_err() {
-                session.set_keepalive(None);
-            }
-        }
-        _ => session.set_keepalive(None),
-    }
 }

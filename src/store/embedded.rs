@@ -193,15 +193,26 @@ impl Store for EmbeddedStore {
         key_id: &str,
         now_ms: u64,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let last_used = self.buckets.remove(key_id).map(|(_, b)| b.last_used_ms);
+        // Ownership first: a refused revoke touches nothing, not even the key's bucket. A key
+        // already revoked is answered as it is, with nothing written.
         self.write(|data| match data.keys.get(key_id) {
+            Some(key) if key.account_id == account_id && !key.is_active() => {
+                Ok((Some(key.clone()), None))
+            }
             Some(key) if key.account_id == account_id => {
                 let mut key = key.clone();
-                key.revoked_at_ms = key.revoked_at_ms.or(Some(now_ms));
-                key.last_used_at_ms = last_used.or(key.last_used_at_ms);
+                key.revoked_at_ms = Some(now_ms);
+                if let Some(bucket) = self.buckets.get(key_id) {
+                    key.last_used_at_ms = Some(bucket.last_used_ms);
+                }
                 Ok((Some(key.clone()), Some(Entry::Key(key))))
             }
             _ => Ok((None, None)),
+        })
+        .inspect(|revoked| {
+            if revoked.is_some() {
+                self.buckets.remove(key_id);
+            }
         })
         .map_err(store_only)
     }
@@ -264,6 +275,21 @@ impl Store for EmbeddedStore {
             .get(account_id)
             .filter(|q| q.0 == period_id)
             .map_or(0, |q| q.1))
+    }
+
+    async fn carry_usage(
+        &self,
+        account_id: &str,
+        from: &str,
+        to: &str,
+        _to_end_unix: i64,
+    ) -> Result<(), StoreError> {
+        if let Some(mut quota) = self.quotas.get_mut(account_id) {
+            if quota.0 == from {
+                quota.0 = to.to_owned();
+            }
+        }
+        Ok(())
     }
 
     async fn ready(&self) -> bool {

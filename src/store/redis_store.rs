@@ -9,12 +9,19 @@
 //! |----------------------------------|--------|------------------------------------------------|-----|
 //! | `mf:{a:<acct>}`                  | STRING | account JSON                                   | none |
 //! | `mf:{a:<acct>}:keys`             | HASH   | key id -> key record JSON (SHA-256, no secret)  | none |
-//! | `mf:{a:<acct>}:active`           | SET    | ids of active keys: the plan cap counts these   | none |
+//! | `mf:{a:<acct>}:active`           | SET    | ids of active keys: the plan cap counts these; an id enters before its record is written and leaves only with a revoke (or a refusal over the cap) | none |
 //! | `mf:{a:<acct>}:used`             | HASH   | key id -> last use, Unix ms (each node writes it at most once a minute per key) | none |
 //! | `mf:{a:<acct>}:tat:<key id>`     | ZSET   | member `t`, score = GCRA theoretical arrival time (µs) | burst window + 61 s, refreshed by each node at most once a minute per key |
 //! | `mf:{a:<acct>}:q:<period start>` | STRING | requests counted in the quota period            | until 35 days after the period ends |
 //! | `mf:kh:<sha256 hex>`             | STRING | key record JSON, for lookup by hash             | none |
 //! | channel `mf:invalidate`          | pub/sub| `k <hash>`, `a <acct>`: drop from local caches   | - |
+//!
+//! Key creation counts first (`SADD` + `SCARD` in MULTI), writes the record and then the
+//! lookup record; nothing but a revoke ever takes a counted id out of the set, so no
+//! interleaving of creates, listings and revokes on any number of nodes lets more than the
+//! cap be active. A process that dies between counting and writing leaves an id counted
+//! without a record (one slot short until an operator runs `SREM mf:{a:<acct>}:active <id>`):
+//! the price of never uncounting a key in flight without server-side scripts.
 //!
 //! One authorized request costs one round trip, a pipeline of `ZADD tat GT now t; ZINCRBY tat T
 //! t; INCR q` (plus `EXPIREAT q` once per period and node, and `PEXPIRE tat` + `HSET used` at
@@ -444,7 +451,9 @@ impl Store for RedisStore {
         if !exists {
             return Err(CreateKeyError::UnknownAccount);
         }
-        // The cap: add, then count, atomically; whoever counts past the cap takes its id back.
+        // The cap first: add, then count, atomically; whoever counts past the cap takes its
+        // id back (two creates racing at the cap may both be refused: early refusal, never an
+        // extra key). An id counted past the cap never gets a record, so no listing shows it.
         let mut p = redis::pipe();
         p.atomic()
             .cmd("SADD")
@@ -459,29 +468,52 @@ impl Store for RedisStore {
                 .await?;
             return Err(CreateKeyError::LimitReached { max: max_keys });
         }
+        // Then the record, then the lookup record: the key is usable from the last write on,
+        // and nobody knows its secret before this returns. Nothing ever removes an id from
+        // the set but a revoke (or the refusal above): a listing that runs meanwhile cannot
+        // uncount a key being created.
         let json = encode(&record)?;
-        self.cmd::<()>(
-            redis::cmd("HSET")
+        let written = async {
+            self.cmd::<()>(
+                redis::cmd("HSET")
+                    .arg(keys_key(a))
+                    .arg(&record.id)
+                    .arg(&json),
+            )
+            .await?;
+            self.cmd::<()>(redis::cmd("SET").arg(hash_key(&record.hash)).arg(&json))
+                .await
+        }
+        .await;
+        if let Err(e) = written {
+            // Give the slot back; should that fail too, the id stays counted without a record
+            // (see the module doc).
+            let mut p = redis::pipe();
+            p.atomic()
+                .cmd("SREM")
+                .arg(active_key(a))
+                .arg(&record.id)
+                .ignore()
+                .cmd("HDEL")
                 .arg(keys_key(a))
                 .arg(&record.id)
-                .arg(&json),
-        )
-        .await?;
-        self.cmd::<()>(redis::cmd("SET").arg(hash_key(&record.hash)).arg(&json))
-            .await?;
+                .ignore();
+            let _ = self.pipe::<()>(&p).await;
+            return Err(e.into());
+        }
         self.publish(format!("k {}", record.hash)).await;
         Ok(record)
     }
 
     async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        // Records as they are: nothing here ever touches the cap's set (a listing that
+        // "repaired" ids without a record once uncounted keys being created).
         let mut p = redis::pipe();
         p.cmd("HGETALL")
             .arg(keys_key(account_id))
             .cmd("HGETALL")
-            .arg(used_key(account_id))
-            .cmd("SMEMBERS")
-            .arg(active_key(account_id));
-        let (records, used, active): (HashMap<String, String>, HashMap<String, u64>, Vec<String>) =
+            .arg(used_key(account_id));
+        let (records, used): (HashMap<String, String>, HashMap<String, u64>) =
             self.pipe(&p).await?;
         let mut keys = records
             .values()
@@ -490,13 +522,6 @@ impl Store for RedisStore {
         for key in &mut keys {
             if let Some(ms) = used.get(&key.id) {
                 key.last_used_at_ms = Some(*ms);
-            }
-        }
-        // An id counted against the cap without an active record (a create that died halfway).
-        for id in active {
-            if !keys.iter().any(|k| k.id == id && k.is_active()) {
-                self.cmd::<()>(redis::cmd("SREM").arg(active_key(account_id)).arg(&id))
-                    .await?;
             }
         }
         super::oldest_first(&mut keys);
@@ -514,26 +539,29 @@ impl Store for RedisStore {
             .await?;
         let Some(json) = json else { return Ok(None) };
         let mut record: KeyRecord = decode(&json)?;
-        record.revoked_at_ms = record.revoked_at_ms.or(Some(now_ms));
-        let json = encode(&record)?;
-        // The lookup record first: from here on no node that asks Redis accepts the key.
-        self.cmd::<()>(redis::cmd("SET").arg(hash_key(&record.hash)).arg(&json))
-            .await?;
-        let mut p = redis::pipe();
-        p.atomic()
-            .cmd("HSET")
-            .arg(keys_key(account_id))
-            .arg(key_id)
-            .arg(&json)
-            .ignore()
-            .cmd("SREM")
-            .arg(active_key(account_id))
-            .arg(key_id)
-            .ignore()
-            .cmd("DEL")
-            .arg(tat_key(account_id, key_id))
-            .ignore();
-        self.pipe::<()>(&p).await?;
+        if record.is_active() {
+            record.revoked_at_ms = Some(now_ms);
+            let json = encode(&record)?;
+            // The lookup record first: from here on no node that asks Redis accepts the key.
+            self.cmd::<()>(redis::cmd("SET").arg(hash_key(&record.hash)).arg(&json))
+                .await?;
+            let mut p = redis::pipe();
+            p.atomic()
+                .cmd("HSET")
+                .arg(keys_key(account_id))
+                .arg(key_id)
+                .arg(&json)
+                .ignore()
+                .cmd("SREM")
+                .arg(active_key(account_id))
+                .arg(key_id)
+                .ignore()
+                .cmd("DEL")
+                .arg(tat_key(account_id, key_id))
+                .ignore();
+            self.pipe::<()>(&p).await?;
+        }
+        // Sent again for a key already revoked: a retry completes an invalidation that failed.
         self.publish(format!("k {}", record.hash)).await;
         let used: Option<u64> = self
             .cmd(redis::cmd("HGET").arg(used_key(account_id)).arg(key_id))
@@ -634,6 +662,36 @@ impl Store for RedisStore {
             .cmd(redis::cmd("GET").arg(quota_key(account_id, period_id)))
             .await?;
         Ok(n.unwrap_or(0))
+    }
+
+    async fn carry_usage(
+        &self,
+        account_id: &str,
+        from: &str,
+        to: &str,
+        to_end_unix: i64,
+    ) -> Result<(), StoreError> {
+        let (from, to) = (quota_key(account_id, from), quota_key(account_id, to));
+        let n: Option<u64> = self.cmd(redis::cmd("GET").arg(&from)).await?;
+        let Some(n) = n.filter(|n| *n > 0) else {
+            return Ok(());
+        };
+        // DECRBY, not DEL: a node that has not seen the new anchor yet may still count there.
+        let mut p = redis::pipe();
+        p.atomic()
+            .cmd("INCRBY")
+            .arg(&to)
+            .arg(n)
+            .ignore()
+            .cmd("EXPIREAT")
+            .arg(&to)
+            .arg(to_end_unix + 35 * 86_400)
+            .ignore()
+            .cmd("DECRBY")
+            .arg(&from)
+            .arg(n)
+            .ignore();
+        self.pipe::<()>(&p).await
     }
 
     async fn ready(&self) -> bool {

@@ -20,8 +20,8 @@ fn check_accepts_the_shipped_configuration() {
             "-c",
             concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.toml"),
         ])
-        .env("MSGFLASH_ADMIN_TOKEN", "x")
-        .env("MSGFLASH_JWT_SECRET", "y")
+        .env("MSGFLASH_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("MSGFLASH_JWT_SECRET", JWT_SECRET)
         .output()
         .unwrap();
     assert!(
@@ -147,6 +147,116 @@ fn check_names_accounts_whose_plan_is_gone() {
         format!(
             "msgflash-gateway: invalid configuration:\n{}:2:1: accounts.small.plan: unknown plan \"tiny\"\n",
             gw.dir.path().join("data/store.jsonl").display()
+        )
+    );
+}
+
+/// A minimal valid gateway.toml (shipped policies) with `jwt` as its [jwt] table.
+fn minimal_config(dir: &std::path::Path, jwt: &str) -> std::path::PathBuf {
+    let path = dir.join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [policies]\ndir = \"{}\"\n[jwt]\n{jwt}\n\
+             [upstreams.api]\naddresses = [\"127.0.0.1:1\"]\n\
+             [[routes]]\nprefix = \"/api/v1/\"\nauth = \"api_key\"\nupstream = \"api\"\n",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/lua-free-policies")
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn weak_secrets_are_refused_by_check_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = minimal_config(dir.path(), "issuer = \"msgflash\"\naudience = \"console\"");
+    for (admin, jwt, problems) in [
+        (
+            "short-admin-token",
+            "0123456789abcdef0123456789abcdef",
+            "the admin token (MSGFLASH_ADMIN_TOKEN) is too short: at least 24 bytes, got 17",
+        ),
+        (
+            "0123456789abcdef01234567",
+            "change-me-jwt-secret-0123456789abcdef",
+            "the JWT HMAC secret (MSGFLASH_JWT_SECRET) contains the placeholder \"change-me\": generate one, e.g. $(openssl rand -hex 32)",
+        ),
+        (
+            "dev-admin-token-0123456789",
+            "0123456789abcdef0123456789abcde",
+            "the admin token (MSGFLASH_ADMIN_TOKEN) contains the placeholder \"dev-\": generate one, e.g. $(openssl rand -hex 32)\n\
+             the JWT HMAC secret (MSGFLASH_JWT_SECRET) is too short: at least 32 bytes, got 31",
+        ),
+    ] {
+        let out = bin()
+            .args(["check", "-c"])
+            .arg(&config)
+            .env("MSGFLASH_ADMIN_TOKEN", admin)
+            .env("MSGFLASH_JWT_SECRET", jwt)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!("msgflash-gateway: invalid configuration:\n{problems}\n")
+        );
+        let out = bin()
+            .args(["run", "-c"])
+            .arg(&config)
+            .env("MSGFLASH_ADMIN_TOKEN", admin)
+            .env("MSGFLASH_JWT_SECRET", jwt)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.ends_with(&format!("{}\n", problems.replace('\n', "; "))),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_warns_when_tokens_are_not_bound_to_an_issuer_and_audience() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = minimal_config(dir.path(), "algorithms = [\"HS256\"]");
+    let out = bin()
+        .args(["check", "-c"])
+        .arg(&config)
+        .env("MSGFLASH_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("MSGFLASH_JWT_SECRET", JWT_SECRET)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let c = config.display();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "{c}:7:1: warning: jwt.issuer is not set: console tokens from any issuer are accepted\n\
+             {c}:7:1: warning: jwt.audience is not set: console tokens meant for any audience are accepted\n"
+        )
+    );
+}
+
+#[test]
+fn a_keepalive_under_a_second_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = minimal_config(dir.path(), "issuer = \"i\"\naudience = \"a\"");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[server]\n", "[server]\nkeepalive_timeout = \"500ms\"\n"),
+    )
+    .unwrap();
+    let out = check(&config);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "msgflash-gateway: invalid configuration:\n{}:2:21: server.keepalive_timeout: at least 1s (pingora takes whole seconds and reads 0 as \"never close\"), got \"500ms\"\n",
+            config.display()
         )
     );
 }

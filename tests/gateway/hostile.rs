@@ -316,3 +316,232 @@ fn console_endpoints_match_whole_segments() {
     assert_refused(&r, 404, "NOT_FOUND", "No such key-management call");
     echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
 }
+
+fn a_refused_revoke_changes_nothing(b: Backend) {
+    let gw = Gateway::on(b);
+    let (key, id) = gw.account_with_key("victim", "pro");
+    gw.put_account("other", "pro", "active");
+    let statuses: Vec<u16> = (0..11)
+        .map(|_| gw.get("/api/v1/messages", &[("x-api-key", &key)]).status)
+        .collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 1);
+    let data = gw.dir.path().join("data/store.jsonl");
+    let before = std::fs::read(&data).ok();
+    let auth = format!("Bearer {}", gw.token("other", 3600));
+    let r = gw.send(
+        "DELETE",
+        &format!("/api/api-keys/{id}"),
+        &[("authorization", &auth)],
+        None,
+    );
+    assert_refused(&r, 404, "NOT_FOUND", "Unknown API key");
+    let r = gw.admin_call(
+        "DELETE",
+        &format!("/admin/v1/accounts/other/keys/{id}"),
+        None,
+    );
+    assert_refused(&r, 404, "NOT_FOUND", "Unknown API key");
+    // The victim's bucket is as empty as before, its key as valid, the data file untouched.
+    let r = gw.get("/api/v1/messages", &[("x-api-key", &key)]);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(std::fs::read(&data).ok(), before);
+    gw.clock.advance_ms(1_000);
+    echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
+}
+
+fn revoking_twice_changes_no_record_but_invalidates_again(b: Backend) {
+    let gw = Gateway::on(b);
+    let (key, id) = gw.account_with_key("acme", "pro");
+    echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
+    let path = format!("/admin/v1/accounts/acme/keys/{id}");
+    let first = gw.admin_call("DELETE", &path, None);
+    assert_eq!(first.status, 200, "{}", first.text());
+    let data = gw.dir.path().join("data/store.jsonl");
+    let before = std::fs::read(&data).ok();
+    let publishes = |gw: &Gateway| {
+        gw.redis
+            .as_ref()
+            .map(|r| r.command_calls().get("publish").copied().unwrap_or(0))
+    };
+    let published = publishes(&gw);
+    gw.clock.advance_ms(5_000);
+    let second = gw.admin_call("DELETE", &path, None);
+    assert_eq!(second.status, 200, "{}", second.text());
+    assert_eq!(second.json().unwrap(), first.json().unwrap());
+    assert_eq!(std::fs::read(&data).ok(), before, "nothing written");
+    assert_eq!(
+        publishes(&gw),
+        published.map(|n| n + 1),
+        "invalidated again"
+    );
+    assert_refused(
+        &gw.get("/api/v1/messages", &[("x-api-key", &key)]),
+        401,
+        "UNAUTHORIZED",
+        "Invalid or revoked API key",
+    );
+}
+
+fn a_new_quota_anchor_day_carries_the_usage_over(b: Backend) {
+    let gw = Gateway::on(b);
+    let (key, _) = gw.account_with_key("acme", "pro");
+    for _ in 0..3 {
+        echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
+    }
+    // T0 is 2026-11-29: the period from the 1st runs since 2026-11-01, the one from the 15th
+    // since 2026-11-15; the three requests stay counted.
+    let r = gw.admin_call(
+        "PUT",
+        "/admin/v1/accounts/acme",
+        Some(json!({"plan": "pro", "quotaAnchorDay": 15})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let usage = &r.json().unwrap()["usage"];
+    assert_eq!(
+        (usage["period"].as_str(), usage["requests"].as_u64()),
+        (Some("2026-11-15"), Some(3))
+    );
+    echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
+    let v = gw
+        .admin_call("GET", "/admin/v1/accounts/acme", None)
+        .json()
+        .unwrap();
+    assert_eq!(v["usage"]["requests"], 4);
+}
+
+crate::on_both_stores!(
+    a_refused_revoke_changes_nothing,
+    revoking_twice_changes_no_record_but_invalidates_again,
+    a_new_quota_anchor_day_carries_the_usage_over,
+);
+
+#[test]
+fn identity_headers_in_any_spelling_never_reach_the_upstream() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let sent = [
+        ("x-api-key", key.as_str()),
+        ("x_account_id", "acc_victim"),
+        ("x-account_id", "acc_victim"),
+        ("X_API_KEY_ID", "key_victim"),
+        ("x_user_id", "u_victim"),
+        ("x_api_key", "msgf_live_forged"),
+        ("x_forwarded_for", "10.9.9.9"),
+        ("forwarded", "for=10.9.9.9;proto=https"),
+        ("x-original-url", "/api/api-keys"),
+        ("x-rewrite-url", "/api/api-keys"),
+        ("x-http-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+        ("x-method-override", "DELETE"),
+        ("x-internal-user", "root"),
+        ("x_internal_user", "root"),
+        ("x_custom_header", "kept"),
+    ];
+    let seen = echoed(&gw.get("/api/v1/messages", &sent));
+    let headers = seen["headers"].as_object().unwrap();
+    let mut names: Vec<&str> = headers.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "host",
+            "x-account-id",
+            "x-api-key-id",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-request-id",
+            "x_custom_header"
+        ],
+        "{headers:?}"
+    );
+    assert_eq!(headers["x-account-id"], "acme");
+}
+
+#[test]
+fn key_management_inputs_are_bounded() {
+    let gw = Gateway::start();
+    gw.put_account("acme", "pro", "active");
+    let ids: Vec<String> = (0..101)
+        .map(|i| format!("3fa85f64-5717-4562-b3fc-{i:012x}"))
+        .collect();
+    let r = gw.admin_call(
+        "POST",
+        "/admin/v1/accounts/acme/keys",
+        Some(json!({"name": "many", "instanceIds": ids})),
+    );
+    assert_refused(&r, 400, "BAD_REQUEST", "At most 100 instanceIds per key");
+    let r = gw.admin_call(
+        "POST",
+        "/admin/v1/accounts/acme/keys",
+        Some(json!({"name": "enough", "instanceIds": &ids[..100]})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    // A routes.toml that declares no scopes still refuses every scope.
+    let gw = Gateway::start_with(Setup {
+        route_policies: Some("[[route]]\nprefix = \"/api/v1/\"\n".into()),
+        ..Setup::default()
+    });
+    gw.put_account("acme", "pro", "active");
+    let r = gw.admin_call(
+        "POST",
+        "/admin/v1/accounts/acme/keys",
+        Some(json!({"name": "x", "scopes": ["messages:send"]})),
+    );
+    assert_refused(&r, 400, "BAD_REQUEST", "Unknown scope \"messages:send\"");
+}
+
+#[test]
+fn console_key_writes_are_limited_per_account() {
+    let gw = Gateway::start();
+    gw.put_account("acme", "plus", "active");
+    gw.put_account("other", "plus", "active");
+    let auth = format!("Bearer {}", gw.token("acme", 3600));
+    let h = [("authorization", auth.as_str())];
+    let create = |h: &[(&str, &str)]| gw.send("POST", "/api/api-keys", h, Some(br#"{"name":"k"}"#));
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        // Creations and revocations (even refused ones) share the account's ten a minute.
+        let r = if i % 2 == 0 {
+            create(&h)
+        } else {
+            gw.send("DELETE", "/api/api-keys/key_nope", &h, None)
+        };
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses, [201, 404, 201, 404, 201, 404, 201, 404, 201, 404]);
+    let r = create(&h);
+    assert_refused(
+        &r,
+        429,
+        "TOO_MANY_REQUESTS",
+        "Too many API key changes for this account: at most 10 a minute",
+    );
+    assert_eq!(r.header("retry-after"), Some("6"));
+    assert_eq!(
+        gw.get("/api/api-keys", &h).status,
+        200,
+        "reading is not limited"
+    );
+    let other = format!("Bearer {}", gw.token("other", 3600));
+    assert_eq!(create(&[("authorization", &other)]).status, 201);
+    gw.clock.advance_ms(6_000);
+    assert_eq!(create(&h).status, 201);
+}
+
+#[test]
+fn the_admin_listener_never_drains_an_unbounded_body() {
+    use std::io::{Read, Write};
+    let gw = Gateway::start();
+    let mut s = std::net::TcpStream::connect(gw.admin).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    // A body announced at 10 GB, never sent: the answer comes, then the connection closes.
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\ncontent-length: 10000000000\r\n\r\nabc")
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with(r#"{"status":"ok"}"#), "{text}");
+}

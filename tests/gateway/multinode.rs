@@ -97,6 +97,92 @@ fn concurrent_creates_on_two_nodes_respect_the_cap() {
     assert_eq!(shown["keys"], serde_json::json!({"active": 3, "max": 3}));
 }
 
+/// The cap under any interleaving: creators, listers and revokers on two nodes at once. No
+/// listing, account view or final count ever shows more active keys than the plan allows,
+/// and the final count agrees with the set the cap counts.
+#[test]
+fn creates_lists_and_revokes_racing_on_two_nodes_never_exceed_the_cap() {
+    let redis = RedisServer::start();
+    let n: Vec<Arc<Gateway>> = nodes(2, &redis).into_iter().map(Arc::new).collect();
+    n[0].put_account("acme", "starter", "active"); // cap 3
+                                                   // A few seconds of racing (a bound on the work, not an assertion on time).
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let active_in = |v: &serde_json::Value| {
+        v["keys"]
+            .as_array()
+            .map_or(0, |k| k.iter().filter(|k| k["revokedAt"].is_null()).count())
+    };
+    let handles: Vec<_> = (0..8)
+        .map(|worker| {
+            let gw = n[worker % 2].clone();
+            std::thread::spawn(move || {
+                let mut most_seen = 0;
+                let mut round = 0;
+                while std::time::Instant::now() < until {
+                    round += 1;
+                    match worker % 4 {
+                        0 => {
+                            let body = serde_json::json!({"name": format!("w{worker}r{round}")});
+                            let r =
+                                gw.admin_call("POST", "/admin/v1/accounts/acme/keys", Some(body));
+                            assert!(matches!(r.status, 201 | 403), "{}", r.text());
+                        }
+                        1 | 2 => {
+                            let list = gw.admin_call("GET", "/admin/v1/accounts/acme/keys", None);
+                            let keys = list.json().unwrap();
+                            most_seen = most_seen.max(active_in(&keys));
+                            let shown = gw.admin_call("GET", "/admin/v1/accounts/acme", None);
+                            let active = shown.json().unwrap()["keys"]["active"].as_u64().unwrap();
+                            most_seen = most_seen.max(usize::try_from(active).unwrap());
+                        }
+                        _ => {
+                            let list = gw.admin_call("GET", "/admin/v1/accounts/acme/keys", None);
+                            let keys = list.json().unwrap();
+                            most_seen = most_seen.max(active_in(&keys));
+                            let victim = keys["keys"]
+                                .as_array()
+                                .and_then(|k| k.iter().find(|k| k["revokedAt"].is_null()));
+                            if let Some(id) = victim.and_then(|k| k["id"].as_str()) {
+                                let path = format!("/admin/v1/accounts/acme/keys/{id}");
+                                assert_eq!(gw.admin_call("DELETE", &path, None).status, 200);
+                            }
+                        }
+                    }
+                }
+                most_seen
+            })
+        })
+        .collect();
+    for h in handles {
+        let most_seen = h.join().unwrap();
+        assert!(most_seen <= 3, "a listing showed {most_seen} active keys");
+    }
+    // The ground truth, read from Redis itself: every key record not revoked is a usable key.
+    let records = redis.cli(&["HVALS", "mf:{a:acme}:keys"]);
+    let live = records
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["revokedAtMs"].is_null())
+        .count();
+    let counted: usize = redis
+        .cli(&["SCARD", "mf:{a:acme}:active"])
+        .trim()
+        .parse()
+        .unwrap();
+    let listed = active_in(
+        &n[1]
+            .admin_call("GET", "/admin/v1/accounts/acme/keys", None)
+            .json()
+            .unwrap(),
+    );
+    assert!(live <= 3, "{live} usable keys");
+    assert_eq!(
+        (listed, counted),
+        (live, live),
+        "listing and cap set against the records"
+    );
+}
+
 #[test]
 fn revocation_reaches_every_node_at_once() {
     let redis = RedisServer::start();

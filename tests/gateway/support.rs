@@ -12,7 +12,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
-pub const JWT_SECRET: &str = "test-jwt-secret-0123456789";
+pub const JWT_SECRET: &str = "hs256-test-key-0123456789abcdef0123456789";
 /// 2026-11-29T00:00:00Z: every test starts its clock here.
 pub const T0: u64 = 1_795_910_400;
 
