@@ -127,6 +127,10 @@ pub fn normalise(path: &str, rules: PathRules) -> Result<Cow<'_, str>, PathError
             }
         }
     }
+    if rules.allow_encoded_slashes && segments.iter().any(|s| hides_dot_segment(s)) {
+        // `a%2F..%2Fb` is one segment here and `a/../b` to a backend that decodes it.
+        return Err(PathError::EncodedSlash);
+    }
     let mut out = String::with_capacity(decoded.len());
     for segment in &segments {
         out.push('/');
@@ -140,6 +144,15 @@ pub fn normalise(path: &str, rules: PathRules) -> Result<Cow<'_, str>, PathError
     } else {
         Ok(Cow::Owned(out))
     }
+}
+
+/// True when a segment, split at its encoded slashes, has a `.` or `..` piece.
+fn hides_dot_segment(segment: &str) -> bool {
+    (segment.contains("%2F") || segment.contains("%5C"))
+        && segment
+            .split("%2F")
+            .flat_map(|s| s.split("%5C"))
+            .any(|piece| piece == "." || piece == "..")
 }
 
 /// Bytes a path may carry as they are: printable ASCII but `\` and `;`.
@@ -302,7 +315,19 @@ mod tests {
         assert!(!PathError::NotAbsolute.is_ambiguous());
         // The one switch: encoded slashes kept as segment characters.
         assert_eq!(normalise("/a/%2fb", SLASHES).unwrap(), "/a/%2Fb");
-        assert_eq!(normalise("/a/%5c..", SLASHES).unwrap(), "/a/%5C..");
+        assert_eq!(normalise("/a/%5c...", SLASHES).unwrap(), "/a/%5C...");
+        for hidden in [
+            "/a/%5c..",
+            "/a/x%2F..%2F..%2Fb",
+            "/a/%2e%2e%2fb",
+            "/a/%2F.%2Fb",
+        ] {
+            assert_eq!(
+                normalise(hidden, SLASHES),
+                Err(PathError::EncodedSlash),
+                "{hidden}: a dot segment behind an encoded slash"
+            );
+        }
         assert_eq!(
             normalise("/a/%3b", SLASHES),
             Err(PathError::Semicolon),
@@ -471,6 +496,19 @@ mod tests {
                 // Refused: the input held something ambiguous or malformed.
                 let ambiguous = ["\\", ";", "%2f", "%2F", "%5c", "%3b", "%25", "%00", "%0d", "\u{e9}"];
                 prop_assert!(ambiguous.iter().any(|a| p.contains(a)), "{} refused", p);
+            }
+        }
+
+        /// With encoded slashes allowed, a backend that decodes them still sees no dot
+        /// segment: nothing can climb out of the segments the gateway checked.
+        #[test]
+        fn allowed_encoded_slashes_never_hide_a_dot_segment(p in path_strategy()) {
+            if let Ok(out) = normalise(&p, SLASHES) {
+                let decoded = percent_encoding::percent_decode_str(&out).decode_utf8_lossy().into_owned();
+                prop_assert!(
+                    decoded.split(['/', '\\']).all(|s| s != "." && s != ".."),
+                    "{} -> {}", p, out
+                );
             }
         }
 

@@ -241,7 +241,14 @@ fn encoded_slashes_pass_only_where_the_operator_allows_them() {
     let (key, _) = gw.account_with_key("acme", "pro");
     let seen = echoed(&gw.get("/api/v1/files/a%2fb", &[("x-api-key", &key)]));
     assert_eq!(seen["uri"], "/api/v1/files/a%2Fb");
-    // Everything else stays refused.
+    // Everything else stays refused, and so does a dot segment behind an encoded slash.
+    let r = gw.get("/api/v1/files/a%2F..%2F..%2Fapi-keys", &[("x-api-key", &key)]);
+    assert_refused(
+        &r,
+        400,
+        "BAD_REQUEST",
+        "Ambiguous request path: it contains an encoded '/' or '\\' (%2F, %5C)",
+    );
     let r = gw.get("/api/v1/files/a;b", &[("x-api-key", &key)]);
     assert_refused(
         &r,
