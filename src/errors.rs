@@ -256,6 +256,28 @@ impl GatewayError {
         Self::bad_request(format!("The JSON field {name} is given more than once"))
     }
 
+    pub fn too_many_parameters(name: &str) -> Self {
+        Self::bad_request(format!(
+            "The query string has more than 100 parameters: {name} could be read differently"
+        ))
+    }
+
+    pub fn body_beside_query(name: &str) -> Self {
+        Self::bad_request(format!(
+            "The request has a body: {name} could be read from it instead of the query"
+        ))
+    }
+
+    pub fn query_beside_body(name: &str) -> Self {
+        Self::bad_request(format!(
+            "The query string names {name} too: it could be read instead of the body"
+        ))
+    }
+
+    pub fn method_override() -> Self {
+        Self::bad_request("The query string has a _method parameter: method overrides are refused")
+    }
+
     /// An inspected query string with a `;`, a separator to some parsers only.
     pub fn semicolon_in_query(name: &str) -> Self {
         Self::bad_request(format!(

@@ -198,18 +198,6 @@ impl Manager {
         let now = self.clock.now_ms();
         let existing = self.store.account(id).await.map_err(unavailable)?;
         let created = existing.as_ref().map_or(now, |a| a.created_at_ms);
-        if let Some(old) = existing.filter(|a| a.quota_anchor_day != req.quota_anchor_day) {
-            // A new anchor day starts no fresh period: the month's usage carries over.
-            let now_unix = self.clock.now_unix();
-            let from = quota::period_at(now_unix, old.quota_anchor_day);
-            let to = quota::period_at(now_unix, req.quota_anchor_day);
-            if from.id() != to.id() {
-                self.store
-                    .carry_usage(id, &from.id(), &to.id(), to.end_unix)
-                    .await
-                    .map_err(unavailable)?;
-            }
-        }
         let account = self
             .store
             .put_account(Account {
@@ -223,6 +211,20 @@ impl Manager {
             .await
             .map_err(unavailable)?;
         self.directory.forget_account(id);
+        if let Some(old) = existing.filter(|a| a.quota_anchor_day != account.quota_anchor_day) {
+            // A new anchor day starts no fresh period: the usage counted so far moves to the
+            // period it starts (after the account is written, so that a failed write moves
+            // nothing; requests counted meanwhile in the new period are added to, not lost).
+            let now_unix = self.clock.now_unix();
+            let from = quota::period_at(now_unix, old.quota_anchor_day);
+            let to = quota::period_at(now_unix, account.quota_anchor_day);
+            if from.id() != to.id() {
+                self.store
+                    .carry_usage(id, &from.id(), &to.id(), to.end_unix)
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
         self.account_view(plans, &account).await
     }
 

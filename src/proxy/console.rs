@@ -15,7 +15,12 @@ pub fn authenticate(
     live: &Live,
     req: &RequestHeader,
 ) -> Result<(String, Identity), GatewayError> {
-    let Some(value) = req.headers.get(http::header::AUTHORIZATION) else {
+    let mut values = req.headers.get_all(http::header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        if req.headers.contains_key(http::header::AUTHORIZATION) {
+            // Two credentials: the backend might read the one not verified here.
+            return Err(GatewayError::invalid_token());
+        }
         return Err(if req.headers.contains_key("x-api-key") {
             GatewayError::api_key_on_console()
         } else {

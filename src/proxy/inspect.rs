@@ -72,6 +72,20 @@ pub enum Ambiguity {
     Duplicate,
     /// The query string has a `;`, a separator to some parsers and not to others.
     Semicolon,
+    /// More parameters than [`MAX_INSPECTED_PARAMS`]: backends silently drop those past their
+    /// own limit (PHP's `max_input_vars`, qs's `parameterLimit`), the inspected one included.
+    TooManyParameters,
+}
+
+/// The most parameters an inspected query string may carry.
+pub const MAX_INSPECTED_PARAMS: usize = 100;
+
+/// True when some backend could take query key `key` for `name`: the same name in any case,
+/// or that name with a bracket or dot suffix (`instanceId[]`, `instanceId[0]`, `instanceId.x`:
+/// arrays and objects to qs, PHP, Rails and Spring binders).
+fn same_parameter_to_some_backend(key: &str, name: &str) -> bool {
+    let stem = key.find(['[', '.']).map_or(key, |i| &key[..i]);
+    same_name_to_some_backend(stem, name)
 }
 
 /// True when a backend matching names case-insensitively could take `key` for `name`. Go's
@@ -88,11 +102,15 @@ fn same_name_to_some_backend(key: &str, name: &str) -> bool {
 }
 
 /// The value of query parameter `name`, percent-decoded (`+` as a space); `Ok(None)` when
-/// absent. Refused when the name appears twice (in any case) or the query holds a `;`.
+/// absent. Refused when the name appears twice (in any case, or as an array or object
+/// member), the query holds a `;`, or more than [`MAX_INSPECTED_PARAMS`] parameters.
 pub fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, Ambiguity> {
     let Some(query) = query else { return Ok(None) };
     if query.contains(';') {
         return Err(Ambiguity::Semicolon);
+    }
+    if query.split('&').count() > MAX_INSPECTED_PARAMS {
+        return Err(Ambiguity::TooManyParameters);
     }
     let decode = |s: &str| {
         percent_encoding::percent_decode_str(&s.replace('+', " "))
@@ -104,7 +122,7 @@ pub fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, Am
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let k = decode(k);
-        if same_name_to_some_backend(&k, name) {
+        if same_parameter_to_some_backend(&k, name) {
             seen += 1;
             if seen > 1 {
                 return Err(Ambiguity::Duplicate);
@@ -115,6 +133,35 @@ pub fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, Am
         }
     }
     Ok(found)
+}
+
+/// True when the query string has a parameter some backend could take for `name` (a body
+/// field of that name would then not be the only place it is read from).
+pub fn query_names(query: Option<&str>, name: &str) -> bool {
+    query.is_some_and(|q| {
+        q.split(['&', ';']).any(|pair| {
+            let k = pair.split_once('=').map_or(pair, |(k, _)| k);
+            let k = k.replace('+', " ");
+            let k = percent_encoding::percent_decode_str(&k).decode_utf8_lossy();
+            same_parameter_to_some_backend(&k, name)
+        })
+    })
+}
+
+/// True when the query string carries a `_method` parameter (in any case): the method
+/// override of Rack, Laravel and Symfony, which would turn a request into another method than
+/// the one its route policy was matched on.
+pub fn has_method_override(query: Option<&str>) -> bool {
+    // No '_' (raw or %5F), no override: the common case costs one scan.
+    query.is_some_and(|q| q.contains('_') || q.contains("%5F") || q.contains("%5f"))
+        && query_names(query, "_method")
+}
+
+/// True when the request comes with a body (declared, or chunked).
+pub fn has_body(session: &ServerSession) -> bool {
+    let headers = &session.req_header().headers;
+    declared_length(session).is_some_and(|n| n > 0)
+        || headers.contains_key(http::header::TRANSFER_ENCODING)
 }
 
 /// Why a body could not be read for its field.
@@ -205,6 +252,17 @@ mod tests {
         assert_eq!(q("instanceId=A&instance%49d=B"), Err(Ambiguity::Duplicate));
         assert_eq!(q("instanceId=A&InstanceID=B"), Err(Ambiguity::Duplicate));
         assert_eq!(q("instanceId=A;instanceId=B"), Err(Ambiguity::Semicolon));
+        assert_eq!(q("instanceId=A&instanceId[]=B"), Err(Ambiguity::Duplicate));
+        assert_eq!(q("instanceId[0]=B&instanceId=A"), Err(Ambiguity::Duplicate));
+        assert_eq!(q("instanceId=A&INSTANCEID.x=B"), Err(Ambiguity::Duplicate));
+        assert_eq!(q("instanceIds=B&instanceId=A"), Ok(Some("A".into())));
+        let many = format!("{}&instanceId=A", "x=1&".repeat(100));
+        assert_eq!(q(&many), Err(Ambiguity::TooManyParameters));
+        assert!(has_method_override(Some("a=1&_Method=GET")));
+        assert!(has_method_override(Some("_method")));
+        assert!(!has_method_override(Some("method=GET&x_method=1")));
+        assert!(query_names(Some("instanceId[]=1"), "instanceId"));
+        assert!(!query_names(None, "instanceId"));
         // A spelling only a case-insensitive backend reads is not ours: nothing named.
         assert_eq!(q("InstanceId=A"), Ok(None));
     }

@@ -147,6 +147,11 @@ impl GatewayProxy {
         }
         match route.auth {
             AuthMode::ApiKey => {
+                // A method override would turn the request into another method than the one
+                // its policy was matched on.
+                if inspect::has_method_override(req.uri.query()) {
+                    return Err(GatewayError::method_override());
+                }
                 match public_api::authorize(gw, &live, session, policy, &path).await {
                     Ok((identity, rate)) => {
                         ctx.identity = Some(identity);

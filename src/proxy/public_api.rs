@@ -92,12 +92,22 @@ async fn restrictions(
     let instance = match source {
         InstanceSource::InstanceFree => return Ok(()),
         InstanceSource::PathSegment(n) => inspect::path_segment(path, *n).map(str::to_owned),
-        InstanceSource::Query(name) => inspect::query_param(session.req_header().uri.query(), name)
-            .map_err(|why| match why {
-                Ambiguity::Duplicate => GatewayError::duplicate_parameter(name),
-                Ambiguity::Semicolon => GatewayError::semicolon_in_query(name),
-            })?,
+        InstanceSource::Query(name) => {
+            if inspect::has_body(session) {
+                return Err(GatewayError::body_beside_query(name));
+            }
+            inspect::query_param(session.req_header().uri.query(), name).map_err(
+                |why| match why {
+                    Ambiguity::Duplicate => GatewayError::duplicate_parameter(name),
+                    Ambiguity::Semicolon => GatewayError::semicolon_in_query(name),
+                    Ambiguity::TooManyParameters => GatewayError::too_many_parameters(name),
+                },
+            )?
+        }
         InstanceSource::Body(field) => {
+            if inspect::query_names(session.req_header().uri.query(), field) {
+                return Err(GatewayError::query_beside_body(field));
+            }
             let body = read_body(session, live.config.server.max_inspected_body_bytes).await?;
             inspect::body_field(&body, field).map_err(|e| match e {
                 BodyError::NotAJsonObject => GatewayError::body_not_json_object(),

@@ -63,14 +63,41 @@ struct Bucket {
     last_used_ms: u64,
 }
 
+/// An account's requests counted per quota period: the latest two periods (the current one
+/// and the one a change of anchor day moves its count from), older ones forgotten.
+#[derive(Debug, Default)]
+struct PeriodCounts(Vec<(String, u64)>);
+
+impl PeriodCounts {
+    fn of(&self, period: &str) -> u64 {
+        self.0
+            .iter()
+            .find(|(p, _)| p == period)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    fn of_mut(&mut self, period: &str) -> &mut u64 {
+        let i = match self.0.iter().position(|(p, _)| p == period) {
+            Some(i) => i,
+            None => {
+                if self.0.len() >= 2 {
+                    self.0.remove(0);
+                }
+                self.0.push((period.to_owned(), 0));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[i].1
+    }
+}
+
 /// Single-node store. Every change is in the data file (appended and fsynced) before it returns.
 pub struct EmbeddedStore {
     data: RwLock<Data>,
     /// The data file; its lock serialises writers.
     journal: Mutex<Journal>,
     buckets: DashMap<String, Bucket>,
-    /// account id -> (period id, requests counted)
-    quotas: DashMap<String, (String, u64)>,
+    quotas: DashMap<String, PeriodCounts>,
 }
 
 /// Accounts in the data file at `path` (their latest line), for `check` to validate.
@@ -241,40 +268,32 @@ impl Store for EmbeddedStore {
                     reset_after_ns,
                 } => (new_tat_ns, remaining, reset_after_ns),
             };
-        let mut quota = match self.quotas.get_mut(req.account_id) {
+        let mut counts = match self.quotas.get_mut(req.account_id) {
             Some(q) => q,
-            None => self
-                .quotas
-                .entry(req.account_id.to_owned())
-                .or_insert_with(|| (req.period_id.to_owned(), 0)),
+            None => self.quotas.entry(req.account_id.to_owned()).or_default(),
         };
-        if quota.0 != req.period_id {
-            *quota = (req.period_id.to_owned(), 0);
-        }
-        if quota.1 >= req.monthly_quota {
+        let used = counts.of_mut(req.period_id);
+        if *used >= req.monthly_quota {
             let (remaining, reset_after_ns) = gcra::peek(prior, req.now_ns, req.bucket);
             return Ok(Admission::QuotaExceeded {
                 remaining,
                 reset_after_ns,
-                used: quota.1,
+                used: *used,
             });
         }
-        quota.1 += 1;
+        *used += 1;
+        let used = *used;
         bucket.tat_ns = new_tat_ns;
         bucket.last_used_ms = req.now_ns / 1_000_000;
         Ok(Admission::Allowed {
             remaining,
             reset_after_ns,
-            used: quota.1,
+            used,
         })
     }
 
     async fn usage(&self, account_id: &str, period_id: &str) -> Result<u64, StoreError> {
-        Ok(self
-            .quotas
-            .get(account_id)
-            .filter(|q| q.0 == period_id)
-            .map_or(0, |q| q.1))
+        Ok(self.quotas.get(account_id).map_or(0, |q| q.of(period_id)))
     }
 
     async fn carry_usage(
@@ -284,10 +303,9 @@ impl Store for EmbeddedStore {
         to: &str,
         _to_end_unix: i64,
     ) -> Result<(), StoreError> {
-        if let Some(mut quota) = self.quotas.get_mut(account_id) {
-            if quota.0 == from {
-                quota.0 = to.to_owned();
-            }
+        if let Some(mut counts) = self.quotas.get_mut(account_id) {
+            let moved = std::mem::take(counts.of_mut(from));
+            *counts.of_mut(to) += moved;
         }
         Ok(())
     }

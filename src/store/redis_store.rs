@@ -499,6 +499,11 @@ impl Store for RedisStore {
                 .arg(&record.id)
                 .ignore();
             let _ = self.pipe::<()>(&p).await;
+            // The lookup record too, in case its SET went through unseen (another slot in a
+            // cluster, so its own command).
+            let _ = self
+                .cmd::<()>(redis::cmd("DEL").arg(hash_key(&record.hash)))
+                .await;
             return Err(e.into());
         }
         self.publish(format!("k {}", record.hash)).await;
@@ -672,11 +677,11 @@ impl Store for RedisStore {
         to_end_unix: i64,
     ) -> Result<(), StoreError> {
         let (from, to) = (quota_key(account_id, from), quota_key(account_id, to));
-        let n: Option<u64> = self.cmd(redis::cmd("GET").arg(&from)).await?;
+        // GETDEL takes the count once: two carries racing move it once, not twice.
+        let n: Option<i64> = self.cmd(redis::cmd("GETDEL").arg(&from)).await?;
         let Some(n) = n.filter(|n| *n > 0) else {
             return Ok(());
         };
-        // DECRBY, not DEL: a node that has not seen the new anchor yet may still count there.
         let mut p = redis::pipe();
         p.atomic()
             .cmd("INCRBY")
@@ -686,10 +691,6 @@ impl Store for RedisStore {
             .cmd("EXPIREAT")
             .arg(&to)
             .arg(to_end_unix + 35 * 86_400)
-            .ignore()
-            .cmd("DECRBY")
-            .arg(&from)
-            .arg(n)
             .ignore();
         self.pipe::<()>(&p).await
     }

@@ -155,7 +155,98 @@ fn a_duplicated_inspected_field_or_parameter_is_refused() {
         "BAD_REQUEST",
         "The query string contains ';': instanceId could be read differently",
     );
+    for query in [
+        format!("instanceId={A}&instanceId[]={B}"),
+        format!("instanceId={A}&instanceId[0]={B}"),
+        format!("instanceId={A}&InstanceId.x={B}"),
+    ] {
+        assert_refused(&get(query), 400, "BAD_REQUEST", twice);
+    }
+    // Backends drop parameters past their limit (PHP, qs: 1000): an inspected query is short.
+    let padded = (0..100)
+        .map(|i| format!("p{i}="))
+        .collect::<Vec<_>>()
+        .join("&");
+    assert_refused(
+        &get(format!("{padded}&instanceId={A}")),
+        400,
+        "BAD_REQUEST",
+        "The query string has more than 100 parameters: instanceId could be read differently",
+    );
+    // A body beside an inspected query could carry the field too (Laravel's input() merges).
+    let r = gw.send(
+        "GET",
+        &format!("/api/v1/messages/1?instanceId={A}"),
+        &[("x-api-key", &key), ("content-type", "application/json")],
+        Some(format!(r#"{{"instanceId":"{B}"}}"#).as_bytes()),
+    );
+    assert_refused(
+        &r,
+        400,
+        "BAD_REQUEST",
+        "The request has a body: instanceId could be read from it instead of the query",
+    );
     echoed(&get(format!("other=1&instanceId={A}")));
+    // Where the body names the instance, the query may not name one too (Symfony's get()
+    // reads the query first).
+    let r = call(
+        &gw,
+        "POST",
+        &format!("/api/v1/messages/send?instanceId={B}"),
+        &key,
+        Some(&format!(r#"{{"instanceId":"{A}"}}"#)),
+    );
+    assert_refused(
+        &r,
+        400,
+        "BAD_REQUEST",
+        "The query string names instanceId too: it could be read instead of the body",
+    );
+}
+
+#[test]
+fn method_overrides_in_the_query_are_refused() {
+    let (gw, key) = shipped_with_key(&["webhooks:write"], &[]);
+    for query in ["_method=GET", "x=1&_METHOD=get", "_method"] {
+        let r = call(
+            &gw,
+            "POST",
+            &format!("/api/v1/webhooks?{query}"),
+            &key,
+            Some("{}"),
+        );
+        assert_refused(
+            &r,
+            400,
+            "BAD_REQUEST",
+            "The query string has a _method parameter: method overrides are refused",
+        );
+    }
+    echoed(&call(
+        &gw,
+        "POST",
+        "/api/v1/webhooks?method=x",
+        &key,
+        Some("{}"),
+    ));
+}
+
+#[test]
+fn a_second_authorization_header_is_refused_on_the_console() {
+    let gw = Gateway::start();
+    let auth = format!("Bearer {}", gw.token("acme", 3600));
+    let forged = format!(
+        "Bearer {}",
+        token_with(json!({"account_id": "acc_victim"})).replace('.', "x")
+    );
+    for pair in [[&auth, &forged], [&forged, &auth], [&auth, &auth]] {
+        let r = gw.get(
+            "/api/dashboard",
+            &[("authorization", pair[0]), ("authorization", pair[1])],
+        );
+        assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or expired token");
+    }
+    echoed(&gw.get("/api/dashboard", &[("authorization", &auth)]));
 }
 
 #[test]
@@ -242,7 +333,10 @@ fn encoded_slashes_pass_only_where_the_operator_allows_them() {
     let seen = echoed(&gw.get("/api/v1/files/a%2fb", &[("x-api-key", &key)]));
     assert_eq!(seen["uri"], "/api/v1/files/a%2Fb");
     // Everything else stays refused, and so does a dot segment behind an encoded slash.
-    let r = gw.get("/api/v1/files/a%2F..%2F..%2Fapi-keys", &[("x-api-key", &key)]);
+    let r = gw.get(
+        "/api/v1/files/a%2F..%2F..%2Fapi-keys",
+        &[("x-api-key", &key)],
+    );
     assert_refused(
         &r,
         400,

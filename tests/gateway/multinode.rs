@@ -183,6 +183,30 @@ fn creates_lists_and_revokes_racing_on_two_nodes_never_exceed_the_cap() {
     );
 }
 
+/// The exact interleaving that once overran the cap, made deterministic: an id counted before
+/// its record is written (a create in flight) stays counted whatever a listing sees meanwhile.
+#[test]
+fn a_listing_never_uncounts_a_key_in_flight() {
+    let redis = RedisServer::start();
+    let n = nodes(1, &redis);
+    n[0].put_account("acme", "free", "active"); // cap 1
+    redis.cli(&["SADD", "mf:{a:acme}:active", "key_in_flight"]);
+    let listed = n[0].admin_call("GET", "/admin/v1/accounts/acme/keys", None);
+    assert_eq!(listed.json().unwrap(), serde_json::json!({"keys": []}));
+    assert_eq!(redis.cli(&["SCARD", "mf:{a:acme}:active"]).trim(), "1");
+    let r = n[0].admin_call(
+        "POST",
+        "/admin/v1/accounts/acme/keys",
+        Some(serde_json::json!({"name": "one too many"})),
+    );
+    assert_error(
+        &r,
+        403,
+        "API_KEY_LIMIT_REACHED",
+        "API key limit reached: the plan allows 1 active key(s)",
+    );
+}
+
 #[test]
 fn revocation_reaches_every_node_at_once() {
     let redis = RedisServer::start();
