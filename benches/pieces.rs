@@ -1,5 +1,12 @@
 //! Micro-benchmarks of the pieces on the request path (`cargo bench --bench pieces`).
 //! Performance is reported here, never asserted; docs/benchmarks.md keeps the figures.
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use msgflash_gateway::auth::api_key::{is_well_formed, KeyHash, NewKey};

@@ -8,6 +8,13 @@
 //! * negative cache: `KeyHash -> ()` (unknown keys).
 //!
 //! `cargo run --release --example cache_memory [-- ENTRIES]` (default 100000). Linux only.
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 use http::HeaderValue;
 use msgflash_gateway::auth::api_key::{random_id, KeyHash, NewKey};

@@ -13,6 +13,13 @@
 //! cargo run --release --example openloop -- ADDR RATE SECONDS CONNECTIONS MODE [KEYS_FILE|TOKEN]
 //! MODE: valid (round robin over the keys) | abusive (the first key) | jwt (GET /api/dashboard)
 //! ```
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,4 +1,6 @@
 //! The command line: run | check | accounts | keys | jwt (SPEC §8).
+// Printing is this module's job (and only this module's: the crate denies it elsewhere).
+#![allow(clippy::print_stderr)]
 
 use crate::auth::jwt::{mint_hs256, MintRequest};
 use crate::client::{request, HttpResponse};

@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 /// Bodies larger than this are counted, not echoed.
 const MAX_ECHO_BODY: usize = 64 * 1024;
 
-pub struct EchoApp;
+pub(crate) struct EchoApp;
 
 #[async_trait]
 impl ServeHttp for EchoApp {

@@ -1,23 +1,26 @@
 //! msgflash-gateway: the edge of the MsgFlash API on pingora — API keys, console JWTs,
 //! per-key rate limits, monthly quotas, one JSON error shape.
-#![forbid(unsafe_code)]
+//!
+//! The public modules are what the binary, the tests, the benchmarks and the examples use;
+//! everything else is `pub(crate)` (the crate lints, in Cargo.toml, keep it that way:
+//! `unreachable_pub`, no `unwrap`/`expect`/`panic!`/prints outside tests and the CLI).
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod auth;
 pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
-pub mod echo;
+pub(crate) mod echo;
 pub mod errors;
-pub mod gateway;
+pub(crate) mod gateway;
 pub mod limits;
-pub mod live;
-pub mod manage;
-pub mod metrics;
+pub(crate) mod live;
+pub(crate) mod manage;
+pub(crate) mod metrics;
 pub mod path;
 pub mod policy;
-pub mod proxy;
+pub(crate) mod proxy;
 pub mod server;
 pub mod store;

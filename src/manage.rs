@@ -41,9 +41,9 @@ struct CreateKey {
 }
 
 /// The most instance ids one key may be restricted to.
-pub const MAX_INSTANCE_IDS: usize = 100;
+pub(crate) const MAX_INSTANCE_IDS: usize = 100;
 /// The most scopes one key may carry (every declared scope, at most, in practice).
-pub const MAX_SCOPES: usize = 100;
+pub(crate) const MAX_SCOPES: usize = 100;
 
 /// Management operations; every answer is JSON or a [`GatewayError`].
 pub struct Manager {
@@ -63,7 +63,7 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, GatewayError> {
 }
 
 /// Account ids and key ids: 1 to 128 of `[A-Za-z0-9._:-]`.
-pub fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
         && id
@@ -80,7 +80,7 @@ fn valid_scope(s: &str) -> bool {
 }
 
 /// `8-4-4-4-12` hex digits.
-pub fn valid_uuid(s: &str) -> bool {
+pub(crate) fn valid_uuid(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();
     groups.len() == 5
         && groups
@@ -90,7 +90,7 @@ pub fn valid_uuid(s: &str) -> bool {
 }
 
 /// Milliseconds since the epoch as RFC 3339 UTC, e.g. `2026-11-29T03:27:35.120Z`.
-pub fn rfc3339(ms: u64) -> String {
+pub(crate) fn rfc3339(ms: u64) -> String {
     let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
     let (y, m, d) = quota::civil_from_days(secs.div_euclid(86_400));
     let rem = secs.rem_euclid(86_400);
@@ -104,7 +104,7 @@ pub fn rfc3339(ms: u64) -> String {
 }
 
 /// A key as listed: everything but the secret.
-pub fn key_view(k: &KeyRecord) -> Value {
+pub(crate) fn key_view(k: &KeyRecord) -> Value {
     json!({
         "id": k.id,
         "name": k.name,

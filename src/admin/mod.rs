@@ -11,7 +11,7 @@ use pingora::protocols::http::ServerSession;
 use serde_json::Value;
 use std::sync::Arc;
 
-pub struct AdminApp(pub Arc<Gateway>);
+pub(crate) struct AdminApp(pub Arc<Gateway>);
 
 /// What an admin call answers: JSON or text, with a status.
 struct Reply {

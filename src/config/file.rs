@@ -6,7 +6,7 @@ use toml::Spanned;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GatewayFile {
+pub(super) struct GatewayFile {
     pub server: ServerFile,
     pub admin: AdminFile,
     #[serde(default)]
@@ -26,7 +26,7 @@ pub struct GatewayFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ServerFile {
+pub(super) struct ServerFile {
     pub listen: Spanned<String>,
     #[serde(default = "default_threads")]
     pub threads: Spanned<usize>,
@@ -50,7 +50,7 @@ pub struct ServerFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AdminFile {
+pub(super) struct AdminFile {
     pub listen: Spanned<String>,
     #[serde(default = "default_admin_token_env")]
     pub token_env: String,
@@ -58,7 +58,7 @@ pub struct AdminFile {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StoreFile {
+pub(super) struct StoreFile {
     pub data_file: Option<String>,
     pub redis_url: Option<Spanned<String>>,
     pub redis_url_env: Option<String>,
@@ -68,14 +68,14 @@ pub struct StoreFile {
 }
 
 impl StoreFile {
-    pub fn store_url(&self) -> Option<&Spanned<String>> {
+    pub(super) fn store_url(&self) -> Option<&Spanned<String>> {
         self.redis_url.as_ref()
     }
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CacheFile {
+pub(super) struct CacheFile {
     #[serde(default = "default_cache_capacity")]
     pub capacity: Spanned<usize>,
     #[serde(default = "default_cache_capacity")]
@@ -96,7 +96,7 @@ impl Default for CacheFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PoliciesFile {
+pub(super) struct PoliciesFile {
     #[serde(default = "default_policies_dir")]
     pub dir: String,
 }
@@ -111,7 +111,7 @@ impl Default for PoliciesFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JwtFile {
+pub(super) struct JwtFile {
     #[serde(default = "default_algorithms")]
     pub algorithms: Vec<Spanned<String>>,
     #[serde(default = "default_jwt_secret_env")]
@@ -144,7 +144,7 @@ impl Default for JwtFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PublicKeyFile {
+pub(super) struct PublicKeyFile {
     pub alg: Spanned<String>,
     pub kid: Option<String>,
     pub pem_file: Spanned<String>,
@@ -152,7 +152,7 @@ pub struct PublicKeyFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ForwardFile {
+pub(super) struct ForwardFile {
     #[serde(default = "d_account_header")]
     pub account_id_header: Spanned<String>,
     #[serde(default = "d_key_header")]
@@ -183,13 +183,13 @@ impl Default for ForwardFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EchoFile {
+pub(super) struct EchoFile {
     pub listen: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UpstreamFile {
+pub(super) struct UpstreamFile {
     pub addresses: Spanned<Vec<Spanned<String>>>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Spanned<String>,
@@ -200,7 +200,7 @@ pub struct UpstreamFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HealthCheckFile {
+pub(super) struct HealthCheckFile {
     #[serde(default = "default_hc_interval")]
     pub interval: Spanned<String>,
     #[serde(default = "default_hc_timeout")]
@@ -213,7 +213,7 @@ pub struct HealthCheckFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouteFile {
+pub(super) struct RouteFile {
     pub prefix: Spanned<String>,
     pub auth: Spanned<String>,
     pub upstream: Spanned<String>,
@@ -280,7 +280,7 @@ fn d_request_id_header() -> Spanned<String> {
 }
 /// `Forwarded` (the gateway writes its own `X-Forwarded-*` only), the URL overrides of IIS,
 /// Symfony and Zend, and the method overrides of Rails, Express, Spring and ASP.NET.
-pub const OVERRIDE_HEADERS: [&str; 6] = [
+pub(super) const OVERRIDE_HEADERS: [&str; 6] = [
     "forwarded",
     "x-original-url",
     "x-rewrite-url",

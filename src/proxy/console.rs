@@ -10,7 +10,7 @@ use pingora::proxy::Session;
 
 /// Verifies the console token of a request: the account it speaks for, and the identity to
 /// forward.
-pub fn authenticate(
+pub(crate) fn authenticate(
     gw: &Gateway,
     live: &Live,
     req: &RequestHeader,
@@ -55,7 +55,7 @@ pub fn authenticate(
 
 /// A key-management call under `/api/api-keys`.
 #[derive(Debug, PartialEq, Eq)]
-pub enum KeyCall {
+pub(crate) enum KeyCall {
     List,
     Create,
     Revoke(String),
@@ -63,7 +63,7 @@ pub enum KeyCall {
 
 /// Recognises `/api/api-keys` calls on whole path segments (`/api/api-keysX` is not one);
 /// `Some(Err)` for a known path with a wrong method or too many segments.
-pub fn key_call(method: &Method, path: &str) -> Option<Result<KeyCall, GatewayError>> {
+pub(crate) fn key_call(method: &Method, path: &str) -> Option<Result<KeyCall, GatewayError>> {
     let rest = path.strip_prefix("/api/api-keys")?;
     let not_a_call = || Some(Err(GatewayError::not_found("No such key-management call")));
     let id = match rest {
@@ -85,10 +85,10 @@ pub fn key_call(method: &Method, path: &str) -> Option<Result<KeyCall, GatewayEr
 
 /// Key creations and revocations one account may make through the console, per minute and
 /// node: a token holder cannot drive unbounded writes (and fsyncs) into the store.
-pub const KEY_WRITES_PER_MINUTE: u32 = 10;
+pub(crate) const KEY_WRITES_PER_MINUTE: u32 = 10;
 
 /// Serves a key-management call for the token's account: (status, JSON body).
-pub async fn serve(
+pub(crate) async fn serve(
     gw: &Gateway,
     live: &Live,
     session: &mut Session,

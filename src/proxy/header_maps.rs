@@ -11,7 +11,7 @@ use http::response::Parts as RespParts;
 use pingora::http::{RequestHeader, ResponseHeader};
 
 /// Runs `edit` on the request's `http` parts.
-pub fn edit_request<T>(req: &mut RequestHeader, edit: impl FnOnce(&mut ReqParts) -> T) -> T {
+pub(crate) fn edit_request<T>(req: &mut RequestHeader, edit: impl FnOnce(&mut ReqParts) -> T) -> T {
     let target = req.raw_path();
     let from_uri = req
         .uri
@@ -35,7 +35,10 @@ pub fn edit_request<T>(req: &mut RequestHeader, edit: impl FnOnce(&mut ReqParts)
 }
 
 /// Runs `edit` on the response's `http` parts.
-pub fn edit_response<T>(resp: &mut ResponseHeader, edit: impl FnOnce(&mut RespParts) -> T) -> T {
+pub(crate) fn edit_response<T>(
+    resp: &mut ResponseHeader,
+    edit: impl FnOnce(&mut RespParts) -> T,
+) -> T {
     let reason = resp
         .get_reason_phrase()
         .filter(|r| Some(*r) != resp.status.canonical_reason())

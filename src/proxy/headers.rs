@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The rate-limit state a response reports (IETF ratelimit-headers draft plus X-RateLimit-*).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateHeaders {
+pub(crate) struct RateHeaders {
     pub burst: u32,
     /// Seconds the burst window spans (`burst / rate`, at least 1).
     pub burst_window: u64,
@@ -18,7 +18,7 @@ pub struct RateHeaders {
 }
 
 /// Whole seconds, rounded up.
-pub fn ceil_secs(ns: u64) -> u64 {
+pub(crate) fn ceil_secs(ns: u64) -> u64 {
     ns.div_ceil(1_000_000_000)
 }
 
@@ -98,7 +98,7 @@ static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-rese
 
 impl RateHeaders {
     /// Writes the headers (replacing any of the same name), in the order they are sent.
-    pub fn write_to(&self, headers: &mut HeaderMap) {
+    pub(crate) fn write_to(&self, headers: &mut HeaderMap) {
         headers.insert(
             RATELIMIT_POLICY.clone(),
             ValueBuf::new()
@@ -136,7 +136,7 @@ const ALWAYS_OWNED: [&str; 3] = ["x-api-key", "x-forwarded-for", "x-forwarded-pr
 /// Removes client headers whose name, with `_` read as `-`, is one the gateway owns:
 /// `x_account_id` is `HTTP_X_ACCOUNT_ID` to CGI, Rack and PHP, the same variable as the
 /// trusted `x-account-id`.
-pub fn remove_underscore_spellings(h: &mut HeaderMap, fwd: &crate::config::Forward) {
+pub(crate) fn remove_underscore_spellings(h: &mut HeaderMap, fwd: &crate::config::Forward) {
     if !h.keys().any(|n| n.as_str().contains('_')) {
         return;
     }
@@ -153,7 +153,7 @@ pub fn remove_underscore_spellings(h: &mut HeaderMap, fwd: &crate::config::Forwa
     }
 }
 
-pub fn forwarded_for(prior: Option<&HeaderValue>, ip: IpAddr) -> HeaderValue {
+pub(crate) fn forwarded_for(prior: Option<&HeaderValue>, ip: IpAddr) -> HeaderValue {
     match prior.and_then(|v| v.to_str().ok()).map(str::trim) {
         Some(prior) if !prior.is_empty() => {
             // A chain of proxies can be longer than the stack buffer.

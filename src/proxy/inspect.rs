@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 /// The body length a request declares in `Content-Length`, when it declares one.
-pub fn declared_length(session: &ServerSession) -> Option<usize> {
+pub(crate) fn declared_length(session: &ServerSession) -> Option<usize> {
     session
         .req_header()
         .headers
@@ -19,7 +19,10 @@ pub fn declared_length(session: &ServerSession) -> Option<usize> {
 }
 
 /// Reads a whole request body, refusing more than `limit` bytes.
-pub async fn read_body(session: &mut ServerSession, limit: usize) -> Result<Vec<u8>, GatewayError> {
+pub(crate) async fn read_body(
+    session: &mut ServerSession,
+    limit: usize,
+) -> Result<Vec<u8>, GatewayError> {
     if declared_length(session).is_some_and(|n| n > limit) {
         return Err(GatewayError::payload_too_large());
     }
@@ -45,7 +48,7 @@ pub async fn read_body(session: &mut ServerSession, limit: usize) -> Result<Vec<
 /// Before answering without reading the request body: drain a small declared body so
 /// keep-alive stays honest, or give up keep-alive for a large or unknown one (never read
 /// more than `max_bytes` for nothing).
-pub async fn settle_body(session: &mut ServerSession, max_bytes: usize) {
+pub(crate) async fn settle_body(session: &mut ServerSession, max_bytes: usize) {
     if session.is_body_done() {
         return;
     }
@@ -60,13 +63,13 @@ pub async fn settle_body(session: &mut ServerSession, max_bytes: usize) {
 }
 
 /// The `n`-th (0-based) non-empty segment of a normalised path.
-pub fn path_segment(path: &str, n: usize) -> Option<&str> {
+pub(crate) fn path_segment(path: &str, n: usize) -> Option<&str> {
     path.split('/').filter(|s| !s.is_empty()).nth(n)
 }
 
 /// Why an inspected value cannot be trusted to read the same at the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ambiguity {
+pub(crate) enum Ambiguity {
     /// The field or parameter is given more than once (backends keep the first, the last, or
     /// all of them), counting spellings that differ only in case (ASP.NET, Go's encoding/json).
     Duplicate,
@@ -78,7 +81,7 @@ pub enum Ambiguity {
 }
 
 /// The most parameters an inspected query string may carry.
-pub const MAX_INSPECTED_PARAMS: usize = 100;
+pub(crate) const MAX_INSPECTED_PARAMS: usize = 100;
 
 /// True when some backend could take query key `key` for `name`: the same name in any case,
 /// or that name with a bracket or dot suffix (`instanceId[]`, `instanceId[0]`, `instanceId.x`:
@@ -104,7 +107,7 @@ fn same_name_to_some_backend(key: &str, name: &str) -> bool {
 /// The value of query parameter `name`, percent-decoded (`+` as a space); `Ok(None)` when
 /// absent. Refused when the name appears twice (in any case, or as an array or object
 /// member), the query holds a `;`, or more than [`MAX_INSPECTED_PARAMS`] parameters.
-pub fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, Ambiguity> {
+pub(crate) fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, Ambiguity> {
     let Some(query) = query else { return Ok(None) };
     if query.contains(';') {
         return Err(Ambiguity::Semicolon);
@@ -137,7 +140,7 @@ pub fn query_param(query: Option<&str>, name: &str) -> Result<Option<String>, Am
 
 /// True when the query string has a parameter some backend could take for `name` (a body
 /// field of that name would then not be the only place it is read from).
-pub fn query_names(query: Option<&str>, name: &str) -> bool {
+pub(crate) fn query_names(query: Option<&str>, name: &str) -> bool {
     query.is_some_and(|q| {
         q.split(['&', ';']).any(|pair| {
             let k = pair.split_once('=').map_or(pair, |(k, _)| k);
@@ -151,14 +154,14 @@ pub fn query_names(query: Option<&str>, name: &str) -> bool {
 /// True when the query string carries a `_method` parameter (in any case): the method
 /// override of Rack, Laravel and Symfony, which would turn a request into another method than
 /// the one its route policy was matched on.
-pub fn has_method_override(query: Option<&str>) -> bool {
+pub(crate) fn has_method_override(query: Option<&str>) -> bool {
     // No '_' (raw or %5F), no override: the common case costs one scan.
     query.is_some_and(|q| q.contains('_') || q.contains("%5F") || q.contains("%5f"))
         && query_names(query, "_method")
 }
 
 /// True when the request comes with a body (declared, or chunked).
-pub fn has_body(session: &ServerSession) -> bool {
+pub(crate) fn has_body(session: &ServerSession) -> bool {
     let headers = &session.req_header().headers;
     declared_length(session).is_some_and(|n| n > 0)
         || headers.contains_key(http::header::TRANSFER_ENCODING)
@@ -166,7 +169,7 @@ pub fn has_body(session: &ServerSession) -> bool {
 
 /// Why a body could not be read for its field.
 #[derive(Debug, PartialEq, Eq)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     NotAJsonObject,
     Ambiguous(Ambiguity),
 }
@@ -175,7 +178,7 @@ pub enum BodyError {
 /// a string. Other fields are skipped, never materialised. Keys are compared once decoded
 /// (`"instance\u0049d"` is `instanceId`); a second key that some backend reads as `field` is
 /// an ambiguity.
-pub fn body_field(body: &[u8], field: &str) -> Result<Option<String>, BodyError> {
+pub(crate) fn body_field(body: &[u8], field: &str) -> Result<Option<String>, BodyError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let found = FieldSeed(field)
         .deserialize(&mut de)

@@ -13,7 +13,7 @@ pub struct LocalLimiter<K: Hash + Eq> {
 }
 
 /// Per (route index, client IP).
-pub type IpLimiter = LocalLimiter<(usize, IpAddr)>;
+pub(crate) type IpLimiter = LocalLimiter<(usize, IpAddr)>;
 
 impl<K: Hash + Eq> LocalLimiter<K> {
     pub fn new(capacity: usize) -> Self {

@@ -1,14 +1,14 @@
 //! The pingora proxy: route, authenticate, apply policies and limits, rewrite headers, forward.
 
-pub mod console;
-pub mod header_maps;
-pub mod headers;
-pub mod inspect;
-pub mod ip_limit;
-pub mod public_api;
-pub mod respond;
-pub mod router;
-pub mod upstream;
+pub(crate) mod console;
+pub(crate) mod header_maps;
+pub(crate) mod headers;
+pub(crate) mod inspect;
+pub(crate) mod ip_limit;
+pub(crate) mod public_api;
+pub(crate) mod respond;
+pub(crate) mod router;
+pub(crate) mod upstream;
 
 use crate::config::{AuthMode, Route};
 use crate::errors::GatewayError;
@@ -27,7 +27,7 @@ use std::time::Instant;
 
 /// Who a forwarded request speaks for, as the header values that say it.
 #[derive(Debug, Clone)]
-pub struct Identity {
+pub(crate) struct Identity {
     pub account_id: HeaderValue,
     pub key_id: Option<HeaderValue>,
     pub user_id: Option<HeaderValue>,
@@ -38,7 +38,7 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Per-request state.
-pub struct Ctx {
+pub(crate) struct Ctx {
     started: Instant,
     /// The configuration this request lives by, from start to end.
     live: Arc<Live>,
@@ -60,7 +60,7 @@ impl Ctx {
 }
 
 /// The pingora face of a [`Gateway`].
-pub struct GatewayProxy(pub Arc<Gateway>);
+pub(crate) struct GatewayProxy(pub Arc<Gateway>);
 
 fn header_bytes(req: &RequestHeader) -> usize {
     req.headers

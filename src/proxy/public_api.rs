@@ -16,7 +16,7 @@ use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 
 /// Why a request was refused, with the rate-limit state to report when it is known.
-pub struct Refusal {
+pub(crate) struct Refusal {
     pub error: GatewayError,
     pub rate: Option<RateHeaders>,
 }
@@ -130,7 +130,7 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>, Gatew
 }
 
 /// Runs checks 1–7; on success the request may be forwarded as `Identity`.
-pub async fn authorize(
+pub(crate) async fn authorize(
     gw: &Gateway,
     live: &Live,
     session: &mut Session,

@@ -10,7 +10,7 @@ use pingora::proxy::Session;
 use pingora::Result;
 
 /// Sends `err` as SPEC §5 JSON, with Retry-After and the rate-limit state when known.
-pub async fn send_error(
+pub(crate) async fn send_error(
     gw: &Gateway,
     session: &mut Session,
     ctx: &mut Ctx,
@@ -21,7 +21,7 @@ pub async fn send_error(
 }
 
 /// Sends a JSON document with `status`.
-pub async fn send(
+pub(crate) async fn send(
     session: &mut Session,
     ctx: &mut Ctx,
     status: u16,

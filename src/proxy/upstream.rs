@@ -132,7 +132,7 @@ impl Pool {
 
 /// Probes every address of every pool that has a health check, by TCP connect; the pools are
 /// read from the gateway's current snapshot each round, so reloads are followed.
-pub struct HealthChecker {
+pub(crate) struct HealthChecker {
     pub gateway: Arc<crate::gateway::Gateway>,
 }
 

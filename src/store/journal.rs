@@ -20,12 +20,12 @@ struct Header {
 /// One line of the journal: the latest state of one record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Entry {
+pub(super) enum Entry {
     Account(Account),
     Key(KeyRecord),
 }
 
-pub struct Journal {
+pub(super) struct Journal {
     path: PathBuf,
     file: File,
     /// Bytes known to be whole lines: a failed append is cut back to this.
@@ -40,7 +40,7 @@ fn persist_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
 
 impl Journal {
     /// Reads the records in `path` (none when it does not exist yet), in write order.
-    pub fn read(path: &Path) -> Result<Vec<Entry>, StoreError> {
+    pub(super) fn read(path: &Path) -> Result<Vec<Entry>, StoreError> {
         Ok(Self::read_lines(path)?
             .into_iter()
             .map(|(_, e)| e)
@@ -48,7 +48,7 @@ impl Journal {
     }
 
     /// As [`Journal::read`], with the 1-based line of each record.
-    pub fn read_lines(path: &Path) -> Result<Vec<(usize, Entry)>, StoreError> {
+    pub(super) fn read_lines(path: &Path) -> Result<Vec<(usize, Entry)>, StoreError> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -81,7 +81,7 @@ impl Journal {
     }
 
     /// Rewrites `path` to hold exactly `entries`, atomically, and opens it for appending.
-    pub fn create(path: &Path, entries: &[Entry]) -> Result<Self, StoreError> {
+    pub(super) fn create(path: &Path, entries: &[Entry]) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| persist_err(dir, e))?;
         }
@@ -115,7 +115,7 @@ impl Journal {
     }
 
     /// Appends records and fsyncs; on failure the file is cut back to its last whole line.
-    pub fn append(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+    pub(super) fn append(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
         let mut bytes = Vec::new();
         for entry in entries {
             serde_json::to_writer(&mut bytes, entry).map_err(|e| persist_err(&self.path, e))?;
@@ -135,7 +135,7 @@ impl Journal {
     }
 
     /// Replaces the journal with `entries` (the live state).
-    pub fn compact(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+    pub(super) fn compact(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
         *self = Self::create(&self.path, entries)?;
         Ok(())
     }
