@@ -45,7 +45,12 @@ impl ProxyHttp for Passthrough {
     }
 }
 
-#[allow(clippy::print_stderr, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#[allow(
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {
         Ok(v) => v
@@ -55,7 +60,12 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     }
 }
 
-#[allow(clippy::print_stderr, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#[allow(
+    clippy::print_stderr,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 fn main() {
     let listen: String = env_or("PT_LISTEN", "127.0.0.1:27181".to_string());
     let upstream: SocketAddr = env_or("PT_UPSTREAM", "127.0.0.1:27180".parse().unwrap());

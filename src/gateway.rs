@@ -3,11 +3,10 @@
 use crate::auth::Directory;
 use crate::clock::Clock;
 use crate::config::{Config, Env};
+use crate::limits::local::{IpLimiter, LocalLimiter};
 use crate::live::Live;
 use crate::manage::Manager;
 use crate::metrics::Metrics;
-use crate::proxy::headers::RequestIds;
-use crate::proxy::ip_limit::{IpLimiter, LocalLimiter};
 use crate::store::Store;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -26,7 +25,6 @@ pub struct Gateway {
     pub ip_limiter: IpLimiter,
     /// Console key creations and revocations per account (`console::KEY_WRITES_PER_MINUTE`).
     pub key_writes: LocalLimiter<String>,
-    pub request_ids: RequestIds,
 }
 
 /// What a successful reload applied.
@@ -70,7 +68,6 @@ impl Gateway {
             metrics: Metrics::new(),
             ip_limiter: IpLimiter::new(ip_capacity),
             key_writes: LocalLimiter::new(ip_capacity),
-            request_ids: RequestIds::new(),
             directory,
             store,
             clock,

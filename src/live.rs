@@ -3,8 +3,8 @@
 
 use crate::auth::jwt::JwtVerifier;
 use crate::config::Config;
-use crate::proxy::router::Router;
-use crate::proxy::upstream::Pool;
+use crate::routing::router::Router;
+use crate::routing::upstream::Pool;
 use std::sync::Arc;
 
 pub struct Live {

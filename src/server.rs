@@ -5,8 +5,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{process_env, Config, Env};
 use crate::echo::EchoApp;
 use crate::gateway::Gateway;
-use crate::proxy::upstream::HealthChecker;
 use crate::proxy::GatewayProxy;
+use crate::routing::upstream::HealthChecker;
 use crate::store::{EmbeddedStore, RedisStore, Store};
 use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
@@ -100,7 +100,7 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        GatewayProxy(gateway.clone()),
+        GatewayProxy::new(gateway.clone()),
         "msgflash-gateway",
     );
     proxy.add_tcp(&cfg.server.listen.to_string());
@@ -114,7 +114,10 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
     server.add_service(background_service(
         "upstream health",
         HealthChecker {
-            gateway: gateway.clone(),
+            pools: {
+                let gateway = gateway.clone();
+                Box::new(move || gateway.live().pools.clone())
+            },
         },
     ));
     server.add_service(background_service(

@@ -3,7 +3,7 @@
 use crate::auth::api_key::constant_time_eq;
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
-use crate::proxy::inspect::read_body;
+use crate::inspect::read_body;
 use async_trait::async_trait;
 use http::{Method, Response};
 use pingora::apps::http_app::ServeHttp;
@@ -153,7 +153,7 @@ impl ServeHttp for AdminApp {
         // Whatever the caller sent and we did not read would poison keep-alive: drained when
         // small, else the connection closes after the answer.
         let limit = self.0.live().config.server.max_body_bytes;
-        crate::proxy::inspect::settle_body(session, limit).await;
+        crate::inspect::settle_body(session, limit).await;
         let mut builder = Response::builder()
             .status(reply.status)
             .header("content-type", reply.content_type)

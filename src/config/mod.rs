@@ -1,12 +1,11 @@
 //! Configuration: gateway.toml and the policy files turned into one validated model.
 
-pub mod error;
 mod file;
 mod validate;
 
+use crate::diagnostics::{self as error, Reporter};
+pub use crate::diagnostics::{ConfigError, ConfigErrors, ConfigWarning};
 use crate::policy::Policies;
-use error::Reporter;
-pub use error::{ConfigError, ConfigErrors};
 use http::HeaderName;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,28 +28,6 @@ pub struct Config {
     pub policies: Policies,
     /// Things that work but that an operator should know (`check` prints them).
     pub warnings: Vec<ConfigWarning>,
-}
-
-/// A located remark that does not make the configuration invalid.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigWarning {
-    pub file: PathBuf,
-    pub line: usize,
-    pub column: usize,
-    pub message: String,
-}
-
-impl std::fmt::Display for ConfigWarning {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: warning: {}",
-            self.file.display(),
-            self.line,
-            self.column,
-            self.message
-        )
-    }
 }
 
 /// Minimum lengths of the secrets (SPEC §9).
@@ -112,7 +89,29 @@ impl std::fmt::Debug for Admin {
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
     pub data_file: PathBuf,
-    pub redis: Option<crate::store::RedisSettings>,
+    pub redis: Option<RedisSettings>,
+}
+
+/// How to reach Redis and how long to wait for it.
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// `redis://[user:pass@]host:port[/db]`, or `redis+cluster://host:port,host:port,...`.
+    pub url: String,
+    /// Deadline of one store call on the request path.
+    pub timeout: Duration,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long the open breaker fails fast before probing again.
+    pub breaker_cooldown: Duration,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -213,15 +212,6 @@ pub enum AuthMode {
     ApiKey,
     Jwt,
     Open,
-}
-
-/// What a route does when the store cannot decide the limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreErrorMode {
-    /// 503 SERVICE_UNAVAILABLE with Retry-After.
-    FailClosed,
-    /// Forward a known (cached) caller unmetered, counted in metrics.
-    FailOpen,
 }
 
 #[derive(Debug, Clone)]

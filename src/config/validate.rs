@@ -1,8 +1,8 @@
 //! Turning the file's raw values into the validated model, one located error per problem.
 
-use super::error::Reporter;
 use super::file;
 use super::*;
+use crate::diagnostics::Reporter;
 use http::HeaderName;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -78,7 +78,7 @@ pub(super) fn store_settings(
                 .clone()
                 .unwrap_or_else(|| "data/store.jsonl".into()),
         ),
-        redis: url.map(|url| crate::store::RedisSettings {
+        redis: url.map(|url| RedisSettings {
             url,
             timeout,
             breaker_threshold,

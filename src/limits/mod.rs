@@ -1,4 +1,5 @@
 //! Rate-limit and quota decisions: pure logic, clock injected.
 
 pub mod gcra;
+pub(crate) mod local;
 pub mod quota;

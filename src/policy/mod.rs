@@ -4,9 +4,9 @@
 pub mod plans;
 pub mod routes;
 
-use crate::config::ConfigErrors;
+use crate::diagnostics::ConfigErrors;
 pub use plans::{Plan, Plans};
-pub use routes::{InstanceSource, RoutePolicies, RoutePolicy, ScopeRule};
+pub use routes::{InstanceSource, RoutePolicies, RoutePolicy, ScopeRule, StoreErrorMode};
 use std::path::Path;
 
 /// Everything in the policy directory.

@@ -1,7 +1,7 @@
 //! plans.toml: what each plan allows (key cap, monthly quota, rate, burst).
 
-use crate::config::error::Reporter;
-use crate::config::ConfigErrors;
+use crate::diagnostics::ConfigErrors;
+use crate::diagnostics::Reporter;
 use crate::limits::gcra::BucketParams;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -48,13 +48,13 @@ fn ten() -> Spanned<u32> {
 impl Plans {
     /// Reads and validates a plans file.
     pub fn load(path: &Path) -> Result<Plans, ConfigErrors> {
-        let source = crate::config::error::read_source(path)?;
+        let source = crate::diagnostics::read_source(path)?;
         Self::parse(path, &source)
     }
 
     /// Validates a plans document; `path` only names it in errors.
     pub fn parse(path: &Path, source: &str) -> Result<Plans, ConfigErrors> {
-        let raw: PlansFile = crate::config::error::parse_toml(path, source)?;
+        let raw: PlansFile = crate::diagnostics::parse_toml(path, source)?;
         let mut r = Reporter::new(path, source);
         if raw.plans.is_empty() {
             r.whole("plans", "at least one plan is required");

@@ -6,14 +6,23 @@
 //! where the instance comes from (or `instance = "none"`). Prefixes match on whole segments,
 //! by the rule the router uses ([`crate::path::prefix_matches`]); `HEAD` matches as `GET`.
 
-use crate::config::error::Reporter;
-use crate::config::{ConfigErrors, StoreErrorMode};
+use crate::diagnostics::ConfigErrors;
+use crate::diagnostics::Reporter;
 use crate::limits::gcra::BucketParams;
 use http::Method;
 use serde::Deserialize;
 use std::path::Path;
 use std::str::FromStr;
 use toml::Spanned;
+
+/// What a route does when the store cannot decide the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorMode {
+    /// 503 SERVICE_UNAVAILABLE with Retry-After.
+    FailClosed,
+    /// Forward a known (cached) caller unmetered, counted in metrics.
+    FailOpen,
+}
 
 /// Which scope a restricted key needs on a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,12 +102,12 @@ struct InstanceFile {
 
 impl RoutePolicies {
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
-        let source = crate::config::error::read_source(path)?;
+        let source = crate::diagnostics::read_source(path)?;
         Self::parse(path, &source)
     }
 
     pub fn parse(path: &Path, source: &str) -> Result<Self, ConfigErrors> {
-        let raw: RoutesFile = crate::config::error::parse_toml(path, source)?;
+        let raw: RoutesFile = crate::diagnostics::parse_toml(path, source)?;
         let mut r = Reporter::new(path, source);
         for s in &raw.scopes {
             if s.get_ref() == "none" {
@@ -114,7 +123,7 @@ impl RoutePolicies {
         let mut out: Vec<(RoutePolicy, usize, usize)> = Vec::new();
         for (i, route) in raw.route.iter().enumerate() {
             let policy = validate(&mut r, i, route, &scopes);
-            let line = crate::config::error::line_col(source, route.prefix.span().start).0;
+            let line = crate::diagnostics::line_col(source, route.prefix.span().start).0;
             let overlap = |o: &RoutePolicy| {
                 o.prefix == policy.prefix
                     && (o.methods.is_empty()

@@ -112,7 +112,7 @@ pub(crate) async fn serve(
         KeyCall::List => gw.manager.list_keys(account_id).await?,
         KeyCall::Create => {
             let body =
-                super::inspect::read_body(session, live.config.server.max_body_bytes).await?;
+                crate::inspect::read_body(session, live.config.server.max_body_bytes).await?;
             let created = gw
                 .manager
                 .create_key(&live.config.policies, account_id, &body)

@@ -169,13 +169,13 @@ pub(crate) fn forwarded_for(prior: Option<&HeaderValue>, ip: IpAddr) -> HeaderVa
 }
 
 /// Request ids: a client's sane one is kept, otherwise 32 hex characters unique to this process.
-pub struct RequestIds {
+pub(crate) struct RequestIds {
     node: u64,
     counter: AtomicU64,
 }
 
 impl RequestIds {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut seed = [0u8; 8];
         // A failed random source only makes ids less unique across nodes, never wrong here.
         let _ = getrandom::getrandom(&mut seed);
@@ -185,13 +185,13 @@ impl RequestIds {
         }
     }
 
-    pub fn next(&self) -> HeaderValue {
+    pub(crate) fn next(&self) -> HeaderValue {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         ValueBuf::new().hex16(self.node).hex16(n).value()
     }
 
     /// A client-supplied id is kept when it is 1–128 characters of `[A-Za-z0-9._:-]`.
-    pub fn is_sane(id: &[u8]) -> bool {
+    pub(crate) fn is_sane(id: &[u8]) -> bool {
         !id.is_empty()
             && id.len() <= 128
             && id

@@ -1,14 +1,18 @@
-//! The pingora proxy: route, authenticate, apply policies and limits, rewrite headers, forward.
+//! The pingora adapter: each phase of pingora's `ProxyHttp` that the gateway implements, in the
+//! order pingora runs them for one request (see pingora-proxy's `proxy_trait.rs` for the whole
+//! chart). The decisions themselves live below: `public_api` (SPEC §3), `console` (SPEC §4),
+//! routing, the store and the limits; this module only carries a request through the phases.
+//!
+//! `new_ctx` → `request_filter` (normalise, route, authenticate, limit: answer here or go on)
+//! → `upstream_peer` → [`fail_to_connect`, retried on another address] →
+//! `upstream_request_filter` (identity headers in, client copies out) → `response_filter`
+//! (rate-limit headers) → [`fail_to_proxy` on any error after `request_filter`] → `logging`.
 
 pub(crate) mod console;
 pub(crate) mod header_maps;
 pub(crate) mod headers;
-pub(crate) mod inspect;
-pub(crate) mod ip_limit;
 pub(crate) mod public_api;
 pub(crate) mod respond;
-pub(crate) mod router;
-pub(crate) mod upstream;
 
 use crate::config::{AuthMode, Route};
 use crate::errors::GatewayError;
@@ -60,7 +64,13 @@ impl Ctx {
 }
 
 /// The pingora face of a [`Gateway`].
-pub(crate) struct GatewayProxy(pub Arc<Gateway>);
+pub(crate) struct GatewayProxy(pub(crate) Arc<Gateway>, RequestIds);
+
+impl GatewayProxy {
+    pub(crate) fn new(gateway: Arc<Gateway>) -> Self {
+        Self(gateway, RequestIds::new())
+    }
+}
 
 fn header_bytes(req: &RequestHeader) -> usize {
     req.headers
@@ -149,7 +159,7 @@ impl GatewayProxy {
             AuthMode::ApiKey => {
                 // A method override would turn the request into another method than the one
                 // its policy was matched on.
-                if inspect::has_method_override(req.uri.query()) {
+                if crate::inspect::has_method_override(req.uri.query()) {
                     return Err(GatewayError::method_override());
                 }
                 match public_api::authorize(gw, &live, session, policy, &path).await {
@@ -182,6 +192,7 @@ impl GatewayProxy {
 impl ProxyHttp for GatewayProxy {
     type CTX = Ctx;
 
+    /// Runs first, once per request: the snapshot the request lives by, taken now.
     fn new_ctx(&self) -> Ctx {
         Ctx {
             started: Instant::now(),
@@ -196,6 +207,8 @@ impl ProxyHttp for GatewayProxy {
         }
     }
 
+    /// Runs once the request head is read. `Ok(true)`: answered here (a refusal or a
+    /// gateway-served call), pingora goes straight to `logging`; `Ok(false)`: forward.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let gw = &*self.0;
         // Bound idle keep-alive, without reviving a connection pingora or the client chose to close.
@@ -208,7 +221,7 @@ impl ProxyHttp for GatewayProxy {
             .get(&ctx.live.config.forward.request_id_header)
         {
             Some(v) if RequestIds::is_sane(v.as_bytes()) => v.clone(),
-            _ => gw.request_ids.next(),
+            _ => self.1.next(),
         };
         match self.admit(session, ctx).await {
             Ok(None) => Ok(false),
@@ -223,6 +236,8 @@ impl ProxyHttp for GatewayProxy {
         }
     }
 
+    /// Runs before each connection attempt: the next healthy address of the route's pool not
+    /// tried yet. An `Err` goes to `fail_to_proxy` (503 when no address is left).
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let upstream = ctx
             .route()
@@ -243,6 +258,8 @@ impl ProxyHttp for GatewayProxy {
         Ok(Box::new(peer))
     }
 
+    /// Runs when connecting to the peer failed: marks the address, and asks pingora to retry
+    /// (through `upstream_peer`) while another address is left; nothing was sent yet.
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -261,6 +278,8 @@ impl ProxyHttp for GatewayProxy {
         e
     }
 
+    /// Runs before the request head goes upstream (again on a retry): client copies of the
+    /// owned headers out, identity and forwarding headers in, the normalised path set.
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
@@ -306,6 +325,8 @@ impl ProxyHttp for GatewayProxy {
         Ok(())
     }
 
+    /// Runs on the upstream's response head before it goes to the client: rate-limit state
+    /// and the request id added.
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -324,6 +345,8 @@ impl ProxyHttp for GatewayProxy {
         Ok(())
     }
 
+    /// Runs on any error after `request_filter` (connect, upstream I/O, timeouts): answers the
+    /// client with the error's JSON unless the client is gone; the connection is not reused.
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let err = match e.etype() {
             ErrorType::HTTPStatus(503) => GatewayError::no_healthy_upstream(),
@@ -363,6 +386,7 @@ impl ProxyHttp for GatewayProxy {
         }
     }
 
+    /// Runs last, for every request, answered here or upstream: the metrics.
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let label = ctx.route.and_then(|i| ctx.live.labels.get(i));

@@ -1,15 +1,14 @@
 //! The public API's checks (SPEC §3), in order, stopping at the first failure.
 
 use super::headers::{ceil_secs, RateHeaders};
-use super::inspect;
 use super::Identity;
 use crate::auth::{api_key, Principal, RateGate};
-use crate::config::StoreErrorMode;
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
+use crate::inspect;
 use crate::limits::quota;
 use crate::live::Live;
-use crate::policy::{InstanceSource, RoutePolicy, ScopeRule};
+use crate::policy::{InstanceSource, RoutePolicy, ScopeRule, StoreErrorMode};
 use crate::store::{Admission, AdmitRequest, Subscription};
 use inspect::{Ambiguity, BodyError};
 use pingora::http::RequestHeader;

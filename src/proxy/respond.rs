@@ -28,7 +28,7 @@ pub(crate) async fn send(
     body: Vec<u8>,
     retry_after: Option<u64>,
 ) -> Result<()> {
-    super::inspect::settle_body(session, ctx.live.config.server.max_body_bytes).await;
+    crate::inspect::settle_body(session, ctx.live.config.server.max_body_bytes).await;
     let mut parts = http::Response::new(()).into_parts().0;
     parts.status = http::StatusCode::from_u16(status)
         .map_err(|_| pingora::Error::new(pingora::ErrorType::InternalError))?;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 pub use embedded::EmbeddedStore;
-pub use redis_store::{RedisSettings, RedisStore};
+pub use redis_store::RedisStore;
 use std::sync::Arc;
 
 /// Something other nodes changed: drop it from the local caches.

@@ -46,6 +46,7 @@ use super::{
     Store, StoreError,
 };
 use crate::cache::BoundedCache;
+use crate::config::RedisSettings;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -58,28 +59,6 @@ use std::time::Duration;
 
 /// Invalidation channel.
 pub const CHANNEL: &str = "mf:invalidate";
-
-/// How to reach Redis and how long to wait for it.
-#[derive(Clone)]
-pub struct RedisSettings {
-    /// `redis://[user:pass@]host:port[/db]`, or `redis+cluster://host:port,host:port,...`.
-    pub url: String,
-    /// Deadline of one store call on the request path.
-    pub timeout: Duration,
-    /// Consecutive failures that open the circuit breaker.
-    pub breaker_threshold: u32,
-    /// How long the open breaker fails fast before probing again.
-    pub breaker_cooldown: Duration,
-}
-
-impl std::fmt::Debug for RedisSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisSettings")
-            .field("url", &"<redacted>")
-            .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
-    }
-}
 
 /// Seed URLs of a `redis+cluster://` URL, or `None` for a single-node URL.
 pub fn cluster_seeds(url: &str) -> Option<Vec<String>> {

@@ -130,19 +130,20 @@ impl Pool {
     }
 }
 
-/// Probes every address of every pool that has a health check, by TCP connect; the pools are
-/// read from the gateway's current snapshot each round, so reloads are followed.
+/// The pools in force now (read from the current snapshot each round, so reloads are followed).
+pub(crate) type CurrentPools = Box<dyn Fn() -> Vec<Arc<Pool>> + Send + Sync>;
+
+/// Probes every address of every pool that has a health check, by TCP connect.
 pub(crate) struct HealthChecker {
-    pub gateway: Arc<crate::gateway::Gateway>,
+    pub(crate) pools: CurrentPools,
 }
 
 #[async_trait]
 impl BackgroundService for HealthChecker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         loop {
-            let live = self.gateway.live();
-            let checked: Vec<(&Arc<Pool>, HealthCheck)> = live
-                .pools
+            let pools = (self.pools)();
+            let checked: Vec<(&Arc<Pool>, HealthCheck)> = pools
                 .iter()
                 .filter_map(|p| p.health.map(|h| (p, h)))
                 .collect();
@@ -161,7 +162,7 @@ impl BackgroundService for HealthChecker {
                 }
             }
             drop(checked);
-            drop(live);
+            drop(pools);
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(interval) => {}

@@ -1,4 +1,5 @@
-//! Configuration errors that name the file, the line and the field.
+//! Diagnostics of configuration and policy files: errors (and warnings) that name the file,
+//! the line, the column and the field. A leaf: config and policy both report through it.
 
 use std::fmt;
 use std::ops::Range;
@@ -59,6 +60,28 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
+
+/// A located remark that does not make the configuration invalid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: warning: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
 
 /// Collects errors against one source file.
 pub struct Reporter<'a> {
