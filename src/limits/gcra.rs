@@ -12,10 +12,6 @@ impl BucketParams {
     pub fn emission_interval_ns(&self) -> u64 {
         (1_000_000_000 / u64::from(self.rate_per_second.max(1))).max(1)
     }
-
-    fn burst_u64(&self) -> u64 {
-        u64::from(self.burst.max(1))
-    }
 }
 
 /// Outcome of [`decide`].
@@ -50,38 +46,46 @@ pub fn decide(tat_ns: Option<u64>, now_ns: u64, params: BucketParams) -> BucketD
 /// [`decide`] for a bucket given by its emission interval rather than a rate per second
 /// (slower than one a second: ten a minute is one every 6 s).
 pub fn decide_every(tat_ns: Option<u64>, now_ns: u64, t: u64, burst: u32) -> BucketDecision {
-    let params = BucketParams {
-        rate_per_second: 1,
-        burst,
-    };
     let t = t.max(1);
-    let window = params.burst_u64().saturating_mul(t);
     let tat = tat_ns.map_or(now_ns, |v| v.max(now_ns));
-    let new_tat = tat.saturating_add(t);
-    let horizon = now_ns.saturating_add(window);
-    if horizon < new_tat {
+    judge(tat.saturating_add(t), now_ns, t, burst)
+}
+
+/// Judges a TAT already advanced by one interval, `new_tat = max(tat, now) + t`, as a shared
+/// store computes it in one command (`ZADD GT` + `ZINCRBY`): admit with the remaining burst, or
+/// refuse with the retry time. [`decide_every`] is this after computing `new_tat` itself.
+pub fn judge(new_tat_ns: u64, now_ns: u64, t: u64, burst: u32) -> BucketDecision {
+    let t = t.max(1);
+    let burst = u64::from(burst.max(1));
+    let horizon = now_ns.saturating_add(burst.saturating_mul(t));
+    if horizon < new_tat_ns {
         BucketDecision::Deny {
-            retry_after_ns: new_tat - horizon,
-            reset_after_ns: tat - now_ns,
+            retry_after_ns: new_tat_ns - horizon,
+            reset_after_ns: new_tat_ns.saturating_sub(t).saturating_sub(now_ns),
         }
     } else {
-        let spare = (horizon - new_tat) / t;
+        let spare = (horizon - new_tat_ns) / t;
         BucketDecision::Allow {
-            new_tat_ns: new_tat,
-            remaining: clamp_u32(spare.min(params.burst_u64() - 1)),
-            reset_after_ns: new_tat - now_ns,
+            new_tat_ns,
+            remaining: clamp_u32(spare.min(burst - 1)),
+            reset_after_ns: new_tat_ns.saturating_sub(now_ns),
         }
     }
 }
 
 /// State without consuming: `(remaining, reset_after_ns)`.
 pub fn peek(tat_ns: Option<u64>, now_ns: u64, params: BucketParams) -> (u32, u64) {
-    let burst = params.burst_u64();
+    peek_every(tat_ns, now_ns, params.emission_interval_ns(), params.burst)
+}
+
+/// [`peek`] for a bucket given by its emission interval.
+pub fn peek_every(tat_ns: Option<u64>, now_ns: u64, t: u64, burst: u32) -> (u32, u64) {
+    let burst = u64::from(burst.max(1));
     let tat = match tat_ns {
         Some(tat) if tat > now_ns => tat,
         _ => return (clamp_u32(burst), 0),
     };
-    let t = params.emission_interval_ns();
+    let t = t.max(1);
     let spare = now_ns
         .saturating_add(burst.saturating_mul(t))
         .saturating_sub(tat)

@@ -278,17 +278,14 @@ impl Store for EmbeddedStore {
             return Ok(Admission::QuotaExceeded {
                 remaining,
                 reset_after_ns,
-                used: *used,
             });
         }
         *used += 1;
-        let used = *used;
         bucket.tat_ns = new_tat_ns;
         bucket.last_used_ms = req.now_ns / 1_000_000;
         Ok(Admission::Allowed {
             remaining,
             reset_after_ns,
-            used,
         })
     }
 

@@ -3,7 +3,7 @@
 pub mod breaker;
 pub mod embedded;
 mod journal;
-pub mod redis_store;
+pub mod redis;
 
 use crate::limits::gcra::BucketParams;
 use async_trait::async_trait;
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 pub use embedded::EmbeddedStore;
-pub use redis_store::RedisStore;
+pub use redis::RedisStore;
 use std::sync::Arc;
 
 /// Something other nodes changed: drop it from the local caches.
@@ -99,22 +99,14 @@ pub struct AdmitRequest<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     /// Forwarded: one token and one quota unit consumed.
-    Allowed {
-        remaining: u32,
-        reset_after_ns: u64,
-        used: u64,
-    },
+    Allowed { remaining: u32, reset_after_ns: u64 },
     /// Over the per-key rate: nothing consumed.
     RateLimited {
         retry_after_ns: u64,
         reset_after_ns: u64,
     },
     /// Over the monthly quota: nothing consumed.
-    QuotaExceeded {
-        remaining: u32,
-        reset_after_ns: u64,
-        used: u64,
-    },
+    QuotaExceeded { remaining: u32, reset_after_ns: u64 },
 }
 
 /// Why a key could not be created.

@@ -1,0 +1,183 @@
+//! One authorized request: rate limit and quota in one round trip, without scripts.
+//!
+//! The pipeline is `ZADD tat GT now t; ZINCRBY tat T t; INCR q` (plus `EXPIREAT q` once per
+//! period and node, and `PEXPIRE tat` + `HSET used` at most once a minute per key and node: the
+//! TAT's TTL covers a minute without refresh). `ZADD GT` then `ZINCRBY` computes GCRA's
+//! `max(tat, now) + T` in Redis; what that TAT means (admit, refuse, remaining, reset) is
+//! `limits::gcra::judge`'s arithmetic, the same the embedded store uses. A rejection (rate or
+//! quota) is compensated with `ZINCRBY -T` and `DECR`, so it consumes nothing. Between a
+//! rejected increment and its compensation another request can only see *more* usage, never
+//! less: the limits may briefly refuse early, never admit extra.
+//!
+//! No MULTI/EXEC around the pipeline (it cost more client CPU than the commands themselves:
+//! seven replies to parse instead of three). Redis runs one connection's commands in order, so a
+//! request's `ZADD GT` precedes its `ZINCRBY`; another node's commands may come in between.
+//! That only makes the answer more conservative: with requests numbered in `ZINCRBY` order,
+//! request k reads `v_k = max(tat₀, now_j of every ZADD before it) + k·T`, and every j ≤ k sent
+//! its ZADD before its own ZINCRBY, so `v_k ≥ max(tat₀ + k·T, max_{j≤k} now_j + (k-j+1)·T)`,
+//! which is exactly what sequential GCRA would give request k. A request therefore never sees less
+//! usage than some serial order would show it. A pipeline cut short by a lost connection can
+//! leave a token taken without its request admitted: early refusal again, never extra.
+
+use super::schema::{quota_key, tat_key, used_key};
+use super::RedisStore;
+use crate::limits::gcra::{self, BucketDecision};
+use crate::store::{Admission, AdmitRequest, StoreError};
+
+/// How often one node records a key's last use and pushes back its TAT's expiry.
+pub(super) const LAST_USE_EVERY_NS: u64 = 60_000_000_000;
+
+/// A TAT key lives this long past its burst window after each refresh: a node that admits with
+/// a key refreshes at least once per `LAST_USE_EVERY_NS`, so the key outlives the last request's
+/// TAT (at most a burst window ahead) by a second.
+const TAT_TTL_MARGIN_MS: u64 = LAST_USE_EVERY_NS / 1_000_000 + 1_000;
+
+impl RedisStore {
+    pub(super) async fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, StoreError> {
+        // Only the proxy admits: this runs on its runtime.
+        self.open_local().await;
+        let t_us = (1_000_000 / u64::from(req.bucket.rate_per_second.max(1))).max(1);
+        let burst_us = u64::from(req.bucket.burst.max(1)) * t_us;
+        let now_us = req.now_ns / 1000;
+        let tat = tat_key(req.account_id, req.key_id);
+        let quota = quota_key(req.account_id, req.period_id);
+        // Counter expiry once per period and node; TAT expiry and last use at most once a
+        // minute per key and node: the usual pipeline is ZADD, ZINCRBY, INCR. No MULTI: see the
+        // module doc for why interleaving with other nodes' pipelines can only refuse early.
+        let set_expiry = self
+            .quota_expiry_set
+            .get(req.account_id, req.now_ns)
+            .is_none_or(|p| p != req.period_id);
+        let touch = self.key_touched.get(req.key_id, req.now_ns).is_none();
+        let mut p = redis::pipe();
+        p.cmd("ZADD")
+            .arg(&tat)
+            .arg("GT")
+            .arg(now_us)
+            .arg("t")
+            .ignore()
+            .cmd("ZINCRBY")
+            .arg(&tat)
+            .arg(t_us)
+            .arg("t")
+            .cmd("INCR")
+            .arg(&quota);
+        if set_expiry {
+            p.cmd("EXPIREAT")
+                .arg(&quota)
+                .arg(req.period_end_unix + 35 * 86_400)
+                .ignore();
+        }
+        if touch {
+            p.cmd("PEXPIRE")
+                .arg(&tat)
+                .arg(burst_us / 1000 + TAT_TTL_MARGIN_MS)
+                .ignore();
+            p.cmd("HSET")
+                .arg(used_key(req.account_id))
+                .arg(req.key_id)
+                .arg(req.now_ns / 1_000_000)
+                .ignore();
+        }
+        let (new_tat, used): (f64, u64) = self.pipe(&p).await?;
+        if set_expiry {
+            self.quota_expiry_set.insert(
+                req.account_id.to_owned(),
+                req.period_id.to_owned(),
+                req.now_ns,
+            );
+        }
+        if touch {
+            self.key_touched
+                .insert(req.key_id.to_owned(), (), req.now_ns);
+        }
+        // Redis keeps microseconds; the decision is limits::gcra's, in nanoseconds.
+        let (new_tat_ns, now_ns, t_ns) = ((new_tat as u64) * 1000, now_us * 1000, t_us * 1000);
+        let burst = req.bucket.burst;
+        match gcra::judge(new_tat_ns, now_ns, t_ns, burst) {
+            BucketDecision::Deny {
+                retry_after_ns,
+                reset_after_ns,
+            } => {
+                self.compensate(&tat, &quota, t_us).await;
+                Ok(Admission::RateLimited {
+                    retry_after_ns,
+                    reset_after_ns,
+                })
+            }
+            BucketDecision::Allow { .. } if used > req.monthly_quota => {
+                self.compensate(&tat, &quota, t_us).await;
+                let prior_tat_ns = new_tat_ns.saturating_sub(t_ns);
+                let (remaining, reset_after_ns) =
+                    gcra::peek_every(Some(prior_tat_ns), now_ns, t_ns, burst);
+                Ok(Admission::QuotaExceeded {
+                    remaining,
+                    reset_after_ns,
+                })
+            }
+            BucketDecision::Allow {
+                remaining,
+                reset_after_ns,
+                ..
+            } => Ok(Admission::Allowed {
+                remaining,
+                reset_after_ns,
+            }),
+        }
+    }
+
+    async fn compensate(&self, tat: &str, quota: &str, t_us: u64) {
+        let mut p = redis::pipe();
+        p.cmd("ZINCRBY")
+            .arg(tat)
+            .arg(-(t_us as f64))
+            .arg("t")
+            .ignore()
+            .cmd("DECR")
+            .arg(quota)
+            .ignore();
+        if let Err(e) = self.pipe::<()>(&p).await {
+            tracing::warn!(error = %e, "could not give back a rejected request's usage");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The module doc's argument for pipelines without MULTI, checked on a model of the
+        /// two commands: however other requests' `ZADD GT` / `ZINCRBY` interleave, each
+        /// request reads at least the TAT that serial GCRA (in ZINCRBY order) would give it.
+        #[test]
+        fn interleaved_pipelines_never_read_less_than_serial_gcra(
+            nows in proptest::collection::vec(0u64..1_000, 1..8),
+            shuffle in proptest::collection::vec(any::<u32>(), 16),
+            tat0 in 0u64..1_000,
+        ) {
+            const T: u64 = 100;
+            let n = nows.len();
+            // Each request contributes its ZADD (false) and ZINCRBY (true) event, in a random
+            // order in which every ZADD precedes its own ZINCRBY.
+            let mut events: Vec<(usize, bool)> =
+                (0..n).flat_map(|i| [(i, false), (i, true)]).collect();
+            events.sort_by_key(|(i, second)| shuffle[(2 * i + usize::from(*second)) % 16]);
+            let mut seen = vec![false; n];
+            for e in events.iter_mut() {
+                e.1 = seen[e.0];
+                seen[e.0] = true;
+            }
+            let (mut tat, mut serial) = (tat0, tat0);
+            for (i, is_incr) in events {
+                if is_incr {
+                    tat += T;
+                    serial = serial.max(nows[i]) + T;
+                    prop_assert!(tat >= serial, "read {tat}, serial GCRA {serial}");
+                } else {
+                    tat = tat.max(nows[i]);
+                }
+            }
+        }
+    }
+}

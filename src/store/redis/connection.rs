@@ -1,0 +1,261 @@
+//! Connections: the start-up one on the store's own runtime, the request path's own one on the
+//! proxy's runtime, and the deadline and circuit breaker every call runs under.
+
+use super::admission::LAST_USE_EVERY_NS;
+use super::RedisStore;
+use crate::cache::BoundedCache;
+use crate::config::RedisSettings;
+use crate::store::breaker::Breaker;
+use crate::store::StoreError;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Seed URLs of a `redis+cluster://` URL, or `None` for a single-node URL.
+pub fn cluster_seeds(url: &str) -> Option<Vec<String>> {
+    let rest = url.strip_prefix("redis+cluster://")?;
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    Some(
+        hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("redis://{auth}{h}"))
+            .collect(),
+    )
+}
+
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    async fn pipe<T: FromRedisValue>(&mut self, p: &Pipeline) -> RedisResult<T> {
+        match self {
+            Conn::Single(c) => p.query_async(c).await,
+            Conn::Cluster(c) => p.query_async(c).await,
+        }
+    }
+
+    async fn cmd<T: FromRedisValue>(&mut self, cmd: &Cmd) -> RedisResult<T> {
+        match self {
+            Conn::Single(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+}
+
+/// What makes a connection: kept so that the request path can open its own (see
+/// [`RedisStore::local`]).
+pub(super) enum Connector {
+    Single(redis::Client, ConnectionManagerConfig),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+impl Connector {
+    /// Opens a connection whose I/O task runs on the calling task's runtime.
+    async fn connect(&self) -> RedisResult<Conn> {
+        Ok(match self {
+            Connector::Single(client, config) => Conn::Single(
+                client
+                    .get_connection_manager_with_config(config.clone())
+                    .await?,
+            ),
+            Connector::Cluster(client) => Conn::Cluster(client.get_async_connection().await?),
+        })
+    }
+}
+
+/// Errors that say Redis is unreachable (as opposed to a bad reply): they trip the breaker.
+fn is_outage(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+/// Whether the request path's own connection is being opened, and when that last failed.
+#[derive(Default)]
+pub(super) struct LocalOpening {
+    in_progress: bool,
+    failed_at: Option<std::time::Instant>,
+}
+
+/// Marks the opening of the request path's connection as over when dropped.
+struct ClearOnDrop<'a>(&'a parking_lot::Mutex<LocalOpening>);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.lock().in_progress = false;
+    }
+}
+
+impl RedisStore {
+    /// Connects (bounded by a few seconds); an unreachable Redis at start is an error.
+    pub fn connect(s: &RedisSettings) -> Result<Self, StoreError> {
+        let fail = |e: &dyn std::fmt::Display| StoreError::Unavailable(e.to_string());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("msgflash-redis")
+            .enable_all()
+            .build()
+            .map_err(|e| fail(&e))?;
+        let connect_timeout = Duration::from_secs(3);
+        let (connector, pubsub_clients) = match cluster_seeds(&s.url) {
+            Some(seeds) => {
+                let client = redis::cluster::ClusterClient::builder(seeds.clone())
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(s.timeout.max(Duration::from_millis(10)))
+                    .retries(1)
+                    .build()
+                    .map_err(|e| fail(&e))?;
+                let pubsub = seeds
+                    .iter()
+                    .map(|u| redis::Client::open(u.as_str()))
+                    .collect::<RedisResult<Vec<_>>>()
+                    .map_err(|e| fail(&e))?;
+                (Connector::Cluster(client), pubsub)
+            }
+            None => {
+                let client = redis::Client::open(s.url.as_str()).map_err(|e| fail(&e))?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(connect_timeout))
+                    .set_response_timeout(Some(s.timeout.max(Duration::from_millis(10))))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                (Connector::Single(client.clone(), config), vec![client])
+            }
+        };
+        let conn = runtime
+            .block_on(async { tokio::time::timeout(connect_timeout, connector.connect()).await })
+            .map_err(|_| fail(&"timed out connecting to Redis"))?
+            .map_err(|e| fail(&e))?;
+        Ok(Self {
+            runtime: Some(runtime),
+            conn,
+            connector,
+            local: tokio::sync::OnceCell::new(),
+            local_opening: parking_lot::Mutex::default(),
+            pubsub_clients,
+            timeout: s.timeout,
+            quota_expiry_set: BoundedCache::new(100_000, 86_400_000_000_000),
+            key_touched: BoundedCache::new(100_000, LAST_USE_EVERY_NS),
+            breaker: Arc::new(Breaker::new(
+                s.breaker_threshold,
+                u64::try_from(s.breaker_cooldown.as_nanos()).unwrap_or(u64::MAX),
+            )),
+        })
+    }
+
+    /// Runs one store call under the deadline and the circuit breaker.
+    async fn guarded<T>(
+        &self,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        if !self.breaker.allows() {
+            return Err(StoreError::Unavailable("circuit open".into()));
+        }
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => {
+                self.breaker.success();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                if is_outage(&e) {
+                    self.breaker.failure();
+                }
+                Err(StoreError::Unavailable(e.to_string()))
+            }
+            Err(_) => {
+                self.breaker.failure();
+                Err(StoreError::Unavailable("timed out".into()))
+            }
+        }
+    }
+
+    /// The request path's own connection once it exists, else the start-up one.
+    fn pick(&self) -> Conn {
+        self.local.get().unwrap_or(&self.conn).clone()
+    }
+
+    /// Opens the request path's connection on the calling runtime unless it exists, another
+    /// request is opening it, or an attempt failed less than a second ago. Only the request
+    /// that opens it waits (at most the store deadline); the others use `conn` meanwhile.
+    pub(super) async fn open_local(&self) {
+        if self.local.initialized() {
+            return;
+        }
+        {
+            let mut state = self.local_opening.lock();
+            if state.in_progress
+                || state
+                    .failed_at
+                    .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+            {
+                return;
+            }
+            state.in_progress = true;
+        }
+        // Cleared however this ends, a dropped request included.
+        let _opening = ClearOnDrop(&self.local_opening);
+        let failure = match tokio::time::timeout(self.timeout, self.connector.connect()).await {
+            Ok(Ok(conn)) => {
+                let _ = self.local.set(conn);
+                None
+            }
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("timed out".to_owned()),
+        };
+        if let Some(e) = &failure {
+            tracing::warn!(error = %e, "could not open the request path's Redis connection; the shared one serves");
+            self.local_opening.lock().failed_at = Some(std::time::Instant::now());
+        }
+    }
+
+    pub(super) async fn pipe<T: FromRedisValue>(&self, p: &Pipeline) -> Result<T, StoreError> {
+        let mut c = self.pick();
+        self.guarded(async move { c.pipe(p).await }).await
+    }
+
+    pub(super) async fn cmd<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        let mut c = self.pick();
+        self.guarded(async move { c.cmd(cmd).await }).await
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_become_seed_lists() {
+        assert_eq!(cluster_seeds("redis://127.0.0.1:6379"), None);
+        assert_eq!(
+            cluster_seeds("redis+cluster://10.0.0.1:7000, 10.0.0.2:7001"),
+            Some(vec![
+                "redis://10.0.0.1:7000".into(),
+                "redis://10.0.0.2:7001".into()
+            ])
+        );
+        assert_eq!(
+            cluster_seeds("redis+cluster://:secret@h1:7000,h2:7000"),
+            Some(vec![
+                "redis://:secret@h1:7000".into(),
+                "redis://:secret@h2:7000".into()
+            ])
+        );
+    }
+}

@@ -1,0 +1,117 @@
+//! The Redis store: any number of gateway nodes share keys, accounts, limits and quotas through
+//! one Redis (or Redis Cluster). No server-side scripting: single commands, pipelines and
+//! MULTI/EXEC only. One concern per file:
+//!
+//! - `schema`: every key and channel (the table), record encoding;
+//! - `connection`: connections, deadline, circuit breaker;
+//! - `admission`: one request's rate limit and quota, and why the pipeline needs no MULTI;
+//! - `records`: accounts and keys, the plan's cap;
+//! - `invalidation`: publishing changes, the subscriber.
+
+mod admission;
+mod connection;
+mod invalidation;
+mod records;
+mod schema;
+
+use super::breaker::Breaker;
+use super::{
+    Account, Admission, AdmitRequest, CreateKeyError, InvalidationSink, KeyRecord, Store,
+    StoreError,
+};
+use crate::cache::BoundedCache;
+use async_trait::async_trait;
+pub use connection::cluster_seeds;
+use connection::{Conn, Connector, LocalOpening};
+pub use schema::CHANNEL;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Shared Redis state for one gateway process.
+pub struct RedisStore {
+    /// Runs the connections' I/O and the invalidation subscriber; shut down in the background on drop.
+    runtime: Option<tokio::runtime::Runtime>,
+    /// Made at start on `runtime`: serves every caller until `local` exists.
+    conn: Conn,
+    connector: Connector,
+    /// The connection the request path uses, opened by the first admission on the runtime that
+    /// runs it (the proxy's): a store call is then no hop to another thread and back, which on
+    /// a busy 2-core machine cost as much as the round trip itself. Until it exists, `conn`
+    /// serves.
+    local: tokio::sync::OnceCell<Conn>,
+    /// Whether a request is opening `local` now, and when an attempt last failed (retried a
+    /// second later at the earliest).
+    local_opening: parking_lot::Mutex<LocalOpening>,
+    /// Where the subscriber connects (the seeds, for a cluster).
+    pubsub_clients: Vec<redis::Client>,
+    timeout: Duration,
+    breaker: Arc<Breaker>,
+    /// account id -> the quota period whose counter expiry this node has already set.
+    quota_expiry_set: BoundedCache<String, String>,
+    /// Keys whose last use and TAT expiry this node wrote ("touched") less than a minute ago.
+    key_touched: BoundedCache<String, ()>,
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn key_by_hash(&self, hash_hex: &str) -> Result<Option<KeyRecord>, StoreError> {
+        RedisStore::key_by_hash(self, hash_hex).await
+    }
+
+    async fn account(&self, id: &str) -> Result<Option<Account>, StoreError> {
+        RedisStore::account(self, id).await
+    }
+
+    async fn put_account(&self, account: Account) -> Result<Account, StoreError> {
+        RedisStore::put_account(self, account).await
+    }
+
+    async fn create_key(
+        &self,
+        record: KeyRecord,
+        max_keys: u32,
+    ) -> Result<KeyRecord, CreateKeyError> {
+        RedisStore::create_key(self, record, max_keys).await
+    }
+
+    async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        RedisStore::list_keys(self, account_id).await
+    }
+
+    async fn revoke_key(
+        &self,
+        account_id: &str,
+        key_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        RedisStore::revoke_key(self, account_id, key_id, now_ms).await
+    }
+
+    async fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, StoreError> {
+        RedisStore::admit(self, req).await
+    }
+
+    async fn usage(&self, account_id: &str, period_id: &str) -> Result<u64, StoreError> {
+        RedisStore::usage(self, account_id, period_id).await
+    }
+
+    async fn carry_usage(
+        &self,
+        account_id: &str,
+        from: &str,
+        to: &str,
+        to_end_unix: i64,
+    ) -> Result<(), StoreError> {
+        RedisStore::carry_usage(self, account_id, from, to, to_end_unix).await
+    }
+
+    async fn ready(&self) -> bool {
+        self.cmd::<String>(&redis::cmd("PING")).await.is_ok()
+    }
+
+    fn on_invalidation(&self, sink: InvalidationSink) {
+        if let Some(rt) = &self.runtime {
+            rt.spawn(invalidation::subscribe(self.pubsub_clients.clone(), sink));
+        }
+    }
+}

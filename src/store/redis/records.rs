@@ -1,0 +1,207 @@
+//! Accounts and key records: lookups, the account write, key creation under the plan's cap,
+//! listing, revocation, and the quota counters management reads or moves.
+//!
+//! The cap: creation counts first (`SADD` + `SCARD` in MULTI), writes the record and then the
+//! lookup record; nothing but a revoke ever takes a counted id out of the set, so no
+//! interleaving of creates, listings and revokes on any number of nodes lets more than the
+//! cap be active. A process that dies between counting and writing leaves an id counted
+//! without a record (one slot short until an operator runs `SREM mf:{a:<acct>}:active <id>`):
+//! the price of never uncounting a key in flight without server-side scripts.
+
+use super::schema::{
+    account_key, active_key, decode, encode, hash_key, keys_key, quota_key, tat_key, used_key,
+};
+use super::RedisStore;
+use crate::store::{Account, CreateKeyError, KeyRecord, StoreError};
+use std::collections::HashMap;
+
+/// Records (the `Store` methods that manage accounts and keys).
+impl RedisStore {
+    pub(super) async fn key_by_hash(
+        &self,
+        hash_hex: &str,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let json: Option<String> = self.cmd(redis::cmd("GET").arg(hash_key(hash_hex))).await?;
+        json.as_deref().map(decode).transpose()
+    }
+
+    pub(super) async fn account(&self, id: &str) -> Result<Option<Account>, StoreError> {
+        let json: Option<String> = self.cmd(redis::cmd("GET").arg(account_key(id))).await?;
+        json.as_deref().map(decode).transpose()
+    }
+
+    pub(super) async fn put_account(&self, account: Account) -> Result<Account, StoreError> {
+        let json = encode(&account)?;
+        self.cmd::<()>(redis::cmd("SET").arg(account_key(&account.id)).arg(json))
+            .await?;
+        self.publish(format!("a {}", account.id)).await;
+        Ok(account)
+    }
+
+    pub(super) async fn create_key(
+        &self,
+        record: KeyRecord,
+        max_keys: u32,
+    ) -> Result<KeyRecord, CreateKeyError> {
+        let a = record.account_id.as_str();
+        let exists: bool = self.cmd(redis::cmd("EXISTS").arg(account_key(a))).await?;
+        if !exists {
+            return Err(CreateKeyError::UnknownAccount);
+        }
+        // The cap first: add, then count, atomically; whoever counts past the cap takes its
+        // id back (two creates racing at the cap may both be refused: early refusal, never an
+        // extra key). An id counted past the cap never gets a record, so no listing shows it.
+        let mut p = redis::pipe();
+        p.atomic()
+            .cmd("SADD")
+            .arg(active_key(a))
+            .arg(&record.id)
+            .ignore()
+            .cmd("SCARD")
+            .arg(active_key(a));
+        let (count,): (u64,) = self.pipe(&p).await?;
+        if count > u64::from(max_keys) {
+            self.cmd::<()>(redis::cmd("SREM").arg(active_key(a)).arg(&record.id))
+                .await?;
+            return Err(CreateKeyError::LimitReached { max: max_keys });
+        }
+        // Then the record, then the lookup record: the key is usable from the last write on,
+        // and nobody knows its secret before this returns. Nothing ever removes an id from
+        // the set but a revoke (or the refusal above): a listing that runs meanwhile cannot
+        // uncount a key being created.
+        let json = encode(&record)?;
+        let written = async {
+            self.cmd::<()>(
+                redis::cmd("HSET")
+                    .arg(keys_key(a))
+                    .arg(&record.id)
+                    .arg(&json),
+            )
+            .await?;
+            self.cmd::<()>(redis::cmd("SET").arg(hash_key(&record.hash)).arg(&json))
+                .await
+        }
+        .await;
+        if let Err(e) = written {
+            // Give the slot back; should that fail too, the id stays counted without a record
+            // (see the module doc).
+            let mut p = redis::pipe();
+            p.atomic()
+                .cmd("SREM")
+                .arg(active_key(a))
+                .arg(&record.id)
+                .ignore()
+                .cmd("HDEL")
+                .arg(keys_key(a))
+                .arg(&record.id)
+                .ignore();
+            let _ = self.pipe::<()>(&p).await;
+            // The lookup record too, in case its SET went through unseen (another slot in a
+            // cluster, so its own command).
+            let _ = self
+                .cmd::<()>(redis::cmd("DEL").arg(hash_key(&record.hash)))
+                .await;
+            return Err(e.into());
+        }
+        self.publish(format!("k {}", record.hash)).await;
+        Ok(record)
+    }
+
+    pub(super) async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        // Records as they are: nothing here ever touches the cap's set (a listing that
+        // "repaired" ids without a record once uncounted keys being created).
+        let mut p = redis::pipe();
+        p.cmd("HGETALL")
+            .arg(keys_key(account_id))
+            .cmd("HGETALL")
+            .arg(used_key(account_id));
+        let (records, used): (HashMap<String, String>, HashMap<String, u64>) =
+            self.pipe(&p).await?;
+        let mut keys = records
+            .values()
+            .map(|json| decode::<KeyRecord>(json))
+            .collect::<Result<Vec<_>, _>>()?;
+        for key in &mut keys {
+            if let Some(ms) = used.get(&key.id) {
+                key.last_used_at_ms = Some(*ms);
+            }
+        }
+        crate::store::oldest_first(&mut keys);
+        Ok(keys)
+    }
+
+    pub(super) async fn revoke_key(
+        &self,
+        account_id: &str,
+        key_id: &str,
+        now_ms: u64,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let json: Option<String> = self
+            .cmd(redis::cmd("HGET").arg(keys_key(account_id)).arg(key_id))
+            .await?;
+        let Some(json) = json else { return Ok(None) };
+        let mut record: KeyRecord = decode(&json)?;
+        if record.is_active() {
+            record.revoked_at_ms = Some(now_ms);
+            let json = encode(&record)?;
+            // The lookup record first: from here on no node that asks Redis accepts the key.
+            self.cmd::<()>(redis::cmd("SET").arg(hash_key(&record.hash)).arg(&json))
+                .await?;
+            let mut p = redis::pipe();
+            p.atomic()
+                .cmd("HSET")
+                .arg(keys_key(account_id))
+                .arg(key_id)
+                .arg(&json)
+                .ignore()
+                .cmd("SREM")
+                .arg(active_key(account_id))
+                .arg(key_id)
+                .ignore()
+                .cmd("DEL")
+                .arg(tat_key(account_id, key_id))
+                .ignore();
+            self.pipe::<()>(&p).await?;
+        }
+        // Sent again for a key already revoked: a retry completes an invalidation that failed.
+        self.publish(format!("k {}", record.hash)).await;
+        let used: Option<u64> = self
+            .cmd(redis::cmd("HGET").arg(used_key(account_id)).arg(key_id))
+            .await?;
+        record.last_used_at_ms = used.or(record.last_used_at_ms);
+        Ok(Some(record))
+    }
+
+    pub(super) async fn usage(&self, account_id: &str, period_id: &str) -> Result<u64, StoreError> {
+        let n: Option<u64> = self
+            .cmd(redis::cmd("GET").arg(quota_key(account_id, period_id)))
+            .await?;
+        Ok(n.unwrap_or(0))
+    }
+
+    pub(super) async fn carry_usage(
+        &self,
+        account_id: &str,
+        from: &str,
+        to: &str,
+        to_end_unix: i64,
+    ) -> Result<(), StoreError> {
+        let (from, to) = (quota_key(account_id, from), quota_key(account_id, to));
+        // GETDEL takes the count once: two carries racing move it once, not twice.
+        let n: Option<i64> = self.cmd(redis::cmd("GETDEL").arg(&from)).await?;
+        let Some(n) = n.filter(|n| *n > 0) else {
+            return Ok(());
+        };
+        let mut p = redis::pipe();
+        p.atomic()
+            .cmd("INCRBY")
+            .arg(&to)
+            .arg(n)
+            .ignore()
+            .cmd("EXPIREAT")
+            .arg(&to)
+            .arg(to_end_unix + 35 * 86_400)
+            .ignore();
+        self.pipe::<()>(&p).await
+    }
+}
