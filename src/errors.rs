@@ -70,7 +70,8 @@ pub struct GatewayError {
 }
 
 impl GatewayError {
-    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+    /// Only the catalogue below makes errors: every user-facing sentence is written once.
+    fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -324,13 +325,130 @@ impl GatewayError {
         )
     }
 
-    pub fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
+    // Management (admin API and the console's /api/api-keys).
+
+    pub fn invalid_admin_token() -> Self {
+        Self::new(ErrorCode::Unauthorized, "Invalid or missing admin token")
+    }
+
+    pub fn reload_refused(why: impl fmt::Display) -> Self {
+        Self::bad_request(format!("Reload refused: {why}"))
+    }
+
+    /// A management body that is not JSON, or not the shape the call takes. Names the field
+    /// (`scopes[1]`) but never repeats the parser's own words.
+    pub fn invalid_body(field: Option<&str>) -> Self {
+        Self::bad_request(match field {
+            None => Cow::Borrowed(
+                "Invalid request body: a required field is missing or it is not a JSON object",
+            ),
+            Some(f) => Cow::Owned(format!(
+                "Invalid request body: {f} is unknown or of the wrong type"
+            )),
+        })
+    }
+
+    pub fn body_not_json() -> Self {
+        Self::bad_request("Invalid request body: not a JSON document")
+    }
+
+    pub fn invalid_account_id() -> Self {
+        Self::bad_request("Account ids are 1 to 128 characters of A-Z a-z 0-9 . _ : -")
+    }
+
+    pub fn unknown_plan(plan: &str, known: &[&str]) -> Self {
+        Self::bad_request(format!(
+            "Unknown plan \"{plan}\" (known: {})",
+            known.join(", ")
+        ))
+    }
+
+    pub fn invalid_anchor_day() -> Self {
+        Self::bad_request("quotaAnchorDay must be between 1 and 31")
+    }
+
+    pub fn invalid_key_name() -> Self {
+        Self::bad_request("name must be 1 to 100 characters")
+    }
+
+    pub fn too_many(what: &str, max: usize) -> Self {
+        Self::bad_request(format!("At most {max} {what} per key"))
+    }
+
+    pub fn unknown_scope(scope: &str) -> Self {
+        let shown: String = scope.chars().take(64).collect();
+        Self::bad_request(format!("Unknown scope \"{shown}\""))
+    }
+
+    pub fn invalid_instance_id(id: &str) -> Self {
+        let shown: String = id.chars().take(64).collect();
+        Self::bad_request(format!("Invalid instance id \"{shown}\": expected a UUID"))
+    }
+
+    pub fn unknown_account() -> Self {
+        Self::not_found("Unknown account")
+    }
+
+    pub fn unknown_key() -> Self {
+        Self::not_found("Unknown API key")
+    }
+
+    pub fn no_such_key_call() -> Self {
+        Self::not_found("No such key-management call")
+    }
+
+    /// The account's plan is gone from plans.toml (a reload removed it): the gateway cannot
+    /// decide its limits, which is its own fault, not the caller's.
+    pub fn plan_unavailable() -> Self {
+        Self::new(
+            ErrorCode::ServiceUnavailable,
+            "The account's plan is not available on this gateway. Try again shortly.",
+        )
+        .with_retry_after(1)
+    }
+
+    // Reading requests.
+
+    pub fn unreadable_body() -> Self {
+        Self::bad_request("Could not read the request body")
+    }
+
+    pub fn ambiguous_framing() -> Self {
+        Self::bad_request("Ambiguous request framing")
+    }
+
+    pub fn malformed_request() -> Self {
+        Self::bad_request("Malformed request")
+    }
+
+    fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
     }
 
-    pub fn not_found(message: impl Into<Cow<'static, str>>) -> Self {
+    fn not_found(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(ErrorCode::NotFound, message)
     }
+}
+
+/// The head of every answer the gateway writes itself, on either listener: status,
+/// content-type, content-length, and Retry-After when the client may try again later.
+pub(crate) fn answer_head(
+    status: u16,
+    content_type: &'static str,
+    body_len: usize,
+    retry_after: Option<u64>,
+) -> http::response::Parts {
+    use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status =
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let h = &mut parts.headers;
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
+    if let Some(secs) = retry_after {
+        h.insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    parts
 }
 
 impl fmt::Display for GatewayError {

@@ -3,6 +3,7 @@
 use crate::auth::Directory;
 use crate::clock::Clock;
 use crate::config::{Config, Env};
+use crate::errors::GatewayError;
 use crate::limits::local::{IpLimiter, LocalLimiter};
 use crate::live::Live;
 use crate::manage::Manager;
@@ -72,6 +73,20 @@ impl Gateway {
             store,
             clock,
         })
+    }
+
+    /// Every refusal the gateway answers itself, on the public or the admin listener, passes
+    /// here: counted by code, then rendered (head and SPEC §5 body) by `errors.rs`.
+    pub(crate) fn refusal(&self, err: &GatewayError) -> (http::response::Parts, Vec<u8>) {
+        self.metrics.rejected(err.code.as_str());
+        let body = err.body();
+        let head = crate::errors::answer_head(
+            err.status(),
+            "application/json",
+            body.len(),
+            err.retry_after,
+        );
+        (head, body)
     }
 
     /// The current snapshot.

@@ -39,7 +39,7 @@ pub(crate) async fn read_body(
             Ok(None) => return Ok(body),
             Err(_) => {
                 session.set_keepalive(None);
-                return Err(GatewayError::bad_request("Could not read the request body"));
+                return Err(GatewayError::unreadable_body());
             }
         }
     }

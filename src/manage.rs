@@ -57,9 +57,21 @@ fn unavailable(e: StoreError) -> GatewayError {
     GatewayError::store_unavailable()
 }
 
+/// Parses a management body; a refusal names the field at fault, never the parser's words.
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, GatewayError> {
-    serde_json::from_slice(body)
-        .map_err(|e| GatewayError::bad_request(format!("Invalid request body: {e}")))
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        match e.inner().classify() {
+            serde_json::error::Category::Data if path != "." => {
+                GatewayError::invalid_body(Some(&path))
+            }
+            serde_json::error::Category::Data => GatewayError::invalid_body(None),
+            _ => GatewayError::body_not_json(),
+        }
+    })?;
+    de.end().map_err(|_| GatewayError::body_not_json())?;
+    Ok(value)
 }
 
 /// Account ids and key ids: 1 to 128 of `[A-Za-z0-9._:-]`.
@@ -129,13 +141,13 @@ impl Manager {
 
     async fn existing_account(&self, id: &str) -> Result<Account, GatewayError> {
         if !valid_id(id) {
-            return Err(GatewayError::not_found("Unknown account"));
+            return Err(GatewayError::unknown_account());
         }
         self.store
             .account(id)
             .await
             .map_err(unavailable)?
-            .ok_or_else(|| GatewayError::not_found("Unknown account"))
+            .ok_or_else(GatewayError::unknown_account)
     }
 
     async fn account_view(&self, plans: &Plans, account: &Account) -> Result<Value, GatewayError> {
@@ -177,23 +189,15 @@ impl Manager {
     ) -> Result<Value, GatewayError> {
         let plans = &policies.plans;
         if !valid_id(id) {
-            return Err(GatewayError::bad_request(
-                "Account ids are 1 to 128 characters of A-Z a-z 0-9 . _ : -",
-            ));
+            return Err(GatewayError::invalid_account_id());
         }
         let req: PutAccount = parse(body)?;
         if plans.get(&req.plan).is_none() {
             let known: Vec<&str> = plans.names().collect();
-            return Err(GatewayError::bad_request(format!(
-                "Unknown plan \"{}\" (known: {})",
-                req.plan,
-                known.join(", ")
-            )));
+            return Err(GatewayError::unknown_plan(&req.plan, &known));
         }
         if !(1..=31).contains(&req.quota_anchor_day) {
-            return Err(GatewayError::bad_request(
-                "quotaAnchorDay must be between 1 and 31",
-            ));
+            return Err(GatewayError::invalid_anchor_day());
         }
         let now = self.clock.now_ms();
         let existing = self.store.account(id).await.map_err(unavailable)?;
@@ -244,30 +248,20 @@ impl Manager {
         let req: CreateKey = parse(body)?;
         let name = req.name.trim();
         if name.is_empty() || name.chars().count() > 100 {
-            return Err(GatewayError::bad_request(
-                "name must be 1 to 100 characters",
-            ));
+            return Err(GatewayError::invalid_key_name());
+        }
+        if req.instance_ids.len() > MAX_INSTANCE_IDS {
+            return Err(GatewayError::too_many("instanceIds", MAX_INSTANCE_IDS));
+        }
+        if req.scopes.len() > MAX_SCOPES {
+            return Err(GatewayError::too_many("scopes", MAX_SCOPES));
         }
         let known = |s: &String| valid_scope(s) && policies.routes.knows_scope(s);
         if let Some(bad) = req.scopes.iter().find(|s| !known(s)) {
-            return Err(GatewayError::bad_request(format!(
-                "Unknown scope \"{bad}\""
-            )));
-        }
-        if req.instance_ids.len() > MAX_INSTANCE_IDS {
-            return Err(GatewayError::bad_request(format!(
-                "At most {MAX_INSTANCE_IDS} instanceIds per key"
-            )));
-        }
-        if req.scopes.len() > MAX_SCOPES {
-            return Err(GatewayError::bad_request(format!(
-                "At most {MAX_SCOPES} scopes per key"
-            )));
+            return Err(GatewayError::unknown_scope(bad));
         }
         if let Some(bad) = req.instance_ids.iter().find(|s| !valid_uuid(s)) {
-            return Err(GatewayError::bad_request(format!(
-                "Invalid instance id \"{bad}\": expected a UUID"
-            )));
+            return Err(GatewayError::invalid_instance_id(bad));
         }
         let account = self.existing_account(account_id).await?;
         let max = policies.plans.get(&account.plan).map_or(0, |p| p.max_keys);
@@ -294,9 +288,7 @@ impl Manager {
             Err(CreateKeyError::LimitReached { max }) => {
                 return Err(GatewayError::key_limit_reached(max))
             }
-            Err(CreateKeyError::UnknownAccount) => {
-                return Err(GatewayError::not_found("Unknown account"))
-            }
+            Err(CreateKeyError::UnknownAccount) => return Err(GatewayError::unknown_account()),
             Err(CreateKeyError::Store(e)) => return Err(unavailable(e)),
         };
         self.directory.forget_key(&record.hash);
@@ -319,14 +311,14 @@ impl Manager {
     /// Revokes a key; effective for the next request.
     pub async fn revoke_key(&self, account_id: &str, key_id: &str) -> Result<Value, GatewayError> {
         if !valid_id(account_id) || !valid_id(key_id) {
-            return Err(GatewayError::not_found("Unknown API key"));
+            return Err(GatewayError::unknown_key());
         }
         let revoked = self
             .store
             .revoke_key(account_id, key_id, self.clock.now_ms())
             .await
             .map_err(unavailable)?
-            .ok_or_else(|| GatewayError::not_found("Unknown API key"))?;
+            .ok_or_else(GatewayError::unknown_key)?;
         self.directory.forget_key(&revoked.hash);
         Ok(key_view(&revoked))
     }
@@ -340,6 +332,28 @@ mod tests {
     fn rfc3339_formats_utc() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(1_795_923_255_120), "2026-11-29T03:34:15.120Z");
+    }
+
+    #[test]
+    fn body_errors_name_the_field_not_the_parser() {
+        let message = |body: &str| parse::<CreateKey>(body.as_bytes()).unwrap_err().message;
+        let at = |f: &str| format!("Invalid request body: {f} is unknown or of the wrong type");
+        assert_eq!(message(r#"{"name": 5}"#), at("name"));
+        assert_eq!(
+            message(r#"{"name": "a", "scopes": ["x", 7]}"#),
+            at("scopes[1]")
+        );
+        assert_eq!(message(r#"{"name": "a", "scope": []}"#), at("scope"));
+        let shape = "Invalid request body: a required field is missing or it is not a JSON object";
+        assert_eq!(message(r#"{}"#), shape);
+        assert_eq!(message(r#""text""#), shape);
+        for broken in ["", "{", r#"{"name": "a"} x"#, "nul"] {
+            assert_eq!(
+                message(broken),
+                "Invalid request body: not a JSON document",
+                "{broken}"
+            );
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The admin listener: /healthz, /readyz, /metrics, and the token-protected /admin/v1 API.
 
 use crate::auth::api_key::constant_time_eq;
-use crate::errors::GatewayError;
+use crate::errors::{answer_head, GatewayError};
 use crate::gateway::Gateway;
 use crate::inspect::read_body;
 use async_trait::async_trait;
@@ -13,31 +13,27 @@ use std::sync::Arc;
 
 pub(crate) struct AdminApp(pub Arc<Gateway>);
 
-/// What an admin call answers: JSON or text, with a status.
-struct Reply {
-    status: u16,
-    content_type: &'static str,
-    body: Vec<u8>,
-    retry_after: Option<u64>,
+/// What an admin call answers: JSON or text with a status, or a refusal.
+enum Reply {
+    Ok {
+        status: u16,
+        content_type: &'static str,
+        body: Vec<u8>,
+    },
+    Refused(GatewayError),
 }
 
 impl Reply {
     fn json(status: u16, value: &Value) -> Self {
-        Self {
+        Reply::Ok {
             status,
             content_type: "application/json",
             body: serde_json::to_vec(value).unwrap_or_default(),
-            retry_after: None,
         }
     }
 
     fn error(e: &GatewayError) -> Self {
-        Self {
-            status: e.status(),
-            content_type: "application/json",
-            body: e.body(),
-            retry_after: e.retry_after,
-        }
+        Reply::Refused(e.clone())
     }
 }
 
@@ -45,7 +41,7 @@ impl From<Result<Value, GatewayError>> for Reply {
     fn from(r: Result<Value, GatewayError>) -> Self {
         match r {
             Ok(v) => Reply::json(200, &v),
-            Err(e) => Reply::error(&e),
+            Err(e) => Reply::Refused(e),
         }
     }
 }
@@ -88,11 +84,10 @@ impl AdminApp {
                 let text = gw
                     .metrics
                     .render(gw.directory.cached_keys(), gw.store.ready().await);
-                return Reply {
+                return Reply::Ok {
                     status: 200,
                     content_type: "text/plain; version=0.0.4",
                     body: text.into_bytes(),
-                    retry_after: None,
                 };
             }
             _ => {}
@@ -101,10 +96,7 @@ impl AdminApp {
             return Reply::error(&GatewayError::no_route());
         };
         if !authorized(gw, session) {
-            return Reply::error(&GatewayError::new(
-                crate::errors::ErrorCode::Unauthorized,
-                "Invalid or missing admin token",
-            ));
+            return Reply::error(&GatewayError::invalid_admin_token());
         }
         let segments: Vec<&str> = rest.split('/').collect();
         let m = &gw.manager;
@@ -122,7 +114,7 @@ impl AdminApp {
                 ),
                 Err(why) => {
                     tracing::error!(reasons = %why, "reload refused; the current configuration stays");
-                    Reply::error(&GatewayError::bad_request(format!("Reload refused: {why}")))
+                    Reply::error(&GatewayError::reload_refused(&why))
                 }
             },
             (&Method::PUT, ["accounts", id]) => match read_body(session, limit).await {
@@ -154,13 +146,14 @@ impl ServeHttp for AdminApp {
         // small, else the connection closes after the answer.
         let limit = self.0.live().config.server.max_body_bytes;
         crate::inspect::settle_body(session, limit).await;
-        let mut builder = Response::builder()
-            .status(reply.status)
-            .header("content-type", reply.content_type)
-            .header("content-length", reply.body.len());
-        if let Some(secs) = reply.retry_after {
-            builder = builder.header("retry-after", secs);
-        }
-        builder.body(reply.body).unwrap_or_default()
+        let (head, body) = match reply {
+            Reply::Ok {
+                status,
+                content_type,
+                body,
+            } => (answer_head(status, content_type, body.len(), None), body),
+            Reply::Refused(e) => self.0.refusal(&e),
+        };
+        Response::from_parts(head, body)
     }
 }

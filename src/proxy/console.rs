@@ -65,7 +65,7 @@ pub(crate) enum KeyCall {
 /// `Some(Err)` for a known path with a wrong method or too many segments.
 pub(crate) fn key_call(method: &Method, path: &str) -> Option<Result<KeyCall, GatewayError>> {
     let rest = path.strip_prefix("/api/api-keys")?;
-    let not_a_call = || Some(Err(GatewayError::not_found("No such key-management call")));
+    let not_a_call = || Some(Err(GatewayError::no_such_key_call()));
     let id = match rest {
         "" | "/" => None,
         _ => match rest.strip_prefix('/') {

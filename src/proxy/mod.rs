@@ -133,7 +133,7 @@ impl GatewayProxy {
         let req = session.req_header();
         if had_te_and_cl(session) {
             // A request smuggling shape (RFC 9112 §6.1): refuse it; the connection closes.
-            return Err(GatewayError::bad_request("Ambiguous request framing"));
+            return Err(GatewayError::ambiguous_framing());
         }
         if header_bytes(req) > live.config.server.max_header_bytes {
             return Err(GatewayError::headers_too_large());
@@ -226,7 +226,7 @@ impl ProxyHttp for GatewayProxy {
         match self.admit(session, ctx).await {
             Ok(None) => Ok(false),
             Ok(Some((status, body))) => {
-                respond::send(session, ctx, status, body, None).await?;
+                respond::send(session, ctx, status, body).await?;
                 Ok(true)
             }
             Err(err) => {
@@ -363,9 +363,7 @@ impl ProxyHttp for GatewayProxy {
                     can_reuse_downstream: false,
                 };
             }
-            _ if e.esource() == &ErrorSource::Downstream => {
-                GatewayError::bad_request("Malformed request")
-            }
+            _ if e.esource() == &ErrorSource::Downstream => GatewayError::malformed_request(),
             _ => GatewayError::bad_gateway(),
         };
         if let (Some(member), Some(route)) = (ctx.member, ctx.route()) {

@@ -140,7 +140,7 @@ pub(crate) async fn authorize(
     let account = principal.account.clone();
     let Some(plan) = live.config.policies.plans.get(&account.plan) else {
         tracing::error!(account = %account.id, plan = %account.plan, "account refers to an unknown plan");
-        return Err(GatewayError::store_unavailable().into());
+        return Err(GatewayError::plan_unavailable().into());
     };
     let now_ns = gw.clock.now_ns();
     let now_unix = i64::try_from(now_ns / 1_000_000_000).unwrap_or(i64::MAX);

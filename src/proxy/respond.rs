@@ -1,43 +1,45 @@
 //! Writing responses the gateway makes itself, with content-length and an honest connection.
 
 use super::Ctx;
+use crate::errors::answer_head;
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
-use http::HeaderValue;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
-/// Sends `err` as SPEC §5 JSON, with Retry-After and the rate-limit state when known.
+/// Sends `err` as SPEC §5 JSON (counted by [`Gateway::refusal`]), with Retry-After and the
+/// rate-limit state when known.
 pub(crate) async fn send_error(
     gw: &Gateway,
     session: &mut Session,
     ctx: &mut Ctx,
     err: &GatewayError,
 ) -> Result<()> {
-    gw.metrics.rejected(err.code.as_str());
-    send(session, ctx, err.status(), err.body(), err.retry_after).await
+    let (head, body) = gw.refusal(err);
+    write(session, ctx, head, body).await
 }
 
-/// Sends a JSON document with `status`.
+/// Sends a JSON document with `status` (an answer the gateway serves itself).
 pub(crate) async fn send(
     session: &mut Session,
     ctx: &mut Ctx,
     status: u16,
     body: Vec<u8>,
-    retry_after: Option<u64>,
+) -> Result<()> {
+    let head = answer_head(status, "application/json", body.len(), None);
+    write(session, ctx, head, body).await
+}
+
+/// Writes a gateway-made answer: the request id and the rate-limit state join its head.
+async fn write(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    mut head: http::response::Parts,
+    body: Vec<u8>,
 ) -> Result<()> {
     crate::inspect::settle_body(session, ctx.live.config.server.max_body_bytes).await;
-    let mut parts = http::Response::new(()).into_parts().0;
-    parts.status = http::StatusCode::from_u16(status)
-        .map_err(|_| pingora::Error::new(pingora::ErrorType::InternalError))?;
-    let h = &mut parts.headers;
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    h.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    if let Some(secs) = retry_after {
-        h.insert(RETRY_AFTER, HeaderValue::from(secs));
-    }
+    let h = &mut head.headers;
     if let Some(rate) = &ctx.rate {
         rate.write_to(h);
     }
@@ -45,7 +47,7 @@ pub(crate) async fn send(
         ctx.live.config.forward.request_id_header.clone(),
         ctx.request_id.clone(),
     );
-    let h = ResponseHeader::from(parts);
+    let h = ResponseHeader::from(head);
     session.write_response_header(Box::new(h), false).await?;
     session.write_response_body(Some(body.into()), true).await?;
     Ok(())

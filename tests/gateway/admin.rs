@@ -12,6 +12,14 @@ fn admin_api_needs_the_token(b: Backend) {
         let r = request(gw.admin, "GET", "/admin/v1/accounts/acme", &headers, None).unwrap();
         assert_error(&r, 401, "UNAUTHORIZED", "Invalid or missing admin token");
     }
+    // Refusals on the admin listener are counted like those on the public one.
+    let metrics = request(gw.admin, "GET", "/metrics", &[], None)
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains("msgflash_rejections_total{code=\"UNAUTHORIZED\"} 3\n"),
+        "{metrics}"
+    );
 }
 
 fn health_readiness_and_metrics(b: Backend) {

@@ -173,3 +173,23 @@ fn plan_changes_apply_on_the_next_request_on_every_node_and_usage_carries_over()
             == Some("\"burst\";q=10;w=10, \"monthly\";q=1000;w=2592000")
     });
 }
+
+#[test]
+fn an_account_whose_plan_a_reload_removed_gets_503_naming_the_plan_not_the_store() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("small", "tiny");
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+    let plans = gw.dir.path().join("policies/plans.toml");
+    let text = std::fs::read_to_string(&plans).unwrap();
+    std::fs::write(&plans, text.replace("[plans.tiny]", "[plans.micro]")).unwrap();
+    let r = gw.admin_call("POST", "/admin/v1/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    assert_refused(
+        &r,
+        503,
+        "SERVICE_UNAVAILABLE",
+        "The account's plan is not available on this gateway. Try again shortly.",
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+}
