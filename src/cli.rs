@@ -126,7 +126,8 @@ fn dispatch(cli: Cli) -> Result<(), String> {
             check_accounts(&config)?;
             let weak = config.weak_secrets();
             if !weak.is_empty() {
-                return Err(format!("invalid configuration:\n{}", weak.join("\n")));
+                let lines: Vec<String> = weak.iter().map(ToString::to_string).collect();
+                return Err(format!("invalid configuration:\n{}", lines.join("\n")));
             }
             for warning in &config.warnings {
                 eprintln!("{warning}");

@@ -1,8 +1,9 @@
 //! One gateway's shared state: the reloadable snapshot, the store, caches, metrics.
 
+use crate::auth::jwt::KeyError;
 use crate::auth::Directory;
 use crate::clock::Clock;
-use crate::config::{Config, Env};
+use crate::config::{Config, ConfigErrors, Env, SecretProblem};
 use crate::errors::GatewayError;
 use crate::limits::local::{IpLimiter, LocalLimiter};
 use crate::live::Live;
@@ -28,6 +29,26 @@ pub struct Gateway {
     pub key_writes: LocalLimiter<String>,
 }
 
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("{}", join(.0))]
+    Secrets(Vec<SecretProblem>),
+    #[error("{0}")]
+    Keys(#[from] KeyError),
+}
+
+/// Problems one after the other, as one line.
+fn join(problems: &[SecretProblem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// What a successful reload applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reloaded {
@@ -45,7 +66,7 @@ impl Gateway {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         env: Env,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, KeyError> {
         let ttl_ns = u64::try_from(config.cache.ttl.as_nanos()).unwrap_or(u64::MAX);
         let directory = Arc::new(Directory::new(
             store.clone(),
@@ -96,15 +117,14 @@ impl Gateway {
 
     /// Re-reads gateway.toml and the policy files; applies them atomically, or changes nothing
     /// and says why. In-flight requests finish on the snapshot they started with.
-    pub fn reload(&self) -> Result<Reloaded, String> {
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
         let _one_at_a_time = self.reloading.lock();
         let current = self.live();
         let env = &self.env;
-        let config = Config::load_with_env(&current.config.path, &|name| env(name))
-            .map_err(|e| e.to_string())?;
-        let missing = config.secret_problems();
-        if !missing.is_empty() {
-            return Err(missing.join("; "));
+        let config = Config::load_with_env(&current.config.path, &|name| env(name))?;
+        let problems = config.secret_problems();
+        if !problems.is_empty() {
+            return Err(ReloadError::Secrets(problems));
         }
         let needs_restart = current.restart_only_changes(&config);
         let next = Live::build(config, Some(&current))?;

@@ -1,7 +1,7 @@
 //! The reloadable part of a gateway: configuration, policies, routes, upstream pools, JWT keys.
 //! Requests take one snapshot at their start, so a reload never changes a request midway.
 
-use crate::auth::jwt::JwtVerifier;
+use crate::auth::jwt::{JwtVerifier, KeyError};
 use crate::config::Config;
 use crate::routing::router::Router;
 use crate::routing::upstream::Pool;
@@ -19,7 +19,7 @@ pub struct Live {
 
 impl Live {
     /// Builds a snapshot; pools whose upstream did not change keep their health state.
-    pub fn build(config: Config, previous: Option<&Live>) -> Result<Live, String> {
+    pub fn build(config: Config, previous: Option<&Live>) -> Result<Live, KeyError> {
         let pools = config
             .upstreams
             .iter()

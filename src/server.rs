@@ -1,49 +1,46 @@
 //! Assembling and running the pingora server: proxy, admin and echo listeners, health checks.
 
 use crate::admin::AdminApp;
+use crate::auth::jwt::KeyError;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{process_env, Config, Env};
+use crate::config::{process_env, Config, Env, SecretProblem};
 use crate::echo::EchoApp;
 use crate::gateway::Gateway;
 use crate::proxy::GatewayProxy;
 use crate::routing::upstream::HealthChecker;
-use crate::store::{EmbeddedStore, RedisStore, Store};
+use crate::store::{EmbeddedStore, RedisStore, Store, StoreError};
 use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
-use std::fmt;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use tokio::sync::Notify;
 
 /// Why the gateway could not start.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    MissingSecrets(Vec<String>),
-    Store(String),
-    Setup(String),
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Secrets(Vec<SecretProblem>),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot start: {0}")]
+    Keys(#[from] KeyError),
+    #[error("cannot create {}: {source}", .path.display())]
+    Directory {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the server thread: {0}")]
+    Thread(std::io::Error),
 }
-
-impl fmt::Display for StartError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::MissingSecrets(list) => write!(f, "{}", list.join("; ")),
-            Self::Store(why) => write!(f, "cannot open the store: {why}"),
-            Self::Setup(why) => write!(f, "cannot start: {why}"),
-        }
-    }
-}
-
-impl std::error::Error for StartError {}
 
 /// Opens the store the configuration names.
 pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
-    let err = |e: crate::store::StoreError| StartError::Store(e.to_string());
     Ok(match &config.store.redis {
-        Some(redis) => Arc::new(RedisStore::connect(redis).map_err(err)?),
-        None => Arc::new(EmbeddedStore::open(&config.store.data_file).map_err(err)?),
+        Some(redis) => Arc::new(RedisStore::connect(redis)?),
+        None => Arc::new(EmbeddedStore::open(&config.store.data_file)?),
     })
 }
 
@@ -69,17 +66,18 @@ impl Default for Launch {
 pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), StartError> {
     let missing = config.secret_problems();
     if !missing.is_empty() {
-        return Err(StartError::MissingSecrets(missing));
+        return Err(StartError::Secrets(missing));
     }
     let store = open_store(&config)?;
-    let gateway =
-        Arc::new(Gateway::new(config, store, launch.clock, launch.env).map_err(StartError::Setup)?);
+    let gateway = Arc::new(Gateway::new(config, store, launch.clock, launch.env)?);
     let live = gateway.live();
     let cfg = &live.config;
     for file in [&cfg.server.upgrade_sock, &cfg.server.pid_file] {
         if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StartError::Setup(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|source| StartError::Directory {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
     }
     let grace = cfg.server.grace_period.as_secs();
@@ -233,7 +231,7 @@ impl Running {
                     shutdown_signal: Box::new(signal),
                 })
             })
-            .map_err(|e| StartError::Setup(e.to_string()))?;
+            .map_err(StartError::Thread)?;
         Ok(Running {
             gateway,
             stop,

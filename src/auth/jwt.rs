@@ -56,6 +56,20 @@ impl fmt::Display for JwtError {
 
 impl std::error::Error for JwtError {}
 
+/// Why the configured verification keys cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("jwt.public_keys: {0:?} is not a public-key algorithm")]
+    NotPublicKey(Algorithm),
+    #[error("jwt.public_keys ({alg:?}): {source}")]
+    BadPem {
+        alg: Algorithm,
+        source: jsonwebtoken::errors::Error,
+    },
+    #[error("jwt.jwks_file: {0}")]
+    BadJwks(serde_json::Error),
+}
+
 /// Verifies console tokens against the configured keys.
 pub struct JwtVerifier {
     algorithms: Vec<Algorithm>,
@@ -87,7 +101,7 @@ fn same_family(a: Algorithm, b: Algorithm) -> bool {
 
 impl JwtVerifier {
     /// Builds the verifier; an unusable key is an error naming it.
-    pub fn new(s: &JwtSettings) -> Result<Self, String> {
+    pub fn new(s: &JwtSettings) -> Result<Self, KeyError> {
         let mut keys = Vec::new();
         for (alg, kid, pem) in &s.public_keys {
             let key = match alg {
@@ -99,19 +113,13 @@ impl JwtVerifier {
                 | Algorithm::PS512 => DecodingKey::from_rsa_pem(pem),
                 Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
                 Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
-                _ => {
-                    return Err(format!(
-                        "jwt.public_keys: {alg:?} is not a public-key algorithm"
-                    ))
-                }
+                _ => return Err(KeyError::NotPublicKey(*alg)),
             }
-            .map_err(|e| format!("jwt.public_keys ({alg:?}): {e}"))?;
+            .map_err(|source| KeyError::BadPem { alg: *alg, source })?;
             keys.push((*alg, kid.clone(), key));
         }
         let jwks = match &s.jwks {
-            Some(text) => {
-                Some(serde_json::from_str(text).map_err(|e| format!("jwt.jwks_file: {e}"))?)
-            }
+            Some(text) => Some(serde_json::from_str(text).map_err(KeyError::BadJwks)?),
             None => None,
         };
         Ok(Self {

@@ -36,19 +36,44 @@ pub const MIN_HMAC_SECRET_BYTES: usize = 32;
 /// Words that mark a secret copied from an example rather than generated.
 pub const PLACEHOLDER_WORDS: [&str; 5] = ["change-me", "changeme", "secret", "example", "dev-"];
 
+/// What is wrong with a secret: it stops `run` and a reload (`check` too, unless it is only
+/// missing: `check` may run where the secrets are not).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretProblem {
+    #[error("the admin token is not set: export {var}")]
+    AdminTokenMissing { var: String },
+    #[error("jwt.algorithms allows HMAC but the secret is not set: export {var}")]
+    HmacSecretMissing { var: String },
+    #[error("{what} ({var}) contains the placeholder \"{word}\": generate one, e.g. $(openssl rand -hex 32)")]
+    Placeholder {
+        what: &'static str,
+        var: String,
+        word: &'static str,
+    },
+    #[error("{what} ({var}) is too short: at least {min} bytes, got {got}")]
+    TooShort {
+        what: &'static str,
+        var: String,
+        min: usize,
+        got: usize,
+    },
+}
+
 /// Why a secret is not one, if it is not.
-fn weak_secret(what: &str, var: &str, value: &str, min: usize) -> Option<String> {
+fn weak_secret(what: &'static str, var: &str, value: &str, min: usize) -> Option<SecretProblem> {
     let lower = value.to_ascii_lowercase();
     if let Some(word) = PLACEHOLDER_WORDS.iter().find(|w| lower.contains(*w)) {
-        return Some(format!(
-            "{what} ({var}) contains the placeholder \"{word}\": generate one, e.g. $(openssl rand -hex 32)"
-        ));
+        return Some(SecretProblem::Placeholder {
+            what,
+            var: var.to_owned(),
+            word,
+        });
     }
-    (value.len() < min).then(|| {
-        format!(
-            "{what} ({var}) is too short: at least {min} bytes, got {}",
-            value.len()
-        )
+    (value.len() < min).then(|| SecretProblem::TooShort {
+        what,
+        var: var.to_owned(),
+        min,
+        got: value.len(),
     })
 }
 #[derive(Debug, Clone)]
@@ -385,7 +410,7 @@ impl Config {
 
     /// Secrets that are set but are no secrets: too short, or a placeholder. They stop `run`,
     /// a reload and `check`.
-    pub fn weak_secrets(&self) -> Vec<String> {
+    pub fn weak_secrets(&self) -> Vec<SecretProblem> {
         let mut weak = Vec::new();
         if let Some(token) = &self.admin.token {
             weak.extend(weak_secret(
@@ -407,26 +432,24 @@ impl Config {
     }
 
     /// Everything about the secrets that stops `run` and a reload: missing or weak.
-    pub fn secret_problems(&self) -> Vec<String> {
+    pub fn secret_problems(&self) -> Vec<SecretProblem> {
         let mut problems = self.missing_secrets();
         problems.extend(self.weak_secrets());
         problems
     }
 
     /// Problems that stop `run` but not `check`: missing secrets.
-    pub fn missing_secrets(&self) -> Vec<String> {
+    pub fn missing_secrets(&self) -> Vec<SecretProblem> {
         let mut missing = Vec::new();
         if self.admin.token.is_none() {
-            missing.push(format!(
-                "the admin token is not set: export {}",
-                self.admin.token_env
-            ));
+            missing.push(SecretProblem::AdminTokenMissing {
+                var: self.admin.token_env.clone(),
+            });
         }
         if self.jwt.allows_hmac() && self.jwt.secret.is_none() {
-            missing.push(format!(
-                "jwt.algorithms allows HMAC but the secret is not set: export {}",
-                self.jwt.secret_env
-            ));
+            missing.push(SecretProblem::HmacSecretMissing {
+                var: self.jwt.secret_env.clone(),
+            });
         }
         missing
     }
