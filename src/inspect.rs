@@ -115,23 +115,17 @@ pub(crate) fn query_param(query: Option<&str>, name: &str) -> Result<Option<Stri
     if query.split('&').count() > MAX_INSPECTED_PARAMS {
         return Err(Ambiguity::TooManyParameters);
     }
-    let decode = |s: &str| {
-        percent_encoding::percent_decode_str(&s.replace('+', " "))
-            .decode_utf8_lossy()
-            .into_owned()
-    };
     let mut found: Option<String> = None;
     let mut seen = 0usize;
-    for pair in query.split('&') {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = decode(k);
+    // application/x-www-form-urlencoded, as the backends parse it: `+` is a space.
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         if same_parameter_to_some_backend(&k, name) {
             seen += 1;
             if seen > 1 {
                 return Err(Ambiguity::Duplicate);
             }
             if k == name {
-                found = Some(decode(v));
+                found = Some(v.into_owned());
             }
         }
     }
@@ -141,12 +135,11 @@ pub(crate) fn query_param(query: Option<&str>, name: &str) -> Result<Option<Stri
 /// True when the query string has a parameter some backend could take for `name` (a body
 /// field of that name would then not be the only place it is read from).
 pub(crate) fn query_names(query: Option<&str>, name: &str) -> bool {
+    // Split at ';' too: some parsers do, and this answer must hold for all of them.
     query.is_some_and(|q| {
-        q.split(['&', ';']).any(|pair| {
-            let k = pair.split_once('=').map_or(pair, |(k, _)| k);
-            let k = k.replace('+', " ");
-            let k = percent_encoding::percent_decode_str(&k).decode_utf8_lossy();
-            same_parameter_to_some_backend(&k, name)
+        q.split(';').any(|part| {
+            form_urlencoded::parse(part.as_bytes())
+                .any(|(k, _)| same_parameter_to_some_backend(&k, name))
         })
     })
 }

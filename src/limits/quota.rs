@@ -26,7 +26,9 @@ impl Period {
         }
     }
 
-    /// The start date as `YYYY-MM-DD`, e.g. `2026-11-01`.
+    /// The start date as `YYYY-MM-DD`, e.g. `2026-11-01`. Written digit by digit, not with
+    /// `format!` or chrono: it runs for every authorized request, and `format!` cost ~1.3 k
+    /// instructions there (property-tested against `format!`).
     pub fn id(&self) -> String {
         let (y, m, d) = civil_from_days(self.start_unix.div_euclid(DAY));
         match u32::try_from(y) {
