@@ -3,7 +3,6 @@
 #![allow(clippy::print_stderr)]
 
 use crate::auth::jwt::{mint_hs256, MintRequest};
-use crate::client::{request, HttpResponse};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{parse_duration, Config};
 use clap::{Args, Parser, Subcommand};
@@ -291,23 +290,30 @@ impl AdminClient {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
-        let auth = format!("Bearer {}", self.token);
-        let mut headers = vec![("authorization", auth.as_str())];
-        let bytes = body.map(|b| serde_json::to_vec(&b).unwrap_or_default());
-        if bytes.is_some() {
-            headers.push(("content-type", "application/json"));
-        }
-        let resp: HttpResponse = request(self.addr, method, path, &headers, bytes.as_deref())
-            .map_err(|e| format!("cannot reach the admin API at {}: {e}", self.addr))?;
-        let value = resp.json().unwrap_or(Value::Null);
-        if (200..300).contains(&resp.status) {
+        let url = format!("http://{}{path}", self.addr);
+        let request = ureq::AgentBuilder::new()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .request(method, &url)
+            .set("authorization", &format!("Bearer {}", self.token));
+        let answer = match body {
+            Some(body) => request.send_json(body),
+            None => request.call(),
+        };
+        let (status, response) = match answer {
+            Ok(r) => (r.status(), r),
+            Err(ureq::Error::Status(status, r)) => (status, r),
+            Err(e) => return Err(format!("cannot reach the admin API at {}: {e}", self.addr)),
+        };
+        let value: Value = response.into_json().unwrap_or(Value::Null);
+        if (200..300).contains(&status) {
             Ok(value)
         } else {
             let msg = value["error"]["message"]
                 .as_str()
                 .unwrap_or("unexpected answer");
             let code = value["error"]["code"].as_str().unwrap_or("ERROR");
-            Err(format!("{} {code}: {msg}", resp.status))
+            Err(format!("{status} {code}: {msg}"))
         }
     }
 }

@@ -9,7 +9,6 @@ pub(crate) mod admin;
 pub mod auth;
 pub mod cache;
 pub mod cli;
-pub mod client;
 pub mod clock;
 pub mod config;
 pub mod diagnostics;

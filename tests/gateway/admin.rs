@@ -1,7 +1,7 @@
 //! SPEC §7: the admin listener, its token, account and key management, health and metrics.
 
+use crate::client::request;
 use crate::support::*;
-use msgflash_gateway::client::request;
 use serde_json::json;
 use std::sync::{Arc, Barrier};
 

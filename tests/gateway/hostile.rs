@@ -2,8 +2,8 @@
 //! reproduced, one test each, asserting the refusal word for word and that the upstream saw
 //! nothing. Deny by default; refuse what a backend could read differently.
 
+use crate::client::HttpResponse;
 use crate::support::*;
-use msgflash_gateway::client::HttpResponse;
 use serde_json::json;
 
 const A: &str = "3fa85f64-5717-4562-b3fc-2c963f66afa6";

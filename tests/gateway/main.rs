@@ -12,6 +12,7 @@
 mod admin;
 mod bad_input;
 mod cli;
+mod client;
 mod cluster;
 mod console;
 mod hostile;

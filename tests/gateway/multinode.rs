@@ -1,9 +1,9 @@
 //! Several gateway nodes on one Redis behave as one: limits, quotas, caps, revocation,
 //! round trips per request, and a Redis outage.
 
+use crate::client::request;
 use crate::redis_server::RedisServer;
 use crate::support::*;
-use msgflash_gateway::client::request;
 use msgflash_gateway::clock::ManualClock;
 use std::sync::{Arc, Barrier};
 

@@ -19,7 +19,7 @@ fn restricted_key(gw: &Gateway, scopes: &[&str], instances: &[&str]) -> String {
     r.json().unwrap()["key"].as_str().unwrap().to_owned()
 }
 
-fn send(gw: &Gateway, key: &str, body: &[u8]) -> msgflash_gateway::client::HttpResponse {
+fn send(gw: &Gateway, key: &str, body: &[u8]) -> crate::client::HttpResponse {
     gw.send(
         "POST",
         "/api/v1/messages/send",

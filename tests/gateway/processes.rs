@@ -1,9 +1,9 @@
 //! Real gateway processes (the built binary) sharing one Redis, on the real clock. The plans
 //! used here make the outcome independent of timing (see each test).
 
+use crate::client::request;
 use crate::redis_server::RedisServer;
 use crate::support::*;
-use msgflash_gateway::client::request;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -98,7 +98,7 @@ fn fire(nodes: &[Process], key: &str, per_node: usize) -> Vec<u16> {
     for node in nodes {
         for _ in 0..per_node {
             let (barrier, key, addr) = (barrier.clone(), key.to_owned(), node.proxy);
-            let mut conn = msgflash_gateway::client::Connection::open(addr).unwrap();
+            let mut conn = crate::client::Connection::open(addr).unwrap();
             handles.push(std::thread::spawn(move || {
                 barrier.wait();
                 conn.send("GET", "/api/v1/x", &[("x-api-key", &key)], None)

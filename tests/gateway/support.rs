@@ -1,7 +1,7 @@
 //! Test harness: a real gateway (in-process, real listeners) with a manual clock, the built-in
 //! echo upstream as the recording backend, and helpers that speak HTTP to both listeners.
 
-use msgflash_gateway::client::{request, Connection, HttpResponse};
+use crate::client::{request, Connection, HttpResponse};
 use msgflash_gateway::clock::ManualClock;
 use msgflash_gateway::config::Config;
 use msgflash_gateway::server::{Launch, Running};

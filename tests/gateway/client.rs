@@ -1,4 +1,6 @@
-//! A small blocking HTTP/1.1 client: the CLI's way to the admin API (and the tests' probe).
+//! A small blocking HTTP/1.1 client that shows the tests the bytes: raw requests, repeated
+//! headers, keep-alive connections (ureq serves the CLI; a test must be able to send what no
+//! library would).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
