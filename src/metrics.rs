@@ -189,6 +189,28 @@ fn single(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
     );
 }
 
+/// Appends the health of each upstream: `(name, addresses in rotation, addresses)`.
+pub(crate) fn render_upstreams(out: &mut String, pools: &[(&str, usize, usize)]) {
+    out.push_str("# HELP msgflash_upstream_healthy_addresses Addresses of an upstream in rotation (health checks and passive failures).\n");
+    out.push_str("# TYPE msgflash_upstream_healthy_addresses gauge\n");
+    for (name, healthy, _) in pools {
+        let _ = writeln!(
+            out,
+            "msgflash_upstream_healthy_addresses{{upstream=\"{}\"}} {healthy}",
+            escape(name)
+        );
+    }
+    out.push_str("# HELP msgflash_upstream_addresses Addresses configured for an upstream.\n");
+    out.push_str("# TYPE msgflash_upstream_addresses gauge\n");
+    for (name, _, total) in pools {
+        let _ = writeln!(
+            out,
+            "msgflash_upstream_addresses{{upstream=\"{}\"}} {total}",
+            escape(name)
+        );
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
 }

@@ -81,9 +81,16 @@ impl AdminApp {
                 };
             }
             (&Method::GET, "/metrics") => {
-                let text = gw
+                let mut text = gw
                     .metrics
                     .render(gw.directory.cached_keys(), gw.store.ready().await);
+                let live = gw.live();
+                let pools: Vec<(&str, usize, usize)> = live
+                    .pools
+                    .iter()
+                    .map(|p| (p.name.as_str(), p.healthy_count(), p.len()))
+                    .collect();
+                crate::metrics::render_upstreams(&mut text, &pools);
                 return Reply::Ok {
                     status: 200,
                     content_type: "text/plain; version=0.0.4",

@@ -53,12 +53,14 @@ fn smuggling_shapes_never_reach_the_upstream() {
         let _ = s.read_to_end(&mut out);
         let text = String::from_utf8_lossy(&out);
         assert!(!text.contains("x-echo"), "reached the upstream: {text}");
-        assert!(
-            text.starts_with("HTTP/1.1 400") || text.is_empty(),
-            "{text}"
-        );
+        assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+        assert!(text.contains("\r\nConnection: close\r\n"), "{text}");
         if i == 0 {
-            assert!(text.contains("{\"error\":{\"code\":\"BAD_REQUEST\",\"message\":\"Ambiguous request framing\"}}"), "{text}");
+            // Ours: the documented JSON.
+            assert!(text.ends_with("{\"error\":{\"code\":\"BAD_REQUEST\",\"message\":\"Ambiguous request framing\"}}"), "{text}");
+        } else {
+            // pingora's parser refuses obs-fold before the gateway sees the request: a bare 400.
+            assert!(text.contains("\r\nContent-Length: 0\r\n"), "{text}");
         }
     }
 }

@@ -3,20 +3,9 @@
 use crate::redis_server::RedisServer;
 use crate::support::*;
 use msgflash_gateway::clock::ManualClock;
-use std::net::{SocketAddr, TcpListener};
 use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
-
-/// A port whose cluster bus port (+10000) is free too.
-fn cluster_port() -> SocketAddr {
-    loop {
-        let a = free_addr();
-        if a.port() < 55_000 && TcpListener::bind(("127.0.0.1", a.port() + 10_000)).is_ok() {
-            return a;
-        }
-    }
-}
 
 struct Cluster {
     nodes: Vec<RedisServer>,
@@ -33,7 +22,7 @@ impl Cluster {
             "5000",
         ];
         let nodes: Vec<RedisServer> = (0..3)
-            .map(|_| RedisServer::start_at(cluster_port(), &opts))
+            .map(|_| RedisServer::start_at(free_cluster_addr(), &opts))
             .collect();
         let addrs: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
         let out = Command::new("redis-cli")
@@ -80,11 +69,9 @@ fn a_three_master_cluster_behaves_as_one_store() {
     let clock = Arc::new(ManualClock::at_unix(T0));
     let n: Vec<Arc<Gateway>> = (0..2)
         .map(|_| {
-            Arc::new(Gateway::start_with(Setup {
-                redis_url: Some(cluster.url()),
-                clock: Some(clock.clone()),
-                ..Setup::default()
-            }))
+            Arc::new(Gateway::start_with(
+                Setup::new().on_redis(cluster.url()).sharing(&clock),
+            ))
         })
         .collect();
 

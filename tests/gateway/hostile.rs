@@ -15,10 +15,7 @@ const NO_INSTANCE_SOURCE: &str = "This API key is restricted to specific instanc
 
 /// A gateway on the shipped routes.toml and a key of `acme` with the given restrictions.
 fn shipped_with_key(scopes: &[&str], instances: &[&str]) -> (Gateway, String) {
-    let gw = Gateway::start_with(Setup {
-        route_policies: Some(SHIPPED_ROUTES.into()),
-        ..Setup::default()
-    });
+    let gw = Gateway::start_with(Setup::new().route_policies(SHIPPED_ROUTES));
     let key = key_with(&gw, scopes, instances);
     (gw, key)
 }
@@ -325,10 +322,7 @@ fn absolute_form_targets_are_forwarded_in_origin_form() {
 
 #[test]
 fn encoded_slashes_pass_only_where_the_operator_allows_them() {
-    let gw = Gateway::start_with(Setup {
-        server: "allow_encoded_slashes = true".into(),
-        ..Setup::default()
-    });
+    let gw = Gateway::start_with(Setup::new().server("allow_encoded_slashes = true"));
     let (key, _) = gw.account_with_key("acme", "pro");
     let seen = echoed(&gw.get("/api/v1/files/a%2fb", &[("x-api-key", &key)]));
     assert_eq!(seen["uri"], "/api/v1/files/a%2Fb");
@@ -579,10 +573,7 @@ fn key_management_inputs_are_bounded() {
     assert_eq!(r.status, 201, "{}", r.text());
 
     // A routes.toml that declares no scopes still refuses every scope.
-    let gw = Gateway::start_with(Setup {
-        route_policies: Some("[[route]]\nprefix = \"/api/v1/\"\n".into()),
-        ..Setup::default()
-    });
+    let gw = Gateway::start_with(Setup::new().route_policies("[[route]]\nprefix = \"/api/v1/\"\n"));
     gw.put_account("acme", "pro", "active");
     let r = gw.admin_call(
         "POST",

@@ -15,13 +15,7 @@ fn refs(nodes: &[Gateway]) -> Vec<&Gateway> {
 fn nodes(n: usize, redis: &RedisServer) -> Vec<Gateway> {
     let clock = Arc::new(ManualClock::at_unix(T0));
     (0..n)
-        .map(|_| {
-            Gateway::start_with(Setup {
-                redis_url: Some(redis.url()),
-                clock: Some(clock.clone()),
-                ..Setup::default()
-            })
-        })
+        .map(|_| Gateway::start_with(Setup::new().on_redis(redis.url()).sharing(&clock)))
         .collect()
 }
 
@@ -391,12 +385,9 @@ fn a_redis_outage_never_yields_401_or_500_and_recovery_keeps_counters() {
 #[test]
 fn fail_open_routes_forward_known_callers_unmetered_during_an_outage() {
     let mut redis = RedisServer::start();
-    let gw = Gateway::start_with(Setup {
-        redis_url: Some(redis.url()),
-        policies: "[[route]]\nprefix = \"/api/v1/status/\"\non_store_error = \"fail_open\"\n"
-            .into(),
-        ..Setup::default()
-    });
+    let gw = Gateway::start_with(Setup::new().on_redis(redis.url()).more_policies(
+        "[[route]]\nprefix = \"/api/v1/status/\"\non_store_error = \"fail_open\"\n",
+    ));
     let (cached, key_id) = gw.account_with_key("acme", "pro");
     let (uncached, _) = gw.create_key("acme");
     assert_eq!(

@@ -21,10 +21,7 @@ impl Process {
     fn spawn(redis: &RedisServer) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let (proxy, admin, echo) = (free_addr(), free_addr(), free_addr());
-        let setup = Setup {
-            redis_url: Some(redis.url()),
-            ..Setup::default()
-        };
+        let setup = Setup::new().on_redis(redis.url());
         write_config(tmp.path(), &setup, proxy, admin, echo);
         let mut p = Self::start_in(tmp.path(), proxy, admin, &[]);
         p._tmp = Some(tmp);

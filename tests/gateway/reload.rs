@@ -127,13 +127,7 @@ fn plan_changes_apply_on_the_next_request_on_every_node_and_usage_carries_over()
     let redis = RedisServer::start();
     let clock = Arc::new(ManualClock::at_unix(T0));
     let n: Vec<Gateway> = (0..2)
-        .map(|_| {
-            Gateway::start_with(Setup {
-                redis_url: Some(redis.url()),
-                clock: Some(clock.clone()),
-                ..Setup::default()
-            })
-        })
+        .map(|_| Gateway::start_with(Setup::new().on_redis(redis.url()).sharing(&clock)))
         .collect();
     let (key, _) = n[0].account_with_key("acme", "tiny"); // 5 a month, 2 keys
     for _ in 0..5 {

@@ -8,6 +8,7 @@ use msgflash_gateway::server::{Launch, Running};
 use serde_json::{json, Value};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -16,9 +17,36 @@ pub const JWT_SECRET: &str = "hs256-test-key-0123456789abcdef0123456789";
 /// 2026-11-29T00:00:00Z: every test starts its clock here.
 pub const T0: u64 = 1_795_910_400;
 
+/// A free port for a listener the test starts later. Not an ephemeral port (the kernel hands
+/// those out to outgoing connections, so one found free could be taken before the gateway or
+/// Redis binds it): ports come from below the ephemeral range (32768 on Linux), each once per
+/// test process, starting at an offset of the process id so that two test processes rarely
+/// meet, and each is checked free by binding it.
 pub fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr")
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    free_port_in(22_800, 9_900, &NEXT, |_| true)
+}
+
+/// A port whose Redis Cluster bus port (+10000) is free too, both below the ephemeral range.
+pub fn free_cluster_addr() -> SocketAddr {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    free_port_in(20_000, 2_700, &NEXT, |port| {
+        TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+    })
+}
+
+fn free_port_in(low: u16, span: u16, next: &AtomicU16, also: impl Fn(u16) -> bool) -> SocketAddr {
+    let offset = (std::process::id() % u32::from(span)) as u16;
+    for _ in 0..span {
+        let n = next.fetch_add(1, Ordering::Relaxed) % span;
+        let port = low + (offset + n) % span;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            if also(port) {
+                return l.local_addr().expect("local addr");
+            }
+        }
+    }
+    panic!("no free port between {low} and {}", low + span)
 }
 
 /// Waits until something accepts connections on `addr` (bounded: 20 s).
@@ -101,24 +129,72 @@ macro_rules! on_both_stores {
     };
 }
 
-/// How a test gateway differs from the default.
+/// How a test gateway differs from the default, said with the builder methods below:
+/// `Setup::new().on_redis(url).sharing(clock).route_policies(SHIPPED)`.
 #[derive(Clone)]
 pub struct Setup {
-    /// Redis URL: the gateway runs on the Redis store.
-    pub redis_url: Option<String>,
-    /// A clock shared with other gateways (multi-node tests).
-    pub clock: Option<Arc<ManualClock>>,
-    /// Extra TOML for [[routes]] / [upstreams.*] appended to the file.
-    pub extra: String,
-    /// Extra [[route]] policies appended to routes.toml.
-    pub policies: String,
+    redis_url: Option<String>,
+    clock: Option<Arc<ManualClock>>,
+    /// Extra [[route]] policies appended to the test routes.toml.
+    more_policies: String,
     /// Replaces the whole test routes.toml (e.g. with the shipped one).
-    pub route_policies: Option<String>,
+    route_policies: Option<String>,
     /// Extra lines in the [server] table.
-    pub server: String,
-    /// Replaces the default `[upstreams.api]` table.
-    pub api_upstream: Option<String>,
-    pub plans: String,
+    server: String,
+    api_upstream: ApiUpstream,
+    plans: String,
+}
+
+/// An address of the test's `api` upstream.
+#[derive(Clone)]
+pub enum At {
+    /// The gateway's own echo upstream.
+    Echo,
+    /// Any other address (a dead port, a silent listener).
+    Addr(String),
+}
+
+/// The `[upstreams.api]` table of a test gateway.
+#[derive(Clone)]
+pub struct ApiUpstream {
+    pub addresses: Vec<At>,
+    pub connect_timeout: &'static str,
+    pub read_timeout: &'static str,
+    /// `{ interval = …, timeout = …, unhealthy_threshold = … }`
+    pub health_check: Option<&'static str>,
+}
+
+impl Default for ApiUpstream {
+    fn default() -> Self {
+        Self {
+            addresses: vec![At::Echo],
+            connect_timeout: "1s",
+            read_timeout: "2s",
+            health_check: None,
+        }
+    }
+}
+
+impl ApiUpstream {
+    fn toml(&self, echo: SocketAddr) -> String {
+        let addresses = self
+            .addresses
+            .iter()
+            .map(|a| match a {
+                At::Echo => format!("\"{echo}\""),
+                At::Addr(addr) => format!("\"{addr}\""),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut t = format!(
+            "[upstreams.api]\naddresses = [{addresses}]\nconnect_timeout = \"{}\"\nread_timeout = \"{}\"\n",
+            self.connect_timeout, self.read_timeout
+        );
+        if let Some(h) = self.health_check {
+            t.push_str(&format!("health_check = {h}\n"));
+        }
+        t
+    }
 }
 
 impl Default for Setup {
@@ -126,13 +202,54 @@ impl Default for Setup {
         Self {
             redis_url: None,
             clock: None,
-            extra: String::new(),
-            policies: String::new(),
+            more_policies: String::new(),
             route_policies: None,
             server: String::new(),
-            api_upstream: None,
+            api_upstream: ApiUpstream::default(),
             plans: PLANS.into(),
         }
+    }
+}
+
+impl Setup {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The Redis store at `url` instead of the embedded one.
+    pub fn on_redis(mut self, url: String) -> Self {
+        self.redis_url = Some(url);
+        self
+    }
+
+    /// A clock shared with other gateways (multi-node tests).
+    pub fn sharing(mut self, clock: &Arc<ManualClock>) -> Self {
+        self.clock = Some(clock.clone());
+        self
+    }
+
+    /// These route policies instead of the test ones.
+    pub fn route_policies(mut self, toml: &str) -> Self {
+        self.route_policies = Some(toml.to_owned());
+        self
+    }
+
+    /// These route policies after the test ones.
+    pub fn more_policies(mut self, toml: &str) -> Self {
+        self.more_policies.push_str(toml);
+        self
+    }
+
+    /// A line in `[server]`.
+    pub fn server(mut self, line: &str) -> Self {
+        self.server.push_str(line);
+        self.server.push('\n');
+        self
+    }
+
+    pub fn api_upstream(mut self, upstream: ApiUpstream) -> Self {
+        self.api_upstream = upstream;
+        self
     }
 }
 
@@ -161,13 +278,10 @@ pub fn write_config(
         dir.join("policies/routes.toml"),
         s.route_policies
             .clone()
-            .unwrap_or_else(|| format!("{ROUTE_POLICIES}\n{}", s.policies)),
+            .unwrap_or_else(|| format!("{ROUTE_POLICIES}\n{}", s.more_policies)),
     )
     .expect("routes");
-    // `{echo}` in a custom upstream table stands for the echo upstream's address.
-    let api = s.api_upstream.clone().map(|a| a.replace("{echo}", &echo.to_string())).unwrap_or_else(|| {
-        format!("[upstreams.api]\naddresses = [\"{echo}\"]\nconnect_timeout = \"1s\"\nread_timeout = \"2s\"\n")
-    });
+    let api = s.api_upstream.toml(echo);
     let text = format!(
         r#"
 [server]
@@ -220,9 +334,7 @@ upstream = "console"
 prefix = "/api/"
 auth = "jwt"
 upstream = "console"
-{extra}
 "#,
-        extra = s.extra,
         server = s.server,
         redis = s
             .redis_url
@@ -254,10 +366,7 @@ impl Gateway {
             Backend::Embedded => Self::start(),
             Backend::Redis => {
                 let redis = crate::redis_server::RedisServer::start();
-                let mut gw = Self::start_with(Setup {
-                    redis_url: Some(redis.url()),
-                    ..Setup::default()
-                });
+                let mut gw = Self::start_with(Setup::new().on_redis(redis.url()));
                 gw.redis = Some(redis);
                 gw
             }
