@@ -29,6 +29,11 @@ pub struct Gateway {
     pub key_writes: LocalLimiter<String>,
 }
 
+/// Per-client-IP buckets of the open routes' limits kept at most (about 100 bytes each).
+const CLIENT_BUCKETS: usize = 100_000;
+/// Per-account buckets of the console's key writes kept at most.
+const ACCOUNT_BUCKETS: usize = 100_000;
+
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -81,15 +86,14 @@ impl Gateway {
                 directory.apply(&change);
             }
         }));
-        let ip_capacity = config.cache.negative_capacity;
         Ok(Self {
             live: ArcSwap::from_pointee(Live::build(config, None)?),
             reloading: Mutex::new(()),
             env,
             manager: Manager::new(store.clone(), directory.clone(), clock.clone()),
             metrics: Metrics::new(),
-            ip_limiter: IpLimiter::new(ip_capacity),
-            key_writes: LocalLimiter::new(ip_capacity),
+            ip_limiter: IpLimiter::new(CLIENT_BUCKETS),
+            key_writes: LocalLimiter::new(ACCOUNT_BUCKETS),
             directory,
             store,
             clock,

@@ -86,8 +86,9 @@ impl Directory {
             keys: BoundedCache::new(capacity, ttl_ns),
             unknown: BoundedCache::new(negative_capacity, ttl_ns),
             accounts: BoundedCache::new(capacity, ttl_ns),
-            // An entry is never useful for longer than a bucket takes to refill (seconds).
-            rate_blocks: BoundedCache::new(negative_capacity, 60_000_000_000),
+            // One per known key at most, so sized like the key cache; an entry is never useful
+            // for longer than a bucket takes to refill (seconds).
+            rate_blocks: BoundedCache::new(capacity, 60_000_000_000),
         }
     }
 

@@ -68,7 +68,7 @@ pub(super) struct StoreFile {
 }
 
 impl StoreFile {
-    pub(super) fn store_url(&self) -> Option<&Spanned<String>> {
+    pub(super) fn redis_url(&self) -> Option<&Spanned<String>> {
         self.redis_url.as_ref()
     }
 }

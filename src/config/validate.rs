@@ -59,7 +59,7 @@ pub(super) fn store_settings(
         .as_ref()
         .map_or(3, |t| positive(r, "store.breaker_threshold", t));
     let url = url_from_env.or_else(|| {
-        let url = raw.store_url()?;
+        let url = raw.redis_url()?;
         let ok = ["redis://", "redis+cluster://"]
             .iter()
             .any(|p| url.get_ref().starts_with(p));

@@ -184,11 +184,11 @@ impl RoutePolicies {
 fn validate(r: &mut Reporter, i: usize, route: &RouteFile, scopes: &[String]) -> RoutePolicy {
     let field = |f: &str| format!("route[{i}].{f}");
     let prefix = route.prefix.get_ref().clone();
-    if crate::path::prefix_problem(&prefix).is_some() {
+    if let Some(problem) = crate::path::prefix_problem(&prefix) {
         r.at(
             route.prefix.span(),
             field("prefix"),
-            format!("\"{prefix}\" must be a normalised path starting with '/'"),
+            format!("\"{prefix}\" {problem}"),
         );
     }
     let methods = route
@@ -380,7 +380,7 @@ mod tests {
              routes.toml:8:22: route[1].ip_rate_per_second: must be at least 1, got 0\n\
              routes.toml:9:12: route[1].ip_burst: must be at least 1, got 0\n\
              routes.toml:11:10: route[2].prefix: \"/api/v1/a\" overlaps route[0] (line 3) for the same methods: conflicting rules\n\
-             routes.toml:14:10: route[3].prefix: \"api/v1/c\" must be a normalised path starting with '/'\n\
+             routes.toml:14:10: route[3].prefix: \"api/v1/c\" must start with '/'\n\
              routes.toml:15:12: route[3].instance: expected \"none\", { from = \"path\", segment = N }, { from = \"query\", param = \"...\" } or { from = \"body\", field = \"...\" }\n\
              routes.toml:16:18: route[3].on_store_error: unknown mode \"maybe\" (expected \"fail_closed\" or \"fail_open\")"
         );

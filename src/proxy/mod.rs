@@ -9,7 +9,7 @@
 //! (rate-limit headers) → [`fail_to_proxy` on any error after `request_filter`] → `logging`.
 
 pub(crate) mod console;
-pub(crate) mod header_maps;
+pub(crate) mod header_edit;
 pub(crate) mod headers;
 pub(crate) mod public_api;
 pub(crate) mod respond;
@@ -123,7 +123,7 @@ fn normalised(
 
 impl GatewayProxy {
     /// Decides what happens to a request: `Ok(None)` forward, `Ok(Some(..))` answered locally.
-    async fn admit(
+    async fn decide(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
@@ -223,7 +223,7 @@ impl ProxyHttp for GatewayProxy {
             Some(v) if RequestIds::is_sane(v.as_bytes()) => v.clone(),
             _ => self.1.next(),
         };
-        match self.admit(session, ctx).await {
+        match self.decide(session, ctx).await {
             Ok(None) => Ok(false),
             Ok(Some((status, body))) => {
                 respond::send(session, ctx, status, body).await?;
@@ -292,7 +292,7 @@ impl ProxyHttp for GatewayProxy {
             .map(|a| a.ip());
         let keep_api_key = ctx.route().is_some_and(|r| r.forward_api_key);
         let fwd = &ctx.live.config.forward;
-        header_maps::edit_request(up, |parts| {
+        header_edit::edit_request(up, |parts| {
             let h = &mut parts.headers;
             if !keep_api_key {
                 h.remove(&X_API_KEY);
@@ -333,7 +333,7 @@ impl ProxyHttp for GatewayProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        header_maps::edit_response(resp, |parts| {
+        header_edit::edit_response(resp, |parts| {
             if let Some(rate) = &ctx.rate {
                 rate.write_to(&mut parts.headers);
             }

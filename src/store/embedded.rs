@@ -130,11 +130,11 @@ impl EmbeddedStore {
     }
 
     /// Decides a change under the writer lock, persists it, then applies it in memory: memory
-    /// never holds what the disk does not.
-    fn write<T>(
+    /// never holds what the disk does not. `decide` may refuse with its call's own error.
+    fn write<T, E: From<StoreError>>(
         &self,
-        decide: impl FnOnce(&Data) -> Result<(T, Option<Entry>), CreateKeyError>,
-    ) -> Result<T, CreateKeyError> {
+        decide: impl FnOnce(&Data) -> Result<(T, Option<Entry>), E>,
+    ) -> Result<T, E> {
         let mut journal = self.journal.lock();
         let (out, entry) = decide(&self.data.read())?;
         let Some(entry) = entry else { return Ok(out) };
@@ -148,13 +148,6 @@ impl EmbeddedStore {
             }
         }
         Ok(out)
-    }
-}
-
-fn store_only(e: CreateKeyError) -> StoreError {
-    match e {
-        CreateKeyError::Store(e) => e,
-        other => StoreError::Persist(format!("{other:?}")),
     }
 }
 
@@ -174,8 +167,9 @@ impl Store for EmbeddedStore {
     }
 
     async fn put_account(&self, account: Account) -> Result<Account, StoreError> {
-        self.write(|_| Ok((account.clone(), Some(Entry::Account(account.clone())))))
-            .map_err(store_only)
+        self.write(|_| {
+            Ok::<_, StoreError>((account.clone(), Some(Entry::Account(account.clone()))))
+        })
     }
 
     async fn create_key(
@@ -241,7 +235,6 @@ impl Store for EmbeddedStore {
                 self.buckets.remove(key_id);
             }
         })
-        .map_err(store_only)
     }
 
     async fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, StoreError> {
