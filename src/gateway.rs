@@ -5,11 +5,12 @@ use crate::auth::Directory;
 use crate::clock::Clock;
 use crate::config::{Config, ConfigErrors, Env, SecretProblem};
 use crate::errors::GatewayError;
+use crate::limits::blocks::RateBlocks;
 use crate::limits::local::{IpLimiter, LocalLimiter};
 use crate::live::Live;
 use crate::manage::Manager;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Invalidation, Store};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub struct Gateway {
     pub ip_limiter: IpLimiter,
     /// Console key creations and revocations per account (`console::KEY_WRITES_PER_MINUTE`).
     pub key_writes: LocalLimiter<String>,
+    /// Keys the store found over their rate, refused locally until a token can exist.
+    pub(crate) rate_blocks: Arc<RateBlocks>,
 }
 
 /// Per-client-IP buckets of the open routes' limits kept at most (about 100 bytes each).
@@ -80,10 +83,15 @@ impl Gateway {
             config.cache.negative_capacity,
             ttl_ns,
         ));
-        let weak = Arc::downgrade(&directory);
+        let rate_blocks = Arc::new(RateBlocks::new(config.cache.capacity));
+        let (weak, blocks) = (Arc::downgrade(&directory), Arc::downgrade(&rate_blocks));
         store.on_invalidation(Arc::new(move |change| {
             if let Some(directory) = weak.upgrade() {
                 directory.apply(&change);
+            }
+            // Missed messages may mean a restarted store, with counters lost: ask it again.
+            if let (Invalidation::All, Some(blocks)) = (&change, blocks.upgrade()) {
+                blocks.clear();
             }
         }));
         Ok(Self {
@@ -94,6 +102,7 @@ impl Gateway {
             metrics: Metrics::new(),
             ip_limiter: IpLimiter::new(CLIENT_BUCKETS),
             key_writes: LocalLimiter::new(ACCOUNT_BUCKETS),
+            rate_blocks,
             directory,
             store,
             clock,

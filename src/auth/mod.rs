@@ -47,20 +47,6 @@ fn id_value(id: &str) -> HeaderValue {
     HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("invalid-id"))
 }
 
-/// The local verdict on a key's rate before asking the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RateGate {
-    /// Nothing known: ask the store.
-    Open,
-    /// This request asks the store on behalf of a key that was just blocked.
-    Probe,
-    /// Refused here, no store call.
-    Refuse {
-        retry_after_ns: u64,
-        reset_after_ns: u64,
-    },
-}
-
 /// Key and account lookups with bounded positive and negative caches in front of the store.
 pub struct Directory {
     store: Arc<dyn Store>,
@@ -68,8 +54,6 @@ pub struct Directory {
     keys: BoundedCache<KeyHash, (Arc<CachedKey>, HeaderValue)>,
     unknown: BoundedCache<KeyHash, ()>,
     accounts: BoundedCache<String, (Arc<Account>, HeaderValue)>,
-    /// key id -> (blocked until, bucket full at), Unix ns: keys the store found over their rate.
-    rate_blocks: BoundedCache<String, (u64, u64)>,
 }
 
 impl Directory {
@@ -86,9 +70,6 @@ impl Directory {
             keys: BoundedCache::new(capacity, ttl_ns),
             unknown: BoundedCache::new(negative_capacity, ttl_ns),
             accounts: BoundedCache::new(capacity, ttl_ns),
-            // One per known key at most, so sized like the key cache; an entry is never useful
-            // for longer than a bucket takes to refill (seconds).
-            rate_blocks: BoundedCache::new(capacity, 60_000_000_000),
         }
     }
 
@@ -152,43 +133,6 @@ impl Directory {
         self.keys.clear();
         self.unknown.clear();
         self.accounts.clear();
-        self.rate_blocks.clear();
-    }
-
-    /// Remembers that `key_id` gets no token before `until_ns`: nothing can give it one
-    /// earlier (other nodes only take tokens), so refusing locally until then is exact.
-    pub fn block_rate(&self, key_id: &str, until_ns: u64, full_at_ns: u64) {
-        self.rate_blocks.insert(
-            key_id.to_owned(),
-            (until_ns, full_at_ns),
-            self.clock.now_ns(),
-        );
-    }
-
-    /// Forgets a key's block (the store admitted it with tokens to spare, or failed).
-    pub fn unblock_rate(&self, key_id: &str) {
-        self.rate_blocks.remove(key_id);
-    }
-
-    /// What the local blocks say about a request of `key_id` at `now_ns`. Within one emission
-    /// interval after a block ends, at most one token exists: one request asks the store
-    /// (`Probe`) and the others are refused until it has answered.
-    pub fn rate_gate(&self, key_id: &str, now_ns: u64, interval_ns: u64) -> RateGate {
-        self.rate_blocks
-            .update(key_id, now_ns, |(until, full_at)| {
-                if now_ns < *until {
-                    RateGate::Refuse {
-                        retry_after_ns: *until - now_ns,
-                        reset_after_ns: full_at.saturating_sub(now_ns),
-                    }
-                } else if now_ns < until.saturating_add(interval_ns) {
-                    *until = now_ns.saturating_add(interval_ns);
-                    RateGate::Probe
-                } else {
-                    RateGate::Open
-                }
-            })
-            .unwrap_or(RateGate::Open)
     }
 
     /// Applies a change announced by another node.

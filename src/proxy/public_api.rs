@@ -2,10 +2,11 @@
 
 use super::headers::{ceil_secs, RateHeaders};
 use super::Identity;
-use crate::auth::{api_key, Principal, RateGate};
+use crate::auth::{api_key, Principal};
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
 use crate::inspect;
+use crate::limits::blocks::RateGate;
 use crate::limits::quota;
 use crate::live::Live;
 use crate::policy::{InstanceSource, RoutePolicy, ScopeRule, StoreErrorMode};
@@ -182,7 +183,7 @@ pub(crate) async fn authorize(
     if let RateGate::Refuse {
         retry_after_ns,
         reset_after_ns,
-    } = gw.directory.rate_gate(key_id, now_ns, interval_ns)
+    } = gw.rate_blocks.gate(key_id, now_ns, interval_ns)
     {
         rate.live = Some((0, ceil_secs(reset_after_ns)));
         return Err(refuse(
@@ -218,10 +219,14 @@ pub(crate) async fn authorize(
                     .saturating_add(interval_ns)
                     .saturating_sub(u64::from(plan.bucket.burst) * interval_ns)
                     .min(now_ns.saturating_add(interval_ns));
-                gw.directory
-                    .block_rate(key_id, next_token, now_ns.saturating_add(reset_after_ns));
+                gw.rate_blocks.block(
+                    key_id,
+                    next_token,
+                    now_ns.saturating_add(reset_after_ns),
+                    now_ns,
+                );
             } else {
-                gw.directory.unblock_rate(key_id);
+                gw.rate_blocks.unblock(key_id);
             }
             Ok((identity, rate))
         }
@@ -232,10 +237,11 @@ pub(crate) async fn authorize(
             // Concurrent refusals not yet given back can inflate the store's retry time, and a
             // truly refused key gets a token within one emission interval: block no longer.
             let block = retry_after_ns.min(interval_ns);
-            gw.directory.block_rate(
+            gw.rate_blocks.block(
                 key_id,
                 now_ns.saturating_add(block),
                 now_ns.saturating_add(reset_after_ns),
+                now_ns,
             );
             rate.live = Some((0, ceil_secs(reset_after_ns)));
             Err(refuse(
@@ -248,7 +254,7 @@ pub(crate) async fn authorize(
             reset_after_ns,
             ..
         }) => {
-            gw.directory.unblock_rate(key_id);
+            gw.rate_blocks.unblock(key_id);
             rate.live = Some((remaining, ceil_secs(reset_after_ns)));
             Err(refuse(
                 GatewayError::quota_exceeded(period.seconds_left(now_unix)),
@@ -256,7 +262,7 @@ pub(crate) async fn authorize(
             ))
         }
         Err(e) => {
-            gw.directory.unblock_rate(key_id);
+            gw.rate_blocks.unblock(key_id);
             gw.metrics.store_error();
             let mode = policy
                 .and_then(|p| p.on_store_error)
