@@ -9,6 +9,7 @@ pub(crate) mod admin;
 pub mod auth;
 pub mod cache;
 pub mod cli;
+pub mod client_ip;
 pub mod clock;
 pub mod config;
 pub mod diagnostics;

@@ -13,7 +13,7 @@ const LAYERS: &[&[&str]] = &[
         "path",
         "clock",
         "cache",
-        "client",
+        "client_ip",
         "diagnostics",
         "metrics",
         "echo",

@@ -43,6 +43,12 @@ pub(super) struct ServerFile {
     /// Keep `%2F` / `%5C` in paths instead of refusing them (400) — off by default.
     #[serde(default)]
     pub allow_encoded_slashes: bool,
+    /// Peers (CIDRs) whose X-Forwarded-For / X-Forwarded-Proto are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+    /// Prefix length an IPv6 client is limited by.
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: Spanned<u8>,
     /// Where a new process started with `run --upgrade` receives the listening sockets.
     pub upgrade_sock: Option<String>,
     pub pid_file: Option<String>,
@@ -242,6 +248,9 @@ fn default_max_inspected_body_bytes() -> Spanned<usize> {
 fn default_grace_period() -> Spanned<String> {
     spanned("5s".into())
 }
+fn default_ipv6_prefix() -> Spanned<u8> {
+    spanned(64)
+}
 fn default_admin_token_env() -> String {
     "MSGFLASH_ADMIN_TOKEN".into()
 }
@@ -278,10 +287,17 @@ fn d_user_header() -> Spanned<String> {
 fn d_request_id_header() -> Spanned<String> {
     spanned("x-request-id".into())
 }
-/// `Forwarded` (the gateway writes its own `X-Forwarded-*` only), the URL overrides of IIS,
-/// Symfony and Zend, and the method overrides of Rails, Express, Spring and ASP.NET.
-pub(super) const OVERRIDE_HEADERS: [&str; 6] = [
+/// `Forwarded` and the other client-address and host headers (the gateway writes its own
+/// `X-Forwarded-For` / `-Proto` only), the URL overrides of IIS, Symfony and Zend, and the
+/// method overrides of Rails, Express, Spring and ASP.NET.
+pub(super) const OVERRIDE_HEADERS: [&str; 12] = [
     "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
     "x-original-url",
     "x-rewrite-url",
     "x-http-method-override",

@@ -44,6 +44,10 @@ pub struct Server {
     pub grace_period: Duration,
     /// What the path normaliser lets through (`allow_encoded_slashes`).
     pub path_rules: crate::path::PathRules,
+    /// Peers whose forwarding headers say who the client is.
+    pub trusted_proxies: crate::client_ip::TrustedProxies,
+    /// Bits of an IPv6 client address that per-client limits count under.
+    pub ipv6_prefix: u8,
     pub upgrade_sock: PathBuf,
     pub pid_file: PathBuf,
 }
@@ -261,6 +265,8 @@ impl Config {
             path_rules: crate::path::PathRules {
                 allow_encoded_slashes: raw.server.allow_encoded_slashes,
             },
+            trusted_proxies: trusted_proxies(&mut r, &raw.server.trusted_proxies),
+            ipv6_prefix: ipv6_prefix(&mut r, &raw.server.ipv6_prefix),
             upgrade_sock: base.join(
                 raw.server
                     .upgrade_sock

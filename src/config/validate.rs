@@ -39,6 +39,40 @@ pub(super) fn keepalive(r: &mut Reporter, v: &Spanned<String>) -> Duration {
     d
 }
 
+pub(super) fn trusted_proxies(
+    r: &mut Reporter,
+    raw: &[Spanned<String>],
+) -> crate::client_ip::TrustedProxies {
+    crate::client_ip::TrustedProxies(
+        raw.iter()
+            .filter_map(|c| {
+                c.get_ref()
+                    .parse()
+                    .map_err(|e: crate::client_ip::CidrError| {
+                        r.at(
+                            c.span(),
+                            "server.trusted_proxies",
+                            format!("\"{}\": {e}", c.get_ref()),
+                        )
+                    })
+                    .ok()
+            })
+            .collect(),
+    )
+}
+
+pub(super) fn ipv6_prefix(r: &mut Reporter, v: &Spanned<u8>) -> u8 {
+    let n = *v.get_ref();
+    if !(1..=128).contains(&n) {
+        r.at(
+            v.span(),
+            "server.ipv6_prefix",
+            format!("must be between 1 and 128, got {n}"),
+        );
+    }
+    n
+}
+
 pub(super) fn store_settings(
     r: &mut Reporter,
     raw: &file::StoreFile,

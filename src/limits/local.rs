@@ -6,9 +6,11 @@ use dashmap::DashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 
-/// Buckets keyed by `K`, holding each key's theoretical arrival time.
+/// Buckets keyed by `K`: each key's theoretical arrival time and when it was last seen.
+/// When full, expired buckets go first (a full bucket is as good as an absent one), then the
+/// least recently seen eighth: a flood of new keys never resets the others' buckets.
 pub struct LocalLimiter<K: Hash + Eq> {
-    buckets: DashMap<K, u64>,
+    buckets: DashMap<K, (u64, u64)>,
     capacity: usize,
 }
 
@@ -36,14 +38,12 @@ impl<K: Hash + Eq> LocalLimiter<K> {
         interval_ns: u64,
         burst: u32,
     ) -> Result<(), u64> {
-        if self.buckets.len() >= self.capacity {
-            // Full buckets are as good as absent: forget them first.
-            self.buckets.retain(|_, tat| *tat > now_ns);
-            if self.buckets.len() >= self.capacity {
-                self.buckets.clear();
-            }
+        if self.buckets.len() >= self.capacity && !self.buckets.contains_key(&key) {
+            self.make_room(now_ns);
         }
-        let mut tat = self.buckets.entry(key).or_insert(0);
+        let mut entry = self.buckets.entry(key).or_insert((0, now_ns));
+        let (tat, seen) = &mut *entry;
+        *seen = now_ns;
         match gcra::decide_every(Some(*tat).filter(|t| *t > 0), now_ns, interval_ns, burst) {
             BucketDecision::Allow { new_tat_ns, .. } => {
                 *tat = new_tat_ns;
@@ -51,6 +51,25 @@ impl<K: Hash + Eq> LocalLimiter<K> {
             }
             BucketDecision::Deny { retry_after_ns, .. } => Err(retry_after_ns),
         }
+    }
+
+    /// Drops the buckets that are full again, then, if that is not enough, the least recently
+    /// seen eighth of the table.
+    fn make_room(&self, now_ns: u64) {
+        self.buckets.retain(|_, (tat, _)| *tat > now_ns);
+        if self.buckets.len() < self.capacity {
+            return;
+        }
+        let mut seen: Vec<u64> = self.buckets.iter().map(|e| e.value().1).collect();
+        let cut = (seen.len() / 8).max(1);
+        let (_, cutoff, _) = seen.select_nth_unstable(cut - 1);
+        let cutoff = *cutoff;
+        let mut dropped = 0;
+        self.buckets.retain(|_, (_, s)| {
+            let drop = *s <= cutoff && dropped < cut;
+            dropped += usize::from(drop);
+            !drop
+        });
     }
 }
 
@@ -74,6 +93,23 @@ mod tests {
         for i in 0..100u8 {
             let _ = l.check((0, IpAddr::from([10, 1, 0, i])), 1, p);
             assert!(l.buckets.len() <= 4);
+        }
+    }
+
+    #[test]
+    fn a_full_table_forgets_the_least_recently_seen_not_everyone() {
+        let l: LocalLimiter<u32> = LocalLimiter::new(16);
+        let p = BucketParams {
+            rate_per_second: 1,
+            burst: 1,
+        };
+        // Key 0 is seen all along and spends its one token at once.
+        assert!(l.check(0, 1, p).is_ok());
+        for (now, key) in (2..200u64).zip(1..) {
+            let _ = l.check(key, now, p);
+            assert!(l.buckets.len() <= 16);
+            // The abuser's empty bucket survives the flood of new keys.
+            assert!(l.check(0, now, p).is_err(), "key 0 was forgotten at {now}");
         }
     }
 

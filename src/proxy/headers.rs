@@ -144,6 +144,23 @@ pub(crate) fn remove_underscore_spellings(h: &mut HeaderMap, fwd: &crate::config
     }
 }
 
+/// All values of a header as one comma-separated value (`None` when there are none).
+pub(crate) fn joined(values: http::header::GetAll<'_, HeaderValue>) -> Option<HeaderValue> {
+    let mut iter = values.iter();
+    let first = iter.next()?;
+    let rest: Vec<&HeaderValue> = iter.collect();
+    if rest.is_empty() {
+        return Some(first.clone());
+    }
+    let mut chain = first.as_bytes().to_vec();
+    for v in rest {
+        chain.extend_from_slice(b", ");
+        chain.extend_from_slice(v.as_bytes());
+    }
+    HeaderValue::from_bytes(&chain).ok()
+}
+
+/// `prior` (a trusted chain) with `ip` appended, or `ip` alone.
 pub(crate) fn forwarded_for(prior: Option<&HeaderValue>, ip: IpAddr) -> HeaderValue {
     match prior.and_then(|v| v.to_str().ok()).map(str::trim) {
         Some(prior) if !prior.is_empty() => {

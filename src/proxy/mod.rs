@@ -14,6 +14,7 @@ pub(crate) mod headers;
 pub(crate) mod public_api;
 pub(crate) mod respond;
 
+use crate::client_ip;
 use crate::config::{AuthMode, Route};
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
@@ -26,6 +27,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -55,6 +57,11 @@ pub(crate) struct Ctx {
     /// Bit i: upstream member i was tried.
     tried: u64,
     member: Option<usize>,
+    /// The TCP peer, and whether it is a trusted proxy (whose forwarding headers count).
+    peer: Option<IpAddr>,
+    peer_trusted: bool,
+    /// Who the client is (the peer, or what a trusted proxy says): what per-IP limits use.
+    client: Option<IpAddr>,
 }
 
 impl Ctx {
@@ -138,21 +145,27 @@ impl GatewayProxy {
         if header_bytes(req) > live.config.server.max_header_bytes {
             return Err(GatewayError::headers_too_large());
         }
+        // Who the client is: the peer, unless the peer is a trusted proxy.
+        let trusted = &live.config.server.trusted_proxies;
+        ctx.peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| client_ip::canonical(a.ip()));
+        ctx.peer_trusted = ctx.peer.is_some_and(|p| trusted.trusts(p));
+        ctx.client = ctx.peer.map(|peer| {
+            let chain = req.headers.get_all(&X_FORWARDED_FOR);
+            trusted.client(peer, chain.iter().map(HeaderValue::as_bytes))
+        });
         let (path, rewritten) = normalised(req, live.config.server.path_rules)?;
         ctx.rewritten = rewritten;
         let route_index = live.router.find(&path).ok_or_else(GatewayError::no_route)?;
         ctx.route = Some(route_index);
         let route = &live.config.routes[route_index];
         let policy = live.config.policies.routes.find(&req.method, &path);
-        if let (Some(limit), Some(ip)) = (
-            policy.and_then(|p| p.ip_limit),
-            session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
-        ) {
+        if let (Some(limit), Some(client)) = (policy.and_then(|p| p.ip_limit), ctx.client) {
+            let key = client_ip::limit_key(client, live.config.server.ipv6_prefix);
             gw.ip_limiter
-                .check((route_index, ip), gw.clock.now_ns(), limit)
+                .check((route_index, key), gw.clock.now_ns(), limit)
                 .map_err(|retry_ns| GatewayError::too_many_requests(ceil_secs(retry_ns)))?;
         }
         match route.auth {
@@ -204,6 +217,9 @@ impl ProxyHttp for GatewayProxy {
             rate: None,
             tried: 0,
             member: None,
+            peer: None,
+            peer_trusted: false,
+            client: None,
         }
     }
 
@@ -282,14 +298,10 @@ impl ProxyHttp for GatewayProxy {
     /// owned headers out, identity and forwarding headers in, the normalised path set.
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         up: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
         let keep_api_key = ctx.route().is_some_and(|r| r.forward_api_key);
         let fwd = &ctx.live.config.forward;
         header_edit::edit_request(up, |parts| {
@@ -313,11 +325,20 @@ impl ProxyHttp for GatewayProxy {
                 }
             }
             h.insert(fwd.request_id_header.clone(), ctx.request_id.clone());
-            if let Some(ip) = client_ip {
-                let xff = headers::forwarded_for(h.get(&X_FORWARDED_FOR), ip);
+            // A trusted proxy's chain is extended with it; anyone else's is replaced.
+            if let Some(peer) = ctx.peer {
+                let prior = ctx
+                    .peer_trusted
+                    .then(|| headers::joined(h.get_all(&X_FORWARDED_FOR)))
+                    .flatten();
+                let xff = headers::forwarded_for(prior.as_ref(), peer);
                 h.insert(X_FORWARDED_FOR.clone(), xff);
             }
-            h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+            let proto = match h.get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {
+                Some(b"https") if ctx.peer_trusted => HeaderValue::from_static("https"),
+                _ => HeaderValue::from_static("http"),
+            };
+            h.insert(X_FORWARDED_PROTO.clone(), proto);
         });
         if let Some(uri) = &ctx.rewritten {
             up.set_uri(uri.clone());

@@ -523,6 +523,8 @@ fn identity_headers_in_any_spelling_never_reach_the_upstream() {
         ("x_api_key", "msgf_live_forged"),
         ("x_forwarded_for", "10.9.9.9"),
         ("forwarded", "for=10.9.9.9;proto=https"),
+        ("x-real-ip", "10.9.9.9"),
+        ("x-forwarded-host", "evil.example"),
         ("x-original-url", "/api/api-keys"),
         ("x-rewrite-url", "/api/api-keys"),
         ("x-http-method-override", "DELETE"),

@@ -13,6 +13,7 @@ mod admin;
 mod bad_input;
 mod cli;
 mod client;
+mod client_addresses;
 mod cluster;
 mod console;
 mod hostile;
