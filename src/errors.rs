@@ -178,6 +178,14 @@ impl GatewayError {
         .with_retry_after(retry_after)
     }
 
+    pub fn auth_failures_limited(retry_after: u64) -> Self {
+        Self::new(
+            ErrorCode::TooManyRequests,
+            "Too many failed authentications from this client",
+        )
+        .with_retry_after(retry_after)
+    }
+
     pub fn key_writes_limited(retry_after: u64) -> Self {
         Self::new(
             ErrorCode::TooManyRequests,

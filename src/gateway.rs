@@ -28,6 +28,8 @@ pub struct Gateway {
     pub ip_limiter: IpLimiter,
     /// Console key creations and revocations per account (`console::KEY_WRITES_PER_MINUTE`).
     pub key_writes: LocalLimiter<String>,
+    /// Failed authentications per client (`server.auth_failures_per_minute`).
+    pub(crate) auth_failures: LocalLimiter<std::net::IpAddr>,
     /// Keys the store found over their rate, refused locally until a token can exist.
     pub(crate) rate_blocks: Arc<RateBlocks>,
 }
@@ -102,6 +104,7 @@ impl Gateway {
             metrics: Metrics::new(),
             ip_limiter: IpLimiter::new(CLIENT_BUCKETS),
             key_writes: LocalLimiter::new(ACCOUNT_BUCKETS),
+            auth_failures: LocalLimiter::new(CLIENT_BUCKETS),
             rate_blocks,
             directory,
             store,

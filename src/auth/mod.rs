@@ -42,6 +42,17 @@ pub struct Principal {
     pub account_id_value: HeaderValue,
 }
 
+/// What a key lookup found.
+#[derive(Debug)]
+pub(crate) enum Lookup {
+    /// A valid, unrevoked key and its account.
+    Found(Principal),
+    /// Unknown or revoked (from the store or the negative cache).
+    Unknown,
+    /// Not in the positive cache, and the caller did not let the lookup go further.
+    NotAsked,
+}
+
 /// A header value for an id (ids are validated `[A-Za-z0-9._:-]` when created).
 fn id_value(id: &str) -> HeaderValue {
     HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("invalid-id"))
@@ -74,14 +85,19 @@ impl Directory {
     }
 
     /// The principal for a well-formed key, or `None` when the key is unknown or revoked.
-    pub async fn lookup(&self, key: &[u8]) -> Result<Option<Principal>, StoreError> {
+    /// `may_look_further` is asked only when the key is not in the positive cache: `false`
+    /// answers [`Lookup::NotAsked`] without a store or negative-cache lookup.
+    pub(crate) async fn lookup(
+        &self,
+        key: &[u8],
+        may_look_further: impl FnOnce() -> bool,
+    ) -> Result<Lookup, StoreError> {
         let hash = KeyHash::of(key);
         let now = self.clock.now_ns();
-        if self.unknown.get(&hash, now).is_some() {
-            return Ok(None);
-        }
         let (record, key_id_value) = match self.keys.get(&hash, now) {
             Some(entry) => entry,
+            None if !may_look_further() => return Ok(Lookup::NotAsked),
+            None if self.unknown.get(&hash, now).is_some() => return Ok(Lookup::Unknown),
             None => match self.store.key_by_hash(&hash.to_hex()).await? {
                 Some(record) if record.is_active() => {
                     let value = id_value(&record.id);
@@ -91,7 +107,7 @@ impl Directory {
                 }
                 _ => {
                     self.unknown.insert(hash, (), now);
-                    return Ok(None);
+                    return Ok(Lookup::Unknown);
                 }
             },
         };
@@ -104,10 +120,10 @@ impl Directory {
                         .insert(record.account_id.to_string(), entry.clone(), now);
                     entry
                 }
-                None => return Ok(None),
+                None => return Ok(Lookup::Unknown),
             },
         };
-        Ok(Some(Principal {
+        Ok(Lookup::Found(Principal {
             key: record,
             account,
             key_id_value,

@@ -46,6 +46,9 @@ pub(super) struct ServerFile {
     /// Peers (CIDRs) whose X-Forwarded-For / X-Forwarded-Proto are believed.
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
+    /// Invalid API keys one client may send per minute before unknown keys get 429.
+    #[serde(default = "default_auth_failures")]
+    pub auth_failures_per_minute: Spanned<u32>,
     /// Prefix length an IPv6 client is limited by.
     #[serde(default = "default_ipv6_prefix")]
     pub ipv6_prefix: Spanned<u8>,
@@ -247,6 +250,9 @@ fn default_max_inspected_body_bytes() -> Spanned<usize> {
 }
 fn default_grace_period() -> Spanned<String> {
     spanned("5s".into())
+}
+fn default_auth_failures() -> Spanned<u32> {
+    spanned(100)
 }
 fn default_ipv6_prefix() -> Spanned<u8> {
     spanned(64)

@@ -48,6 +48,8 @@ pub struct Server {
     pub trusted_proxies: crate::client_ip::TrustedProxies,
     /// Bits of an IPv6 client address that per-client limits count under.
     pub ipv6_prefix: u8,
+    /// Invalid API keys a client may send per minute (`auth_failures_per_minute`).
+    pub auth_failures_per_minute: u32,
     pub upgrade_sock: PathBuf,
     pub pid_file: PathBuf,
 }
@@ -267,6 +269,11 @@ impl Config {
             },
             trusted_proxies: trusted_proxies(&mut r, &raw.server.trusted_proxies),
             ipv6_prefix: ipv6_prefix(&mut r, &raw.server.ipv6_prefix),
+            auth_failures_per_minute: positive(
+                &mut r,
+                "server.auth_failures_per_minute",
+                &raw.server.auth_failures_per_minute,
+            ),
             upgrade_sock: base.join(
                 raw.server
                     .upgrade_sock

@@ -53,6 +53,21 @@ impl<K: Hash + Eq> LocalLimiter<K> {
         }
     }
 
+    /// `Some(retry_after_ns)` when `key` has no token left now; consumes nothing.
+    pub(crate) fn exhausted(
+        &self,
+        key: &K,
+        now_ns: u64,
+        interval_ns: u64,
+        burst: u32,
+    ) -> Option<u64> {
+        let tat = self.buckets.get(key).map(|e| e.value().0)?;
+        match gcra::decide_every(Some(tat).filter(|t| *t > 0), now_ns, interval_ns, burst) {
+            BucketDecision::Deny { retry_after_ns, .. } => Some(retry_after_ns),
+            BucketDecision::Allow { .. } => None,
+        }
+    }
+
     /// Drops the buckets that are full again, then, if that is not enough, the least recently
     /// seen eighth of the table.
     fn make_room(&self, now_ns: u64) {

@@ -175,7 +175,10 @@ impl GatewayProxy {
                 if crate::inspect::has_method_override(req.uri.query()) {
                     return Err(GatewayError::method_override());
                 }
-                match public_api::authorize(gw, &live, session, policy, &path).await {
+                let client = ctx
+                    .client
+                    .map(|c| client_ip::limit_key(c, live.config.server.ipv6_prefix));
+                match public_api::authorize(gw, &live, session, policy, &path, client).await {
                     Ok((identity, rate)) => {
                         ctx.identity = Some(identity);
                         ctx.rate = Some(rate);

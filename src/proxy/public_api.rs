@@ -2,7 +2,7 @@
 
 use super::headers::{ceil_secs, RateHeaders};
 use super::Identity;
-use crate::auth::{api_key, Principal};
+use crate::auth::{api_key, Lookup, Principal};
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
 use crate::inspect;
@@ -14,6 +14,7 @@ use crate::store::{Admission, AdmitRequest, Subscription};
 use inspect::{Ambiguity, BodyError};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
+use std::net::IpAddr;
 
 /// Why a request was refused, with the rate-limit state to report when it is known.
 pub(crate) struct Refusal {
@@ -27,8 +28,48 @@ impl From<GatewayError> for Refusal {
     }
 }
 
+/// Failed authentications of one client (its limit key), as the gateway counts them: over
+/// `server.auth_failures_per_minute`, anything not already known here is refused without a
+/// lookup, so a flood of guessed keys stops costing the store anything.
+struct AuthFailures<'a> {
+    gw: &'a Gateway,
+    client: Option<IpAddr>,
+    every_ns: u64,
+    burst: u32,
+    now_ns: u64,
+}
+
+impl AuthFailures<'_> {
+    fn refused(&self) -> Option<GatewayError> {
+        let client = self.client?;
+        self.gw
+            .auth_failures
+            .exhausted(&client, self.now_ns, self.every_ns, self.burst)
+            .map(|retry_ns| GatewayError::auth_failures_limited(ceil_secs(retry_ns)))
+    }
+
+    /// Counts one failure and answers it: 401, or 429 once the client is over its limit.
+    fn failed(&self) -> GatewayError {
+        if let Some(refused) = self.refused() {
+            return refused;
+        }
+        if let Some(client) = self.client {
+            let _ =
+                self.gw
+                    .auth_failures
+                    .check_every(client, self.now_ns, self.every_ns, self.burst);
+        }
+        GatewayError::invalid_api_key()
+    }
+}
+
 /// Checks 1–3: the key, present once, well formed, known and not revoked.
-async fn principal(gw: &Gateway, req: &RequestHeader) -> Result<Principal, GatewayError> {
+async fn principal(
+    gw: &Gateway,
+    live: &Live,
+    req: &RequestHeader,
+    client: Option<IpAddr>,
+) -> Result<Principal, GatewayError> {
     let mut keys = req.headers.get_all("x-api-key").iter();
     let key = match (keys.next(), keys.next()) {
         (None, _) => {
@@ -44,16 +85,31 @@ async fn principal(gw: &Gateway, req: &RequestHeader) -> Result<Principal, Gatew
                 GatewayError::missing_api_key()
             });
         }
-        (Some(_), Some(_)) => return Err(GatewayError::invalid_api_key()),
-        (Some(key), None) => key.as_bytes(),
+        (Some(_), Some(_)) => None,
+        (Some(key), None) => Some(key.as_bytes()),
+    };
+    let per_minute = live.config.server.auth_failures_per_minute;
+    let failures = AuthFailures {
+        gw,
+        client,
+        every_ns: 60_000_000_000 / u64::from(per_minute.max(1)),
+        burst: per_minute,
+        now_ns: gw.clock.now_ns(),
     };
     // No store I/O for anything that cannot be a key.
-    if !api_key::is_well_formed(key) {
-        return Err(GatewayError::invalid_api_key());
-    }
-    match gw.directory.lookup(key).await {
-        Ok(Some(p)) => Ok(p),
-        Ok(None) => Err(GatewayError::invalid_api_key()),
+    let Some(key) = key.filter(|k| api_key::is_well_formed(k)) else {
+        return Err(failures.failed());
+    };
+    match gw
+        .directory
+        .lookup(key, || failures.refused().is_none())
+        .await
+    {
+        Ok(Lookup::Found(p)) => Ok(p),
+        Ok(Lookup::Unknown) => Err(failures.failed()),
+        Ok(Lookup::NotAsked) => Err(failures
+            .refused()
+            .unwrap_or_else(GatewayError::invalid_api_key)),
         Err(e) => {
             gw.metrics.store_error();
             tracing::error!(error = %e, "key lookup failed");
@@ -129,15 +185,17 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>, Gatew
     inspect::read_body(session, limit).await
 }
 
-/// Runs checks 1–7; on success the request may be forwarded as `Identity`.
+/// Runs checks 1–7 for a request from `client` (its per-client limit key); on success the
+/// request may be forwarded as `Identity`.
 pub(crate) async fn authorize(
     gw: &Gateway,
     live: &Live,
     session: &mut Session,
     policy: Option<&RoutePolicy>,
     path: &str,
+    client: Option<IpAddr>,
 ) -> Result<(Identity, RateHeaders), Refusal> {
-    let principal = principal(gw, session.req_header()).await?;
+    let principal = principal(gw, live, session.req_header(), client).await?;
     let account = principal.account.clone();
     let Some(plan) = live.config.policies.plans.get(&account.plan) else {
         tracing::error!(account = %account.id, plan = %account.plan, "account refers to an unknown plan");

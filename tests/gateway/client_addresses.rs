@@ -98,3 +98,51 @@ fn trusted_proxies_are_validated() {
         )
     );
 }
+
+fn a_flood_of_guessed_keys_stops_costing_lookups(b: Backend) {
+    let gw = Gateway::start_with_backend(b, Setup::new().server("auth_failures_per_minute = 20"));
+    let (valid, _) = gw.account_with_key("acme", "pro");
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &valid)]));
+    let (uncached, _) = gw.create_key("acme");
+    let lookups_before = gw
+        .redis
+        .as_ref()
+        .map(|r| r.command_calls().get("get").copied().unwrap_or(0));
+    let guess = |i: u32| format!("msgf_live_{:064x}", u64::from(i) + 7);
+    for i in 0..20 {
+        let r = gw.get("/api/v1/x", &[("x-api-key", &guess(i))]);
+        assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
+    }
+    // Over the limit: a guess, a malformed key and a valid key this node has not seen yet are
+    // all refused without a lookup; the key it knows still passes.
+    for key in [guess(99).as_str(), "msgf_live_nope", uncached.as_str()] {
+        let r = gw.get("/api/v1/x", &[("x-api-key", key)]);
+        assert_refused(
+            &r,
+            429,
+            "TOO_MANY_REQUESTS",
+            "Too many failed authentications from this client",
+        );
+        assert_eq!(r.header("retry-after"), Some("3"));
+    }
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &valid)]));
+    for i in 100..300 {
+        assert_eq!(gw.get("/api/v1/x", &[("x-api-key", &guess(i))]).status, 429);
+    }
+    if let (Some(before), Some(redis)) = (lookups_before, &gw.redis) {
+        let after = redis.command_calls().get("get").copied().unwrap_or(0);
+        println!("{} store lookups for 223 bad keys from one client", after - before);
+        // One GET per guess under the limit (and the account of the valid key), none after.
+        assert!(
+            after - before <= 21,
+            "{} lookups for 223 bad keys",
+            after - before
+        );
+    }
+    // A token comes back every 3 s (20 a minute): one more lookup may happen then.
+    gw.clock.advance_ms(3_000);
+    let r = gw.get("/api/v1/x", &[("x-api-key", &uncached)]);
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+crate::on_both_stores!(a_flood_of_guessed_keys_stops_costing_lookups);

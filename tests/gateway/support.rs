@@ -362,11 +362,16 @@ impl Gateway {
 
     /// A gateway on `backend`; for Redis, with a redis-server of its own.
     pub fn on(backend: Backend) -> Self {
+        Self::start_with_backend(backend, Setup::new())
+    }
+
+    /// `setup` on `backend`; for Redis, with a redis-server of its own.
+    pub fn start_with_backend(backend: Backend, setup: Setup) -> Self {
         match backend {
-            Backend::Embedded => Self::start(),
+            Backend::Embedded => Self::start_with(setup),
             Backend::Redis => {
                 let redis = crate::redis_server::RedisServer::start();
-                let mut gw = Self::start_with(Setup::new().on_redis(redis.url()));
+                let mut gw = Self::start_with(setup.on_redis(redis.url()));
                 gw.redis = Some(redis);
                 gw
             }
