@@ -87,18 +87,25 @@ fn header_bytes(req: &RequestHeader) -> usize {
 }
 
 /// True when the request came with both Transfer-Encoding and Content-Length. pingora drops the
-/// Content-Length and turns keep-alive off for such a request (RFC 9112 §6.1), so that is what
-/// it looks like here: chunked, keep-alive off, yet an HTTP/1.1 request that did not ask to close.
+/// Content-Length from the parsed head of such a request (RFC 9112 §6.1), so the request head
+/// as received says it. (Inferring it from keep-alive being off, as before, refused every
+/// chunked request during a graceful stop, when pingora turns keep-alive off for all.)
 fn had_te_and_cl(session: &Session) -> bool {
-    let req = session.req_header();
-    req.headers.contains_key(http::header::TRANSFER_ENCODING)
-        && session.get_keepalive().is_none()
-        && req.version == http::Version::HTTP_11
-        && !req
-            .headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+    session
+        .req_header()
+        .headers
+        .contains_key(http::header::TRANSFER_ENCODING)
+        && head_has_field(&session.as_downstream().to_h1_raw(), b"content-length")
+}
+
+/// True when a raw HTTP/1 request head has a field named `name` (any case; a field name is
+/// followed by ':' directly, RFC 9112 §5.1).
+fn head_has_field(head: &[u8], name: &[u8]) -> bool {
+    head.split(|b| *b == b'\n').skip(1).any(|line| {
+        line.len() > name.len()
+            && line[..name.len()].eq_ignore_ascii_case(name)
+            && line[name.len()] == b':'
+    })
 }
 
 /// The normalised path and the URI to forward when it differs from the request's. The
@@ -413,5 +420,32 @@ impl ProxyHttp for GatewayProxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let label = ctx.route.and_then(|i| ctx.live.labels.get(i));
         self.0.metrics.record(label, status, ctx.started.elapsed());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_has_field;
+
+    #[test]
+    fn fields_are_found_in_the_raw_head_by_name_only() {
+        let head = b"POST /content-length: HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n";
+        assert!(head_has_field(head, b"content-length"));
+        assert!(head_has_field(
+            b"GET / HTTP/1.1\r\nCONTENT-LENGTH:3\r\n",
+            b"content-length"
+        ));
+        assert!(!head_has_field(
+            b"GET /content-length: HTTP/1.1\r\n\r\n",
+            b"content-length"
+        ));
+        assert!(!head_has_field(
+            b"GET / HTTP/1.1\r\nx-content-length: 3\r\n",
+            b"content-length"
+        ));
+        assert!(!head_has_field(
+            b"GET / HTTP/1.1\r\ncontent-lengthy: 3\r\n",
+            b"content-length"
+        ));
     }
 }

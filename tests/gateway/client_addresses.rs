@@ -131,7 +131,10 @@ fn a_flood_of_guessed_keys_stops_costing_lookups(b: Backend) {
     }
     if let (Some(before), Some(redis)) = (lookups_before, &gw.redis) {
         let after = redis.command_calls().get("get").copied().unwrap_or(0);
-        println!("{} store lookups for 223 bad keys from one client", after - before);
+        println!(
+            "{} store lookups for 223 bad keys from one client",
+            after - before
+        );
         // One GET per guess under the limit (and the account of the valid key), none after.
         assert!(
             after - before <= 21,
