@@ -237,6 +237,10 @@ impl ProxyHttp for GatewayProxy {
     /// gateway-served call), pingora goes straight to `logging`; `Ok(false)`: forward.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let gw = &*self.0;
+        // HTTP/1.1 pipelining (RFC 9112 §9.3.2): requests sent back to back are answered in
+        // order, each through every check on its own (pingora's default drops all but the
+        // first). A request that closes the connection (smuggling shapes) ends the pipeline.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         // Bound idle keep-alive, without reviving a connection pingora or the client chose to close.
         if session.get_keepalive().is_some() {
             session.set_keepalive(Some(ctx.live.config.server.keepalive_timeout.as_secs()));

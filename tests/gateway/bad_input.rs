@@ -83,3 +83,48 @@ fn plain_chunked_bodies_are_forwarded() {
         200
     );
 }
+
+#[test]
+fn pipelined_requests_are_each_answered_in_order_and_checked_on_their_own() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let get = |path: &str, key: &str| {
+        format!("GET {path} HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\n\r\n")
+    };
+    let body = r#"{"to":"+33612345000"}"#;
+    let post = format!(
+        "POST /api/v1/messages/send HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let bytes = [
+        get("/api/v1/first", &key),
+        get("/api/v1/second", "msgf_live_nope"),
+        post,
+        get("/api/v1/..%2fapi-keys", &key),
+        get("/api/v1/last", &key),
+    ]
+    .concat();
+    let r = gw.connect().pipelined(bytes.as_bytes(), 5).unwrap();
+    assert_eq!(r.len(), 5, "every pipelined request gets its answer");
+    assert_eq!(echoed(&r[0])["uri"], "/api/v1/first");
+    assert_refused(&r[1], 401, "UNAUTHORIZED", "Invalid or revoked API key");
+    assert_eq!(echoed(&r[2])["body"], body);
+    assert_refused(
+        &r[3],
+        400,
+        "BAD_REQUEST",
+        "Ambiguous request path: it contains an encoded '/' or '\\' (%2F, %5C)",
+    );
+    assert_eq!(echoed(&r[4])["uri"], "/api/v1/last");
+
+    // A smuggling shape ends the pipeline: it is refused and the connection closes, so the
+    // request hidden behind it is never read.
+    let smuggle = format!(
+        "POST /api/v1/x HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+    );
+    let bytes = [get("/api/v1/a", &key), smuggle, get("/api/v1/hidden", &key)].concat();
+    let r = gw.connect().pipelined(bytes.as_bytes(), 3).unwrap();
+    assert_eq!(r.len(), 2, "nothing after the smuggling shape");
+    assert_eq!(echoed(&r[0])["uri"], "/api/v1/a");
+    assert_refused(&r[1], 400, "BAD_REQUEST", "Ambiguous request framing");
+}

@@ -80,6 +80,21 @@ impl Connection {
         self.reader.get_mut().write_all(bytes)?;
         read_response(&mut self.reader, false)
     }
+
+    /// Writes raw bytes (several requests back to back) and reads responses until the server
+    /// closes the connection or `max` have come.
+    pub fn pipelined(&mut self, bytes: &[u8], max: usize) -> io::Result<Vec<HttpResponse>> {
+        self.reader.get_mut().write_all(bytes)?;
+        let mut out = Vec::new();
+        while out.len() < max {
+            match read_response(&mut self.reader, false) {
+                Ok(r) => out.push(r),
+                Err(e) if out.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// One request on a fresh connection.
