@@ -2,6 +2,7 @@
 
 use crate::auth::jwt::KeyError;
 use crate::auth::Directory;
+use crate::certs::CertResolver;
 use crate::clock::Clock;
 use crate::config::{Config, ConfigErrors, Env, SecretProblem};
 use crate::errors::GatewayError;
@@ -30,6 +31,8 @@ pub struct Gateway {
     pub key_writes: LocalLimiter<String>,
     /// Failed authentications per client (`server.auth_failures_per_minute`).
     pub(crate) auth_failures: LocalLimiter<std::net::IpAddr>,
+    /// The TLS listener's certificates (replaced by a reload), when there is one.
+    pub(crate) certs: Option<Arc<CertResolver>>,
     /// Keys the store found over their rate, refused locally until a token can exist.
     pub(crate) rate_blocks: Arc<RateBlocks>,
 }
@@ -96,6 +99,11 @@ impl Gateway {
                 blocks.clear();
             }
         }));
+        let certs = config
+            .server
+            .tls
+            .as_ref()
+            .map(|t| Arc::new(CertResolver::new(t.certs.clone())));
         Ok(Self {
             live: ArcSwap::from_pointee(Live::build(config, None)?),
             reloading: Mutex::new(()),
@@ -105,6 +113,7 @@ impl Gateway {
             ip_limiter: IpLimiter::new(CLIENT_BUCKETS),
             key_writes: LocalLimiter::new(ACCOUNT_BUCKETS),
             auth_failures: LocalLimiter::new(CLIENT_BUCKETS),
+            certs,
             rate_blocks,
             directory,
             store,
@@ -144,6 +153,10 @@ impl Gateway {
         }
         let needs_restart = current.restart_only_changes(&config);
         let next = Live::build(config, Some(&current))?;
+        if let (Some(resolver), Some(tls)) = (&self.certs, &next.config.server.tls) {
+            // New handshakes get the new files; open connections keep what they have.
+            resolver.replace(tls.certs.clone());
+        }
         let reloaded = Reloaded {
             routes: next.config.routes.len(),
             route_policies: next.config.policies.routes.len(),

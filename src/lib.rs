@@ -8,6 +8,7 @@
 pub(crate) mod admin;
 pub mod auth;
 pub mod cache;
+pub mod certs;
 pub mod cli;
 pub mod client_ip;
 pub mod clock;

@@ -53,6 +53,9 @@ impl Live {
         if a.server.threads != b.server.threads {
             changed.push("server.threads");
         }
+        if a.server.tls.as_ref().map(|t| t.listen) != b.server.tls.as_ref().map(|t| t.listen) {
+            changed.push("server.tls.listen");
+        }
         if a.admin.listen != b.admin.listen {
             changed.push("admin.listen");
         }

@@ -10,6 +10,7 @@ use crate::proxy::GatewayProxy;
 use crate::routing::upstream::HealthChecker;
 use crate::store::{EmbeddedStore, RedisStore, Store, StoreError};
 use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -34,7 +35,16 @@ pub enum StartError {
     },
     #[error("cannot start the server thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
 }
+
+/// pingora's TLS accept hooks, none of which the gateway needs (certificates come from the
+/// resolver).
+struct NoTlsCallbacks;
+
+#[async_trait]
+impl pingora::listeners::TlsAccept for NoTlsCallbacks {}
 
 /// Opens the store the configuration names.
 pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
@@ -102,6 +112,12 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
         "msgflash-gateway",
     );
     proxy.add_tcp(&cfg.server.listen.to_string());
+    if let (Some(tls), Some(resolver)) = (&cfg.server.tls, &gateway.certs) {
+        let mut settings = TlsSettings::with_callbacks(Box::new(NoTlsCallbacks))
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+        settings.set_cert_resolver(resolver.clone());
+        proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+    }
 
     let mut admin = Service::new("msgflash-admin".to_string(), AdminApp(gateway.clone()));
     admin.add_tcp(&cfg.admin.listen.to_string());

@@ -14,6 +14,7 @@ const LAYERS: &[&[&str]] = &[
         "clock",
         "cache",
         "client_ip",
+        "certs",
         "diagnostics",
         "metrics",
         "echo",

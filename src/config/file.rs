@@ -55,6 +55,22 @@ pub(super) struct ServerFile {
     /// Where a new process started with `run --upgrade` receives the listening sockets.
     pub upgrade_sock: Option<String>,
     pub pid_file: Option<String>,
+    /// A TLS listener beside the plain one.
+    pub tls: Option<TlsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TlsFile {
+    pub listen: Spanned<String>,
+    pub certificates: Spanned<Vec<CertFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CertFile {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]

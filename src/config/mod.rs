@@ -50,8 +50,18 @@ pub struct Server {
     pub ipv6_prefix: u8,
     /// Invalid API keys a client may send per minute (`auth_failures_per_minute`).
     pub auth_failures_per_minute: u32,
+    /// The TLS listener, when configured.
+    pub tls: Option<TlsListener>,
     pub upgrade_sock: PathBuf,
     pub pid_file: PathBuf,
+}
+
+/// A listener that terminates TLS (1.2 and 1.3) with certificates chosen by SNI.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    pub listen: SocketAddr,
+    /// Loaded and checked (chain parses, key matches); the first is the default.
+    pub certs: Vec<crate::certs::ServerCert>,
 }
 
 #[derive(Clone)]
@@ -252,6 +262,7 @@ impl Config {
         let policies_dir = base.join(&raw.policies.dir);
         let policies = Policies::load(&policies_dir);
 
+        let mut warnings = jwt_warnings(path, &source, &raw.jwt);
         let server = Server {
             listen: addr(&mut r, "server.listen", &raw.server.listen),
             threads: positive(&mut r, "server.threads", &raw.server.threads),
@@ -269,6 +280,11 @@ impl Config {
             },
             trusted_proxies: trusted_proxies(&mut r, &raw.server.trusted_proxies),
             ipv6_prefix: ipv6_prefix(&mut r, &raw.server.ipv6_prefix),
+            tls: raw
+                .server
+                .tls
+                .as_ref()
+                .map(|t| tls_listener(&mut r, &mut warnings, t, &base)),
             auth_failures_per_minute: positive(
                 &mut r,
                 "server.auth_failures_per_minute",
@@ -308,7 +324,6 @@ impl Config {
             ttl: duration(&mut r, "cache.ttl", &raw.cache.ttl),
         };
         let jwt = jwt_settings(&mut r, &raw.jwt, &base, &env);
-        let warnings = jwt_warnings(path, &source, &raw.jwt);
         let forward = Forward {
             account_id_header: header(
                 &mut r,

@@ -2,7 +2,7 @@
 
 use super::file;
 use super::*;
-use crate::diagnostics::Reporter;
+use crate::diagnostics::{line_col, Reporter};
 use http::HeaderName;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -37,6 +37,63 @@ pub(super) fn keepalive(r: &mut Reporter, v: &Spanned<String>) -> Duration {
         );
     }
     d
+}
+
+/// Days before expiry from which `check` (and start-up) warn about a certificate.
+const EXPIRY_WARNING_DAYS: i64 = 14;
+
+pub(super) fn tls_listener(
+    r: &mut Reporter,
+    warnings: &mut Vec<ConfigWarning>,
+    raw: &file::TlsFile,
+    base: &Path,
+) -> TlsListener {
+    let listen = addr(r, "server.tls.listen", &raw.listen);
+    if raw.certificates.get_ref().is_empty() {
+        r.at(
+            raw.certificates.span(),
+            "server.tls.certificates",
+            "needs at least one { cert = \"chain.pem\", key = \"key.pem\" }",
+        );
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let certs = raw
+        .certificates
+        .get_ref()
+        .iter()
+        .filter_map(|c| {
+            let loaded = crate::certs::ServerCert::load(
+                &base.join(c.cert.get_ref()),
+                &base.join(c.key.get_ref()),
+            );
+            match loaded {
+                Ok(cert) => {
+                    let days_left = (cert.not_after - now).div_euclid(86_400);
+                    if days_left < EXPIRY_WARNING_DAYS {
+                        let (line, column) = line_col(r.source, c.cert.span().start);
+                        warnings.push(ConfigWarning {
+                            file: r.file.to_path_buf(),
+                            line,
+                            column,
+                            message: if cert.not_after <= now {
+                                format!("{} has expired", c.cert.get_ref())
+                            } else {
+                                format!("{} expires in {days_left} days", c.cert.get_ref())
+                            },
+                        });
+                    }
+                    Some(cert)
+                }
+                Err(e) => {
+                    r.at(c.cert.span(), "server.tls.certificates", e.to_string());
+                    None
+                }
+            }
+        })
+        .collect();
+    TlsListener { listen, certs }
 }
 
 pub(super) fn trusted_proxies(

@@ -62,6 +62,8 @@ pub(crate) struct Ctx {
     peer_trusted: bool,
     /// Who the client is (the peer, or what a trusted proxy says): what per-IP limits use.
     client: Option<IpAddr>,
+    /// The connection is TLS, terminated here.
+    tls: bool,
 }
 
 impl Ctx {
@@ -159,6 +161,10 @@ impl GatewayProxy {
             .and_then(|a| a.as_inet())
             .map(|a| client_ip::canonical(a.ip()));
         ctx.peer_trusted = ctx.peer.is_some_and(|p| trusted.trusts(p));
+        ctx.tls = session
+            .as_downstream()
+            .digest()
+            .is_some_and(|d| d.ssl_digest.is_some());
         ctx.client = ctx.peer.map(|peer| {
             let chain = req.headers.get_all(&X_FORWARDED_FOR);
             trusted.client(peer, chain.iter().map(HeaderValue::as_bytes))
@@ -230,6 +236,7 @@ impl ProxyHttp for GatewayProxy {
             peer: None,
             peer_trusted: false,
             client: None,
+            tls: false,
         }
     }
 
@@ -348,7 +355,9 @@ impl ProxyHttp for GatewayProxy {
                 let xff = headers::forwarded_for(prior.as_ref(), peer);
                 h.insert(X_FORWARDED_FOR.clone(), xff);
             }
+            // https where TLS terminates here, or where a trusted front proxy says it did.
             let proto = match h.get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {
+                _ if ctx.tls => HeaderValue::from_static("https"),
                 Some(b"https") if ctx.peer_trusted => HeaderValue::from_static("https"),
                 _ => HeaderValue::from_static("http"),
             };

@@ -260,3 +260,56 @@ fn a_keepalive_under_a_second_is_a_config_error() {
         )
     );
 }
+
+#[test]
+fn check_validates_certificate_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = minimal_config(dir.path(), "issuer = \"i\"\naudience = \"a\"");
+    let write_pair = |name: &str, expired: bool| {
+        let mut params = rcgen::CertificateParams::new(vec!["api.test".to_owned()]).unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(1999, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2000, 1, 1);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    };
+    write_pair("old", true);
+    write_pair("other", false);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let with_tls = |cert: &str, key: &str| {
+        text.replace(
+            "[server]\n",
+            &format!("[server]\ntls = {{ listen = \"127.0.0.1:0\", certificates = [{{ cert = \"{cert}\", key = \"{key}\" }}] }}\n"),
+        )
+    };
+    let run_check = || {
+        bin()
+            .args(["check", "-c"])
+            .arg(&config)
+            .env("MSGFLASH_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("MSGFLASH_JWT_SECRET", JWT_SECRET)
+            .output()
+            .unwrap()
+    };
+    let c = config.display();
+    std::fs::write(&config, with_tls("old.pem", "old.key")).unwrap();
+    let out = run_check();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("{c}:2:58: warning: old.pem has expired\n")
+    );
+    std::fs::write(&config, with_tls("old.pem", "other.key")).unwrap();
+    let out = run_check();
+    assert_eq!(out.status.code(), Some(1));
+    let d = dir.path().display();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "msgflash-gateway: invalid configuration:\n{c}:2:58: server.tls.certificates: the key in {d}/other.key does not go with the certificate in {d}/old.pem\n"
+        )
+    );
+}

@@ -123,7 +123,8 @@ fn read_line(r: &mut impl BufRead) -> io::Result<String> {
     Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 
-fn read_response(r: &mut BufReader<TcpStream>, head_only: bool) -> io::Result<HttpResponse> {
+/// Reads one response from any byte stream (plain or TLS).
+pub fn read_response<R: BufRead>(r: &mut R, head_only: bool) -> io::Result<HttpResponse> {
     let status_line = read_line(r)?;
     let status = status_line
         .split(' ')

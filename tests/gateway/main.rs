@@ -26,4 +26,5 @@ mod public_api;
 mod redis_server;
 mod reload;
 mod support;
+mod tls;
 mod upstreams;

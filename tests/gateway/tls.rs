@@ -1,0 +1,206 @@
+//! SPEC §10 TLS at the edge: the contract over TLS, certificates by SNI, rotation on reload for
+//! new connections while open ones finish, bad files refused with the old ones kept.
+
+use crate::client::{read_response, HttpResponse};
+use crate::support::*;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A test CA and leaf certificates it signs.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl Ca {
+    fn new() -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Self { cert, key }
+    }
+
+    /// Writes `<name>.pem` and `<name>.key` for a leaf serving `dns`; returns the leaf's DER.
+    fn leaf(&self, dir: &Path, name: &str, dns: &str) -> CertificateDer<'static> {
+        let params = rcgen::CertificateParams::new(vec![dns.to_owned()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        cert.der().clone()
+    }
+
+    fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.der().clone()).unwrap();
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        )
+    }
+}
+
+/// A TLS connection that verified the server against the test CA for `server_name`.
+struct TlsConn {
+    stream: BufReader<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
+}
+
+impl TlsConn {
+    fn open(addr: SocketAddr, ca: &Ca, server_name: &str) -> Self {
+        let name = ServerName::try_from(server_name.to_owned()).unwrap();
+        let conn = rustls::ClientConnection::new(ca.client_config(), name).unwrap();
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        Self {
+            stream: BufReader::new(rustls::StreamOwned::new(conn, tcp)),
+        }
+    }
+
+    fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+        let mut head = format!("GET {path} HTTP/1.1\r\nhost: api.test\r\n");
+        for (n, v) in headers {
+            head.push_str(&format!("{n}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        self.stream.get_mut().write_all(head.as_bytes()).unwrap();
+        read_response(&mut self.stream, false).unwrap()
+    }
+
+    /// The leaf certificate the server presented.
+    fn server_cert(&self) -> CertificateDer<'static> {
+        self.stream.get_ref().conn.peer_certificates().unwrap()[0].clone()
+    }
+}
+
+/// A gateway with a TLS listener serving `certs` (`(name, dns)` pairs written by `ca`).
+fn tls_gateway(ca: &Ca, dir: &Path, certs: &[(&str, &str)]) -> (Gateway, SocketAddr) {
+    for (name, dns) in certs {
+        ca.leaf(dir, name, dns);
+    }
+    let tls_addr = free_addr();
+    let list = certs
+        .iter()
+        .map(|(name, _)| {
+            let p = |ext: &str| dir.join(format!("{name}.{ext}")).display().to_string();
+            format!("{{ cert = \"{}\", key = \"{}\" }}", p("pem"), p("key"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let gw = Gateway::start_with(Setup::new().server(&format!(
+        "tls = {{ listen = \"{tls_addr}\", certificates = [{list}] }}"
+    )));
+    wait_listening(tls_addr);
+    (gw, tls_addr)
+}
+
+fn files(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    )
+}
+
+#[test]
+fn the_public_api_works_the_same_over_tls() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, tls) = tls_gateway(&ca, dir.path(), &[("api", "api.test")]);
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let mut conn = TlsConn::open(tls, &ca, "api.test");
+    let seen = echoed(&conn.get("/api/v1/messages", &[("x-api-key", &key)]));
+    assert_eq!(seen["headers"]["x-account-id"], "acme");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
+    // Same connection, a refusal word for word, then the plain listener beside it.
+    let r = conn.get("/api/v1/messages", &[("x-api-key", "msgf_live_nope")]);
+    assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
+    let plain = echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
+    assert_eq!(plain["headers"]["x-forwarded-proto"], "http");
+}
+
+#[test]
+fn sni_picks_the_certificate() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let api = ca.leaf(dir.path(), "api", "api.test");
+    let console = ca.leaf(dir.path(), "console", "console.test");
+    let tls_addr = free_addr();
+    let p = |n: &str| {
+        let (c, k) = files(dir.path(), n);
+        format!(
+            "{{ cert = \"{}\", key = \"{}\" }}",
+            c.display(),
+            k.display()
+        )
+    };
+    let _gw = Gateway::start_with(Setup::new().server(&format!(
+        "tls = {{ listen = \"{tls_addr}\", certificates = [{}, {}] }}",
+        p("api"),
+        p("console")
+    )));
+    wait_listening(tls_addr);
+    let mut a = TlsConn::open(tls_addr, &ca, "api.test");
+    assert_eq!(a.get("/nowhere", &[]).status, 404);
+    assert_eq!(a.server_cert(), api);
+    let mut c = TlsConn::open(tls_addr, &ca, "console.test");
+    assert_eq!(c.get("/nowhere", &[]).status, 404);
+    assert_eq!(c.server_cert(), console);
+}
+
+#[test]
+fn a_reload_rotates_certificates_for_new_connections_and_refuses_bad_ones() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, tls) = tls_gateway(&ca, dir.path(), &[("api", "api.test")]);
+    let mut old = TlsConn::open(tls, &ca, "api.test");
+    assert_eq!(old.get("/nowhere", &[]).status, 404);
+    let first = old.server_cert();
+
+    // New files in place, then a reload: new handshakes get them.
+    let second = ca.leaf(dir.path(), "api", "api.test");
+    assert_ne!(first, second);
+    let r = gw.admin_call("POST", "/admin/v1/reload", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut new = TlsConn::open(tls, &ca, "api.test");
+    assert_eq!(new.get("/nowhere", &[]).status, 404);
+    assert_eq!(new.server_cert(), second);
+    // The connection opened before keeps being served.
+    assert_eq!(old.get("/nowhere", &[]).status, 404);
+
+    // A key that does not go with its certificate: refused with the reason, old pair stays.
+    ca.leaf(dir.path(), "other", "api.test");
+    let (cert, _) = files(dir.path(), "api");
+    let (_, other_key) = files(dir.path(), "other");
+    std::fs::copy(&other_key, dir.path().join("api.key")).unwrap();
+    let r = gw.admin_call("POST", "/admin/v1/reload", None);
+    let message = r.json().unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(r.status, 400, "{message}");
+    let config = gw.config_path();
+    assert!(
+        message.starts_with(&format!("Reload refused: {}:", config.display())),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!(
+            "server.tls.certificates: the key in {} does not go with the certificate in {}",
+            dir.path().join("api.key").display(),
+            cert.display()
+        )),
+        "{message}"
+    );
+    let mut after = TlsConn::open(tls, &ca, "api.test");
+    assert_eq!(after.get("/nowhere", &[]).status, 404);
+    assert_eq!(after.server_cert(), second);
+}
