@@ -116,6 +116,8 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
         let mut settings = TlsSettings::with_callbacks(Box::new(NoTlsCallbacks))
             .map_err(|e| StartError::Tls(e.to_string()))?;
         settings.set_cert_resolver(resolver.clone());
+        // ALPN: h2 preferred, http/1.1 allowed; every phase runs the same on both.
+        settings.enable_h2();
         proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
     }
 

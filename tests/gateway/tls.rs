@@ -204,3 +204,97 @@ fn a_reload_rotates_certificates_for_new_connections_and_refuses_bad_ones() {
     assert_eq!(after.get("/nowhere", &[]).status, 404);
     assert_eq!(after.server_cert(), second);
 }
+
+/// One HTTP/2 exchange over TLS (ALPN h2): (status, headers, body).
+fn h2_get(
+    addr: SocketAddr,
+    ca: &Ca,
+    requests: Vec<(String, Vec<(&'static str, String)>)>,
+) -> Vec<(u16, http::HeaderMap, Vec<u8>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let mut config = (*ca.client_config()).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("api.test".to_owned()).unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (client, connection) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut out = Vec::new();
+        for (path, headers) in requests {
+            let mut client = client.clone().ready().await.unwrap();
+            let mut req = http::Request::get(format!("https://api.test{path}"));
+            for (n, v) in &headers {
+                req = req.header(*n, v);
+            }
+            let (response, _) = client.send_request(req.body(()).unwrap(), true).unwrap();
+            let response = response.await.unwrap();
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            let mut body = response.into_body();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                let _ = body.flow_control().release_capacity(chunk.len());
+                bytes.extend_from_slice(&chunk);
+            }
+            out.push((status, headers, bytes));
+        }
+        out
+    })
+}
+
+#[test]
+fn http2_gets_every_check_and_answer_of_http1() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, tls) = tls_gateway(&ca, dir.path(), &[("api", "api.test")]);
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let with_key = |k: &str| vec![("x-api-key", k.to_owned())];
+    let answers = h2_get(
+        tls,
+        &ca,
+        vec![
+            ("/api/v1/messages".into(), with_key(&key)),
+            ("/api/v1/messages".into(), with_key("msgf_live_nope")),
+            ("/api/v1/..%2fapi-keys".into(), with_key(&key)),
+            ("/api/v1/messages".into(), vec![]),
+        ],
+    );
+    let (status, headers, body) = &answers[0];
+    assert_eq!(*status, 200);
+    assert_eq!(headers["x-echo"], "msgflash");
+    assert_eq!(headers["ratelimit"], "\"burst\";r=9;t=1");
+    let seen: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(seen["headers"]["x-account-id"], "acme");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
+    assert!(seen["headers"].get("x-api-key").is_none());
+    let refusals = [
+        (401, "UNAUTHORIZED", "Invalid or revoked API key"),
+        (
+            400,
+            "BAD_REQUEST",
+            "Ambiguous request path: it contains an encoded '/' or '\\' (%2F, %5C)",
+        ),
+        (
+            401,
+            "UNAUTHORIZED",
+            "Missing API key. Send it in the x-api-key header.",
+        ),
+    ];
+    for ((status, headers, body), (want, code, message)) in answers[1..].iter().zip(refusals) {
+        assert_eq!(*status, want);
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(headers["content-length"], body.len().to_string().as_str());
+        assert!(headers.get("x-echo").is_none());
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v, error_body(code, message));
+    }
+}
