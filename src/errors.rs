@@ -393,6 +393,14 @@ impl GatewayError {
         Self::bad_request(format!("Invalid instance id \"{shown}\": expected a UUID"))
     }
 
+    pub fn revoke_not_announced() -> Self {
+        Self::new(
+            ErrorCode::ServiceUnavailable,
+            "The key is revoked, but not every gateway node could be told yet. Retry the revoke.",
+        )
+        .with_retry_after(1)
+    }
+
     pub fn unknown_account() -> Self {
         Self::not_found("Unknown account")
     }

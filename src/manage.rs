@@ -314,8 +314,12 @@ impl Manager {
             .await
             .map_err(unavailable)?
             .ok_or_else(GatewayError::unknown_key)?;
-        self.directory.forget_key(&revoked.hash);
-        Ok(key_view(&revoked))
+        self.directory.forget_key(&revoked.record.hash);
+        if !revoked.announced {
+            // "Immediate" is the promise: a revoke that other nodes did not hear of says so.
+            return Err(GatewayError::revoke_not_announced());
+        }
+        Ok(key_view(&revoked.record))
     }
 }
 

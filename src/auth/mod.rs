@@ -8,6 +8,7 @@ use crate::clock::Clock;
 use crate::store::{Account, KeyRecord, Store, StoreError};
 use api_key::KeyHash;
 use http::HeaderValue;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// What the request path needs of a key: all the key cache holds. (A full [`KeyRecord`] also
@@ -65,6 +66,10 @@ pub struct Directory {
     keys: BoundedCache<KeyHash, (Arc<CachedKey>, HeaderValue)>,
     unknown: BoundedCache<KeyHash, ()>,
     accounts: BoundedCache<String, (Arc<Account>, HeaderValue)>,
+    /// Bumped by every invalidation. A lookup that read the store while it moved does not
+    /// cache what it read: the record may predate the change (a revoke, a plan change) whose
+    /// invalidation has already been applied, and caching it would undo that invalidation.
+    epoch: AtomicU64,
 }
 
 impl Directory {
@@ -81,6 +86,7 @@ impl Directory {
             keys: BoundedCache::new(capacity, ttl_ns),
             unknown: BoundedCache::new(negative_capacity, ttl_ns),
             accounts: BoundedCache::new(capacity, ttl_ns),
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -94,6 +100,9 @@ impl Directory {
     ) -> Result<Lookup, StoreError> {
         let hash = KeyHash::of(key);
         let now = self.clock.now_ns();
+        let epoch = self.epoch.load(Ordering::Acquire);
+        // Cache what the store said only if no invalidation came in meanwhile.
+        let unchanged = || self.epoch.load(Ordering::Acquire) == epoch;
         let (record, key_id_value) = match self.keys.get(&hash, now) {
             Some(entry) => entry,
             None if !may_look_further() => return Ok(Lookup::NotAsked),
@@ -102,11 +111,15 @@ impl Directory {
                 Some(record) if record.is_active() => {
                     let value = id_value(&record.id);
                     let entry = (Arc::new(CachedKey::from(record)), value);
-                    self.keys.insert(hash, entry.clone(), now);
+                    if unchanged() {
+                        self.keys.insert(hash, entry.clone(), now);
+                    }
                     entry
                 }
                 _ => {
-                    self.unknown.insert(hash, (), now);
+                    if unchanged() {
+                        self.unknown.insert(hash, (), now);
+                    }
                     return Ok(Lookup::Unknown);
                 }
             },
@@ -116,8 +129,10 @@ impl Directory {
             None => match self.store.account(&record.account_id).await? {
                 Some(account) => {
                     let entry = (Arc::new(account), id_value(&record.account_id));
-                    self.accounts
-                        .insert(record.account_id.to_string(), entry.clone(), now);
+                    if unchanged() {
+                        self.accounts
+                            .insert(record.account_id.to_string(), entry.clone(), now);
+                    }
                     entry
                 }
                 None => return Ok(Lookup::Unknown),
@@ -133,6 +148,7 @@ impl Directory {
 
     /// Drops everything cached about a key (after a create or revoke).
     pub fn forget_key(&self, hash_hex: &str) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         if let Some(hash) = KeyHash::from_hex(hash_hex) {
             self.keys.remove(&hash);
             self.unknown.remove(&hash);
@@ -141,11 +157,13 @@ impl Directory {
 
     /// Drops a cached account (after a plan or subscription change).
     pub fn forget_account(&self, account_id: &str) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.accounts.remove(account_id);
     }
 
     /// Drops everything cached (after invalidations may have been missed).
     pub fn clear(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         self.keys.clear();
         self.unknown.clear();
         self.accounts.clear();
@@ -163,5 +181,131 @@ impl Directory {
     /// Entries held by the positive key cache.
     pub fn cached_keys(&self) -> usize {
         self.keys.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::{
+        Admission, AdmitRequest, CreateKeyError, EmbeddedStore, Revoked, Subscription,
+    };
+    use async_trait::async_trait;
+    use tokio::sync::Notify;
+
+    /// The embedded store, with key lookups held until the test lets them go.
+    struct HeldLookups {
+        inner: EmbeddedStore,
+        started: Notify,
+        release: Notify,
+    }
+
+    #[async_trait]
+    impl Store for HeldLookups {
+        async fn key_by_hash(&self, h: &str) -> Result<Option<KeyRecord>, StoreError> {
+            let record = self.inner.key_by_hash(h).await;
+            self.started.notify_one();
+            self.release.notified().await;
+            record
+        }
+        async fn account(&self, id: &str) -> Result<Option<Account>, StoreError> {
+            self.inner.account(id).await
+        }
+        async fn put_account(&self, a: Account) -> Result<Account, StoreError> {
+            self.inner.put_account(a).await
+        }
+        async fn create_key(&self, r: KeyRecord, max: u32) -> Result<KeyRecord, CreateKeyError> {
+            self.inner.create_key(r, max).await
+        }
+        async fn list_keys(&self, a: &str) -> Result<Vec<KeyRecord>, StoreError> {
+            self.inner.list_keys(a).await
+        }
+        async fn revoke_key(
+            &self,
+            a: &str,
+            k: &str,
+            now: u64,
+        ) -> Result<Option<Revoked>, StoreError> {
+            self.inner.revoke_key(a, k, now).await
+        }
+        async fn admit(&self, r: &AdmitRequest<'_>) -> Result<Admission, StoreError> {
+            self.inner.admit(r).await
+        }
+        async fn usage(&self, a: &str, p: &str) -> Result<u64, StoreError> {
+            self.inner.usage(a, p).await
+        }
+        async fn carry_usage(&self, a: &str, f: &str, t: &str, e: i64) -> Result<(), StoreError> {
+            self.inner.carry_usage(a, f, t, e).await
+        }
+        async fn ready(&self) -> bool {
+            true
+        }
+    }
+
+    /// A lookup that read the record before an invalidation was applied must not put that
+    /// record back into the cache after it (the cache-fill race).
+    #[test]
+    fn a_lookup_that_straddles_an_invalidation_does_not_cache_what_it_read() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let inner = EmbeddedStore::open(&dir.path().join("store.jsonl")).unwrap();
+        let key = api_key::NewKey::generate().unwrap();
+        rt.block_on(async {
+            inner
+                .put_account(Account {
+                    id: "acme".into(),
+                    plan: "pro".into(),
+                    subscription: Subscription::Active,
+                    quota_anchor_day: 1,
+                    created_at_ms: 0,
+                    updated_at_ms: 0,
+                })
+                .await
+                .unwrap();
+            inner
+                .create_key(
+                    KeyRecord {
+                        id: "key_1".into(),
+                        account_id: "acme".into(),
+                        name: "k".into(),
+                        hash: key.hash().to_hex(),
+                        prefix: key.display_prefix(),
+                        last4: key.last4(),
+                        scopes: vec![],
+                        instance_ids: vec![],
+                        created_at_ms: 0,
+                        last_used_at_ms: None,
+                        revoked_at_ms: None,
+                    },
+                    10,
+                )
+                .await
+                .unwrap();
+        });
+        let store = Arc::new(HeldLookups {
+            inner,
+            started: Notify::new(),
+            release: Notify::new(),
+        });
+        let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
+        let directory = Directory::new(store.clone(), clock, 10, 10, 60_000_000_000);
+        let secret = key.expose().as_bytes().to_vec();
+        rt.block_on(async {
+            let lookup = directory.lookup(&secret, || true);
+            let invalidate = async {
+                store.started.notified().await;
+                // The revoke's invalidation arrives while the lookup holds the old record.
+                directory.forget_key(&key.hash().to_hex());
+                store.release.notify_one();
+            };
+            let (found, ()) = tokio::join!(lookup, invalidate);
+            assert!(matches!(found, Ok(Lookup::Found(_))));
+        });
+        // Nothing was cached: the next request must ask the store again.
+        let cached = rt.block_on(directory.lookup(&secret, || false));
+        assert!(matches!(cached, Ok(Lookup::NotAsked)), "{cached:?}");
     }
 }

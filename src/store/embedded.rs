@@ -1,7 +1,9 @@
 //! The embedded store: one node; accounts and key hashes in a data file, counters in memory.
 
 use super::journal::{Entry, Journal};
-use super::{Account, Admission, AdmitRequest, CreateKeyError, KeyRecord, Store, StoreError};
+use super::{
+    Account, Admission, AdmitRequest, CreateKeyError, KeyRecord, Revoked, Store, StoreError,
+};
 use crate::limits::gcra::{self, BucketDecision};
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -213,7 +215,7 @@ impl Store for EmbeddedStore {
         account_id: &str,
         key_id: &str,
         now_ms: u64,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<Revoked>, StoreError> {
         // Ownership first: a refused revoke touches nothing, not even the key's bucket. A key
         // already revoked is answered as it is, with nothing written.
         self.write(|data| match data.keys.get(key_id) {
@@ -234,6 +236,13 @@ impl Store for EmbeddedStore {
             if revoked.is_some() {
                 self.buckets.remove(key_id);
             }
+        })
+        // One node: the caller's own cache is all there is to tell.
+        .map(|revoked: Option<KeyRecord>| {
+            revoked.map(|record| Revoked {
+                record,
+                announced: true,
+            })
         })
     }
 

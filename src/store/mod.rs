@@ -76,6 +76,15 @@ impl KeyRecord {
     }
 }
 
+/// A revoked key, and whether the other nodes were told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    pub record: KeyRecord,
+    /// False when the invalidation could not be published: other nodes may still accept the
+    /// key from their caches until it is (or for `cache.ttl` at most).
+    pub announced: bool,
+}
+
 /// The order keys are listed in: oldest first, ties by id.
 pub fn oldest_first(keys: &mut [KeyRecord]) {
     keys.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
@@ -163,12 +172,15 @@ pub trait Store: Send + Sync + 'static {
     async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>, StoreError>;
 
     /// Marks a key revoked; `None` when the account has no such key.
+    /// `None` when the account has no such key. A revoked key is answered with whether every
+    /// node was told (a shared store whose announcement failed says so; a retry, which
+    /// changes no record, announces again).
     async fn revoke_key(
         &self,
         account_id: &str,
         key_id: &str,
         now_ms: u64,
-    ) -> Result<Option<KeyRecord>, StoreError>;
+    ) -> Result<Option<Revoked>, StoreError>;
 
     /// Rate limit then quota, atomically; a rejection consumes nothing.
     async fn admit(&self, request: &AdmitRequest<'_>) -> Result<Admission, StoreError>;

@@ -437,3 +437,37 @@ fn a_node_that_lost_its_subscription_flushes_its_cache() {
         n[1].get("/api/v1/x", &[("x-api-key", &key)]).status == 401
     });
 }
+
+/// SPEC §2 "revocation is immediate": a revoke whose invalidation Redis did not take says so
+/// (503) instead of 200; the record is revoked all the same, and a retry announces it.
+#[test]
+fn a_revoke_that_could_not_be_announced_is_not_a_200() {
+    let redis = RedisServer::start();
+    let n = nodes(2, &redis);
+    let (key, id) = n[0].account_with_key("acme", "pro");
+    echoed(&n[1].get("/api/v1/x", &[("x-api-key", &key)]));
+    // Redis refuses PUBLISH from now on (an ACL change stands in for any failure of it).
+    redis.cli(&["ACL", "SETUSER", "default", "-publish"]);
+    let path = format!("/admin/v1/accounts/acme/keys/{id}");
+    let r = n[0].admin_call("DELETE", &path, None);
+    assert_error(
+        &r,
+        503,
+        "SERVICE_UNAVAILABLE",
+        "The key is revoked, but not every gateway node could be told yet. Retry the revoke.",
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // The node that revoked refuses the key at once.
+    assert_error(
+        &n[0].get("/api/v1/x", &[("x-api-key", &key)]),
+        401,
+        "UNAUTHORIZED",
+        "Invalid or revoked API key",
+    );
+    redis.cli(&["ACL", "SETUSER", "default", "+publish"]);
+    let r = n[0].admin_call("DELETE", &path, None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    eventually("the other node hears of the revoke", || {
+        n[1].get("/api/v1/x", &[("x-api-key", &key)]).status == 401
+    });
+}

@@ -3,17 +3,19 @@
 
 use super::schema::CHANNEL;
 use super::RedisStore;
-use crate::store::{Invalidation, InvalidationSink};
+use crate::store::{Invalidation, InvalidationSink, StoreError};
 use futures_util::StreamExt;
 use std::time::Duration;
 
 impl RedisStore {
-    pub(super) async fn publish(&self, message: String) {
+    /// Tells every node to drop `message`'s record from its caches; `Err` when Redis did not
+    /// take the message.
+    pub(super) async fn publish(&self, message: String) -> Result<(), StoreError> {
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(CHANNEL).arg(message);
-        if let Err(e) = self.cmd::<i64>(&cmd).await {
+        self.cmd::<i64>(&cmd).await.map(|_| ()).inspect_err(|e| {
             tracing::warn!(error = %e, "could not publish a cache invalidation");
-        }
+        })
     }
 }
 

@@ -16,7 +16,7 @@ mod schema;
 
 use super::breaker::Breaker;
 use super::{
-    Account, Admission, AdmitRequest, CreateKeyError, InvalidationSink, KeyRecord, Store,
+    Account, Admission, AdmitRequest, CreateKeyError, InvalidationSink, KeyRecord, Revoked, Store,
     StoreError,
 };
 use crate::cache::BoundedCache;
@@ -83,7 +83,7 @@ impl Store for RedisStore {
         account_id: &str,
         key_id: &str,
         now_ms: u64,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<Revoked>, StoreError> {
         RedisStore::revoke_key(self, account_id, key_id, now_ms).await
     }
 

@@ -12,7 +12,7 @@ use super::schema::{
     account_key, active_key, decode, encode, hash_key, keys_key, quota_key, tat_key, used_key,
 };
 use super::RedisStore;
-use crate::store::{Account, CreateKeyError, KeyRecord, StoreError};
+use crate::store::{Account, CreateKeyError, KeyRecord, Revoked, StoreError};
 use std::collections::HashMap;
 
 /// Records (the `Store` methods that manage accounts and keys).
@@ -34,7 +34,9 @@ impl RedisStore {
         let json = encode(&account)?;
         self.cmd::<()>(redis::cmd("SET").arg(account_key(&account.id)).arg(json))
             .await?;
-        self.publish(format!("a {}", account.id)).await;
+        // An account change (plan, subscription) every node must see: failing to say so is an
+        // error, and a retry writes the same record and says it again.
+        self.publish(format!("a {}", account.id)).await?;
         Ok(account)
     }
 
@@ -103,7 +105,9 @@ impl RedisStore {
                 .await;
             return Err(e.into());
         }
-        self.publish(format!("k {}", record.hash)).await;
+        // Nobody can have cached this key (its secret is new), so the announcement is a
+        // courtesy to negative caches: its failure does not undo the create.
+        let _ = self.publish(format!("k {}", record.hash)).await;
         Ok(record)
     }
 
@@ -135,7 +139,7 @@ impl RedisStore {
         account_id: &str,
         key_id: &str,
         now_ms: u64,
-    ) -> Result<Option<KeyRecord>, StoreError> {
+    ) -> Result<Option<Revoked>, StoreError> {
         let json: Option<String> = self
             .cmd(redis::cmd("HGET").arg(keys_key(account_id)).arg(key_id))
             .await?;
@@ -164,12 +168,12 @@ impl RedisStore {
             self.pipe::<()>(&p).await?;
         }
         // Sent again for a key already revoked: a retry completes an invalidation that failed.
-        self.publish(format!("k {}", record.hash)).await;
+        let announced = self.publish(format!("k {}", record.hash)).await.is_ok();
         let used: Option<u64> = self
             .cmd(redis::cmd("HGET").arg(used_key(account_id)).arg(key_id))
             .await?;
         record.last_used_at_ms = used.or(record.last_used_at_ms);
-        Ok(Some(record))
+        Ok(Some(Revoked { record, announced }))
     }
 
     pub(super) async fn usage(&self, account_id: &str, period_id: &str) -> Result<u64, StoreError> {
