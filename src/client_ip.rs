@@ -106,27 +106,55 @@ impl TrustedProxies {
         peer: IpAddr,
         forwarded_for: impl Iterator<Item = &'a [u8]>,
     ) -> IpAddr {
+        self.chain(peer, forwarded_for)[0]
+    }
+
+    /// The client followed by the trusted hops between it and `peer`, left to right (the
+    /// peer not included, unless nothing else is believed): what the gateway believes of the
+    /// forwarding chain. Anything a client wrote left of that is dropped.
+    pub fn chain<'a>(
+        &self,
+        peer: IpAddr,
+        forwarded_for: impl Iterator<Item = &'a [u8]>,
+    ) -> Vec<IpAddr> {
         let peer = canonical(peer);
         if !self.trusts(peer) {
-            return peer;
+            return vec![peer];
         }
         let values: Vec<&[u8]> = forwarded_for.collect();
-        let mut client = peer;
+        let mut believed = vec![peer];
         for entry in values.iter().rev().flat_map(|v| v.rsplit(|b| *b == b',')) {
-            let Some(ip) = std::str::from_utf8(entry)
-                .ok()
-                .and_then(|s| IpAddr::from_str(s.trim()).ok())
-                .map(canonical)
-            else {
-                return client;
+            let Some(ip) = std::str::from_utf8(entry).ok().and_then(entry_ip) else {
+                break;
             };
-            client = ip;
+            believed.push(ip);
             if !self.trusts(ip) {
-                return ip;
+                break;
             }
         }
-        client
+        // peer, hop, …, client (right to left): drop the peer unless it is all there is.
+        if believed.len() > 1 {
+            believed.remove(0);
+        }
+        believed.reverse();
+        believed
     }
+}
+
+/// An `X-Forwarded-For` entry's address: `a.b.c.d`, `a.b.c.d:port`, `v6`, `[v6]` or
+/// `[v6]:port` (some balancers write ports), surrounding spaces ignored.
+fn entry_ip(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    IpAddr::from_str(entry)
+        .ok()
+        .or_else(|| std::net::SocketAddr::from_str(entry).ok().map(|a| a.ip()))
+        .or_else(|| {
+            entry
+                .strip_prefix('[')
+                .and_then(|e| e.strip_suffix(']'))
+                .and_then(|e| IpAddr::from_str(e).ok())
+        })
+        .map(canonical)
 }
 
 /// The address a per-client limit counts under: IPv4 as it is, IPv6 by its first

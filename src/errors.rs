@@ -401,6 +401,14 @@ impl GatewayError {
         .with_retry_after(1)
     }
 
+    pub fn account_change_not_announced() -> Self {
+        Self::new(
+            ErrorCode::ServiceUnavailable,
+            "The account is saved, but not every gateway node could be told yet. Retry the call.",
+        )
+        .with_retry_after(1)
+    }
+
     pub fn unknown_account() -> Self {
         Self::not_found("Unknown account")
     }

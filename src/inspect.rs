@@ -153,11 +153,10 @@ pub(crate) fn has_method_override(query: Option<&str>) -> bool {
         && query_names(query, "_method")
 }
 
-/// True when the request comes with a body (declared, or chunked).
-pub(crate) fn has_body(session: &ServerSession) -> bool {
-    let headers = &session.req_header().headers;
-    declared_length(session).is_some_and(|n| n > 0)
-        || headers.contains_key(http::header::TRANSFER_ENCODING)
+/// True when the request comes with a body: declared or chunked in HTTP/1.1, or an HTTP/2
+/// stream not ended with its headers (h2 needs neither Content-Length nor chunking).
+pub(crate) fn has_body(session: &mut ServerSession) -> bool {
+    !session.is_body_empty()
 }
 
 /// Why a body could not be read for its field.

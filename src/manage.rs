@@ -197,16 +197,17 @@ impl Manager {
         let now = self.clock.now_ms();
         let existing = self.store.account(id).await.map_err(unavailable)?;
         let created = existing.as_ref().map_or(now, |a| a.created_at_ms);
-        let account = self
+        let account = Account {
+            id: id.to_owned(),
+            plan: req.plan,
+            subscription: req.subscription,
+            quota_anchor_day: req.quota_anchor_day,
+            created_at_ms: created,
+            updated_at_ms: now,
+        };
+        let announced = self
             .store
-            .put_account(Account {
-                id: id.to_owned(),
-                plan: req.plan,
-                subscription: req.subscription,
-                quota_anchor_day: req.quota_anchor_day,
-                created_at_ms: created,
-                updated_at_ms: now,
-            })
+            .put_account(account.clone())
             .await
             .map_err(unavailable)?;
         self.directory.forget_account(id);
@@ -223,6 +224,9 @@ impl Manager {
                     .await
                     .map_err(unavailable)?;
             }
+        }
+        if !announced {
+            return Err(GatewayError::account_change_not_announced());
         }
         self.account_view(plans, &account).await
     }

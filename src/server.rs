@@ -112,6 +112,12 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
         "msgflash-gateway",
     );
     proxy.add_tcp(&cfg.server.listen.to_string());
+    if let Some(app) = proxy.app_logic_mut() {
+        // HTTP/2 connections idle as long as HTTP/1.1 ones may (set_keepalive is HTTP/1 only).
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2_idle_timeout = Some(cfg.server.keepalive_timeout);
+        app.server_options = Some(options);
+    }
     if let (Some(tls), Some(resolver)) = (&cfg.server.tls, &gateway.certs) {
         let mut settings = TlsSettings::with_callbacks(Box::new(NoTlsCallbacks))
             .map_err(|e| StartError::Tls(e.to_string()))?;

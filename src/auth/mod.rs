@@ -111,14 +111,18 @@ impl Directory {
                 Some(record) if record.is_active() => {
                     let value = id_value(&record.id);
                     let entry = (Arc::new(CachedKey::from(record)), value);
-                    if unchanged() {
-                        self.keys.insert(hash, entry.clone(), now);
+                    // Insert, then look again: `forget_*` bumps the epoch before it removes,
+                    // so an invalidation that slipped in between is seen here.
+                    self.keys.insert(hash, entry.clone(), now);
+                    if !unchanged() {
+                        self.keys.remove(&hash);
                     }
                     entry
                 }
                 _ => {
-                    if unchanged() {
-                        self.unknown.insert(hash, (), now);
+                    self.unknown.insert(hash, (), now);
+                    if !unchanged() {
+                        self.unknown.remove(&hash);
                     }
                     return Ok(Lookup::Unknown);
                 }
@@ -129,9 +133,10 @@ impl Directory {
             None => match self.store.account(&record.account_id).await? {
                 Some(account) => {
                     let entry = (Arc::new(account), id_value(&record.account_id));
-                    if unchanged() {
-                        self.accounts
-                            .insert(record.account_id.to_string(), entry.clone(), now);
+                    self.accounts
+                        .insert(record.account_id.to_string(), entry.clone(), now);
+                    if !unchanged() {
+                        self.accounts.remove(&*record.account_id);
                     }
                     entry
                 }
@@ -212,7 +217,7 @@ mod tests {
         async fn account(&self, id: &str) -> Result<Option<Account>, StoreError> {
             self.inner.account(id).await
         }
-        async fn put_account(&self, a: Account) -> Result<Account, StoreError> {
+        async fn put_account(&self, a: Account) -> Result<bool, StoreError> {
             self.inner.put_account(a).await
         }
         async fn create_key(&self, r: KeyRecord, max: u32) -> Result<KeyRecord, CreateKeyError> {

@@ -53,7 +53,8 @@ impl<K: Hash + Eq> LocalLimiter<K> {
         }
     }
 
-    /// `Some(retry_after_ns)` when `key` has no token left now; consumes nothing.
+    /// `Some(retry_after_ns)` when `key` has no token left now; consumes nothing, but counts
+    /// as seeing `key` (a client refused all along is not the first one a full table forgets).
     pub(crate) fn exhausted(
         &self,
         key: &K,
@@ -61,7 +62,10 @@ impl<K: Hash + Eq> LocalLimiter<K> {
         interval_ns: u64,
         burst: u32,
     ) -> Option<u64> {
-        let tat = self.buckets.get(key).map(|e| e.value().0)?;
+        let tat = self.buckets.get_mut(key).map(|mut e| {
+            e.value_mut().1 = now_ns;
+            e.value().0
+        })?;
         match gcra::decide_every(Some(tat).filter(|t| *t > 0), now_ns, interval_ns, burst) {
             BucketDecision::Deny { retry_after_ns, .. } => Some(retry_after_ns),
             BucketDecision::Allow { .. } => None,

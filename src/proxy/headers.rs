@@ -144,20 +144,17 @@ pub(crate) fn remove_underscore_spellings(h: &mut HeaderMap, fwd: &crate::config
     }
 }
 
-/// All values of a header as one comma-separated value (`None` when there are none).
-pub(crate) fn joined(values: http::header::GetAll<'_, HeaderValue>) -> Option<HeaderValue> {
-    let mut iter = values.iter();
-    let first = iter.next()?;
-    let rest: Vec<&HeaderValue> = iter.collect();
-    if rest.is_empty() {
-        return Some(first.clone());
+/// Addresses as one `X-Forwarded-For` value, `a, b, c`.
+pub(crate) fn chain_value(ips: impl Iterator<Item = IpAddr>) -> HeaderValue {
+    let mut out = Vec::with_capacity(64);
+    for (i, ip) in ips.enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b", ");
+        }
+        let v = ValueBuf::new().ip(ip);
+        out.extend_from_slice(&v.buf[..v.len]);
     }
-    let mut chain = first.as_bytes().to_vec();
-    for v in rest {
-        chain.extend_from_slice(b", ");
-        chain.extend_from_slice(v.as_bytes());
-    }
-    HeaderValue::from_bytes(&chain).ok()
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// `prior` (a trusted chain) with `ip` appended, or `ip` alone.

@@ -62,6 +62,8 @@ pub(crate) struct Ctx {
     peer_trusted: bool,
     /// Who the client is (the peer, or what a trusted proxy says): what per-IP limits use.
     client: Option<IpAddr>,
+    /// The client and the trusted hops after it (see `TrustedProxies::chain`).
+    chain: Vec<IpAddr>,
     /// The connection is TLS, terminated here.
     tls: bool,
 }
@@ -165,10 +167,13 @@ impl GatewayProxy {
             .as_downstream()
             .digest()
             .is_some_and(|d| d.ssl_digest.is_some());
-        ctx.client = ctx.peer.map(|peer| {
-            let chain = req.headers.get_all(&X_FORWARDED_FOR);
-            trusted.client(peer, chain.iter().map(HeaderValue::as_bytes))
-        });
+        // A chain is read only from a trusted peer (no allocation for anyone else).
+        ctx.client = ctx.peer;
+        if let (Some(peer), true) = (ctx.peer, ctx.peer_trusted) {
+            let values = req.headers.get_all(&X_FORWARDED_FOR);
+            ctx.chain = trusted.chain(peer, values.iter().map(HeaderValue::as_bytes));
+            ctx.client = ctx.chain.first().copied();
+        }
         let (path, rewritten) = normalised(req, live.config.server.path_rules)?;
         ctx.rewritten = rewritten;
         let route_index = live.router.find(&path).ok_or_else(GatewayError::no_route)?;
@@ -236,6 +241,7 @@ impl ProxyHttp for GatewayProxy {
             peer: None,
             peer_trusted: false,
             client: None,
+            chain: Vec::new(),
             tls: false,
         }
     }
@@ -348,11 +354,13 @@ impl ProxyHttp for GatewayProxy {
             h.insert(fwd.request_id_header.clone(), ctx.request_id.clone());
             // A trusted proxy's chain is extended with it; anyone else's is replaced.
             if let Some(peer) = ctx.peer {
-                let prior = ctx
-                    .peer_trusted
-                    .then(|| headers::joined(h.get_all(&X_FORWARDED_FOR)))
-                    .flatten();
-                let xff = headers::forwarded_for(prior.as_ref(), peer);
+                // What the gateway believes of the chain (the client and the trusted hops
+                // after it), then the peer: nothing a client wrote further left goes on.
+                let xff = if ctx.peer_trusted && !ctx.chain.is_empty() && ctx.chain != [peer] {
+                    headers::chain_value(ctx.chain.iter().copied().chain([peer]))
+                } else {
+                    headers::forwarded_for(None, peer)
+                };
                 h.insert(X_FORWARDED_FOR.clone(), xff);
             }
             // https where TLS terminates here, or where a trusted front proxy says it did.

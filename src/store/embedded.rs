@@ -168,10 +168,9 @@ impl Store for EmbeddedStore {
         Ok(self.data.read().accounts.get(id).cloned())
     }
 
-    async fn put_account(&self, account: Account) -> Result<Account, StoreError> {
-        self.write(|_| {
-            Ok::<_, StoreError>((account.clone(), Some(Entry::Account(account.clone()))))
-        })
+    async fn put_account(&self, account: Account) -> Result<bool, StoreError> {
+        // One node: this node's own cache, which the caller clears, is all there is to tell.
+        self.write(|_| Ok::<_, StoreError>((true, Some(Entry::Account(account.clone())))))
     }
 
     async fn create_key(

@@ -158,8 +158,9 @@ pub trait Store: Send + Sync + 'static {
 
     async fn account(&self, id: &str) -> Result<Option<Account>, StoreError>;
 
-    /// Creates or replaces an account (counters are kept).
-    async fn put_account(&self, account: Account) -> Result<Account, StoreError>;
+    /// Creates or replaces an account (counters are kept); `Ok(false)` when it is written but
+    /// the other nodes could not be told (a retry, which writes the same, tells them again).
+    async fn put_account(&self, account: Account) -> Result<bool, StoreError>;
 
     /// Adds a key to its account unless the account already has `max_keys` active keys.
     async fn create_key(

@@ -46,8 +46,13 @@ fn a_trusted_proxy_says_who_the_client_is() {
     // untrusted address is still 203.0.113.7.
     let spoof = [("x-forwarded-for", "198.51.100.1, 203.0.113.7")];
     assert_refused(&auth_call(&gw, &spoof), 429, "TOO_MANY_REQUESTS", LIMITED);
-    // Another client behind the same proxy has its own bucket.
-    echoed(&auth_call(&gw, &[("x-forwarded-for", "203.0.113.8")]));
+    // Another client behind the same proxy has its own bucket, and what it wrote left of the
+    // proxy's entry is not passed on.
+    let seen = echoed(&auth_call(
+        &gw,
+        &[("x-forwarded-for", "198.51.100.9, 203.0.113.8")],
+    ));
+    assert_eq!(seen["headers"]["x-forwarded-for"], "203.0.113.8, 127.0.0.1");
     // A proto the proxy could not have meant is not passed on.
     let odd = [
         ("x-forwarded-for", "203.0.113.9"),

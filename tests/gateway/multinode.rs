@@ -464,6 +464,18 @@ fn a_revoke_that_could_not_be_announced_is_not_a_200() {
         "UNAUTHORIZED",
         "Invalid or revoked API key",
     );
+    // An account change that could not be announced says so too.
+    let r = n[0].admin_call(
+        "PUT",
+        "/admin/v1/accounts/acme",
+        Some(serde_json::json!({"plan": "starter"})),
+    );
+    assert_error(
+        &r,
+        503,
+        "SERVICE_UNAVAILABLE",
+        "The account is saved, but not every gateway node could be told yet. Retry the call.",
+    );
     redis.cli(&["ACL", "SETUSER", "default", "+publish"]);
     let r = n[0].admin_call("DELETE", &path, None);
     assert_eq!(r.status, 200, "{}", r.text());

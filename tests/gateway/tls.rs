@@ -211,6 +211,23 @@ fn h2_get(
     ca: &Ca,
     requests: Vec<(String, Vec<(&'static str, String)>)>,
 ) -> Vec<(u16, http::HeaderMap, Vec<u8>)> {
+    h2_send(
+        addr,
+        ca,
+        requests.into_iter().map(|(p, h)| (p, h, None)).collect(),
+    )
+}
+
+/// One HTTP/2 request: path, headers, and an optional body.
+type H2Request = (String, Vec<(&'static str, String)>, Option<Vec<u8>>);
+
+/// HTTP/2 exchanges over TLS (ALPN h2), each with an optional body (sent without a
+/// content-length, as h2 allows).
+fn h2_send(
+    addr: SocketAddr,
+    ca: &Ca,
+    requests: Vec<H2Request>,
+) -> Vec<(u16, http::HeaderMap, Vec<u8>)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -228,13 +245,18 @@ fn h2_get(
             let _ = connection.await;
         });
         let mut out = Vec::new();
-        for (path, headers) in requests {
+        for (path, headers, body) in requests {
             let mut client = client.clone().ready().await.unwrap();
             let mut req = http::Request::get(format!("https://api.test{path}"));
             for (n, v) in &headers {
                 req = req.header(*n, v);
             }
-            let (response, _) = client.send_request(req.body(()).unwrap(), true).unwrap();
+            let (response, mut stream) = client
+                .send_request(req.body(()).unwrap(), body.is_none())
+                .unwrap();
+            if let Some(body) = body {
+                stream.send_data(body.into(), true).unwrap();
+            }
             let response = response.await.unwrap();
             let status = response.status().as_u16();
             let headers = response.headers().clone();
@@ -297,4 +319,43 @@ fn http2_gets_every_check_and_answer_of_http1() {
         let v: serde_json::Value = serde_json::from_slice(body).unwrap();
         assert_eq!(v, error_body(code, message));
     }
+}
+
+#[test]
+fn an_http2_body_beside_an_inspected_query_is_refused_without_content_length() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, tls) = tls_gateway(&ca, dir.path(), &[("api", "api.test")]);
+    gw.put_account("acme", "pro", "active");
+    let a = "3fa85f64-5717-4562-b3fc-2c963f66afa6";
+    let r = gw.admin_call(
+        "POST",
+        "/admin/v1/accounts/acme/keys",
+        Some(serde_json::json!({"name": "k", "instanceIds": [a]})),
+    );
+    let key = r.json().unwrap()["key"].as_str().unwrap().to_owned();
+    let path = format!("/api/v1/messages/1?instanceId={a}");
+    let answers = h2_send(
+        tls,
+        &ca,
+        vec![
+            (
+                path.clone(),
+                vec![("x-api-key", key.clone())],
+                Some(br#"{"instanceId":"9b2e8a3c-1111-4222-8333-444455556666"}"#.to_vec()),
+            ),
+            (path, vec![("x-api-key", key)], None),
+        ],
+    );
+    let (status, _, body) = &answers[0];
+    assert_eq!(*status, 400);
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(
+        v,
+        error_body(
+            "BAD_REQUEST",
+            "The request has a body: instanceId could be read from it instead of the query"
+        )
+    );
+    assert_eq!(answers[1].0, 200);
 }

@@ -62,7 +62,7 @@ impl Store for RedisStore {
         RedisStore::account(self, id).await
     }
 
-    async fn put_account(&self, account: Account) -> Result<Account, StoreError> {
+    async fn put_account(&self, account: Account) -> Result<bool, StoreError> {
         RedisStore::put_account(self, account).await
     }
 

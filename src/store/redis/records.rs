@@ -30,14 +30,13 @@ impl RedisStore {
         json.as_deref().map(decode).transpose()
     }
 
-    pub(super) async fn put_account(&self, account: Account) -> Result<Account, StoreError> {
+    pub(super) async fn put_account(&self, account: Account) -> Result<bool, StoreError> {
         let json = encode(&account)?;
         self.cmd::<()>(redis::cmd("SET").arg(account_key(&account.id)).arg(json))
             .await?;
-        // An account change (plan, subscription) every node must see: failing to say so is an
-        // error, and a retry writes the same record and says it again.
-        self.publish(format!("a {}", account.id)).await?;
-        Ok(account)
+        // An account change (plan, subscription) every node must see: the caller says so when
+        // it could not be told, and a retry writes the same record and tells it again.
+        Ok(self.publish(format!("a {}", account.id)).await.is_ok())
     }
 
     pub(super) async fn create_key(
@@ -169,9 +168,12 @@ impl RedisStore {
         }
         // Sent again for a key already revoked: a retry completes an invalidation that failed.
         let announced = self.publish(format!("k {}", record.hash)).await.is_ok();
+        // Only for the answer's lastUsedAt: the revoke is done, a failure here must not hide it.
         let used: Option<u64> = self
             .cmd(redis::cmd("HGET").arg(used_key(account_id)).arg(key_id))
-            .await?;
+            .await
+            .ok()
+            .flatten();
         record.last_used_at_ms = used.or(record.last_used_at_ms);
         Ok(Some(Revoked { record, announced }))
     }
