@@ -66,10 +66,57 @@ pub struct Directory {
     keys: BoundedCache<KeyHash, (Arc<CachedKey>, HeaderValue)>,
     unknown: BoundedCache<KeyHash, ()>,
     accounts: BoundedCache<String, (Arc<Account>, HeaderValue)>,
-    /// Bumped by every invalidation. A lookup that read the store while it moved does not
-    /// cache what it read: the record may predate the change (a revoke, a plan change) whose
-    /// invalidation has already been applied, and caching it would undo that invalidation.
-    epoch: AtomicU64,
+    /// Invalidation counters. A lookup that read the store while its record's counter moved
+    /// does not cache what it read: the record may predate the change (a revoke, a plan change)
+    /// whose invalidation was already applied, and caching it would undo that invalidation.
+    generations: Generations,
+}
+
+/// Invalidation counters: one bumped by a flush, and one per slot of keys and of accounts
+/// (bumped by their invalidations), so that unrelated changes do not stop other records from
+/// being cached.
+struct Generations {
+    all: AtomicU64,
+    keys: Box<[AtomicU64]>,
+    accounts: Box<[AtomicU64]>,
+    /// Keyed per process: a client cannot aim an account id at another's slot.
+    hasher: std::collections::hash_map::RandomState,
+}
+
+const GENERATION_SLOTS: usize = 1024;
+
+/// What a lookup saw of the counters that guard one record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Seen(u64, u64);
+
+impl Generations {
+    fn new() -> Self {
+        let slots = || (0..GENERATION_SLOTS).map(|_| AtomicU64::new(0)).collect();
+        Self {
+            all: AtomicU64::new(0),
+            keys: slots(),
+            accounts: slots(),
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    fn key_slot(&self, hash: &KeyHash) -> &AtomicU64 {
+        let n = usize::from(u16::from_le_bytes([hash.0[0], hash.0[1]]));
+        &self.keys[n % GENERATION_SLOTS]
+    }
+
+    fn account_slot(&self, account_id: &str) -> &AtomicU64 {
+        use std::hash::BuildHasher;
+        let n = self.hasher.hash_one(account_id);
+        &self.accounts[usize::try_from(n % GENERATION_SLOTS as u64).unwrap_or(0)]
+    }
+
+    fn of(&self, slot: &AtomicU64) -> Seen {
+        Seen(
+            self.all.load(Ordering::Acquire),
+            slot.load(Ordering::Acquire),
+        )
+    }
 }
 
 impl Directory {
@@ -86,7 +133,7 @@ impl Directory {
             keys: BoundedCache::new(capacity, ttl_ns),
             unknown: BoundedCache::new(negative_capacity, ttl_ns),
             accounts: BoundedCache::new(capacity, ttl_ns),
-            epoch: AtomicU64::new(0),
+            generations: Generations::new(),
         }
     }
 
@@ -100,9 +147,10 @@ impl Directory {
     ) -> Result<Lookup, StoreError> {
         let hash = KeyHash::of(key);
         let now = self.clock.now_ns();
-        let epoch = self.epoch.load(Ordering::Acquire);
-        // Cache what the store said only if no invalidation came in meanwhile.
-        let unchanged = || self.epoch.load(Ordering::Acquire) == epoch;
+        let g = &self.generations;
+        let key_seen = g.of(g.key_slot(&hash));
+        // Cache what the store said only if no invalidation of it came in meanwhile.
+        let key_unchanged = || g.of(g.key_slot(&hash)) == key_seen;
         let (record, key_id_value) = match self.keys.get(&hash, now) {
             Some(entry) => entry,
             None if !may_look_further() => return Ok(Lookup::NotAsked),
@@ -114,20 +162,22 @@ impl Directory {
                     // Insert, then look again: `forget_*` bumps the epoch before it removes,
                     // so an invalidation that slipped in between is seen here.
                     self.keys.insert(hash, entry.clone(), now);
-                    if !unchanged() {
+                    if !key_unchanged() {
                         self.keys.remove(&hash);
                     }
                     entry
                 }
                 _ => {
                     self.unknown.insert(hash, (), now);
-                    if !unchanged() {
+                    if !key_unchanged() {
                         self.unknown.remove(&hash);
                     }
                     return Ok(Lookup::Unknown);
                 }
             },
         };
+        let account_slot = g.account_slot(&record.account_id);
+        let account_seen = g.of(account_slot);
         let (account, account_id_value) = match self.accounts.get(&*record.account_id, now) {
             Some(entry) => entry,
             None => match self.store.account(&record.account_id).await? {
@@ -135,7 +185,7 @@ impl Directory {
                     let entry = (Arc::new(account), id_value(&record.account_id));
                     self.accounts
                         .insert(record.account_id.to_string(), entry.clone(), now);
-                    if !unchanged() {
+                    if g.of(account_slot) != account_seen {
                         self.accounts.remove(&*record.account_id);
                     }
                     entry
@@ -153,22 +203,28 @@ impl Directory {
 
     /// Drops everything cached about a key (after a create or revoke).
     pub fn forget_key(&self, hash_hex: &str) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        if let Some(hash) = KeyHash::from_hex(hash_hex) {
-            self.keys.remove(&hash);
-            self.unknown.remove(&hash);
-        }
+        // Bumped before the removal: a lookup that inserts after it sees the bump and undoes.
+        let Some(hash) = KeyHash::from_hex(hash_hex) else {
+            return;
+        };
+        self.generations
+            .key_slot(&hash)
+            .fetch_add(1, Ordering::AcqRel);
+        self.keys.remove(&hash);
+        self.unknown.remove(&hash);
     }
 
     /// Drops a cached account (after a plan or subscription change).
     pub fn forget_account(&self, account_id: &str) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.generations
+            .account_slot(account_id)
+            .fetch_add(1, Ordering::AcqRel);
         self.accounts.remove(account_id);
     }
 
     /// Drops everything cached (after invalidations may have been missed).
     pub fn clear(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.generations.all.fetch_add(1, Ordering::AcqRel);
         self.keys.clear();
         self.unknown.clear();
         self.accounts.clear();
