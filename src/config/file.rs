@@ -90,6 +90,9 @@ pub(super) struct StoreFile {
     pub timeout: Option<Spanned<String>>,
     pub breaker_threshold: Option<Spanned<u32>>,
     pub breaker_cooldown: Option<Spanned<String>>,
+    /// Start even when Redis's maxmemory-policy evicts keys (quotas or keys may be lost).
+    #[serde(default)]
+    pub allow_eviction: bool,
 }
 
 impl StoreFile {

@@ -100,6 +100,8 @@ pub struct RedisSettings {
     pub breaker_threshold: u32,
     /// How long the open breaker fails fast before probing again.
     pub breaker_cooldown: Duration,
+    /// Start even when Redis's maxmemory-policy may evict keys.
+    pub allow_eviction: bool,
 }
 
 impl std::fmt::Debug for RedisSettings {

@@ -174,6 +174,7 @@ pub(super) fn store_settings(
             timeout,
             breaker_threshold,
             breaker_cooldown,
+            allow_eviction: raw.allow_eviction,
         }),
     }
 }

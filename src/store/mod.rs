@@ -131,6 +131,8 @@ pub enum CreateKeyError {
 pub enum StoreError {
     Unavailable(String),
     Persist(String),
+    /// The store answers but would not keep what the gateway relies on (start-up checks).
+    Misconfigured(String),
 }
 
 impl fmt::Display for StoreError {
@@ -138,6 +140,7 @@ impl fmt::Display for StoreError {
         match self {
             Self::Unavailable(why) => write!(f, "store unavailable: {why}"),
             Self::Persist(why) => write!(f, "store could not persist: {why}"),
+            Self::Misconfigured(why) => write!(f, "store misconfigured: {why}"),
         }
     }
 }

@@ -491,3 +491,45 @@ fn a_revoke_that_could_not_be_announced_is_not_a_200() {
         n[1].get("/api/v1/x", &[("x-api-key", &key)]).status == 401
     });
 }
+
+/// A Redis that may evict keys would silently reset quotas (volatile-*) or lose keys and
+/// accounts (allkeys-*): the gateway refuses to start on it unless told otherwise.
+#[test]
+fn an_evicting_redis_is_refused_at_start_unless_allowed() {
+    let redis = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, admin, echo) = (free_addr(), free_addr(), free_addr());
+    let path = write_config(
+        dir.path(),
+        &Setup::new().on_redis(redis.url()),
+        proxy,
+        admin,
+        echo,
+    );
+    let start = |path: &std::path::Path| {
+        let config = msgflash_gateway::config::Config::load_with_env(path, &env).unwrap();
+        msgflash_gateway::server::Running::start_with(
+            config,
+            msgflash_gateway::server::Launch {
+                env: Arc::new(env),
+                ..Default::default()
+            },
+        )
+    };
+    let err = start(&path)
+        .err()
+        .expect("an evicting Redis must be refused")
+        .to_string();
+    assert_eq!(
+        err,
+        "cannot open the store: store misconfigured: Redis evicts keys (maxmemory-policy allkeys-lru), which resets quotas or loses keys; set maxmemory-policy noeviction, or [store] allow_eviction = true"
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("[store]\n", "[store]\nallow_eviction = true\n"),
+    )
+    .unwrap();
+    let running = start(&path).expect("allowed by the operator");
+    running.stop();
+}

@@ -19,6 +19,7 @@
 //! usage than some serial order would show it. A pipeline cut short by a lost connection can
 //! leave a token taken without its request admitted: early refusal again, never extra.
 
+use super::connection::Budget;
 use super::schema::{quota_key, tat_key, used_key};
 use super::RedisStore;
 use crate::limits::gcra::{self, BucketDecision};
@@ -79,7 +80,7 @@ impl RedisStore {
                 .arg(req.now_ns / 1_000_000)
                 .ignore();
         }
-        let (new_tat, used): (f64, u64) = self.pipe(&p).await?;
+        let (new_tat, used): (f64, u64) = self.pipe_for(Budget::Admission, &p).await?;
         if set_expiry {
             self.quota_expiry_set.insert(
                 req.account_id.to_owned(),
@@ -136,7 +137,7 @@ impl RedisStore {
             .cmd("DECR")
             .arg(quota)
             .ignore();
-        if let Err(e) = self.pipe::<()>(&p).await {
+        if let Err(e) = self.pipe_for::<()>(Budget::Admission, &p).await {
             tracing::warn!(error = %e, "could not give back a rejected request's usage");
         }
     }

@@ -11,7 +11,6 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult};
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Seed URLs of a `redis+cluster://` URL, or `None` for a single-node URL.
@@ -75,8 +74,56 @@ impl Connector {
 }
 
 /// Errors that say Redis is unreachable (as opposed to a bad reply): they trip the breaker.
+/// Server replies that mean "not serving now" (a replica after a failover, a node loading its
+/// data, a cluster without quorum) count as unreachable too.
 fn is_outage(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.code(),
+            Some("READONLY" | "LOADING" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN")
+        )
+}
+
+/// Redis must keep what it holds: an eviction policy drops quota counters (`volatile-*`: the
+/// month's usage starts again) or keys and accounts (`allkeys-*`). Refused at start-up unless
+/// the operator says otherwise; a Redis that hides its configuration gets a warning.
+fn check_eviction(policy: RedisResult<Vec<String>>, allowed: bool) -> Result<(), StoreError> {
+    match policy {
+        Ok(pair) => match pair.get(1).map(String::as_str) {
+            Some("noeviction") => Ok(()),
+            Some(other) if !allowed => Err(StoreError::Misconfigured(format!(
+                "Redis evicts keys (maxmemory-policy {other}), which resets quotas or loses keys; \
+                 set maxmemory-policy noeviction, or [store] allow_eviction = true"
+            ))),
+            Some(other) => {
+                tracing::warn!(
+                    policy = other,
+                    "Redis may evict keys (allowed by store.allow_eviction)"
+                );
+                Ok(())
+            }
+            None => Ok(()),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read Redis's maxmemory-policy (CONFIG GET refused?); make sure it is noeviction");
+            Ok(())
+        }
+    }
+}
+
+/// Which circuit breaker a call answers to: a flood of unknown-key lookups that slows Redis
+/// opens the lookups' breaker, not the admissions' (and the reverse).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Budget {
+    /// Key and account lookups on the request path.
+    Lookup,
+    /// The admission pipeline and its refunds.
+    Admission,
+    /// Management, readiness, invalidations.
+    Management,
 }
 
 /// Whether the request path's own connection is being opened, and when that last failed.
@@ -131,10 +178,15 @@ impl RedisStore {
                 (Connector::Single(client.clone(), config), vec![client])
             }
         };
-        let conn = runtime
+        let mut conn = runtime
             .block_on(async { tokio::time::timeout(connect_timeout, connector.connect()).await })
             .map_err(|_| fail(&"timed out connecting to Redis"))?
             .map_err(|e| fail(&e))?;
+        let policy: RedisResult<Vec<String>> = runtime.block_on(async {
+            conn.cmd(redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"))
+                .await
+        });
+        check_eviction(policy, s.allow_eviction)?;
         Ok(Self {
             runtime: Some(runtime),
             conn,
@@ -145,34 +197,38 @@ impl RedisStore {
             timeout: s.timeout,
             quota_expiry_set: BoundedCache::new(100_000, 86_400_000_000_000),
             key_touched: BoundedCache::new(100_000, LAST_USE_EVERY_NS),
-            breaker: Arc::new(Breaker::new(
-                s.breaker_threshold,
-                u64::try_from(s.breaker_cooldown.as_nanos()).unwrap_or(u64::MAX),
-            )),
+            breakers: [(); 3].map(|()| {
+                Breaker::new(
+                    s.breaker_threshold,
+                    u64::try_from(s.breaker_cooldown.as_nanos()).unwrap_or(u64::MAX),
+                )
+            }),
         })
     }
 
-    /// Runs one store call under the deadline and the circuit breaker.
+    /// Runs one store call under the deadline and its budget's circuit breaker.
     async fn guarded<T>(
         &self,
+        budget: Budget,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        if !self.breaker.allows() {
+        let breaker = &self.breakers[budget as usize];
+        if !breaker.allows() {
             return Err(StoreError::Unavailable("circuit open".into()));
         }
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(v)) => {
-                self.breaker.success();
+                breaker.success();
                 Ok(v)
             }
             Ok(Err(e)) => {
                 if is_outage(&e) {
-                    self.breaker.failure();
+                    breaker.failure();
                 }
                 Err(StoreError::Unavailable(e.to_string()))
             }
             Err(_) => {
-                self.breaker.failure();
+                breaker.failure();
                 Err(StoreError::Unavailable("timed out".into()))
             }
         }
@@ -217,14 +273,32 @@ impl RedisStore {
         }
     }
 
+    /// A management pipeline (see [`Budget`]).
     pub(super) async fn pipe<T: FromRedisValue>(&self, p: &Pipeline) -> Result<T, StoreError> {
-        let mut c = self.pick();
-        self.guarded(async move { c.pipe(p).await }).await
+        self.pipe_for(Budget::Management, p).await
     }
 
+    /// A management command (see [`Budget`]).
     pub(super) async fn cmd<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        self.cmd_for(Budget::Management, cmd).await
+    }
+
+    pub(super) async fn pipe_for<T: FromRedisValue>(
+        &self,
+        budget: Budget,
+        p: &Pipeline,
+    ) -> Result<T, StoreError> {
         let mut c = self.pick();
-        self.guarded(async move { c.cmd(cmd).await }).await
+        self.guarded(budget, async move { c.pipe(p).await }).await
+    }
+
+    pub(super) async fn cmd_for<T: FromRedisValue>(
+        &self,
+        budget: Budget,
+        cmd: &Cmd,
+    ) -> Result<T, StoreError> {
+        let mut c = self.pick();
+        self.guarded(budget, async move { c.cmd(cmd).await }).await
     }
 }
 
@@ -257,5 +331,38 @@ mod tests {
                 "redis://:secret@h2:7000".into()
             ])
         );
+    }
+}
+
+#[cfg(test)]
+mod outage_tests {
+    use super::*;
+
+    fn server_error(reply: &[u8]) -> RedisError {
+        match redis::parse_redis_value(reply) {
+            Ok(redis::Value::ServerError(e)) => e.into(),
+            other => panic!("not a server error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_redis_that_is_not_serving_counts_as_an_outage() {
+        for reply in [
+            &b"-READONLY You can't write against a read only replica.\r\n"[..],
+            b"-LOADING Redis is loading the dataset in memory\r\n",
+            b"-MASTERDOWN Link with MASTER is down\r\n",
+            b"-CLUSTERDOWN The cluster is down\r\n",
+            b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
+        ] {
+            assert!(
+                is_outage(&server_error(reply)),
+                "{:?}",
+                String::from_utf8_lossy(reply)
+            );
+        }
+        // A reply about the request itself is not an outage.
+        assert!(!is_outage(&server_error(
+            b"-WRONGTYPE Operation against a key\r\n"
+        )));
     }
 }

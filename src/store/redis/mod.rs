@@ -24,7 +24,6 @@ use async_trait::async_trait;
 pub use connection::cluster_seeds;
 use connection::{Conn, Connector, LocalOpening};
 pub use schema::CHANNEL;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Shared Redis state for one gateway process.
@@ -45,7 +44,8 @@ pub struct RedisStore {
     /// Where the subscriber connects (the seeds, for a cluster).
     pubsub_clients: Vec<redis::Client>,
     timeout: Duration,
-    breaker: Arc<Breaker>,
+    /// One circuit breaker per [`connection::Budget`].
+    breakers: [Breaker; 3],
     /// account id -> the quota period whose counter expiry this node has already set.
     quota_expiry_set: BoundedCache<String, String>,
     /// Keys whose last use and TAT expiry this node wrote ("touched") less than a minute ago.

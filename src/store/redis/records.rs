@@ -8,6 +8,7 @@
 //! without a record (one slot short until an operator runs `SREM mf:{a:<acct>}:active <id>`):
 //! the price of never uncounting a key in flight without server-side scripts.
 
+use super::connection::Budget;
 use super::schema::{
     account_key, active_key, decode, encode, hash_key, keys_key, quota_key, tat_key, used_key,
 };
@@ -21,12 +22,16 @@ impl RedisStore {
         &self,
         hash_hex: &str,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let json: Option<String> = self.cmd(redis::cmd("GET").arg(hash_key(hash_hex))).await?;
+        let json: Option<String> = self
+            .cmd_for(Budget::Lookup, redis::cmd("GET").arg(hash_key(hash_hex)))
+            .await?;
         json.as_deref().map(decode).transpose()
     }
 
     pub(super) async fn account(&self, id: &str) -> Result<Option<Account>, StoreError> {
-        let json: Option<String> = self.cmd(redis::cmd("GET").arg(account_key(id))).await?;
+        let json: Option<String> = self
+            .cmd_for(Budget::Lookup, redis::cmd("GET").arg(account_key(id)))
+            .await?;
         json.as_deref().map(decode).transpose()
     }
 
