@@ -9,6 +9,7 @@ use crate::errors::GatewayError;
 use crate::limits::blocks::RateBlocks;
 use crate::limits::local::{IpLimiter, LocalLimiter};
 use crate::live::Live;
+use crate::log_limit::LogLimit;
 use crate::manage::Manager;
 use crate::metrics::Metrics;
 use crate::store::{Invalidation, Store};
@@ -33,6 +34,8 @@ pub struct Gateway {
     pub(crate) auth_failures: LocalLimiter<std::net::IpAddr>,
     /// The TLS listener's certificates (replaced by a reload), when there is one.
     pub(crate) certs: Option<Arc<CertResolver>>,
+    /// Store errors on the request path are logged at most once a second (with a count).
+    pub(crate) store_error_log: LogLimit,
     /// Keys the store found over their rate, refused locally until a token can exist.
     pub(crate) rate_blocks: Arc<RateBlocks>,
 }
@@ -115,6 +118,7 @@ impl Gateway {
             auth_failures: LocalLimiter::new(CLIENT_BUCKETS),
             certs,
             rate_blocks,
+            store_error_log: LogLimit::per_second(),
             directory,
             store,
             clock,

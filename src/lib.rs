@@ -20,6 +20,7 @@ pub(crate) mod gateway;
 pub(crate) mod inspect;
 pub mod limits;
 pub(crate) mod live;
+pub(crate) mod log_limit;
 pub(crate) mod manage;
 pub(crate) mod metrics;
 pub mod path;

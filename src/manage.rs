@@ -5,6 +5,7 @@ use crate::auth::Directory;
 use crate::clock::Clock;
 use crate::errors::GatewayError;
 use crate::limits::quota;
+use crate::log_limit::LogLimit;
 use crate::policy::{Plans, Policies};
 use crate::store::{Account, CreateKeyError, KeyRecord, Store, StoreError, Subscription};
 use serde::Deserialize;
@@ -53,7 +54,14 @@ pub struct Manager {
 }
 
 fn unavailable(e: StoreError) -> GatewayError {
-    tracing::error!(error = %e, "store error in a management call");
+    // At most one line a second, with the count of those it stands for.
+    static LOG: LogLimit = LogLimit::per_second();
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    if let Some(suppressed) = LOG.admit(now_ns) {
+        tracing::error!(error = %e, suppressed, "store error in a management call");
+    }
     GatewayError::store_unavailable()
 }
 

@@ -15,6 +15,7 @@ const LAYERS: &[&[&str]] = &[
         "cache",
         "client_ip",
         "certs",
+        "log_limit",
         "diagnostics",
         "metrics",
         "echo",

@@ -112,7 +112,9 @@ async fn principal(
             .unwrap_or_else(GatewayError::invalid_api_key)),
         Err(e) => {
             gw.metrics.store_error();
-            tracing::error!(error = %e, "key lookup failed");
+            if let Some(suppressed) = gw.store_error_log.admit(gw.clock.now_ns()) {
+                tracing::error!(error = %e, suppressed, "key lookup failed");
+            }
             Err(GatewayError::store_unavailable())
         }
     }
@@ -328,10 +330,14 @@ pub(crate) async fn authorize(
             if mode == StoreErrorMode::FailOpen {
                 // The caller is known (cached); only the counting is missing. Forward unmetered.
                 gw.metrics.fail_open();
-                tracing::warn!(error = %e, "limits unavailable; forwarding unmetered (fail_open)");
+                if let Some(suppressed) = gw.store_error_log.admit(now_ns) {
+                    tracing::warn!(error = %e, suppressed, "limits unavailable; forwarding unmetered (fail_open)");
+                }
                 return Ok((identity, rate));
             }
-            tracing::error!(error = %e, "rate-limit decision failed");
+            if let Some(suppressed) = gw.store_error_log.admit(now_ns) {
+                tracing::error!(error = %e, suppressed, "rate-limit decision failed");
+            }
             Err(GatewayError::store_unavailable().into())
         }
     }
