@@ -190,6 +190,18 @@ fn single(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
 }
 
 /// Appends the health of each upstream: `(name, addresses in rotation, addresses)`.
+/// Appends whether this node is sure it hears every invalidation (1), or reads records from
+/// the store instead of trusting its caches (0).
+pub(crate) fn render_invalidations(out: &mut String, confirmed: bool) {
+    single(
+        out,
+        "msgflash_invalidations_confirmed",
+        "gauge",
+        "1 while the invalidation channel is heard (heartbeats); 0: caches are checked against the store.",
+        u64::from(confirmed),
+    );
+}
+
 pub(crate) fn render_upstreams(out: &mut String, pools: &[(&str, usize, usize)]) {
     out.push_str("# HELP msgflash_upstream_healthy_addresses Addresses of an upstream in rotation (health checks and passive failures).\n");
     out.push_str("# TYPE msgflash_upstream_healthy_addresses gauge\n");

@@ -91,6 +91,7 @@ impl AdminApp {
                     .map(|p| (p.name.as_str(), p.healthy_count(), p.len()))
                     .collect();
                 crate::metrics::render_upstreams(&mut text, &pools);
+                crate::metrics::render_invalidations(&mut text, gw.store.invalidations_confirmed());
                 return Reply::Ok {
                     status: 200,
                     content_type: "text/plain; version=0.0.4",

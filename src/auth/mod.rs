@@ -151,37 +151,49 @@ impl Directory {
         let key_seen = g.of(g.key_slot(&hash));
         // Cache what the store said only if no invalidation of it came in meanwhile.
         let key_unchanged = || g.of(g.key_slot(&hash)) == key_seen;
-        let (record, key_id_value) = match self.keys.get(&hash, now) {
-            Some(entry) => entry,
+        // While this node cannot be sure it hears every invalidation, a cached record is
+        // checked against the store; it answers alone only if the store cannot (the outage
+        // rule: known callers keep working, bounded by the cache's TTL).
+        let cached = self.keys.get(&hash, now);
+        let trust_cache = cached.is_some() && self.store.invalidations_confirmed();
+        let (record, key_id_value) = match cached {
+            Some(entry) if trust_cache => entry,
             None if !may_look_further() => return Ok(Lookup::NotAsked),
             None if self.unknown.get(&hash, now).is_some() => return Ok(Lookup::Unknown),
-            None => match self.store.key_by_hash(&hash.to_hex()).await? {
-                Some(record) if record.is_active() => {
+            cached => match self.store.key_by_hash(&hash.to_hex()).await {
+                Ok(Some(record)) if record.is_active() => {
                     let value = id_value(&record.id);
                     let entry = (Arc::new(CachedKey::from(record)), value);
-                    // Insert, then look again: `forget_*` bumps the epoch before it removes,
-                    // so an invalidation that slipped in between is seen here.
+                    // Insert, then look again: `forget_*` bumps the generation before it
+                    // removes, so an invalidation that slipped in between is seen here.
                     self.keys.insert(hash, entry.clone(), now);
                     if !key_unchanged() {
                         self.keys.remove(&hash);
                     }
                     entry
                 }
-                _ => {
+                Ok(_) => {
+                    self.keys.remove(&hash);
                     self.unknown.insert(hash, (), now);
                     if !key_unchanged() {
                         self.unknown.remove(&hash);
                     }
                     return Ok(Lookup::Unknown);
                 }
+                Err(e) => match cached {
+                    Some(entry) => entry,
+                    None => return Err(e),
+                },
             },
         };
         let account_slot = g.account_slot(&record.account_id);
         let account_seen = g.of(account_slot);
-        let (account, account_id_value) = match self.accounts.get(&*record.account_id, now) {
-            Some(entry) => entry,
-            None => match self.store.account(&record.account_id).await? {
-                Some(account) => {
+        let cached = self.accounts.get(&*record.account_id, now);
+        let trust_cache = cached.is_some() && self.store.invalidations_confirmed();
+        let (account, account_id_value) = match cached {
+            Some(entry) if trust_cache => entry,
+            cached => match self.store.account(&record.account_id).await {
+                Ok(Some(account)) => {
                     let entry = (Arc::new(account), id_value(&record.account_id));
                     self.accounts
                         .insert(record.account_id.to_string(), entry.clone(), now);
@@ -190,7 +202,11 @@ impl Directory {
                     }
                     entry
                 }
-                None => return Ok(Lookup::Unknown),
+                Ok(None) => return Ok(Lookup::Unknown),
+                Err(e) => match cached {
+                    Some(entry) => entry,
+                    None => return Err(e),
+                },
             },
         };
         Ok(Lookup::Found(Principal {

@@ -207,4 +207,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Delivers changes made through other nodes to `sink` (shared stores only).
     fn on_invalidation(&self, _sink: InvalidationSink) {}
+
+    /// False while this node cannot be sure it hears every invalidation (its subscription is
+    /// silent past its heartbeat): caches must then not answer alone.
+    fn invalidations_confirmed(&self) -> bool {
+        true
+    }
 }

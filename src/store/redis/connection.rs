@@ -11,6 +11,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Seed URLs of a `redis+cluster://` URL, or `None` for a single-node URL.
@@ -44,7 +45,7 @@ impl Conn {
         }
     }
 
-    async fn cmd<T: FromRedisValue>(&mut self, cmd: &Cmd) -> RedisResult<T> {
+    pub(super) async fn cmd<T: FromRedisValue>(&mut self, cmd: &Cmd) -> RedisResult<T> {
         match self {
             Conn::Single(c) => cmd.query_async(c).await,
             Conn::Cluster(c) => cmd.query_async(c).await,
@@ -197,6 +198,7 @@ impl RedisStore {
             timeout: s.timeout,
             quota_expiry_set: BoundedCache::new(100_000, 86_400_000_000_000),
             key_touched: BoundedCache::new(100_000, LAST_USE_EVERY_NS),
+            liveness: Arc::new(super::invalidation::Liveness::new()),
             breakers: [(); 3].map(|()| {
                 Breaker::new(
                     s.breaker_threshold,

@@ -5,7 +5,9 @@ use super::schema::CHANNEL;
 use super::RedisStore;
 use crate::store::{Invalidation, InvalidationSink, StoreError};
 use futures_util::StreamExt;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 impl RedisStore {
     /// Tells every node to drop `message`'s record from its caches; `Err` when Redis did not
@@ -19,9 +21,48 @@ impl RedisStore {
     }
 }
 
+/// How often the subscriber pings its own connection, and how long a silent one is still
+/// believed: past it, the node does not answer from its caches alone.
+pub(super) const HEARTBEAT_EVERY: Duration = Duration::from_millis(50);
+pub(super) const SILENCE_TOLERATED: Duration = Duration::from_millis(200);
+
+/// When this node's subscriber last heard anything on the channel.
+#[derive(Debug)]
+pub(super) struct Liveness {
+    start: Instant,
+    /// Nanoseconds since `start`; 0 when never heard.
+    heard_ns: AtomicU64,
+}
+
+impl Liveness {
+    pub(super) fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            heard_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn heard(&self) {
+        let ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.heard_ns.store(ns.max(1), Ordering::Release);
+    }
+
+    pub(super) fn confirmed(&self) -> bool {
+        let heard = self.heard_ns.load(Ordering::Acquire);
+        let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        heard != 0
+            && now.saturating_sub(heard)
+                < u64::try_from(SILENCE_TOLERATED.as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
 /// Listens on the invalidation channel; after every (re)subscription the local caches are
 /// flushed, since anything published while away was missed.
-pub(super) async fn subscribe(clients: Vec<redis::Client>, sink: InvalidationSink) {
+pub(super) async fn subscribe(
+    clients: Vec<redis::Client>,
+    sink: InvalidationSink,
+    liveness: Arc<Liveness>,
+) {
     let mut attempt = 0usize;
     loop {
         let client = &clients[attempt % clients.len()];
@@ -31,15 +72,38 @@ pub(super) async fn subscribe(clients: Vec<redis::Client>, sink: InvalidationSin
         if let Ok(Ok(mut pubsub)) = connected {
             if pubsub.subscribe(CHANNEL).await.is_ok() {
                 sink(Invalidation::All);
-                let mut messages = pubsub.on_message();
-                while let Some(msg) = messages.next().await {
-                    let Ok(payload) = msg.get_payload::<String>() else {
-                        continue;
-                    };
-                    match payload.split_once(' ') {
-                        Some(("k", hash)) => sink(Invalidation::Key(hash.to_owned())),
-                        Some(("a", account)) => sink(Invalidation::Account(account.to_owned())),
-                        _ => sink(Invalidation::All),
+                liveness.heard();
+                // The subscription proves it is alive: a PING on its own connection every
+                // HEARTBEAT_EVERY (a half-open connection shows within SILENCE_TOLERATED).
+                let (mut pings, mut messages) = pubsub.split();
+                let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+                loop {
+                    tokio::select! {
+                        msg = messages.next() => {
+                            let Some(msg) = msg else { break };
+                            liveness.heard();
+                            let Ok(payload) = msg.get_payload::<String>() else {
+                                continue;
+                            };
+                            match payload.split_once(' ') {
+                                Some(("k", hash)) => sink(Invalidation::Key(hash.to_owned())),
+                                Some(("a", account)) => {
+                                    sink(Invalidation::Account(account.to_owned()))
+                                }
+                                _ => sink(Invalidation::All),
+                            }
+                        }
+                        _ = tick.tick() => {
+                            let pong = tokio::time::timeout(
+                                SILENCE_TOLERATED / 2,
+                                pings.ping::<redis::Value>(),
+                            )
+                            .await;
+                            match pong {
+                                Ok(Ok(_)) => liveness.heard(),
+                                _ => break,
+                            }
+                        }
                     }
                 }
                 // Keep serving from the caches while away (an outage must not turn cached

@@ -24,6 +24,7 @@ use async_trait::async_trait;
 pub use connection::cluster_seeds;
 use connection::{Conn, Connector, LocalOpening};
 pub use schema::CHANNEL;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Shared Redis state for one gateway process.
@@ -44,6 +45,8 @@ pub struct RedisStore {
     /// Where the subscriber connects (the seeds, for a cluster).
     pubsub_clients: Vec<redis::Client>,
     timeout: Duration,
+    /// When the invalidation subscriber last heard the channel.
+    liveness: Arc<invalidation::Liveness>,
     /// One circuit breaker per [`connection::Budget`].
     breakers: [Breaker; 3],
     /// account id -> the quota period whose counter expiry this node has already set.
@@ -111,7 +114,15 @@ impl Store for RedisStore {
 
     fn on_invalidation(&self, sink: InvalidationSink) {
         if let Some(rt) = &self.runtime {
-            rt.spawn(invalidation::subscribe(self.pubsub_clients.clone(), sink));
+            rt.spawn(invalidation::subscribe(
+                self.pubsub_clients.clone(),
+                sink,
+                self.liveness.clone(),
+            ));
         }
+    }
+
+    fn invalidations_confirmed(&self) -> bool {
+        self.liveness.confirmed()
     }
 }
