@@ -202,6 +202,33 @@ pub(crate) fn render_invalidations(out: &mut String, confirmed: bool) {
     );
 }
 
+/// Appends the refunds a shared store did not take.
+pub(crate) fn render_refunds(out: &mut String, failed: u64) {
+    single(
+        out,
+        "msgflash_refunds_failed_total",
+        "counter",
+        "Refused requests whose token and quota unit could not be given back (limits stricter, never looser).",
+        failed,
+    );
+}
+
+/// Appends when each served certificate expires: `(certificate file, Unix seconds)`.
+pub(crate) fn render_certificates(out: &mut String, certs: &[(String, i64)]) {
+    if certs.is_empty() {
+        return;
+    }
+    out.push_str("# HELP msgflash_tls_certificate_expiry_timestamp_seconds When a served certificate stops being valid (Unix time).\n");
+    out.push_str("# TYPE msgflash_tls_certificate_expiry_timestamp_seconds gauge\n");
+    for (file, not_after) in certs {
+        let _ = writeln!(
+            out,
+            "msgflash_tls_certificate_expiry_timestamp_seconds{{file=\"{}\"}} {not_after}",
+            escape(file)
+        );
+    }
+}
+
 pub(crate) fn render_upstreams(out: &mut String, pools: &[(&str, usize, usize)]) {
     out.push_str("# HELP msgflash_upstream_healthy_addresses Addresses of an upstream in rotation (health checks and passive failures).\n");
     out.push_str("# TYPE msgflash_upstream_healthy_addresses gauge\n");

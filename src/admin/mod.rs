@@ -92,6 +92,15 @@ impl AdminApp {
                     .collect();
                 crate::metrics::render_upstreams(&mut text, &pools);
                 crate::metrics::render_invalidations(&mut text, gw.store.invalidations_confirmed());
+                crate::metrics::render_refunds(&mut text, gw.store.refunds_failed());
+                if let Some(resolver) = &gw.certs {
+                    let certs: Vec<(String, i64)> = resolver
+                        .current()
+                        .iter()
+                        .map(|c| (c.cert_file.display().to_string(), c.not_after))
+                        .collect();
+                    crate::metrics::render_certificates(&mut text, &certs);
+                }
                 return Reply::Ok {
                     status: 200,
                     content_type: "text/plain; version=0.0.4",

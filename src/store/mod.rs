@@ -213,4 +213,10 @@ pub trait Store: Send + Sync + 'static {
     fn invalidations_confirmed(&self) -> bool {
         true
     }
+
+    /// Refused requests whose usage could not be given back (they only make the limits
+    /// stricter, never looser).
+    fn refunds_failed(&self) -> u64 {
+        0
+    }
 }

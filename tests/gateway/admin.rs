@@ -62,6 +62,7 @@ fn health_readiness_and_metrics(b: Backend) {
         text.contains("msgflash_rejections_total{code=\"NOT_FOUND\"} 1\n"),
         "{text}"
     );
+    assert!(text.contains("msgflash_refunds_failed_total 0\n"), "{text}");
     assert!(!text.contains(&key));
 }
 

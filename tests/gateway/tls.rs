@@ -125,6 +125,15 @@ fn the_public_api_works_the_same_over_tls() {
     assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
     let plain = echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
     assert_eq!(plain["headers"]["x-forwarded-proto"], "http");
+    // The served certificate's expiry is in the metrics (rcgen's default not_after: 4096-01-01).
+    let metrics = crate::client::request(gw.admin, "GET", "/metrics", &[], None)
+        .unwrap()
+        .text();
+    let line = format!(
+        "msgflash_tls_certificate_expiry_timestamp_seconds{{file=\"{}\"}} 67090118400\n",
+        dir.path().join("api.pem").display()
+    );
+    assert!(metrics.contains(&line), "{metrics}");
 }
 
 #[test]

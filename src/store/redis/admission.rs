@@ -137,7 +137,11 @@ impl RedisStore {
             .cmd("DECR")
             .arg(quota)
             .ignore();
+        // Not retried: a refund whose reply was lost may have been applied, and applying it
+        // twice would admit an extra request. A lost one only refuses early; it is counted.
         if let Err(e) = self.pipe_for::<()>(Budget::Admission, &p).await {
+            self.refunds_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(error = %e, "could not give back a rejected request's usage");
         }
     }

@@ -199,6 +199,7 @@ impl RedisStore {
             quota_expiry_set: BoundedCache::new(100_000, 86_400_000_000_000),
             key_touched: BoundedCache::new(100_000, LAST_USE_EVERY_NS),
             liveness: Arc::new(super::invalidation::Liveness::new()),
+            refunds_failed: std::sync::atomic::AtomicU64::new(0),
             breakers: [(); 3].map(|()| {
                 Breaker::new(
                     s.breaker_threshold,

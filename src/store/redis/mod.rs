@@ -47,6 +47,8 @@ pub struct RedisStore {
     timeout: Duration,
     /// When the invalidation subscriber last heard the channel.
     liveness: Arc<invalidation::Liveness>,
+    /// Refunds (of a refused request's token and quota unit) that Redis did not take.
+    refunds_failed: std::sync::atomic::AtomicU64,
     /// One circuit breaker per [`connection::Budget`].
     breakers: [Breaker; 3],
     /// account id -> the quota period whose counter expiry this node has already set.
@@ -124,5 +126,10 @@ impl Store for RedisStore {
 
     fn invalidations_confirmed(&self) -> bool {
         self.liveness.confirmed()
+    }
+
+    fn refunds_failed(&self) -> u64 {
+        self.refunds_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
