@@ -401,6 +401,14 @@ impl GatewayError {
         .with_retry_after(1)
     }
 
+    pub fn revoke_not_replicated() -> Self {
+        Self::new(
+            ErrorCode::ServiceUnavailable,
+            "The key is revoked, but no Redis replica confirmed it yet. Retry the revoke.",
+        )
+        .with_retry_after(1)
+    }
+
     pub fn account_change_not_announced() -> Self {
         Self::new(
             ErrorCode::ServiceUnavailable,

@@ -327,6 +327,9 @@ impl Manager {
             .map_err(unavailable)?
             .ok_or_else(GatewayError::unknown_key)?;
         self.directory.forget_key(&revoked.record.hash);
+        if !revoked.replicated {
+            return Err(GatewayError::revoke_not_replicated());
+        }
         if !revoked.announced {
             // "Immediate" is the promise: a revoke that other nodes did not hear of says so.
             return Err(GatewayError::revoke_not_announced());

@@ -241,6 +241,7 @@ impl Store for EmbeddedStore {
             revoked.map(|record| Revoked {
                 record,
                 announced: true,
+                replicated: true,
             })
         })
     }

@@ -83,6 +83,9 @@ pub struct Revoked {
     /// False when the invalidation could not be published: other nodes may still accept the
     /// key from their caches until it is (or for `cache.ttl` at most).
     pub announced: bool,
+    /// False when the store has replicas and none confirmed the revoke in time: a failover
+    /// could undo it.
+    pub replicated: bool,
 }
 
 /// The order keys are listed in: oldest first, ties by id.

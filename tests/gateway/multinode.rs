@@ -572,3 +572,66 @@ fn a_node_that_cannot_hear_invalidations_checks_its_cache_against_the_store() {
     redis.cli(&["ACL", "SETUSER", "default", "+subscribe"]);
     eventually("node B hears the channel again", || confirmed(&n[1], 1));
 }
+
+/// A revoke is reported done only once a replica holds it (where there are replicas): a
+/// failover to one that never saw it would bring the key back.
+#[test]
+fn a_revoke_waits_for_a_replica() {
+    // No 5-second wait before the replica's first sync.
+    let primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
+    let replica = RedisServer::start_with(&[
+        "--replicaof",
+        "127.0.0.1",
+        &primary.addr.port().to_string(),
+        "--enable-debug-command",
+        "yes",
+    ]);
+    eventually("the replica is attached", || {
+        primary
+            .cli(&["INFO", "replication"])
+            .contains("connected_slaves:1")
+            && replica
+                .cli(&["INFO", "replication"])
+                .contains("master_link_status:up")
+    });
+    let n = nodes(1, &primary);
+    let (_, first) = n[0].account_with_key("acme", "pro");
+    let (_, second) = n[0].create_key("acme");
+    let path = |id: &str| format!("/admin/v1/accounts/acme/keys/{id}");
+    // With the replica acknowledging, the revoke is a 200 (a just-attached replica may miss
+    // the first WAIT on a loaded machine: the documented answer to the 503 is a retry).
+    eventually("the revoke is confirmed by the replica", || {
+        n[0].admin_call("DELETE", &path(&first), None).status == 200
+    });
+    // The replica stops acknowledging for a while: the revoke says it is not safe yet.
+    let sleeper = {
+        let port = replica.addr.port().to_string();
+        std::thread::spawn(move || {
+            std::process::Command::new("redis-cli")
+                .args(["-p", &port, "DEBUG", "SLEEP", "2"])
+                .output()
+                .unwrap()
+        })
+    };
+    // Asleep: a PING gets no answer within 300 ms.
+    eventually("the replica is asleep", || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(replica.addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+            .unwrap();
+        s.write_all(b"PING\r\n").unwrap();
+        let mut buf = [0u8; 16];
+        s.read(&mut buf).is_err()
+    });
+    let r = n[0].admin_call("DELETE", &path(&second), None);
+    assert_error(
+        &r,
+        503,
+        "SERVICE_UNAVAILABLE",
+        "The key is revoked, but no Redis replica confirmed it yet. Retry the revoke.",
+    );
+    sleeper.join().unwrap();
+    eventually("the retried revoke is confirmed", || {
+        n[0].admin_call("DELETE", &path(&second), None).status == 200
+    });
+}

@@ -219,7 +219,7 @@ impl RedisStore {
         if !breaker.allows() {
             return Err(StoreError::Unavailable("circuit open".into()));
         }
-        match tokio::time::timeout(self.timeout, call).await {
+        match tokio::time::timeout(self.deadline(budget), call).await {
             Ok(Ok(v)) => {
                 breaker.success();
                 Ok(v)
@@ -274,6 +274,20 @@ impl RedisStore {
             tracing::warn!(error = %e, "could not open the request path's Redis connection; the shared one serves");
             self.local_opening.lock().failed_at = Some(std::time::Instant::now());
         }
+    }
+
+    /// How long a call of `budget` may take: the store timeout on the request path; at least
+    /// a second for management (a revoke waits for a replica's acknowledgement).
+    pub(super) fn deadline(&self, budget: Budget) -> Duration {
+        match budget {
+            Budget::Lookup | Budget::Admission => self.timeout,
+            Budget::Management => self.timeout.max(Duration::from_secs(1)),
+        }
+    }
+
+    /// True on a Redis Cluster.
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self.connector, Connector::Cluster(_))
     }
 
     /// A management pipeline (see [`Budget`]).

@@ -171,8 +171,11 @@ impl RedisStore {
                 .ignore();
             self.pipe::<()>(&p).await?;
         }
+        // Where Redis has replicas, one must hold the revoke before it is reported done: a
+        // failover to a replica that never saw it would bring the key back.
+        let replicated = self.replicated().await;
         // Sent again for a key already revoked: a retry completes an invalidation that failed.
-        let announced = self.publish(format!("k {}", record.hash)).await.is_ok();
+        let announced = replicated && self.publish(format!("k {}", record.hash)).await.is_ok();
         // Only for the answer's lastUsedAt: the revoke is done, a failure here must not hide it.
         let used: Option<u64> = self
             .cmd(redis::cmd("HGET").arg(used_key(account_id)).arg(key_id))
@@ -180,7 +183,40 @@ impl RedisStore {
             .ok()
             .flatten();
         record.last_used_at_ms = used.or(record.last_used_at_ms);
-        Ok(Some(Revoked { record, announced }))
+        Ok(Some(Revoked {
+            record,
+            announced,
+            replicated,
+        }))
+    }
+
+    /// True when this connection's writes so far are on at least one replica, or when there
+    /// is none (`INFO replication`, then `WAIT 1` within half the management deadline). A
+    /// cluster answers true: its replicas are per shard, out of reach of one `WAIT` here.
+    async fn replicated(&self) -> bool {
+        if self.is_cluster() {
+            return true;
+        }
+        let info: Result<String, _> = self.cmd(redis::cmd("INFO").arg("replication")).await;
+        let replicas = info.ok().and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("connected_slaves:"))
+                .and_then(|n| n.trim().parse::<u32>().ok())
+        });
+        match replicas {
+            Some(0) => true,
+            // INFO refused (some managed Redis): the replicas cannot be known; not a reason to
+            // fail every revoke.
+            None => true,
+            Some(_) => {
+                let deadline = self.deadline(Budget::Management);
+                let wait_ms = u64::try_from(deadline.as_millis() / 2)
+                    .unwrap_or(500)
+                    .max(1);
+                let acked: Result<i64, _> = self.cmd(redis::cmd("WAIT").arg(1).arg(wait_ms)).await;
+                acked.is_ok_and(|n| n >= 1)
+            }
+        }
     }
 
     pub(super) async fn usage(&self, account_id: &str, period_id: &str) -> Result<u64, StoreError> {
