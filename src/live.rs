@@ -56,6 +56,9 @@ impl Live {
         if a.server.tls.as_ref().map(|t| t.listen) != b.server.tls.as_ref().map(|t| t.listen) {
             changed.push("server.tls.listen");
         }
+        if a.server.h2c != b.server.h2c {
+            changed.push("server.h2c");
+        }
         if a.admin.listen != b.admin.listen {
             changed.push("admin.listen");
         }

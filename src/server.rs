@@ -116,6 +116,7 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
         // HTTP/2 connections idle as long as HTTP/1.1 ones may (set_keepalive is HTTP/1 only).
         let mut options = pingora::apps::HttpServerOptions::default();
         options.h2_idle_timeout = Some(cfg.server.keepalive_timeout);
+        options.h2c = cfg.server.h2c;
         app.server_options = Some(options);
     }
     if let (Some(tls), Some(resolver)) = (&cfg.server.tls, &gateway.certs) {

@@ -57,6 +57,9 @@ pub(super) struct ServerFile {
     pub pid_file: Option<String>,
     /// A TLS listener beside the plain one.
     pub tls: Option<TlsFile>,
+    /// Serve HTTP/2 with prior knowledge (h2c) on the plain listener too.
+    #[serde(default)]
+    pub h2c: bool,
 }
 
 #[derive(Debug, Deserialize)]

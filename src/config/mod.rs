@@ -52,6 +52,8 @@ pub struct Server {
     pub auth_failures_per_minute: u32,
     /// The TLS listener, when configured.
     pub tls: Option<TlsListener>,
+    /// HTTP/2 with prior knowledge on the plain listener.
+    pub h2c: bool,
     pub upgrade_sock: PathBuf,
     pub pid_file: PathBuf,
 }
@@ -282,6 +284,7 @@ impl Config {
             },
             trusted_proxies: trusted_proxies(&mut r, &raw.server.trusted_proxies),
             ipv6_prefix: ipv6_prefix(&mut r, &raw.server.ipv6_prefix),
+            h2c: raw.server.h2c,
             tls: raw
                 .server
                 .tls

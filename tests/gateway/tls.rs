@@ -368,3 +368,47 @@ fn an_http2_body_beside_an_inspected_query_is_refused_without_content_length() {
     );
     assert_eq!(answers[1].0, 200);
 }
+
+#[test]
+fn h2c_serves_http2_with_prior_knowledge_on_the_plain_listener_when_enabled() {
+    let gw = Gateway::start_with(Setup::new().server("h2c = true"));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ok, refused) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut answers = Vec::new();
+        for k in [key.as_str(), "msgf_live_nope"] {
+            let mut client = client.clone().ready().await.unwrap();
+            let req = http::Request::get(format!("http://{}/api/v1/messages", gw.proxy))
+                .header("x-api-key", k)
+                .body(())
+                .unwrap();
+            let (response, _) = client.send_request(req, true).unwrap();
+            let response = response.await.unwrap();
+            let status = response.status().as_u16();
+            let mut body = response.into_body();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.data().await {
+                bytes.extend_from_slice(&chunk.unwrap());
+            }
+            answers.push((status, bytes));
+        }
+        (answers.remove(0), answers.remove(0))
+    });
+    assert_eq!(ok.0, 200);
+    let seen: serde_json::Value = serde_json::from_slice(&ok.1).unwrap();
+    assert_eq!(seen["headers"]["x-account-id"], "acme");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(refused.0, 401);
+    let v: serde_json::Value = serde_json::from_slice(&refused.1).unwrap();
+    assert_eq!(v, error_body("UNAUTHORIZED", "Invalid or revoked API key"));
+    // HTTP/1.1 keeps working on the same listener.
+    echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
+}
