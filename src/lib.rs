@@ -17,6 +17,7 @@ pub mod diagnostics;
 pub(crate) mod echo;
 pub mod errors;
 pub(crate) mod gateway;
+pub(crate) mod head_deadline;
 pub(crate) mod inspect;
 pub mod limits;
 pub(crate) mod live;

@@ -56,6 +56,9 @@ impl Live {
         if a.server.tls.as_ref().map(|t| t.listen) != b.server.tls.as_ref().map(|t| t.listen) {
             changed.push("server.tls.listen");
         }
+        if a.server.header_timeout != b.server.header_timeout {
+            changed.push("server.header_timeout");
+        }
         if a.server.h2c != b.server.h2c {
             changed.push("server.h2c");
         }

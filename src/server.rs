@@ -6,6 +6,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{process_env, Config, Env, SecretProblem};
 use crate::echo::EchoApp;
 use crate::gateway::Gateway;
+use crate::head_deadline::HeadDeadline;
 use crate::proxy::GatewayProxy;
 use crate::routing::upstream::HealthChecker;
 use crate::store::{EmbeddedStore, RedisStore, Store, StoreError};
@@ -106,19 +107,22 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        GatewayProxy::new(gateway.clone()),
-        "msgflash-gateway",
+    let mut app =
+        pingora::proxy::http_proxy(&server.configuration, GatewayProxy::new(gateway.clone()));
+    // HTTP/2 connections idle as long as HTTP/1.1 ones may (set_keepalive is HTTP/1 only).
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.h2_idle_timeout = Some(cfg.server.keepalive_timeout);
+    options.h2c = cfg.server.h2c;
+    app.server_options = Some(options);
+    // Every accepted connection's stream gets the whole-head deadline.
+    let mut proxy = Service::new(
+        "msgflash-gateway".to_string(),
+        HeadDeadline {
+            inner: Arc::new(app),
+            timeout: cfg.server.header_timeout,
+        },
     );
     proxy.add_tcp(&cfg.server.listen.to_string());
-    if let Some(app) = proxy.app_logic_mut() {
-        // HTTP/2 connections idle as long as HTTP/1.1 ones may (set_keepalive is HTTP/1 only).
-        let mut options = pingora::apps::HttpServerOptions::default();
-        options.h2_idle_timeout = Some(cfg.server.keepalive_timeout);
-        options.h2c = cfg.server.h2c;
-        app.server_options = Some(options);
-    }
     if let (Some(tls), Some(resolver)) = (&cfg.server.tls, &gateway.certs) {
         let mut settings = TlsSettings::with_callbacks(Box::new(NoTlsCallbacks))
             .map_err(|e| StartError::Tls(e.to_string()))?;

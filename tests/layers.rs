@@ -16,6 +16,7 @@ const LAYERS: &[&[&str]] = &[
         "client_ip",
         "certs",
         "log_limit",
+        "head_deadline",
         "diagnostics",
         "metrics",
         "echo",

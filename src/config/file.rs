@@ -57,6 +57,9 @@ pub(super) struct ServerFile {
     pub pid_file: Option<String>,
     /// A TLS listener beside the plain one.
     pub tls: Option<TlsFile>,
+    /// How long a client may take to send a whole request head.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: Spanned<String>,
     /// Serve HTTP/2 with prior knowledge (h2c) on the plain listener too.
     #[serde(default)]
     pub h2c: bool,
@@ -272,6 +275,9 @@ fn default_max_inspected_body_bytes() -> Spanned<usize> {
 }
 fn default_grace_period() -> Spanned<String> {
     spanned("5s".into())
+}
+fn default_header_timeout() -> Spanned<String> {
+    spanned("10s".into())
 }
 fn default_auth_failures() -> Spanned<u32> {
     spanned(100)

@@ -54,6 +54,8 @@ pub struct Server {
     pub tls: Option<TlsListener>,
     /// HTTP/2 with prior knowledge on the plain listener.
     pub h2c: bool,
+    /// The deadline for a whole request head (slowloris).
+    pub header_timeout: Duration,
     pub upgrade_sock: PathBuf,
     pub pid_file: PathBuf,
 }
@@ -285,6 +287,7 @@ impl Config {
             trusted_proxies: trusted_proxies(&mut r, &raw.server.trusted_proxies),
             ipv6_prefix: ipv6_prefix(&mut r, &raw.server.ipv6_prefix),
             h2c: raw.server.h2c,
+            header_timeout: duration(&mut r, "server.header_timeout", &raw.server.header_timeout),
             tls: raw
                 .server
                 .tls

@@ -128,3 +128,60 @@ fn pipelined_requests_are_each_answered_in_order_and_checked_on_their_own() {
     assert_eq!(echoed(&r[0])["uri"], "/api/v1/a");
     assert_refused(&r[1], 400, "BAD_REQUEST", "Ambiguous request framing");
 }
+
+/// Slowloris: hundreds of connections that start a request head and never finish it (or
+/// trickle it a byte at a time, each read well inside pingora's per-read timeout) are cut at
+/// `server.header_timeout`, while normal clients keep being served beside them.
+#[test]
+fn slow_request_heads_are_cut_at_the_deadline_while_others_are_served() {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let gw = Gateway::start_with(Setup::new().server("header_timeout = \"1s\""));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let mut stalled: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(gw.proxy).unwrap();
+            s.write_all(b"GET /api/v1/x HTTP/1.1\r\nhost: x\r\n")
+                .unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s
+        })
+        .collect();
+    let trickler = {
+        let addr = gw.proxy;
+        std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            let head = b"GET /api/v1/x HTTP/1.1\r\nx-padding: ";
+            s.write_all(head).unwrap();
+            // A byte every 100 ms: each read is quick, the head never ends.
+            for _ in 0..200 {
+                if s.write_all(b"a").is_err() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            false
+        })
+    };
+    // Normal traffic beside them.
+    for _ in 0..5 {
+        echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+        gw.clock.advance_ms(1_000);
+    }
+    // Every stalled connection is closed by the gateway (EOF or reset), without an answer.
+    for s in &mut stalled {
+        let mut out = Vec::new();
+        let cut = match s.read_to_end(&mut out) {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        assert!(cut, "a stalled head was not cut");
+        assert!(out.is_empty(), "{:?}", String::from_utf8_lossy(&out));
+    }
+    assert!(
+        trickler.join().unwrap(),
+        "the trickling client was never cut"
+    );
+    // And a client that sends its head in time is still served afterwards.
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+}

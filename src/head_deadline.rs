@@ -1,0 +1,301 @@
+//! A deadline for the whole request head: a client that starts a request must finish its head
+//! within `server.header_timeout`, however slowly it trickles bytes (slowloris). pingora 0.9.1
+//! only bounds each read, so the gateway wraps every accepted connection's stream: from the
+//! first byte of a head to its blank line the clock runs, and a read past the deadline fails,
+//! which closes the connection. Idle keep-alive time between requests is not counted (the
+//! keep-alive timeout bounds it), and HTTP/2 connections are left to pingora's own limits.
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType, ALPN,
+};
+use pingora::server::ShutdownWatch;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// The proxy (or any server app) behind a head deadline.
+pub(crate) struct HeadDeadline<A> {
+    pub(crate) inner: Arc<A>,
+    pub(crate) timeout: Duration,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadline<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // A reused connection comes back wrapped already.
+        let stream: Stream = if stream.as_any().is::<DeadlineStream>() {
+            stream
+        } else {
+            Box::new(DeadlineStream::new(stream, self.timeout))
+        };
+        self.inner.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await;
+    }
+}
+
+/// Where a connection is in its current request head.
+#[derive(Debug)]
+enum Head {
+    /// Between requests (or before the first): no clock runs.
+    Idle,
+    /// A head has started: it must end (blank line) before the deadline. `tail` holds the
+    /// last bytes seen, so that a blank line split across reads is found.
+    Reading { tail: [u8; 3], len: usize },
+    /// The head is complete (a body may follow): no clock until the next response is written.
+    Done,
+    /// HTTP/2: not watched here.
+    Off,
+}
+
+/// A stream whose reads fail once a request head has taken longer than the deadline.
+#[derive(Debug)]
+pub(crate) struct DeadlineStream {
+    inner: Stream,
+    timeout: Duration,
+    head: Head,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl DeadlineStream {
+    fn new(inner: Stream, timeout: Duration) -> Self {
+        let off = inner.selected_alpn_proto() == Some(ALPN::H2);
+        Self {
+            inner,
+            timeout,
+            head: if off { Head::Off } else { Head::Idle },
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        }
+    }
+
+    /// Follows the head through the bytes just read; starts the clock when a head starts.
+    fn saw(&mut self, bytes: &[u8]) {
+        if follow(&mut self.head, bytes) {
+            self.sleep.as_mut().reset(Instant::now() + self.timeout);
+        }
+    }
+}
+
+/// Moves `head` along `bytes`; true when a new head starts (the clock must start).
+fn follow(head: &mut Head, bytes: &[u8]) -> bool {
+    if bytes.is_empty() {
+        return false;
+    }
+    let mut started = false;
+    if let Head::Idle = head {
+        // The h2c preface ("PRI * HTTP/2.0") is not an HTTP/1 head.
+        if bytes.starts_with(b"PRI * HTTP/2") {
+            *head = Head::Off;
+            return false;
+        }
+        started = true;
+        *head = Head::Reading {
+            tail: [0; 3],
+            len: 0,
+        };
+    }
+    if let Head::Reading { tail, len } = head {
+        // The blank line may straddle two reads: look at the seam (the kept tail and the
+        // first bytes of this read), then within this read. No allocation.
+        let mut seam = [0u8; 6];
+        let first = bytes.len().min(3);
+        seam[..*len].copy_from_slice(&tail[..*len]);
+        seam[*len..*len + first].copy_from_slice(&bytes[..first]);
+        let seam = &seam[..*len + first];
+        let ends =
+            |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n") || b.windows(2).any(|w| w == b"\n\n");
+        if ends(seam) || ends(bytes) {
+            *head = Head::Done;
+            return started;
+        }
+        // Keep the last three bytes seen (from the seam when this read was shorter).
+        let last: &[u8] = if bytes.len() >= 3 { bytes } else { seam };
+        let kept = &last[last.len().saturating_sub(3)..];
+        tail[..kept.len()].copy_from_slice(kept);
+        *len = kept.len();
+    }
+    started
+}
+
+impl AsyncRead for DeadlineStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if matches!(self.head, Head::Done | Head::Off) {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let this = self.as_mut().get_mut();
+                this.saw(&buf.filled()[before..]);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                if let Head::Reading { .. } = self.head {
+                    if self.sleep.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "request head not complete within server.header_timeout",
+                        )));
+                    }
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for DeadlineStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        // A response is going out: the next bytes from the client start a new head.
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) && matches!(self.head, Head::Done) {
+            self.head = Head::Idle;
+        }
+        written
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) && matches!(self.head, Head::Done) {
+            self.head = Head::Idle;
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for DeadlineStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await;
+    }
+}
+
+impl UniqueID for DeadlineStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for DeadlineStream {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for DeadlineStream {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for DeadlineStream {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
+        self.inner.set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for DeadlineStream {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: pingora::protocols::SocketDigest) {
+        self.inner.set_socket_digest(digest);
+    }
+}
+
+#[async_trait]
+impl Peek for DeadlineStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ends(chunks: &[&[u8]]) -> bool {
+        let mut head = Head::Idle;
+        for chunk in chunks {
+            follow(&mut head, chunk);
+        }
+        matches!(head, Head::Done)
+    }
+
+    #[test]
+    fn the_blank_line_is_found_wherever_the_reads_split_it() {
+        let head = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+        for cut in 0..head.len() {
+            for cut2 in cut..head.len() {
+                let parts: [&[u8]; 3] = [&head[..cut], &head[cut..cut2], &head[cut2..]];
+                assert!(ends(&parts), "split at {cut}/{cut2}");
+            }
+        }
+        let bytes: Vec<&[u8]> = head.chunks(1).collect();
+        assert!(ends(&bytes), "one byte at a time");
+        assert!(!ends(&[&b"GET / HTTP/1.1\r\nhost: x\r\n"[..]]));
+        assert!(!ends(&[&b"GET / HTTP/1.1\r\n"[..], b"\rx\n"]));
+        let mut h2 = Head::Idle;
+        assert!(!follow(&mut h2, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        assert!(matches!(h2, Head::Off));
+    }
+}
