@@ -67,7 +67,12 @@ pub(crate) struct DeadlineStream {
     inner: Stream,
     timeout: Duration,
     head: Head,
-    sleep: Pin<Box<Sleep>>,
+    /// When the current head must be complete (set when it starts: one clock read).
+    deadline: Instant,
+    /// A timer, made only when a head does not arrive in one read (most do: no timer work
+    /// for them), and set to `deadline` when `armed`.
+    sleep: Option<Pin<Box<Sleep>>>,
+    armed: bool,
 }
 
 impl DeadlineStream {
@@ -77,14 +82,17 @@ impl DeadlineStream {
             inner,
             timeout,
             head: if off { Head::Off } else { Head::Idle },
-            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            deadline: Instant::now(),
+            sleep: None,
+            armed: false,
         }
     }
 
     /// Follows the head through the bytes just read; starts the clock when a head starts.
     fn saw(&mut self, bytes: &[u8]) {
         if follow(&mut self.head, bytes) {
-            self.sleep.as_mut().reset(Instant::now() + self.timeout);
+            self.deadline = Instant::now() + self.timeout;
+            self.armed = false;
         }
     }
 }
@@ -148,7 +156,16 @@ impl AsyncRead for DeadlineStream {
             }
             Poll::Pending => {
                 if let Head::Reading { .. } = self.head {
-                    if self.sleep.as_mut().poll(cx).is_ready() {
+                    let this = self.as_mut().get_mut();
+                    let deadline = this.deadline;
+                    let sleep = this
+                        .sleep
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if !this.armed {
+                        sleep.as_mut().reset(deadline);
+                        this.armed = true;
+                    }
+                    if sleep.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             "request head not complete within server.header_timeout",
