@@ -1,9 +1,12 @@
-//! A deadline for the whole request head: a client that starts a request must finish its head
-//! within `server.header_timeout`, however slowly it trickles bytes (slowloris). pingora 0.9.1
-//! only bounds each read, so the gateway wraps every accepted connection's stream: from the
-//! first byte of a head to its blank line the clock runs, and a read past the deadline fails,
-//! which closes the connection. Idle keep-alive time between requests is not counted (the
-//! keep-alive timeout bounds it), and HTTP/2 connections are left to pingora's own limits.
+//! A deadline and a size bound for the whole request head: a client that starts a request must
+//! finish its head within `server.header_timeout`, however slowly it trickles bytes (slowloris),
+//! and in at most [`HeadLimits::max_head_bytes`] bytes. pingora 0.9.1 only bounds each read and
+//! buffers up to 1 MiB of head, so the gateway wraps every accepted connection's stream: from
+//! the first byte of a head to its blank line the clock runs and the bytes are counted; a read
+//! past the deadline fails, which closes the connection, and a head past the bound is answered
+//! (431) and the connection closed before it is buffered further. Idle keep-alive time between
+//! requests is not counted (the keep-alive timeout bounds it), and HTTP/2 connections are left
+//! to pingora's own limits.
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
@@ -20,10 +23,23 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// The proxy (or any server app) behind a head deadline.
+/// The most input read away after a refusal, before the connection closes.
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// How many bytes a request head may take, and what a head that takes more is answered.
+pub(crate) trait HeadLimits: std::fmt::Debug + Send + Sync + 'static {
+    /// The most bytes of one request head (request line, headers, blank line), read when a
+    /// connection is accepted.
+    fn max_head_bytes(&self) -> usize;
+    /// The whole HTTP/1.1 response sent before closing a connection whose head is too large.
+    fn too_large(&self) -> Vec<u8>;
+}
+
+/// The proxy (or any server app) behind a head deadline and size bound.
 pub(crate) struct HeadDeadline<A> {
     pub(crate) inner: Arc<A>,
     pub(crate) timeout: Duration,
+    pub(crate) limits: Arc<dyn HeadLimits>,
 }
 
 #[async_trait]
@@ -37,7 +53,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadline<A> {
         let stream: Stream = if stream.as_any().is::<DeadlineStream>() {
             stream
         } else {
-            Box::new(DeadlineStream::new(stream, self.timeout))
+            Box::new(DeadlineStream::new(
+                stream,
+                self.timeout,
+                self.limits.clone(),
+            ))
         };
         self.inner.process_new(stream, shutdown).await
     }
@@ -53,19 +73,34 @@ enum Head {
     /// Between requests (or before the first): no clock runs.
     Idle,
     /// A head has started: it must end (blank line) before the deadline. `tail` holds the
-    /// last bytes seen, so that a blank line split across reads is found.
-    Reading { tail: [u8; 3], len: usize },
+    /// last bytes seen, so that a blank line split across reads is found; `total` counts the
+    /// head's bytes so far.
+    Reading {
+        tail: [u8; 3],
+        len: usize,
+        total: usize,
+    },
     /// The head is complete (a body may follow): no clock until the next response is written.
     Done,
     /// HTTP/2: not watched here.
     Off,
+    /// The head grew past its bound: `answer` is being written (`sent` bytes so far); then the
+    /// reader sees the end of the stream and the connection closes.
+    Refusing { answer: Vec<u8>, sent: usize },
+    /// The refusal is written: reads take away what the client already sent (`drained` bytes
+    /// so far, bounded), then end.
+    Refused { drained: usize },
 }
 
-/// A stream whose reads fail once a request head has taken longer than the deadline.
+/// A stream whose reads fail once a request head has taken longer than the deadline, and end
+/// (after a 431) once a head has grown past its bound.
 #[derive(Debug)]
 pub(crate) struct DeadlineStream {
     inner: Stream,
     timeout: Duration,
+    limits: Arc<dyn HeadLimits>,
+    /// The bound on each head's bytes (read once, when the connection is accepted).
+    max_head: usize,
     head: Head,
     /// When the current head must be complete (set when it starts: one clock read).
     deadline: Instant,
@@ -76,11 +111,13 @@ pub(crate) struct DeadlineStream {
 }
 
 impl DeadlineStream {
-    fn new(inner: Stream, timeout: Duration) -> Self {
+    fn new(inner: Stream, timeout: Duration, limits: Arc<dyn HeadLimits>) -> Self {
         let off = inner.selected_alpn_proto() == Some(ALPN::H2);
         Self {
             inner,
             timeout,
+            max_head: limits.max_head_bytes(),
+            limits,
             head: if off { Head::Off } else { Head::Idle },
             deadline: Instant::now(),
             sleep: None,
@@ -88,12 +125,60 @@ impl DeadlineStream {
         }
     }
 
-    /// Follows the head through the bytes just read; starts the clock when a head starts.
+    /// Follows the head through the bytes just read; starts the clock when a head starts, and
+    /// turns to refusing when the head grew past its bound.
     fn saw(&mut self, bytes: &[u8]) {
         if follow(&mut self.head, bytes) {
             self.deadline = Instant::now() + self.timeout;
             self.armed = false;
         }
+        if matches!(self.head, Head::Reading { total, .. } if total > self.max_head) {
+            self.head = Head::Refusing {
+                answer: self.limits.too_large(),
+                sent: 0,
+            };
+        }
+    }
+
+    /// Writes the refusal; once it is out, the reader sees the end of the stream.
+    fn poll_refuse(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while let Head::Refusing { answer, sent } = &mut self.head {
+            if *sent < answer.len() {
+                match Pin::new(&mut self.inner).poll_write(cx, &answer[*sent..]) {
+                    Poll::Ready(Ok(0)) => self.head = Head::Refused { drained: 0 },
+                    Poll::Ready(Ok(n)) => *sent += n,
+                    Poll::Ready(Err(e)) => {
+                        self.head = Head::Refused {
+                            drained: LINGER_BYTES,
+                        };
+                        return Poll::Ready(Err(e));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            } else {
+                match Pin::new(&mut self.inner).poll_flush(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(_) => self.head = Head::Refused { drained: 0 },
+                }
+            }
+        }
+        // Closing a socket with unread input resets the connection, and a reset can destroy
+        // the answer before the client reads it: read away what has arrived (bounded), then end.
+        let mut scratch = [0u8; 4096];
+        while let Head::Refused { drained } = &mut self.head {
+            if *drained >= LINGER_BYTES {
+                break;
+            }
+            let mut away = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut away) {
+                Poll::Ready(Ok(())) if !away.filled().is_empty() => {
+                    *drained += away.filled().len();
+                }
+                // The end, an error, or nothing more arrived yet: the reader sees the end.
+                _ => break,
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -113,9 +198,10 @@ fn follow(head: &mut Head, bytes: &[u8]) -> bool {
         *head = Head::Reading {
             tail: [0; 3],
             len: 0,
+            total: 0,
         };
     }
-    if let Head::Reading { tail, len } = head {
+    if let Head::Reading { tail, len, total } = head {
         // The blank line may straddle two reads: look at the seam (the kept tail and the
         // first bytes of this read), then within this read. No allocation.
         let mut seam = [0u8; 6];
@@ -134,6 +220,7 @@ fn follow(head: &mut Head, bytes: &[u8]) -> bool {
         let kept = &last[last.len().saturating_sub(3)..];
         tail[..kept.len()].copy_from_slice(kept);
         *len = kept.len();
+        *total = total.saturating_add(bytes.len());
     }
     started
 }
@@ -144,14 +231,21 @@ impl AsyncRead for DeadlineStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if matches!(self.head, Head::Done | Head::Off) {
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        match self.head {
+            Head::Done | Head::Off => return Pin::new(&mut self.inner).poll_read(cx, buf),
+            Head::Refusing { .. } | Head::Refused { .. } => return self.get_mut().poll_refuse(cx),
+            Head::Idle | Head::Reading { .. } => {}
         }
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let this = self.as_mut().get_mut();
                 this.saw(&buf.filled()[before..]);
+                if let Head::Refusing { .. } = this.head {
+                    // The reader never sees the read that crossed the bound.
+                    buf.set_filled(before);
+                    return this.poll_refuse(cx);
+                }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
@@ -311,6 +405,10 @@ mod tests {
         assert!(ends(&bytes), "one byte at a time");
         assert!(!ends(&[&b"GET / HTTP/1.1\r\nhost: x\r\n"[..]]));
         assert!(!ends(&[&b"GET / HTTP/1.1\r\n"[..], b"\rx\n"]));
+        let mut head = Head::Idle;
+        follow(&mut head, b"GET / HTTP/1.1\r\n");
+        follow(&mut head, b"x-a: b\r\n");
+        assert!(matches!(head, Head::Reading { total: 24, .. }), "{head:?}");
         let mut h2 = Head::Idle;
         assert!(!follow(&mut h2, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
         assert!(matches!(h2, Head::Off));

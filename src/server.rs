@@ -5,8 +5,9 @@ use crate::auth::jwt::KeyError;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{process_env, Config, Env, SecretProblem};
 use crate::echo::EchoApp;
+use crate::errors::GatewayError;
 use crate::gateway::Gateway;
-use crate::head_deadline::HeadDeadline;
+use crate::head_deadline::{HeadDeadline, HeadLimits};
 use crate::proxy::GatewayProxy;
 use crate::routing::upstream::HealthChecker;
 use crate::store::{EmbeddedStore, RedisStore, Store, StoreError};
@@ -19,6 +20,56 @@ use pingora::services::listening::Service;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use tokio::sync::Notify;
+
+/// Room in a raw request head beyond `server.max_header_bytes`, for the request line (the
+/// URI's path and query) and header framing. Heads up to the sum are parsed and judged by the
+/// proxy (431 when their headers weigh more); longer heads are answered 431 as they arrive,
+/// before pingora buffers them (it would take up to 1 MiB).
+const REQUEST_LINE_ALLOWANCE: usize = 64 * 1024;
+
+/// The head size bound of the current configuration, and its 431.
+struct HeadBound(Arc<Gateway>);
+
+impl std::fmt::Debug for HeadBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HeadBound")
+    }
+}
+
+impl HeadLimits for HeadBound {
+    fn max_head_bytes(&self) -> usize {
+        self.0
+            .live()
+            .config
+            .server
+            .max_header_bytes
+            .saturating_add(REQUEST_LINE_ALLOWANCE)
+    }
+
+    fn too_large(&self) -> Vec<u8> {
+        let (head, body) = self.0.refusal(&GatewayError::headers_too_large());
+        let mut out = Vec::with_capacity(256 + body.len());
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(head.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(
+            head.status
+                .canonical_reason()
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in &head.headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"connection: close\r\n\r\n");
+        out.extend_from_slice(&body);
+        out
+    }
+}
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +171,7 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
         HeadDeadline {
             inner: Arc::new(app),
             timeout: cfg.server.header_timeout,
+            limits: Arc::new(HeadBound(gateway.clone())),
         },
     );
     proxy.add_tcp(&cfg.server.listen.to_string());

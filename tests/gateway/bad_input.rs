@@ -185,3 +185,24 @@ fn slow_request_heads_are_cut_at_the_deadline_while_others_are_served() {
     // And a client that sends its head in time is still served afterwards.
     echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
 }
+
+/// A head that grows past `server.max_header_bytes` plus the request-line allowance (64 KiB) is
+/// answered 431 as it arrives, and the connection closed, without waiting for its end (pingora
+/// alone would buffer up to 1 MiB of it, then wait out the head deadline and answer nothing).
+#[test]
+fn a_head_past_its_bound_is_answered_431_before_it_ends() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let mut head = format!("GET /api/v1/x HTTP/1.1\r\nx-api-key: {key}\r\n");
+    let padding = "a".repeat(1000);
+    for i in 0..100 {
+        head.push_str(&format!("x-pad-{i}: {padding}\r\n"));
+    }
+    // No blank line: the head never ends.
+    let r = gw.connect().pipelined(head.as_bytes(), 2).unwrap();
+    assert_eq!(r.len(), 1, "one answer, then the connection closes");
+    assert_refused(&r[0], 431, "HEADERS_TOO_LARGE", "Request headers too large");
+    assert_eq!(r[0].header("connection"), Some("close"));
+    // Others are served as before.
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+}
