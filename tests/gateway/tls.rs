@@ -125,6 +125,15 @@ fn the_public_api_works_the_same_over_tls() {
     assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
     let plain = echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
     assert_eq!(plain["headers"]["x-forwarded-proto"], "http");
+    // A head that never ends is answered 431 over TLS too, once past its bound.
+    let mut endless = TlsConn::open(tls, &ca, "api.test");
+    let mut head = String::from("GET /api/v1/messages HTTP/1.1\r\nhost: api.test\r\n");
+    for i in 0..100 {
+        head.push_str(&format!("x-pad-{i}: {}\r\n", "a".repeat(1000)));
+    }
+    endless.stream.get_mut().write_all(head.as_bytes()).unwrap();
+    let r = read_response(&mut endless.stream, false).unwrap();
+    assert_refused(&r, 431, "HEADERS_TOO_LARGE", "Request headers too large");
     // The served certificate's expiry is in the metrics (rcgen's default not_after: 4096-01-01).
     let metrics = crate::client::request(gw.admin, "GET", "/metrics", &[], None)
         .unwrap()
