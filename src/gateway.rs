@@ -38,6 +38,8 @@ pub struct Gateway {
     pub(crate) store_error_log: LogLimit,
     /// Keys the store found over their rate, refused locally until a token can exist.
     pub(crate) rate_blocks: Arc<RateBlocks>,
+    /// Open connections on the proxy listeners (`server.max_connections*`).
+    pub(crate) connections: Arc<crate::conn_limit::Connections>,
 }
 
 /// Per-client-IP buckets of the open routes' limits kept at most (about 100 bytes each).
@@ -118,6 +120,7 @@ impl Gateway {
             auth_failures: LocalLimiter::new(CLIENT_BUCKETS),
             certs,
             rate_blocks,
+            connections: Arc::default(),
             store_error_log: LogLimit::per_second(),
             directory,
             store,

@@ -1,12 +1,13 @@
-//! A deadline and a size bound for the whole request head: a client that starts a request must
-//! finish its head within `server.header_timeout`, however slowly it trickles bytes (slowloris),
-//! and in at most [`HeadLimits::max_head_bytes`] bytes. pingora 0.9.1 only bounds each read and
-//! buffers up to 1 MiB of head, so the gateway wraps every accepted connection's stream: from
-//! the first byte of a head to its blank line the clock runs and the bytes are counted; a read
-//! past the deadline fails, which closes the connection, and a head past the bound is answered
-//! (431) and the connection closed before it is buffered further. Idle keep-alive time between
-//! requests is not counted (the keep-alive timeout bounds it), and HTTP/2 connections are left
-//! to pingora's own limits.
+//! Admission at accept and a deadline and size bound for each request head. Every accepted
+//! connection passes [`HeadLimits::admit`] (the connection caps) or is closed at once. A client
+//! that starts a request must finish its head within `server.header_timeout`, however slowly it
+//! trickles bytes (slowloris), and in at most [`HeadLimits::max_head_bytes`] bytes. pingora 0.9.1
+//! only bounds each read and buffers up to 1 MiB of head, so the gateway wraps every accepted
+//! connection's stream: from the first byte of a head to its blank line the clock runs and the
+//! bytes are counted; a read past the deadline fails, which closes the connection, and a head
+//! past the bound is answered (431) and the connection closed before it is buffered further.
+//! Idle keep-alive time between requests is not counted (the keep-alive timeout bounds it), and
+//! HTTP/2 heads are left to pingora's own limits.
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
@@ -33,6 +34,9 @@ pub(crate) trait HeadLimits: std::fmt::Debug + Send + Sync + 'static {
     fn max_head_bytes(&self) -> usize;
     /// The whole HTTP/1.1 response sent before closing a connection whose head is too large.
     fn too_large(&self) -> Vec<u8>;
+    /// Whether a newly accepted connection is served: a guard held as long as the connection
+    /// lives, or None to close it at once.
+    fn admit(&self, stream: &Stream) -> Option<Box<dyn std::fmt::Debug + Send + Sync>>;
 }
 
 /// The proxy (or any server app) behind a head deadline and size bound.
@@ -49,14 +53,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadline<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // A reused connection comes back wrapped already.
+        // A reused connection comes back wrapped already (and admitted).
         let stream: Stream = if stream.as_any().is::<DeadlineStream>() {
             stream
         } else {
+            // Over a connection cap: dropping the stream closes it.
+            let permit = self.limits.admit(&stream)?;
             Box::new(DeadlineStream::new(
                 stream,
                 self.timeout,
                 self.limits.clone(),
+                permit,
             ))
         };
         self.inner.process_new(stream, shutdown).await
@@ -104,6 +111,8 @@ pub(crate) struct DeadlineStream {
     head: Head,
     /// When the current head must be complete (set when it starts: one clock read).
     deadline: Instant,
+    /// The connection's place under the connection caps, given back when it closes.
+    _permit: Box<dyn std::fmt::Debug + Send + Sync>,
     /// A timer, made only when a head does not arrive in one read (most do: no timer work
     /// for them), and set to `deadline` when `armed`.
     sleep: Option<Pin<Box<Sleep>>>,
@@ -111,13 +120,19 @@ pub(crate) struct DeadlineStream {
 }
 
 impl DeadlineStream {
-    fn new(inner: Stream, timeout: Duration, limits: Arc<dyn HeadLimits>) -> Self {
+    fn new(
+        inner: Stream,
+        timeout: Duration,
+        limits: Arc<dyn HeadLimits>,
+        permit: Box<dyn std::fmt::Debug + Send + Sync>,
+    ) -> Self {
         let off = inner.selected_alpn_proto() == Some(ALPN::H2);
         Self {
             inner,
             timeout,
             max_head: limits.max_head_bytes(),
             limits,
+            _permit: permit,
             head: if off { Head::Off } else { Head::Idle },
             deadline: Instant::now(),
             sleep: None,

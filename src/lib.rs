@@ -13,6 +13,7 @@ pub mod cli;
 pub mod client_ip;
 pub mod clock;
 pub mod config;
+pub(crate) mod conn_limit;
 pub mod diagnostics;
 pub(crate) mod echo;
 pub mod errors;

@@ -202,6 +202,25 @@ pub(crate) fn render_invalidations(out: &mut String, confirmed: bool) {
     );
 }
 
+/// Appends the open proxy connections and those closed at accept, by cap.
+pub(crate) fn render_connections(out: &mut String, open: usize, refused: &[(&str, u64)]) {
+    single(
+        out,
+        "msgflash_connections_open",
+        "gauge",
+        "Connections open on the proxy listeners.",
+        open as u64,
+    );
+    out.push_str("# HELP msgflash_connections_refused_total Connections closed at accept, by the cap they met.\n");
+    out.push_str("# TYPE msgflash_connections_refused_total counter\n");
+    for (cap, n) in refused {
+        let _ = writeln!(
+            out,
+            "msgflash_connections_refused_total{{cap=\"{cap}\"}} {n}"
+        );
+    }
+}
+
 /// Appends the refunds a shared store did not take.
 pub(crate) fn render_refunds(out: &mut String, failed: u64) {
     single(

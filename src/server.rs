@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 /// before pingora buffers them (it would take up to 1 MiB).
 const REQUEST_LINE_ALLOWANCE: usize = 64 * 1024;
 
-/// The head size bound of the current configuration, and its 431.
+/// The head size bound and connection caps of the current configuration, and the 431.
 struct HeadBound(Arc<Gateway>);
 
 impl std::fmt::Debug for HeadBound {
@@ -68,6 +68,32 @@ impl HeadLimits for HeadBound {
         out.extend_from_slice(b"connection: close\r\n\r\n");
         out.extend_from_slice(&body);
         out
+    }
+
+    fn admit(
+        &self,
+        stream: &pingora::protocols::Stream,
+    ) -> Option<Box<dyn std::fmt::Debug + Send + Sync>> {
+        let live = self.0.live();
+        let server = &live.config.server;
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        // Trusted proxies carry many clients: they count toward the global cap only.
+        let client = peer
+            .map(crate::client_ip::canonical)
+            .filter(|ip| !server.trusted_proxies.trusts(*ip))
+            .map(|ip| crate::client_ip::limit_key(ip, server.ipv6_prefix));
+        let permit = self
+            .0
+            .connections
+            .admit(
+                client,
+                server.max_connections,
+                server.max_connections_per_client,
+            )
+            .ok()?;
+        Some(Box::new(permit))
     }
 }
 

@@ -17,6 +17,7 @@ const LAYERS: &[&[&str]] = &[
         "certs",
         "log_limit",
         "head_deadline",
+        "conn_limit",
         "diagnostics",
         "metrics",
         "echo",

@@ -93,6 +93,11 @@ impl AdminApp {
                 crate::metrics::render_upstreams(&mut text, &pools);
                 crate::metrics::render_invalidations(&mut text, gw.store.invalidations_confirmed());
                 crate::metrics::render_refunds(&mut text, gw.store.refunds_failed());
+                crate::metrics::render_connections(
+                    &mut text,
+                    gw.connections.open(),
+                    &gw.connections.refused(),
+                );
                 if let Some(resolver) = &gw.certs {
                     let certs: Vec<(String, i64)> = resolver
                         .current()

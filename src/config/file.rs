@@ -60,6 +60,11 @@ pub(super) struct ServerFile {
     /// How long a client may take to send a whole request head.
     #[serde(default = "default_header_timeout")]
     pub header_timeout: Spanned<String>,
+    /// Connections open at once on the proxy listeners, in all and per client address.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: Spanned<usize>,
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: Spanned<usize>,
     /// Serve HTTP/2 with prior knowledge (h2c) on the plain listener too.
     #[serde(default)]
     pub h2c: bool,
@@ -275,6 +280,12 @@ fn default_max_inspected_body_bytes() -> Spanned<usize> {
 }
 fn default_grace_period() -> Spanned<String> {
     spanned("5s".into())
+}
+fn default_max_connections() -> Spanned<usize> {
+    spanned(10_000)
+}
+fn default_max_connections_per_client() -> Spanned<usize> {
+    spanned(1_000)
 }
 fn default_header_timeout() -> Spanned<String> {
     spanned("10s".into())

@@ -56,6 +56,11 @@ pub struct Server {
     pub h2c: bool,
     /// The deadline for a whole request head (slowloris).
     pub header_timeout: Duration,
+    /// Connections open at once on the proxy listeners, in all.
+    pub max_connections: usize,
+    /// Connections open at once per client address (IPv6 by `ipv6_prefix`); trusted proxies
+    /// are exempt.
+    pub max_connections_per_client: usize,
     pub upgrade_sock: PathBuf,
     pub pid_file: PathBuf,
 }
@@ -288,6 +293,16 @@ impl Config {
             ipv6_prefix: ipv6_prefix(&mut r, &raw.server.ipv6_prefix),
             h2c: raw.server.h2c,
             header_timeout: duration(&mut r, "server.header_timeout", &raw.server.header_timeout),
+            max_connections: positive(
+                &mut r,
+                "server.max_connections",
+                &raw.server.max_connections,
+            ),
+            max_connections_per_client: positive(
+                &mut r,
+                "server.max_connections_per_client",
+                &raw.server.max_connections_per_client,
+            ),
             tls: raw
                 .server
                 .tls

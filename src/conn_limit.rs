@@ -1,0 +1,152 @@
+//! Caps on concurrent connections, globally and per client address: a connection over a cap is
+//! closed at accept. The table holds only addresses with open connections, so it is bounded by
+//! the global cap.
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Which cap refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Over {
+    Global,
+    PerClient,
+}
+
+impl Over {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Global => "global",
+            Self::PerClient => "per_client",
+        }
+    }
+}
+
+/// The open connections, in all and per client address.
+#[derive(Debug, Default)]
+pub(crate) struct Connections {
+    open: Mutex<Open>,
+    refused_global: AtomicU64,
+    refused_per_client: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; dropping it (the connection closed) gives its place back.
+#[derive(Debug)]
+pub(crate) struct Permit {
+    connections: Arc<Connections>,
+    /// The address counted against the per-client cap (none for exempt peers).
+    client: Option<IpAddr>,
+}
+
+impl Connections {
+    /// Admits a connection from `client` (None: exempt from the per-client cap) when both caps
+    /// have room.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        client: Option<IpAddr>,
+        max_total: usize,
+        max_per_client: usize,
+    ) -> Result<Permit, Over> {
+        let refused = |over: Over| {
+            match over {
+                Over::Global => &self.refused_global,
+                Over::PerClient => &self.refused_per_client,
+            }
+            .fetch_add(1, Ordering::Relaxed);
+            Err(over)
+        };
+        let mut open = self.open.lock();
+        if open.total >= max_total {
+            return refused(Over::Global);
+        }
+        if let Some(ip) = client {
+            let n = open.per_client.entry(ip).or_insert(0);
+            if *n >= max_per_client {
+                if *n == 0 {
+                    open.per_client.remove(&ip);
+                }
+                return refused(Over::PerClient);
+            }
+            *n += 1;
+        }
+        open.total += 1;
+        Ok(Permit {
+            connections: self.clone(),
+            client,
+        })
+    }
+
+    /// Open connections in all.
+    pub(crate) fn open(&self) -> usize {
+        self.open.lock().total
+    }
+
+    /// Connections closed at accept: `[(cap, count)]`.
+    pub(crate) fn refused(&self) -> [(&'static str, u64); 2] {
+        [
+            (
+                Over::Global.as_str(),
+                self.refused_global.load(Ordering::Relaxed),
+            ),
+            (
+                Over::PerClient.as_str(),
+                self.refused_per_client.load(Ordering::Relaxed),
+            ),
+        ]
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut open = self.connections.open.lock();
+        open.total = open.total.saturating_sub(1);
+        if let Some(ip) = self.client {
+            if let Some(n) = open.per_client.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    open.per_client.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_hold_and_places_come_back_on_drop() {
+        let c = Arc::new(Connections::default());
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = c.admit(Some(a), 3, 2).unwrap();
+        let _a2 = c.admit(Some(a), 3, 2).unwrap();
+        assert_eq!(c.admit(Some(a), 3, 2).unwrap_err(), Over::PerClient);
+        let b1 = c.admit(Some(b), 3, 2).unwrap();
+        assert_eq!(c.admit(None, 3, 2).unwrap_err(), Over::Global);
+        drop(a1);
+        let _a3 = c.admit(Some(a), 3, 2).unwrap();
+        drop(b1);
+        // An exempt peer counts toward the global cap only.
+        let _p = c.admit(None, 3, 2).unwrap();
+        assert_eq!(c.open(), 3);
+        assert_eq!(c.open.lock().per_client.len(), 1);
+        assert_eq!(c.admit(Some(b), 3, 0).unwrap_err(), Over::Global);
+        assert_eq!(c.admit(Some(b), 4, 0).unwrap_err(), Over::PerClient);
+        assert_eq!(
+            c.open.lock().per_client.len(),
+            1,
+            "a refused address leaves nothing"
+        );
+        assert_eq!(c.refused(), [("global", 2), ("per_client", 2)]);
+    }
+}
