@@ -60,6 +60,9 @@ pub(super) struct ServerFile {
     /// How long a client may take to send a whole request head.
     #[serde(default = "default_header_timeout")]
     pub header_timeout: Spanned<String>,
+    /// How long a request body may pause between reads.
+    #[serde(default = "default_body_idle_timeout")]
+    pub body_idle_timeout: Spanned<String>,
     /// Connections open at once on the proxy listeners, in all and per client address.
     #[serde(default = "default_max_connections")]
     pub max_connections: Spanned<usize>,
@@ -280,6 +283,9 @@ fn default_max_inspected_body_bytes() -> Spanned<usize> {
 }
 fn default_grace_period() -> Spanned<String> {
     spanned("5s".into())
+}
+fn default_body_idle_timeout() -> Spanned<String> {
+    spanned("10s".into())
 }
 fn default_max_connections() -> Spanned<usize> {
     spanned(10_000)

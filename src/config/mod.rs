@@ -56,6 +56,8 @@ pub struct Server {
     pub h2c: bool,
     /// The deadline for a whole request head (slowloris).
     pub header_timeout: Duration,
+    /// The longest pause between reads of a request body (slow POST), HTTP/1.
+    pub body_idle_timeout: Duration,
     /// Connections open at once on the proxy listeners, in all.
     pub max_connections: usize,
     /// Connections open at once per client address (IPv6 by `ipv6_prefix`); trusted proxies
@@ -292,7 +294,16 @@ impl Config {
             trusted_proxies: trusted_proxies(&mut r, &raw.server.trusted_proxies),
             ipv6_prefix: ipv6_prefix(&mut r, &raw.server.ipv6_prefix),
             h2c: raw.server.h2c,
-            header_timeout: duration(&mut r, "server.header_timeout", &raw.server.header_timeout),
+            header_timeout: nonzero_duration(
+                &mut r,
+                "server.header_timeout",
+                &raw.server.header_timeout,
+            ),
+            body_idle_timeout: nonzero_duration(
+                &mut r,
+                "server.body_idle_timeout",
+                &raw.server.body_idle_timeout,
+            ),
             max_connections: positive(
                 &mut r,
                 "server.max_connections",

@@ -39,6 +39,19 @@ pub(super) fn keepalive(r: &mut Reporter, v: &Spanned<String>) -> Duration {
     d
 }
 
+/// A duration that must not be zero (a zero timeout would cut every connection at once).
+pub(super) fn nonzero_duration(r: &mut Reporter, field: &str, v: &Spanned<String>) -> Duration {
+    let d = duration(r, field, v);
+    if parse_duration(v.get_ref()).is_some() && d.is_zero() {
+        r.at(
+            v.span(),
+            field,
+            format!("must be more than 0, got \"{}\"", v.get_ref()),
+        );
+    }
+    d
+}
+
 /// Days before expiry from which `check` (and start-up) warn about a certificate.
 const EXPIRY_WARNING_DAYS: i64 = 14;
 

@@ -254,6 +254,9 @@ impl ProxyHttp for GatewayProxy {
         // order, each through every check on its own (pingora's default drops all but the
         // first). A request that closes the connection (smuggling shapes) ends the pipeline.
         session.as_downstream_mut().set_pipelining_enabled(true);
+        // A request body may pause at most `body_idle_timeout` between reads (slow POST);
+        // past it the connection is closed without an answer (see `fail_to_proxy`).
+        session.set_read_timeout(Some(ctx.live.config.server.body_idle_timeout));
         // Bound idle keep-alive, without reviving a connection pingora or the client chose to close.
         if session.get_keepalive().is_some() {
             session.set_keepalive(Some(ctx.live.config.server.keepalive_timeout.as_secs()));
@@ -400,14 +403,31 @@ impl ProxyHttp for GatewayProxy {
     /// Runs on any error after `request_filter` (connect, upstream I/O, timeouts): answers the
     /// client with the error's JSON unless the client is gone; the connection is not reused.
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        // A timeout while the client still owes request body bytes is the client's stall
+        // (body idle timeout), even when the upstream, waiting for the same bytes, timed out
+        // first: nobody to answer, and no 504 blaming the upstream.
+        let client_stalled = matches!(e.etype(), ErrorType::ReadTimedout)
+            && !session.as_downstream_mut().is_body_done();
         let err = match e.etype() {
+            _ if client_stalled => {
+                return FailToProxy {
+                    error_code: 0,
+                    can_reuse_downstream: false,
+                };
+            }
             ErrorType::HTTPStatus(503) => GatewayError::no_healthy_upstream(),
             ErrorType::HTTPStatus(404) => GatewayError::no_route(),
-            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() != &ErrorSource::Downstream =>
+            {
                 GatewayError::gateway_timeout()
             }
             _ if e.esource() == &ErrorSource::Upstream => GatewayError::bad_gateway(),
-            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+            // A client that stopped sending (body idle timeout) or went away: nobody to answer.
+            ErrorType::ReadTimedout
+            | ErrorType::ReadError
+            | ErrorType::WriteError
+            | ErrorType::ConnectionClosed
                 if e.esource() == &ErrorSource::Downstream =>
             {
                 return FailToProxy {

@@ -75,6 +75,11 @@ impl Connection {
         read_response(&mut self.reader, method == "HEAD")
     }
 
+    /// Writes raw bytes without reading (a request sent in pieces).
+    pub fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.reader.get_mut().write_all(bytes)
+    }
+
     /// Writes raw bytes (for malformed-request tests) and reads one response.
     pub fn raw(&mut self, bytes: &[u8]) -> io::Result<HttpResponse> {
         self.reader.get_mut().write_all(bytes)?;
