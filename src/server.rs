@@ -5,9 +5,9 @@ use crate::auth::jwt::KeyError;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{process_env, Config, Env, SecretProblem};
 use crate::echo::EchoApp;
+use crate::edge_stream::{EdgeApp, EdgeLimits};
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
-use crate::head_deadline::{HeadDeadline, HeadLimits};
 use crate::proxy::GatewayProxy;
 use crate::routing::upstream::HealthChecker;
 use crate::store::{EmbeddedStore, RedisStore, Store, StoreError};
@@ -28,15 +28,15 @@ use tokio::sync::Notify;
 const REQUEST_LINE_ALLOWANCE: usize = 64 * 1024;
 
 /// The head size bound and connection caps of the current configuration, and the 431.
-struct HeadBound(Arc<Gateway>);
+struct ConfiguredEdge(Arc<Gateway>);
 
-impl std::fmt::Debug for HeadBound {
+impl std::fmt::Debug for ConfiguredEdge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HeadBound")
+        f.write_str("ConfiguredEdge")
     }
 }
 
-impl HeadLimits for HeadBound {
+impl EdgeLimits for ConfiguredEdge {
     fn max_head_bytes(&self) -> usize {
         self.0
             .live()
@@ -194,10 +194,10 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
     // Every accepted connection's stream gets the whole-head deadline.
     let mut proxy = Service::new(
         "msgflash-gateway".to_string(),
-        HeadDeadline {
+        EdgeApp {
             inner: Arc::new(app),
             timeout: cfg.server.header_timeout,
-            limits: Arc::new(HeadBound(gateway.clone())),
+            limits: Arc::new(ConfiguredEdge(gateway.clone())),
         },
     );
     proxy.add_tcp(&cfg.server.listen.to_string());

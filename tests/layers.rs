@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
         "client_ip",
         "certs",
         "log_limit",
-        "head_deadline",
+        "edge_stream",
         "conn_limit",
         "diagnostics",
         "metrics",

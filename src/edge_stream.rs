@@ -1,7 +1,7 @@
 //! Admission at accept and a deadline and size bound for each request head. Every accepted
-//! connection passes [`HeadLimits::admit`] (the connection caps) or is closed at once. A client
+//! connection passes [`EdgeLimits::admit`] (the connection caps) or is closed at once. A client
 //! that starts a request must finish its head within `server.header_timeout`, however slowly it
-//! trickles bytes (slowloris), and in at most [`HeadLimits::max_head_bytes`] bytes. pingora 0.9.1
+//! trickles bytes (slowloris), and in at most [`EdgeLimits::max_head_bytes`] bytes. pingora 0.9.1
 //! only bounds each read and buffers up to 1 MiB of head, so the gateway wraps every accepted
 //! connection's stream: from the first byte of a head to its blank line the clock runs and the
 //! bytes are counted; a read past the deadline fails, which closes the connection, and a head
@@ -28,7 +28,7 @@ use tokio::time::{Instant, Sleep};
 const LINGER_BYTES: usize = 256 * 1024;
 
 /// How many bytes a request head may take, and what a head that takes more is answered.
-pub(crate) trait HeadLimits: std::fmt::Debug + Send + Sync + 'static {
+pub(crate) trait EdgeLimits: std::fmt::Debug + Send + Sync + 'static {
     /// The most bytes of one request head (request line, headers, blank line), read when a
     /// connection is accepted.
     fn max_head_bytes(&self) -> usize;
@@ -39,27 +39,27 @@ pub(crate) trait HeadLimits: std::fmt::Debug + Send + Sync + 'static {
     fn admit(&self, stream: &Stream) -> Option<Box<dyn std::fmt::Debug + Send + Sync>>;
 }
 
-/// The proxy (or any server app) behind a head deadline and size bound.
-pub(crate) struct HeadDeadline<A> {
+/// The proxy (or any server app) behind connection admission and the head deadline and bound.
+pub(crate) struct EdgeApp<A> {
     pub(crate) inner: Arc<A>,
     pub(crate) timeout: Duration,
-    pub(crate) limits: Arc<dyn HeadLimits>,
+    pub(crate) limits: Arc<dyn EdgeLimits>,
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeadDeadline<A> {
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         // A reused connection comes back wrapped already (and admitted).
-        let stream: Stream = if stream.as_any().is::<DeadlineStream>() {
+        let stream: Stream = if stream.as_any().is::<EdgeStream>() {
             stream
         } else {
             // Over a connection cap: dropping the stream closes it.
             let permit = self.limits.admit(&stream)?;
-            Box::new(DeadlineStream::new(
+            Box::new(EdgeStream::new(
                 stream,
                 self.timeout,
                 self.limits.clone(),
@@ -99,13 +99,14 @@ enum Head {
     Refused { drained: usize },
 }
 
-/// A stream whose reads fail once a request head has taken longer than the deadline, and end
+/// An admitted connection's stream (holding its place under the caps): its reads fail once a
+/// request head has taken longer than the deadline, and end
 /// (after a 431) once a head has grown past its bound.
 #[derive(Debug)]
-pub(crate) struct DeadlineStream {
+pub(crate) struct EdgeStream {
     inner: Stream,
     timeout: Duration,
-    limits: Arc<dyn HeadLimits>,
+    limits: Arc<dyn EdgeLimits>,
     /// The bound on each head's bytes (read once, when the connection is accepted).
     max_head: usize,
     head: Head,
@@ -119,11 +120,11 @@ pub(crate) struct DeadlineStream {
     armed: bool,
 }
 
-impl DeadlineStream {
+impl EdgeStream {
     fn new(
         inner: Stream,
         timeout: Duration,
-        limits: Arc<dyn HeadLimits>,
+        limits: Arc<dyn EdgeLimits>,
         permit: Box<dyn std::fmt::Debug + Send + Sync>,
     ) -> Self {
         let off = inner.selected_alpn_proto() == Some(ALPN::H2);
@@ -240,7 +241,7 @@ fn follow(head: &mut Head, bytes: &[u8]) -> bool {
     started
 }
 
-impl AsyncRead for DeadlineStream {
+impl AsyncRead for EdgeStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -288,7 +289,7 @@ impl AsyncRead for DeadlineStream {
     }
 }
 
-impl AsyncWrite for DeadlineStream {
+impl AsyncWrite for EdgeStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -328,19 +329,19 @@ impl AsyncWrite for DeadlineStream {
 }
 
 #[async_trait]
-impl Shutdown for DeadlineStream {
+impl Shutdown for EdgeStream {
     async fn shutdown(&mut self) {
         self.inner.shutdown().await;
     }
 }
 
-impl UniqueID for DeadlineStream {
+impl UniqueID for EdgeStream {
     fn id(&self) -> UniqueIDType {
         self.inner.id()
     }
 }
 
-impl Ssl for DeadlineStream {
+impl Ssl for EdgeStream {
     fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
         self.inner.get_ssl()
     }
@@ -354,7 +355,7 @@ impl Ssl for DeadlineStream {
     }
 }
 
-impl GetTimingDigest for DeadlineStream {
+impl GetTimingDigest for EdgeStream {
     fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
         self.inner.get_timing_digest()
     }
@@ -368,7 +369,7 @@ impl GetTimingDigest for DeadlineStream {
     }
 }
 
-impl GetProxyDigest for DeadlineStream {
+impl GetProxyDigest for EdgeStream {
     fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
         self.inner.get_proxy_digest()
     }
@@ -378,7 +379,7 @@ impl GetProxyDigest for DeadlineStream {
     }
 }
 
-impl GetSocketDigest for DeadlineStream {
+impl GetSocketDigest for EdgeStream {
     fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
         self.inner.get_socket_digest()
     }
@@ -389,7 +390,7 @@ impl GetSocketDigest for DeadlineStream {
 }
 
 #[async_trait]
-impl Peek for DeadlineStream {
+impl Peek for EdgeStream {
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
         self.inner.try_peek(buf).await
     }
