@@ -207,8 +207,8 @@ fn a_head_past_its_bound_is_answered_431_before_it_ends() {
     echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
 }
 
-/// Slow POST: a request body that stops arriving for `server.body_idle_timeout` ends the
-/// connection without an answer (the upstream's half request is dropped with it), while a body
+/// Slow POST: request bodies that stop arriving for `server.body_idle_timeout` (a hundred of
+/// them, beside normal traffic) end their connections without an answer (the upstream's half request is dropped with it), while a body
 /// that keeps trickling within the idle time is forwarded whole, however long it takes in all.
 #[test]
 fn a_stalled_request_body_is_cut_after_the_idle_timeout() {
@@ -216,23 +216,31 @@ fn a_stalled_request_body_is_cut_after_the_idle_timeout() {
     use std::time::Duration;
     let gw = Gateway::start_with(Setup::new().server("body_idle_timeout = \"2s\""));
     let (key, _) = gw.account_with_key("acme", "pro");
-    let head = |len: usize| {
+    let head = |key: &str, len: usize| {
         format!(
             "POST /api/v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\n\
              content-type: text/plain\r\ncontent-length: {len}\r\n\r\n"
         )
     };
-    let mut stalled = std::net::TcpStream::connect(gw.proxy).unwrap();
-    stalled
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    stalled.write_all(head(100).as_bytes()).unwrap();
-    stalled.write_all(b"0123456789").unwrap();
+    // A hundred bodies that stop after 10 of their 100 bytes (ten keys: ten requests each fit
+    // a key's burst).
+    let keys: Vec<String> = (0..10)
+        .map(|i| gw.account_with_key(&format!("stall{i}"), "pro").0)
+        .collect();
+    let mut stalled: Vec<std::net::TcpStream> = (0..100)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(gw.proxy).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s.write_all(head(&keys[i % 10], 100).as_bytes()).unwrap();
+            s.write_all(b"0123456789").unwrap();
+            s
+        })
+        .collect();
     // A byte every 250 ms: 3 s in all, never 2 s idle.
     let mut trickled = gw.connect();
     let body = b"abcdefghijkl";
     let slow = std::thread::spawn({
-        let head = head(body.len());
+        let head = head(&key, body.len());
         move || {
             let mut bytes = head.into_bytes();
             bytes.push(body[0]);
@@ -244,13 +252,20 @@ fn a_stalled_request_body_is_cut_after_the_idle_timeout() {
             trickled.raw(&bytes).unwrap()
         }
     });
-    let mut out = Vec::new();
-    let cut = match stalled.read_to_end(&mut out) {
-        Ok(_) => true,
-        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-    };
-    assert!(cut, "the stalled body was not cut");
-    assert!(out.is_empty(), "{:?}", String::from_utf8_lossy(&out));
+    // Normal traffic beside them.
+    for _ in 0..5 {
+        echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+        gw.clock.advance_ms(1_000);
+    }
+    for s in &mut stalled {
+        let mut out = Vec::new();
+        let cut = match s.read_to_end(&mut out) {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        assert!(cut, "a stalled body was not cut");
+        assert!(out.is_empty(), "{:?}", String::from_utf8_lossy(&out));
+    }
     let seen = echoed(&slow.join().unwrap());
     assert_eq!(seen["body"], "abcdefghijkl");
 }
