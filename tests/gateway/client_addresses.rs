@@ -155,28 +155,15 @@ fn a_flood_of_guessed_keys_stops_costing_lookups(b: Backend) {
 
 crate::on_both_stores!(a_flood_of_guessed_keys_stops_costing_lookups);
 
-/// Whether a new connection is closed at accept: a request on it gets no answer at all.
-fn closed_at_accept(gw: &Gateway) -> bool {
-    use std::io::{Read, Write};
+/// Asserts that a new connection is closed at accept: a request on it gets no answer at all.
+#[track_caller]
+fn assert_closed_at_accept(gw: &Gateway) {
+    use std::io::Write;
     let mut s = std::net::TcpStream::connect(gw.proxy).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
     let _ = s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n");
-    let mut out = Vec::new();
-    match s.read_to_end(&mut out) {
-        Ok(_) => out.is_empty(),
-        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-    }
-}
-
-fn metric_line(gw: &Gateway, prefix: &str) -> String {
-    let text = crate::client::request(gw.admin, "GET", "/metrics", &[], None)
-        .unwrap()
-        .text();
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_default()
-        .to_string()
+    assert_closed_without_answer(&mut s, "a connection over the cap");
 }
 
 /// Connections per client address are capped; a closed one gives its place back; the refusals
@@ -185,26 +172,14 @@ fn metric_line(gw: &Gateway, prefix: &str) -> String {
 fn connections_per_client_are_capped_at_accept() {
     let gw = Gateway::start_with(Setup::new().server("max_connections_per_client = 2"));
     let (key, _) = gw.account_with_key("acme", "pro");
-    let mut held: Vec<crate::client::Connection> = (0..2)
-        .map(|_| {
-            let mut c = gw.connect();
-            echoed(
-                &c.send("GET", "/api/v1/x", &[("x-api-key", &key)], None)
-                    .unwrap(),
-            );
-            c
-        })
-        .collect();
-    assert!(closed_at_accept(&gw), "a third connection was served");
+    let mut held = gw.held_connections(&key, 2);
+    assert_closed_at_accept(&gw);
     assert_eq!(
-        metric_line(
-            &gw,
-            "msgflash_connections_refused_total{cap=\"per_client\"}"
-        ),
+        gw.metric_line("msgflash_connections_refused_total{cap=\"per_client\"}"),
         "msgflash_connections_refused_total{cap=\"per_client\"} 1"
     );
     assert_eq!(
-        metric_line(&gw, "msgflash_connections_open "),
+        gw.metric_line("msgflash_connections_open "),
         "msgflash_connections_open 2"
     );
     // The held connections are still served; once one closes, a new one is admitted.
@@ -215,7 +190,7 @@ fn connections_per_client_are_capped_at_accept() {
     );
     drop(held.pop());
     eventually("a closed connection gives its place back", || {
-        metric_line(&gw, "msgflash_connections_open ") == "msgflash_connections_open 1"
+        gw.metric_line("msgflash_connections_open ") == "msgflash_connections_open 1"
     });
     echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
 }
@@ -230,19 +205,10 @@ fn trusted_proxies_meet_only_the_global_connection_cap() {
             .server("max_connections = 2"),
     );
     let (key, _) = gw.account_with_key("acme", "pro");
-    let _held: Vec<crate::client::Connection> = (0..2)
-        .map(|_| {
-            let mut c = gw.connect();
-            echoed(
-                &c.send("GET", "/api/v1/x", &[("x-api-key", &key)], None)
-                    .unwrap(),
-            );
-            c
-        })
-        .collect();
-    assert!(closed_at_accept(&gw), "a third connection was served");
+    let _held = gw.held_connections(&key, 2);
+    assert_closed_at_accept(&gw);
     assert_eq!(
-        metric_line(&gw, "msgflash_connections_refused_total{cap=\"global\"}"),
+        gw.metric_line("msgflash_connections_refused_total{cap=\"global\"}"),
         "msgflash_connections_refused_total{cap=\"global\"} 1"
     );
 }

@@ -487,6 +487,31 @@ impl Gateway {
         request(self.proxy, method, path, headers, body).expect("request")
     }
 
+    /// `n` connections, each served one request with `key` (so the gateway has admitted them).
+    pub fn held_connections(&self, key: &str, n: usize) -> Vec<Connection> {
+        (0..n)
+            .map(|_| {
+                let mut c = self.connect();
+                echoed(
+                    &c.send("GET", "/api/v1/x", &[("x-api-key", key)], None)
+                        .unwrap(),
+                );
+                c
+            })
+            .collect()
+    }
+
+    /// The admin listener's `/metrics` line that starts with `prefix` (empty when none does).
+    pub fn metric_line(&self, prefix: &str) -> String {
+        request(self.admin, "GET", "/metrics", &[], None)
+            .unwrap()
+            .text()
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_default()
+            .to_string()
+    }
+
     pub fn connect(&self) -> Connection {
         Connection::open(self.proxy).expect("connect")
     }
@@ -528,6 +553,23 @@ pub fn assert_error(r: &HttpResponse, status: u16, code: &str, message: &str) {
 pub fn assert_refused(r: &HttpResponse, status: u16, code: &str, message: &str) {
     assert_error(r, status, code, message);
     assert_eq!(r.header("x-echo"), None, "the upstream answered");
+}
+
+/// Asserts that the gateway closed `stream` (end of stream or reset) without writing a byte.
+#[track_caller]
+pub fn assert_closed_without_answer(stream: &mut TcpStream, what: &str) {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let closed = match stream.read_to_end(&mut out) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(closed, "{what}: the connection was not closed");
+    assert!(
+        out.is_empty(),
+        "{what}: {:?}",
+        String::from_utf8_lossy(&out)
+    );
 }
 
 /// What the echo upstream says it received.
