@@ -16,19 +16,8 @@ const NO_INSTANCE_SOURCE: &str = "This API key is restricted to specific instanc
 /// A gateway on the shipped routes.toml and a key of `acme` with the given restrictions.
 fn shipped_with_key(scopes: &[&str], instances: &[&str]) -> (Gateway, String) {
     let gw = Gateway::start_with(Setup::new().route_policies(SHIPPED_ROUTES));
-    let key = key_with(&gw, scopes, instances);
+    let key = restricted_key(&gw, scopes, instances);
     (gw, key)
-}
-
-fn key_with(gw: &Gateway, scopes: &[&str], instances: &[&str]) -> String {
-    gw.put_account("acme", "pro", "active");
-    let r = gw.admin_call(
-        "POST",
-        "/admin/v1/accounts/acme/keys",
-        Some(json!({"name": "restricted", "scopes": scopes, "instanceIds": instances})),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    r.json().unwrap()["key"].as_str().unwrap().to_owned()
 }
 
 fn call(gw: &Gateway, method: &str, path: &str, key: &str, body: Option<&str>) -> HttpResponse {
@@ -88,7 +77,7 @@ fn restricted_keys_are_refused_wherever_no_policy_says_how_their_restriction_app
     echoed(&call(&gw, "GET", "/api/v1/status", &key, None));
 
     // Instance restrictions alone: a route must say where the instance comes from.
-    let key = key_with(&gw, &[], &[A]);
+    let key = restricted_key(&gw, &[], &[A]);
     for path in ["/api/v1/unknown", "/api/v1/statusX"] {
         let r = call(&gw, "GET", path, &key, None);
         assert_refused(&r, 403, "FORBIDDEN", NO_INSTANCE_SOURCE);
@@ -106,14 +95,14 @@ fn restricted_keys_are_refused_wherever_no_policy_says_how_their_restriction_app
     );
 
     // A key without restrictions is never held up by any of this.
-    let free = key_with(&gw, &[], &[]);
+    let free = restricted_key(&gw, &[], &[]);
     echoed(&call(&gw, "GET", "/api/v1/unknown", &free, None));
 }
 
 #[test]
 fn a_duplicated_inspected_field_or_parameter_is_refused() {
     let gw = Gateway::start();
-    let key = key_with(&gw, &[], &[A]);
+    let key = restricted_key(&gw, &[], &[A]);
     let send = |body: String| call(&gw, "POST", "/api/v1/messages/send", &key, Some(&body));
     let twice = "The JSON field instanceId is given more than once";
     for body in [

@@ -7,18 +7,6 @@ use serde_json::json;
 const A: &str = "3fa85f64-5717-4562-b3fc-2c963f66afa6";
 const B: &str = "9b2e8a3c-1111-4222-8333-444455556666";
 
-/// A key on `acme` (pro) with the given restrictions.
-fn restricted_key(gw: &Gateway, scopes: &[&str], instances: &[&str]) -> String {
-    gw.put_account("acme", "pro", "active");
-    let r = gw.admin_call(
-        "POST",
-        "/admin/v1/accounts/acme/keys",
-        Some(json!({"name": "restricted", "scopes": scopes, "instanceIds": instances})),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    r.json().unwrap()["key"].as_str().unwrap().to_owned()
-}
-
 fn send(gw: &Gateway, key: &str, body: &[u8]) -> crate::client::HttpResponse {
     gw.send(
         "POST",

@@ -555,6 +555,18 @@ pub fn assert_refused(r: &HttpResponse, status: u16, code: &str, message: &str) 
     assert_eq!(r.header("x-echo"), None, "the upstream answered");
 }
 
+/// A key on `acme` (pro) with the given restrictions.
+pub fn restricted_key(gw: &Gateway, scopes: &[&str], instances: &[&str]) -> String {
+    gw.put_account("acme", "pro", "active");
+    let r = gw.admin_call(
+        "POST",
+        "/admin/v1/accounts/acme/keys",
+        Some(json!({"name": "restricted", "scopes": scopes, "instanceIds": instances})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json().unwrap()["key"].as_str().unwrap().to_owned()
+}
+
 /// Asserts that the gateway closed `stream` (end of stream or reset) without writing a byte.
 #[track_caller]
 pub fn assert_closed_without_answer(stream: &mut TcpStream, what: &str) {
