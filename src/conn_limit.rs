@@ -30,6 +30,8 @@ pub(crate) struct Connections {
     open: Mutex<Open>,
     refused_global: AtomicU64,
     refused_per_client: AtomicU64,
+    /// Connections closed because their PROXY protocol header was refused.
+    refused_proxy_header: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -87,6 +89,16 @@ impl Connections {
     /// Open connections in all.
     pub(crate) fn open(&self) -> usize {
         self.open.lock().total
+    }
+
+    /// Counts a connection closed for its PROXY protocol header.
+    pub(crate) fn proxy_header_refused(&self) {
+        self.refused_proxy_header.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections closed for their PROXY protocol header.
+    pub(crate) fn proxy_headers_refused(&self) -> u64 {
+        self.refused_proxy_header.load(Ordering::Relaxed)
     }
 
     /// Connections closed at accept: `[(cap, count)]`.

@@ -8,15 +8,23 @@
 //! past the bound is answered (431) and the connection closed before it is buffered further.
 //! Idle keep-alive time between requests is not counted (the keep-alive timeout bounds it), and
 //! HTTP/2 heads are left to pingora's own limits.
+//!
+//! On a listener with the PROXY protocol on, the header is read first (within the same
+//! timeout; [`ProxyHeader`] for TLS listeners, before the handshake), so that admission and
+//! everything after it see the client a trusted balancer names.
 
+use crate::proxy_protocol::HeaderError;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::listeners::PreTlsProcess;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
     UniqueIDType, ALPN,
 };
 use pingora::server::ShutdownWatch;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -37,6 +45,10 @@ pub(crate) trait EdgeLimits: std::fmt::Debug + Send + Sync + 'static {
     /// Whether a newly accepted connection is served: a guard held as long as the connection
     /// lives, or None to close it at once.
     fn admit(&self, stream: &Stream) -> Option<Box<dyn std::fmt::Debug + Send + Sync>>;
+    /// Whether a peer's PROXY protocol header is believed (a trusted proxy).
+    fn trusts(&self, peer: IpAddr) -> bool;
+    /// A connection closed because its PROXY protocol header was refused.
+    fn proxy_header_refused(&self, why: &HeaderError);
 }
 
 /// The proxy (or any server app) behind connection admission and the head deadline and bound.
@@ -44,6 +56,8 @@ pub(crate) struct EdgeApp<A> {
     pub(crate) inner: Arc<A>,
     pub(crate) timeout: Duration,
     pub(crate) limits: Arc<dyn EdgeLimits>,
+    /// The plain listener requires a PROXY protocol header on every connection.
+    pub(crate) proxy_protocol: bool,
 }
 
 #[async_trait]
@@ -57,6 +71,19 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
         let stream: Stream = if stream.as_any().is::<EdgeStream>() {
             stream
         } else {
+            // A plain connection (TLS ones had theirs read before the handshake).
+            let stream = if self.proxy_protocol && stream.as_any().is::<L4Stream>() {
+                let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+                let trusts = |ip| self.limits.trusts(ip);
+                if let Err(why) = crate::proxy_protocol::accept(&mut l4, self.timeout, trusts).await
+                {
+                    self.limits.proxy_header_refused(&why);
+                    return None;
+                }
+                l4
+            } else {
+                stream
+            };
             // Over a connection cap: dropping the stream closes it.
             let permit = self.limits.admit(&stream)?;
             Box::new(EdgeStream::new(
@@ -71,6 +98,26 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
 
     async fn cleanup(&self) {
         self.inner.cleanup().await;
+    }
+}
+
+/// Reads the PROXY protocol header on a TLS listener, before the handshake (pingora's pre-TLS
+/// hook); a refused header drops the connection.
+pub(crate) struct ProxyHeader {
+    pub(crate) timeout: Duration,
+    pub(crate) limits: Arc<dyn EdgeLimits>,
+}
+
+#[async_trait]
+impl PreTlsProcess for ProxyHeader {
+    async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
+        let trusts = |ip| self.limits.trusts(ip);
+        crate::proxy_protocol::accept(stream, self.timeout, trusts)
+            .await
+            .map_err(|why| {
+                self.limits.proxy_header_refused(&why);
+                pingora::Error::explain(pingora::ErrorType::AcceptError, why.to_string())
+            })
     }
 }
 

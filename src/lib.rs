@@ -28,6 +28,7 @@ pub(crate) mod metrics;
 pub mod path;
 pub mod policy;
 pub(crate) mod proxy;
+pub(crate) mod proxy_protocol;
 pub(crate) mod routing;
 pub mod server;
 pub mod store;

@@ -62,6 +62,14 @@ impl Live {
         if a.server.h2c != b.server.h2c {
             changed.push("server.h2c");
         }
+        if a.server.proxy_protocol != b.server.proxy_protocol {
+            changed.push("server.proxy_protocol");
+        }
+        if a.server.tls.as_ref().map(|t| t.proxy_protocol)
+            != b.server.tls.as_ref().map(|t| t.proxy_protocol)
+        {
+            changed.push("server.tls.proxy_protocol");
+        }
         if a.admin.listen != b.admin.listen {
             changed.push("admin.listen");
         }

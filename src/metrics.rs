@@ -192,7 +192,11 @@ fn single(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
 /// Appends the health of each upstream: `(name, addresses in rotation, addresses)`.
 /// Appends whether this node is sure it hears every invalidation (1), or reads records from
 /// the store instead of trusting its caches (0).
-pub(crate) fn render_invalidations(out: &mut String, confirmed: bool) {
+pub(crate) fn render_invalidations(
+    out: &mut String,
+    confirmed: bool,
+    (unconfirmed_reads, flushes): (u64, u64),
+) {
     single(
         out,
         "msgflash_invalidations_confirmed",
@@ -200,10 +204,30 @@ pub(crate) fn render_invalidations(out: &mut String, confirmed: bool) {
         "1 while the invalidation channel is heard (heartbeats); 0: caches are checked against the store.",
         u64::from(confirmed),
     );
+    single(
+        out,
+        "msgflash_cache_unconfirmed_reads_total",
+        "counter",
+        "Cached records read again from the store because the invalidation channel was not confirmed.",
+        unconfirmed_reads,
+    );
+    single(
+        out,
+        "msgflash_cache_flushes_total",
+        "counter",
+        "Whole-cache flushes (each resubscription to the invalidation channel).",
+        flushes,
+    );
 }
 
-/// Appends the open proxy connections and those closed at accept, by cap.
-pub(crate) fn render_connections(out: &mut String, open: usize, refused: &[(&str, u64)]) {
+/// Appends the open proxy connections, those closed at accept by cap, and those closed for
+/// their PROXY protocol header.
+pub(crate) fn render_connections(
+    out: &mut String,
+    open: usize,
+    refused: &[(&str, u64)],
+    proxy_headers_refused: u64,
+) {
     single(
         out,
         "msgflash_connections_open",
@@ -219,6 +243,13 @@ pub(crate) fn render_connections(out: &mut String, open: usize, refused: &[(&str
             "msgflash_connections_refused_total{{cap=\"{cap}\"}} {n}"
         );
     }
+    single(
+        out,
+        "msgflash_proxy_headers_refused_total",
+        "counter",
+        "Connections closed because their PROXY protocol header was missing, malformed or late.",
+        proxy_headers_refused,
+    );
 }
 
 /// Appends the refunds a shared store did not take.

@@ -5,9 +5,10 @@ use crate::auth::jwt::KeyError;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{process_env, Config, Env, SecretProblem};
 use crate::echo::EchoApp;
-use crate::edge_stream::{EdgeApp, EdgeLimits};
+use crate::edge_stream::{EdgeApp, EdgeLimits, ProxyHeader};
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
+use crate::log_limit::LogLimit;
 use crate::proxy::GatewayProxy;
 use crate::routing::upstream::HealthChecker;
 use crate::store::{EmbeddedStore, RedisStore, Store, StoreError};
@@ -94,6 +95,21 @@ impl EdgeLimits for ConfiguredEdge {
             )
             .ok()?;
         Some(Box::new(permit))
+    }
+
+    fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        self.0.live().config.server.trusted_proxies.trusts(peer)
+    }
+
+    fn proxy_header_refused(&self, why: &crate::proxy_protocol::HeaderError) {
+        static LOG: LogLimit = LogLimit::per_second();
+        if !why.is_refusal() {
+            return;
+        }
+        self.0.connections.proxy_header_refused();
+        if let Some(suppressed) = LOG.admit(self.0.clock.now_ns()) {
+            tracing::warn!(reason = %why, suppressed, "connection closed: PROXY protocol header refused");
+        }
     }
 }
 
@@ -192,12 +208,14 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
     options.h2c = cfg.server.h2c;
     app.server_options = Some(options);
     // Every accepted connection's stream gets the whole-head deadline.
+    let limits: Arc<dyn EdgeLimits> = Arc::new(ConfiguredEdge(gateway.clone()));
     let mut proxy = Service::new(
         "msgflash-gateway".to_string(),
         EdgeApp {
             inner: Arc::new(app),
             timeout: cfg.server.header_timeout,
-            limits: Arc::new(ConfiguredEdge(gateway.clone())),
+            limits: limits.clone(),
+            proxy_protocol: cfg.server.proxy_protocol,
         },
     );
     proxy.add_tcp(&cfg.server.listen.to_string());
@@ -208,6 +226,15 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
         // ALPN: h2 preferred, http/1.1 allowed; every phase runs the same on both.
         settings.enable_h2();
         proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+        if tls.proxy_protocol {
+            // pingora runs this hook on TLS listeners only, before each handshake.
+            proxy
+                .endpoints()
+                .set_pre_tls_callback(Arc::new(ProxyHeader {
+                    timeout: cfg.server.header_timeout,
+                    limits,
+                }));
+        }
     }
 
     let mut admin = Service::new("msgflash-admin".to_string(), AdminApp(gateway.clone()));

@@ -16,14 +16,14 @@ const LAYERS: &[&[&str]] = &[
         "client_ip",
         "certs",
         "log_limit",
-        "edge_stream",
+        "proxy_protocol",
         "conn_limit",
         "diagnostics",
         "metrics",
         "echo",
     ],
     // Pure logic on top of the leaves.
-    &["errors", "limits"],
+    &["errors", "limits", "edge_stream"],
     // Policy files, then the configuration that holds them; reading requests.
     &["policy", "inspect"],
     &["config"],

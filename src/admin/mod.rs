@@ -91,12 +91,17 @@ impl AdminApp {
                     .map(|p| (p.name.as_str(), p.healthy_count(), p.len()))
                     .collect();
                 crate::metrics::render_upstreams(&mut text, &pools);
-                crate::metrics::render_invalidations(&mut text, gw.store.invalidations_confirmed());
+                crate::metrics::render_invalidations(
+                    &mut text,
+                    gw.store.invalidations_confirmed(),
+                    gw.directory.cache_checks(),
+                );
                 crate::metrics::render_refunds(&mut text, gw.store.refunds_failed());
                 crate::metrics::render_connections(
                     &mut text,
                     gw.connections.open(),
                     &gw.connections.refused(),
+                    gw.connections.proxy_headers_refused(),
                 );
                 if let Some(resolver) = &gw.certs {
                     let certs: Vec<(String, i64)> = resolver

@@ -70,6 +70,10 @@ pub struct Directory {
     /// does not cache what it read: the record may predate the change (a revoke, a plan change)
     /// whose invalidation was already applied, and caching it would undo that invalidation.
     generations: Generations,
+    /// Cached records read again from the store because invalidations were not confirmed.
+    unconfirmed_reads: AtomicU64,
+    /// Whole-cache flushes (a resubscription to the invalidation channel, or `clear`).
+    flushes: AtomicU64,
 }
 
 /// Invalidation counters: one bumped by a flush, and one per slot of keys and of accounts
@@ -134,6 +138,8 @@ impl Directory {
             unknown: BoundedCache::new(negative_capacity, ttl_ns),
             accounts: BoundedCache::new(capacity, ttl_ns),
             generations: Generations::new(),
+            unconfirmed_reads: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
         }
     }
 
@@ -155,7 +161,7 @@ impl Directory {
         // checked against the store; it answers alone only if the store cannot (the outage
         // rule: known callers keep working, bounded by the cache's TTL).
         let cached = self.keys.get(&hash, now);
-        let trust_cache = cached.is_some() && self.store.invalidations_confirmed();
+        let trust_cache = cached.is_some() && self.confirmed();
         let (record, key_id_value) = match cached {
             Some(entry) if trust_cache => entry,
             None if !may_look_further() => return Ok(Lookup::NotAsked),
@@ -189,7 +195,7 @@ impl Directory {
         let account_slot = g.account_slot(&record.account_id);
         let account_seen = g.of(account_slot);
         let cached = self.accounts.get(&*record.account_id, now);
-        let trust_cache = cached.is_some() && self.store.invalidations_confirmed();
+        let trust_cache = cached.is_some() && self.confirmed();
         let (account, account_id_value) = match cached {
             Some(entry) if trust_cache => entry,
             cached => match self.store.account(&record.account_id).await {
@@ -240,6 +246,7 @@ impl Directory {
 
     /// Drops everything cached (after invalidations may have been missed).
     pub fn clear(&self) {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
         self.generations.all.fetch_add(1, Ordering::AcqRel);
         self.keys.clear();
         self.unknown.clear();
@@ -253,6 +260,24 @@ impl Directory {
             crate::store::Invalidation::Account(id) => self.forget_account(id),
             crate::store::Invalidation::All => self.clear(),
         }
+    }
+
+    /// Whether cached records may answer alone (every invalidation is being heard); counts
+    /// the times they may not.
+    fn confirmed(&self) -> bool {
+        let confirmed = self.store.invalidations_confirmed();
+        if !confirmed {
+            self.unconfirmed_reads.fetch_add(1, Ordering::Relaxed);
+        }
+        confirmed
+    }
+
+    /// `(cached records read again because invalidations were unconfirmed, cache flushes)`.
+    pub fn cache_checks(&self) -> (u64, u64) {
+        (
+            self.unconfirmed_reads.load(Ordering::Relaxed),
+            self.flushes.load(Ordering::Relaxed),
+        )
     }
 
     /// Entries held by the positive key cache.

@@ -71,6 +71,9 @@ pub(super) struct ServerFile {
     /// Serve HTTP/2 with prior knowledge (h2c) on the plain listener too.
     #[serde(default)]
     pub h2c: bool,
+    /// Every connection to the plain listener starts with a PROXY protocol header (v1 or v2).
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,6 +81,9 @@ pub(super) struct ServerFile {
 pub(super) struct TlsFile {
     pub listen: Spanned<String>,
     pub certificates: Spanned<Vec<CertFile>>,
+    /// Every connection starts with a PROXY protocol header, before the TLS handshake.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Deserialize)]

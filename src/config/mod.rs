@@ -54,6 +54,8 @@ pub struct Server {
     pub tls: Option<TlsListener>,
     /// HTTP/2 with prior knowledge on the plain listener.
     pub h2c: bool,
+    /// The plain listener requires a PROXY protocol header on every connection.
+    pub proxy_protocol: bool,
     /// The deadline for a whole request head (slowloris).
     pub header_timeout: Duration,
     /// The longest pause between reads of a request body (slow POST), HTTP/1.
@@ -73,6 +75,8 @@ pub struct TlsListener {
     pub listen: SocketAddr,
     /// Loaded and checked (chain parses, key matches); the first is the default.
     pub certs: Vec<crate::certs::ServerCert>,
+    /// Every connection starts with a PROXY protocol header, read before the handshake.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Clone)]
@@ -294,6 +298,7 @@ impl Config {
             trusted_proxies: trusted_proxies(&mut r, &raw.server.trusted_proxies),
             ipv6_prefix: ipv6_prefix(&mut r, &raw.server.ipv6_prefix),
             h2c: raw.server.h2c,
+            proxy_protocol: raw.server.proxy_protocol,
             header_timeout: nonzero_duration(
                 &mut r,
                 "server.header_timeout",

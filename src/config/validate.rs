@@ -106,7 +106,11 @@ pub(super) fn tls_listener(
             }
         })
         .collect();
-    TlsListener { listen, certs }
+    TlsListener {
+        listen,
+        certs,
+        proxy_protocol: raw.proxy_protocol,
+    }
 }
 
 pub(super) fn trusted_proxies(

@@ -22,6 +22,7 @@ mod limits;
 mod multinode;
 mod policies;
 mod processes;
+mod proxy_protocol;
 mod public_api;
 mod redis_server;
 mod reload;

@@ -56,9 +56,15 @@ struct TlsConn {
 
 impl TlsConn {
     fn open(addr: SocketAddr, ca: &Ca, server_name: &str) -> Self {
+        Self::open_after(addr, ca, server_name, b"")
+    }
+
+    /// A connection that writes `preamble` (a PROXY protocol header) before the handshake.
+    fn open_after(addr: SocketAddr, ca: &Ca, server_name: &str, preamble: &[u8]) -> Self {
         let name = ServerName::try_from(server_name.to_owned()).unwrap();
         let conn = rustls::ClientConnection::new(ca.client_config(), name).unwrap();
-        let tcp = TcpStream::connect(addr).unwrap();
+        let mut tcp = TcpStream::connect(addr).unwrap();
+        tcp.write_all(preamble).unwrap();
         tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))
             .unwrap();
         Self {
@@ -84,6 +90,17 @@ impl TlsConn {
 
 /// A gateway with a TLS listener serving `certs` (`(name, dns)` pairs written by `ca`).
 fn tls_gateway(ca: &Ca, dir: &Path, certs: &[(&str, &str)]) -> (Gateway, SocketAddr) {
+    tls_gateway_with(ca, dir, certs, "", Setup::new())
+}
+
+/// As [`tls_gateway`], with more settings for the TLS listener and the rest of `setup`.
+fn tls_gateway_with(
+    ca: &Ca,
+    dir: &Path,
+    certs: &[(&str, &str)],
+    tls_extra: &str,
+    setup: Setup,
+) -> (Gateway, SocketAddr) {
     for (name, dns) in certs {
         ca.leaf(dir, name, dns);
     }
@@ -96,8 +113,8 @@ fn tls_gateway(ca: &Ca, dir: &Path, certs: &[(&str, &str)]) -> (Gateway, SocketA
         })
         .collect::<Vec<_>>()
         .join(", ");
-    let gw = Gateway::start_with(Setup::new().server(&format!(
-        "tls = {{ listen = \"{tls_addr}\", certificates = [{list}] }}"
+    let gw = Gateway::start_with(setup.server(&format!(
+        "tls = {{ listen = \"{tls_addr}\", certificates = [{list}]{tls_extra} }}"
     )));
     wait_listening(tls_addr);
     (gw, tls_addr)
@@ -143,6 +160,36 @@ fn the_public_api_works_the_same_over_tls() {
         dir.path().join("api.pem").display()
     );
     assert!(metrics.contains(&line), "{metrics}");
+}
+
+/// A TLS listener with the PROXY protocol reads the header before the handshake: a trusted
+/// balancer's client is the client, and the protocol is still https.
+#[test]
+fn a_tls_listener_reads_the_proxy_header_before_the_handshake() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, tls) = tls_gateway_with(
+        &ca,
+        dir.path(),
+        &[("api", "api.test")],
+        ", proxy_protocol = true",
+        Setup::new().server("trusted_proxies = [\"127.0.0.1/32\"]"),
+    );
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let header = b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n";
+    let mut conn = TlsConn::open_after(tls, &ca, "api.test", header);
+    let seen = echoed(&conn.get("/api/v1/messages", &[("x-api-key", &key)]));
+    assert_eq!(seen["headers"]["x-forwarded-for"], "203.0.113.7");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
+    // The plain listener beside it is unchanged (no header expected there).
+    let plain = echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
+    assert_eq!(plain["headers"]["x-forwarded-for"], "127.0.0.1");
+    // A handshake without the header is dropped.
+    let mut s = TcpStream::connect(tls).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(b"\x16\x03\x01\x00\x05hello").unwrap();
+    assert_closed_without_answer(&mut s, "a TLS hello without a PROXY header");
 }
 
 #[test]
