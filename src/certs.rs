@@ -1,6 +1,6 @@
 //! Server certificates: loaded from PEM files (chain + key, the key checked against the chain),
 //! chosen per handshake by SNI, and replaced on reload for new handshakes while established
-//! connections keep theirs.
+//! connections keep theirs. Also the CA bundles upstream certificates are verified against.
 
 use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -98,6 +98,25 @@ impl ServerCert {
             None => *n == name,
         })
     }
+}
+
+/// Loads the CA certificates (PEM, one or more) that an upstream's certificate must chain to.
+pub fn load_ca_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let pem = read(path)?;
+    let bad = |why: String| CertError::BadCertificate {
+        path: path.to_path_buf(),
+        why,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(CertError::NoCertificate(path.to_path_buf()));
+    }
+    for cert in &certs {
+        x509_parser::parse_x509_certificate(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(certs)
 }
 
 /// The names and expiry of a leaf certificate.

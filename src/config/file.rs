@@ -244,6 +244,11 @@ pub(super) struct UpstreamFile {
     #[serde(default = "default_read_timeout")]
     pub read_timeout: Spanned<String>,
     pub health_check: Option<HealthCheckFile>,
+    /// Speak TLS to these addresses, verifying the certificate for `sni`.
+    pub tls: Option<Spanned<bool>>,
+    pub sni: Option<Spanned<String>>,
+    /// CA certificates (PEM) to verify against instead of the system's roots.
+    pub ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -210,6 +210,16 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub health_check: Option<HealthCheck>,
+    /// TLS to the upstream, when on.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// How the gateway speaks TLS to an upstream: the name it sends (SNI) and verifies, and the
+/// CA certificates it trusts (the system's roots when none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    pub sni: String,
+    pub ca: Option<Vec<rustls_pki_types::CertificateDer<'static>>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -400,7 +410,7 @@ impl Config {
         let upstreams: Vec<Upstream> = raw
             .upstreams
             .iter()
-            .map(|(name, u)| upstream(&mut r, name, u))
+            .map(|(name, u)| upstream(&mut r, name, u, &base))
             .collect();
         let routes = routes(&mut r, &raw.routes, &upstreams);
 

@@ -269,7 +269,12 @@ pub(super) fn header(r: &mut Reporter, field: &str, v: &Spanned<String>) -> Head
     })
 }
 
-pub(super) fn upstream(r: &mut Reporter, name: &str, u: &file::UpstreamFile) -> Upstream {
+pub(super) fn upstream(
+    r: &mut Reporter,
+    name: &str,
+    u: &file::UpstreamFile,
+    base: &Path,
+) -> Upstream {
     let field = |f: &str| format!("upstreams.{name}.{f}");
     if u.addresses.get_ref().is_empty() {
         r.at(
@@ -302,7 +307,52 @@ pub(super) fn upstream(r: &mut Reporter, name: &str, u: &file::UpstreamFile) -> 
                 &h.healthy_threshold,
             ),
         }),
+        tls: upstream_tls(r, &field, u, base),
     }
+}
+
+/// An upstream's TLS settings: a server name is required (pingora skips verification without
+/// one), and checked; the CA file, when given, must hold certificates.
+fn upstream_tls(
+    r: &mut Reporter,
+    field: &dyn Fn(&str) -> String,
+    u: &file::UpstreamFile,
+    base: &Path,
+) -> Option<UpstreamTls> {
+    let Some(tls) = u.tls.as_ref().filter(|t| *t.get_ref()) else {
+        for (name, value) in [("sni", &u.sni), ("ca_file", &u.ca_file)] {
+            if let Some(v) = value {
+                r.at(v.span(), field(name), "applies only with tls = true");
+            }
+        }
+        return None;
+    };
+    let sni = match &u.sni {
+        None => {
+            r.at(
+                tls.span(),
+                field("sni"),
+                "is required with tls = true: the name sent and verified in the upstream's certificate",
+            );
+            String::new()
+        }
+        Some(sni) => {
+            if rustls_pki_types::ServerName::try_from(sni.get_ref().as_str()).is_err() {
+                r.at(
+                    sni.span(),
+                    field("sni"),
+                    format!("\"{}\" is not a DNS name or IP address", sni.get_ref()),
+                );
+            }
+            sni.get_ref().clone()
+        }
+    };
+    let ca = u.ca_file.as_ref().and_then(|file| {
+        crate::certs::load_ca_bundle(&base.join(file.get_ref()))
+            .map_err(|e| r.at(file.span(), field("ca_file"), e.to_string()))
+            .ok()
+    });
+    Some(UpstreamTls { sni, ca })
 }
 
 pub(super) fn routes(

@@ -297,7 +297,15 @@ impl ProxyHttp for GatewayProxy {
             ctx.tried |= 1 << member;
         }
         ctx.member = Some(member);
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let mut peer = match pool.tls() {
+            // Verified against the CA list, else the system's roots, for `sni`.
+            Some((sni, ca)) => {
+                let mut peer = HttpPeer::new(addr, true, sni.to_owned());
+                peer.options.ca = ca.cloned();
+                peer
+            }
+            None => HttpPeer::new(addr, false, String::new()),
+        };
         peer.options.connection_timeout = Some(pool.connect_timeout);
         peer.options.read_timeout = Some(pool.read_timeout);
         peer.options.write_timeout = Some(pool.read_timeout);

@@ -1,9 +1,10 @@
 //! Upstream pools: round-robin over healthy addresses, active TCP health checks, passive failures.
 
-use crate::config::{HealthCheck, Upstream};
+use crate::config::{HealthCheck, Upstream, UpstreamTls};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use pingora::utils::tls::{parse_x509, WrappedX509};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,6 +26,9 @@ pub struct Pool {
     health: Option<HealthCheck>,
     members: Vec<Member>,
     next: AtomicUsize,
+    /// TLS to the members, when on: as configured, and the CA list in pingora's form.
+    tls: Option<UpstreamTls>,
+    ca: Option<Arc<pingora::protocols::tls::CaType>>,
 }
 
 impl Pool {
@@ -45,7 +49,23 @@ impl Pool {
                 })
                 .collect(),
             next: AtomicUsize::new(0),
+            ca: u.tls.as_ref().and_then(|t| t.ca.as_ref()).map(|certs| {
+                certs
+                    .iter()
+                    // Parsed once already by the configuration (load_ca_bundle): no panic here.
+                    .map(|der| WrappedX509::new(der.to_vec(), parse_x509))
+                    .collect::<Vec<_>>()
+                    .into()
+            }),
+            tls: u.tls.clone(),
         }
+    }
+
+    /// The name to send and verify, and the CA list, when the members speak TLS.
+    pub fn tls(&self) -> Option<(&str, Option<&Arc<pingora::protocols::tls::CaType>>)> {
+        self.tls
+            .as_ref()
+            .map(|t| (t.sni.as_str(), self.ca.as_ref()))
     }
 
     /// True when this pool was built from an identical upstream definition.
@@ -68,6 +88,7 @@ impl Pool {
                     h.healthy_threshold,
                 )
             })
+            && self.tls == u.tls
             && self
                 .members
                 .iter()
@@ -189,6 +210,7 @@ mod tests {
                 unhealthy_threshold: 2,
                 healthy_threshold: 1,
             }),
+            tls: None,
         })
     }
 

@@ -28,4 +28,5 @@ mod redis_server;
 mod reload;
 mod support;
 mod tls;
+mod upstream_tls;
 mod upstreams;

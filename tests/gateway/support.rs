@@ -162,6 +162,8 @@ pub struct ApiUpstream {
     pub read_timeout: &'static str,
     /// `{ interval = …, timeout = …, unhealthy_threshold = … }`
     pub health_check: Option<&'static str>,
+    /// Lines of TLS settings (`tls = true`, `sni = …`, `ca_file = …`).
+    pub tls: Option<&'static str>,
 }
 
 impl Default for ApiUpstream {
@@ -171,6 +173,7 @@ impl Default for ApiUpstream {
             connect_timeout: "1s",
             read_timeout: "2s",
             health_check: None,
+            tls: None,
         }
     }
 }
@@ -192,6 +195,10 @@ impl ApiUpstream {
         );
         if let Some(h) = self.health_check {
             t.push_str(&format!("health_check = {h}\n"));
+        }
+        if let Some(tls) = self.tls {
+            t.push_str(tls);
+            t.push('\n');
         }
         t
     }

@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// A test CA and leaf certificates it signs.
-struct Ca {
+pub struct Ca {
     cert: rcgen::Certificate,
     key: rcgen::KeyPair,
 }
 
 impl Ca {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let key = rcgen::KeyPair::generate().unwrap();
@@ -25,13 +25,18 @@ impl Ca {
     }
 
     /// Writes `<name>.pem` and `<name>.key` for a leaf serving `dns`; returns the leaf's DER.
-    fn leaf(&self, dir: &Path, name: &str, dns: &str) -> CertificateDer<'static> {
+    pub fn leaf(&self, dir: &Path, name: &str, dns: &str) -> CertificateDer<'static> {
         let params = rcgen::CertificateParams::new(vec![dns.to_owned()]).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
         std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
         cert.der().clone()
+    }
+
+    /// Writes the CA's certificate (PEM) to `path`.
+    pub fn write_pem(&self, path: &Path) {
+        std::fs::write(path, self.cert.pem()).unwrap();
     }
 
     fn client_config(&self) -> Arc<rustls::ClientConfig> {

@@ -10,6 +10,7 @@ fn upstream(addresses: Vec<At>, health_check: Option<&'static str>) -> Setup {
         connect_timeout: "500ms",
         read_timeout: "300ms",
         health_check,
+        tls: None,
     })
 }
 
