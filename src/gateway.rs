@@ -34,6 +34,8 @@ pub struct Gateway {
     pub(crate) auth_failures: LocalLimiter<std::net::IpAddr>,
     /// The TLS listener's certificates (replaced by a reload), when there is one.
     pub(crate) certs: Option<Arc<CertResolver>>,
+    /// The admin listener's certificates, when it speaks TLS.
+    pub(crate) admin_certs: Option<Arc<CertResolver>>,
     /// Store errors on the request path are logged at most once a second (with a count).
     pub(crate) store_error_log: LogLimit,
     /// Keys the store found over their rate, refused locally until a token can exist.
@@ -109,6 +111,11 @@ impl Gateway {
             .tls
             .as_ref()
             .map(|t| Arc::new(CertResolver::new(t.certs.clone())));
+        let admin_certs = config
+            .admin
+            .tls
+            .as_ref()
+            .map(|certs| Arc::new(CertResolver::new(certs.clone())));
         Ok(Self {
             live: ArcSwap::from_pointee(Live::build(config, None)?),
             reloading: Mutex::new(()),
@@ -119,6 +126,7 @@ impl Gateway {
             key_writes: LocalLimiter::new(ACCOUNT_BUCKETS),
             auth_failures: LocalLimiter::new(CLIENT_BUCKETS),
             certs,
+            admin_certs,
             rate_blocks,
             connections: Arc::default(),
             store_error_log: LogLimit::per_second(),
@@ -163,6 +171,9 @@ impl Gateway {
         if let (Some(resolver), Some(tls)) = (&self.certs, &next.config.server.tls) {
             // New handshakes get the new files; open connections keep what they have.
             resolver.replace(tls.certs.clone());
+        }
+        if let (Some(resolver), Some(certs)) = (&self.admin_certs, &next.config.admin.tls) {
+            resolver.replace(certs.clone());
         }
         let reloaded = Reloaded {
             routes: next.config.routes.len(),

@@ -73,6 +73,9 @@ impl Live {
         if a.admin.listen != b.admin.listen {
             changed.push("admin.listen");
         }
+        if a.admin.tls.is_some() != b.admin.tls.is_some() {
+            changed.push("admin.tls");
+        }
         if a.store.data_file != b.store.data_file
             || a.store.redis.as_ref().map(|r| &r.url) != b.store.redis.as_ref().map(|r| &r.url)
         {

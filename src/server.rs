@@ -238,7 +238,16 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
     }
 
     let mut admin = Service::new("msgflash-admin".to_string(), AdminApp(gateway.clone()));
-    admin.add_tcp(&cfg.admin.listen.to_string());
+    match &gateway.admin_certs {
+        // TLS only (HTTP/1.1), certificates by SNI, rotated on reload like the public ones.
+        Some(resolver) => {
+            let mut settings = TlsSettings::with_callbacks(Box::new(NoTlsCallbacks))
+                .map_err(|e| StartError::Tls(e.to_string()))?;
+            settings.set_cert_resolver(resolver.clone());
+            admin.add_tls_with_settings(&cfg.admin.listen.to_string(), None, settings);
+        }
+        None => admin.add_tcp(&cfg.admin.listen.to_string()),
+    }
     admin.threads = Some(1);
 
     server.add_service(proxy);

@@ -103,14 +103,17 @@ impl AdminApp {
                     &gw.connections.refused(),
                     gw.connections.proxy_headers_refused(),
                 );
-                if let Some(resolver) = &gw.certs {
-                    let certs: Vec<(String, i64)> = resolver
-                        .current()
-                        .iter()
-                        .map(|c| (c.cert_file.display().to_string(), c.not_after))
-                        .collect();
-                    crate::metrics::render_certificates(&mut text, &certs);
+                // Public and admin listeners' certificates, each file once.
+                let mut certs: Vec<(String, i64)> = Vec::new();
+                for resolver in gw.certs.iter().chain(&gw.admin_certs) {
+                    for c in resolver.current().iter() {
+                        let file = c.cert_file.display().to_string();
+                        if !certs.iter().any(|(f, _)| *f == file) {
+                            certs.push((file, c.not_after));
+                        }
+                    }
                 }
+                crate::metrics::render_certificates(&mut text, &certs);
                 return Reply::Ok {
                     status: 200,
                     content_type: "text/plain; version=0.0.4",

@@ -99,6 +99,14 @@ pub(super) struct AdminFile {
     pub listen: Spanned<String>,
     #[serde(default = "default_admin_token_env")]
     pub token_env: String,
+    /// TLS on the admin listener (it then speaks nothing else).
+    pub tls: Option<AdminTlsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AdminTlsFile {
+    pub certificates: Spanned<Vec<CertFile>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -82,6 +82,9 @@ pub struct TlsListener {
 #[derive(Clone)]
 pub struct Admin {
     pub listen: SocketAddr,
+    /// When set, the admin listener speaks TLS only, with these certificates (the first the
+    /// default; chosen by SNI like the public listener's).
+    pub tls: Option<Vec<crate::certs::ServerCert>>,
     pub token_env: String,
     /// From the environment; `None` when the variable is unset or empty.
     pub token: Option<String>,
@@ -91,6 +94,7 @@ impl std::fmt::Debug for Admin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Admin")
             .field("listen", &self.listen)
+            .field("tls", &self.tls.as_ref().map(Vec::len))
             .field("token_env", &self.token_env)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .finish()
@@ -354,6 +358,15 @@ impl Config {
         };
         let admin = Admin {
             listen: addr(&mut r, "admin.listen", &raw.admin.listen),
+            tls: raw.admin.tls.as_ref().map(|t| {
+                certificates(
+                    &mut r,
+                    &mut warnings,
+                    "admin.tls.certificates",
+                    &t.certificates,
+                    &base,
+                )
+            }),
             token: env(&raw.admin.token_env),
             token_env: raw.admin.token_env.clone(),
         };

@@ -62,19 +62,39 @@ pub(super) fn tls_listener(
     base: &Path,
 ) -> TlsListener {
     let listen = addr(r, "server.tls.listen", &raw.listen);
-    if raw.certificates.get_ref().is_empty() {
+    let certs = certificates(
+        r,
+        warnings,
+        "server.tls.certificates",
+        &raw.certificates,
+        base,
+    );
+    TlsListener {
+        listen,
+        certs,
+        proxy_protocol: raw.proxy_protocol,
+    }
+}
+
+/// Certificate pairs of a TLS listener, loaded and checked; expiring ones warned about.
+pub(super) fn certificates(
+    r: &mut Reporter,
+    warnings: &mut Vec<ConfigWarning>,
+    field: &str,
+    raw: &Spanned<Vec<file::CertFile>>,
+    base: &Path,
+) -> Vec<crate::certs::ServerCert> {
+    if raw.get_ref().is_empty() {
         r.at(
-            raw.certificates.span(),
-            "server.tls.certificates",
+            raw.span(),
+            field,
             "needs at least one { cert = \"chain.pem\", key = \"key.pem\" }",
         );
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    let certs = raw
-        .certificates
-        .get_ref()
+    raw.get_ref()
         .iter()
         .filter_map(|c| {
             let loaded = crate::certs::ServerCert::load(
@@ -100,17 +120,12 @@ pub(super) fn tls_listener(
                     Some(cert)
                 }
                 Err(e) => {
-                    r.at(c.cert.span(), "server.tls.certificates", e.to_string());
+                    r.at(c.cert.span(), field, e.to_string());
                     None
                 }
             }
         })
-        .collect();
-    TlsListener {
-        listen,
-        certs,
-        proxy_protocol: raw.proxy_protocol,
-    }
+        .collect()
 }
 
 pub(super) fn trusted_proxies(

@@ -141,6 +141,8 @@ pub struct Setup {
     route_policies: Option<String>,
     /// Extra lines in the [server] table.
     server: String,
+    /// Extra lines in the [admin] table.
+    admin: String,
     api_upstream: ApiUpstream,
     plans: String,
 }
@@ -212,6 +214,7 @@ impl Default for Setup {
             more_policies: String::new(),
             route_policies: None,
             server: String::new(),
+            admin: String::new(),
             api_upstream: ApiUpstream::default(),
             plans: PLANS.into(),
         }
@@ -251,6 +254,13 @@ impl Setup {
     pub fn server(mut self, line: &str) -> Self {
         self.server.push_str(line);
         self.server.push('\n');
+        self
+    }
+
+    /// A line in `[admin]`.
+    pub fn admin(mut self, line: &str) -> Self {
+        self.admin.push_str(line);
+        self.admin.push('\n');
         self
     }
 
@@ -303,6 +313,7 @@ grace_period = "1s"
 [admin]
 listen = "{admin}"
 token_env = "TEST_ADMIN_TOKEN"
+{admin_extra}
 
 [store]
 data_file = "data/store.jsonl"
@@ -343,6 +354,7 @@ auth = "jwt"
 upstream = "console"
 "#,
         server = s.server,
+        admin_extra = s.admin,
         redis = s
             .redis_url
             .as_ref()

@@ -197,6 +197,37 @@ fn a_tls_listener_reads_the_proxy_header_before_the_handshake() {
     assert_closed_without_answer(&mut s, "a TLS hello without a PROXY header");
 }
 
+/// The admin listener with its own certificates speaks TLS only; its token and answers are
+/// the same; its certificate's expiry is in the metrics beside the public one's.
+#[test]
+fn the_admin_listener_speaks_tls_when_given_certificates() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.leaf(dir.path(), "admin", "admin.test");
+    let (pem, key) = files(dir.path(), "admin");
+    let gw = Gateway::start_with(Setup::new().admin(&format!(
+        "tls = {{ certificates = [{{ cert = \"{}\", key = \"{}\" }}] }}",
+        pem.display(),
+        key.display()
+    )));
+    let mut conn = TlsConn::open(gw.admin, &ca, "admin.test");
+    assert_eq!(conn.get("/healthz", &[]).status, 200);
+    let r = conn.get("/admin/v1/accounts/acme", &[]);
+    assert_error(&r, 401, "UNAUTHORIZED", "Invalid or missing admin token");
+    let token = format!("Bearer {}", crate::support::ADMIN_TOKEN);
+    let r = conn.get("/admin/v1/accounts/nobody", &[("authorization", &token)]);
+    assert_eq!(r.status, 404, "{}", r.text());
+    let metrics = conn.get("/metrics", &[]).text();
+    let line = format!(
+        "msgflash_tls_certificate_expiry_timestamp_seconds{{file=\"{}\"}} 67090118400\n",
+        pem.display()
+    );
+    assert!(metrics.contains(&line), "{metrics}");
+    // Plain HTTP gets no HTTP answer there.
+    let plain = crate::client::request(gw.admin, "GET", "/healthz", &[], None);
+    assert!(plain.is_err(), "{:?}", plain.map(|r| r.status));
+}
+
 #[test]
 fn sni_picks_the_certificate() {
     let ca = Ca::new();
