@@ -253,3 +253,56 @@ fn sigquit_hands_the_sockets_to_a_new_process_without_refusing_anyone() {
         outcomes.len()
     );
 }
+
+/// SIGTERM: a request that follows one under way on a kept-alive connection is served as
+/// usual, a chunked one included (it was refused as "ambiguous framing" once pingora turned
+/// keep-alive off for the drain), and the connection then closes. (Connections idle at
+/// SIGTERM are closed: pingora's drain, as nginx's.)
+#[test]
+fn sigterm_serves_a_chunked_request_behind_one_under_way() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (proxy, admin, echo) = (free_addr(), free_addr(), free_addr());
+    let path = write_config(tmp.path(), &Setup::new(), proxy, admin, echo);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("grace_period = \"1s\"", "grace_period = \"3s\""),
+    )
+    .unwrap();
+    let mut p = Process::start_in(tmp.path(), proxy, admin, &[]);
+    p.admin("PUT", "/admin/v1/accounts/acme", json!({"plan": "pro"}));
+    let key = p.admin("POST", "/admin/v1/accounts/acme/keys", json!({"name": "k"}))["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut conn = crate::client::Connection::open(proxy).unwrap();
+    // A request is under way (half its body sent) when the signal comes.
+    let first = format!(
+        "POST /api/v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\n\
+         content-type: text/plain\r\ncontent-length: 4\r\n\r\nab"
+    );
+    conn.write_raw(first.as_bytes()).unwrap();
+    p.signal("TERM");
+    eventually("the listener closes", || {
+        std::net::TcpStream::connect(proxy).is_err()
+    });
+    // The rest of it, and a chunked request behind it.
+    let rest = format!(
+        "cdPOST /api/v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n\
+         7\r\n{{\"a\":1}}\r\n0\r\n\r\n"
+    );
+    let answers = conn.pipelined(rest.as_bytes(), 2).unwrap();
+    assert_eq!(
+        answers.len(),
+        2,
+        "{:?}",
+        answers.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert_eq!(echoed(&answers[0])["body"], "abcd");
+    assert_eq!(echoed(&answers[1])["body"], "{\"a\":1}");
+    assert_eq!(answers[1].header("connection"), Some("close"));
+    drop(conn);
+    let exited = p.child.wait().unwrap();
+    assert!(exited.success(), "{exited:?}");
+}
