@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Markdown report of a bench/run.sh output directory (medians over the rounds).
 
-usage: report.py OUT_DIR [--peak TARGET | --tune | --callgrind]"""
+usage: report.py OUT_DIR [--peak TARGET | --tune | --callgrind | --tls]"""
 import statistics
 import sys
 from collections import defaultdict
@@ -274,10 +274,54 @@ def callgrind_report(out):
               f"{per / 1000:,.1f} k | {per / base:.2f}× |")
 
 
+TLS_SCENARIOS = {
+    "tls_keepalive": "HTTP/1.1 keep-alive over TLS, valid keys (req/s)",
+    "tls_handshake": "a new TLS connection per request, valid keys (handshakes/s)",
+    "h2": "HTTP/2 over TLS, 10 streams a connection, console JWT (req/s)",
+}
+
+
+def parse_h2load(path):
+    """Requests per second and the non-2xx count from h2load's summary."""
+    r = {"rps": 0.0, "non2xx": 0, "errors": 0}
+    with open(path) as f:
+        for line in f:
+            w = line.split()
+            if line.startswith("finished in"):
+                r["rps"] = float(w[3])
+            elif line.startswith("status codes:"):
+                counts = [int(x) for x in line.replace(",", " ").split() if x.isdigit()]
+                r["non2xx"] = sum(counts[1:])  # 2xx, 3xx, 4xx, 5xx
+            elif line.startswith("requests:"):
+                r["errors"] = int(w[w.index("errored,") - 1]) if "errored," in w else 0
+    return r
+
+
+def tls_report(out):
+    """Medians over the rounds of bench/run.sh tls, the gateway against nginx."""
+    runs = defaultdict(list)
+    with open(f"{out}/tls.tsv") as f:
+        for line in f:
+            rnd, scenario, target, path = line.rstrip("\n").split("\t")
+            runs[(scenario, target)].append(parse_h2load(path) if scenario == "h2" else parse_wrk(path))
+    print("| scenario | nginx API-key gateway | msgflash-gateway | ratio | non-2xx (nginx / ours) |")
+    print("|---|---:|---:|---:|---:|")
+    for scenario, label in TLS_SCENARIOS.items():
+        a, b = runs.get((scenario, "nginx_gw"), []), runs.get((scenario, "gw_embedded"), [])
+        if not a or not b:
+            continue
+        ra, rb = med(a, "rps"), med(b, "rps")
+        na, nb = sum(r["non2xx"] for r in a), sum(r["non2xx"] for r in b)
+        print(f"| {label} | {ra:,.0f} | {rb:,.0f} | {rb / ra:.2f}× | {na} / {nb} |")
+
+
 def main():
     out = sys.argv[1]
     if len(sys.argv) > 2 and sys.argv[2] == "--callgrind":
         callgrind_report(out)
+        return
+    if len(sys.argv) > 2 and sys.argv[2] == "--tls":
+        tls_report(out)
         return
     runs = load(out)
     if len(sys.argv) > 3 and sys.argv[2] == "--peak":

@@ -5,6 +5,7 @@
 #   K=1 DURATION=3 bench/run.sh          # a quick look
 #   bench/run.sh tune                    # the framework gap: passthrough variants vs nginx
 #   bench/run.sh callgrind               # instructions per request (deterministic), by target
+#   bench/run.sh tls                     # TLS at the edge: gateway vs nginx, same certificate
 #
 # Environment (defaults in brackets):
 #   K [3]  rounds            DURATION [10] seconds per wrk run   CONNS [32] wrk connections
@@ -19,7 +20,7 @@
 #             each request's due time); OPEN_CONNS [50] its connections; HALF_PEAK_RPS: one rate
 #             to use instead of the measured halves
 #   JOBS [1]  cargo -j (the machine is shared)       NO_BUILD [0]  1: use the existing binaries
-#   PORT_BASE [27180]  the nine ports used are PORT_BASE .. PORT_BASE+8
+#   PORT_BASE [27180]  the ports used are PORT_BASE .. PORT_BASE+10
 # Raw output: target/bench/run-<UTC date>/ (target/bench/latest points to it).
 set -euo pipefail
 
@@ -44,6 +45,7 @@ KEYS_PER_ACCOUNT=10
 PB=${PORT_BASE:-27180}
 P_UP=$PB P_PASS=$((PB + 1)) P_NGX_PROXY=$((PB + 2)) P_NGX_GW=$((PB + 3)) P_GW_EMB=$((PB + 4))
 P_ADM_EMB=$((PB + 5)) P_GW_REDIS=$((PB + 6)) P_ADM_REDIS=$((PB + 7)) P_REDIS=$((PB + 8))
+P_GW_TLS=$((PB + 9)) P_NGX_TLS=$((PB + 10))
 
 export MSGFLASH_ADMIN_TOKEN=$(openssl rand -hex 24)
 export MSGFLASH_JWT_SECRET=$(openssl rand -hex 32)
@@ -73,6 +75,10 @@ install_missing() {
   command -v cmake >/dev/null 2>&1 || missing+=(cmake)
   command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
   command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
+  if [ "$MODE" = tls ]; then
+    command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  fi
   if [ "$MODE" = tune ]; then
     [ -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 ] || missing+=(libjemalloc2)
     [ -e /usr/lib/x86_64-linux-gnu/libmimalloc.so.2 ] || missing+=(libmimalloc2.0)
@@ -122,7 +128,7 @@ wait_port() {
   log "nothing listening on $port"; return 1
 }
 
-for port in $P_UP $P_PASS $P_NGX_PROXY $P_NGX_GW $P_GW_EMB $P_ADM_EMB $P_GW_REDIS $P_ADM_REDIS $P_REDIS; do
+for port in $P_UP $P_PASS $P_NGX_PROXY $P_NGX_GW $P_GW_EMB $P_ADM_EMB $P_GW_REDIS $P_ADM_REDIS $P_REDIS $P_GW_TLS $P_NGX_TLS; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     log "port $port is already in use (a previous run still alive?)"; exit 1
   fi
@@ -197,6 +203,7 @@ start_nginx_gw() {
   limit_req_zone \$http_x_api_key zone=perkey:10m rate=10r/s;
   server {
     listen 127.0.0.1:$P_NGX_GW backlog=4096;
+    ${NGX_TLS_LISTEN:-}
     default_type application/json;
     location /api/v1/ {
       if (\$http_x_api_key = "") {
@@ -248,12 +255,13 @@ start_redis() {
   wait_port $P_REDIS
 }
 
-gw_config() { # NAME PORT ADMIN_PORT STORE_LINE
+gw_config() { # NAME PORT ADMIN_PORT STORE_LINE; GW_SERVER_EXTRA: more [server] lines
   cat >"$OUT/conf/$1.toml" <<EOF
 # msgflash-gateway bench config (written by bench/run.sh)
 [server]
 listen = "127.0.0.1:$2"
 threads = $WORKERS
+${GW_SERVER_EXTRA:-}
 # Every request comes from one address here: without this, the unknown-key scenarios would
 # measure the failed-authentication refusal (429 after 100 a minute) instead of the lookup path.
 auth_failures_per_minute = 4000000000
@@ -596,9 +604,65 @@ callgrind_run() {
   log "raw output: $OUT"
 }
 
+# --- tls: TLS at the edge, the gateway against nginx with the same certificate -------------
+# Both terminate TLS (ECDSA P-256 certificate, TLS 1.3 negotiated) in front of the same
+# upstream, one worker each, pinned as in the main run. Scenarios:
+#   tls_keepalive  valid keys over HTTP/1.1 keep-alive connections (wrk, CONNS connections)
+#   tls_handshake  the same requests, each on a new connection: a full handshake per request
+#                  (wrk sends "connection: close"; it does not resume sessions)
+#   h2             console JWT requests over HTTP/2, 10 streams per connection (h2load)
+# nginx is the API-key gateway of the main run (map + limit_req) with an ssl/http2 listener.
+tls_run() {
+  describe
+  log "certificate: ECDSA P-256, CN/SAN bench.test"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+    -subj /CN=bench.test -addext subjectAltName=DNS:bench.test \
+    -keyout "$OUT/conf/tls.key" -out "$OUT/conf/tls.pem" 2>"$OUT/logs/openssl.log"
+  start_upstream
+  rm -f "$OUT/conf/store.json"
+  GW_SERVER_EXTRA="tls = { listen = \"127.0.0.1:$P_GW_TLS\", certificates = [{ cert = \"$OUT/conf/tls.pem\", key = \"$OUT/conf/tls.key\" }] }" \
+    start_gateway gw_embedded $P_GW_EMB $P_ADM_EMB "data_file = \"$OUT/conf/store.json\""
+  wait_port $P_GW_TLS
+  log "creating $ACCOUNTS accounts x $KEYS_PER_ACCOUNT keys on gw_embedded"
+  python3 "$BENCH/mkkeys.py" 127.0.0.1:$P_ADM_EMB "$OUT/conf/keys_embedded.txt" "$ACCOUNTS" $KEYS_PER_ACCOUNT >&2
+  NGX_TLS_LISTEN="listen 127.0.0.1:$P_NGX_TLS ssl http2 backlog=4096; ssl_certificate $OUT/conf/tls.pem; ssl_certificate_key $OUT/conf/tls.key; ssl_protocols TLSv1.2 TLSv1.3;" \
+    start_nginx_gw "$OUT/conf/keys_embedded.txt"
+  wait_port $P_NGX_TLS
+  TOKEN=$("$GW" -c "$OUT/conf/gw_embedded.toml" jwt mint bench00000 --sub u1 --ttl 2h)
+  local round target port scenario file
+  for round in $(seq "$K"); do
+    for scenario in tls_keepalive tls_handshake h2; do
+      for target in nginx_gw gw_embedded; do
+        [ $target = nginx_gw ] && port=$P_NGX_TLS || port=$P_GW_TLS
+        file=$OUT/wrk/tls-$scenario-$target-r$round.txt
+        case $scenario in
+          tls_keepalive | tls_handshake)
+            BENCH_MODE=valid BENCH_KEYS=$OUT/conf/keys_embedded.txt \
+              BENCH_CLOSE=$([ $scenario = tls_handshake ] && echo 1 || echo 0) \
+              $(load_cpu) wrk -t"$WRK_THREADS" -c"$CONNS" -d"${DURATION}s" --latency --timeout 5s \
+              -s "$BENCH/wrk/load.lua" "https://127.0.0.1:$port" >"$file" 2>&1 || true ;;
+          h2)
+            $(load_cpu) h2load -c "$CONNS" -m 10 -D "$DURATION" --warm-up-time=1 \
+              -H "authorization: Bearer $TOKEN" "https://127.0.0.1:$port/api/dashboard" \
+              >"$file" 2>&1 || true ;;
+        esac
+        printf '%s\t%s\t%s\t%s\n' "$round" "$scenario" "$target" "$file" >>"$OUT/tls.tsv"
+        log "$(printf 'r%s %-13s %-12s %s' "$round" "$scenario" "$target" \
+          "$(awk '/Requests\/sec/ { printf "%s req/s", $2 } /Non-2xx/ { printf ", non-2xx %s", $NF }
+                  /^finished in/ { printf "%s req/s", $4 } /^status codes/ { printf ", %s", $0 }' "$file")")"
+        sleep 1
+      done
+    done
+  done
+  echo "loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/meta.txt"
+  python3 "$BENCH/report.py" "$OUT" --tls | tee "$OUT/summary.md"
+  log "raw output: $OUT"
+}
+
 case $MODE in
   run) main_run ;;
   tune) tune_run ;;
   callgrind) callgrind_run ;;
-  *) echo "usage: bench/run.sh [run|tune|callgrind]" >&2; exit 2 ;;
+  tls) tls_run ;;
+  *) echo "usage: bench/run.sh [run|tune|callgrind|tls]" >&2; exit 2 ;;
 esac; exit $? # on the same line: bash reads no further, so editing this file mid-run is harmless

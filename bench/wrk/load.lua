@@ -2,6 +2,7 @@
 --   BENCH_MODE   valid | abusive | bogus | bogus_repeat | jwt
 --   BENCH_KEYS   file with one API key per line (valid, abusive)
 --   BENCH_TOKEN  console JWT (jwt)
+--   BENCH_CLOSE  1: "connection: close" on every request
 --   BENCH_DELAY_MS  pause of each connection between a response and its next request (0: none);
 --                   used to run a fixed, lower request rate ("half of peak").
 -- valid: round robin over all keys, each wrk thread starting at its own offset, so that every
@@ -10,6 +11,9 @@
 local mode = os.getenv("BENCH_MODE") or "valid"
 local token = os.getenv("BENCH_TOKEN") or ""
 local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+-- BENCH_CLOSE=1: every request asks for the connection to close (a new connection, and over
+-- TLS a new handshake, per request).
+local close = os.getenv("BENCH_CLOSE") == "1"
 local body = '{"instanceId":"3fa85f64-5717-4562-b3fc-2c963f66afa6","to":"+33612345000","type":"text","text":"Hello"}'
 local path = "/api/v1/messages/send"
 local keys = {}
@@ -47,7 +51,9 @@ end
 function request()
   if mode == "valid" then
     idx = idx % #keys + 1
-    return wrk.format("POST", path, {["x-api-key"] = keys[idx], ["content-type"] = "application/json"}, body)
+    local headers = {["x-api-key"] = keys[idx], ["content-type"] = "application/json"}
+    if close then headers["connection"] = "close" end
+    return wrk.format("POST", path, headers, body)
   elseif mode == "abusive" then
     return wrk.format("POST", path, {["x-api-key"] = keys[1], ["content-type"] = "application/json"}, body)
   elseif mode == "bogus" then

@@ -186,12 +186,16 @@ pub(super) fn store_settings(
         let ok = ["redis://", "redis+cluster://"]
             .iter()
             .any(|p| url.get_ref().starts_with(p));
-        if !ok {
-            r.at(
+        match super::parse_sentinel_url(url.get_ref()) {
+            Some(Err(why)) => r.at(url.span(), "store.redis_url", why),
+            Some(Ok(_)) => {}
+            None if !ok => r.at(
                 url.span(),
                 "store.redis_url",
-                "expected redis://host:port or redis+cluster://host:port,host:port",
-            );
+                "expected redis://host:port, redis+cluster://host:port,host:port or \
+                 redis+sentinel://host:port,host:port/master",
+            ),
+            None => {}
         }
         Some(url.get_ref().clone())
     });

@@ -26,6 +26,7 @@ mod proxy_protocol;
 mod public_api;
 mod redis_server;
 mod reload;
+mod sentinel;
 mod support;
 mod tls;
 mod upstream_tls;

@@ -282,6 +282,19 @@ fn sigterm_serves_a_chunked_request_behind_one_under_way() {
          content-type: text/plain\r\ncontent-length: 4\r\n\r\nab"
     );
     conn.write_raw(first.as_bytes()).unwrap();
+    // Its head has been through every check (its admission counted) before the signal.
+    eventually("the first request is admitted", || {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let r = request(
+            admin,
+            "GET",
+            "/admin/v1/accounts/acme",
+            &[("authorization", &auth)],
+            None,
+        )
+        .unwrap();
+        r.json().unwrap()["usage"]["requests"] == 1
+    });
     p.signal("TERM");
     eventually("the listener closes", || {
         std::net::TcpStream::connect(proxy).is_err()

@@ -98,3 +98,62 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A real Redis Sentinel (`redis-server … --sentinel`) watching the primary `mymaster`,
+/// quick to judge it down (500 ms).
+pub struct Sentinel {
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Sentinel {
+    pub fn start(primary: SocketAddr, quorum: u32) -> Self {
+        let addr = free_addr();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+                 sentinel monitor mymaster 127.0.0.1 {} {quorum}\n\
+                 sentinel down-after-milliseconds mymaster 500\n\
+                 sentinel failover-timeout mymaster 2000\n",
+                addr.port(),
+                dir.path().display(),
+                primary.port()
+            ),
+        )
+        .expect("sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (see README)");
+        wait_listening(addr);
+        Self {
+            addr,
+            _dir: dir,
+            child,
+        }
+    }
+
+    /// Runs `redis-cli` against this sentinel.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.addr.port().to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

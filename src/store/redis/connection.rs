@@ -2,6 +2,7 @@
 //! proxy's runtime, and the deadline and circuit breaker every call runs under.
 
 use super::admission::LAST_USE_EVERY_NS;
+use super::sentinel::{SentinelConn, SentinelUrl};
 use super::RedisStore;
 use crate::cache::BoundedCache;
 use crate::config::RedisSettings;
@@ -35,6 +36,7 @@ pub fn cluster_seeds(url: &str) -> Option<Vec<String>> {
 pub(super) enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(SentinelConn),
 }
 
 impl Conn {
@@ -42,6 +44,7 @@ impl Conn {
         match self {
             Conn::Single(c) => p.query_async(c).await,
             Conn::Cluster(c) => p.query_async(c).await,
+            Conn::Sentinel(c) => c.pipe(p).await,
         }
     }
 
@@ -49,6 +52,28 @@ impl Conn {
         match self {
             Conn::Single(c) => cmd.query_async(c).await,
             Conn::Cluster(c) => cmd.query_async(c).await,
+            Conn::Sentinel(c) => c.cmd(cmd).await,
+        }
+    }
+}
+
+/// Where the invalidation subscriber connects: fixed nodes (the one Redis, or a cluster's
+/// seeds in turn), or the primary the sentinels name at each attempt.
+#[derive(Clone)]
+pub(super) enum PubsubSource {
+    Nodes(Vec<redis::Client>),
+    Sentinel(SentinelUrl),
+}
+
+impl PubsubSource {
+    /// The node to subscribe on at the `attempt`-th try.
+    pub(super) async fn client(&self, attempt: usize) -> RedisResult<redis::Client> {
+        match self {
+            PubsubSource::Nodes(nodes) => nodes
+                .get(attempt % nodes.len().max(1))
+                .cloned()
+                .ok_or_else(|| (redis::ErrorKind::InvalidClientConfig, "no node").into()),
+            PubsubSource::Sentinel(url) => url.primary_client(&url.find_primary().await?),
         }
     }
 }
@@ -58,6 +83,7 @@ impl Conn {
 pub(super) enum Connector {
     Single(redis::Client, ConnectionManagerConfig),
     Cluster(redis::cluster::ClusterClient),
+    Sentinel(SentinelUrl, ConnectionManagerConfig),
 }
 
 impl Connector {
@@ -70,6 +96,9 @@ impl Connector {
                     .await?,
             ),
             Connector::Cluster(client) => Conn::Cluster(client.get_async_connection().await?),
+            Connector::Sentinel(url, config) => {
+                Conn::Sentinel(SentinelConn::connect(url, config).await?)
+            }
         })
     }
 }
@@ -77,7 +106,7 @@ impl Connector {
 /// Errors that say Redis is unreachable (as opposed to a bad reply): they trip the breaker.
 /// Server replies that mean "not serving now" (a replica after a failover, a node loading its
 /// data, a cluster without quorum) count as unreachable too.
-fn is_outage(e: &RedisError) -> bool {
+pub(super) fn is_outage(e: &RedisError) -> bool {
     e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
@@ -154,8 +183,20 @@ impl RedisStore {
             .build()
             .map_err(|e| fail(&e))?;
         let connect_timeout = Duration::from_secs(3);
-        let (connector, pubsub_clients) = match cluster_seeds(&s.url) {
-            Some(seeds) => {
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(s.timeout.max(Duration::from_millis(10))))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let sentinel = crate::config::parse_sentinel_url(&s.url)
+            .transpose()
+            .map_err(|e| StoreError::Misconfigured(format!("store.redis_url: {e}")))?;
+        let (connector, pubsub) = match (cluster_seeds(&s.url), sentinel) {
+            (_, Some(url)) => (
+                Connector::Sentinel(url.clone(), manager_config),
+                PubsubSource::Sentinel(url),
+            ),
+            (Some(seeds), None) => {
                 let client = redis::cluster::ClusterClient::builder(seeds.clone())
                     .connection_timeout(connect_timeout)
                     .response_timeout(s.timeout.max(Duration::from_millis(10)))
@@ -167,16 +208,14 @@ impl RedisStore {
                     .map(|u| redis::Client::open(u.as_str()))
                     .collect::<RedisResult<Vec<_>>>()
                     .map_err(|e| fail(&e))?;
-                (Connector::Cluster(client), pubsub)
+                (Connector::Cluster(client), PubsubSource::Nodes(pubsub))
             }
-            None => {
+            (None, None) => {
                 let client = redis::Client::open(s.url.as_str()).map_err(|e| fail(&e))?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(connect_timeout))
-                    .set_response_timeout(Some(s.timeout.max(Duration::from_millis(10))))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_millis(500));
-                (Connector::Single(client.clone(), config), vec![client])
+                (
+                    Connector::Single(client.clone(), manager_config),
+                    PubsubSource::Nodes(vec![client]),
+                )
             }
         };
         let mut conn = runtime
@@ -194,7 +233,7 @@ impl RedisStore {
             connector,
             local: tokio::sync::OnceCell::new(),
             local_opening: parking_lot::Mutex::default(),
-            pubsub_clients,
+            pubsub,
             timeout: s.timeout,
             quota_expiry_set: BoundedCache::new(100_000, 86_400_000_000_000),
             key_touched: BoundedCache::new(100_000, LAST_USE_EVERY_NS),

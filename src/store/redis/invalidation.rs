@@ -59,16 +59,20 @@ impl Liveness {
 /// Listens on the invalidation channel; after every (re)subscription the local caches are
 /// flushed, since anything published while away was missed.
 pub(super) async fn subscribe(
-    clients: Vec<redis::Client>,
+    source: super::connection::PubsubSource,
     sink: InvalidationSink,
     liveness: Arc<Liveness>,
 ) {
     let mut attempt = 0usize;
     loop {
-        let client = &clients[attempt % clients.len()];
+        let client = source.client(attempt).await;
         attempt = attempt.wrapping_add(1);
-        let connected =
-            tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub()).await;
+        let connected = match client {
+            Ok(client) => {
+                tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub()).await
+            }
+            Err(e) => Ok(Err(e)),
+        };
         if let Ok(Ok(mut pubsub)) = connected {
             if pubsub.subscribe(CHANNEL).await.is_ok() {
                 sink(Invalidation::All);

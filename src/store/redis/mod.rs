@@ -6,13 +6,15 @@
 //! - `connection`: connections, deadline, circuit breaker;
 //! - `admission`: one request's rate limit and quota, and why the pipeline needs no MULTI;
 //! - `records`: accounts and keys, the plan's cap;
-//! - `invalidation`: publishing changes, the subscriber.
+//! - `invalidation`: publishing changes, the subscriber;
+//! - `sentinel`: `redis+sentinel://` URLs and a connection that follows failovers.
 
 mod admission;
 mod connection;
 mod invalidation;
 mod records;
 mod schema;
+mod sentinel;
 
 use super::breaker::Breaker;
 use super::{
@@ -42,8 +44,8 @@ pub struct RedisStore {
     /// Whether a request is opening `local` now, and when an attempt last failed (retried a
     /// second later at the earliest).
     local_opening: parking_lot::Mutex<LocalOpening>,
-    /// Where the subscriber connects (the seeds, for a cluster).
-    pubsub_clients: Vec<redis::Client>,
+    /// Where the subscriber connects (the seeds of a cluster in turn; the sentinels' primary).
+    pubsub: connection::PubsubSource,
     timeout: Duration,
     /// When the invalidation subscriber last heard the channel.
     liveness: Arc<invalidation::Liveness>,
@@ -117,7 +119,7 @@ impl Store for RedisStore {
     fn on_invalidation(&self, sink: InvalidationSink) {
         if let Some(rt) = &self.runtime {
             rt.spawn(invalidation::subscribe(
-                self.pubsub_clients.clone(),
+                self.pubsub.clone(),
                 sink,
                 self.liveness.clone(),
             ));
