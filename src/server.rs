@@ -140,10 +140,12 @@ struct NoTlsCallbacks;
 #[async_trait]
 impl pingora::listeners::TlsAccept for NoTlsCallbacks {}
 
-/// Opens the store the configuration names.
-pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+/// Opens the store the configuration names; `upgrade`: the embedded store's data file may
+/// still be owned by the process this one takes over from (see [`EmbeddedStore`]).
+pub fn open_store(config: &Config, upgrade: bool) -> Result<Arc<dyn Store>, StartError> {
     Ok(match &config.store.redis {
         Some(redis) => Arc::new(RedisStore::connect(redis)?),
+        None if upgrade => EmbeddedStore::open_for_upgrade(&config.store.data_file)?,
         None => Arc::new(EmbeddedStore::open(&config.store.data_file)?),
     })
 }
@@ -172,7 +174,7 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
     if !missing.is_empty() {
         return Err(StartError::Secrets(missing));
     }
-    let store = open_store(&config)?;
+    let store = open_store(&config, launch.upgrade)?;
     let gateway = Arc::new(Gateway::new(config, store, launch.clock, launch.env)?);
     let live = gateway.live();
     let cfg = &live.config;
@@ -329,6 +331,9 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), StartError> {
     );
     drop(live);
     server.run(RunArgs::default());
+    // Stopped: the embedded store's last counts are written and its files let go (a process
+    // started with --upgrade is waiting for them).
+    gateway.store.release();
     Ok(())
 }
 
@@ -391,6 +396,7 @@ impl Running {
         self.stop.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+            self.gateway.store.release();
         }
     }
 }

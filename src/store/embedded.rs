@@ -1,15 +1,21 @@
-//! The embedded store: one node; accounts and key hashes in a data file, counters in memory.
+//! The embedded store: one node; accounts and key hashes in a data file, quota counters in a
+//! usage file beside it; one process owns both at a time.
 
+use super::file_lock::{self, FileLock};
 use super::journal::{Entry, Journal};
+use super::usage::{self, Counters, Usage};
 use super::{
-    Account, Admission, AdmitRequest, CreateKeyError, KeyRecord, Revoked, Store, StoreError,
+    Account, Admission, AdmitRequest, CreateKeyError, Invalidation, InvalidationSink, KeyRecord,
+    Revoked, Store, StoreError,
 };
 use crate::limits::gcra::{self, BucketDecision};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 /// The persistent part, indexed.
 #[derive(Debug, Default)]
@@ -65,41 +71,34 @@ struct Bucket {
     last_used_ms: u64,
 }
 
-/// An account's requests counted per quota period: the latest two periods (the current one
-/// and the one a change of anchor day moves its count from), older ones forgotten.
-#[derive(Debug, Default)]
-struct PeriodCounts(Vec<(String, u64)>);
+/// How often a process waiting for the data file (an upgrade) re-reads what the previous
+/// owner appends, and tries the lock.
+const HANDOVER_POLL: Duration = Duration::from_millis(20);
 
-impl PeriodCounts {
-    fn of(&self, period: &str) -> u64 {
-        self.0
-            .iter()
-            .find(|(p, _)| p == period)
-            .map_or(0, |(_, n)| *n)
-    }
-
-    fn of_mut(&mut self, period: &str) -> &mut u64 {
-        let i = match self.0.iter().position(|(p, _)| p == period) {
-            Some(i) => i,
-            None => {
-                if self.0.len() >= 2 {
-                    self.0.remove(0);
-                }
-                self.0.push((period.to_owned(), 0));
-                self.0.len() - 1
-            }
-        };
-        &mut self.0[i].1
-    }
-}
-
-/// Single-node store. Every change is in the data file (appended and fsynced) before it returns.
+/// Single-node store. One process owns the data file at a time (an OS lock); every change is
+/// in the data file (appended and fsynced on a blocking thread, not the caller's) before it
+/// returns; quota counters reach the usage file within a second.
+///
+/// A process started with `run --upgrade` while the previous one still owns the file serves
+/// what the file holds (re-read as the previous process appends to it) and refuses writes
+/// (503) until the previous process lets the file go when it exits; it then takes the file
+/// over: records as they are then, counters as the previous process left them plus what it
+/// counted meanwhile.
 pub struct EmbeddedStore {
+    path: PathBuf,
     data: RwLock<Data>,
-    /// The data file; its lock serialises writers.
-    journal: Mutex<Journal>,
+    /// The data file while this process owns it; `None` before (an upgrade waiting for the
+    /// previous process) and after (stopped): writes are refused then.
+    journal: Arc<Mutex<Option<Journal>>>,
+    /// One writer at a time, from its decision to its application (held across the append).
+    writer: tokio::sync::Mutex<()>,
+    lock: Mutex<Option<FileLock>>,
     buckets: DashMap<String, Bucket>,
-    quotas: DashMap<String, PeriodCounts>,
+    counters: Arc<Counters>,
+    /// Where a take-over announces that cached records may be stale.
+    sink: Mutex<Option<InvalidationSink>>,
+    /// Let go for good (the server stopped): a pending take-over gives up.
+    released: std::sync::atomic::AtomicBool,
 }
 
 /// Accounts in the data file at `path` (their latest line), for `check` to validate.
@@ -115,41 +114,201 @@ pub fn accounts_in(path: &Path) -> Result<Vec<(usize, Account)>, StoreError> {
     Ok(accounts)
 }
 
+fn read_data(path: &Path) -> Result<Data, StoreError> {
+    let mut data = Data::default();
+    for entry in Journal::read(path)? {
+        data.apply(entry);
+    }
+    Ok(data)
+}
+
+/// The data file's identity and size: it changes when the owner appends or compacts.
+fn file_state(path: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()?))
+}
+
+fn handing_over() -> StoreError {
+    StoreError::Unavailable("the data file is being handed over between gateway processes".into())
+}
+
 impl EmbeddedStore {
-    /// Opens (or starts) the data file at `path` and compacts it.
+    /// Opens (or starts) the data file at `path`, owned by this process from now on, and
+    /// compacts it; refused while another process owns it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let mut data = Data::default();
-        for entry in Journal::read(path)? {
-            data.apply(entry);
+        let lock = file_lock::try_acquire(path)?.ok_or_else(|| {
+            StoreError::Misconfigured(format!(
+                "{} is in use by another gateway process (pid {}); stop it first, or start \
+                 this one with `run --upgrade` to take over from it",
+                path.display(),
+                file_lock::holder(path)
+            ))
+        })?;
+        let store = Self::unowned(path)?;
+        store.own(lock, store.counters.snapshot())?;
+        Ok(store)
+    }
+
+    /// For `run --upgrade`: as [`EmbeddedStore::open`] when the data file is free; else
+    /// serves it read-only and takes it over when the process that owns it lets it go.
+    pub fn open_for_upgrade(path: &Path) -> Result<Arc<Self>, StoreError> {
+        if let Some(lock) = file_lock::try_acquire(path)? {
+            let store = Self::unowned(path)?;
+            store.own(lock, store.counters.snapshot())?;
+            return Ok(Arc::new(store));
         }
-        let journal = Journal::create(path, &data.entries())?;
+        // Measured before the read: a change made in between is read again.
+        let seen = file_state(path);
+        let store = Arc::new(Self::unowned(path)?);
+        let baseline = store.counters.snapshot();
+        let weak = Arc::downgrade(&store);
+        let path = path.to_path_buf();
+        tracing::info!(file = %path.display(), owner = %file_lock::holder(&path), "waiting for the previous process to let the data file go; writes are refused until then");
+        std::thread::Builder::new()
+            .name("msgflash-takeover".into())
+            .spawn(move || wait_and_take_over(&weak, &path, seen, &baseline))
+            .map_err(|e| StoreError::Persist(format!("cannot start the take-over: {e}")))?;
+        Ok(store)
+    }
+
+    /// The data and counters as the files hold them, not owned (no writes) yet.
+    fn unowned(path: &Path) -> Result<Self, StoreError> {
+        let counters = Counters::load(usage::usage_path(path))?;
+        usage::spawn_flusher(Arc::downgrade(&counters))?;
         Ok(Self {
-            data: RwLock::new(data),
-            journal: Mutex::new(journal),
+            path: path.to_path_buf(),
+            data: RwLock::new(read_data(path)?),
+            journal: Arc::new(Mutex::new(None)),
+            writer: tokio::sync::Mutex::new(()),
+            lock: Mutex::new(None),
             buckets: DashMap::new(),
-            quotas: DashMap::new(),
+            counters,
+            sink: Mutex::new(None),
+            released: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Decides a change under the writer lock, persists it, then applies it in memory: memory
-    /// never holds what the disk does not. `decide` may refuse with its call's own error.
-    fn write<T, E: From<StoreError>>(
+    /// Becomes the data file's owner: the records as the file holds them now, compacted, and
+    /// the counters as the previous owner left them plus what this process counted since it
+    /// read `baseline`.
+    fn own(&self, lock: FileLock, baseline: Usage) -> Result<(), StoreError> {
+        let data = read_data(&self.path)?;
+        let journal = Journal::create(&self.path, &data.entries())?;
+        self.counters
+            .merge(usage::read(&usage::usage_path(&self.path))?, &baseline);
+        *self.data.write() = data;
+        *self.lock.lock() = Some(lock);
+        *self.journal.lock() = Some(journal);
+        self.counters.own()
+    }
+
+    /// While another process owns the file: re-reads it when it changed (a revoke there is
+    /// refused here too, within [`HANDOVER_POLL`]); true when something changed.
+    fn follow_owner(&self, seen: &mut Option<(u64, u64, std::time::SystemTime)>) -> bool {
+        let now = file_state(&self.path);
+        if now == *seen {
+            return false;
+        }
+        match read_data(&self.path) {
+            Ok(data) => {
+                *self.data.write() = data;
+                *seen = now;
+                true
+            }
+            // A compaction's rename in flight: read again next time.
+            Err(_) => false,
+        }
+    }
+
+    fn announce_all(&self) {
+        if let Some(sink) = self.sink.lock().as_ref() {
+            sink(Invalidation::All);
+        }
+    }
+
+    /// Decides a change under the writer lock, persists it (on a blocking thread), then
+    /// applies it in memory: memory never holds what the disk does not. `decide` may refuse
+    /// with its call's own error.
+    async fn write<T, E: From<StoreError>>(
         &self,
         decide: impl FnOnce(&Data) -> Result<(T, Option<Entry>), E>,
     ) -> Result<T, E> {
-        let mut journal = self.journal.lock();
+        let _one_writer = self.writer.lock().await;
+        if self.journal.lock().is_none() {
+            return Err(handing_over().into());
+        }
         let (out, entry) = decide(&self.data.read())?;
         let Some(entry) = entry else { return Ok(out) };
-        journal.append(std::slice::from_ref(&entry))?;
-        let mut data = self.data.write();
-        data.apply(entry);
-        // Keep the file near the size of the live state.
-        if journal.appended > 1000 && journal.appended > data.keys.len() + data.accounts.len() {
-            if let Err(e) = journal.compact(&data.entries()) {
+        let journal = self.journal.clone();
+        let appended = entry.clone();
+        tokio::task::spawn_blocking(move || match journal.lock().as_mut() {
+            Some(j) => j.append(std::slice::from_ref(&appended)),
+            None => Err(handing_over()),
+        })
+        .await
+        .map_err(|e| StoreError::Persist(format!("the data file writer failed: {e}")))??;
+        let compaction = {
+            let mut data = self.data.write();
+            data.apply(entry);
+            let appended = self.journal.lock().as_ref().map_or(0, |j| j.appended);
+            // Keep the file near the size of the live state.
+            (appended > 1000 && appended > data.keys.len() + data.accounts.len())
+                .then(|| data.entries())
+        };
+        if let Some(entries) = compaction {
+            let journal = self.journal.clone();
+            let compacted = tokio::task::spawn_blocking(move || match journal.lock().as_mut() {
+                Some(j) => j.compact(&entries),
+                None => Ok(()),
+            })
+            .await;
+            if let Ok(Err(e)) = compacted {
                 tracing::warn!(error = %e, "could not compact the data file; it keeps growing");
             }
         }
         Ok(out)
+    }
+}
+
+/// Follows the owner's appends and waits for its lock; then takes the file over. Ends early
+/// when the store is dropped.
+fn wait_and_take_over(
+    store: &Weak<EmbeddedStore>,
+    path: &Path,
+    mut seen: Option<(u64, u64, std::time::SystemTime)>,
+    baseline: &Usage,
+) {
+    loop {
+        let Some(s) = store.upgrade() else { return };
+        if s.released.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        match file_lock::try_acquire(path) {
+            Ok(Some(lock)) => {
+                match s.own(lock, baseline.clone()) {
+                    Ok(()) => {
+                        tracing::info!(file = %path.display(), "took the data file over; writes are served")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not take the data file over; writes stay refused")
+                    }
+                }
+                s.announce_all();
+                return;
+            }
+            Ok(None) => {
+                if s.follow_owner(&mut seen) {
+                    s.announce_all();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot try the data file's lock; writes stay refused");
+                return;
+            }
+        }
+        drop(s);
+        std::thread::sleep(HANDOVER_POLL);
     }
 }
 
@@ -171,6 +330,7 @@ impl Store for EmbeddedStore {
     async fn put_account(&self, account: Account) -> Result<bool, StoreError> {
         // One node: this node's own cache, which the caller clears, is all there is to tell.
         self.write(|_| Ok::<_, StoreError>((true, Some(Entry::Account(account.clone())))))
+            .await
     }
 
     async fn create_key(
@@ -187,6 +347,7 @@ impl Store for EmbeddedStore {
             }
             Ok((record.clone(), Some(Entry::Key(record.clone()))))
         })
+        .await
     }
 
     async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>, StoreError> {
@@ -231,6 +392,7 @@ impl Store for EmbeddedStore {
             }
             _ => Ok((None, None)),
         })
+        .await
         .inspect(|revoked| {
             if revoked.is_some() {
                 self.buckets.remove(key_id);
@@ -270,9 +432,10 @@ impl Store for EmbeddedStore {
                     reset_after_ns,
                 } => (new_tat_ns, remaining, reset_after_ns),
             };
-        let mut counts = match self.quotas.get_mut(req.account_id) {
+        let quotas = &self.counters.quotas;
+        let mut counts = match quotas.get_mut(req.account_id) {
             Some(q) => q,
-            None => self.quotas.entry(req.account_id.to_owned()).or_default(),
+            None => quotas.entry(req.account_id.to_owned()).or_default(),
         };
         let used = counts.of_mut(req.period_id);
         if *used >= req.monthly_quota {
@@ -283,6 +446,9 @@ impl Store for EmbeddedStore {
             });
         }
         *used += 1;
+        self.counters
+            .dirty
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         bucket.tat_ns = new_tat_ns;
         bucket.last_used_ms = req.now_ns / 1_000_000;
         Ok(Admission::Allowed {
@@ -292,7 +458,11 @@ impl Store for EmbeddedStore {
     }
 
     async fn usage(&self, account_id: &str, period_id: &str) -> Result<u64, StoreError> {
-        Ok(self.quotas.get(account_id).map_or(0, |q| q.of(period_id)))
+        Ok(self
+            .counters
+            .quotas
+            .get(account_id)
+            .map_or(0, |q| q.of(period_id)))
     }
 
     async fn carry_usage(
@@ -302,15 +472,40 @@ impl Store for EmbeddedStore {
         to: &str,
         _to_end_unix: i64,
     ) -> Result<(), StoreError> {
-        if let Some(mut counts) = self.quotas.get_mut(account_id) {
+        if let Some(mut counts) = self.counters.quotas.get_mut(account_id) {
             let moved = std::mem::take(counts.of_mut(from));
             *counts.of_mut(to) += moved;
+            self.counters
+                .dirty
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }
 
     async fn ready(&self) -> bool {
         true
+    }
+
+    fn on_invalidation(&self, sink: InvalidationSink) {
+        *self.sink.lock() = Some(sink);
+    }
+
+    fn release(&self) {
+        // Writes refused from here; the counters' last write; then the lock goes.
+        self.released
+            .store(true, std::sync::atomic::Ordering::Release);
+        let journal = self.journal.lock().take();
+        if let Err(e) = self.counters.flush_and(true) {
+            tracing::error!(error = %e, "could not write the quota counters before letting the data file go");
+        }
+        drop(journal);
+        self.lock.lock().take();
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -349,5 +544,109 @@ mod tests {
         let acme = rt.block_on(store.account("acme")).unwrap().unwrap();
         assert_eq!(acme.plan, "pro");
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+    }
+
+    fn key(id: &str) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            account_id: "acme".into(),
+            name: "k".into(),
+            hash: format!("hash-{id}"),
+            prefix: "msgf_live_".into(),
+            last4: "abcd".into(),
+            scopes: vec![],
+            instance_ids: vec![],
+            created_at_ms: 1,
+            last_used_at_ms: None,
+            revoked_at_ms: None,
+        }
+    }
+
+    fn admit(store: &EmbeddedStore, rt: &tokio::runtime::Runtime, now_ns: u64) -> Admission {
+        rt.block_on(store.admit(&AdmitRequest {
+            key_id: "k1",
+            account_id: "acme",
+            now_ns,
+            bucket: crate::limits::gcra::BucketParams {
+                rate_per_second: 1000,
+                burst: 1000,
+            },
+            period_id: "2026-11-01",
+            period_end_unix: 0,
+            monthly_quota: 1_000_000,
+        }))
+        .unwrap()
+    }
+
+    /// Polls `f` (bounded) until it holds.
+    fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        let start = std::time::Instant::now();
+        while !f() {
+            assert!(start.elapsed() < Duration::from_secs(10), "never: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The hand-over, in one process: the waiting store follows the owner's writes, refuses its
+    /// own, and takes over (records and counters) once the owner lets go.
+    #[test]
+    fn a_waiting_store_follows_the_owner_and_takes_over_when_it_lets_go() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.jsonl");
+        let old = EmbeddedStore::open(&path).unwrap();
+        rt.block_on(old.put_account(account("pro"))).unwrap();
+        rt.block_on(old.create_key(key("k1"), 10)).unwrap();
+        rt.block_on(old.create_key(key("k2"), 10)).unwrap();
+        for i in 0..3 {
+            assert!(matches!(admit(&old, &rt, i), Admission::Allowed { .. }));
+        }
+        old.counters.flush().unwrap();
+
+        let new = EmbeddedStore::open_for_upgrade(&path).unwrap();
+        let flushed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = flushed.clone();
+        new.on_invalidation(Arc::new(move |_| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        assert!(matches!(
+            rt.block_on(new.put_account(account("plus"))),
+            Err(StoreError::Unavailable(_))
+        ));
+        // A revoke on the owner reaches the waiting store (and flushes its node's caches).
+        rt.block_on(old.revoke_key("acme", "k2", 5)).unwrap();
+        eventually("the waiting store sees the revoke", || {
+            rt.block_on(new.key_by_hash("hash-k2"))
+                .unwrap()
+                .is_some_and(|k| !k.is_active())
+        });
+        assert!(flushed.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+        // Both count meanwhile: 2 more on the old one, 4 on the new one.
+        for i in 10..12 {
+            admit(&old, &rt, i);
+        }
+        for i in 20..24 {
+            admit(&new, &rt, i);
+        }
+        drop(old);
+        eventually("the new store takes over", || {
+            rt.block_on(new.put_account(account("plus"))).is_ok()
+        });
+        assert_eq!(
+            rt.block_on(new.usage("acme", "2026-11-01")).unwrap(),
+            3 + 2 + 4
+        );
+        assert_eq!(
+            rt.block_on(new.account("acme")).unwrap().unwrap().plan,
+            "plus"
+        );
+        new.release();
+        let reopened = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(
+            rt.block_on(reopened.usage("acme", "2026-11-01")).unwrap(),
+            9
+        );
     }
 }

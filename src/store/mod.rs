@@ -2,8 +2,10 @@
 
 pub mod breaker;
 pub mod embedded;
+mod file_lock;
 mod journal;
 pub mod redis;
+mod usage;
 
 use crate::limits::gcra::BucketParams;
 use async_trait::async_trait;
@@ -222,4 +224,9 @@ pub trait Store: Send + Sync + 'static {
     fn refunds_failed(&self) -> u64 {
         0
     }
+
+    /// Lets go of what this process owns exclusively (the embedded store's files), after
+    /// writing what it holds only in memory; writes are refused from then on. Called when the
+    /// server has stopped.
+    fn release(&self) {}
 }

@@ -61,3 +61,49 @@ fn keep_alive_survives_rejections_with_bodies() {
         .unwrap();
     assert_eq!(r.status, 200);
 }
+
+fn usage_of(gw: &Gateway, account: &str) -> u64 {
+    let r = gw.admin_call("GET", &format!("/admin/v1/accounts/{account}"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json().unwrap()["usage"]["requests"].as_u64().unwrap()
+}
+
+/// Quota counts on the embedded store survive a restart (they are written beside the data
+/// file at most a second apart, and once more when the gateway stops).
+#[test]
+fn quota_usage_survives_a_restart_on_the_embedded_store() {
+    let mut gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    for _ in 0..7 {
+        echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+    }
+    assert_eq!(usage_of(&gw, "acme"), 7);
+    gw.restart();
+    assert_eq!(usage_of(&gw, "acme"), 7);
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+    assert_eq!(usage_of(&gw, "acme"), 8);
+}
+
+/// One process owns an embedded data file: a second gateway on the same file is refused at
+/// start with the reason, and gets it once the first has stopped.
+#[test]
+fn a_second_gateway_on_the_same_data_file_is_refused() {
+    let gw = Gateway::start();
+    let config = msgflash_gateway::config::Config::load_with_env(&gw.config_path(), &env).unwrap();
+    let data = gw.dir.path().join("data/store.jsonl");
+    let err = msgflash_gateway::server::open_store(&config, false)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "cannot open the store: store misconfigured: {} is in use by another gateway process \
+             (pid {}); stop it first, or start this one with `run --upgrade` to take over from it",
+            data.display(),
+            std::process::id()
+        )
+    );
+    drop(gw);
+    assert!(msgflash_gateway::server::open_store(&config, false).is_ok());
+}

@@ -319,3 +319,190 @@ fn sigterm_serves_a_chunked_request_behind_one_under_way() {
     let exited = p.child.wait().unwrap();
     assert!(exited.success(), "{exited:?}");
 }
+
+/// A gateway process on the embedded store, in its own directory, with `grace_period`.
+fn embedded_process(grace: &str) -> Process {
+    let tmp = tempfile::tempdir().unwrap();
+    let (proxy, admin, echo) = (free_addr(), free_addr(), free_addr());
+    let path = write_config(tmp.path(), &Setup::new(), proxy, admin, echo);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let grace_line = format!("grace_period = \"{grace}\"");
+    std::fs::write(&path, text.replace("grace_period = \"1s\"", &grace_line)).unwrap();
+    let mut p = Process::start_in(tmp.path(), proxy, admin, &[]);
+    p._tmp = Some(tmp);
+    p
+}
+
+fn usage_in(p: &Process, account: &str) -> u64 {
+    p.admin("GET", &format!("/admin/v1/accounts/{account}"), json!({}))["usage"]["requests"]
+        .as_u64()
+        .unwrap()
+}
+
+/// kill -9 loses at most the counts of the last second: what the usage file held is what a
+/// restarted process counts from (and the OS let the data file's lock go with the process).
+#[test]
+fn a_crash_loses_at_most_the_last_second_of_counts() {
+    let mut p = embedded_process("1s");
+    p.admin("PUT", "/admin/v1/accounts/acme", json!({"plan": "pro"}));
+    let key = p.admin("POST", "/admin/v1/accounts/acme/keys", json!({"name": "k"}))["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..5 {
+        let r = request(p.proxy, "GET", "/api/v1/x", &[("x-api-key", &key)], None).unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let usage_file = p.dir.join("data/store.jsonl.usage");
+    eventually("the counts reach the usage file", || {
+        std::fs::read_to_string(&usage_file).is_ok_and(|t| t.contains(",5]"))
+    });
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    let tmp = p._tmp.take();
+    let (dir, proxy, admin) = (p.dir.clone(), p.proxy, p.admin);
+    drop(p);
+    let again = Process::start_in(&dir, proxy, admin, &[]);
+    assert_eq!(usage_in(&again, "acme"), 5);
+    drop(tmp);
+}
+
+/// SIGQUIT with `run --upgrade` on the embedded store: the new process serves at once with
+/// the records as they are (a revoke made on the old one while the new one waited included),
+/// refuses admin writes (503) until the old one has let the data file go, then owns it; no
+/// write that was answered 2xx is lost, none answered 503 was half made, and every admitted
+/// request is counted.
+#[test]
+fn sigquit_on_the_embedded_store_loses_no_write_and_no_count() {
+    let old = embedded_process("2s");
+    old.admin("PUT", "/admin/v1/accounts/acme", json!({"plan": "plus"}));
+    let key = |p: &Process| {
+        let v = p.admin("POST", "/admin/v1/accounts/acme/keys", json!({"name": "k"}));
+        (
+            v["key"].as_str().unwrap().to_owned(),
+            v["id"].as_str().unwrap().to_owned(),
+        )
+    };
+    let (live, _) = key(&old);
+    let (doomed, doomed_id) = key(&old);
+    let dir = old.dir.clone();
+    let (proxy, admin) = (old.proxy, old.admin);
+    let new = std::thread::spawn(move || Process::start_in(&dir, proxy, admin, &["--upgrade"]));
+    let sock = old.dir.join("data/upgrade.sock");
+    eventually("the new process waits on the upgrade socket", || {
+        sock.exists()
+    });
+    // A revoke on the old process while the new one waits for the file.
+    old.admin(
+        "DELETE",
+        &format!("/admin/v1/accounts/acme/keys/{doomed_id}"),
+        json!({}),
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running = |stop: &Arc<std::sync::atomic::AtomicBool>| {
+        !stop.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // API traffic on fresh connections, 10 a second (the key's rate).
+    let traffic = {
+        let (stop, live) = (stop.clone(), live.clone());
+        std::thread::spawn(move || {
+            let mut statuses = Vec::new();
+            while running(&stop) {
+                let r = request(proxy, "GET", "/api/v1/x", &[("x-api-key", &live)], None);
+                statuses.push(r.map(|r| r.status).map_err(|e| e.to_string()));
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            statuses
+        })
+    };
+    // Admin writes all along: a new account each time.
+    let writes = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let auth = format!("Bearer {ADMIN_TOKEN}");
+            let mut outcomes = Vec::new();
+            for i in 0.. {
+                if !running(&stop) {
+                    break;
+                }
+                let body = serde_json::to_vec(&json!({"plan": "pro"})).unwrap();
+                let r = request(
+                    admin,
+                    "PUT",
+                    &format!("/admin/v1/accounts/w{i}"),
+                    &[("authorization", &auth)],
+                    Some(&body),
+                );
+                outcomes.push((i, r.map(|r| r.status).map_err(|e| e.to_string())));
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            outcomes
+        })
+    };
+    old.signal("QUIT");
+    let new = new.join().unwrap();
+    let mut old = old;
+    assert!(old.child.wait().unwrap().success());
+    // The new process owns the file: its writes are served.
+    eventually("the new process serves writes", || {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let body = serde_json::to_vec(&json!({"plan": "pro"})).unwrap();
+        request(
+            admin,
+            "PUT",
+            "/admin/v1/accounts/probe",
+            &[("authorization", &auth)],
+            Some(&body),
+        )
+        .is_ok_and(|r| r.status == 200)
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = traffic.join().unwrap();
+    let outcomes = writes.join().unwrap();
+
+    // The revoke made on the old process holds on the new one.
+    let r = request(
+        new.proxy,
+        "GET",
+        "/api/v1/x",
+        &[("x-api-key", &doomed)],
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 401);
+    // Every write answered 200 is there; every one answered 503 is not.
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let (mut served, mut refused) = (0, 0);
+    for (i, outcome) in &outcomes {
+        let got = request(
+            admin,
+            "GET",
+            &format!("/admin/v1/accounts/w{i}"),
+            &[("authorization", &auth)],
+            None,
+        )
+        .unwrap()
+        .status;
+        match outcome {
+            Ok(200) => {
+                served += 1;
+                assert_eq!(got, 200, "w{i} was answered 200 and is lost");
+            }
+            Ok(503) => {
+                refused += 1;
+                assert_eq!(got, 404, "w{i} was answered 503 and is there");
+            }
+            other => panic!("w{i}: {other:?}"),
+        }
+    }
+    // Every admitted request is counted, whichever process admitted it.
+    let admitted = statuses.iter().filter(|s| matches!(s, Ok(200))).count() as u64;
+    assert!(
+        statuses.iter().all(|s| matches!(s, Ok(200) | Ok(429))),
+        "{statuses:?}"
+    );
+    assert_eq!(usage_in(&new, "acme"), admitted);
+    println!(
+        "hand-over: {served} writes served, {refused} refused with 503; {admitted} requests admitted and counted"
+    );
+}
