@@ -252,14 +252,22 @@ pub(crate) fn render_connections(
     );
 }
 
-/// Appends the refunds a shared store did not take.
-pub(crate) fn render_refunds(out: &mut String, failed: u64) {
+/// Appends the refunds a shared store did not take, and the refused admissions that may have
+/// consumed usage anyway: what makes the limits stricter than the requests answered 2xx.
+pub(crate) fn render_refunds(out: &mut String, failed: u64, uncertain: u64) {
     single(
         out,
         "msgflash_refunds_failed_total",
         "counter",
         "Refused requests whose token and quota unit could not be given back (limits stricter, never looser).",
         failed,
+    );
+    single(
+        out,
+        "msgflash_admissions_uncertain_total",
+        "counter",
+        "Requests answered 503 whose admission may still have run in the store (a token and a quota unit possibly consumed).",
+        uncertain,
     );
 }
 

@@ -96,7 +96,11 @@ impl AdminApp {
                     gw.store.invalidations_confirmed(),
                     gw.directory.cache_checks(),
                 );
-                crate::metrics::render_refunds(&mut text, gw.store.refunds_failed());
+                crate::metrics::render_refunds(
+                    &mut text,
+                    gw.store.refunds_failed(),
+                    gw.store.admissions_uncertain(),
+                );
                 crate::metrics::render_connections(
                     &mut text,
                     gw.connections.open(),

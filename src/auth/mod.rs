@@ -41,6 +41,9 @@ pub struct Principal {
     pub account: Arc<Account>,
     pub key_id_value: HeaderValue,
     pub account_id_value: HeaderValue,
+    /// The store failed during this lookup and the cache answered (the outage rule): the
+    /// admission that follows would wait out the same outage, so it is not tried.
+    pub store_failed: bool,
 }
 
 /// What a key lookup found.
@@ -162,6 +165,7 @@ impl Directory {
         // rule: known callers keep working, bounded by the cache's TTL).
         let cached = self.keys.get(&hash, now);
         let trust_cache = cached.is_some() && self.confirmed();
+        let mut store_failed = false;
         let (record, key_id_value) = match cached {
             Some(entry) if trust_cache => entry,
             None if !may_look_further() => return Ok(Lookup::NotAsked),
@@ -187,7 +191,10 @@ impl Directory {
                     return Ok(Lookup::Unknown);
                 }
                 Err(e) => match cached {
-                    Some(entry) => entry,
+                    Some(entry) => {
+                        store_failed = true;
+                        entry
+                    }
                     None => return Err(e),
                 },
             },
@@ -210,7 +217,10 @@ impl Directory {
                 }
                 Ok(None) => return Ok(Lookup::Unknown),
                 Err(e) => match cached {
-                    Some(entry) => entry,
+                    Some(entry) => {
+                        store_failed = true;
+                        entry
+                    }
                     None => return Err(e),
                 },
             },
@@ -220,6 +230,7 @@ impl Directory {
             account,
             key_id_value,
             account_id_value,
+            store_failed,
         }))
     }
 

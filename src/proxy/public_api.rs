@@ -10,7 +10,7 @@ use crate::limits::blocks::RateGate;
 use crate::limits::quota;
 use crate::live::Live;
 use crate::policy::{InstanceSource, RoutePolicy, ScopeRule, StoreErrorMode};
-use crate::store::{Admission, AdmitRequest, Subscription};
+use crate::store::{Admission, AdmitRequest, StoreError, Subscription};
 use inspect::{Ambiguity, BodyError};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
@@ -252,18 +252,24 @@ pub(crate) async fn authorize(
         ));
     }
     let period_id = period.id();
-    let decision = gw
-        .store
-        .admit(&AdmitRequest {
-            key_id: &principal.key.id,
-            account_id: &account.id,
-            now_ns,
-            bucket: plan.bucket,
-            period_id: &period_id,
-            period_end_unix: period.end_unix,
-            monthly_quota: plan.monthly_requests,
-        })
-        .await;
+    // The lookup just met a store outage: one store timeout per request, not two.
+    let decision = if principal.store_failed {
+        Err(StoreError::Unavailable(
+            "the key lookup just failed; admission not tried".into(),
+        ))
+    } else {
+        gw.store
+            .admit(&AdmitRequest {
+                key_id: &principal.key.id,
+                account_id: &account.id,
+                now_ns,
+                bucket: plan.bucket,
+                period_id: &period_id,
+                period_end_unix: period.end_unix,
+                monthly_quota: plan.monthly_requests,
+            })
+            .await
+    };
     match decision {
         Ok(Admission::Allowed {
             remaining,

@@ -225,6 +225,12 @@ pub trait Store: Send + Sync + 'static {
         0
     }
 
+    /// Admissions answered 503 whose commands may still have run in the store (a timeout or a
+    /// connection lost after sending): each may have consumed a token and a unit of quota.
+    fn admissions_uncertain(&self) -> u64 {
+        0
+    }
+
     /// Lets go of what this process owns exclusively (the embedded store's files), after
     /// writing what it holds only in memory; writes are refused from then on. Called when the
     /// server has stopped.

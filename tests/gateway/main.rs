@@ -16,6 +16,7 @@ mod client;
 mod client_addresses;
 mod cluster;
 mod console;
+mod faults;
 mod hostile;
 mod lifecycle;
 mod limits;

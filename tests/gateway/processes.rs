@@ -9,19 +9,24 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
 
-struct Process {
-    child: Child,
-    proxy: SocketAddr,
-    admin: SocketAddr,
+pub(crate) struct Process {
+    pub(crate) child: Child,
+    pub(crate) proxy: SocketAddr,
+    pub(crate) admin: SocketAddr,
     dir: std::path::PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl Process {
     fn spawn(redis: &RedisServer) -> Self {
+        Self::spawn_on(redis.url())
+    }
+
+    /// A gateway process on the Redis at `url` (any scheme), in its own directory.
+    pub(crate) fn spawn_on(url: String) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let (proxy, admin, echo) = (free_addr(), free_addr(), free_addr());
-        let setup = Setup::new().on_redis(redis.url());
+        let setup = Setup::new().on_redis(url);
         write_config(tmp.path(), &setup, proxy, admin, echo);
         let mut p = Self::start_in(tmp.path(), proxy, admin, &[]);
         p._tmp = Some(tmp);
@@ -57,7 +62,7 @@ impl Process {
         }
     }
 
-    fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let pid = self.child.id().to_string();
         let ok = Command::new("kill")
             .args([&format!("-{name}"), &pid])
@@ -66,7 +71,12 @@ impl Process {
         assert!(ok.success());
     }
 
-    fn admin(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+    pub(crate) fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
         let auth = format!("Bearer {ADMIN_TOKEN}");
         let body = serde_json::to_vec(&body).unwrap();
         let r = request(

@@ -11,7 +11,8 @@ fn lines(s: &str) -> Vec<String> {
 
 #[test]
 fn the_gateway_follows_a_sentinel_failover() {
-    let mut primary = RedisServer::start();
+    // Replicas get their first copy at once (Redis waits 5 s by default to batch them).
+    let mut primary = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"]);
     let port = primary.addr.port().to_string();
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
     let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(primary.addr, 2)).collect();

@@ -239,6 +239,7 @@ impl RedisStore {
             key_touched: BoundedCache::new(100_000, LAST_USE_EVERY_NS),
             liveness: Arc::new(super::invalidation::Liveness::new()),
             refunds_failed: std::sync::atomic::AtomicU64::new(0),
+            admissions_uncertain: std::sync::atomic::AtomicU64::new(0),
             breakers: [(); 3].map(|()| {
                 Breaker::new(
                     s.breaker_threshold,
@@ -258,6 +259,14 @@ impl RedisStore {
         if !breaker.allows() {
             return Err(StoreError::Unavailable("circuit open".into()));
         }
+        // An admission that fails after its commands may have reached Redis is counted: the
+        // request is refused (503) but may have consumed a token and a unit of quota.
+        let uncertain = || {
+            if matches!(budget, Budget::Admission) {
+                self.admissions_uncertain
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        };
         match tokio::time::timeout(self.deadline(budget), call).await {
             Ok(Ok(v)) => {
                 breaker.success();
@@ -267,10 +276,14 @@ impl RedisStore {
                 if is_outage(&e) {
                     breaker.failure();
                 }
+                if !e.is_connection_refusal() {
+                    uncertain();
+                }
                 Err(StoreError::Unavailable(e.to_string()))
             }
             Err(_) => {
                 breaker.failure();
+                uncertain();
                 Err(StoreError::Unavailable("timed out".into()))
             }
         }

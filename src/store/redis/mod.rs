@@ -51,6 +51,8 @@ pub struct RedisStore {
     liveness: Arc<invalidation::Liveness>,
     /// Refunds (of a refused request's token and quota unit) that Redis did not take.
     refunds_failed: std::sync::atomic::AtomicU64,
+    /// Admission pipelines that failed after they may have reached Redis.
+    admissions_uncertain: std::sync::atomic::AtomicU64,
     /// One circuit breaker per [`connection::Budget`].
     breakers: [Breaker; 3],
     /// account id -> the quota period whose counter expiry this node has already set.
@@ -128,6 +130,11 @@ impl Store for RedisStore {
 
     fn invalidations_confirmed(&self) -> bool {
         self.liveness.confirmed()
+    }
+
+    fn admissions_uncertain(&self) -> u64 {
+        self.admissions_uncertain
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn refunds_failed(&self) -> u64 {

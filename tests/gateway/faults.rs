@@ -1,0 +1,529 @@
+//! The fault suite: steady traffic (two gateway processes on one store, 40 keys at about 8
+//! requests a second each, keys revoked along the way) through a real fault, with figures per
+//! fault (printed with `--nocapture`; the table is in docs/faults.md) and the guarantees
+//! asserted: no wrong 401, no 5xx but 503, no revoked key accepted after its revoke returned
+//! 200, and (on one Redis with `appendfsync always`) no admitted request left uncounted.
+
+use crate::client::{request, Connection};
+use crate::processes::Process;
+use crate::redis_server::{RedisServer, Sentinel};
+use crate::support::*;
+use serde_json::json;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const KEYS: usize = 40;
+/// The last keys are revoked during the run, one every `REVOKE_EVERY`.
+const REVOKED: usize = 10;
+const REVOKE_EVERY: Duration = Duration::from_millis(300);
+const THREADS: usize = 8;
+/// Each traffic thread sends a request, then waits this long: 8 threads x 40 a second.
+const PACE: Duration = Duration::from_millis(25);
+const STEADY: Duration = Duration::from_millis(1500);
+const AFTER: Duration = Duration::from_secs(3);
+/// Redis with every write on disk before it answers.
+const AOF_ALWAYS: [&str; 4] = ["--appendonly", "yes", "--appendfsync", "always"];
+
+struct Key {
+    account: String,
+    key: String,
+    id: String,
+}
+
+/// One request of the traffic: when it was sent (since the run started), how long it took,
+/// to which key and node, and what came back (or the connection error).
+struct Sample {
+    sent: Duration,
+    took: Duration,
+    key: usize,
+    node: usize,
+    status: Result<u16, String>,
+}
+
+/// One revocation: when it was first asked for, and when a revoke call returned 200.
+struct Revoke {
+    key: usize,
+    issued: Duration,
+    done: Option<Duration>,
+}
+
+/// What a run measured, against the guarantees.
+#[derive(Debug)]
+struct Figures {
+    fault: &'static str,
+    requests: usize,
+    unavailable: usize,
+    /// First and last 503, from the fault's start.
+    window: Option<(Duration, Duration)>,
+    wrong_401: usize,
+    other_5xx: usize,
+    /// Connection errors on nodes that were not killed.
+    conn_errors: usize,
+    p99_during: Duration,
+    /// From the fault's end to the last answer that was not a success (0 when none).
+    recovery: Duration,
+    revoked_accepted: usize,
+    counts_lost: u64,
+    counts_extra: u64,
+    uncertain: u64,
+}
+
+impl Figures {
+    fn print(&self) {
+        let window = self.window.map_or("-".to_owned(), |(a, b)| {
+            format!("{:.2}–{:.2} s", a.as_secs_f64(), b.as_secs_f64())
+        });
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} ms | {:.2} s | {} | {} | {} ({} uncertain) |",
+            self.fault,
+            self.requests,
+            self.wrong_401,
+            self.other_5xx + self.conn_errors,
+            self.unavailable,
+            window,
+            self.revoked_accepted,
+            self.p99_during.as_secs_f64() * 1000.0,
+            self.recovery.as_secs_f64(),
+            self.counts_lost,
+            self.counts_extra,
+            self.uncertain,
+            self.uncertain,
+        );
+    }
+
+    /// The guarantees that hold for every fault.
+    fn assert_guarantees(&self) {
+        assert_eq!(self.wrong_401, 0, "{self:?}");
+        assert_eq!(self.other_5xx, 0, "{self:?}");
+        assert_eq!(self.conn_errors, 0, "{self:?}");
+        assert_eq!(self.revoked_accepted, 0, "{self:?}");
+    }
+}
+
+/// Accounts and keys for one run, made through `node`.
+fn keys(node: &Process, prefix: &str) -> Vec<Key> {
+    (0..KEYS)
+        .map(|i| {
+            let account = format!("{prefix}{i}");
+            node.admin(
+                "PUT",
+                &format!("/admin/v1/accounts/{account}"),
+                json!({"plan": "pro"}),
+            );
+            let v = node.admin(
+                "POST",
+                &format!("/admin/v1/accounts/{account}/keys"),
+                json!({"name": "k"}),
+            );
+            Key {
+                account,
+                key: v["key"].as_str().unwrap().to_owned(),
+                id: v["id"].as_str().unwrap().to_owned(),
+            }
+        })
+        .collect()
+}
+
+/// Sends one request on a kept-alive connection (opened again after an error).
+fn send(conn: &mut Option<Connection>, addr: SocketAddr, key: &str) -> Result<u16, String> {
+    if conn.is_none() {
+        *conn = Some(Connection::open(addr).map_err(|e| e.to_string())?);
+    }
+    let c = conn.as_mut().ok_or("no connection")?;
+    match c.send("GET", "/api/v1/x", &[("x-api-key", key)], None) {
+        Ok(r) => {
+            if r.header("connection") == Some("close") {
+                *conn = None;
+            }
+            Ok(r.status)
+        }
+        Err(e) => {
+            *conn = None;
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Runs traffic through `nodes` from the start; `fault` is called after [`STEADY`] and returns
+/// when the fault is over (healed); traffic goes on for [`AFTER`]. `down` names a node the
+/// fault kills (its connection errors are expected).
+fn run(
+    name: &'static str,
+    nodes: &[&Process],
+    prefix: &str,
+    down: Option<usize>,
+    fault: impl FnOnce(),
+) -> Figures {
+    let keys = Arc::new(keys(nodes[0], prefix));
+    let addrs: Vec<(SocketAddr, SocketAddr)> = nodes.iter().map(|n| (n.proxy, n.admin)).collect();
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (keys, stop, addrs) = (keys.clone(), stop.clone(), addrs.clone());
+            std::thread::spawn(move || {
+                let mine: Vec<usize> = (t..KEYS).step_by(THREADS).collect();
+                let mut conns: Vec<Option<Connection>> = addrs.iter().map(|_| None).collect();
+                let mut samples = Vec::new();
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = mine[n % mine.len()];
+                    let node = (n / mine.len() + t) % addrs.len();
+                    n += 1;
+                    let sent = start.elapsed();
+                    let status = send(&mut conns[node], addrs[node].0, &keys[key].key);
+                    samples.push(Sample {
+                        sent,
+                        took: start.elapsed() - sent,
+                        key,
+                        node,
+                        status,
+                    });
+                    std::thread::sleep(PACE);
+                }
+                samples
+            })
+        })
+        .collect();
+    let revokes = Arc::new(Mutex::new(Vec::<Revoke>::new()));
+    let revoker = {
+        let (keys, stop, revokes, addrs) =
+            (keys.clone(), stop.clone(), revokes.clone(), addrs.clone());
+        std::thread::spawn(move || {
+            let auth = format!("Bearer {ADMIN_TOKEN}");
+            std::thread::sleep(STEADY / 2);
+            for (n, key) in (KEYS - REVOKED..KEYS).enumerate() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let issued = start.elapsed();
+                revokes.lock().unwrap().push(Revoke {
+                    key,
+                    issued,
+                    done: None,
+                });
+                let path = format!(
+                    "/admin/v1/accounts/{}/keys/{}",
+                    keys[key].account, keys[key].id
+                );
+                // Retried (as a client would) until a node answers 200.
+                let done = (0..200).find_map(|attempt| {
+                    let admin = addrs[(n + attempt) % addrs.len()].1;
+                    let r = request(admin, "DELETE", &path, &[("authorization", &auth)], None);
+                    if r.is_ok_and(|r| r.status == 200) {
+                        Some(start.elapsed())
+                    } else {
+                        std::thread::sleep(Duration::from_millis(50));
+                        None
+                    }
+                });
+                if let Some(r) = revokes.lock().unwrap().last_mut() {
+                    r.done = done;
+                }
+                std::thread::sleep(REVOKE_EVERY);
+            }
+        })
+    };
+    std::thread::sleep(STEADY);
+    let fault_start = start.elapsed();
+    fault();
+    let fault_end = start.elapsed();
+    std::thread::sleep(AFTER);
+    stop.store(true, Ordering::Relaxed);
+    let samples: Vec<Sample> = traffic
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    revoker.join().unwrap();
+    let revokes = std::mem::take(&mut *revokes.lock().unwrap());
+
+    let issued = |key: usize| revokes.iter().find(|r| r.key == key).map(|r| r.issued);
+    let done = |key: usize| revokes.iter().find(|r| r.key == key).and_then(|r| r.done);
+    let counted = |s: &&Sample| Some(s.node) != down;
+    let mut f = Figures {
+        fault: name,
+        requests: samples.len(),
+        unavailable: 0,
+        window: None,
+        wrong_401: 0,
+        other_5xx: 0,
+        conn_errors: 0,
+        p99_during: Duration::ZERO,
+        recovery: Duration::ZERO,
+        revoked_accepted: 0,
+        counts_lost: 0,
+        counts_extra: 0,
+        uncertain: 0,
+    };
+    let mut during = Vec::new();
+    for s in samples.iter().filter(counted) {
+        let ok = match &s.status {
+            Ok(200) => {
+                if done(s.key).is_some_and(|d| s.sent > d) {
+                    f.revoked_accepted += 1;
+                }
+                true
+            }
+            Ok(429) => true,
+            Ok(401) => {
+                if issued(s.key).is_none_or(|i| s.sent < i) {
+                    f.wrong_401 += 1;
+                }
+                true
+            }
+            Ok(503) => {
+                f.unavailable += 1;
+                let at = s.sent.saturating_sub(fault_start);
+                f.window = Some(f.window.map_or((at, at), |(a, b)| (a.min(at), b.max(at))));
+                false
+            }
+            Ok(_) => {
+                f.other_5xx += 1;
+                false
+            }
+            Err(_) => {
+                f.conn_errors += 1;
+                false
+            }
+        };
+        if !ok && s.sent >= fault_start {
+            f.recovery = f.recovery.max((s.sent + s.took).saturating_sub(fault_end));
+        }
+    }
+    for s in samples.iter().filter(counted) {
+        if s.sent >= fault_start && s.sent <= fault_end + f.recovery {
+            during.push(s.took);
+        }
+    }
+    during.sort();
+    f.p99_during = during
+        .get((during.len() * 99 / 100).min(during.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default();
+    // Quota: every admitted request counted once, whichever node admitted it.
+    let alive = nodes
+        .iter()
+        .enumerate()
+        .find(|(i, _)| Some(*i) != down)
+        .map(|(_, n)| *n)
+        .unwrap();
+    for (i, k) in keys.iter().enumerate() {
+        let admitted = samples
+            .iter()
+            .filter(|s| s.key == i && matches!(s.status, Ok(200)))
+            .count() as u64;
+        let usage = alive.admin(
+            "GET",
+            &format!("/admin/v1/accounts/{}", k.account),
+            json!({}),
+        )["usage"]["requests"]
+            .as_u64()
+            .unwrap();
+        f.counts_lost += admitted.saturating_sub(usage);
+        f.counts_extra += usage.saturating_sub(admitted);
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        if Some(i) == down {
+            continue;
+        }
+        let text = request(n.admin, "GET", "/metrics", &[], None)
+            .unwrap()
+            .text();
+        f.uncertain += text
+            .lines()
+            .find_map(|l| l.strip_prefix("msgflash_admissions_uncertain_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    f.print();
+    f
+}
+
+/// A TCP relay between the gateways and Redis that can stop forwarding (a network stall:
+/// connections stay open, bytes stop moving).
+struct StallProxy {
+    addr: SocketAddr,
+    stalled: Arc<AtomicBool>,
+}
+
+impl StallProxy {
+    fn start(to: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let flag = stalled.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(to) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            while flag.load(Ordering::Relaxed) {
+                                std::thread::sleep(Duration::from_millis(2));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { addr, stalled }
+    }
+}
+
+fn two_nodes(url: String) -> (Process, Process) {
+    (Process::spawn_on(url.clone()), Process::spawn_on(url))
+}
+
+#[test]
+fn redis_paused() {
+    let redis = RedisServer::start_with(&AOF_ALWAYS);
+    let (a, b) = two_nodes(redis.url());
+    let f = run(
+        "Redis paused 1.5 s (CLIENT PAUSE)",
+        &[&a, &b],
+        "p",
+        None,
+        || {
+            redis.cli(&["CLIENT", "PAUSE", "1500", "ALL"]);
+            std::thread::sleep(Duration::from_millis(1500));
+        },
+    );
+    f.assert_guarantees();
+    assert_eq!(f.counts_lost, 0, "{f:?}");
+}
+
+#[test]
+fn redis_killed_and_restarted() {
+    let mut redis = RedisServer::start_with(&AOF_ALWAYS);
+    let (a, b) = two_nodes(redis.url());
+    let f = run(
+        "Redis killed -9, restarted after 1 s (AOF always)",
+        &[&a, &b],
+        "k",
+        None,
+        || {
+            redis.kill();
+            std::thread::sleep(Duration::from_secs(1));
+            redis.restart();
+        },
+    );
+    f.assert_guarantees();
+    assert_eq!(f.counts_lost, 0, "{f:?}");
+}
+
+#[test]
+fn subscriber_connections_killed() {
+    let redis = RedisServer::start_with(&AOF_ALWAYS);
+    let (a, b) = two_nodes(redis.url());
+    let f = run(
+        "subscriber connections killed (CLIENT KILL TYPE pubsub)",
+        &[&a, &b],
+        "s",
+        None,
+        || {
+            redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        },
+    );
+    f.assert_guarantees();
+    assert_eq!(f.counts_lost, 0, "{f:?}");
+}
+
+#[test]
+fn network_stall_to_redis() {
+    let redis = RedisServer::start_with(&AOF_ALWAYS);
+    let relay = StallProxy::start(redis.addr);
+    let (a, b) = two_nodes(format!("redis://{}", relay.addr));
+    let f = run(
+        "network stall to Redis, 1.5 s",
+        &[&a, &b],
+        "n",
+        None,
+        || {
+            relay.stalled.store(true, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(1500));
+            relay.stalled.store(false, Ordering::Relaxed);
+        },
+    );
+    f.assert_guarantees();
+    assert_eq!(f.counts_lost, 0, "{f:?}");
+}
+
+#[test]
+fn a_gateway_node_killed_under_load() {
+    let redis = RedisServer::start_with(&AOF_ALWAYS);
+    let (a, b) = two_nodes(redis.url());
+    let f = run(
+        "gateway node killed -9 (the other one's figures)",
+        &[&a, &b],
+        "g",
+        Some(1),
+        || {
+            b.signal("KILL");
+        },
+    );
+    f.assert_guarantees();
+}
+
+#[test]
+fn sentinel_failover() {
+    // Replicas get their first copy at once (Redis waits 5 s by default to batch them).
+    let mut primary_args = AOF_ALWAYS.to_vec();
+    primary_args.extend(["--repl-diskless-sync-delay", "0"]);
+    let primary = RedisServer::start_with(&primary_args);
+    let port = primary.addr.port().to_string();
+    let mut replica_args = AOF_ALWAYS.to_vec();
+    replica_args.extend(["--replicaof", "127.0.0.1", &port]);
+    let replica = RedisServer::start_with(&replica_args);
+    let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(primary.addr, 2)).collect();
+    eventually("the replica is in sync", || {
+        replica.cli(&["ROLE"]).contains("connected")
+    });
+    eventually("the sentinels see the replica and each other", || {
+        sentinels.iter().all(|s| {
+            s.cli(&["SENTINEL", "replicas", "mymaster"])
+                .contains(&replica.addr.port().to_string())
+                && s.cli(&["SENTINEL", "sentinels", "mymaster"])
+                    .matches("runid")
+                    .count()
+                    == 2
+        })
+    });
+    let url = format!(
+        "redis+sentinel://{},{},{}/mymaster",
+        sentinels[0].addr, sentinels[1].addr, sentinels[2].addr
+    );
+    let (a, b) = two_nodes(url);
+    let mut primary = primary;
+    let promoted = format!("127.0.0.1\n{}\n", replica.addr.port());
+    let f = run(
+        "Sentinel failover (primary killed -9)",
+        &[&a, &b],
+        "f",
+        None,
+        || {
+            primary.kill();
+            eventually("the sentinels promote the replica", || {
+                sentinels[0].cli(&["SENTINEL", "get-master-addr-by-name", "mymaster"]) == promoted
+            });
+        },
+    );
+    f.assert_guarantees();
+}
