@@ -45,6 +45,9 @@ pub(crate) trait EdgeLimits: std::fmt::Debug + Send + Sync + 'static {
     /// Whether a newly accepted connection is served: a guard held as long as the connection
     /// lives, or None to close it at once.
     fn admit(&self, stream: &Stream) -> Option<Box<dyn std::fmt::Debug + Send + Sync>>;
+    /// A place under the global connection cap only, held while a connection's PROXY protocol
+    /// header is read (before the client, and so its own cap, is known); None when full.
+    fn admit_any(&self) -> Option<Box<dyn std::fmt::Debug + Send + Sync>>;
     /// Whether a peer's PROXY protocol header is believed (a trusted proxy).
     fn trusts(&self, peer: IpAddr) -> bool;
     /// A connection closed because its PROXY protocol header was refused.
@@ -73,6 +76,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
         } else {
             // A plain connection (TLS ones had theirs read before the handshake).
             let stream = if self.proxy_protocol && stream.as_any().is::<L4Stream>() {
+                let _reading = self.limits.admit_any()?;
                 let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
                 let trusts = |ip| self.limits.trusts(ip);
                 if let Err(why) = crate::proxy_protocol::accept(&mut l4, self.timeout, trusts).await
@@ -111,6 +115,12 @@ pub(crate) struct ProxyHeader {
 #[async_trait]
 impl PreTlsProcess for ProxyHeader {
     async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
+        let Some(_reading) = self.limits.admit_any() else {
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::AcceptError,
+                "over the connection cap",
+            ));
+        };
         let trusts = |ip| self.limits.trusts(ip);
         crate::proxy_protocol::accept(stream, self.timeout, trusts)
             .await

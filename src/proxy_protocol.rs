@@ -21,6 +21,10 @@ const V1_PREFIX: &[u8] = b"PROXY ";
 const V1_MAX: usize = 107;
 /// The v2 header's fixed part: signature, version and command, family, length.
 const V2_FIXED: usize = 16;
+/// The longest v2 address block and TLVs accepted (the format allows 64 KiB; balancers send a
+/// few hundred bytes at most), so that a connection that has not been admitted yet cannot make
+/// the gateway hold much.
+const V2_MAX_BODY: usize = 4096;
 
 /// What a complete header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +147,9 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, HeaderError> {
     }
     let (family, transport) = (buf[13] >> 4, buf[13] & 0x0f);
     let length = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+    if length > V2_MAX_BODY {
+        return Err(HeaderError::Malformed("a v2 header longer than 4 KiB"));
+    }
     let total = V2_FIXED + length;
     if buf.len() < total {
         return Ok(None);
@@ -338,6 +345,15 @@ mod tests {
         assert_eq!(complete(&v2(0, 0x11, &[0; 12])).0, Header::Unknown);
         assert_eq!(complete(&v2(1, 0x00, &[])).0, Header::Unknown);
         assert_eq!(complete(&v2(1, 0x31, &[0; 216])).0, Header::Unknown);
+    }
+
+    #[test]
+    fn v2_refuses_a_header_longer_than_4_kib_before_reading_it() {
+        let mut start = V2_SIGNATURE.to_vec();
+        start.extend_from_slice(&[0x21, 0x11, 0x10, 0x01]);
+        assert!(matches!(parse(&start), Err(HeaderError::Malformed(_))));
+        start[14..16].copy_from_slice(&4096u16.to_be_bytes());
+        assert!(parse(&start).unwrap().is_none());
     }
 
     #[test]

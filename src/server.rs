@@ -97,6 +97,21 @@ impl EdgeLimits for ConfiguredEdge {
         Some(Box::new(permit))
     }
 
+    fn admit_any(&self) -> Option<Box<dyn std::fmt::Debug + Send + Sync>> {
+        let live = self.0.live();
+        let server = &live.config.server;
+        let permit = self
+            .0
+            .connections
+            .admit(
+                None,
+                server.max_connections,
+                server.max_connections_per_client,
+            )
+            .ok()?;
+        Some(Box::new(permit))
+    }
+
     fn trusts(&self, peer: std::net::IpAddr) -> bool {
         self.0.live().config.server.trusted_proxies.trusts(peer)
     }

@@ -59,11 +59,16 @@ fn parse_rest(rest: &str) -> Result<SentinelUrl, String> {
     if sentinels.is_empty() {
         return Err("a sentinel URL lists at least one sentinel host:port".into());
     }
-    if let Some(bad) = sentinels.iter().find(|h| {
+    // Positions, not values: a malformed URL may have put part of a password there.
+    if let Some(n) = sentinels.iter().position(|h| {
         h.rsplit_once(':')
             .is_none_or(|(_, p)| p.parse::<u16>().is_err())
     }) {
-        return Err(format!("sentinel \"{bad}\" is not host:port"));
+        return Err(format!(
+            "sentinel {} of {} is not host:port",
+            n + 1,
+            sentinels.len()
+        ));
     }
     let mut parts = path.split('/');
     let master = parts.next().unwrap_or_default().to_owned();
@@ -94,7 +99,12 @@ fn parse_rest(rest: &str) -> Result<SentinelUrl, String> {
         match &*name {
             "sentinel_username" => sentinel_username = Some(value.into_owned()),
             "sentinel_password" => sentinel_password = Some(value.into_owned()),
-            other => return Err(format!("unknown sentinel URL parameter \"{other}\"")),
+            // Not echoed: an unencoded '&' in a password makes its tail look like a name.
+            _ => {
+                return Err("unknown sentinel URL parameter (sentinel_username and \
+                            sentinel_password are known; percent-encode '&' and '=' in values)"
+                    .into())
+            }
         }
     }
     Ok(SentinelUrl {
@@ -136,7 +146,7 @@ mod tests {
             ("redis+sentinel://h:1", "names the primary"),
             ("redis+sentinel://h:1/", "names the primary"),
             ("redis+sentinel:///m", "at least one sentinel"),
-            ("redis+sentinel://h/m", "is not host:port"),
+            ("redis+sentinel://h/m", "sentinel 1 of 1 is not host:port"),
             ("redis+sentinel://h:1/m/x", "is not a number"),
             ("redis+sentinel://h:1/m/0/9", "/master or /master/db"),
             (

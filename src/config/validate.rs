@@ -356,7 +356,10 @@ fn upstream_tls(
             String::new()
         }
         Some(sni) => {
-            if rustls_pki_types::ServerName::try_from(sni.get_ref().as_str()).is_err() {
+            if rustls_pki_types::ServerName::try_from(sni.get_ref().as_str()).is_err()
+                // pingora would verify another name (its leftmost '_' becomes '-').
+                || sni.get_ref().contains('_')
+            {
                 r.at(
                     sni.span(),
                     field("sni"),

@@ -299,9 +299,10 @@ impl ProxyHttp for GatewayProxy {
         ctx.member = Some(member);
         let mut peer = match pool.tls() {
             // Verified against the CA list, else the system's roots, for `sni`.
-            Some((sni, ca)) => {
+            Some((sni, ca, ca_key)) => {
                 let mut peer = HttpPeer::new(addr, true, sni.to_owned());
                 peer.options.ca = ca.cloned();
+                peer.group_key = ca_key;
                 peer
             }
             None => HttpPeer::new(addr, false, String::new()),

@@ -29,6 +29,8 @@ pub struct Pool {
     /// TLS to the members, when on: as configured, and the CA list in pingora's form.
     tls: Option<UpstreamTls>,
     ca: Option<Arc<pingora::protocols::tls::CaType>>,
+    /// A digest of the CA certificates (0 without a CA file).
+    ca_key: u64,
 }
 
 impl Pool {
@@ -57,15 +59,30 @@ impl Pool {
                     .collect::<Vec<_>>()
                     .into()
             }),
+            ca_key: u
+                .tls
+                .as_ref()
+                .and_then(|t| t.ca.as_ref())
+                .map_or(0, |certs| {
+                    use sha2::Digest;
+                    let mut h = sha2::Sha256::new();
+                    for c in certs {
+                        h.update(c.as_ref());
+                    }
+                    let d = h.finalize();
+                    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+                }),
             tls: u.tls.clone(),
         }
     }
 
-    /// The name to send and verify, and the CA list, when the members speak TLS.
-    pub fn tls(&self) -> Option<(&str, Option<&Arc<pingora::protocols::tls::CaType>>)> {
+    /// The name to send and verify, the CA list, and a key that keeps connections verified
+    /// against one CA list from being reused for another (pingora's pool key has SNI, not the
+    /// CA), when the members speak TLS.
+    pub fn tls(&self) -> Option<(&str, Option<&Arc<pingora::protocols::tls::CaType>>, u64)> {
         self.tls
             .as_ref()
-            .map(|t| (t.sni.as_str(), self.ca.as_ref()))
+            .map(|t| (t.sni.as_str(), self.ca.as_ref(), self.ca_key))
     }
 
     /// True when this pool was built from an identical upstream definition.

@@ -146,7 +146,7 @@ impl EmbeddedStore {
             ))
         })?;
         let store = Self::unowned(path)?;
-        store.own(lock, store.counters.snapshot())?;
+        store.own(lock, &store.counters.snapshot())?;
         Ok(store)
     }
 
@@ -155,7 +155,7 @@ impl EmbeddedStore {
     pub fn open_for_upgrade(path: &Path) -> Result<Arc<Self>, StoreError> {
         if let Some(lock) = file_lock::try_acquire(path)? {
             let store = Self::unowned(path)?;
-            store.own(lock, store.counters.snapshot())?;
+            store.own(lock, &store.counters.snapshot())?;
             return Ok(Arc::new(store));
         }
         // Measured before the read: a change made in between is read again.
@@ -192,15 +192,25 @@ impl EmbeddedStore {
     /// Becomes the data file's owner: the records as the file holds them now, compacted, and
     /// the counters as the previous owner left them plus what this process counted since it
     /// read `baseline`.
-    fn own(&self, lock: FileLock, baseline: Usage) -> Result<(), StoreError> {
-        let data = read_data(&self.path)?;
-        let journal = Journal::create(&self.path, &data.entries())?;
-        self.counters
-            .merge(usage::read(&usage::usage_path(&self.path))?, &baseline);
-        *self.data.write() = data;
+    fn own(&self, lock: FileLock, baseline: &Usage) -> Result<(), StoreError> {
+        // Held from here whatever follows: a failed take-over is tried again, not let go.
         *self.lock.lock() = Some(lock);
+        self.own_held(baseline)
+    }
+
+    /// As [`EmbeddedStore::own`], the lock held already. Everything that can fail comes
+    /// before anything changes; writes are served from the last step.
+    fn own_held(&self, baseline: &Usage) -> Result<(), StoreError> {
+        let data = read_data(&self.path)?;
+        let theirs = usage::read(&usage::usage_path(&self.path))?;
+        let journal = Journal::create(&self.path, &data.entries())?;
+        *self.data.write() = data;
+        self.counters.merge(&theirs, baseline);
         *self.journal.lock() = Some(journal);
-        self.counters.own()
+        if let Err(e) = self.counters.own() {
+            tracing::warn!(error = %e, "cannot write the quota counters yet; retried each second");
+        }
+        Ok(())
     }
 
     /// While another process owns the file: re-reads it when it changed (a revoke there is
@@ -271,44 +281,54 @@ impl EmbeddedStore {
     }
 }
 
-/// Follows the owner's appends and waits for its lock; then takes the file over. Ends early
-/// when the store is dropped.
+/// Follows the owner's appends and waits for its lock; then takes the file over (tried again
+/// each second if that fails). Ends early when the store is dropped or released.
 fn wait_and_take_over(
     store: &Weak<EmbeddedStore>,
     path: &Path,
     mut seen: Option<(u64, u64, std::time::SystemTime)>,
     baseline: &Usage,
 ) {
+    let mut held = false;
     loop {
         let Some(s) = store.upgrade() else { return };
         if s.released.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        match file_lock::try_acquire(path) {
-            Ok(Some(lock)) => {
-                match s.own(lock, baseline.clone()) {
-                    Ok(()) => {
-                        tracing::info!(file = %path.display(), "took the data file over; writes are served")
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not take the data file over; writes stay refused")
-                    }
+        if !held {
+            match file_lock::try_acquire(path) {
+                Ok(Some(lock)) => {
+                    *s.lock.lock() = Some(lock);
+                    held = true;
                 }
+                Ok(None) => {
+                    if s.follow_owner(&mut seen) {
+                        s.announce_all();
+                    }
+                    drop(s);
+                    std::thread::sleep(HANDOVER_POLL);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot try the data file's lock; trying again in a second");
+                    drop(s);
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            }
+        }
+        match s.own_held(baseline) {
+            Ok(()) => {
+                tracing::info!(file = %path.display(), "took the data file over; writes are served");
                 s.announce_all();
                 return;
             }
-            Ok(None) => {
-                if s.follow_owner(&mut seen) {
-                    s.announce_all();
-                }
-            }
             Err(e) => {
-                tracing::error!(error = %e, "cannot try the data file's lock; writes stay refused");
-                return;
+                tracing::error!(error = %e, "could not take the data file over; writes stay refused; trying again in a second");
+                drop(s);
+                std::thread::sleep(Duration::from_secs(1));
             }
         }
-        drop(s);
-        std::thread::sleep(HANDOVER_POLL);
     }
 }
 

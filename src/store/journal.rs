@@ -32,6 +32,10 @@ pub(super) struct Journal {
     len: u64,
     /// Lines appended since the last compaction.
     pub appended: usize,
+    /// A compaction replaced the file but could not make the replacement durable: `file` may
+    /// no longer be what `path` names, so appends are refused (never written where a restart
+    /// would not find them).
+    broken: bool,
 }
 
 fn persist_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
@@ -82,40 +86,66 @@ impl Journal {
 
     /// Rewrites `path` to hold exactly `entries`, atomically, and opens it for appending.
     pub(super) fn create(path: &Path, entries: &[Entry]) -> Result<Self, StoreError> {
+        Self::replace(path, entries).map_err(|(e, _)| e)
+    }
+
+    /// As [`Journal::create`]; an error says whether `path` was replaced already (then an
+    /// older handle on the file must not be written to any more).
+    fn replace(path: &Path, entries: &[Entry]) -> Result<Self, (StoreError, bool)> {
+        let before = |e: StoreError| (e, false);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| persist_err(dir, e))?;
+            std::fs::create_dir_all(dir).map_err(|e| before(persist_err(dir, e)))?;
         }
         let mut bytes = serde_json::to_vec(&Header {
             version: FORMAT_VERSION,
         })
-        .map_err(|e| persist_err(path, e))?;
+        .map_err(|e| before(persist_err(path, e)))?;
         bytes.push(b'\n');
         for entry in entries {
-            serde_json::to_writer(&mut bytes, entry).map_err(|e| persist_err(path, e))?;
+            serde_json::to_writer(&mut bytes, entry).map_err(|e| before(persist_err(path, e)))?;
             bytes.push(b'\n');
         }
         let tmp = path.with_extension("tmp");
-        let written = (|| {
-            let mut f = File::create(&tmp)?;
+        // The handle written here is the one appended to after the rename: nothing to reopen.
+        let file = (|| {
+            // Append mode (a failed append's cut-back keeps later appends at the end); a
+            // leftover temporary file from a crash is removed first.
+            match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            let mut f = OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir)?.sync_all()?;
-            }
-            OpenOptions::new().append(true).open(path)
-        })();
-        let file = written.map_err(|e| persist_err(path, e))?;
+            Ok::<_, std::io::Error>(f)
+        })()
+        .map_err(|e| before(persist_err(path, e)))?;
+        std::fs::rename(&tmp, path).map_err(|e| before(persist_err(path, e)))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| (persist_err(path, e), true))?;
+        }
         Ok(Self {
             path: path.to_path_buf(),
             file,
             len: bytes.len() as u64,
             appended: 0,
+            broken: false,
         })
     }
 
     /// Appends records and fsyncs; on failure the file is cut back to its last whole line.
     pub(super) fn append(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
+        if self.broken {
+            return Err(persist_err(
+                &self.path,
+                "a compaction could not be made durable; restart to reopen the data file",
+            ));
+        }
         let mut bytes = Vec::new();
         for entry in entries {
             serde_json::to_writer(&mut bytes, entry).map_err(|e| persist_err(&self.path, e))?;
@@ -134,9 +164,16 @@ impl Journal {
         Ok(())
     }
 
-    /// Replaces the journal with `entries` (the live state).
+    /// Replaces the journal with `entries` (the live state). A failure after the file was
+    /// replaced leaves the journal refusing appends.
     pub(super) fn compact(&mut self, entries: &[Entry]) -> Result<(), StoreError> {
-        *self = Self::create(&self.path, entries)?;
+        match Self::replace(&self.path, entries) {
+            Ok(journal) => *self = journal,
+            Err((e, replaced)) => {
+                self.broken |= replaced;
+                return Err(e);
+            }
+        }
         Ok(())
     }
 }

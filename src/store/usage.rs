@@ -98,26 +98,28 @@ impl Counters {
             .collect()
     }
 
-    /// Takes over from a previous owner: its final counts `theirs`, plus what this process
-    /// counted since it read `baseline` (its own requests in between).
-    pub(super) fn merge(&self, theirs: Usage, baseline: &Usage) {
-        let mine = self.snapshot();
-        let mut merged = theirs;
-        for (account, periods) in mine {
-            let before = baseline.get(&account);
-            let entry = merged.entry(account).or_default();
-            for (period, n) in periods {
-                let was = before
-                    .and_then(|b| b.iter().find(|(p, _)| *p == period))
-                    .map_or(0, |(_, n)| *n);
-                let added = n.saturating_sub(was);
-                match entry.iter_mut().find(|(p, _)| *p == period) {
-                    Some((_, total)) => *total += added,
-                    None => entry.push((period, added)),
-                }
+    /// Takes over from a previous owner: adds, in place (admissions go on meanwhile), what it
+    /// counted since this process read `baseline` to what this process counts now.
+    pub(super) fn merge(&self, theirs: &Usage, baseline: &Usage) {
+        let count = |u: &Usage, account: &str, period: &str| {
+            u.get(account)
+                .and_then(|v| v.iter().find(|(p, _)| p == period))
+                .map_or(0, |(_, n)| i128::from(*n))
+        };
+        let pairs: std::collections::BTreeSet<(&String, &String)> = theirs
+            .iter()
+            .chain(baseline)
+            .flat_map(|(a, v)| v.iter().map(move |(p, _)| (a, p)))
+            .collect();
+        for (account, period) in pairs {
+            let delta = count(theirs, account, period) - count(baseline, account, period);
+            if delta == 0 {
+                continue;
             }
+            let mut counts = self.quotas.entry(account.clone()).or_default();
+            let n = counts.of_mut(period);
+            *n = u64::try_from((i128::from(*n) + delta).max(0)).unwrap_or(u64::MAX);
         }
-        self.replace(merged);
     }
 
     /// From now on this process writes the usage file (and writes it now).
@@ -259,7 +261,7 @@ mod tests {
         *c.quotas.get_mut("a").unwrap().of_mut("2026-11-01") += 3;
         *c.quotas.entry("c".into()).or_default().of_mut("2026-11-01") += 1;
         c.merge(
-            usage(&[("a", "2026-11-01", 12), ("b", "2026-11-01", 7)]),
+            &usage(&[("a", "2026-11-01", 12), ("b", "2026-11-01", 7)]),
             &baseline,
         );
         assert_eq!(

@@ -89,7 +89,8 @@ fn a_sentinel_url_that_cannot_be_used_is_refused_with_its_reason() {
         ),
         (
             "redis+sentinel://127.0.0.1:1/m?x=1",
-            "unknown sentinel URL parameter \"x\"",
+            "unknown sentinel URL parameter (sentinel_username and sentinel_password are known; \
+             percent-encode '&' and '=' in values)",
         ),
     ] {
         let dir = tempfile::tempdir().unwrap();

@@ -203,6 +203,11 @@ fn upstream_tls_settings_are_validated() {
             ),
         ]
     );
+    // pingora would verify "my-svc.test" instead.
+    assert_eq!(
+        tls_line(&config_for("tls = true\nsni = \"my_svc.test\"")),
+        ["upstreams.api.sni: \"my_svc.test\" is not a DNS name or IP address"]
+    );
     let errs = tls_line(&config_for(
         "tls = true\nsni = \"10.0.0.1\"\nca_file = \"missing.pem\"",
     ));
