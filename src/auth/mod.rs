@@ -202,7 +202,9 @@ impl Directory {
         let account_slot = g.account_slot(&record.account_id);
         let account_seen = g.of(account_slot);
         let cached = self.accounts.get(&*record.account_id, now);
-        let trust_cache = cached.is_some() && self.confirmed();
+        // The store just failed the key's lookup: the cached account answers (the outage
+        // rule) without waiting out the same outage a second time.
+        let trust_cache = cached.is_some() && (store_failed || self.confirmed());
         let (account, account_id_value) = match cached {
             Some(entry) if trust_cache => entry,
             cached => match self.store.account(&record.account_id).await {

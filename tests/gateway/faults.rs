@@ -527,3 +527,66 @@ fn sentinel_failover() {
     );
     f.assert_guarantees();
 }
+
+#[test]
+fn cluster_failover() {
+    let opts = [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        "1000",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--repl-diskless-sync-delay",
+        "0",
+    ];
+    let mut nodes: Vec<RedisServer> = (0..6)
+        .map(|_| RedisServer::start_at(free_cluster_addr(), &opts))
+        .collect();
+    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
+    let out = std::process::Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "1", "--cluster-yes"])
+        .output()
+        .expect("redis-cli");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    eventually("the cluster is ok and every replica in sync", || {
+        nodes.iter().all(|n| {
+            n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") && {
+                let role = n.cli(&["ROLE"]);
+                role.starts_with("master") || role.contains("connected")
+            }
+        })
+    });
+    let victim = nodes
+        .iter()
+        .position(|n| n.cli(&["ROLE"]).starts_with("master"))
+        .unwrap();
+    let (a, b) = two_nodes(format!("redis+cluster://{}", addrs.join(",")));
+    let f = run(
+        "Redis Cluster failover (a primary killed -9)",
+        &[&a, &b],
+        "c",
+        None,
+        || {
+            nodes[victim].kill();
+            eventually("a replica takes the dead primary's slots", || {
+                nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != victim)
+                    .all(|(_, n)| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+            });
+        },
+    );
+    f.assert_guarantees();
+}
