@@ -590,3 +590,154 @@ fn cluster_failover() {
     );
     f.assert_guarantees();
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Mixed traffic at `node` until `stop`: valid keys, one abusive key, unknown keys and
+/// console JWTs, each kind from its own thread; returns (kind, status) counts.
+fn mixed_traffic(
+    node: SocketAddr,
+    keys: Arc<Vec<Key>>,
+    token: String,
+    stop: Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Vec<(&'static str, u16, u64)>>> {
+    let kinds: [&'static str; 4] = ["valid", "abusive", "unknown", "jwt"];
+    kinds
+        .into_iter()
+        .map(|kind| {
+            let (keys, token, stop) = (keys.clone(), token.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut conn = None;
+                let mut seen: std::collections::BTreeMap<u16, u64> = Default::default();
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let (path, header) = match kind {
+                        "valid" => ("/api/v1/x", ("x-api-key", keys[n % keys.len()].key.clone())),
+                        "abusive" => ("/api/v1/x", ("x-api-key", keys[0].key.clone())),
+                        "unknown" => (
+                            "/api/v1/x",
+                            ("x-api-key", format!("msgf_live_{:064x}", n as u128 * 7919)),
+                        ),
+                        _ => (
+                            "/api/dashboard",
+                            ("authorization", format!("Bearer {token}")),
+                        ),
+                    };
+                    if conn.is_none() {
+                        conn = Connection::open(node).ok();
+                    }
+                    let status = conn
+                        .as_mut()
+                        .and_then(|c| c.send("GET", path, &[(header.0, &header.1)], None).ok())
+                        .map_or(0, |r| r.status);
+                    if status == 0 {
+                        conn = None;
+                    }
+                    *seen.entry(status).or_default() += 1;
+                    std::thread::sleep(Duration::from_millis(if kind == "valid" { 5 } else { 10 }));
+                }
+                seen.into_iter().map(|(s, n)| (kind, s, n)).collect()
+            })
+        })
+        .collect()
+}
+
+/// The soak (opt-in, not in CI): mixed traffic on both stores for `SOAK_MINUTES` (10) with a
+/// reload every 30 s; every node's resident memory sampled every 10 s must not grow by 5 % or
+/// more after the first 2 minutes.
+#[test]
+#[ignore = "10 minutes: cargo test --test gateway soak -- --ignored --nocapture"]
+fn soak() {
+    let minutes: u64 = std::env::var("SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(10);
+    let redis = RedisServer::start_with(&AOF_ALWAYS);
+    let (a, b) = two_nodes(redis.url());
+    let e = crate::processes::embedded_process("1s");
+    let nodes: [(&str, &Process); 3] = [("redis A", &a), ("redis B", &b), ("embedded", &e)];
+    let token =
+        msgflash_gateway::auth::jwt::mint_hs256(&msgflash_gateway::auth::jwt::MintRequest {
+            secret: JWT_SECRET,
+            account_claim: "account_id",
+            account_id: "soak0",
+            sub: Some("user-1"),
+            issuer: Some("msgflash"),
+            audience: Some("msgflash-console"),
+            now_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64,
+            ttl_secs: 24 * 3600,
+        })
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let redis_keys = Arc::new(keys(&a, "soak"));
+    let embedded_keys = Arc::new(keys(&e, "soak"));
+    let mut traffic = Vec::new();
+    for (_, node) in &nodes {
+        let keys = if node.admin == e.admin {
+            &embedded_keys
+        } else {
+            &redis_keys
+        };
+        traffic.extend(mixed_traffic(
+            node.proxy,
+            keys.clone(),
+            token.clone(),
+            stop.clone(),
+        ));
+    }
+    let start = Instant::now();
+    let mut samples: Vec<Vec<u64>> = vec![Vec::new(); nodes.len()];
+    let mut next_reload = Duration::from_secs(30);
+    while start.elapsed() < Duration::from_secs(minutes * 60) {
+        std::thread::sleep(Duration::from_secs(10));
+        for (i, (_, node)) in nodes.iter().enumerate() {
+            samples[i].push(rss_kib(node.child.id()));
+        }
+        if start.elapsed() >= next_reload {
+            for (_, node) in &nodes {
+                node.signal("HUP");
+            }
+            next_reload += Duration::from_secs(30);
+        }
+        println!(
+            "{:>4} s: RSS {}",
+            start.elapsed().as_secs(),
+            nodes
+                .iter()
+                .zip(&samples)
+                .map(|((name, _), s)| format!("{name} {} KiB", s.last().unwrap()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut outcomes: std::collections::BTreeMap<(&str, u16), u64> = Default::default();
+    for t in traffic {
+        for (kind, status, n) in t.join().unwrap() {
+            *outcomes.entry((kind, status)).or_default() += n;
+        }
+    }
+    println!("statuses seen by kind: {outcomes:?}");
+    for ((name, _), s) in nodes.iter().zip(&samples) {
+        let at_two = s[(12).min(s.len() - 1)];
+        let last = *s.last().unwrap();
+        let growth = (last as f64 - at_two as f64) / at_two as f64 * 100.0;
+        println!("{name}: {at_two} KiB at 2 min, {last} KiB at the end: {growth:+.1} %");
+        assert!(
+            growth < 5.0,
+            "{name} grew {growth:.1} % after the first 2 minutes"
+        );
+    }
+}

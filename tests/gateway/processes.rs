@@ -331,7 +331,7 @@ fn sigterm_serves_a_chunked_request_behind_one_under_way() {
 }
 
 /// A gateway process on the embedded store, in its own directory, with `grace_period`.
-fn embedded_process(grace: &str) -> Process {
+pub(crate) fn embedded_process(grace: &str) -> Process {
     let tmp = tempfile::tempdir().unwrap();
     let (proxy, admin, echo) = (free_addr(), free_addr(), free_addr());
     let path = write_config(tmp.path(), &Setup::new(), proxy, admin, echo);
