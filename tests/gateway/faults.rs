@@ -601,6 +601,9 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// What one traffic thread saw: (kind, status, how many).
+type Seen = Vec<(&'static str, u16, u64)>;
+
 /// Mixed traffic at `node` until `stop`: valid keys, one abusive key, unknown keys and
 /// console JWTs, each kind from its own thread; returns (kind, status) counts.
 fn mixed_traffic(
@@ -608,7 +611,7 @@ fn mixed_traffic(
     keys: Arc<Vec<Key>>,
     token: String,
     stop: Arc<AtomicBool>,
-) -> Vec<std::thread::JoinHandle<Vec<(&'static str, u16, u64)>>> {
+) -> Vec<std::thread::JoinHandle<Seen>> {
     let kinds: [&'static str; 4] = ["valid", "abusive", "unknown", "jwt"];
     kinds
         .into_iter()
