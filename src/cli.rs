@@ -99,6 +99,22 @@ pub struct MintArgs {
     ttl: String,
 }
 
+/// Operational logs to stderr (`RUST_LOG` filters, `info` by default): text, or one JSON object
+/// a line when `json` (`[log] format = "json"`, for `run`).
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (a test that runs the CLI twice) keeps the first.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
 /// Runs a parsed command line.
 pub fn execute(cli: Cli) -> ExitCode {
     match dispatch(cli) {
@@ -115,10 +131,14 @@ fn load(path: &std::path::Path) -> Result<Config, String> {
 }
 
 fn dispatch(cli: Cli) -> Result<(), String> {
+    if !matches!(cli.command, Command::Run { .. }) {
+        init_logging(false);
+    }
     match cli.command {
         Command::Run { upgrade } => {
-            let config = load(&cli.config)?;
-            crate::server::run(config, upgrade).map_err(|e| e.to_string())
+            let config = load(&cli.config);
+            init_logging(config.as_ref().is_ok_and(|c| c.log.json));
+            crate::server::run(config?, upgrade).map_err(|e| e.to_string())
         }
         Command::Check => {
             let config = load(&cli.config)?;

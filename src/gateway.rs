@@ -36,6 +36,8 @@ pub struct Gateway {
     pub(crate) certs: Option<Arc<CertResolver>>,
     /// The admin listener's certificates, when it speaks TLS.
     pub(crate) admin_certs: Option<Arc<CertResolver>>,
+    /// The access log, unless `[log] access_log = "off"` (started by the server).
+    pub(crate) access_log: Option<crate::access_log::AccessLog>,
     /// Store errors on the request path are logged at most once a second (with a count).
     pub(crate) store_error_log: LogLimit,
     /// Keys the store found over their rate, refused locally until a token can exist.
@@ -127,6 +129,7 @@ impl Gateway {
             auth_failures: LocalLimiter::new(CLIENT_BUCKETS),
             certs,
             admin_certs,
+            access_log: None,
             rate_blocks,
             connections: Arc::default(),
             store_error_log: LogLimit::per_second(),

@@ -5,6 +5,7 @@
 //! everything else is `pub(crate)` (the crate lints, in Cargo.toml, keep it that way:
 //! `unreachable_pub`, no `unwrap`/`expect`/`panic!`/prints outside tests and the CLI).
 
+pub mod access_log;
 pub(crate) mod admin;
 pub mod auth;
 pub mod cache;
@@ -32,3 +33,4 @@ pub(crate) mod proxy_protocol;
 pub(crate) mod routing;
 pub mod server;
 pub mod store;
+pub(crate) mod trace_context;

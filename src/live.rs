@@ -90,6 +90,9 @@ impl Live {
         if a.echo != b.echo {
             changed.push("echo");
         }
+        if a.log != b.log {
+            changed.push("log");
+        }
         changed
     }
 }

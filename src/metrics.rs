@@ -252,6 +252,24 @@ pub(crate) fn render_connections(
     );
 }
 
+/// Appends the access log's lines written and dropped (its queue full).
+pub(crate) fn render_access_log(out: &mut String, (written, dropped): (u64, u64)) {
+    single(
+        out,
+        "msgflash_access_log_lines_total",
+        "counter",
+        "Access log lines written.",
+        written,
+    );
+    single(
+        out,
+        "msgflash_access_log_dropped_total",
+        "counter",
+        "Access log lines dropped because the writer fell behind (requests never wait for the log).",
+        dropped,
+    );
+}
+
 /// Appends the refunds a shared store did not take, and the refused admissions that may have
 /// consumed usage anyway: what makes the limits stricter than the requests answered 2xx.
 pub(crate) fn render_refunds(out: &mut String, failed: u64, uncertain: u64) {

@@ -146,6 +146,8 @@ pub enum StartError {
     Thread(std::io::Error),
     #[error("cannot set up TLS: {0}")]
     Tls(String),
+    #[error("cannot open the access log: {0}")]
+    AccessLog(std::io::Error),
 }
 
 /// pingora's TLS accept hooks, none of which the gateway needs (certificates come from the
@@ -190,7 +192,15 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
         return Err(StartError::Secrets(missing));
     }
     let store = open_store(&config, launch.upgrade)?;
-    let gateway = Arc::new(Gateway::new(config, store, launch.clock, launch.env)?);
+    let access_log = match &config.log.access {
+        Some(settings) => Some(
+            crate::access_log::AccessLog::start(settings.clone()).map_err(StartError::AccessLog)?,
+        ),
+        None => None,
+    };
+    let mut gateway = Gateway::new(config, store, launch.clock, launch.env)?;
+    gateway.access_log = access_log;
+    let gateway = Arc::new(gateway);
     let live = gateway.live();
     let cfg = &live.config;
     for file in [&cfg.server.upgrade_sock, &cfg.server.pid_file] {
@@ -282,6 +292,10 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
         "reload on SIGHUP",
         ReloadOnHangup(gateway.clone()),
     ));
+    server.add_service(background_service(
+        "reopen the access log on SIGUSR1",
+        ReopenOnUsr1(gateway.clone()),
+    ));
     if let Some(echo_addr) = cfg.echo {
         let mut echo = Service::new("msgflash-echo".to_string(), EchoApp);
         echo.add_tcp(&echo_addr.to_string());
@@ -318,6 +332,39 @@ impl BackgroundService for ReloadOnHangup {
                         Ok(r) => tracing::info!(routes = r.routes, route_policies = r.route_policies, plans = r.plans, needs_restart = ?r.needs_restart, "configuration reloaded"),
                         Err(why) => tracing::error!(reasons = %why, "reload refused; the current configuration stays"),
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Reopens the access log file on SIGUSR1 (logrotate's `postrotate`).
+struct ReopenOnUsr1(Arc<Gateway>);
+
+#[async_trait]
+impl BackgroundService for ReopenOnUsr1 {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(log) = &self.0.access_log else {
+            return;
+        };
+        let mut signals = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::user_defined1(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGUSR1; the access log is not reopened");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                got = signals.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    log.reopen();
+                    tracing::info!("access log reopened");
                 }
             }
         }

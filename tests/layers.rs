@@ -17,6 +17,8 @@ const LAYERS: &[&[&str]] = &[
         "certs",
         "log_limit",
         "proxy_protocol",
+        "access_log",
+        "trace_context",
         "conn_limit",
         "diagnostics",
         "metrics",

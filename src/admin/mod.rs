@@ -107,6 +107,9 @@ impl AdminApp {
                     &gw.connections.refused(),
                     gw.connections.proxy_headers_refused(),
                 );
+                if let Some(log) = &gw.access_log {
+                    crate::metrics::render_access_log(&mut text, log.counts());
+                }
                 // Public and admin listeners' certificates, each file once.
                 let mut certs: Vec<(String, i64)> = Vec::new();
                 for resolver in gw.certs.iter().chain(&gw.admin_certs) {

@@ -20,6 +20,8 @@ pub(super) struct GatewayFile {
     #[serde(default)]
     pub forward: ForwardFile,
     pub echo: Option<EchoFile>,
+    #[serde(default)]
+    pub log: LogFile,
     pub upstreams: BTreeMap<String, UpstreamFile>,
     pub routes: Vec<RouteFile>,
 }
@@ -394,4 +396,48 @@ fn default_hc_timeout() -> Spanned<String> {
 }
 fn one() -> Spanned<u32> {
     spanned(1)
+}
+
+/// `[log]`: operational log format and the access log.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct LogFile {
+    #[serde(default = "default_log_format")]
+    pub format: Spanned<String>,
+    #[serde(default = "default_access_log")]
+    pub access_log: Spanned<String>,
+    #[serde(default = "default_access_log_sample")]
+    pub access_log_sample: Spanned<f64>,
+    #[serde(default)]
+    pub access_log_fields: Vec<Spanned<String>>,
+    #[serde(default = "default_access_log_buffer")]
+    pub access_log_buffer: Spanned<usize>,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        Self {
+            format: default_log_format(),
+            access_log: default_access_log(),
+            access_log_sample: default_access_log_sample(),
+            access_log_fields: Vec::new(),
+            access_log_buffer: default_access_log_buffer(),
+        }
+    }
+}
+
+fn default_log_format() -> Spanned<String> {
+    Spanned::new(0..0, "text".into())
+}
+
+fn default_access_log() -> Spanned<String> {
+    Spanned::new(0..0, "stdout".into())
+}
+
+fn default_access_log_sample() -> Spanned<f64> {
+    Spanned::new(0..0, 1.0)
+}
+
+fn default_access_log_buffer() -> Spanned<usize> {
+    Spanned::new(0..0, 65_536)
 }

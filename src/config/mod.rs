@@ -27,6 +27,7 @@ pub struct Config {
     pub jwt: JwtSettings,
     pub forward: Forward,
     pub echo: Option<SocketAddr>,
+    pub log: LogSettings,
     pub upstreams: Vec<Upstream>,
     pub routes: Vec<Route>,
     pub policies: Policies,
@@ -69,6 +70,13 @@ pub struct Server {
     pub max_connections_per_client: usize,
     pub upgrade_sock: PathBuf,
     pub pid_file: PathBuf,
+}
+
+/// `[log]`: how operational lines are written, and the access log (none when `"off"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogSettings {
+    pub json: bool,
+    pub access: Option<crate::access_log::Settings>,
 }
 
 /// A listener that terminates TLS (1.2 and 1.3) with certificates chosen by SNI.
@@ -428,6 +436,7 @@ impl Config {
             .map(|(name, u)| upstream(&mut r, name, u, &base))
             .collect();
         let routes = routes(&mut r, &raw.routes, &upstreams);
+        let log = log_settings(&mut r, &raw.log, &base);
 
         let mut errors = r.errors;
         let policies = match policies {
@@ -449,6 +458,7 @@ impl Config {
             jwt,
             forward,
             echo,
+            log,
             upstreams,
             routes,
             policies,

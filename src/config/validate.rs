@@ -533,3 +533,72 @@ pub(super) fn jwt_settings(
         jwks,
     }
 }
+
+pub(super) fn log_settings(r: &mut Reporter, raw: &file::LogFile, base: &Path) -> LogSettings {
+    let json = match raw.format.get_ref().as_str() {
+        "text" => false,
+        "json" => true,
+        other => {
+            r.at(
+                raw.format.span(),
+                "log.format",
+                format!("\"{other}\" is not \"text\" or \"json\""),
+            );
+            false
+        }
+    };
+    let sample = *raw.access_log_sample.get_ref();
+    if !(0.0..=1.0).contains(&sample) {
+        r.at(
+            raw.access_log_sample.span(),
+            "log.access_log_sample",
+            format!("must be between 0.0 and 1.0, got {sample}"),
+        );
+    }
+    let mut fields = u32::MAX;
+    if !raw.access_log_fields.is_empty() {
+        match crate::access_log::Settings::field_mask(
+            raw.access_log_fields.iter().map(|f| f.get_ref().as_str()),
+        ) {
+            Ok(mask) => fields = mask,
+            Err(name) => {
+                let at = raw
+                    .access_log_fields
+                    .iter()
+                    .find(|f| *f.get_ref() == name)
+                    .map_or(0..0, |f| f.span());
+                r.at(
+                    at,
+                    "log.access_log_fields",
+                    format!(
+                        "\"{name}\" is not a field (known: {})",
+                        crate::access_log::FIELDS.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    let buffer = positive(r, "log.access_log_buffer", &raw.access_log_buffer);
+    let target = match raw.access_log.get_ref().as_str() {
+        "off" => None,
+        "stdout" => Some(crate::access_log::Target::Stdout),
+        "" => {
+            r.at(
+                raw.access_log.span(),
+                "log.access_log",
+                "is \"off\", \"stdout\" or a file path",
+            );
+            None
+        }
+        path => Some(crate::access_log::Target::File(base.join(path))),
+    };
+    LogSettings {
+        json,
+        access: target.map(|target| crate::access_log::Settings {
+            target,
+            sample,
+            fields,
+            buffer,
+        }),
+    }
+}

@@ -3,7 +3,6 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The rate-limit state a response reports (IETF ratelimit-headers draft plus X-RateLimit-*).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,15 +47,6 @@ impl ValueBuf {
 
     fn num(self, n: u64) -> Self {
         self.bytes(itoa::Buffer::new().format(n).as_bytes())
-    }
-
-    fn hex16(self, n: u64) -> Self {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut out = [0u8; 16];
-        for (i, d) in out.iter_mut().enumerate() {
-            *d = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
-        }
-        self.bytes(&out)
     }
 
     fn ip(self, ip: IpAddr) -> Self {
@@ -173,42 +163,13 @@ pub(crate) fn forwarded_for(prior: Option<&HeaderValue>, ip: IpAddr) -> HeaderVa
     }
 }
 
-/// Request ids: a client's sane one is kept, otherwise 32 hex characters unique to this process.
-pub(crate) struct RequestIds {
-    node: u64,
-    counter: AtomicU64,
-}
-
-impl RequestIds {
-    pub(crate) fn new() -> Self {
-        let mut seed = [0u8; 8];
-        // A failed random source only makes ids less unique across nodes, never wrong here.
-        let _ = getrandom::getrandom(&mut seed);
-        Self {
-            node: u64::from_le_bytes(seed),
-            counter: AtomicU64::new(0),
-        }
-    }
-
-    pub(crate) fn next(&self) -> HeaderValue {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        ValueBuf::new().hex16(self.node).hex16(n).value()
-    }
-
-    /// A client-supplied id is kept when it is 1–128 characters of `[A-Za-z0-9._:-]`.
-    pub(crate) fn is_sane(id: &[u8]) -> bool {
-        !id.is_empty()
-            && id.len() <= 128
-            && id
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-    }
-}
-
-impl Default for RequestIds {
-    fn default() -> Self {
-        Self::new()
-    }
+/// A client-supplied request id is kept when it is 1–128 characters of `[A-Za-z0-9._:-]`.
+pub(crate) fn is_sane_request_id(id: &[u8]) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 #[cfg(test)]
@@ -253,10 +214,6 @@ mod tests {
         for n in [0, 7, 10, 99, 1_000, 4_294_967_295, u64::MAX] {
             assert_eq!(ValueBuf::new().num(n).value(), n.to_string().as_str());
         }
-        assert_eq!(
-            ValueBuf::new().hex16(0xab).hex16(u64::MAX).value(),
-            "00000000000000abffffffffffffffff"
-        );
         let long = "x".repeat(200);
         assert_eq!(ValueBuf::new().bytes(long.as_bytes()).len, 128);
     }
@@ -286,14 +243,10 @@ mod tests {
 
     #[test]
     fn request_ids() {
-        let ids = RequestIds::new();
-        let (a, b) = (ids.next().to_str().unwrap().to_owned(), ids.next());
-        assert_eq!(a.len(), 32);
-        assert_ne!(a.as_str(), b.to_str().unwrap());
-        assert!(RequestIds::is_sane(b"abc-123_x.y:z"));
-        assert!(!RequestIds::is_sane(b""));
-        assert!(!RequestIds::is_sane(b"a b"));
-        assert!(!RequestIds::is_sane(&[b'a'; 129]));
+        assert!(is_sane_request_id(b"abc-123_x.y:z"));
+        assert!(!is_sane_request_id(b""));
+        assert!(!is_sane_request_id(b"a b"));
+        assert!(!is_sane_request_id(&[b'a'; 129]));
     }
 
     #[test]

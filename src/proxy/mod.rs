@@ -8,6 +8,7 @@
 //! `upstream_request_filter` (identity headers in, client copies out) → `response_filter`
 //! (rate-limit headers) → [`fail_to_proxy` on any error after `request_filter`] → `logging`.
 
+mod access;
 pub(crate) mod console;
 pub(crate) mod header_edit;
 pub(crate) mod headers;
@@ -20,8 +21,9 @@ use crate::errors::GatewayError;
 use crate::gateway::Gateway;
 use crate::live::Live;
 use crate::path::PathError;
+use crate::trace_context::TraceContext;
 use async_trait::async_trait;
-use headers::{ceil_secs, RateHeaders, RequestIds};
+use headers::{ceil_secs, RateHeaders};
 use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -66,6 +68,19 @@ pub(crate) struct Ctx {
     chain: Vec<IpAddr>,
     /// The connection is TLS, terminated here.
     tls: bool,
+    /// The W3C trace this request belongs to (continued or started here).
+    trace: TraceContext,
+    /// The normalised path, kept for the access log (only when it is on).
+    path: Option<String>,
+    /// Time spent waiting on the store (key lookup and admission), microseconds.
+    store_us: u64,
+    /// When the first connection to an upstream was asked for, and how long until its
+    /// response head came back.
+    upstream_started: Option<Instant>,
+    upstream_us: Option<u64>,
+    upstream_status: Option<u16>,
+    /// The code of a refusal the gateway answered.
+    error_code: Option<&'static str>,
 }
 
 impl Ctx {
@@ -75,13 +90,16 @@ impl Ctx {
 }
 
 /// The pingora face of a [`Gateway`].
-pub(crate) struct GatewayProxy(pub(crate) Arc<Gateway>, RequestIds);
+pub(crate) struct GatewayProxy(pub(crate) Arc<Gateway>);
 
 impl GatewayProxy {
     pub(crate) fn new(gateway: Arc<Gateway>) -> Self {
-        Self(gateway, RequestIds::new())
+        Self(gateway)
     }
 }
+
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 fn header_bytes(req: &RequestHeader) -> usize {
     req.headers
@@ -176,6 +194,9 @@ impl GatewayProxy {
         }
         let (path, rewritten) = normalised(req, live.config.server.path_rules)?;
         ctx.rewritten = rewritten;
+        if gw.access_log.is_some() {
+            ctx.path = Some(path.clone());
+        }
         let route_index = live.router.find(&path).ok_or_else(GatewayError::no_route)?;
         ctx.route = Some(route_index);
         let route = &live.config.routes[route_index];
@@ -196,7 +217,17 @@ impl GatewayProxy {
                 let client = ctx
                     .client
                     .map(|c| client_ip::limit_key(c, live.config.server.ipv6_prefix));
-                match public_api::authorize(gw, &live, session, policy, &path, client).await {
+                let authorized = public_api::authorize(
+                    gw,
+                    &live,
+                    session,
+                    policy,
+                    &path,
+                    client,
+                    &mut ctx.store_us,
+                )
+                .await;
+                match authorized {
                     Ok((identity, rate)) => {
                         ctx.identity = Some(identity);
                         ctx.rate = Some(rate);
@@ -243,6 +274,13 @@ impl ProxyHttp for GatewayProxy {
             client: None,
             chain: Vec::new(),
             tls: false,
+            trace: TraceContext::from_request(None),
+            path: None,
+            store_us: 0,
+            upstream_started: None,
+            upstream_us: None,
+            upstream_status: None,
+            error_code: None,
         }
     }
 
@@ -261,13 +299,14 @@ impl ProxyHttp for GatewayProxy {
         if session.get_keepalive().is_some() {
             session.set_keepalive(Some(ctx.live.config.server.keepalive_timeout.as_secs()));
         }
-        ctx.request_id = match session
-            .req_header()
-            .headers
-            .get(&ctx.live.config.forward.request_id_header)
-        {
-            Some(v) if RequestIds::is_sane(v.as_bytes()) => v.clone(),
-            _ => self.1.next(),
+        let headers = &session.req_header().headers;
+        ctx.trace =
+            TraceContext::from_request(headers.get(&TRACEPARENT).map(HeaderValue::as_bytes));
+        // A client's sane id is kept; a generated one is the trace id (random, W3C).
+        ctx.request_id = match headers.get(&ctx.live.config.forward.request_id_header) {
+            Some(v) if headers::is_sane_request_id(v.as_bytes()) => v.clone(),
+            _ => HeaderValue::from_str(&ctx.trace.trace_hex())
+                .unwrap_or_else(|_| HeaderValue::from_static("")),
         };
         match self.decide(session, ctx).await {
             Ok(None) => Ok(false),
@@ -297,6 +336,7 @@ impl ProxyHttp for GatewayProxy {
             ctx.tried |= 1 << member;
         }
         ctx.member = Some(member);
+        ctx.upstream_started.get_or_insert_with(Instant::now);
         let mut peer = match pool.tls() {
             // Verified against the CA list, else the system's roots, for `sni`.
             Some((sni, ca, ca_key)) => {
@@ -364,6 +404,18 @@ impl ProxyHttp for GatewayProxy {
                 }
             }
             h.insert(fwd.request_id_header.clone(), ctx.request_id.clone());
+            // The trace goes on with this hop as the parent; a client's tracestate goes along
+            // only with the trace it belongs to, and only when it is sane.
+            if let Ok(tp) = HeaderValue::from_str(&ctx.trace.traceparent()) {
+                h.insert(TRACEPARENT.clone(), tp);
+            }
+            let state_ok = ctx.trace.parent_id.is_some()
+                && h.get_all(&TRACESTATE).iter().count() == 1
+                && h.get(&TRACESTATE)
+                    .is_some_and(|v| crate::trace_context::tracestate_ok(v.as_bytes()));
+            if !state_ok {
+                h.remove(&TRACESTATE);
+            }
             // A trusted proxy's chain is extended with it; anyone else's is replaced.
             if let Some(peer) = ctx.peer {
                 // What the gateway believes of the chain (the client and the trusted hops
@@ -397,6 +449,10 @@ impl ProxyHttp for GatewayProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        ctx.upstream_status = Some(resp.status.as_u16());
+        ctx.upstream_us = ctx
+            .upstream_started
+            .map(|t| u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
         header_edit::edit_response(resp, |parts| {
             if let Some(rate) = &ctx.rate {
                 rate.write_to(&mut parts.headers);
@@ -469,7 +525,11 @@ impl ProxyHttp for GatewayProxy {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let label = ctx.route.and_then(|i| ctx.live.labels.get(i));
-        self.0.metrics.record(label, status, ctx.started.elapsed());
+        let elapsed = ctx.started.elapsed();
+        self.0.metrics.record(label, status, elapsed);
+        if let Some(log) = &self.0.access_log {
+            access::log(log, session, ctx, status, elapsed, &self.0);
+        }
     }
 }
 

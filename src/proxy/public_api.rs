@@ -196,8 +196,12 @@ pub(crate) async fn authorize(
     policy: Option<&RoutePolicy>,
     path: &str,
     client: Option<IpAddr>,
+    store_us: &mut u64,
 ) -> Result<(Identity, RateHeaders), Refusal> {
-    let principal = principal(gw, live, session.req_header(), client).await?;
+    let waited = std::time::Instant::now();
+    let principal = principal(gw, live, session.req_header(), client).await;
+    *store_us += u64::try_from(waited.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let principal = principal?;
     let account = principal.account.clone();
     let Some(plan) = live.config.policies.plans.get(&account.plan) else {
         tracing::error!(account = %account.id, plan = %account.plan, "account refers to an unknown plan");
@@ -253,6 +257,7 @@ pub(crate) async fn authorize(
     }
     let period_id = period.id();
     // The lookup just met a store outage: one store timeout per request, not two.
+    let waited = std::time::Instant::now();
     let decision = if principal.store_failed {
         Err(StoreError::Unavailable(
             "the key lookup just failed; admission not tried".into(),
@@ -270,6 +275,7 @@ pub(crate) async fn authorize(
             })
             .await
     };
+    *store_us += u64::try_from(waited.elapsed().as_micros()).unwrap_or(u64::MAX);
     match decision {
         Ok(Admission::Allowed {
             remaining,

@@ -16,6 +16,7 @@ pub(crate) async fn send_error(
     ctx: &mut Ctx,
     err: &GatewayError,
 ) -> Result<()> {
+    ctx.error_code = Some(err.code.as_str());
     let (head, body) = gw.refusal(err);
     write(session, ctx, head, body).await
 }

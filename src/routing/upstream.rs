@@ -135,6 +135,11 @@ impl Pool {
     }
 
     /// Records the outcome of a connection attempt or health probe to member `i`.
+    /// The address of member `i`.
+    pub fn address(&self, i: usize) -> Option<SocketAddr> {
+        self.members.get(i).map(|m| m.addr)
+    }
+
     pub fn report(&self, i: usize, ok: bool) {
         let Some(m) = self.members.get(i) else { return };
         let (unhealthy_after, healthy_after) = self

@@ -531,6 +531,7 @@ fn identity_headers_in_any_spelling_never_reach_the_upstream() {
         names,
         [
             "host",
+            "traceparent",
             "x-account-id",
             "x-api-key-id",
             "x-forwarded-for",

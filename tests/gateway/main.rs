@@ -9,6 +9,7 @@
     unreachable_pub
 )]
 
+mod access_log;
 mod admin;
 mod bad_input;
 mod cli;

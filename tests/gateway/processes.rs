@@ -13,8 +13,8 @@ pub(crate) struct Process {
     pub(crate) child: Child,
     pub(crate) proxy: SocketAddr,
     pub(crate) admin: SocketAddr,
-    dir: std::path::PathBuf,
-    _tmp: Option<tempfile::TempDir>,
+    pub(crate) dir: std::path::PathBuf,
+    pub(crate) _tmp: Option<tempfile::TempDir>,
 }
 
 impl Process {
@@ -34,11 +34,22 @@ impl Process {
     }
 
     /// Starts the binary on the configuration already written in `dir`.
-    fn start_in(
+    pub(crate) fn start_in(
         dir: &std::path::Path,
         proxy: SocketAddr,
         admin: SocketAddr,
         flags: &[&str],
+    ) -> Self {
+        Self::start_with_stdout(dir, proxy, admin, flags, Stdio::null())
+    }
+
+    /// As [`Process::start_in`], its standard output going to `stdout`.
+    pub(crate) fn start_with_stdout(
+        dir: &std::path::Path,
+        proxy: SocketAddr,
+        admin: SocketAddr,
+        flags: &[&str],
+        stdout: Stdio,
     ) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_msgflash-gateway"))
             .args(["run", "-c"])
@@ -47,7 +58,7 @@ impl Process {
             .env("TEST_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("TEST_JWT_SECRET", JWT_SECRET)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -272,11 +283,16 @@ fn sigquit_hands_the_sockets_to_a_new_process_without_refusing_anyone() {
 fn sigterm_serves_a_chunked_request_behind_one_under_way() {
     let tmp = tempfile::tempdir().unwrap();
     let (proxy, admin, echo) = (free_addr(), free_addr(), free_addr());
-    let path = write_config(tmp.path(), &Setup::new(), proxy, admin, echo);
+    // Room for a loaded machine: the upstream waits for the first body up to 10 s.
+    let setup = Setup::new().api_upstream(ApiUpstream {
+        read_timeout: "10s",
+        ..ApiUpstream::default()
+    });
+    let path = write_config(tmp.path(), &setup, proxy, admin, echo);
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(
         &path,
-        text.replace("grace_period = \"1s\"", "grace_period = \"3s\""),
+        text.replace("grace_period = \"1s\"", "grace_period = \"5s\""),
     )
     .unwrap();
     let mut p = Process::start_in(tmp.path(), proxy, admin, &[]);

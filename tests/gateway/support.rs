@@ -143,6 +143,8 @@ pub struct Setup {
     server: String,
     /// Extra lines in the [admin] table.
     admin: String,
+    /// The [log] table's lines (the access log is off when empty).
+    log: String,
     api_upstream: ApiUpstream,
     plans: String,
 }
@@ -215,6 +217,7 @@ impl Default for Setup {
             route_policies: None,
             server: String::new(),
             admin: String::new(),
+            log: String::new(),
             api_upstream: ApiUpstream::default(),
             plans: PLANS.into(),
         }
@@ -254,6 +257,13 @@ impl Setup {
     pub fn server(mut self, line: &str) -> Self {
         self.server.push_str(line);
         self.server.push('\n');
+        self
+    }
+
+    /// A line in `[log]` (any line: the access log is on, to stdout unless a line says where).
+    pub fn log(mut self, line: &str) -> Self {
+        self.log.push_str(line);
+        self.log.push('\n');
         self
     }
 
@@ -334,6 +344,9 @@ strip_request_headers = ["x-internal-user"]
 [echo]
 listen = "{echo}"
 
+[log]
+{log}
+
 {api}
 [upstreams.console]
 addresses = ["{echo}"]
@@ -355,6 +368,11 @@ upstream = "console"
 "#,
         server = s.server,
         admin_extra = s.admin,
+        log = if s.log.is_empty() {
+            "access_log = \"off\""
+        } else {
+            &s.log
+        },
         redis = s
             .redis_url
             .as_ref()

@@ -1,0 +1,197 @@
+//! W3C Trace Context (`traceparent`, `tracestate`): a client's valid trace is continued (its
+//! trace id kept, this hop given a new span id), anything else starts a new trace with random
+//! ids. The gateway's `traceparent` is what the upstream receives; `tracestate` goes along
+//! unchanged when it is well-formed and bounded. Random ids come from the OS's random source,
+//! drawn a few kilobytes at a time per thread.
+
+use std::cell::RefCell;
+
+/// Longest `tracestate` passed on (the spec's 32 members of 256 characters would be 8 KiB;
+/// real ones are short, and this is a header an attacker writes).
+const TRACESTATE_MAX: usize = 512;
+
+/// The trace a request belongs to and this hop's span in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TraceContext {
+    pub(crate) trace_id: [u8; 16],
+    /// This gateway's span: the parent id the upstream sees.
+    pub(crate) span_id: [u8; 8],
+    /// The caller's span, when the trace was continued.
+    pub(crate) parent_id: Option<[u8; 8]>,
+    pub(crate) flags: u8,
+}
+
+thread_local! {
+    /// Random bytes not handed out yet.
+    static POOL: RefCell<(Vec<u8>, usize)> = const { RefCell::new((Vec::new(), 0)) };
+}
+
+/// Fills `out` with random bytes (the OS's source, refilled 4 KiB at a time).
+fn random(out: &mut [u8]) {
+    POOL.with(|pool| {
+        let (bytes, used) = &mut *pool.borrow_mut();
+        if bytes.len() < *used + out.len() {
+            bytes.resize(4096, 0);
+            // A failed source leaves the previous bytes: ids then repeat, never break anything.
+            let _ = getrandom::getrandom(bytes);
+            *used = 0;
+        }
+        out.copy_from_slice(&bytes[*used..*used + out.len()]);
+        *used += out.len();
+    });
+}
+
+fn hex_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+/// Lowercase hex into `out`; false on anything else.
+fn unhex(s: &[u8], out: &mut [u8]) -> bool {
+    s.len() == out.len() * 2
+        && s.chunks(2).zip(out.iter_mut()).all(|(pair, o)| {
+            match (hex_value(pair[0]), hex_value(pair[1])) {
+                (Some(h), Some(l)) => {
+                    *o = h << 4 | l;
+                    true
+                }
+                _ => false,
+            }
+        })
+}
+
+/// Parses a `traceparent` value: `00-<32 hex>-<16 hex>-<2 hex>` (a later version may add
+/// fields after a `-`); `None` when it is not valid (all-zero ids, version `ff`, upper case).
+pub(crate) fn parse_traceparent(v: &[u8]) -> Option<([u8; 16], [u8; 8], u8)> {
+    if v.len() < 55 || (v.len() > 55 && (v[..2] == *b"00" || v[55] != b'-')) {
+        return None;
+    }
+    let mut version = [0u8; 1];
+    if !unhex(&v[..2], &mut version) || version[0] == 0xff || v[2] != b'-' {
+        return None;
+    }
+    let (mut trace, mut parent, mut flags) = ([0u8; 16], [0u8; 8], [0u8; 1]);
+    let ok = unhex(&v[3..35], &mut trace)
+        && v[35] == b'-'
+        && unhex(&v[36..52], &mut parent)
+        && v[52] == b'-'
+        && unhex(&v[53..55], &mut flags);
+    (ok && trace != [0; 16] && parent != [0; 8]).then_some((trace, parent, flags[0]))
+}
+
+/// True for a `tracestate` worth passing on: bounded, printable ASCII.
+pub(crate) fn tracestate_ok(v: &[u8]) -> bool {
+    !v.is_empty() && v.len() <= TRACESTATE_MAX && v.iter().all(|b| (0x20..0x7f).contains(b))
+}
+
+impl TraceContext {
+    /// Continues the caller's trace when `traceparent` is valid, else starts one.
+    pub(crate) fn from_request(traceparent: Option<&[u8]>) -> Self {
+        let mut span_id = [0u8; 8];
+        random(&mut span_id);
+        match traceparent.and_then(parse_traceparent) {
+            Some((trace_id, parent, flags)) => Self {
+                trace_id,
+                span_id,
+                parent_id: Some(parent),
+                // Only the sampled bit is defined for version 00.
+                flags: flags & 1,
+            },
+            None => {
+                let mut trace_id = [0u8; 16];
+                random(&mut trace_id);
+                Self {
+                    trace_id,
+                    span_id,
+                    parent_id: None,
+                    flags: 0,
+                }
+            }
+        }
+    }
+
+    /// The trace id in lowercase hex (32 characters).
+    pub(crate) fn trace_hex(&self) -> String {
+        hex::encode(self.trace_id)
+    }
+
+    /// The `traceparent` the upstream gets: this trace, this hop's span.
+    pub(crate) fn traceparent(&self) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            hex::encode(self.trace_id),
+            hex::encode(self.span_id),
+            self.flags
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn a_valid_traceparent_is_continued_with_a_new_span() {
+        let t = TraceContext::from_request(Some(VALID.as_bytes()));
+        assert_eq!(t.trace_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.parent_id, Some(*b"\x00\xf0\x67\xaa\x0b\xa9\x02\xb7"));
+        assert_ne!(t.span_id, t.parent_id.unwrap());
+        let out = t.traceparent();
+        assert!(
+            out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{out}"
+        );
+        assert!(out.ends_with("-01"), "{out}");
+        assert_eq!(parse_traceparent(out.as_bytes()).unwrap().0, t.trace_id);
+        // A later version with more fields is read for what version 00 defines.
+        let future = format!("01{}-extra", &VALID[2..]);
+        assert!(parse_traceparent(future.as_bytes()).is_some());
+    }
+
+    #[test]
+    fn invalid_traceparents_start_a_new_random_trace() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(parse_traceparent(bad.as_bytes()).is_none(), "{bad}");
+        }
+        let a = TraceContext::from_request(Some(b"garbage"));
+        let b = TraceContext::from_request(None);
+        assert_eq!(a.parent_id, None);
+        assert_ne!(a.trace_id, b.trace_id);
+        assert_ne!(a.trace_id, [0; 16]);
+        assert_eq!(a.flags, 0);
+    }
+
+    #[test]
+    fn tracestate_is_bounded_printable_ascii() {
+        assert!(tracestate_ok(b"congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"));
+        assert!(!tracestate_ok(b""));
+        assert!(!tracestate_ok(&[b'a'; 513]));
+        assert!(!tracestate_ok(b"a=\x01"));
+    }
+
+    proptest! {
+        /// What the gateway writes always parses back to the same trace.
+        #[test]
+        fn written_traceparents_parse_back(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let t = TraceContext::from_request(Some(&bytes));
+            let out = t.traceparent();
+            let (trace, span, flags) = parse_traceparent(out.as_bytes()).unwrap();
+            prop_assert_eq!((trace, span, flags), (t.trace_id, t.span_id, t.flags));
+        }
+    }
+}
