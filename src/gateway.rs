@@ -36,6 +36,8 @@ pub struct Gateway {
     pub(crate) certs: Option<Arc<CertResolver>>,
     /// The admin listener's certificates, when it speaks TLS.
     pub(crate) admin_certs: Option<Arc<CertResolver>>,
+    /// Reloads so far and how the last one went (for `/metrics`).
+    pub(crate) reloads: ReloadState,
     /// The access log, unless `[log] access_log = "off"` (started by the server).
     pub(crate) access_log: Option<crate::access_log::AccessLog>,
     /// Store errors on the request path are logged at most once a second (with a count).
@@ -79,6 +81,38 @@ pub struct Reloaded {
     pub plans: usize,
     /// Changed settings that take effect at the next restart only.
     pub needs_restart: Vec<&'static str>,
+}
+
+/// What `/metrics` says about reloads.
+#[derive(Debug)]
+pub(crate) struct ReloadState {
+    /// Configurations applied since start (1: the one it started with).
+    pub(crate) generation: std::sync::atomic::AtomicU64,
+    pub(crate) last_ok: std::sync::atomic::AtomicBool,
+    /// Unix seconds of the last reload attempt (0: none yet).
+    pub(crate) last_at_unix: std::sync::atomic::AtomicU64,
+}
+
+impl ReloadState {
+    /// `(generation, last reload applied, when it was tried)`.
+    pub(crate) fn snapshot(&self) -> (u64, bool, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.generation.load(Relaxed),
+            self.last_ok.load(Relaxed),
+            self.last_at_unix.load(Relaxed),
+        )
+    }
+}
+
+impl Default for ReloadState {
+    fn default() -> Self {
+        Self {
+            generation: std::sync::atomic::AtomicU64::new(1),
+            last_ok: std::sync::atomic::AtomicBool::new(true),
+            last_at_unix: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
 }
 
 impl Gateway {
@@ -130,6 +164,7 @@ impl Gateway {
             certs,
             admin_certs,
             access_log: None,
+            reloads: ReloadState::default(),
             rate_blocks,
             connections: Arc::default(),
             store_error_log: LogLimit::per_second(),
@@ -162,6 +197,22 @@ impl Gateway {
     /// and says why. In-flight requests finish on the snapshot they started with.
     pub fn reload(&self) -> Result<Reloaded, ReloadError> {
         let _one_at_a_time = self.reloading.lock();
+        let outcome = self.reload_now();
+        let r = &self.reloads;
+        r.last_ok
+            .store(outcome.is_ok(), std::sync::atomic::Ordering::Relaxed);
+        r.last_at_unix.store(
+            self.clock.now_ns() / 1_000_000_000,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if outcome.is_ok() {
+            r.generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        outcome
+    }
+
+    fn reload_now(&self) -> Result<Reloaded, ReloadError> {
         let current = self.live();
         let env = &self.env;
         let config = Config::load_with_env(&current.config.path, &|name| env(name))?;

@@ -1,5 +1,6 @@
 //! Prometheus metrics: requests by route and status, a latency histogram, store and cache gauges.
 
+use crate::histogram::Histogram;
 use dashmap::DashMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +25,31 @@ pub struct Metrics {
     rejections: DashMap<&'static str, AtomicU64>,
     store_errors: AtomicU64,
     fail_open: AtomicU64,
+    /// Time a request waited on the store (key lookup and admission), when it did.
+    store_latency: Histogram,
+    /// Time to an upstream's response head, by upstream name (bounded: configured names).
+    upstream_latency: DashMap<String, Histogram>,
+    /// Requests between their head and the end of their logging.
+    in_flight: Arc<AtomicU64>,
+    /// plan -> [rate-limit refusals, quota refusals] (bounded: the plans file's names).
+    limit_refusals: DashMap<String, [AtomicU64; 2]>,
+}
+
+/// One request in flight: counted while it lives.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<AtomicU64>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Limit {
+    Rate = 0,
+    Quota = 1,
 }
 
 impl Metrics {
@@ -37,7 +63,43 @@ impl Metrics {
             rejections: DashMap::new(),
             store_errors: AtomicU64::new(0),
             fail_open: AtomicU64::new(0),
+            store_latency: Histogram::default(),
+            upstream_latency: DashMap::new(),
+            in_flight: Arc::new(AtomicU64::new(0)),
+            limit_refusals: DashMap::new(),
         }
+    }
+
+    /// Counts a request in flight until the guard is dropped.
+    pub(crate) fn in_flight(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.in_flight.clone())
+    }
+
+    /// A request waited `d` on the store.
+    pub(crate) fn store_waited(&self, d: Duration) {
+        self.store_latency.observe(d);
+    }
+
+    /// Upstream `name` answered its response head after `d`.
+    pub(crate) fn upstream_answered(&self, name: &str, d: Duration) {
+        match self.upstream_latency.get(name) {
+            Some(h) => h.observe(d),
+            None => self
+                .upstream_latency
+                .entry(name.to_owned())
+                .or_default()
+                .observe(d),
+        }
+    }
+
+    /// A request of an account on `plan` refused by `limit`.
+    pub(crate) fn limit_refused(&self, plan: &str, limit: Limit) {
+        match self.limit_refusals.get(plan) {
+            Some(c) => c[limit as usize].fetch_add(1, Ordering::Relaxed),
+            None => self.limit_refusals.entry(plan.to_owned()).or_default()[limit as usize]
+                .fetch_add(1, Ordering::Relaxed),
+        };
     }
 
     /// One finished request.
@@ -171,6 +233,62 @@ impl Metrics {
             "Whether the key store answers (1) or not (0).",
             u64::from(store_ready),
         );
+        single(
+            &mut out,
+            "msgflash_requests_in_flight",
+            "gauge",
+            "Requests being handled now.",
+            load(&self.in_flight),
+        );
+        out.push_str("# HELP msgflash_store_duration_seconds Time a request waited on the store (key lookup and admission).\n");
+        out.push_str("# TYPE msgflash_store_duration_seconds histogram\n");
+        self.store_latency
+            .render(&mut out, "msgflash_store_duration_seconds", "");
+        out.push_str("# HELP msgflash_upstream_duration_seconds Time to an upstream's response head, by upstream.\n");
+        out.push_str("# TYPE msgflash_upstream_duration_seconds histogram\n");
+        let mut names: Vec<String> = self
+            .upstream_latency
+            .iter()
+            .map(|e| e.key().clone())
+            .collect();
+        names.sort();
+        for name in names {
+            if let Some(h) = self.upstream_latency.get(&name) {
+                h.render(
+                    &mut out,
+                    "msgflash_upstream_duration_seconds",
+                    &format!("upstream=\"{}\"", escape(&name)),
+                );
+            }
+        }
+        out.push_str("# HELP msgflash_limit_refusals_total Requests refused by the rate limit or the monthly quota, by plan.\n");
+        out.push_str("# TYPE msgflash_limit_refusals_total counter\n");
+        let mut plans: Vec<(String, u64, u64)> = self
+            .limit_refusals
+            .iter()
+            .map(|e| {
+                (
+                    e.key().clone(),
+                    e.value()[0].load(Ordering::Relaxed),
+                    e.value()[1].load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        plans.sort();
+        for (plan, rate, quota) in plans {
+            let plan = escape(&plan);
+            let _ = writeln!(
+                out,
+                "msgflash_limit_refusals_total{{plan=\"{plan}\",limit=\"rate\"}} {rate}\n\
+                 msgflash_limit_refusals_total{{plan=\"{plan}\",limit=\"quota\"}} {quota}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP msgflash_build_info The running build (always 1).\n# TYPE msgflash_build_info gauge\n\
+             msgflash_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
         out
     }
 }
@@ -249,6 +367,53 @@ pub(crate) fn render_connections(
         "counter",
         "Connections closed because their PROXY protocol header was missing, malformed or late.",
         proxy_headers_refused,
+    );
+}
+
+/// Appends key-cache lookups by outcome, circuit breaker states, and the reload state.
+pub(crate) fn render_operations(
+    out: &mut String,
+    [hit, negative_hit, store]: [u64; 3],
+    breakers: &[(&str, bool)],
+    (generation, last_ok, last_at_unix): (u64, bool, u64),
+) {
+    out.push_str("# HELP msgflash_key_lookups_total Key lookups, by what answered: the cache (hit), the cache of unknown keys (negative_hit), or the store (store).\n");
+    out.push_str("# TYPE msgflash_key_lookups_total counter\n");
+    let _ = writeln!(
+        out,
+        "msgflash_key_lookups_total{{result=\"hit\"}} {hit}\n\
+         msgflash_key_lookups_total{{result=\"negative_hit\"}} {negative_hit}\n\
+         msgflash_key_lookups_total{{result=\"store\"}} {store}"
+    );
+    out.push_str("# HELP msgflash_store_breaker_open 1 while a store circuit breaker is tripped (calls fail fast or probe), by budget.\n");
+    out.push_str("# TYPE msgflash_store_breaker_open gauge\n");
+    for (budget, open) in breakers {
+        let _ = writeln!(
+            out,
+            "msgflash_store_breaker_open{{budget=\"{budget}\"}} {}",
+            u8::from(*open)
+        );
+    }
+    single(
+        out,
+        "msgflash_config_generation",
+        "gauge",
+        "Configurations applied since start (1: the first).",
+        generation,
+    );
+    single(
+        out,
+        "msgflash_config_last_reload_success",
+        "gauge",
+        "Whether the last reload was applied (1) or refused (0).",
+        u64::from(last_ok),
+    );
+    single(
+        out,
+        "msgflash_config_last_reload_timestamp_seconds",
+        "gauge",
+        "When the last reload was tried (Unix time; 0: none yet).",
+        last_at_unix,
     );
 }
 

@@ -21,11 +21,11 @@ const LAYERS: &[&[&str]] = &[
         "trace_context",
         "conn_limit",
         "diagnostics",
-        "metrics",
+        "histogram",
         "echo",
     ],
     // Pure logic on top of the leaves.
-    &["errors", "limits", "edge_stream"],
+    &["errors", "limits", "edge_stream", "metrics"],
     // Policy files, then the configuration that holds them; reading requests.
     &["policy", "inspect"],
     &["config"],

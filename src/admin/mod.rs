@@ -110,6 +110,12 @@ impl AdminApp {
                 if let Some(log) = &gw.access_log {
                     crate::metrics::render_access_log(&mut text, log.counts());
                 }
+                crate::metrics::render_operations(
+                    &mut text,
+                    gw.directory.lookups(),
+                    &gw.store.breakers(),
+                    gw.reloads.snapshot(),
+                );
                 // Public and admin listeners' certificates, each file once.
                 let mut certs: Vec<(String, i64)> = Vec::new();
                 for resolver in gw.certs.iter().chain(&gw.admin_certs) {

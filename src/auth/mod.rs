@@ -77,6 +77,8 @@ pub struct Directory {
     unconfirmed_reads: AtomicU64,
     /// Whole-cache flushes (a resubscription to the invalidation channel, or `clear`).
     flushes: AtomicU64,
+    /// Key lookups answered by the positive cache, by the negative cache, and by the store.
+    lookups: [AtomicU64; 3],
 }
 
 /// Invalidation counters: one bumped by a flush, and one per slot of keys and of accounts
@@ -143,6 +145,7 @@ impl Directory {
             generations: Generations::new(),
             unconfirmed_reads: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            lookups: Default::default(),
         }
     }
 
@@ -166,11 +169,20 @@ impl Directory {
         let cached = self.keys.get(&hash, now);
         let trust_cache = cached.is_some() && self.confirmed();
         let mut store_failed = false;
+        let count = |i: usize| self.lookups[i].fetch_add(1, Ordering::Relaxed);
         let (record, key_id_value) = match cached {
-            Some(entry) if trust_cache => entry,
+            Some(entry) if trust_cache => {
+                count(0);
+                entry
+            }
             None if !may_look_further() => return Ok(Lookup::NotAsked),
-            None if self.unknown.get(&hash, now).is_some() => return Ok(Lookup::Unknown),
-            cached => match self.store.key_by_hash(&hash.to_hex()).await {
+            None if self.unknown.get(&hash, now).is_some() => {
+                count(1);
+                return Ok(Lookup::Unknown);
+            }
+            cached => match self.store.key_by_hash(&hash.to_hex()).await.inspect(|_| {
+                count(2);
+            }) {
                 Ok(Some(record)) if record.is_active() => {
                     let value = id_value(&record.id);
                     let entry = (Arc::new(CachedKey::from(record)), value);
@@ -283,6 +295,11 @@ impl Directory {
             self.unconfirmed_reads.fetch_add(1, Ordering::Relaxed);
         }
         confirmed
+    }
+
+    /// Key lookups answered `[by the positive cache, by the negative cache, by the store]`.
+    pub fn lookups(&self) -> [u64; 3] {
+        self.lookups.each_ref().map(|n| n.load(Ordering::Relaxed))
     }
 
     /// `(cached records read again because invalidations were unconfirmed, cache flushes)`.

@@ -81,6 +81,8 @@ pub(crate) struct Ctx {
     upstream_status: Option<u16>,
     /// The code of a refusal the gateway answered.
     error_code: Option<&'static str>,
+    /// Counts this request in `msgflash_requests_in_flight` while it lives.
+    _in_flight: crate::metrics::InFlight,
 }
 
 impl Ctx {
@@ -281,6 +283,7 @@ impl ProxyHttp for GatewayProxy {
             upstream_us: None,
             upstream_status: None,
             error_code: None,
+            _in_flight: self.0.metrics.in_flight(),
         }
     }
 
@@ -526,7 +529,16 @@ impl ProxyHttp for GatewayProxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let label = ctx.route.and_then(|i| ctx.live.labels.get(i));
         let elapsed = ctx.started.elapsed();
-        self.0.metrics.record(label, status, elapsed);
+        let metrics = &self.0.metrics;
+        metrics.record(label, status, elapsed);
+        if ctx.store_us > 0 {
+            metrics.store_waited(std::time::Duration::from_micros(ctx.store_us));
+        }
+        if let (Some(us), Some(route)) = (ctx.upstream_us, ctx.route()) {
+            if let Some(u) = ctx.live.config.upstreams.get(route.upstream) {
+                metrics.upstream_answered(&u.name, std::time::Duration::from_micros(us));
+            }
+        }
         if let Some(log) = &self.0.access_log {
             access::log(log, session, ctx, status, elapsed, &self.0);
         }

@@ -9,6 +9,7 @@ use crate::inspect;
 use crate::limits::blocks::RateGate;
 use crate::limits::quota;
 use crate::live::Live;
+use crate::metrics::Limit;
 use crate::policy::{InstanceSource, RoutePolicy, ScopeRule, StoreErrorMode};
 use crate::store::{Admission, AdmitRequest, StoreError, Subscription};
 use inspect::{Ambiguity, BodyError};
@@ -250,6 +251,7 @@ pub(crate) async fn authorize(
     } = gw.rate_blocks.gate(key_id, now_ns, interval_ns)
     {
         rate.live = Some((0, ceil_secs(reset_after_ns)));
+        gw.metrics.limit_refused(&account.plan, Limit::Rate);
         return Err(refuse(
             GatewayError::rate_limited(ceil_secs(retry_after_ns)),
             rate,
@@ -316,6 +318,7 @@ pub(crate) async fn authorize(
                 now_ns,
             );
             rate.live = Some((0, ceil_secs(reset_after_ns)));
+            gw.metrics.limit_refused(&account.plan, Limit::Rate);
             Err(refuse(
                 GatewayError::rate_limited(ceil_secs(retry_after_ns)),
                 rate,
@@ -328,6 +331,7 @@ pub(crate) async fn authorize(
         }) => {
             gw.rate_blocks.unblock(key_id);
             rate.live = Some((remaining, ceil_secs(reset_after_ns)));
+            gw.metrics.limit_refused(&account.plan, Limit::Quota);
             Err(refuse(
                 GatewayError::quota_exceeded(period.seconds_left(now_unix)),
                 rate,

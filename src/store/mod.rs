@@ -231,6 +231,11 @@ pub trait Store: Send + Sync + 'static {
         0
     }
 
+    /// Each circuit breaker's name and whether it is tripped (open or probing).
+    fn breakers(&self) -> Vec<(&'static str, bool)> {
+        Vec::new()
+    }
+
     /// Lets go of what this process owns exclusively (the embedded store's files), after
     /// writing what it holds only in memory; writes are refused from then on. Called when the
     /// server has stopped.

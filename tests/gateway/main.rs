@@ -22,6 +22,7 @@ mod hostile;
 mod lifecycle;
 mod limits;
 mod multinode;
+mod ops;
 mod policies;
 mod processes;
 mod proxy_protocol;

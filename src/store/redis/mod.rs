@@ -132,6 +132,13 @@ impl Store for RedisStore {
         self.liveness.confirmed()
     }
 
+    fn breakers(&self) -> Vec<(&'static str, bool)> {
+        ["lookup", "admission", "management"]
+            .into_iter()
+            .zip(self.breakers.iter().map(Breaker::is_tripped))
+            .collect()
+    }
+
     fn admissions_uncertain(&self) -> u64 {
         self.admissions_uncertain
             .load(std::sync::atomic::Ordering::Relaxed)
