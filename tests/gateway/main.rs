@@ -17,6 +17,7 @@ mod client;
 mod client_addresses;
 mod cluster;
 mod console;
+mod deploy;
 mod faults;
 mod hostile;
 mod lifecycle;
