@@ -103,17 +103,40 @@ impl Figures {
     }
 }
 
+/// An admin call, retried while the store is still recovering (503), bounded.
+fn admin_when_ready(
+    node: &Process,
+    method: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let bytes = serde_json::to_vec(&body).unwrap();
+    let body = (method != "GET").then_some(bytes.as_slice());
+    let start = Instant::now();
+    loop {
+        let r = request(node.admin, method, path, &[("authorization", &auth)], body).unwrap();
+        if r.status != 503 || start.elapsed() > Duration::from_secs(15) {
+            assert!(r.status < 300, "{method} {path}: {}", r.text());
+            return r.json().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Accounts and keys for one run, made through `node`.
 fn keys(node: &Process, prefix: &str) -> Vec<Key> {
     (0..KEYS)
         .map(|i| {
             let account = format!("{prefix}{i}");
-            node.admin(
+            admin_when_ready(
+                node,
                 "PUT",
                 &format!("/admin/v1/accounts/{account}"),
                 json!({"plan": "pro"}),
             );
-            let v = node.admin(
+            let v = admin_when_ready(
+                node,
                 "POST",
                 &format!("/admin/v1/accounts/{account}/keys"),
                 json!({"name": "k"}),
@@ -315,7 +338,9 @@ fn run(
             .iter()
             .filter(|s| s.key == i && matches!(s.status, Ok(200)))
             .count() as u64;
-        let usage = alive.admin(
+        // After a failover the store may still be settling: the count is read once it answers.
+        let usage = admin_when_ready(
+            alive,
             "GET",
             &format!("/admin/v1/accounts/{}", k.account),
             json!({}),
