@@ -36,6 +36,9 @@ pub struct Gateway {
     pub(crate) certs: Option<Arc<CertResolver>>,
     /// The admin listener's certificates, when it speaks TLS.
     pub(crate) admin_certs: Option<Arc<CertResolver>>,
+    /// Span export, when `[log] otlp_endpoint` is set (started by the server).
+    #[cfg(feature = "otlp")]
+    pub(crate) spans: Option<crate::spans::Spans>,
     /// Reloads so far and how the last one went (for `/metrics`).
     pub(crate) reloads: ReloadState,
     /// The access log, unless `[log] access_log = "off"` (started by the server).
@@ -164,6 +167,8 @@ impl Gateway {
             certs,
             admin_certs,
             access_log: None,
+            #[cfg(feature = "otlp")]
+            spans: None,
             reloads: ReloadState::default(),
             rate_blocks,
             connections: Arc::default(),
@@ -186,6 +191,18 @@ impl Gateway {
             err.retry_after,
         );
         (head, body)
+    }
+
+    /// Whether requests' spans are exported (then new traces are marked sampled).
+    pub(crate) fn exports_spans(&self) -> bool {
+        #[cfg(feature = "otlp")]
+        {
+            self.spans.is_some()
+        }
+        #[cfg(not(feature = "otlp"))]
+        {
+            false
+        }
     }
 
     /// The current snapshot.

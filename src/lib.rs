@@ -33,5 +33,7 @@ pub(crate) mod proxy;
 pub(crate) mod proxy_protocol;
 pub(crate) mod routing;
 pub mod server;
+#[cfg(feature = "otlp")]
+pub(crate) mod spans;
 pub mod store;
 pub(crate) mod trace_context;

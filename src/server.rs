@@ -148,6 +148,8 @@ pub enum StartError {
     Tls(String),
     #[error("cannot open the access log: {0}")]
     AccessLog(std::io::Error),
+    #[error("{0}")]
+    Spans(String),
 }
 
 /// pingora's TLS accept hooks, none of which the gateway needs (certificates come from the
@@ -198,8 +200,20 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
         ),
         None => None,
     };
+    #[cfg(feature = "otlp")]
+    let spans = match &config.log.otlp {
+        Some((endpoint, service)) => Some(
+            crate::spans::Spans::start(endpoint, service)
+                .map_err(|e| StartError::Spans(e.to_string()))?,
+        ),
+        None => None,
+    };
     let mut gateway = Gateway::new(config, store, launch.clock, launch.env)?;
     gateway.access_log = access_log;
+    #[cfg(feature = "otlp")]
+    {
+        gateway.spans = spans;
+    }
     let gateway = Arc::new(gateway);
     let live = gateway.live();
     let cfg = &live.config;
@@ -396,6 +410,10 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), StartError> {
     // Stopped: the embedded store's last counts are written and its files let go (a process
     // started with --upgrade is waiting for them).
     gateway.store.release();
+    #[cfg(feature = "otlp")]
+    if let Some(spans) = &gateway.spans {
+        spans.flush();
+    }
     Ok(())
 }
 

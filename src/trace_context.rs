@@ -88,8 +88,9 @@ pub(crate) fn tracestate_ok(v: &[u8]) -> bool {
 }
 
 impl TraceContext {
-    /// Continues the caller's trace when `traceparent` is valid, else starts one.
-    pub(crate) fn from_request(traceparent: Option<&[u8]>) -> Self {
+    /// Continues the caller's trace when `traceparent` is valid, else starts one (marked
+    /// sampled when `recorded`: this gateway exports its spans).
+    pub(crate) fn from_request(traceparent: Option<&[u8]>, recorded: bool) -> Self {
         let mut span_id = [0u8; 8];
         random(&mut span_id);
         match traceparent.and_then(parse_traceparent) {
@@ -107,7 +108,7 @@ impl TraceContext {
                     trace_id,
                     span_id,
                     parent_id: None,
-                    flags: 0,
+                    flags: u8::from(recorded),
                 }
             }
         }
@@ -138,7 +139,7 @@ mod tests {
 
     #[test]
     fn a_valid_traceparent_is_continued_with_a_new_span() {
-        let t = TraceContext::from_request(Some(VALID.as_bytes()));
+        let t = TraceContext::from_request(Some(VALID.as_bytes()), false);
         assert_eq!(t.trace_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(t.parent_id, Some(*b"\x00\xf0\x67\xaa\x0b\xa9\x02\xb7"));
         assert_ne!(t.span_id, t.parent_id.unwrap());
@@ -168,12 +169,12 @@ mod tests {
         ] {
             assert!(parse_traceparent(bad.as_bytes()).is_none(), "{bad}");
         }
-        let a = TraceContext::from_request(Some(b"garbage"));
-        let b = TraceContext::from_request(None);
+        let a = TraceContext::from_request(Some(b"garbage"), false);
+        let b = TraceContext::from_request(None, true);
         assert_eq!(a.parent_id, None);
         assert_ne!(a.trace_id, b.trace_id);
         assert_ne!(a.trace_id, [0; 16]);
-        assert_eq!(a.flags, 0);
+        assert_eq!((a.flags, b.flags), (0, 1));
     }
 
     #[test]
@@ -188,7 +189,7 @@ mod tests {
         /// What the gateway writes always parses back to the same trace.
         #[test]
         fn written_traceparents_parse_back(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
-            let t = TraceContext::from_request(Some(&bytes));
+            let t = TraceContext::from_request(Some(&bytes), false);
             let out = t.traceparent();
             let (trace, span, flags) = parse_traceparent(out.as_bytes()).unwrap();
             prop_assert_eq!((trace, span, flags), (t.trace_id, t.span_id, t.flags));

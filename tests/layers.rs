@@ -25,7 +25,7 @@ const LAYERS: &[&[&str]] = &[
         "echo",
     ],
     // Pure logic on top of the leaves.
-    &["errors", "limits", "edge_stream", "metrics"],
+    &["errors", "limits", "edge_stream", "metrics", "spans"],
     // Policy files, then the configuration that holds them; reading requests.
     &["policy", "inspect"],
     &["config"],

@@ -412,6 +412,10 @@ pub(super) struct LogFile {
     pub access_log_fields: Vec<Spanned<String>>,
     #[serde(default = "default_access_log_buffer")]
     pub access_log_buffer: Spanned<usize>,
+    /// OTLP/HTTP traces endpoint (cargo feature `otlp`).
+    pub otlp_endpoint: Option<Spanned<String>>,
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
 }
 
 impl Default for LogFile {
@@ -422,8 +426,14 @@ impl Default for LogFile {
             access_log_sample: default_access_log_sample(),
             access_log_fields: Vec::new(),
             access_log_buffer: default_access_log_buffer(),
+            otlp_endpoint: None,
+            service_name: default_service_name(),
         }
     }
+}
+
+fn default_service_name() -> String {
+    "msgflash-gateway".into()
 }
 
 fn default_log_format() -> Spanned<String> {

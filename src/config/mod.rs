@@ -77,6 +77,8 @@ pub struct Server {
 pub struct LogSettings {
     pub json: bool,
     pub access: Option<crate::access_log::Settings>,
+    /// Where spans go (OTLP/HTTP), and the service name they carry.
+    pub otlp: Option<(String, String)>,
 }
 
 /// A listener that terminates TLS (1.2 and 1.3) with certificates chosen by SNI.

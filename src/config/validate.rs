@@ -592,8 +592,29 @@ pub(super) fn log_settings(r: &mut Reporter, raw: &file::LogFile, base: &Path) -
         }
         path => Some(crate::access_log::Target::File(base.join(path))),
     };
+    let otlp = raw.otlp_endpoint.as_ref().and_then(|e| {
+        let url = e.get_ref();
+        if !cfg!(feature = "otlp") {
+            r.at(
+                e.span(),
+                "log.otlp_endpoint",
+                "this build exports no spans (build with `--features otlp`)",
+            );
+            return None;
+        }
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            r.at(
+                e.span(),
+                "log.otlp_endpoint",
+                format!("\"{url}\" is not an http:// or https:// URL"),
+            );
+            return None;
+        }
+        Some((url.clone(), raw.service_name.clone()))
+    });
     LogSettings {
         json,
+        otlp,
         access: target.map(|target| crate::access_log::Settings {
             target,
             sample,

@@ -53,7 +53,7 @@ pub(super) fn log(
         }),
         upstream_status: ctx.upstream_status,
         duration_us: micros(elapsed),
-        store_us: ctx.store_us,
+        store_us: ctx.store.us,
         upstream_us: ctx.upstream_us,
         bytes_in: downstream.body_bytes_read(),
         bytes_out: downstream.body_bytes_sent(),
@@ -64,4 +64,33 @@ pub(super) fn log(
             .map(|s| &*s.version),
     };
     log.log(&entry);
+}
+
+/// Hands the request's spans to the exporter.
+#[cfg(feature = "otlp")]
+pub(super) fn span(
+    spans: &crate::spans::Spans,
+    session: &Session,
+    ctx: &Ctx,
+    status: u16,
+    elapsed: Duration,
+) {
+    let offset = |at: std::time::Instant| at.saturating_duration_since(ctx.started);
+    spans.record(&crate::spans::RequestSpan {
+        trace: &ctx.trace,
+        method: session.req_header().method.as_str(),
+        route: ctx.route.and_then(|i| ctx.live.labels.get(i)).map(|l| &**l),
+        status,
+        code: ctx.error_code,
+        account_id: text(ctx.identity.as_ref().map(|i| &i.account_id)),
+        elapsed,
+        store: ctx
+            .store
+            .started
+            .map(|at| (offset(at), Duration::from_micros(ctx.store.us))),
+        upstream: ctx
+            .upstream_started
+            .zip(ctx.upstream_us)
+            .map(|(at, us)| (offset(at), Duration::from_micros(us))),
+    });
 }

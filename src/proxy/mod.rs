@@ -72,8 +72,8 @@ pub(crate) struct Ctx {
     trace: TraceContext,
     /// The normalised path, kept for the access log (only when it is on).
     path: Option<String>,
-    /// Time spent waiting on the store (key lookup and admission), microseconds.
-    store_us: u64,
+    /// Time spent waiting on the store (key lookup and admission).
+    store: public_api::StoreWait,
     /// When the first connection to an upstream was asked for, and how long until its
     /// response head came back.
     upstream_started: Option<Instant>,
@@ -226,7 +226,7 @@ impl GatewayProxy {
                     policy,
                     &path,
                     client,
-                    &mut ctx.store_us,
+                    &mut ctx.store,
                 )
                 .await;
                 match authorized {
@@ -276,9 +276,9 @@ impl ProxyHttp for GatewayProxy {
             client: None,
             chain: Vec::new(),
             tls: false,
-            trace: TraceContext::from_request(None),
+            trace: TraceContext::from_request(None, false),
             path: None,
-            store_us: 0,
+            store: public_api::StoreWait::default(),
             upstream_started: None,
             upstream_us: None,
             upstream_status: None,
@@ -303,8 +303,10 @@ impl ProxyHttp for GatewayProxy {
             session.set_keepalive(Some(ctx.live.config.server.keepalive_timeout.as_secs()));
         }
         let headers = &session.req_header().headers;
-        ctx.trace =
-            TraceContext::from_request(headers.get(&TRACEPARENT).map(HeaderValue::as_bytes));
+        ctx.trace = TraceContext::from_request(
+            headers.get(&TRACEPARENT).map(HeaderValue::as_bytes),
+            self.0.exports_spans(),
+        );
         // A client's sane id is kept; a generated one is the trace id (random, W3C).
         ctx.request_id = match headers.get(&ctx.live.config.forward.request_id_header) {
             Some(v) if headers::is_sane_request_id(v.as_bytes()) => v.clone(),
@@ -531,8 +533,12 @@ impl ProxyHttp for GatewayProxy {
         let elapsed = ctx.started.elapsed();
         let metrics = &self.0.metrics;
         metrics.record(label, status, elapsed);
-        if ctx.store_us > 0 {
-            metrics.store_waited(std::time::Duration::from_micros(ctx.store_us));
+        if ctx.store.us > 0 {
+            metrics.store_waited(std::time::Duration::from_micros(ctx.store.us));
+        }
+        #[cfg(feature = "otlp")]
+        if let Some(spans) = &self.0.spans {
+            access::span(spans, session, ctx, status, elapsed);
         }
         if let (Some(us), Some(route)) = (ctx.upstream_us, ctx.route()) {
             if let Some(u) = ctx.live.config.upstreams.get(route.upstream) {

@@ -188,6 +188,27 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>, Gatew
     inspect::read_body(session, limit).await
 }
 
+/// When a request first waited on the store, and for how long in all (microseconds).
+#[derive(Debug, Default)]
+pub(crate) struct StoreWait {
+    pub(crate) started: Option<std::time::Instant>,
+    pub(crate) us: u64,
+}
+
+impl StoreWait {
+    fn start(&mut self) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        self.started.get_or_insert(now);
+        now
+    }
+
+    fn add(&mut self, since: std::time::Instant) {
+        self.us = self
+            .us
+            .saturating_add(u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX));
+    }
+}
+
 /// Runs checks 1–7 for a request from `client` (its per-client limit key); on success the
 /// request may be forwarded as `Identity`.
 pub(crate) async fn authorize(
@@ -197,11 +218,11 @@ pub(crate) async fn authorize(
     policy: Option<&RoutePolicy>,
     path: &str,
     client: Option<IpAddr>,
-    store_us: &mut u64,
+    store: &mut StoreWait,
 ) -> Result<(Identity, RateHeaders), Refusal> {
-    let waited = std::time::Instant::now();
+    let waited = store.start();
     let principal = principal(gw, live, session.req_header(), client).await;
-    *store_us += u64::try_from(waited.elapsed().as_micros()).unwrap_or(u64::MAX);
+    store.add(waited);
     let principal = principal?;
     let account = principal.account.clone();
     let Some(plan) = live.config.policies.plans.get(&account.plan) else {
@@ -259,7 +280,7 @@ pub(crate) async fn authorize(
     }
     let period_id = period.id();
     // The lookup just met a store outage: one store timeout per request, not two.
-    let waited = std::time::Instant::now();
+    let waited = store.start();
     let decision = if principal.store_failed {
         Err(StoreError::Unavailable(
             "the key lookup just failed; admission not tried".into(),
@@ -277,7 +298,7 @@ pub(crate) async fn authorize(
             })
             .await
     };
-    *store_us += u64::try_from(waited.elapsed().as_micros()).unwrap_or(u64::MAX);
+    store.add(waited);
     match decision {
         Ok(Admission::Allowed {
             remaining,

@@ -24,6 +24,7 @@ mod lifecycle;
 mod limits;
 mod multinode;
 mod ops;
+mod otlp;
 mod policies;
 mod processes;
 mod proxy_protocol;
