@@ -101,6 +101,19 @@ pub(crate) struct Entry<'a> {
     pub(crate) tls: Option<&'a str>,
 }
 
+/// At most `max` bytes of `s`, cut on a character boundary: a client writes these values, and a
+/// line must stay small whatever it sends.
+fn bounded(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn string(out: &mut Vec<u8>, s: &str) {
     // serde_json escapes control characters, quotes and backslashes: a hostile user agent
     // cannot break the line.
@@ -158,10 +171,10 @@ impl Entry<'_> {
             }
         }
         if field(&mut out, 4) {
-            string(&mut out, self.method);
+            string(&mut out, bounded(self.method, 32));
         }
         if field(&mut out, 5) {
-            string(&mut out, self.path);
+            string(&mut out, bounded(self.path, 2048));
         }
         for (i, v) in [(6, self.route), (7, self.auth)] {
             if let Some(v) = v {
@@ -215,7 +228,7 @@ impl Entry<'_> {
         for (i, v) in [(20, self.user_agent), (21, self.tls)] {
             if let Some(v) = v {
                 if field(&mut out, i) {
-                    string(&mut out, v);
+                    string(&mut out, bounded(v, 256));
                 }
             }
         }
@@ -231,7 +244,6 @@ pub(crate) struct AccessLog {
     settings: Settings,
     /// Successes seen, for sampling (every n-th is logged).
     successes: AtomicU64,
-    sample_every: u64,
     dropped: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
     reopen: Arc<AtomicBool>,
@@ -252,27 +264,25 @@ impl AccessLog {
                 .name("msgflash-access-log".into())
                 .spawn(move || write_lines(&lines, sink, &target, &written, &reopen))?;
         }
-        let sample_every = if settings.sample <= 0.0 {
-            0
-        } else {
-            (1.0 / settings.sample.min(1.0)).round().max(1.0) as u64
-        };
         Ok(Self {
             queue,
             settings,
             successes: AtomicU64::new(0),
-            sample_every,
             dropped,
             written,
             reopen,
         })
     }
 
-    /// Logs `entry` (a refusal always, a success as sampled), without waiting.
+    /// Logs `entry` (a refusal, or a request that got no answer, always; a success as
+    /// sampled), without waiting.
     pub(crate) fn log(&self, entry: &Entry<'_>) {
-        if entry.status < 400 {
-            let n = self.successes.fetch_add(1, Ordering::Relaxed);
-            if self.sample_every == 0 || !n.is_multiple_of(self.sample_every) {
+        if (1..400).contains(&entry.status) {
+            // The n-th success is logged when ⌊(n+1)·rate⌋ passes ⌊n·rate⌋: exactly the rate
+            // over any run of successes.
+            let n = self.successes.fetch_add(1, Ordering::Relaxed) as f64;
+            let rate = self.settings.sample;
+            if ((n + 1.0) * rate).floor() <= (n * rate).floor() {
                 return;
             }
         }
@@ -413,6 +423,14 @@ mod tests {
             "{\"status\":429,\"code\":\"API_RATE_LIMIT_EXCEEDED\"}\n"
         );
         assert_eq!(Settings::field_mask(["nope"]).unwrap_err(), "nope");
+        // Client-written values are bounded.
+        let mut big = entry();
+        let agent = "\"".repeat(100_000);
+        big.user_agent = Some(&agent);
+        let line = big.line(u32::MAX);
+        assert!(line.len() < 2048, "{}", line.len());
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["user_agent"].as_str().unwrap().len(), 256);
     }
 
     #[test]

@@ -19,11 +19,12 @@ pub(crate) struct Histogram {
 
 impl Histogram {
     pub(crate) fn observe(&self, d: Duration) {
+        // The count first: a scrape reading the buckets after it never sees `+Inf` below them.
+        self.count.fetch_add(1, Ordering::Relaxed);
         let secs = d.as_secs_f64();
         if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_us.fetch_add(
             u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,

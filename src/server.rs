@@ -358,9 +358,8 @@ struct ReopenOnUsr1(Arc<Gateway>);
 #[async_trait]
 impl BackgroundService for ReopenOnUsr1 {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(log) = &self.0.access_log else {
-            return;
-        };
+        // Installed even without an access log: logrotate's `kill -USR1` must never be the
+        // default action (terminate).
         let mut signals = match tokio::signal::unix::signal(
             tokio::signal::unix::SignalKind::user_defined1(),
         ) {
@@ -377,8 +376,10 @@ impl BackgroundService for ReopenOnUsr1 {
                     if got.is_none() {
                         return;
                     }
-                    log.reopen();
-                    tracing::info!("access log reopened");
+                    if let Some(log) = &self.0.access_log {
+                        log.reopen();
+                        tracing::info!("access log reopened");
+                    }
                 }
             }
         }

@@ -119,8 +119,14 @@ impl Spans {
             )),
             None => Context::new(),
         };
+        // Methods a client invents are `_OTHER` (OpenTelemetry's rule): bounded names.
+        let method = match r.method {
+            m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE"
+            | "PATCH") => m,
+            _ => "_OTHER",
+        };
         let mut attributes = vec![
-            KeyValue::new("http.request.method", r.method.to_owned()),
+            KeyValue::new("http.request.method", method),
             KeyValue::new("http.response.status_code", i64::from(r.status)),
         ];
         if let Some(route) = r.route {
@@ -134,7 +140,7 @@ impl Spans {
         }
         let mut builder = self
             .tracer
-            .span_builder(format!("{} {}", r.method, r.route.unwrap_or("none")))
+            .span_builder(format!("{method} {}", r.route.unwrap_or("none")))
             .with_kind(SpanKind::Server)
             .with_start_time(start)
             .with_attributes(attributes);

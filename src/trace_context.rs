@@ -32,8 +32,22 @@ fn random(out: &mut [u8]) {
         let (bytes, used) = &mut *pool.borrow_mut();
         if bytes.len() < *used + out.len() {
             bytes.resize(4096, 0);
-            // A failed source leaves the previous bytes: ids then repeat, never break anything.
-            let _ = getrandom::getrandom(bytes);
+            if getrandom::getrandom(bytes).is_err() {
+                // Without the OS's source: the process's hash keys (random at start) and the
+                // clock, so that ids are at least distinct and never all zero.
+                use std::hash::{BuildHasher, Hasher};
+                let state = std::collections::hash_map::RandomState::new();
+                for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+                    let mut h = state.build_hasher();
+                    h.write_usize(i);
+                    h.write_u128(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_nanos()),
+                    );
+                    chunk.copy_from_slice(&h.finish().to_le_bytes()[..chunk.len()]);
+                }
+            }
             *used = 0;
         }
         out.copy_from_slice(&bytes[*used..*used + out.len()]);
@@ -88,20 +102,29 @@ pub(crate) fn tracestate_ok(v: &[u8]) -> bool {
 }
 
 impl TraceContext {
-    /// Continues the caller's trace when `traceparent` is valid, else starts one (marked
-    /// sampled when `recorded`: this gateway exports its spans).
+    /// Continues the caller's trace when `traceparent` is valid, else starts one. When
+    /// `recorded` (this gateway exports its spans) it is a hop of its own, and the traces it
+    /// starts are marked sampled; otherwise a continued trace goes on with the caller's span as
+    /// the parent, so that no span points at one that is never exported.
     pub(crate) fn from_request(traceparent: Option<&[u8]>, recorded: bool) -> Self {
         let mut span_id = [0u8; 8];
-        random(&mut span_id);
         match traceparent.and_then(parse_traceparent) {
-            Some((trace_id, parent, flags)) => Self {
-                trace_id,
-                span_id,
-                parent_id: Some(parent),
-                // Only the sampled bit is defined for version 00.
-                flags: flags & 1,
-            },
+            Some((trace_id, parent, flags)) => {
+                if recorded {
+                    random(&mut span_id);
+                } else {
+                    span_id = parent;
+                }
+                Self {
+                    trace_id,
+                    span_id,
+                    parent_id: Some(parent),
+                    // Only the sampled bit is defined for version 00.
+                    flags: flags & 1,
+                }
+            }
             None => {
+                random(&mut span_id);
                 let mut trace_id = [0u8; 16];
                 random(&mut trace_id);
                 Self {
@@ -112,6 +135,17 @@ impl TraceContext {
                 }
             }
         }
+    }
+
+    /// A request id for a request that brought none: the trace id when this request started
+    /// the trace; else the trace id and a random suffix (requests of one client trace differ).
+    pub(crate) fn request_id(&self) -> String {
+        if self.parent_id.is_none() {
+            return self.trace_hex();
+        }
+        let mut suffix = [0u8; 8];
+        random(&mut suffix);
+        format!("{}-{}", self.trace_hex(), hex::encode(suffix))
     }
 
     /// The trace id in lowercase hex (32 characters).
@@ -139,7 +173,10 @@ mod tests {
 
     #[test]
     fn a_valid_traceparent_is_continued_with_a_new_span() {
-        let t = TraceContext::from_request(Some(VALID.as_bytes()), false);
+        // Not recording: the caller's span stays the parent the upstream sees.
+        let passed = TraceContext::from_request(Some(VALID.as_bytes()), false);
+        assert_eq!(passed.traceparent(), VALID);
+        let t = TraceContext::from_request(Some(VALID.as_bytes()), true);
         assert_eq!(t.trace_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(t.parent_id, Some(*b"\x00\xf0\x67\xaa\x0b\xa9\x02\xb7"));
         assert_ne!(t.span_id, t.parent_id.unwrap());
@@ -189,7 +226,7 @@ mod tests {
         /// What the gateway writes always parses back to the same trace.
         #[test]
         fn written_traceparents_parse_back(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
-            let t = TraceContext::from_request(Some(&bytes), false);
+            let t = TraceContext::from_request(Some(&bytes), true);
             let out = t.traceparent();
             let (trace, span, flags) = parse_traceparent(out.as_bytes()).unwrap();
             prop_assert_eq!((trace, span, flags), (t.trace_id, t.span_id, t.flags));

@@ -449,5 +449,6 @@ fn default_access_log_sample() -> Spanned<f64> {
 }
 
 fn default_access_log_buffer() -> Spanned<usize> {
-    Spanned::new(0..0, 65_536)
+    // Lines are at most a few KiB (client-written values are cut): tens of MiB at worst.
+    Spanned::new(0..0, 8192)
 }

@@ -310,7 +310,7 @@ impl ProxyHttp for GatewayProxy {
         // A client's sane id is kept; a generated one is the trace id (random, W3C).
         ctx.request_id = match headers.get(&ctx.live.config.forward.request_id_header) {
             Some(v) if headers::is_sane_request_id(v.as_bytes()) => v.clone(),
-            _ => HeaderValue::from_str(&ctx.trace.trace_hex())
+            _ => HeaderValue::from_str(&ctx.trace.request_id())
                 .unwrap_or_else(|_| HeaderValue::from_static("")),
         };
         match self.decide(session, ctx).await {

@@ -153,3 +153,56 @@ for name, text in doc["data"].items():
         assert!(out.contains(": ok ("), "{out}");
     }
 }
+
+/// The container's command line as Kubernetes runs it (the image's ENTRYPOINT, then the pod's
+/// args) parses, and `check` (in place of `run`) accepts the configuration it names.
+#[test]
+fn the_pod_command_line_is_one_the_binary_takes() {
+    let dockerfile = std::fs::read_to_string(repo("deploy/Dockerfile")).unwrap();
+    let entrypoint: Vec<String> = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("ENTRYPOINT "))
+        .map(|json| serde_json::from_str(json).unwrap())
+        .expect("an ENTRYPOINT");
+    let args = passes(
+        "python3",
+        &[
+            "-c",
+            "import sys, yaml, json; d = yaml.safe_load(open(sys.argv[1])); \
+             print(json.dumps(d['spec']['template']['spec']['containers'][0]['args']))",
+            &repo("deploy/kubernetes/deployment.yaml")
+                .display()
+                .to_string(),
+        ],
+    );
+    let args: Vec<String> = serde_json::from_str(args.trim()).unwrap();
+    assert_eq!(args, ["run"]);
+    // The configuration the pod mounts, with this checkout's policies.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(repo("deploy/kubernetes/gateway.toml"))
+            .unwrap()
+            .replace(
+                "/etc/msgflash-gateway/policies",
+                &repo("lua-free-policies").display().to_string(),
+            ),
+    )
+    .unwrap();
+    let argv: Vec<String> = entrypoint[1..]
+        .iter()
+        .chain(&args)
+        .map(|a| {
+            if a == "/etc/msgflash-gateway/gateway.toml" {
+                config.display().to_string()
+            } else if a == "run" {
+                "check".to_owned()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    passes(env!("CARGO_BIN_EXE_msgflash-gateway"), &argv);
+}
