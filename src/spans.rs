@@ -126,7 +126,7 @@ impl Spans {
             _ => "_OTHER",
         };
         let mut attributes = vec![
-            KeyValue::new("http.request.method", method),
+            KeyValue::new("http.request.method", method.to_owned()),
             KeyValue::new("http.response.status_code", i64::from(r.status)),
         ];
         if let Some(route) = r.route {
