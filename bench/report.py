@@ -7,6 +7,7 @@ import sys
 from collections import defaultdict
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+CLK_TCK = 100  # /proc/<pid>/stat's utime and stime unit (sysconf(_SC_CLK_TCK) on Linux)
 KEYS = 10_000
 LIMIT_PER_KEY = 10.0
 NAMES = {
@@ -14,6 +15,8 @@ NAMES = {
     "passthrough": "pingora passthrough",
     "nginx_proxy": "nginx plain proxy",
     "nginx_gw": "nginx API-key gateway",
+    "kong_local": "Kong-shaped (nginx + Lua), local counters",
+    "kong_redis": "Kong-shaped (nginx + Lua), Redis counters",
     "gw_embedded": "msgflash-gateway, embedded store",
     "gw_redis": "msgflash-gateway, Redis store",
 }
@@ -24,7 +27,7 @@ SCENARIOS = {
     "bogus_repeat": "(c') one repeated unknown key",
     "jwt": "(d) console JWT `GET /api/dashboard`",
 }
-AUTH_TARGETS = {"nginx_gw", "gw_embedded", "gw_redis"}
+AUTH_TARGETS = {"nginx_gw", "kong_local", "kong_redis", "gw_embedded", "gw_redis"}
 
 
 def ms(text):
@@ -66,9 +69,13 @@ def load(out):
     runs = defaultdict(list)  # (tag, scenario, target) -> [run]
     with open(f"{out}/results.tsv") as f:
         for line in f:
-            tag, rnd, scenario, target, path, calls, conns = line.rstrip("\n").split("\t")
+            fields = line.rstrip("\n").split("\t")
+            tag, rnd, scenario, target, path, calls, conns = fields[:7]
             r = parse_wrk(path)
             r["round"], r["calls"], r["conns"] = int(rnd), int(calls), int(conns)
+            # CPU the proxy's processes used over the run (clock ticks; absent in old runs).
+            ticks = int(fields[7]) if len(fields) > 7 and fields[7] else -1
+            r["cpu_us"] = (ticks * 1e6 / CLK_TCK / r["requests"]) if ticks >= 0 and r["requests"] else float("nan")
             runs[(tag, scenario, target)].append(r)
             FILES[(tag, scenario, target)].append(path)
     return runs
@@ -107,8 +114,8 @@ def main_report(out, runs):
     print(f"{m.get('cpu', '?')}; kernel {m.get('kernel', '?')}; {m.get('nginx', '')}".replace(" wrk=", ", wrk ").replace(" redis=", ", redis ").replace("nginx=", "nginx ") + ".")
     print(f"`{m.get('mode', '')}`; medians of {k} rounds, targets alternated round-robin. "
           f"Load average (1/5/15 min) at start {m.get('loadavg_start', '?')}, at end {m.get('loadavg_end', '?')}.\n")
-    print("| scenario | target | req/s | p50 ms | p99 ms | × passthrough | × nginx gw | non-2xx | Redis cmds/req |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| scenario | target | req/s | proxy CPU µs/req | p50 ms | p99 ms | × passthrough | × nginx gw | non-2xx | Redis cmds/req |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     warnings = []
     for s in scenarios:
         base_pt = med(runs.get(("main", s, "passthrough"), []), "rps")
@@ -122,7 +129,9 @@ def main_report(out, runs):
             cmds = "–"
             if t == "gw_redis":
                 cmds = f"{statistics.median(r['calls'] / r['requests'] if r['requests'] else 0 for r in rs):.4f}"
-            print(f"| {SCENARIOS[s]} | {NAMES.get(t, t)} | {rps:,.0f} | {fmt_ms(med(rs, 'p50'))} | "
+            cpu = med(rs, "cpu_us")
+            cpu = "–" if cpu != cpu else f"{cpu:.1f}"
+            print(f"| {SCENARIOS[s]} | {NAMES.get(t, t)} | {rps:,.0f} | {cpu} | {fmt_ms(med(rs, 'p50'))} | "
                   f"{fmt_ms(med(rs, 'p99'))} | {ratio(rps, base_pt)} | {ratio(rps, base_ng)} | "
                   f"{non2xx:.1%} | {cmds} |")
             errs = sum(r["errors"] for r in rs)

@@ -14,7 +14,9 @@
 #             every proxy pinned to CPU 1, wrk + upstream + redis pinned to CPU 0.
 #             0: no pinning, WORKERS [2] workers per proxy, everything shares both cores.
 #   SCENARIOS ["valid abusive bogus bogus_repeat jwt"]
-#   TARGETS   ["direct passthrough nginx_proxy nginx_gw gw_embedded gw_redis"]
+#   TARGETS   ["direct passthrough nginx_proxy nginx_gw kong_local kong_redis gw_embedded gw_redis"]
+#             kong_*: a Kong-shaped gateway, nginx + ngx_lua (bench/kong/auth.lua): key-auth from a
+#             shared dict, rate limiting with Kong's local or redis policy
 #   HALF_PEAK [1]  also run the latency phase: valid traffic at a fixed rate, half of each
 #             gateway's measured peak, from examples/openloop.rs (open loop, latency counted from
 #             each request's due time); OPEN_CONNS [50] its connections; HALF_PEAK_RPS: one rate
@@ -34,7 +36,7 @@ WRK_THREADS=${WRK_THREADS:-1}
 PIN=${PIN:-1}
 if [ "$PIN" = 1 ]; then WORKERS=1; else WORKERS=${WORKERS:-2}; fi
 SCENARIOS=${SCENARIOS:-"valid abusive bogus bogus_repeat jwt"}
-TARGETS=${TARGETS:-"direct passthrough nginx_proxy nginx_gw gw_embedded gw_redis"}
+TARGETS=${TARGETS:-"direct passthrough nginx_proxy nginx_gw kong_local kong_redis gw_embedded gw_redis"}
 HALF_PEAK=${HALF_PEAK:-1}
 JOBS=${JOBS:-1}
 NO_BUILD=${NO_BUILD:-0}
@@ -45,7 +47,7 @@ KEYS_PER_ACCOUNT=10
 PB=${PORT_BASE:-27180}
 P_UP=$PB P_PASS=$((PB + 1)) P_NGX_PROXY=$((PB + 2)) P_NGX_GW=$((PB + 3)) P_GW_EMB=$((PB + 4))
 P_ADM_EMB=$((PB + 5)) P_GW_REDIS=$((PB + 6)) P_ADM_REDIS=$((PB + 7)) P_REDIS=$((PB + 8))
-P_GW_TLS=$((PB + 9)) P_NGX_TLS=$((PB + 10))
+P_GW_TLS=$((PB + 9)) P_NGX_TLS=$((PB + 10)) P_KONG_L=$((PB + 11)) P_KONG_R=$((PB + 12))
 
 export MSGFLASH_ADMIN_TOKEN=$(openssl rand -hex 24)
 export MSGFLASH_JWT_SECRET=$(openssl rand -hex 32)
@@ -75,6 +77,7 @@ install_missing() {
   command -v cmake >/dev/null 2>&1 || missing+=(cmake)
   command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
   command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
+  [ -e /usr/lib/nginx/modules/ngx_http_lua_module.so ] || missing+=(libnginx-mod-http-lua)
   if [ "$MODE" = tls ]; then
     command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
@@ -128,7 +131,7 @@ wait_port() {
   log "nothing listening on $port"; return 1
 }
 
-for port in $P_UP $P_PASS $P_NGX_PROXY $P_NGX_GW $P_GW_EMB $P_ADM_EMB $P_GW_REDIS $P_ADM_REDIS $P_REDIS $P_GW_TLS $P_NGX_TLS; do
+for port in $P_UP $P_PASS $P_NGX_PROXY $P_NGX_GW $P_GW_EMB $P_ADM_EMB $P_GW_REDIS $P_ADM_REDIS $P_REDIS $P_GW_TLS $P_NGX_TLS $P_KONG_L $P_KONG_R; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     log "port $port is already in use (a previous run still alive?)"; exit 1
   fi
@@ -140,6 +143,7 @@ start_nginx() {
   mkdir -p "$dir/tmp"
   {
     cat <<EOF
+${NGX_MAIN:-}
 user root;
 worker_processes $workers;
 pid $dir/nginx.pid;
@@ -236,6 +240,37 @@ EOF
   wait_port $P_NGX_GW
 }
 
+# A Kong-shaped gateway: POLICY local (shared-dict counters) or redis (INCR + EXPIRE pipelines).
+start_kong() { # NAME PORT POLICY KEYS
+  local name=$1 port=$2 policy=$3 keys=$4
+  log "Kong-shaped gateway $name on :$port (nginx + ngx_lua, $policy policy)"
+  NGX_MAIN="load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
+env KONG_REDIS_PORT;" KONG_REDIS_PORT=$P_REDIS start_nginx "$name" "$WORKERS" "$(proxy_cpu)" <<EOF
+  $UPSTREAM_BLOCK
+  lua_package_path "$BENCH/kong/?.lua;;";
+  lua_shared_dict keys 8m;
+  lua_shared_dict counters 32m;
+  init_by_lua_block { require("auth").load("$keys") }
+  server {
+    listen 127.0.0.1:$port backlog=4096;
+    default_type application/json;
+    location /api/v1/ {
+      access_by_lua_block { require("auth").access("$policy") }
+      proxy_set_header Host \$host;
+      $PROXY_TO_UP
+    }
+    # Console routes: only proxied, as nginx_gw does (no JWT check here either).
+    location /api/ {
+      proxy_set_header Host \$host;
+      $PROXY_TO_UP
+    }
+    location / { return 404 '{"error":{"code":"NOT_FOUND","message":"Not found"}}'; }
+  }
+EOF
+  wait_port "$port"
+}
+
 start_passthrough() {
   local name=$1 port=$2
   shift 2
@@ -244,6 +279,7 @@ start_passthrough() {
     PT_PID_FILE="$OUT/conf/$name.pid" PT_UPGRADE_SOCK="$OUT/conf/$name.sock" "$@" \
     $(proxy_cpu) $WRAP "${PASS_BIN:-$PASS}" >"$OUT/logs/$name.log" 2>&1 &
   PIDS+=($!)
+  echo $! >"$OUT/conf/$name.pidnum"
   wait_port "$port"
 }
 
@@ -305,6 +341,7 @@ start_gateway() { # NAME PORT ADMIN_PORT STORE_LINE
   log "msgflash-gateway $1 on :$2 (admin :$3, $4)"
   RUST_LOG=${RUST_LOG:-warn} $(proxy_cpu) $WRAP "$GW" run -c "$OUT/conf/$1.toml" >"$OUT/logs/$1.log" 2>&1 &
   PIDS+=($!)
+  echo $! >"$OUT/conf/$1.pidnum"
   wait_port "$2"
   wait_port "$3"
 }
@@ -320,22 +357,42 @@ port_of() {
   case $1 in
     direct) echo $P_UP ;; passthrough*) echo $P_PASS ;; nginx_proxy) echo $P_NGX_PROXY ;;
     nginx_gw) echo $P_NGX_GW ;; gw_embedded*) echo $P_GW_EMB ;; gw_redis) echo $P_GW_REDIS ;;
+    kong_local) echo $P_KONG_L ;; kong_redis) echo $P_KONG_R ;;
     *) log "unknown target $1"; exit 1 ;;
   esac
 }
 keys_of() { [ "$1" = gw_redis ] && echo "$OUT/conf/keys_redis.txt" || echo "$OUT/conf/keys_embedded.txt"; }
+
+# CPU clock ticks (user + system) used so far by a target's processes: an nginx master and its
+# workers, or a gateway or passthrough process (all its threads); 0 for anything else.
+cpu_ticks() { # TARGET
+  local t=$1 pids="" p total=0
+  if [ -f "$OUT/conf/$t/nginx.pid" ]; then
+    p=$(cat "$OUT/conf/$t/nginx.pid")
+    pids="$p $(pgrep -P "$p" | tr '\n' ' ')"
+  elif [ -f "$OUT/conf/$t.pidnum" ]; then
+    pids=$(cat "$OUT/conf/$t.pidnum")
+  fi
+  for p in $pids; do
+    total=$((total + $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
 
 # run_wrk TARGET PORT SCENARIO ROUND TAG CONNS DELAY_MS
 run_wrk() {
   local target=$1 port=$2 scenario=$3 round=$4 tag=$5 conns=$6 delay=$7
   local file=$OUT/wrk/$tag-$scenario-$target-r$round.txt before=0 after=0
   [ "$target" = gw_redis ] && before=$(redis_calls "$file.redis-before")
+  local cpu_before cpu_after
+  cpu_before=$(cpu_ticks "$target")
   BENCH_MODE=$scenario BENCH_KEYS=$(keys_of "$target") BENCH_TOKEN=$TOKEN BENCH_DELAY_MS=$delay \
     $(load_cpu) wrk -t"$WRK_THREADS" -c"$conns" -d"${DURATION}s" --latency --timeout 5s \
     -s "$BENCH/wrk/load.lua" "http://127.0.0.1:$port" >"$file" 2>&1 || true
   [ "$target" = gw_redis ] && after=$(redis_calls "$file.redis-after")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tag" "$round" "$scenario" "$target" "$file" \
-    "$((after - before))" "$conns" >>"$OUT/results.tsv"
+  cpu_after=$(cpu_ticks "$target")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tag" "$round" "$scenario" "$target" "$file" \
+    "$((after - before))" "$conns" "$((cpu_after - cpu_before))" >>"$OUT/results.tsv"
   log "$(printf '%-6s r%s %-13s %-12s %s' "$tag" "$round" "$scenario" "$target" \
     "$(awk '/Requests\/sec/ { printf "%s req/s", $2 } /Non-2xx/ { printf ", non-2xx %s", $NF }' "$file")")"
   sleep 1 # let the buckets refill between runs
@@ -359,7 +416,7 @@ setup_all() {
   start_upstream
   case " $TARGETS " in *" passthrough "*) start_passthrough passthrough $P_PASS ;; esac
   case " $TARGETS " in *" nginx_proxy "*) start_nginx_proxy ;; esac
-  case " $TARGETS " in *" gw_redis "*) start_redis ;; esac
+  case " $TARGETS " in *" gw_redis "* | *" kong_redis "*) start_redis ;; esac
   rm -f "$OUT/conf/store.json"
   start_gateway gw_embedded $P_GW_EMB $P_ADM_EMB "data_file = \"$OUT/conf/store.json\""
   log "creating $ACCOUNTS accounts x $KEYS_PER_ACCOUNT keys on gw_embedded"
@@ -371,6 +428,8 @@ setup_all() {
     ;;
   esac
   case " $TARGETS " in *" nginx_gw "*) start_nginx_gw "$OUT/conf/keys_embedded.txt" ;; esac
+  case " $TARGETS " in *" kong_local "*) start_kong kong_local $P_KONG_L local "$OUT/conf/keys_embedded.txt" ;; esac
+  case " $TARGETS " in *" kong_redis "*) start_kong kong_redis $P_KONG_R redis "$OUT/conf/keys_embedded.txt" ;; esac
   TOKEN=$("$GW" -c "$OUT/conf/gw_embedded.toml" jwt mint bench00000 --sub u1 --ttl 2h)
 
   # sanity: a valid key and a console token are forwarded (200) by every target
