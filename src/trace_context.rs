@@ -102,6 +102,14 @@ pub(crate) fn tracestate_ok(v: &[u8]) -> bool {
 }
 
 impl TraceContext {
+    /// No trace yet (before the request head is read): no random draw for it.
+    pub(crate) const NONE: Self = Self {
+        trace_id: [0; 16],
+        span_id: [0; 8],
+        parent_id: None,
+        flags: 0,
+    };
+
     /// Continues the caller's trace when `traceparent` is valid, else starts one. When
     /// `recorded` (this gateway exports its spans) it is a hop of its own, and the traces it
     /// starts are marked sampled; otherwise a continued trace goes on with the caller's span as

@@ -276,7 +276,7 @@ impl ProxyHttp for GatewayProxy {
             client: None,
             chain: Vec::new(),
             tls: false,
-            trace: TraceContext::from_request(None, false),
+            trace: TraceContext::NONE,
             path: None,
             store: public_api::StoreWait::default(),
             upstream_started: None,
@@ -307,7 +307,8 @@ impl ProxyHttp for GatewayProxy {
             headers.get(&TRACEPARENT).map(HeaderValue::as_bytes),
             self.0.exports_spans(),
         );
-        // A client's sane id is kept; a generated one is the trace id (random, W3C).
+        // A client's sane id is kept; a generated one is the trace id (random, W3C), with a
+        // random suffix when the trace is the client's.
         ctx.request_id = match headers.get(&ctx.live.config.forward.request_id_header) {
             Some(v) if headers::is_sane_request_id(v.as_bytes()) => v.clone(),
             _ => HeaderValue::from_str(&ctx.trace.request_id())
@@ -409,8 +410,8 @@ impl ProxyHttp for GatewayProxy {
                 }
             }
             h.insert(fwd.request_id_header.clone(), ctx.request_id.clone());
-            // The trace goes on with this hop as the parent; a client's tracestate goes along
-            // only with the trace it belongs to, and only when it is sane.
+            // The trace goes on (with this hop as the parent when spans are exported); a
+            // client's tracestate goes along only with the trace it belongs to, when sane.
             if let Ok(tp) = HeaderValue::from_str(&ctx.trace.traceparent()) {
                 h.insert(TRACEPARENT.clone(), tp);
             }
