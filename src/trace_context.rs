@@ -161,7 +161,9 @@ impl TraceContext {
         hex::encode(self.trace_id)
     }
 
-    /// The `traceparent` the upstream gets: this trace, this hop's span.
+    /// The `traceparent` the upstream gets: this trace, this hop's span (the reference the
+    /// header value is tested against).
+    #[cfg(test)]
     pub(crate) fn traceparent(&self) -> String {
         format!(
             "00-{}-{}-{:02x}",
@@ -169,6 +171,39 @@ impl TraceContext {
             hex::encode(self.span_id),
             self.flags
         )
+    }
+
+    /// [`TraceContext::traceparent`] as a header value, built on the stack (once per request).
+    pub(crate) fn traceparent_value(&self) -> http::HeaderValue {
+        let mut buf = [0u8; 55];
+        buf[..3].copy_from_slice(b"00-");
+        hex_into(&self.trace_id, &mut buf[3..35]);
+        buf[35] = b'-';
+        hex_into(&self.span_id, &mut buf[36..52]);
+        buf[52] = b'-';
+        hex_into(&[self.flags], &mut buf[53..55]);
+        http::HeaderValue::from_bytes(&buf).unwrap_or(http::HeaderValue::from_static(""))
+    }
+
+    /// [`TraceContext::request_id`] as a header value, without a `String` for the common case
+    /// (a trace started here).
+    pub(crate) fn request_id_value(&self) -> http::HeaderValue {
+        if self.parent_id.is_some() {
+            return http::HeaderValue::from_str(&self.request_id())
+                .unwrap_or(http::HeaderValue::from_static(""));
+        }
+        let mut buf = [0u8; 32];
+        hex_into(&self.trace_id, &mut buf);
+        http::HeaderValue::from_bytes(&buf).unwrap_or(http::HeaderValue::from_static(""))
+    }
+}
+
+/// Lowercase hex of `bytes` into `out` (twice as long).
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (b, pair) in bytes.iter().zip(out.chunks_mut(2)) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0x0f)];
     }
 }
 
@@ -228,6 +263,20 @@ mod tests {
         assert!(!tracestate_ok(b""));
         assert!(!tracestate_ok(&[b'a'; 513]));
         assert!(!tracestate_ok(b"a=\x01"));
+    }
+
+    #[test]
+    fn header_values_are_the_strings() {
+        for t in [
+            TraceContext::from_request(None, true),
+            TraceContext::from_request(Some(VALID.as_bytes()), true),
+        ] {
+            assert_eq!(t.traceparent_value(), t.traceparent().as_str());
+            let id = t.request_id_value();
+            let id = id.to_str().unwrap();
+            assert!(id.starts_with(&t.trace_hex()), "{id}");
+            assert_eq!(id.len(), if t.parent_id.is_some() { 49 } else { 32 });
+        }
     }
 
     proptest! {

@@ -311,8 +311,7 @@ impl ProxyHttp for GatewayProxy {
         // random suffix when the trace is the client's.
         ctx.request_id = match headers.get(&ctx.live.config.forward.request_id_header) {
             Some(v) if headers::is_sane_request_id(v.as_bytes()) => v.clone(),
-            _ => HeaderValue::from_str(&ctx.trace.request_id())
-                .unwrap_or_else(|_| HeaderValue::from_static("")),
+            _ => ctx.trace.request_id_value(),
         };
         match self.decide(session, ctx).await {
             Ok(None) => Ok(false),
@@ -412,9 +411,7 @@ impl ProxyHttp for GatewayProxy {
             h.insert(fwd.request_id_header.clone(), ctx.request_id.clone());
             // The trace goes on (with this hop as the parent when spans are exported); a
             // client's tracestate goes along only with the trace it belongs to, when sane.
-            if let Ok(tp) = HeaderValue::from_str(&ctx.trace.traceparent()) {
-                h.insert(TRACEPARENT.clone(), tp);
-            }
+            h.insert(TRACEPARENT.clone(), ctx.trace.traceparent_value());
             let state_ok = ctx.trace.parent_id.is_some()
                 && h.get_all(&TRACESTATE).iter().count() == 1
                 && h.get(&TRACESTATE)
