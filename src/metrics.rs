@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Upper bounds of the latency histogram, in seconds.
-const BUCKETS: [f64; 12] = [
+/// Upper bounds of the whole-request latency histogram, in seconds.
+const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
@@ -18,9 +18,7 @@ pub struct Metrics {
     /// Bounded: configured prefixes × statuses.
     requests: DashMap<(Arc<str>, u16), AtomicU64>,
     none: Arc<str>,
-    latency_buckets: [AtomicU64; BUCKETS.len()],
-    latency_count: AtomicU64,
-    latency_sum_us: AtomicU64,
+    latency: Histogram,
     /// Rejections by error code.
     rejections: DashMap<&'static str, AtomicU64>,
     store_errors: AtomicU64,
@@ -57,9 +55,7 @@ impl Metrics {
         Self {
             requests: DashMap::new(),
             none: Arc::from("none"),
-            latency_buckets: Default::default(),
-            latency_count: AtomicU64::new(0),
-            latency_sum_us: AtomicU64::new(0),
+            latency: Histogram::new(BUCKETS),
             rejections: DashMap::new(),
             store_errors: AtomicU64::new(0),
             fail_open: AtomicU64::new(0),
@@ -116,16 +112,7 @@ impl Metrics {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
-        // One bucket per request (the one it falls in); the exposition accumulates them.
-        let secs = elapsed.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|bound| secs <= *bound) {
-            self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us.fetch_add(
-            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        self.latency.observe(elapsed);
     }
 
     /// One request the gateway answered itself with `code`.
@@ -174,25 +161,8 @@ impl Metrics {
         }
         out.push_str("# HELP msgflash_request_duration_seconds Time from request head to the end of logging.\n");
         out.push_str("# TYPE msgflash_request_duration_seconds histogram\n");
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            cumulative += self.latency_buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "msgflash_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        let count = self.latency_count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "msgflash_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "msgflash_request_duration_seconds_sum {}",
-            self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "msgflash_request_duration_seconds_count {count}");
+        self.latency
+            .render(&mut out, "msgflash_request_duration_seconds", "");
         out.push_str("# HELP msgflash_rejections_total Requests answered by the gateway itself, by error code.\n");
         out.push_str("# TYPE msgflash_rejections_total counter\n");
         let mut codes: Vec<(&str, u64)> = self

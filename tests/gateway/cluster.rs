@@ -1,60 +1,10 @@
 //! A real three-master Redis Cluster on loopback: limits, quotas, caps and revocation hold.
 
-use crate::redis_server::RedisServer;
+use crate::redis_server::Cluster;
 use crate::support::*;
 use msgflash_gateway::clock::ManualClock;
-use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
-
-struct Cluster {
-    nodes: Vec<RedisServer>,
-}
-
-impl Cluster {
-    fn start() -> Self {
-        let opts = [
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            "5000",
-        ];
-        let nodes: Vec<RedisServer> = (0..3)
-            .map(|_| RedisServer::start_at(free_cluster_addr(), &opts))
-            .collect();
-        let addrs: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
-        let out = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("redis-cli");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let start = Instant::now();
-        while !nodes
-            .iter()
-            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "the cluster never became ok"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { nodes }
-    }
-
-    fn url(&self) -> String {
-        let seeds: Vec<String> = self.nodes.iter().map(|n| n.addr.to_string()).collect();
-        format!("redis+cluster://{}", seeds.join(","))
-    }
-}
 
 fn statuses(handles: Vec<std::thread::JoinHandle<u16>>) -> Vec<u16> {
     handles
@@ -65,7 +15,7 @@ fn statuses(handles: Vec<std::thread::JoinHandle<u16>>) -> Vec<u16> {
 
 #[test]
 fn a_three_master_cluster_behaves_as_one_store() {
-    let cluster = Cluster::start();
+    let cluster = Cluster::start(3, 0, 5000, &[]);
     let clock = Arc::new(ManualClock::at_unix(T0));
     let n: Vec<Arc<Gateway>> = (0..2)
         .map(|_| {

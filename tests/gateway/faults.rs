@@ -6,7 +6,7 @@
 
 use crate::client::{request, Connection};
 use crate::processes::Process;
-use crate::redis_server::{RedisServer, Sentinel};
+use crate::redis_server::{Cluster, RedisServer, SentinelSet};
 use crate::support::*;
 use serde_json::json;
 use std::io::{Read, Write};
@@ -103,40 +103,17 @@ impl Figures {
     }
 }
 
-/// An admin call, retried while the store is still recovering (503), bounded.
-fn admin_when_ready(
-    node: &Process,
-    method: &str,
-    path: &str,
-    body: serde_json::Value,
-) -> serde_json::Value {
-    let auth = format!("Bearer {ADMIN_TOKEN}");
-    let bytes = serde_json::to_vec(&body).unwrap();
-    let body = (method != "GET").then_some(bytes.as_slice());
-    let start = Instant::now();
-    loop {
-        let r = request(node.admin, method, path, &[("authorization", &auth)], body).unwrap();
-        if r.status != 503 || start.elapsed() > Duration::from_secs(15) {
-            assert!(r.status < 300, "{method} {path}: {}", r.text());
-            return r.json().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Accounts and keys for one run, made through `node`.
 fn keys(node: &Process, prefix: &str) -> Vec<Key> {
     (0..KEYS)
         .map(|i| {
             let account = format!("{prefix}{i}");
-            admin_when_ready(
-                node,
+            node.admin_when_ready(
                 "PUT",
                 &format!("/admin/v1/accounts/{account}"),
                 json!({"plan": "pro"}),
             );
-            let v = admin_when_ready(
-                node,
+            let v = node.admin_when_ready(
                 "POST",
                 &format!("/admin/v1/accounts/{account}/keys"),
                 json!({"name": "k"}),
@@ -339,8 +316,7 @@ fn run(
             .filter(|s| s.key == i && matches!(s.status, Ok(200)))
             .count() as u64;
         // After a failover the store may still be settling: the count is read once it answers.
-        let usage = admin_when_ready(
-            alive,
+        let usage = alive.admin_when_ready(
             "GET",
             &format!("/admin/v1/accounts/{}", k.account),
             json!({}),
@@ -509,44 +485,17 @@ fn a_gateway_node_killed_under_load() {
 
 #[test]
 fn sentinel_failover() {
-    // Replicas get their first copy at once (Redis waits 5 s by default to batch them).
-    let mut primary_args = AOF_ALWAYS.to_vec();
-    primary_args.extend(["--repl-diskless-sync-delay", "0"]);
-    let primary = RedisServer::start_with(&primary_args);
-    let port = primary.addr.port().to_string();
-    let mut replica_args = AOF_ALWAYS.to_vec();
-    replica_args.extend(["--replicaof", "127.0.0.1", &port]);
-    let replica = RedisServer::start_with(&replica_args);
-    let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(primary.addr, 2)).collect();
-    eventually("the replica is in sync", || {
-        replica.cli(&["ROLE"]).contains("connected")
-    });
-    eventually("the sentinels see the replica and each other", || {
-        sentinels.iter().all(|s| {
-            s.cli(&["SENTINEL", "replicas", "mymaster"])
-                .contains(&replica.addr.port().to_string())
-                && s.cli(&["SENTINEL", "sentinels", "mymaster"])
-                    .matches("runid")
-                    .count()
-                    == 2
-        })
-    });
-    let url = format!(
-        "redis+sentinel://{},{},{}/mymaster",
-        sentinels[0].addr, sentinels[1].addr, sentinels[2].addr
-    );
-    let (a, b) = two_nodes(url);
-    let mut primary = primary;
-    let promoted = format!("127.0.0.1\n{}\n", replica.addr.port());
+    let mut set = SentinelSet::start(&AOF_ALWAYS);
+    let (a, b) = two_nodes(set.url());
     let f = run(
         "Sentinel failover (primary killed -9)",
         &[&a, &b],
         "f",
         None,
         || {
-            primary.kill();
+            set.primary.kill();
             eventually("the sentinels promote the replica", || {
-                sentinels[0].cli(&["SENTINEL", "get-master-addr-by-name", "mymaster"]) == promoted
+                set.replica_promoted()
             });
         },
     );
@@ -555,57 +504,23 @@ fn sentinel_failover() {
 
 #[test]
 fn cluster_failover() {
-    let opts = [
-        "--cluster-enabled",
-        "yes",
-        "--cluster-config-file",
-        "nodes.conf",
-        "--cluster-node-timeout",
-        "1000",
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-        "--repl-diskless-sync-delay",
-        "0",
-    ];
-    let mut nodes: Vec<RedisServer> = (0..6)
-        .map(|_| RedisServer::start_at(free_cluster_addr(), &opts))
-        .collect();
-    let addrs: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
-    let out = std::process::Command::new("redis-cli")
-        .args(["--cluster", "create"])
-        .args(&addrs)
-        .args(["--cluster-replicas", "1", "--cluster-yes"])
-        .output()
-        .expect("redis-cli");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    eventually("the cluster is ok and every replica in sync", || {
-        nodes.iter().all(|n| {
-            n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") && {
-                let role = n.cli(&["ROLE"]);
-                role.starts_with("master") || role.contains("connected")
-            }
-        })
-    });
-    let victim = nodes
+    let mut cluster = Cluster::start(3, 1, 1000, &AOF_ALWAYS);
+    let victim = cluster
+        .nodes
         .iter()
         .position(|n| n.cli(&["ROLE"]).starts_with("master"))
         .unwrap();
-    let (a, b) = two_nodes(format!("redis+cluster://{}", addrs.join(",")));
+    let (a, b) = two_nodes(cluster.url());
     let f = run(
         "Redis Cluster failover (a primary killed -9)",
         &[&a, &b],
         "c",
         None,
         || {
-            nodes[victim].kill();
+            cluster.nodes[victim].kill();
             eventually("a replica takes the dead primary's slots", || {
-                nodes
+                cluster
+                    .nodes
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| *i != victim)

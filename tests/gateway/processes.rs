@@ -82,24 +82,55 @@ impl Process {
         assert!(ok.success());
     }
 
+    /// An admin call with the token; the answer whatever it is.
+    pub(crate) fn admin_response(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> crate::client::HttpResponse {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        let body = body.map(|b| serde_json::to_vec(b).unwrap());
+        request(
+            self.admin,
+            method,
+            path,
+            &[("authorization", &auth)],
+            body.as_deref(),
+        )
+        .unwrap()
+    }
+
+    /// An admin call that must succeed; its JSON answer.
     pub(crate) fn admin(
         &self,
         method: &str,
         path: &str,
         body: serde_json::Value,
     ) -> serde_json::Value {
-        let auth = format!("Bearer {ADMIN_TOKEN}");
-        let body = serde_json::to_vec(&body).unwrap();
-        let r = request(
-            self.admin,
-            method,
-            path,
-            &[("authorization", &auth)],
-            Some(&body),
-        )
-        .unwrap();
+        let r = self.admin_response(method, path, Some(&body));
         assert!(r.status < 300, "{}", r.text());
         r.json().unwrap()
+    }
+
+    /// As [`Process::admin`], retried while the store is still recovering (503), for at most
+    /// 15 s.
+    pub(crate) fn admin_when_ready(
+        &self,
+        method: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let body = (method != "GET").then_some(&body);
+        let start = std::time::Instant::now();
+        loop {
+            let r = self.admin_response(method, path, body);
+            if r.status != 503 || start.elapsed() > std::time::Duration::from_secs(15) {
+                assert!(r.status < 300, "{method} {path}: {}", r.text());
+                return r.json().unwrap();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 }
 

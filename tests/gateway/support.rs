@@ -384,6 +384,16 @@ upstream = "console"
     path
 }
 
+/// What loading a gateway configuration written for `setup` in `dir` refuses (every error, as
+/// `check` prints them), and the file's path (the errors name it).
+pub fn config_errors(dir: &Path, setup: &Setup) -> (String, PathBuf) {
+    let path = write_config(dir, setup, free_addr(), free_addr(), free_addr());
+    let err = Config::load_with_env(&path, &env)
+        .expect_err("the configuration is refused")
+        .to_string();
+    (err, path)
+}
+
 pub fn env(name: &str) -> Option<String> {
     match name {
         "TEST_ADMIN_TOKEN" => Some(ADMIN_TOKEN.into()),

@@ -155,19 +155,13 @@ fn upstream_tls_settings_are_validated() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("empty.pem"), "").unwrap();
     let config_for = |tls: &'static str| {
-        let path = write_config(
+        let (err, path) = config_errors(
             dir.path(),
             &Setup::new().api_upstream(ApiUpstream {
                 tls: Some(tls),
                 ..ApiUpstream::default()
             }),
-            free_addr(),
-            free_addr(),
-            free_addr(),
         );
-        let err = msgflash_gateway::config::Config::load_with_env(&path, &env)
-            .unwrap_err()
-            .to_string();
         let p = format!("{}:", path.display());
         err.lines()
             .map(|l| l.strip_prefix(&p).unwrap_or(l).to_owned())
