@@ -20,7 +20,8 @@
 //! leave a token taken without its request admitted: early refusal again, never extra.
 
 use super::connection::Budget;
-use super::schema::{quota_key, tat_key, used_key};
+use super::resp::{Arg, Commands, Reply};
+use super::schema::{quota_parts, tat_parts, used_parts};
 use super::RedisStore;
 use crate::limits::gcra::{self, BucketDecision};
 use crate::store::{Admission, AdmitRequest, StoreError};
@@ -35,13 +36,11 @@ const TAT_TTL_MARGIN_MS: u64 = LAST_USE_EVERY_NS / 1_000_000 + 1_000;
 
 impl RedisStore {
     pub(super) async fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, StoreError> {
-        // Only the proxy admits: this runs on its runtime.
-        self.open_local().await;
         let t_us = (1_000_000 / u64::from(req.bucket.rate_per_second.max(1))).max(1);
         let burst_us = u64::from(req.bucket.burst.max(1)) * t_us;
         let now_us = req.now_ns / 1000;
-        let tat = tat_key(req.account_id, req.key_id);
-        let quota = quota_key(req.account_id, req.period_id);
+        let tat = tat_parts(req.account_id, req.key_id);
+        let quota = quota_parts(req.account_id, req.period_id);
         // Counter expiry once per period and node; TAT expiry and last use at most once a
         // minute per key and node: the usual pipeline is ZADD, ZINCRBY, INCR. No MULTI: see the
         // module doc for why interleaving with other nodes' pipelines can only refuse early.
@@ -50,37 +49,52 @@ impl RedisStore {
             .get(req.account_id, req.now_ns)
             .is_none_or(|p| p != req.period_id);
         let touch = self.key_touched.get(req.key_id, req.now_ns).is_none();
-        let mut p = redis::pipe();
-        p.cmd("ZADD")
-            .arg(&tat)
-            .arg("GT")
-            .arg(now_us)
-            .arg("t")
-            .ignore()
-            .cmd("ZINCRBY")
-            .arg(&tat)
-            .arg(t_us)
-            .arg("t")
-            .cmd("INCR")
-            .arg(&quota);
+        let mut c = Commands::new();
+        c.push(&[
+            Arg::Str("ZADD"),
+            Arg::Concat(&tat),
+            Arg::Str("GT"),
+            Arg::UInt(now_us),
+            Arg::Str("t"),
+        ])
+        .push(&[
+            Arg::Str("ZINCRBY"),
+            Arg::Concat(&tat),
+            Arg::UInt(t_us),
+            Arg::Str("t"),
+        ])
+        .push(&[Arg::Str("INCR"), Arg::Concat(&quota)]);
         if set_expiry {
-            p.cmd("EXPIREAT")
-                .arg(&quota)
-                .arg(req.period_end_unix + 35 * 86_400)
-                .ignore();
+            let expire_at = req.period_end_unix + 35 * 86_400;
+            c.push(&[
+                Arg::Str("EXPIREAT"),
+                Arg::Concat(&quota),
+                Arg::Int(expire_at),
+            ]);
         }
         if touch {
-            p.cmd("PEXPIRE")
-                .arg(&tat)
-                .arg(burst_us / 1000 + TAT_TTL_MARGIN_MS)
-                .ignore();
-            p.cmd("HSET")
-                .arg(used_key(req.account_id))
-                .arg(req.key_id)
-                .arg(req.now_ns / 1_000_000)
-                .ignore();
+            c.push(&[
+                Arg::Str("PEXPIRE"),
+                Arg::Concat(&tat),
+                Arg::UInt(burst_us / 1000 + TAT_TTL_MARGIN_MS),
+            ])
+            .push(&[
+                Arg::Str("HSET"),
+                Arg::Concat(&used_parts(req.account_id)),
+                Arg::Str(req.key_id),
+                Arg::UInt(req.now_ns / 1_000_000),
+            ]);
         }
-        let (new_tat, used): (f64, u64) = self.pipe_for(Budget::Admission, &p).await?;
+        let replies = self.run(Budget::Admission, &c).await?;
+        let (Some(new_tat), Some(used)) = (
+            replies.get(1).and_then(Reply::as_f64),
+            replies.get(2).and_then(Reply::as_i64),
+        ) else {
+            return Err(StoreError::Unavailable(
+                "unexpected reply to the admission".into(),
+            ));
+        };
+        let used = u64::try_from(used).unwrap_or(0);
         if set_expiry {
             self.quota_expiry_set.insert(
                 req.account_id.to_owned(),
@@ -127,19 +141,18 @@ impl RedisStore {
         }
     }
 
-    async fn compensate(&self, tat: &str, quota: &str, t_us: u64) {
-        let mut p = redis::pipe();
-        p.cmd("ZINCRBY")
-            .arg(tat)
-            .arg(-(t_us as f64))
-            .arg("t")
-            .ignore()
-            .cmd("DECR")
-            .arg(quota)
-            .ignore();
+    async fn compensate(&self, tat: &[&str], quota: &[&str], t_us: u64) {
+        let mut c = Commands::new();
+        c.push(&[
+            Arg::Str("ZINCRBY"),
+            Arg::Concat(tat),
+            Arg::Int(-i64::try_from(t_us).unwrap_or(i64::MAX)),
+            Arg::Str("t"),
+        ])
+        .push(&[Arg::Str("DECR"), Arg::Concat(quota)]);
         // Not retried: a refund whose reply was lost may have been applied, and applying it
         // twice would admit an extra request. A lost one only refuses early; it is counted.
-        if let Err(e) = self.pipe_for::<()>(Budget::Admission, &p).await {
+        if let Err(e) = self.run(Budget::Admission, &c).await {
             self.refunds_failed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(error = %e, "could not give back a rejected request's usage");

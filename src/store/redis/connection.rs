@@ -2,6 +2,9 @@
 //! proxy's runtime, and the deadline and circuit breaker every call runs under.
 
 use super::admission::LAST_USE_EVERY_NS;
+use super::link::LinkError;
+use super::request_path::{RequestPath, Target};
+use super::resp::{Commands, Reply};
 use super::sentinel::{SentinelConn, SentinelUrl};
 use super::RedisStore;
 use crate::cache::BoundedCache;
@@ -111,10 +114,41 @@ pub(super) fn is_outage(e: &RedisError) -> bool {
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
-        || matches!(
-            e.code(),
-            Some("READONLY" | "LOADING" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN")
-        )
+        || e.code().is_some_and(is_outage_code)
+}
+
+/// Error replies that mean "not serving now", by their code.
+pub(super) fn is_outage_code(code: &str) -> bool {
+    matches!(
+        code,
+        "READONLY" | "LOADING" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN"
+    )
+}
+
+/// A failed call, as the circuit breaker and the uncertain-admission count see it.
+pub(super) trait CallFailure: std::fmt::Display {
+    /// Redis is not serving (trips the breaker), as opposed to a bad request.
+    fn is_outage(&self) -> bool;
+    /// The call certainly never reached Redis.
+    fn never_sent(&self) -> bool;
+}
+
+impl CallFailure for RedisError {
+    fn is_outage(&self) -> bool {
+        is_outage(self)
+    }
+    fn never_sent(&self) -> bool {
+        self.is_connection_refusal()
+    }
+}
+
+impl CallFailure for LinkError {
+    fn is_outage(&self) -> bool {
+        LinkError::is_outage(self)
+    }
+    fn never_sent(&self) -> bool {
+        LinkError::never_sent(self)
+    }
 }
 
 /// Redis must keep what it holds: an eviction policy drops quota counters (`volatile-*`: the
@@ -227,8 +261,16 @@ impl RedisStore {
                 .await
         });
         check_eviction(policy, s.allow_eviction)?;
+        let target = match (&connector, &conn) {
+            (Connector::Single(client, _), _) => Target::of_client(client),
+            (Connector::Sentinel(url, _), Conn::Sentinel(primary)) => {
+                Some(Target::of_sentinel(primary.clone(), url))
+            }
+            _ => None,
+        };
         Ok(Self {
             runtime: Some(runtime),
+            request_path: target.map(RequestPath::new),
             conn,
             connector,
             local: tokio::sync::OnceCell::new(),
@@ -255,38 +297,64 @@ impl RedisStore {
         budget: Budget,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        let breaker = &self.breakers[budget as usize];
-        if !breaker.allows() {
-            return Err(StoreError::Unavailable("circuit open".into()));
-        }
-        // An admission that fails after its commands may have reached Redis is counted: the
-        // request is refused (503) but may have consumed a token and a unit of quota.
-        let uncertain = || {
-            if matches!(budget, Budget::Admission) {
-                self.admissions_uncertain
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        };
+        self.breaker_allows(budget)?;
         match tokio::time::timeout(self.deadline(budget), call).await {
-            Ok(Ok(v)) => {
+            Ok(r) => self.judge(budget, r),
+            Err(_) => self.judge(budget, Err(LinkError::Timeout)),
+        }
+    }
+
+    fn breaker_allows(&self, budget: Budget) -> Result<(), StoreError> {
+        if self.breakers[budget as usize].allows() {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable("circuit open".into()))
+        }
+    }
+
+    /// Tells the budget's breaker how a call went. An admission that fails after its commands
+    /// may have reached Redis is counted: the request is refused (503) but may have consumed a
+    /// token and a unit of quota.
+    fn judge<T, E: CallFailure>(&self, budget: Budget, r: Result<T, E>) -> Result<T, StoreError> {
+        let breaker = &self.breakers[budget as usize];
+        match r {
+            Ok(v) => {
                 breaker.success();
                 Ok(v)
             }
-            Ok(Err(e)) => {
-                if is_outage(&e) {
+            Err(e) => {
+                if e.is_outage() {
                     breaker.failure();
                 }
-                if !e.is_connection_refusal() {
-                    uncertain();
+                if !e.never_sent() && matches!(budget, Budget::Admission) {
+                    self.admissions_uncertain
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(StoreError::Unavailable(e.to_string()))
             }
-            Err(_) => {
-                breaker.failure();
-                uncertain();
-                Err(StoreError::Unavailable("timed out".into()))
-            }
         }
+    }
+
+    /// Runs request-path commands (lookups, admissions) as one pipeline: over the pipelined
+    /// connection on a single node or a sentinel's primary, through redis-rs on a cluster. An
+    /// error reply fails the call.
+    pub(super) async fn run(
+        &self,
+        budget: Budget,
+        commands: &Commands,
+    ) -> Result<Vec<Reply>, StoreError> {
+        let Some(path) = &self.request_path else {
+            self.open_local().await;
+            let values: Vec<redis::Value> = self.pipe_for(budget, &commands.to_pipeline()).await?;
+            let replies: Vec<Reply> = values.into_iter().map(Reply::from_value).collect();
+            if let Some(Reply::Error(e)) = replies.iter().find(|r| matches!(r, Reply::Error(_))) {
+                return self.judge(budget, Err(LinkError::Server(e.clone())));
+            }
+            return Ok(replies);
+        };
+        self.breaker_allows(budget)?;
+        let r = path.call(commands, self.deadline(budget)).await;
+        self.judge(budget, r)
     }
 
     /// The request path's own connection once it exists, else the start-up one.

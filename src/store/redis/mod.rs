@@ -4,6 +4,9 @@
 //!
 //! - `schema`: every key and channel (the table), record encoding;
 //! - `connection`: connections, deadline, circuit breaker;
+//! - `resp`: the protocol, as much as the request path speaks;
+//! - `link`: one pipelined connection shared by concurrent requests;
+//! - `request_path`: opening that connection, reopening it, following a sentinel's primary;
 //! - `admission`: one request's rate limit and quota, and why the pipeline needs no MULTI;
 //! - `records`: accounts and keys, the plan's cap;
 //! - `invalidation`: publishing changes, the subscriber;
@@ -12,7 +15,12 @@
 mod admission;
 mod connection;
 mod invalidation;
+mod link;
+#[cfg(test)]
+mod link_tests;
 mod records;
+mod request_path;
+mod resp;
 mod schema;
 mod sentinel;
 
@@ -36,7 +44,10 @@ pub struct RedisStore {
     /// Made at start on `runtime`: serves every caller until `local` exists.
     conn: Conn,
     connector: Connector,
-    /// The connection the request path uses, opened by the first admission on the runtime that
+    /// The request path's pipelined connection to a single node or a sentinel's primary
+    /// (`None` on a cluster: `local` serves there).
+    request_path: Option<request_path::RequestPath>,
+    /// On a cluster, the connection the request path uses, opened by the first admission on the runtime that
     /// runs it (the proxy's): a store call is then no hop to another thread and back, which on
     /// a busy 2-core machine cost as much as the round trip itself. Until it exists, `conn`
     /// serves.

@@ -9,8 +9,10 @@
 //! the price of never uncounting a key in flight without server-side scripts.
 
 use super::connection::Budget;
+use super::resp::{Arg, Commands, Reply};
 use super::schema::{
-    account_key, active_key, decode, encode, hash_key, keys_key, quota_key, tat_key, used_key,
+    account_key, account_parts, active_key, decode, decode_bytes, encode, hash_key, hash_parts,
+    keys_key, quota_key, tat_key, used_key,
 };
 use super::RedisStore;
 use crate::store::{Account, CreateKeyError, KeyRecord, Revoked, StoreError};
@@ -22,17 +24,25 @@ impl RedisStore {
         &self,
         hash_hex: &str,
     ) -> Result<Option<KeyRecord>, StoreError> {
-        let json: Option<String> = self
-            .cmd_for(Budget::Lookup, redis::cmd("GET").arg(hash_key(hash_hex)))
-            .await?;
-        json.as_deref().map(decode).transpose()
+        self.get_record(&hash_parts(hash_hex)).await
     }
 
     pub(super) async fn account(&self, id: &str) -> Result<Option<Account>, StoreError> {
-        let json: Option<String> = self
-            .cmd_for(Budget::Lookup, redis::cmd("GET").arg(account_key(id)))
-            .await?;
-        json.as_deref().map(decode).transpose()
+        self.get_record(&account_parts(id)).await
+    }
+
+    /// A request-path lookup: `GET` of one record.
+    async fn get_record<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[&str],
+    ) -> Result<Option<T>, StoreError> {
+        let mut c = Commands::new();
+        c.push(&[Arg::Str("GET"), Arg::Concat(key)]);
+        match self.run(Budget::Lookup, &c).await?.first() {
+            Some(Reply::Bulk(json)) => decode_bytes(json).map(Some),
+            Some(Reply::Nil) => Ok(None),
+            _ => Err(StoreError::Unavailable("unexpected reply to GET".into())),
+        }
     }
 
     pub(super) async fn put_account(&self, account: Account) -> Result<bool, StoreError> {

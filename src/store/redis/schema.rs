@@ -21,7 +21,7 @@ use crate::store::StoreError;
 pub const CHANNEL: &str = "mf:invalidate";
 
 pub(super) fn account_key(a: &str) -> String {
-    format!("mf:{{a:{a}}}")
+    account_parts(a).concat()
 }
 pub(super) fn keys_key(a: &str) -> String {
     format!("mf:{{a:{a}}}:keys")
@@ -30,16 +30,39 @@ pub(super) fn active_key(a: &str) -> String {
     format!("mf:{{a:{a}}}:active")
 }
 pub(super) fn used_key(a: &str) -> String {
-    format!("mf:{{a:{a}}}:used")
+    used_parts(a).concat()
 }
 pub(super) fn tat_key(a: &str, key_id: &str) -> String {
-    format!("mf:{{a:{a}}}:tat:{key_id}")
+    tat_parts(a, key_id).concat()
 }
 pub(super) fn quota_key(a: &str, period: &str) -> String {
-    format!("mf:{{a:{a}}}:q:{period}")
+    quota_parts(a, period).concat()
 }
 pub(super) fn hash_key(hash: &str) -> String {
-    format!("mf:kh:{hash}")
+    hash_parts(hash).concat()
+}
+
+// The request path's keys as parts, written into a command without an allocation
+// (`resp::Arg::Concat`); the `*_key` functions above are the same keys as strings.
+pub(super) fn account_parts(a: &str) -> [&str; 3] {
+    ["mf:{a:", a, "}"]
+}
+pub(super) fn used_parts(a: &str) -> [&str; 3] {
+    ["mf:{a:", a, "}:used"]
+}
+pub(super) fn tat_parts<'a>(a: &'a str, key_id: &'a str) -> [&'a str; 4] {
+    ["mf:{a:", a, "}:tat:", key_id]
+}
+pub(super) fn quota_parts<'a>(a: &'a str, period: &'a str) -> [&'a str; 4] {
+    ["mf:{a:", a, "}:q:", period]
+}
+pub(super) fn hash_parts(hash: &str) -> [&str; 2] {
+    ["mf:kh:", hash]
+}
+
+pub(super) fn decode_bytes<T: serde::de::DeserializeOwned>(json: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(json)
+        .map_err(|e| StoreError::Unavailable(format!("corrupt record: {e}")))
 }
 
 pub(super) fn decode<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, StoreError> {

@@ -113,6 +113,8 @@ struct Following {
     current: ArcSwap<(String, ConnectionManager)>,
     refreshing: AtomicBool,
     last_refresh: parking_lot::Mutex<Instant>,
+    /// Where the search for a new primary runs (the store's runtime).
+    runtime: tokio::runtime::Handle,
 }
 
 impl SentinelConn {
@@ -132,6 +134,7 @@ impl SentinelConn {
             current: ArcSwap::from_pointee((addr, manager)),
             refreshing: AtomicBool::new(false),
             last_refresh: parking_lot::Mutex::new(Instant::now()),
+            runtime: tokio::runtime::Handle::current(),
         })))
     }
 
@@ -149,13 +152,29 @@ impl SentinelConn {
         r
     }
 
+    /// The primary's `host:port` now.
+    pub(crate) fn addr(&self) -> String {
+        self.0.current.load().0.clone()
+    }
+
+    /// Whether the primary is at `addr` now.
+    pub(crate) fn is_at(&self, addr: &str) -> bool {
+        self.0.current.load().0 == addr
+    }
+
     /// After an outage-like failure, asks the sentinels again (in the background, at most
     /// every [`REFRESH_EVERY`]).
     fn after<T>(&self, r: &RedisResult<T>) {
-        let Err(e) = r else { return };
-        if !super::connection::is_outage(e) {
-            return;
+        if let Err(e) = r {
+            if super::connection::is_outage(e) {
+                self.suspect();
+            }
         }
+    }
+
+    /// The primary failed as in an outage: asks the sentinels again (in the background, at
+    /// most every [`REFRESH_EVERY`]).
+    pub(crate) fn suspect(&self) {
         {
             let mut last = self.0.last_refresh.lock();
             if last.elapsed() < REFRESH_EVERY || self.0.refreshing.swap(true, Ordering::AcqRel) {
@@ -164,7 +183,7 @@ impl SentinelConn {
             *last = Instant::now();
         }
         let following = self.0.clone();
-        tokio::spawn(async move {
+        self.0.runtime.spawn(async move {
             // Until the sentinels name a primary that answers as one (a failover takes a few
             // seconds: meanwhile they still name the dead one), bounded; calls meanwhile fail
             // as an outage (503), the circuit breaker keeps them short.
