@@ -5,6 +5,7 @@
 #   K=1 DURATION=3 bench/run.sh          # a quick look
 #   bench/run.sh tune                    # the framework gap: passthrough variants vs nginx
 #   bench/run.sh callgrind               # instructions per request (deterministic), by target
+#   bench/run.sh allocs                  # heap allocations per request, by target
 #   bench/run.sh tls                     # TLS at the edge: gateway vs nginx, same certificate
 #
 # Environment (defaults in brackets):
@@ -48,6 +49,7 @@ PB=${PORT_BASE:-27180}
 P_UP=$PB P_PASS=$((PB + 1)) P_NGX_PROXY=$((PB + 2)) P_NGX_GW=$((PB + 3)) P_GW_EMB=$((PB + 4))
 P_ADM_EMB=$((PB + 5)) P_GW_REDIS=$((PB + 6)) P_ADM_REDIS=$((PB + 7)) P_REDIS=$((PB + 8))
 P_GW_TLS=$((PB + 9)) P_NGX_TLS=$((PB + 10)) P_KONG_L=$((PB + 11)) P_KONG_R=$((PB + 12))
+P_ALLOC=$((PB + 13))
 
 export MSGFLASH_ADMIN_TOKEN=$(openssl rand -hex 24)
 export MSGFLASH_JWT_SECRET=$(openssl rand -hex 32)
@@ -61,6 +63,7 @@ GW=$ROOT/target/release/msgflash-gateway
 PASS=$ROOT/target/release/examples/passthrough_mimalloc   # the gateway's allocator
 PASS_GLIBC=$ROOT/target/release/examples/passthrough      # glibc malloc (LD_PRELOAD-able)
 OPENLOOP=$ROOT/target/release/examples/openloop
+ALLOC=$ROOT/target/release/examples/alloc_count
 OPEN_CONNS=${OPEN_CONNS:-50}
 
 log() { printf '[bench %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -101,7 +104,7 @@ if [ "$NO_BUILD" != 1 ]; then
   log "building (cargo -j$JOBS): release binary, passthrough, cache_memory and openloop examples"
   (cd "$ROOT" && cargo build --release -j"$JOBS" --bin msgflash-gateway \
     --example passthrough --example passthrough_mimalloc --example cache_memory \
-    --example openloop) 2>&1 | tail -n 3 >&2
+    --example openloop $([ "$MODE" = allocs ] && echo --example alloc_count)) 2>&1 | tail -n 3 >&2
 fi
 
 # --- process management --------------------------------------------------------------------
@@ -131,7 +134,7 @@ wait_port() {
   log "nothing listening on $port"; return 1
 }
 
-for port in $P_UP $P_PASS $P_NGX_PROXY $P_NGX_GW $P_GW_EMB $P_ADM_EMB $P_GW_REDIS $P_ADM_REDIS $P_REDIS $P_GW_TLS $P_NGX_TLS $P_KONG_L $P_KONG_R; do
+for port in $P_UP $P_PASS $P_NGX_PROXY $P_NGX_GW $P_GW_EMB $P_ADM_EMB $P_GW_REDIS $P_ADM_REDIS $P_REDIS $P_GW_TLS $P_NGX_TLS $P_KONG_L $P_KONG_R $P_ALLOC; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     log "port $port is already in use (a previous run still alive?)"; exit 1
   fi
@@ -667,6 +670,52 @@ callgrind_run() {
   log "raw output: $OUT"
 }
 
+# --- allocs: heap allocations per request, counted by examples/alloc_count.rs -----------------
+# The same targets and workload as callgrind, each run inside alloc_count (which counts every
+# allocation of the process); its counters are read before and after N requests.
+al_stats() { python3 -c 'import socket, sys
+print(socket.create_connection(("127.0.0.1", int(sys.argv[1]))).makefile().readline().strip())' "$P_ALLOC"; }
+
+al_measure() { # NAME PORT KEY SCENARIO
+  local name=$1 port=$2 key=$3 scenario=$4 n=${CG_REQUESTS:-2000} before after statuses
+  python3 "$BENCH/client.py" "127.0.0.1:$port" "${CG_WARMUP:-200}" "$key" >/dev/null
+  before=$(al_stats)
+  statuses=$(python3 "$BENCH/client.py" "127.0.0.1:$port" "$n" "$key" | tr ' ' ',')
+  after=$(al_stats)
+  echo "$name $scenario $n $statuses $before $after" | awk '{
+    n = $3; printf "| %s | %s | %s | %.1f | %.2f | %.0f |\n", $1, $2, $4, ($8 - $5) / n, ($9 - $6) / n, ($10 - $7) / n
+  }' | tee -a "$OUT/allocs.md" >&2
+}
+
+allocs_run() {
+  describe
+  local bogus="msgf_live_$(printf '0%.0s' $(seq 64))"
+  WRAP="env ALLOC_STATS=127.0.0.1:$P_ALLOC $ALLOC"
+  printf '| target | scenario | statuses | allocations / request | reallocations / request | bytes / request |\n|---|---|---|---:|---:|---:|\n' >"$OUT/allocs.md"
+  start_upstream
+  start_passthrough passthrough $P_PASS
+  al_measure passthrough $P_PASS "$bogus" valid
+  cg_stop
+  WRAP="env ALLOC_STATS=127.0.0.1:$P_ALLOC $ALLOC"
+  rm -f "$OUT/conf/store.json"
+  start_gateway gw_embedded $P_GW_EMB $P_ADM_EMB "data_file = \"$OUT/conf/store.json\""
+  cg_keys $P_ADM_EMB embedded
+  al_measure gw_embedded $P_GW_EMB "$(cat "$OUT/conf/cg_unmetered_embedded.txt")" valid
+  al_measure gw_embedded $P_GW_EMB "$(cat "$OUT/conf/cg_bench_embedded.txt")" abusive
+  al_measure gw_embedded $P_GW_EMB "$bogus" bogus_repeat
+  cg_stop
+  WRAP="env ALLOC_STATS=127.0.0.1:$P_ALLOC $ALLOC"
+  start_redis
+  start_gateway gw_redis $P_GW_REDIS $P_ADM_REDIS "redis_url = \"redis://127.0.0.1:$P_REDIS\""
+  cg_keys $P_ADM_REDIS redis
+  al_measure gw_redis $P_GW_REDIS "$(cat "$OUT/conf/cg_unmetered_redis.txt")" valid
+  al_measure gw_redis $P_GW_REDIS "$(cat "$OUT/conf/cg_bench_redis.txt")" abusive
+  cg_stop
+  cp "$OUT/allocs.md" "$OUT/summary.md"
+  cat "$OUT/summary.md"
+  log "raw output: $OUT"
+}
+
 # --- tls: TLS at the edge, the gateway against nginx with the same certificate -------------
 # Both terminate TLS (ECDSA P-256 certificate, TLS 1.3 negotiated) in front of the same
 # upstream, one worker each, pinned as in the main run. Scenarios:
@@ -726,6 +775,7 @@ case $MODE in
   run) main_run ;;
   tune) tune_run ;;
   callgrind) callgrind_run ;;
+  allocs) allocs_run ;;
   tls) tls_run ;;
-  *) echo "usage: bench/run.sh [run|tune|callgrind|tls]" >&2; exit 2 ;;
+  *) echo "usage: bench/run.sh [run|tune|callgrind|allocs|tls]" >&2; exit 2 ;;
 esac; exit $? # on the same line: bash reads no further, so editing this file mid-run is harmless
