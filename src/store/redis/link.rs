@@ -159,6 +159,9 @@ impl Link {
         commands: &Commands,
         deadline: Duration,
     ) -> Result<Vec<Reply>, LinkError> {
+        if commands.is_empty() {
+            return Ok(Vec::new());
+        }
         let (done, replies) = oneshot::channel();
         {
             let mut s = self.state.lock();

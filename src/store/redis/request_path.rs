@@ -147,7 +147,7 @@ async fn log_in<R: tokio::io::AsyncRead + Unpin>(
     if auth.db != 0 {
         c.push(&[Arg::Str("SELECT"), Arg::Int(auth.db)]);
     }
-    if c.len() == 0 {
+    if c.is_empty() {
         return Ok(());
     }
     let refused = |why: String| LinkError::NotSent(format!("Redis refused the log-in: {why}"));

@@ -81,6 +81,10 @@ impl Commands {
         self.count
     }
 
+    pub(super) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     pub(super) fn bytes(&self) -> &[u8] {
         &self.buf
     }
