@@ -518,13 +518,23 @@ fn cluster_failover() {
         None,
         || {
             cluster.nodes[victim].kill();
+            // Until the survivors have promoted the victim's replica (three primaries again)
+            // and say the cluster is whole. Right after the kill they still say `ok`: they
+            // notice the loss only after `cluster-node-timeout`.
             eventually("a replica takes the dead primary's slots", || {
-                cluster
-                    .nodes
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| *i != victim)
-                    .all(|(_, n)| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+                let survivors = || {
+                    cluster
+                        .nodes
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i != victim)
+                        .map(|(_, n)| n)
+                };
+                survivors()
+                    .filter(|n| n.cli(&["ROLE"]).starts_with("master"))
+                    .count()
+                    == 3
+                    && survivors().all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
             });
         },
     );

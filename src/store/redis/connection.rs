@@ -2,6 +2,7 @@
 //! proxy's runtime, and the deadline and circuit breaker every call runs under.
 
 use super::admission::LAST_USE_EVERY_NS;
+use super::cluster_path::ClusterPath;
 use super::link::LinkError;
 use super::request_path::{RequestPath, Target};
 use super::resp::{Commands, Reply};
@@ -81,8 +82,7 @@ impl PubsubSource {
     }
 }
 
-/// What makes a connection: kept so that the request path can open its own (see
-/// [`RedisStore::local`]).
+/// What makes the start-up connection (redis-rs: management, readiness, the start-up checks).
 pub(super) enum Connector {
     Single(redis::Client, ConnectionManagerConfig),
     Cluster(redis::cluster::ClusterClient),
@@ -178,6 +178,13 @@ fn check_eviction(policy: RedisResult<Vec<String>>, allowed: bool) -> Result<(),
     }
 }
 
+/// The request path's connections: one node's (a single Redis, a sentinel's primary) or a
+/// cluster's, by slot.
+pub(super) enum RequestRoute {
+    Node(RequestPath),
+    Cluster(std::sync::Arc<ClusterPath>),
+}
+
 /// Which circuit breaker a call answers to: a flood of unknown-key lookups that slows Redis
 /// opens the lookups' breaker, not the admissions' (and the reverse).
 #[derive(Debug, Clone, Copy)]
@@ -188,22 +195,6 @@ pub(super) enum Budget {
     Admission,
     /// Management, readiness, invalidations.
     Management,
-}
-
-/// Whether the request path's own connection is being opened, and when that last failed.
-#[derive(Default)]
-pub(super) struct LocalOpening {
-    in_progress: bool,
-    failed_at: Option<std::time::Instant>,
-}
-
-/// Marks the opening of the request path's connection as over when dropped.
-struct ClearOnDrop<'a>(&'a parking_lot::Mutex<LocalOpening>);
-
-impl Drop for ClearOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.lock().in_progress = false;
-    }
 }
 
 impl RedisStore {
@@ -261,20 +252,39 @@ impl RedisStore {
                 .await
         });
         check_eviction(policy, s.allow_eviction)?;
-        let target = match (&connector, &conn) {
-            (Connector::Single(client, _), _) => Target::of_client(client),
-            (Connector::Sentinel(url, _), Conn::Sentinel(primary)) => {
-                Some(Target::of_sentinel(primary.clone(), url))
+        let request_path = match (&connector, &conn) {
+            (Connector::Single(client, _), _) => {
+                Target::of_client(client).map(|t| RequestRoute::Node(RequestPath::new(t)))
+            }
+            (Connector::Sentinel(url, _), Conn::Sentinel(primary)) => Some(RequestRoute::Node(
+                RequestPath::new(Target::of_sentinel(primary.clone(), url)),
+            )),
+            (Connector::Cluster(_), _) => {
+                let seeds = cluster_seeds(&s.url)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|u| redis::Client::open(u.as_str()).ok())
+                    .filter_map(|c| Target::of_client(&c))
+                    .collect::<Vec<_>>();
+                (!seeds.is_empty()).then(|| {
+                    let cluster = ClusterPath::new(seeds);
+                    runtime.block_on(cluster.refresh_now(connect_timeout));
+                    RequestRoute::Cluster(cluster)
+                })
             }
             _ => None,
-        };
+        }
+        .ok_or_else(|| {
+            StoreError::Misconfigured(
+                "store.redis_url: an address the request path cannot reach (TLS is not supported)"
+                    .into(),
+            )
+        })?;
         Ok(Self {
             runtime: Some(runtime),
-            request_path: target.map(RequestPath::new),
+            request_path,
             conn,
             connector,
-            local: tokio::sync::OnceCell::new(),
-            local_opening: parking_lot::Mutex::default(),
             pubsub,
             timeout: s.timeout,
             quota_expiry_set: BoundedCache::new(100_000, 86_400_000_000_000),
@@ -335,65 +345,20 @@ impl RedisStore {
         }
     }
 
-    /// Runs request-path commands (lookups, admissions) as one pipeline: over the pipelined
-    /// connection on a single node or a sentinel's primary, through redis-rs on a cluster. An
-    /// error reply fails the call.
+    /// Runs request-path commands (lookups, admissions) as one pipeline over the request path's
+    /// own connections (never redis-rs). An error reply fails the call.
     pub(super) async fn run(
         &self,
         budget: Budget,
         commands: &Commands,
     ) -> Result<Vec<Reply>, StoreError> {
-        let Some(path) = &self.request_path else {
-            self.open_local().await;
-            let values: Vec<redis::Value> = self.pipe_for(budget, &commands.to_pipeline()).await?;
-            let replies: Vec<Reply> = values.into_iter().map(Reply::from_value).collect();
-            if let Some(Reply::Error(e)) = replies.iter().find(|r| matches!(r, Reply::Error(_))) {
-                return self.judge(budget, Err(LinkError::Server(e.clone())));
-            }
-            return Ok(replies);
-        };
         self.breaker_allows(budget)?;
-        let r = path.call(commands, self.deadline(budget)).await;
-        self.judge(budget, r)
-    }
-
-    /// The request path's own connection once it exists, else the start-up one.
-    fn pick(&self) -> Conn {
-        self.local.get().unwrap_or(&self.conn).clone()
-    }
-
-    /// Opens the request path's connection on the calling runtime unless it exists, another
-    /// request is opening it, or an attempt failed less than a second ago. Only the request
-    /// that opens it waits (at most the store deadline); the others use `conn` meanwhile.
-    pub(super) async fn open_local(&self) {
-        if self.local.initialized() {
-            return;
-        }
-        {
-            let mut state = self.local_opening.lock();
-            if state.in_progress
-                || state
-                    .failed_at
-                    .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
-            {
-                return;
-            }
-            state.in_progress = true;
-        }
-        // Cleared however this ends, a dropped request included.
-        let _opening = ClearOnDrop(&self.local_opening);
-        let failure = match tokio::time::timeout(self.timeout, self.connector.connect()).await {
-            Ok(Ok(conn)) => {
-                let _ = self.local.set(conn);
-                None
-            }
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("timed out".to_owned()),
+        let deadline = self.deadline(budget);
+        let r = match &self.request_path {
+            RequestRoute::Node(path) => path.call(commands, deadline).await,
+            RequestRoute::Cluster(cluster) => cluster.call(commands, deadline).await,
         };
-        if let Some(e) = &failure {
-            tracing::warn!(error = %e, "could not open the request path's Redis connection; the shared one serves");
-            self.local_opening.lock().failed_at = Some(std::time::Instant::now());
-        }
+        self.judge(budget, r)
     }
 
     /// How long a call of `budget` may take: the store timeout on the request path; at least
@@ -425,7 +390,7 @@ impl RedisStore {
         budget: Budget,
         p: &Pipeline,
     ) -> Result<T, StoreError> {
-        let mut c = self.pick();
+        let mut c = self.conn.clone();
         self.guarded(budget, async move { c.pipe(p).await }).await
     }
 
@@ -434,7 +399,7 @@ impl RedisStore {
         budget: Budget,
         cmd: &Cmd,
     ) -> Result<T, StoreError> {
-        let mut c = self.pick();
+        let mut c = self.conn.clone();
         self.guarded(budget, async move { c.cmd(cmd).await }).await
     }
 }

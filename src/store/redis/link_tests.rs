@@ -2,6 +2,7 @@
 //! right callers, and every way a connection goes wrong fails the calls it should and is
 //! reopened afterwards.
 
+use super::cluster_path::ClusterPath;
 use super::link::LinkError;
 use super::request_path::{RequestPath, Target};
 use super::resp::{self, Arg, Commands, Reply};
@@ -228,4 +229,47 @@ async fn a_refused_log_in_names_the_code_and_no_secret() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_cluster_call_follows_moved_to_the_node_it_names() {
+    let first = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let second = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (p1, p2) = (
+        first.local_addr().expect("addr").port(),
+        second.local_addr().expect("addr").port(),
+    );
+    let seed = redis::Client::open(format!("redis://127.0.0.1:{p1}")).expect("url");
+    let cluster = ClusterPath::new(vec![Target::of_client(&seed).expect("target")]);
+    let servers = async {
+        // The slot map: every slot on the first node.
+        let mut asked = accept(&first).await;
+        assert_eq!(
+            asked.command().await,
+            Some(vec!["CLUSTER".into(), "SLOTS".into()])
+        );
+        asked
+            .send(
+                format!(
+                    "*1\r\n*3\r\n:0\r\n:16383\r\n*3\r\n$9\r\n127.0.0.1\r\n:{p1}\r\n$2\r\nid\r\n"
+                )
+                .as_bytes(),
+            )
+            .await;
+        // The first node has lost the slot to the second.
+        let mut s1 = accept(&first).await;
+        assert_eq!(s1.command().await.expect("command")[0], "GET");
+        s1.send(format!("-MOVED 12182 127.0.0.1:{p2}\r\n").as_bytes())
+            .await;
+        let mut s2 = accept(&second).await;
+        assert_eq!(s2.command().await, Some(vec!["GET".into(), "foo".into()]));
+        s2.send(b"$3\r\nbar\r\n").await;
+        (asked, s1, s2)
+    };
+    let foo = get("foo");
+    let (_servers, r) = tokio::join!(servers, cluster.call(&foo, DEADLINE));
+    assert_eq!(
+        r.expect("answered by the second node"),
+        vec![Reply::Bulk(b"bar".to_vec())]
+    );
 }

@@ -7,12 +7,14 @@
 //! - `resp`: the protocol, as much as the request path speaks;
 //! - `link`: one pipelined connection shared by concurrent requests;
 //! - `request_path`: opening that connection, reopening it, following a sentinel's primary;
+//! - `cluster_path`: a cluster's slot map and one such connection per primary;
 //! - `admission`: one request's rate limit and quota, and why the pipeline needs no MULTI;
 //! - `records`: accounts and keys, the plan's cap;
 //! - `invalidation`: publishing changes, the subscriber;
 //! - `sentinel`: `redis+sentinel://` URLs and a connection that follows failovers.
 
 mod admission;
+mod cluster_path;
 mod connection;
 mod invalidation;
 mod link;
@@ -32,7 +34,7 @@ use super::{
 use crate::cache::BoundedCache;
 use async_trait::async_trait;
 pub use connection::cluster_seeds;
-use connection::{Conn, Connector, LocalOpening};
+use connection::{Conn, Connector, RequestRoute};
 pub use schema::CHANNEL;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,20 +43,13 @@ use std::time::Duration;
 pub struct RedisStore {
     /// Runs the connections' I/O and the invalidation subscriber; shut down in the background on drop.
     runtime: Option<tokio::runtime::Runtime>,
-    /// Made at start on `runtime`: serves every caller until `local` exists.
+    /// Made at start on `runtime`: management, readiness and start-up checks (redis-rs).
     conn: Conn,
     connector: Connector,
-    /// The request path's pipelined connection to a single node or a sentinel's primary
-    /// (`None` on a cluster: `local` serves there).
-    request_path: Option<request_path::RequestPath>,
-    /// On a cluster, the connection the request path uses, opened by the first admission on the runtime that
-    /// runs it (the proxy's): a store call is then no hop to another thread and back, which on
-    /// a busy 2-core machine cost as much as the round trip itself. Until it exists, `conn`
-    /// serves.
-    local: tokio::sync::OnceCell<Conn>,
-    /// Whether a request is opening `local` now, and when an attempt last failed (retried a
-    /// second later at the earliest).
-    local_opening: parking_lot::Mutex<LocalOpening>,
+    /// Lookups and admissions: the gateway's own pipelined connections, opened on the runtime
+    /// of the first request that uses them (the proxy's), so that a store call is no hop to
+    /// another thread and back.
+    request_path: RequestRoute,
     /// Where the subscriber connects (the seeds of a cluster in turn; the sentinels' primary).
     pubsub: connection::PubsubSource,
     timeout: Duration,

@@ -33,6 +33,7 @@ pub(super) enum Target {
 }
 
 /// `AUTH` and `SELECT` on every new connection.
+#[derive(Clone)]
 pub(super) struct Auth {
     username: Option<String>,
     password: Option<String>,
@@ -72,6 +73,35 @@ impl Target {
                 password: url.password.clone(),
                 db: url.db,
             },
+        }
+    }
+
+    /// A node at `host:port` that logs in as this target does (a cluster's other nodes).
+    pub(super) fn with_address(&self, host: &str, port: u16) -> Target {
+        let auth = match self {
+            Target::Tcp { auth, .. }
+            | Target::Unix { auth, .. }
+            | Target::Sentinel { auth, .. } => auth.clone(),
+        };
+        Target::Tcp {
+            host: host.to_owned(),
+            port,
+            auth,
+        }
+    }
+
+    /// The host a TCP target connects to (empty for the others).
+    pub(super) fn host(&self) -> &str {
+        match self {
+            Target::Tcp { host, .. } => host,
+            _ => "",
+        }
+    }
+
+    pub(super) fn port(&self) -> u16 {
+        match self {
+            Target::Tcp { port, .. } => *port,
+            _ => 0,
         }
     }
 
@@ -187,6 +217,13 @@ pub(super) struct RequestPath {
     reopening: tokio::sync::Mutex<Option<Instant>>,
 }
 
+impl Drop for RequestPath {
+    /// The link's reader task holds it too: closing stops the task and the socket.
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 impl RequestPath {
     pub(super) fn new(target: Target) -> Self {
         Self {
@@ -232,6 +269,13 @@ impl RequestPath {
             self.target.follow_after(e);
         }
         r
+    }
+
+    /// Drops the connection (the next call opens another).
+    pub(super) fn close(&self) {
+        if let Some(link) = self.link.swap(None) {
+            link.close();
+        }
     }
 
     /// The open link, if it is usable and still goes where the target points.
