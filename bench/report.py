@@ -19,6 +19,7 @@ NAMES = {
     "kong_redis": "Kong-shaped (nginx + Lua), Redis counters",
     "gw_embedded": "msgflash-gateway, embedded store",
     "gw_redis": "msgflash-gateway, Redis store",
+    "gw_redis_b": "msgflash-gateway at GW_B (A/B), same Redis",
 }
 SCENARIOS = {
     "valid": "(a) valid traffic, 10k keys",
@@ -27,7 +28,7 @@ SCENARIOS = {
     "bogus_repeat": "(c') one repeated unknown key",
     "jwt": "(d) console JWT `GET /api/dashboard`",
 }
-AUTH_TARGETS = {"nginx_gw", "kong_local", "kong_redis", "gw_embedded", "gw_redis"}
+AUTH_TARGETS = {"nginx_gw", "kong_local", "kong_redis", "gw_embedded", "gw_redis", "gw_redis_b"}
 
 
 def ms(text):
@@ -127,7 +128,7 @@ def main_report(out, runs):
             rps = med(rs, "rps")
             non2xx = statistics.median(r["non2xx"] / r["requests"] if r["requests"] else 0 for r in rs)
             cmds = "–"
-            if t == "gw_redis":
+            if t in ("gw_redis", "gw_redis_b"):
                 cmds = f"{statistics.median(r['calls'] / r['requests'] if r['requests'] else 0 for r in rs):.4f}"
             cpu = med(rs, "cpu_us")
             cpu = "–" if cpu != cpu else f"{cpu:.1f}"

@@ -15,7 +15,8 @@
 #             every proxy pinned to CPU 1, wrk + upstream + redis pinned to CPU 0.
 #             0: no pinning, WORKERS [2] workers per proxy, everything shares both cores.
 #   SCENARIOS ["valid abusive bogus bogus_repeat jwt"]
-#   TARGETS   ["direct passthrough nginx_proxy nginx_gw kong_local kong_redis gw_embedded gw_redis"]
+#   TARGETS   ["direct passthrough nginx_proxy nginx_gw kong_local kong_redis gw_embedded gw_redis"];
+#             gw_redis_b (with gw_redis): the binary GW_B on the same Redis, for an A/B of two builds
 #             kong_*: a Kong-shaped gateway, nginx + ngx_lua (bench/kong/auth.lua): key-auth from a
 #             shared dict, rate limiting with Kong's local or redis policy
 #   HALF_PEAK [1]  also run the latency phase: valid traffic at a fixed rate, half of each
@@ -49,7 +50,7 @@ PB=${PORT_BASE:-27180}
 P_UP=$PB P_PASS=$((PB + 1)) P_NGX_PROXY=$((PB + 2)) P_NGX_GW=$((PB + 3)) P_GW_EMB=$((PB + 4))
 P_ADM_EMB=$((PB + 5)) P_GW_REDIS=$((PB + 6)) P_ADM_REDIS=$((PB + 7)) P_REDIS=$((PB + 8))
 P_GW_TLS=$((PB + 9)) P_NGX_TLS=$((PB + 10)) P_KONG_L=$((PB + 11)) P_KONG_R=$((PB + 12))
-P_ALLOC=$((PB + 13))
+P_ALLOC=$((PB + 13)) P_GW_REDIS_B=$((PB + 14)) P_ADM_REDIS_B=$((PB + 15))
 
 export MSGFLASH_ADMIN_TOKEN=$(openssl rand -hex 24)
 export MSGFLASH_JWT_SECRET=$(openssl rand -hex 32)
@@ -134,7 +135,7 @@ wait_port() {
   log "nothing listening on $port"; return 1
 }
 
-for port in $P_UP $P_PASS $P_NGX_PROXY $P_NGX_GW $P_GW_EMB $P_ADM_EMB $P_GW_REDIS $P_ADM_REDIS $P_REDIS $P_GW_TLS $P_NGX_TLS $P_KONG_L $P_KONG_R $P_ALLOC; do
+for port in $P_UP $P_PASS $P_NGX_PROXY $P_NGX_GW $P_GW_EMB $P_ADM_EMB $P_GW_REDIS $P_ADM_REDIS $P_REDIS $P_GW_TLS $P_NGX_TLS $P_KONG_L $P_KONG_R $P_ALLOC $P_GW_REDIS_B $P_ADM_REDIS_B; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     log "port $port is already in use (a previous run still alive?)"; exit 1
   fi
@@ -359,12 +360,12 @@ redis_calls() { # FILE
 port_of() {
   case $1 in
     direct) echo $P_UP ;; passthrough*) echo $P_PASS ;; nginx_proxy) echo $P_NGX_PROXY ;;
-    nginx_gw) echo $P_NGX_GW ;; gw_embedded*) echo $P_GW_EMB ;; gw_redis) echo $P_GW_REDIS ;;
+    nginx_gw) echo $P_NGX_GW ;; gw_embedded*) echo $P_GW_EMB ;; gw_redis) echo $P_GW_REDIS ;; gw_redis_b) echo $P_GW_REDIS_B ;;
     kong_local) echo $P_KONG_L ;; kong_redis) echo $P_KONG_R ;;
     *) log "unknown target $1"; exit 1 ;;
   esac
 }
-keys_of() { [ "$1" = gw_redis ] && echo "$OUT/conf/keys_redis.txt" || echo "$OUT/conf/keys_embedded.txt"; }
+keys_of() { case $1 in gw_redis*) true ;; *) false ;; esac && echo "$OUT/conf/keys_redis.txt" || echo "$OUT/conf/keys_embedded.txt"; }
 
 # CPU clock ticks (user + system) used so far by a target's processes: an nginx master and its
 # workers, or a gateway or passthrough process (all its threads); 0 for anything else.
@@ -386,13 +387,13 @@ cpu_ticks() { # TARGET
 run_wrk() {
   local target=$1 port=$2 scenario=$3 round=$4 tag=$5 conns=$6 delay=$7
   local file=$OUT/wrk/$tag-$scenario-$target-r$round.txt before=0 after=0
-  [ "$target" = gw_redis ] && before=$(redis_calls "$file.redis-before")
+  case $target in gw_redis*) before=$(redis_calls "$file.redis-before") ;; esac
   local cpu_before cpu_after
   cpu_before=$(cpu_ticks "$target")
   BENCH_MODE=$scenario BENCH_KEYS=$(keys_of "$target") BENCH_TOKEN=$TOKEN BENCH_DELAY_MS=$delay \
     $(load_cpu) wrk -t"$WRK_THREADS" -c"$conns" -d"${DURATION}s" --latency --timeout 5s \
     -s "$BENCH/wrk/load.lua" "http://127.0.0.1:$port" >"$file" 2>&1 || true
-  [ "$target" = gw_redis ] && after=$(redis_calls "$file.redis-after")
+  case $target in gw_redis*) after=$(redis_calls "$file.redis-after") ;; esac
   cpu_after=$(cpu_ticks "$target")
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tag" "$round" "$scenario" "$target" "$file" \
     "$((after - before))" "$conns" "$((cpu_after - cpu_before))" >>"$OUT/results.tsv"
@@ -428,6 +429,12 @@ setup_all() {
     start_gateway gw_redis $P_GW_REDIS $P_ADM_REDIS "redis_url = \"redis://127.0.0.1:$P_REDIS\""
     log "creating $ACCOUNTS accounts x $KEYS_PER_ACCOUNT keys on gw_redis"
     python3 "$BENCH/mkkeys.py" 127.0.0.1:$P_ADM_REDIS "$OUT/conf/keys_redis.txt" "$ACCOUNTS" $KEYS_PER_ACCOUNT >&2
+    ;;
+  esac
+  # An A/B: another build (GW_B) on the same Redis and keys as gw_redis.
+  case " $TARGETS " in *" gw_redis_b "*)
+    GW=${GW_B:?gw_redis_b needs GW_B, the other binary} \
+      start_gateway gw_redis_b $P_GW_REDIS_B $P_ADM_REDIS_B "redis_url = \"redis://127.0.0.1:$P_REDIS\""
     ;;
   esac
   case " $TARGETS " in *" nginx_gw "*) start_nginx_gw "$OUT/conf/keys_embedded.txt" ;; esac
@@ -690,13 +697,16 @@ al_measure() { # NAME PORT KEY SCENARIO
 allocs_run() {
   describe
   local bogus="msgf_live_$(printf '0%.0s' $(seq 64))"
-  WRAP="env ALLOC_STATS=127.0.0.1:$P_ALLOC $ALLOC"
+  # ALLOC_WRAP: a tool to run each target under, e.g. "valgrind --tool=dhat
+  # --dhat-out-file=target/dhat.%p.json" for the allocation sites.
+  [ -n "${ALLOC_WRAP:-}" ] && WAIT_TRIES=600
+  WRAP="env ALLOC_STATS=127.0.0.1:$P_ALLOC ${ALLOC_WRAP:-} $ALLOC"
   printf '| target | scenario | statuses | allocations / request | reallocations / request | bytes / request |\n|---|---|---|---:|---:|---:|\n' >"$OUT/allocs.md"
   start_upstream
   start_passthrough passthrough $P_PASS
   al_measure passthrough $P_PASS "$bogus" valid
   cg_stop
-  WRAP="env ALLOC_STATS=127.0.0.1:$P_ALLOC $ALLOC"
+  WRAP="env ALLOC_STATS=127.0.0.1:$P_ALLOC ${ALLOC_WRAP:-} $ALLOC"
   rm -f "$OUT/conf/store.json"
   start_gateway gw_embedded $P_GW_EMB $P_ADM_EMB "data_file = \"$OUT/conf/store.json\""
   cg_keys $P_ADM_EMB embedded
@@ -704,7 +714,7 @@ allocs_run() {
   al_measure gw_embedded $P_GW_EMB "$(cat "$OUT/conf/cg_bench_embedded.txt")" abusive
   al_measure gw_embedded $P_GW_EMB "$bogus" bogus_repeat
   cg_stop
-  WRAP="env ALLOC_STATS=127.0.0.1:$P_ALLOC $ALLOC"
+  WRAP="env ALLOC_STATS=127.0.0.1:$P_ALLOC ${ALLOC_WRAP:-} $ALLOC"
   start_redis
   start_gateway gw_redis $P_GW_REDIS $P_ADM_REDIS "redis_url = \"redis://127.0.0.1:$P_REDIS\""
   cg_keys $P_ADM_REDIS redis

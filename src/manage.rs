@@ -147,7 +147,7 @@ impl Manager {
             return Err(GatewayError::unknown_account());
         }
         self.store
-            .account(id)
+            .account_for_management(id)
             .await
             .map_err(unavailable)?
             .ok_or_else(GatewayError::unknown_account)
@@ -203,7 +203,11 @@ impl Manager {
             return Err(GatewayError::invalid_anchor_day());
         }
         let now = self.clock.now_ms();
-        let existing = self.store.account(id).await.map_err(unavailable)?;
+        let existing = self
+            .store
+            .account_for_management(id)
+            .await
+            .map_err(unavailable)?;
         let created = existing.as_ref().map_or(now, |a| a.created_at_ms);
         let account = Account {
             id: id.to_owned(),

@@ -164,7 +164,15 @@ pub trait Store: Send + Sync + 'static {
     /// The key record whose hash is `hash_hex`, revoked or not.
     async fn key_by_hash(&self, hash_hex: &str) -> Result<Option<KeyRecord>, StoreError>;
 
+    /// An account, for the request path.
     async fn account(&self, id: &str) -> Result<Option<Account>, StoreError>;
+
+    /// An account, for management (the admin API). The same read as [`Store::account`], over a
+    /// connection of management's own where the store has one: the Redis store's request-path
+    /// connections are opened by the first call on the proxy's runtime and must stay there.
+    async fn account_for_management(&self, id: &str) -> Result<Option<Account>, StoreError> {
+        self.account(id).await
+    }
 
     /// Creates or replaces an account (counters are kept); `Ok(false)` when it is written but
     /// the other nodes could not be told (a retry, which writes the same, tells them again).

@@ -156,10 +156,14 @@ impl ClusterPath {
         let Some(owner) = self.map.load().owner(slot).cloned() else {
             return Err(LinkError::NotSent("no node serves the key's slot".into()));
         };
-        let r = self.node(&owner).call(commands, deadline).await;
+        let r = self.node(&owner)?.call(commands, deadline).await;
         let moved_to = match &r {
             Err(LinkError::Server(e)) if e.code() == "MOVED" => {
-                e.0.split(' ').nth(2).map(Arc::<str>::from)
+                e.0.split(' ').nth(2).map(|to| match to.strip_prefix(':') {
+                    // `MOVED <slot> :<port>`: the same host as the node that answered.
+                    Some(port) => Arc::from(format!("{}:{port}", split_host_port(&owner).0)),
+                    None => Arc::from(to),
+                })
             }
             _ => None,
         };
@@ -167,22 +171,25 @@ impl ClusterPath {
             Some(to) => {
                 self.failed();
                 let left = deadline.saturating_sub(started.elapsed());
-                self.node(&to).call(commands, left).await
+                self.node(&to)?.call(commands, left).await
             }
             None => r,
         }
     }
 
     /// The node's connection, made on first use.
-    fn node(&self, addr: &Arc<str>) -> Arc<RequestPath> {
+    fn node(&self, addr: &Arc<str>) -> Result<Arc<RequestPath>, LinkError> {
         let mut nodes = self.nodes.lock();
         if let Some(n) = nodes.get(addr) {
-            return n.clone();
+            return Ok(n.clone());
         }
         let (host, port) = split_host_port(addr);
-        let path = Arc::new(RequestPath::new(self.seeds[0].with_address(host, port)));
+        let Some(like) = self.seeds.first() else {
+            return Err(LinkError::NotSent("no cluster seed".into()));
+        };
+        let path = Arc::new(RequestPath::new(like.with_address(host, port)));
         nodes.insert(addr.clone(), path.clone());
-        path
+        Ok(path)
     }
 
     /// A call failed: reads the slot map again in the background, every [`REFRESH_EVERY`],
@@ -214,11 +221,15 @@ impl ClusterPath {
         *self.last_refresh.lock() = Some(Instant::now());
         let mut ask = Commands::new();
         ask.push(&[Arg::Str("CLUSTER"), Arg::Str("SLOTS")]);
-        let known: Vec<Arc<str>> = self.map.load().nodes().cloned().collect();
+        let mut known: Vec<Arc<str>> = self.map.load().nodes().cloned().collect();
+        known.sort();
+        known.dedup();
         let mut candidates: Vec<Target> = Vec::new();
-        for addr in known {
-            let (host, port) = split_host_port(&addr);
-            candidates.push(self.seeds[0].with_address(host, port));
+        if let Some(like) = self.seeds.first() {
+            for addr in known {
+                let (host, port) = split_host_port(&addr);
+                candidates.push(like.with_address(host, port));
+            }
         }
         for seed in &self.seeds {
             candidates.push(seed.with_address(seed.host(), seed.port()));

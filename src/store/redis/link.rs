@@ -1,7 +1,7 @@
-//! One pipelined connection to one Redis node, for the request path: a caller writes its
-//! commands straight to the socket (in call order, under one short lock) and one reader task
-//! hands each caller its replies as they arrive, so concurrent requests share one connection,
-//! one read and no hop through another task.
+//! One pipelined connection to one Redis node, for the request path: callers queue their
+//! commands (in call order, under one short lock), one writer task writes each turn's queue in
+//! one system call, and one reader task hands each caller its replies as they arrive, so
+//! concurrent requests share one connection, one write and one read.
 
 use super::resp::{self, Commands, ProtocolError, Reply, ServerError};
 use std::collections::VecDeque;
@@ -115,13 +115,16 @@ pub(super) struct Link {
     writer: Writer,
     state: parking_lot::Mutex<State>,
     broken: AtomicBool,
+    /// Tells the writer task there is something to write (or that the link is broken).
+    wake_writer: tokio::sync::Notify,
 }
 
 #[derive(Default)]
 struct State {
-    /// Bytes the socket did not take at once, in call order; a flush task writes them.
+    /// Commands queued for the writer task, in call order.
     unsent: Vec<u8>,
-    flushing: bool,
+    /// The writer task has been told to write `unsent`.
+    flush_due: bool,
     waiting: VecDeque<Waiter>,
     broken: bool,
 }
@@ -143,8 +146,10 @@ impl Link {
             writer,
             state: parking_lot::Mutex::default(),
             broken: AtomicBool::new(false),
+            wake_writer: tokio::sync::Notify::new(),
         });
         tokio::spawn(read_replies(link.clone(), reader));
+        tokio::spawn(write_requests(link.clone()));
         link
     }
 
@@ -176,24 +181,10 @@ impl Link {
                 replies: Vec::with_capacity(commands.len()),
                 done,
             });
-            let bytes = commands.bytes();
-            if s.flushing {
-                s.unsent.extend_from_slice(bytes);
-            } else {
-                let written = match self.writer.try_write(bytes) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(e) => {
-                        // Every call waiting, this one included, hears of it.
-                        self.fail(&mut s, || LinkError::Io(e.to_string()));
-                        bytes.len()
-                    }
-                };
-                if written < bytes.len() {
-                    s.unsent.extend_from_slice(&bytes[written..]);
-                    s.flushing = true;
-                    tokio::spawn(flush(self.clone()));
-                }
+            s.unsent.extend_from_slice(commands.bytes());
+            if !s.flush_due {
+                s.flush_due = true;
+                self.wake_writer.notify_one();
             }
         }
         match tokio::time::timeout(deadline, replies).await {
@@ -221,6 +212,7 @@ impl Link {
         }
         s.unsent = Vec::new();
         self.writer.shut();
+        self.wake_writer.notify_one();
     }
 
     /// Drops the connection from outside (a server error that says it is the wrong node).
@@ -258,20 +250,24 @@ fn settle(
     r.unwrap_or_else(|_| Err(LinkError::Io("connection dropped".into())))
 }
 
-/// Writes what the socket did not take at once, then lets callers write directly again.
-async fn flush(link: Arc<Link>) {
-    let mut buf = Vec::new();
+/// Writes what callers queued, once per turn of the runtime: woken by the first call of a
+/// turn, it yields once so that the other requests ready in the same turn add theirs, then
+/// writes them all in one system call (under load, one write carries many requests' pipelines).
+async fn write_requests(link: Arc<Link>) {
+    let mut buf = Vec::with_capacity(8 * 1024);
     loop {
+        link.wake_writer.notified().await;
+        tokio::task::yield_now().await;
         {
             let mut s = link.state.lock();
             if s.broken {
                 return;
             }
-            if s.unsent.is_empty() {
-                s.flushing = false;
-                return;
-            }
+            s.flush_due = false;
             std::mem::swap(&mut buf, &mut s.unsent);
+        }
+        if buf.is_empty() {
+            continue;
         }
         if let Err(e) = link.writer.write_all(&buf).await {
             link.fail(&mut link.state.lock(), || LinkError::Io(e.to_string()));

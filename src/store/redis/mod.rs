@@ -77,6 +77,10 @@ impl Store for RedisStore {
         RedisStore::account(self, id).await
     }
 
+    async fn account_for_management(&self, id: &str) -> Result<Option<Account>, StoreError> {
+        RedisStore::account_for_management(self, id).await
+    }
+
     async fn put_account(&self, account: Account) -> Result<bool, StoreError> {
         RedisStore::put_account(self, account).await
     }

@@ -31,6 +31,16 @@ impl RedisStore {
         self.get_record(&account_parts(id)).await
     }
 
+    /// The admin API's read: over the management connection, so that the request path's own
+    /// connection is opened by the proxy (its tasks live on the runtime that first uses it).
+    pub(super) async fn account_for_management(
+        &self,
+        id: &str,
+    ) -> Result<Option<Account>, StoreError> {
+        let json: Option<String> = self.cmd(redis::cmd("GET").arg(account_key(id))).await?;
+        json.as_deref().map(decode).transpose()
+    }
+
     /// A request-path lookup: `GET` of one record.
     async fn get_record<T: serde::de::DeserializeOwned>(
         &self,

@@ -155,7 +155,10 @@ async fn tcp_link(
     stream: tokio::net::TcpStream,
     auth: &Auth,
 ) -> Result<Arc<Link>, LinkError> {
-    let _ = stream.set_nodelay(true);
+    // Nagle stays on (as redis-rs leaves it): under load, the small pipelines that many
+    // requests write while a reply is outstanding leave in one segment, which Redis reads and
+    // answers in one go. Latency does not suffer: every pipeline has a reply coming, which
+    // carries the acknowledgement Nagle waits for.
     let (mut r, w) = stream.into_split();
     let w = Writer::Tcp(w);
     log_in(&mut r, &w, auth).await?;
@@ -297,7 +300,11 @@ impl RequestPath {
         match self.target.open().await {
             Ok(link) => {
                 *failed_at = None;
-                self.link.store(Some(link.clone()));
+                // The link it replaces (broken, or to a primary the sentinels no longer name)
+                // is closed: its reader task would keep it open otherwise.
+                if let Some(old) = self.link.swap(Some(link.clone())) {
+                    old.close();
+                }
                 Ok(link)
             }
             Err(e) => {
