@@ -700,13 +700,14 @@ allocs_run() {
   # ALLOC_WRAP: a tool to run each target under, e.g. "valgrind --tool=dhat
   # --dhat-out-file=target/dhat.%p.json" for the allocation sites.
   [ -n "${ALLOC_WRAP:-}" ] && WAIT_TRIES=600
-  WRAP="env ALLOC_STATS=127.0.0.1:$P_ALLOC ${ALLOC_WRAP:-} $ALLOC"
+  local counted="env ALLOC_STATS=127.0.0.1:$P_ALLOC ${ALLOC_WRAP:-} $ALLOC"
+  WRAP=$counted
   printf '| target | scenario | statuses | allocations / request | reallocations / request | bytes / request |\n|---|---|---|---:|---:|---:|\n' >"$OUT/allocs.md"
   start_upstream
   start_passthrough passthrough $P_PASS
   al_measure passthrough $P_PASS "$bogus" valid
   cg_stop
-  WRAP="env ALLOC_STATS=127.0.0.1:$P_ALLOC ${ALLOC_WRAP:-} $ALLOC"
+  WRAP=$counted
   rm -f "$OUT/conf/store.json"
   start_gateway gw_embedded $P_GW_EMB $P_ADM_EMB "data_file = \"$OUT/conf/store.json\""
   cg_keys $P_ADM_EMB embedded
@@ -714,7 +715,7 @@ allocs_run() {
   al_measure gw_embedded $P_GW_EMB "$(cat "$OUT/conf/cg_bench_embedded.txt")" abusive
   al_measure gw_embedded $P_GW_EMB "$bogus" bogus_repeat
   cg_stop
-  WRAP="env ALLOC_STATS=127.0.0.1:$P_ALLOC ${ALLOC_WRAP:-} $ALLOC"
+  WRAP=$counted
   start_redis
   start_gateway gw_redis $P_GW_REDIS $P_ADM_REDIS "redis_url = \"redis://127.0.0.1:$P_REDIS\""
   cg_keys $P_ADM_REDIS redis

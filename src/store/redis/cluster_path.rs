@@ -231,9 +231,7 @@ impl ClusterPath {
                 candidates.push(like.with_address(host, port));
             }
         }
-        for seed in &self.seeds {
-            candidates.push(seed.with_address(seed.host(), seed.port()));
-        }
+        candidates.extend(self.seeds.iter().cloned());
         for target in candidates {
             let host = target.host().to_owned();
             // A connection of its own, closed when dropped.
@@ -288,8 +286,13 @@ mod tests {
             slot_of(b"mf:{a:acme}:tat:k1"),
             slot_of(b"mf:{a:acme}:q:2026-11")
         );
-        assert_eq!(slot_of(b"foo{}{bar}"), slot_of(b"foo{}{bar}"));
+        // The specification's edge cases: an empty tag hashes the whole key; the tag ends at
+        // the first `}` after the first `{`.
+        let whole = |k: &[u8]| crc16::State::<crc16::XMODEM>::calculate(k) % SLOTS;
+        assert_eq!(slot_of(b"foo{}{bar}"), whole(b"foo{}{bar}"));
         assert_ne!(slot_of(b"foo{}{bar}"), slot_of(b"bar"));
+        assert_eq!(slot_of(b"foo{{bar}}zap"), whole(b"{bar"));
+        assert_eq!(slot_of(b"foo{bar}{zap}"), whole(b"bar"));
     }
 
     #[test]

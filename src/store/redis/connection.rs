@@ -1,5 +1,6 @@
-//! Connections: the start-up one on the store's own runtime, the request path's own one on the
-//! proxy's runtime, and the deadline and circuit breaker every call runs under.
+//! Connections: the redis-rs one on the store's own runtime (start-up, management, readiness),
+//! the request path's own (`request_path`, `cluster_path`) chosen from the URL, and the deadline
+//! and circuit breaker every call runs under.
 
 use super::admission::LAST_USE_EVERY_NS;
 use super::cluster_path::ClusterPath;

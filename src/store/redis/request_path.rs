@@ -1,7 +1,7 @@
-//! The request path's connection to a single Redis or to the primary a sentinel names: one
-//! pipelined [`Link`], opened on the proxy's runtime by the first call and reopened after a
-//! failure (at most every [`REOPEN_EVERY`]), moved when the sentinels name another primary.
-//! A cluster has none: its calls go through redis-rs, which routes them.
+//! The request path's connection to one Redis node (a single Redis, the primary a sentinel
+//! names, or one cluster primary): one pipelined [`Link`], opened on the proxy's runtime by the
+//! first call and reopened after a failure (at most every [`REOPEN_EVERY`]), moved when the
+//! sentinels name another primary.
 
 use super::link::{Link, LinkError, Writer};
 use super::resp::{self, Arg, Commands, Reply};
@@ -15,6 +15,7 @@ use tokio::io::AsyncReadExt;
 const REOPEN_EVERY: Duration = Duration::from_millis(100);
 
 /// Where the connection goes and how it logs in.
+#[derive(Clone)]
 pub(super) enum Target {
     Tcp {
         host: String,
@@ -95,13 +96,6 @@ impl Target {
         match self {
             Target::Tcp { host, .. } => host,
             _ => "",
-        }
-    }
-
-    pub(super) fn port(&self) -> u16 {
-        match self {
-            Target::Tcp { port, .. } => *port,
-            _ => 0,
         }
     }
 
