@@ -14,6 +14,19 @@ const MAX_SHARDS: usize = 16;
 /// caches hold: every request looks up two or three entries.
 type Hasher = foldhash::quality::RandomState;
 
+/// The hasher of every map on the request path (this cache, the limiters' and store's
+/// buckets, the metrics): keyed per map as above, and about a fifth of SipHash's cost per key
+/// (a `DashMap` hashes each key twice: once for the shard, once in it).
+pub(crate) type Keyed = foldhash::quality::RandomState;
+
+/// A concurrent map with the [`Keyed`] hasher.
+pub(crate) type KeyedDashMap<K, V> = dashmap::DashMap<K, V, Keyed>;
+
+/// An empty [`KeyedDashMap`] with its own seed.
+pub(crate) fn keyed_dash_map<K: Eq + Hash, V>() -> KeyedDashMap<K, V> {
+    dashmap::DashMap::with_hasher(Keyed::default())
+}
+
 struct Shard<K, V> {
     map: Mutex<HashMap<K, (V, u64), Hasher>>,
     cap: usize,

@@ -6,8 +6,11 @@
 //! connection's stream: from the first byte of a head to its blank line the clock runs and the
 //! bytes are counted; a read past the deadline fails, which closes the connection, and a head
 //! past the bound is answered (431) and the connection closed before it is buffered further.
-//! Idle keep-alive time between requests is not counted (the keep-alive timeout bounds it), and
-//! HTTP/2 heads are left to pingora's own limits.
+//! Idle keep-alive time between requests is not counted in a head's time: it is bounded by the
+//! keep-alive timeout, which this stream also keeps (see [`EdgeStream::request_ended`]): one
+//! timer per connection, re-armed by moving its deadline, where pingora's own keep-alive timeout
+//! registers a new timer for every request. HTTP/2 heads and idle time are left to pingora's own
+//! limits.
 //!
 //! On a listener with the PROXY protocol on, the header is read first (within the same
 //! timeout; [`ProxyHeader`] for TLS listeners, before the handshake), so that admission and
@@ -26,6 +29,7 @@ use pingora::server::ShutdownWatch;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -50,6 +54,9 @@ pub(crate) trait EdgeLimits: std::fmt::Debug + Send + Sync + 'static {
     fn admit_any(&self) -> Option<Box<dyn std::fmt::Debug + Send + Sync>>;
     /// Whether a peer's PROXY protocol header is believed (a trusted proxy).
     fn trusts(&self, peer: IpAddr) -> bool;
+    /// How long a connection may wait for its first request (then each request's end says
+    /// it again, see [`EdgeStream::request_ended`]).
+    fn keepalive_timeout(&self) -> Duration;
     /// A connection closed because its PROXY protocol header was refused.
     fn proxy_header_refused(&self, why: &HeaderError);
 }
@@ -90,9 +97,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
             };
             // Over a connection cap: dropping the stream closes it.
             let permit = self.limits.admit(&stream)?;
+            let idle = self.limits.keepalive_timeout();
             Box::new(EdgeStream::new(
                 stream,
                 self.timeout,
+                idle,
                 self.limits.clone(),
                 permit,
             ))
@@ -171,16 +180,27 @@ pub(crate) struct EdgeStream {
     deadline: Instant,
     /// The connection's place under the connection caps, given back when it closes.
     _permit: Box<dyn std::fmt::Debug + Send + Sync>,
-    /// A timer, made only when a head does not arrive in one read (most do: no timer work
-    /// for them), and set to `deadline` when `armed`.
+    /// The connection's one timer, made at its first wait, and the deadline it is set to.
+    /// Moving a set deadline later costs one atomic operation (tokio re-files the timer only
+    /// when it fires early), so every keep-alive wait re-arms it almost for free.
     sleep: Option<Pin<Box<Sleep>>>,
-    armed: bool,
+    armed: Option<Instant>,
+    /// Between requests: written by the proxy (through a shared reference: see
+    /// [`Self::request_ended`]), read here. Bit 0: a request ended and the next has not begun
+    /// (the connection waits for a head); bits 1..: how many requests ended; set to 1 at
+    /// accept (waiting for the first request).
+    between: AtomicU64,
+    /// The keep-alive timeout, in milliseconds, as the last request's end said it.
+    idle_ms: AtomicU64,
+    /// The current keep-alive wait's deadline, and the `between` value it was set for.
+    idle_deadline: Option<(u64, Instant)>,
 }
 
 impl EdgeStream {
     fn new(
         inner: Stream,
         timeout: Duration,
+        idle: Duration,
         limits: Arc<dyn EdgeLimits>,
         permit: Box<dyn std::fmt::Debug + Send + Sync>,
     ) -> Self {
@@ -194,8 +214,73 @@ impl EdgeStream {
             head: if off { Head::Off } else { Head::Idle },
             deadline: Instant::now(),
             sleep: None,
-            armed: false,
+            armed: None,
+            between: AtomicU64::new(1),
+            idle_ms: AtomicU64::new(millis(idle)),
+            idle_deadline: None,
         }
+    }
+
+    /// The edge stream under an HTTP/1 session, if the connection has one.
+    pub(crate) fn of(stream: Option<&Stream>) -> Option<&EdgeStream> {
+        stream?.as_any().downcast_ref::<EdgeStream>()
+    }
+
+    /// A request on this connection began (its head is read): reads are no longer a
+    /// keep-alive wait.
+    pub(crate) fn request_began(&self) {
+        let v = self.between.load(Ordering::Relaxed);
+        self.between.store(v & !1, Ordering::Relaxed);
+    }
+
+    /// A request on this connection ended (its response is written): until the next one
+    /// begins, a read that waits is a keep-alive wait, and the connection closes (as if the
+    /// client had) when no byte of a new head arrives within `idle`. Reads while a response is
+    /// still being written (pingora watches for the client going away) are never that wait.
+    pub(crate) fn request_ended(&self, idle: Duration) {
+        self.idle_ms.store(millis(idle), Ordering::Relaxed);
+        let v = self.between.load(Ordering::Relaxed);
+        self.between
+            .store(((v >> 1) + 1) << 1 | 1, Ordering::Relaxed);
+    }
+
+    /// The keep-alive wait's deadline, when the connection waits between requests.
+    fn idle_deadline(&mut self) -> Option<Instant> {
+        let between = self.between.load(Ordering::Relaxed);
+        if between & 1 == 0 {
+            return None;
+        }
+        match self.idle_deadline {
+            Some((set_for, deadline)) if set_for == between => Some(deadline),
+            _ => {
+                // At most a century: far beyond any configuration, never past `Instant`'s range.
+                let ms = self
+                    .idle_ms
+                    .load(Ordering::Relaxed)
+                    .min(100 * 365 * 86_400_000);
+                let deadline = Instant::now() + Duration::from_millis(ms);
+                self.idle_deadline = Some((between, deadline));
+                Some(deadline)
+            }
+        }
+    }
+
+    /// Whether `deadline` has passed, the connection's timer set to it (and the task woken
+    /// then) when it has not.
+    fn passed(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        let sleep = match &mut self.sleep {
+            Some(sleep) => {
+                if self.armed != Some(deadline) {
+                    sleep.as_mut().reset(deadline);
+                }
+                sleep
+            }
+            None => self
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.armed = Some(deadline);
+        sleep.as_mut().poll(cx).is_ready()
     }
 
     /// Follows the head through the bytes just read; starts the clock when a head starts, and
@@ -203,7 +288,6 @@ impl EdgeStream {
     fn saw(&mut self, bytes: &[u8]) {
         if follow(&mut self.head, bytes) {
             self.deadline = Instant::now() + self.timeout;
-            self.armed = false;
         }
         if matches!(self.head, Head::Reading { total, .. } if total > self.max_head) {
             self.head = Head::Refusing {
@@ -253,6 +337,10 @@ impl EdgeStream {
         }
         Poll::Ready(Ok(()))
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Moves `head` along `bytes`; true when a new head starts (the clock must start).
@@ -322,22 +410,27 @@ impl AsyncRead for EdgeStream {
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
-                if let Head::Reading { .. } = self.head {
-                    let this = self.as_mut().get_mut();
-                    let deadline = this.deadline;
-                    let sleep = this
-                        .sleep
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                    if !this.armed {
-                        sleep.as_mut().reset(deadline);
-                        this.armed = true;
+                let this = self.as_mut().get_mut();
+                match this.head {
+                    Head::Reading { .. } => {
+                        let deadline = this.deadline;
+                        if this.passed(deadline, cx) {
+                            return Poll::Ready(Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "request head not complete within server.header_timeout",
+                            )));
+                        }
                     }
-                    if sleep.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "request head not complete within server.header_timeout",
-                        )));
+                    Head::Idle => {
+                        // Kept alive too long without a new request: the end of the stream,
+                        // as pingora's own keep-alive timeout would have it (a quiet close).
+                        if let Some(deadline) = this.idle_deadline() {
+                            if this.passed(deadline, cx) {
+                                return Poll::Ready(Ok(()));
+                            }
+                        }
                     }
+                    _ => {}
                 }
                 Poll::Pending
             }

@@ -3,6 +3,7 @@
 
 use crate::auth::jwt::{JwtVerifier, KeyError};
 use crate::config::Config;
+use crate::proxy::headers::OwnedNames;
 use crate::routing::router::Router;
 use crate::routing::upstream::Pool;
 use std::sync::Arc;
@@ -15,6 +16,8 @@ pub struct Live {
     pub jwt: JwtVerifier,
     /// Metric label of each route (its prefix), by route index.
     pub labels: Vec<Arc<str>>,
+    /// The request headers a client may not send upstream (from `[forward]`).
+    pub(crate) owned_headers: OwnedNames,
 }
 
 impl Live {
@@ -39,6 +42,7 @@ impl Live {
                 .map(|r| Arc::from(r.prefix.as_str()))
                 .collect(),
             pools,
+            owned_headers: OwnedNames::new(&config.forward),
             config,
         })
     }

@@ -1,7 +1,7 @@
 //! Prometheus metrics: requests by route and status, a latency histogram, store and cache gauges.
 
+use crate::cache::{keyed_dash_map, KeyedDashMap};
 use crate::histogram::Histogram;
-use dashmap::DashMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,21 +16,21 @@ const BUCKETS: &[f64] = &[
 pub struct Metrics {
     /// (route prefix, status) -> count; requests matching no route use the label `none`.
     /// Bounded: configured prefixes × statuses.
-    requests: DashMap<(Arc<str>, u16), AtomicU64>,
+    requests: KeyedDashMap<(Arc<str>, u16), AtomicU64>,
     none: Arc<str>,
     latency: Histogram,
     /// Rejections by error code.
-    rejections: DashMap<&'static str, AtomicU64>,
+    rejections: KeyedDashMap<&'static str, AtomicU64>,
     store_errors: AtomicU64,
     fail_open: AtomicU64,
     /// Time a request waited on the store (key lookup and admission), when it did.
     store_latency: Histogram,
     /// Time to an upstream's response head, by upstream name (bounded: configured names).
-    upstream_latency: DashMap<String, Histogram>,
+    upstream_latency: KeyedDashMap<String, Histogram>,
     /// Requests between their head and the end of their logging.
     in_flight: Arc<AtomicU64>,
     /// plan -> [rate-limit refusals, quota refusals] (bounded: the plans file's names).
-    limit_refusals: DashMap<String, [AtomicU64; 2]>,
+    limit_refusals: KeyedDashMap<String, [AtomicU64; 2]>,
 }
 
 /// One request in flight: counted while it lives.
@@ -53,16 +53,16 @@ pub(crate) enum Limit {
 impl Metrics {
     pub fn new() -> Self {
         Self {
-            requests: DashMap::new(),
+            requests: keyed_dash_map(),
             none: Arc::from("none"),
             latency: Histogram::new(BUCKETS),
-            rejections: DashMap::new(),
+            rejections: keyed_dash_map(),
             store_errors: AtomicU64::new(0),
             fail_open: AtomicU64::new(0),
             store_latency: Histogram::default(),
-            upstream_latency: DashMap::new(),
+            upstream_latency: keyed_dash_map(),
             in_flight: Arc::new(AtomicU64::new(0)),
-            limit_refusals: DashMap::new(),
+            limit_refusals: keyed_dash_map(),
         }
     }
 

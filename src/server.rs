@@ -116,6 +116,10 @@ impl EdgeLimits for ConfiguredEdge {
         self.0.live().config.server.trusted_proxies.trusts(peer)
     }
 
+    fn keepalive_timeout(&self) -> std::time::Duration {
+        self.0.live().config.server.keepalive_timeout
+    }
+
     fn proxy_header_refused(&self, why: &crate::proxy_protocol::HeaderError) {
         static LOG: LogLimit = LogLimit::per_second();
         if !why.is_refusal() {

@@ -89,7 +89,7 @@ struct Generations {
     keys: Box<[AtomicU64]>,
     accounts: Box<[AtomicU64]>,
     /// Keyed per process: a client cannot aim an account id at another's slot.
-    hasher: std::collections::hash_map::RandomState,
+    hasher: crate::cache::Keyed,
 }
 
 const GENERATION_SLOTS: usize = 1024;
@@ -105,7 +105,7 @@ impl Generations {
             all: AtomicU64::new(0),
             keys: slots(),
             accounts: slots(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher: crate::cache::Keyed::default(),
         }
     }
 

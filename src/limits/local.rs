@@ -1,8 +1,8 @@
 //! Local token buckets, one per key, bounded in memory: per client IP on open routes, per
 //! account on the console's key-management writes. Local to the node.
 
+use crate::cache::{keyed_dash_map, KeyedDashMap};
 use crate::limits::gcra::{self, BucketDecision, BucketParams};
-use dashmap::DashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 
@@ -10,7 +10,7 @@ use std::net::IpAddr;
 /// When full, expired buckets go first (a full bucket is as good as an absent one), then the
 /// least recently seen eighth: a flood of new keys never resets the others' buckets.
 pub struct LocalLimiter<K: Hash + Eq> {
-    buckets: DashMap<K, (u64, u64)>,
+    buckets: KeyedDashMap<K, (u64, u64)>,
     capacity: usize,
 }
 
@@ -20,7 +20,7 @@ pub(crate) type IpLimiter = LocalLimiter<(usize, IpAddr)>;
 impl<K: Hash + Eq> LocalLimiter<K> {
     pub fn new(capacity: usize) -> Self {
         Self {
-            buckets: DashMap::new(),
+            buckets: keyed_dash_map(),
             capacity: capacity.max(1),
         }
     }

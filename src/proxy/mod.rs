@@ -17,6 +17,7 @@ pub(crate) mod respond;
 
 use crate::client_ip;
 use crate::config::{AuthMode, Route};
+use crate::edge_stream::EdgeStream;
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
 use crate::live::Live;
@@ -298,9 +299,18 @@ impl ProxyHttp for GatewayProxy {
         // A request body may pause at most `body_idle_timeout` between reads (slow POST);
         // past it the connection is closed without an answer (see `fail_to_proxy`).
         session.set_read_timeout(Some(ctx.live.config.server.body_idle_timeout));
-        // Bound idle keep-alive, without reviving a connection pingora or the client chose to close.
+        // Bound idle keep-alive, without reviving a connection pingora or the client chose to
+        // close: the edge stream keeps the timeout when there is one (one timer per connection);
+        // pingora's own (a new timer for every request) otherwise.
+        let edge = EdgeStream::of(session.as_downstream().stream())
+            .map(EdgeStream::request_began)
+            .is_some();
         if session.get_keepalive().is_some() {
-            session.set_keepalive(Some(ctx.live.config.server.keepalive_timeout.as_secs()));
+            let secs = match edge {
+                true => 0, // pingora's "no timeout of its own"
+                false => ctx.live.config.server.keepalive_timeout.as_secs(),
+            };
+            session.set_keepalive(Some(secs));
         }
         let headers = &session.req_header().headers;
         ctx.trace = TraceContext::from_request(
@@ -393,10 +403,7 @@ impl ProxyHttp for GatewayProxy {
             if !keep_api_key {
                 h.remove(&X_API_KEY);
             }
-            for name in fwd.owned_headers() {
-                h.remove(name);
-            }
-            headers::remove_underscore_spellings(h, fwd);
+            ctx.live.owned_headers.remove_from(h);
             // Cloned, not taken: pingora rebuilds the upstream request for every attempt (a
             // retry after a reused connection failed), and each must carry the identity.
             if let Some(id) = &ctx.identity {
@@ -431,11 +438,10 @@ impl ProxyHttp for GatewayProxy {
                 h.insert(X_FORWARDED_FOR.clone(), xff);
             }
             // https where TLS terminates here, or where a trusted front proxy says it did.
-            let proto = match h.get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {
-                _ if ctx.tls => HeaderValue::from_static("https"),
-                Some(b"https") if ctx.peer_trusted => HeaderValue::from_static("https"),
-                _ => HeaderValue::from_static("http"),
-            };
+            let https = ctx.tls
+                || (ctx.peer_trusted
+                    && h.get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes) == Some(b"https"));
+            let proto = HeaderValue::from_static(if https { "https" } else { "http" });
             h.insert(X_FORWARDED_PROTO.clone(), proto);
         });
         if let Some(uri) = &ctx.rewritten {
@@ -526,6 +532,9 @@ impl ProxyHttp for GatewayProxy {
 
     /// Runs last, for every request, answered here or upstream: the metrics.
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(edge) = EdgeStream::of(session.as_downstream().stream()) {
+            edge.request_ended(ctx.live.config.server.keepalive_timeout);
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let label = ctx.route.and_then(|i| ctx.live.labels.get(i));
         let elapsed = ctx.started.elapsed();

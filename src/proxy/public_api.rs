@@ -71,7 +71,7 @@ async fn principal(
     req: &RequestHeader,
     client: Option<IpAddr>,
 ) -> Result<Principal, GatewayError> {
-    let mut keys = req.headers.get_all("x-api-key").iter();
+    let mut keys = req.headers.get_all(&super::X_API_KEY).iter();
     let key = match (keys.next(), keys.next()) {
         (None, _) => {
             let bearer = req

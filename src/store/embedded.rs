@@ -8,9 +8,9 @@ use super::{
     Account, Admission, AdmitRequest, CreateKeyError, Invalidation, InvalidationSink, KeyRecord,
     Revoked, Store, StoreError,
 };
+use crate::cache::{keyed_dash_map, KeyedDashMap};
 use crate::limits::gcra::{self, BucketDecision};
 use async_trait::async_trait;
-use dashmap::DashMap;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -93,7 +93,7 @@ pub struct EmbeddedStore {
     /// One writer at a time, from its decision to its application (held across the append).
     writer: tokio::sync::Mutex<()>,
     lock: Mutex<Option<FileLock>>,
-    buckets: DashMap<String, Bucket>,
+    buckets: KeyedDashMap<String, Bucket>,
     counters: Arc<Counters>,
     /// Where a take-over announces that cached records may be stale.
     sink: Mutex<Option<InvalidationSink>>,
@@ -182,7 +182,7 @@ impl EmbeddedStore {
             journal: Arc::new(Mutex::new(None)),
             writer: tokio::sync::Mutex::new(()),
             lock: Mutex::new(None),
-            buckets: DashMap::new(),
+            buckets: keyed_dash_map(),
             counters,
             sink: Mutex::new(None),
             released: std::sync::atomic::AtomicBool::new(false),

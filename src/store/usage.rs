@@ -5,7 +5,7 @@
 //! process lets the data file go. A crash loses at most the last second of counts.
 
 use super::StoreError;
-use dashmap::DashMap;
+use crate::cache::{keyed_dash_map, KeyedDashMap};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -57,7 +57,7 @@ impl PeriodCounts {
 /// Every account's counts, and whether the usage file is behind them.
 #[derive(Debug)]
 pub(super) struct Counters {
-    pub(super) quotas: DashMap<String, PeriodCounts>,
+    pub(super) quotas: KeyedDashMap<String, PeriodCounts>,
     /// Counts changed since the last write.
     pub(super) dirty: AtomicBool,
     /// True while this process owns the data file: only the owner writes the usage file.
@@ -72,7 +72,7 @@ impl Counters {
     pub(super) fn load(file: PathBuf) -> Result<Arc<Self>, StoreError> {
         let usage = read(&file)?;
         let counters = Arc::new(Self {
-            quotas: DashMap::new(),
+            quotas: keyed_dash_map(),
             dirty: AtomicBool::new(false),
             owner: AtomicBool::new(false),
             file,

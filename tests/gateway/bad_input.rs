@@ -257,3 +257,84 @@ fn a_stalled_request_body_is_cut_after_the_idle_timeout() {
     let seen = echoed(&slow.join().unwrap());
     assert_eq!(seen["body"], "abcdefghijkl");
 }
+
+/// An upstream that answers `ok` to every request on a connection, after `delay` for a path
+/// with `slow` in it and at once otherwise.
+fn slow_path_upstream(delay: std::time::Duration) -> String {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(conn);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let slow = line.contains("slow");
+                    // The head's other lines (no body: GET requests only).
+                    loop {
+                        let mut field = String::new();
+                        if reader.read_line(&mut field).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if field == "\r\n" {
+                            break;
+                        }
+                    }
+                    if slow {
+                        std::thread::sleep(delay);
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if reader.get_mut().write_all(answer).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// `server.keepalive_timeout` bounds how long a connection waits for its next request (and
+/// for its first), and only that: a response that takes longer than it to come back is not
+/// cut, and a connection that keeps asking stays open however long it lives.
+#[test]
+fn idle_connections_close_after_the_keepalive_timeout_and_slow_answers_do_not() {
+    use std::time::Duration;
+    let upstream = slow_path_upstream(Duration::from_millis(2_500));
+    let gw = Gateway::start_with(
+        Setup::new()
+            .server("keepalive_timeout = \"1s\"")
+            .api_upstream(ApiUpstream {
+                addresses: vec![At::Addr(upstream)],
+                connect_timeout: "1s",
+                read_timeout: "10s",
+                health_check: None,
+                tls: None,
+            }),
+    );
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let auth = [("x-api-key", key.as_str())];
+    // A connection that never sends a byte is closed, without an answer.
+    let mut unused = gw.connect();
+    assert_eq!(unused.read_until_closed().unwrap(), b"");
+    // One that asks, is answered, then says nothing more, likewise.
+    let mut idle = gw.connect();
+    let r = idle.send("GET", "/api/v1/fast", &auth, None).unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    assert_eq!(idle.read_until_closed().unwrap(), b"");
+    // An answer 2.5 s in coming (the keep-alive timeout is 1 s) arrives, on a connection
+    // that was kept alive before it and is kept alive after it.
+    let mut patient = gw.connect();
+    let r = patient.send("GET", "/api/v1/fast", &auth, None).unwrap();
+    assert_eq!(r.status, 200);
+    let r = patient.send("GET", "/api/v1/slow", &auth, None).unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    assert_eq!(r.header("connection"), Some("keep-alive"), "{r:?}");
+    let r = patient.send("GET", "/api/v1/fast", &auth, None).unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+}

@@ -86,6 +86,17 @@ impl Connection {
         read_response(&mut self.reader, false)
     }
 
+    /// Reads until the server closes the connection (an end of stream or a reset): what came
+    /// before it. An error when it stays open past the read timeout.
+    pub fn read_until_closed(&mut self) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        match self.reader.read_to_end(&mut out) {
+            Ok(_) => Ok(out),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(out),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Writes raw bytes (several requests back to back) and reads responses until the server
     /// closes the connection or `max` have come.
     pub fn pipelined(&mut self, bytes: &[u8], max: usize) -> io::Result<Vec<HttpResponse>> {

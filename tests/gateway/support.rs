@@ -20,23 +20,36 @@ pub const T0: u64 = 1_795_910_400;
 /// A free port for a listener the test starts later. Not an ephemeral port (the kernel hands
 /// those out to outgoing connections, so one found free could be taken before the gateway or
 /// Redis binds it): ports come from below the ephemeral range (32768 on Linux), each once per
-/// test process, starting at an offset of the process id so that two test processes rarely
-/// meet, and each is checked free by binding it.
+/// test process, starting at an offset drawn from the process id so that two test processes
+/// rarely meet, and each is checked free by binding it. (The check alone cannot keep two
+/// processes apart: both may find a port free before either binds it, and pingora's
+/// listeners bind with `SO_REUSEPORT`, so both would then serve it.)
 pub fn free_addr() -> SocketAddr {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    free_port_in(22_800, 9_900, &NEXT, |_| true)
+    free_port_in(22_800, 9_900, 6_961, &NEXT, |_| true)
 }
 
 /// A port whose Redis Cluster bus port (+10000) is free too, both below the ephemeral range.
 pub fn free_cluster_addr() -> SocketAddr {
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    free_port_in(20_000, 2_700, &NEXT, |port| {
+    free_port_in(20_000, 2_700, 2_659, &NEXT, |port| {
         TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
     })
 }
 
-fn free_port_in(low: u16, span: u16, next: &AtomicU16, also: impl Fn(u16) -> bool) -> SocketAddr {
-    let offset = (std::process::id() % u32::from(span)) as u16;
+/// A port in `low..low + span`, the search starting at `pid × stride` (mod `span`): nextest
+/// starts each test in its own process, mostly with consecutive ids, and `stride` puts
+/// processes whose ids differ by less than 64 at least 153 ports apart (41 in the cluster
+/// range), where `pid` alone put them one port apart.
+fn free_port_in(
+    low: u16,
+    span: u16,
+    stride: u32,
+    next: &AtomicU16,
+    also: impl Fn(u16) -> bool,
+) -> SocketAddr {
+    let spread = u64::from(std::process::id()) * u64::from(stride) % u64::from(span);
+    let offset = u16::try_from(spread).unwrap_or(0);
     for _ in 0..span {
         let n = next.fetch_add(1, Ordering::Relaxed) % span;
         let port = low + (offset + n) % span;
