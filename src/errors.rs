@@ -484,6 +484,7 @@ pub(crate) fn answer_head(
     body_len: usize,
     retry_after: Option<u64>,
 ) -> http::response::Parts {
+    use crate::proxy::headers::number_value;
     use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
     let mut parts = http::Response::new(()).into_parts().0;
     // Room for these and what joins them (rate-limit state, the request id) without a regrow.
@@ -492,9 +493,12 @@ pub(crate) fn answer_head(
         http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     let h = &mut parts.headers;
     h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
+    h.insert(
+        CONTENT_LENGTH,
+        number_value(u64::try_from(body_len).unwrap_or(u64::MAX)),
+    );
     if let Some(secs) = retry_after {
-        h.insert(RETRY_AFTER, HeaderValue::from(secs));
+        h.insert(RETRY_AFTER, number_value(secs));
     }
     parts
 }

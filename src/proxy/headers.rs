@@ -25,6 +25,7 @@ pub(crate) fn ceil_secs(ns: u64) -> u64 {
 /// `core::fmt`: on the hot path, `format!` cost more than the rest of a header insert (session 2
 /// profile: about 2.9 k instructions per request, docs/lab-notes/). Numbers here are at most 20
 /// digits and every value well under the buffer; should one not fit, it is cut, never overrun.
+/// Built in place (`&mut self`): a builder passed by value copied its buffer at every step.
 struct ValueBuf {
     buf: [u8; 128],
     len: usize,
@@ -38,18 +39,18 @@ impl ValueBuf {
         }
     }
 
-    fn bytes(mut self, b: &[u8]) -> Self {
+    fn bytes(&mut self, b: &[u8]) -> &mut Self {
         let n = b.len().min(self.buf.len() - self.len);
         self.buf[self.len..self.len + n].copy_from_slice(&b[..n]);
         self.len += n;
         self
     }
 
-    fn num(self, n: u64) -> Self {
+    fn num(&mut self, n: u64) -> &mut Self {
         self.bytes(itoa::Buffer::new().format(n).as_bytes())
     }
 
-    fn ip(self, ip: IpAddr) -> Self {
+    fn ip(&mut self, ip: IpAddr) -> &mut Self {
         match ip {
             IpAddr::V4(v4) => {
                 let [a, b, c, d] = v4.octets();
@@ -68,6 +69,45 @@ impl ValueBuf {
     fn value(&self) -> HeaderValue {
         HeaderValue::from_bytes(&self.buf[..self.len])
             .unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+}
+
+/// The decimal numbers 0 to 255 written one after another ("0123…99100…255"): header values
+/// of small numbers (remaining tokens, seconds to refill, bursts) are slices of it, shared by
+/// every response without an allocation.
+static SMALL_NUMBERS: [u8; 658] = small_numbers();
+
+const fn small_numbers() -> [u8; 658] {
+    let mut out = [0u8; 658];
+    let (mut n, mut i) = (0u32, 0usize);
+    while n < 256 {
+        if n >= 100 {
+            out[i] = b'0' + (n / 100) as u8;
+            i += 1;
+        }
+        if n >= 10 {
+            out[i] = b'0' + (n / 10 % 10) as u8;
+            i += 1;
+        }
+        out[i] = b'0' + (n % 10) as u8;
+        i += 1;
+        n += 1;
+    }
+    out
+}
+
+/// `n` as a header value; below 256 without an allocation.
+pub(crate) fn number_value(n: u64) -> HeaderValue {
+    let (start, len) = match n {
+        0..=9 => (n, 1),
+        10..=99 => (10 + (n - 10) * 2, 2),
+        100..=255 => (190 + (n - 100) * 3, 3),
+        _ => return HeaderValue::from(n),
+    };
+    let start = usize::try_from(start).unwrap_or(0);
+    match std::str::from_utf8(&SMALL_NUMBERS[start..start + len]) {
+        Ok(digits) => HeaderValue::from_static(digits),
+        Err(_) => HeaderValue::from(n),
     }
 }
 
@@ -93,7 +133,7 @@ impl RateHeaders {
                 .num(self.period_secs)
                 .value(),
         );
-        headers.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(self.burst));
+        headers.insert(X_RATELIMIT_LIMIT.clone(), number_value(self.burst.into()));
         if let Some((remaining, reset)) = self.live {
             headers.insert(
                 RATELIMIT.clone(),
@@ -104,8 +144,11 @@ impl RateHeaders {
                     .num(reset)
                     .value(),
             );
-            headers.insert(X_RATELIMIT_REMAINING.clone(), HeaderValue::from(remaining));
-            headers.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from(reset));
+            headers.insert(
+                X_RATELIMIT_REMAINING.clone(),
+                number_value(remaining.into()),
+            );
+            headers.insert(X_RATELIMIT_RESET.clone(), number_value(reset));
         }
     }
 }
@@ -184,7 +227,8 @@ pub(crate) fn chain_value(ips: impl Iterator<Item = IpAddr>) -> HeaderValue {
         if i > 0 {
             out.extend_from_slice(b", ");
         }
-        let v = ValueBuf::new().ip(ip);
+        let mut v = ValueBuf::new();
+        v.ip(ip);
         out.extend_from_slice(&v.buf[..v.len]);
     }
     HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
@@ -195,12 +239,13 @@ pub(crate) fn forwarded_for(prior: Option<&HeaderValue>, ip: IpAddr) -> HeaderVa
     match prior.and_then(|v| v.to_str().ok()).map(str::trim) {
         Some(prior) if !prior.is_empty() => {
             // A chain of proxies can be longer than the stack buffer.
-            let ip = ValueBuf::new().ip(ip);
-            let mut chain = Vec::with_capacity(prior.len() + 2 + ip.len);
+            let mut last = ValueBuf::new();
+            last.ip(ip);
+            let mut chain = Vec::with_capacity(prior.len() + 2 + last.len);
             chain.extend_from_slice(prior.as_bytes());
             chain.extend_from_slice(b", ");
-            chain.extend_from_slice(&ip.buf[..ip.len]);
-            HeaderValue::from_bytes(&chain).unwrap_or_else(|_| ip.value())
+            chain.extend_from_slice(&last.buf[..last.len]);
+            HeaderValue::from_bytes(&chain).unwrap_or_else(|_| last.value())
         }
         _ => ValueBuf::new().ip(ip).value(),
     }
@@ -266,6 +311,13 @@ mod tests {
         fn value_buf_num_matches_to_string(n: u64) {
             let expected = n.to_string();
             proptest::prop_assert_eq!(ValueBuf::new().num(n).value(), expected.as_str());
+        }
+    }
+
+    #[test]
+    fn number_values_are_the_numbers() {
+        for n in (0..1_000).chain([u64::from(u32::MAX), u64::MAX]) {
+            assert_eq!(number_value(n), n.to_string().as_str(), "{n}");
         }
     }
 

@@ -37,15 +37,20 @@ struct AuthFailures<'a> {
     client: Option<IpAddr>,
     every_ns: u64,
     burst: u32,
-    now_ns: u64,
+    /// Read when first needed: a key found in the cache never asks.
+    now_ns: std::sync::OnceLock<u64>,
 }
 
 impl AuthFailures<'_> {
+    fn now_ns(&self) -> u64 {
+        *self.now_ns.get_or_init(|| self.gw.clock.now_ns())
+    }
+
     fn refused(&self) -> Option<GatewayError> {
         let client = self.client?;
         self.gw
             .auth_failures
-            .exhausted(&client, self.now_ns, self.every_ns, self.burst)
+            .exhausted(&client, self.now_ns(), self.every_ns, self.burst)
             .map(|retry_ns| GatewayError::auth_failures_limited(ceil_secs(retry_ns)))
     }
 
@@ -58,7 +63,7 @@ impl AuthFailures<'_> {
             let _ =
                 self.gw
                     .auth_failures
-                    .check_every(client, self.now_ns, self.every_ns, self.burst);
+                    .check_every(client, self.now_ns(), self.every_ns, self.burst);
         }
         GatewayError::invalid_api_key()
     }
@@ -95,7 +100,7 @@ async fn principal(
         client,
         every_ns: 60_000_000_000 / u64::from(per_minute.max(1)),
         burst: per_minute,
-        now_ns: gw.clock.now_ns(),
+        now_ns: std::sync::OnceLock::new(),
     };
     // No store I/O for anything that cannot be a key.
     let Some(key) = key.filter(|k| api_key::is_well_formed(k)) else {
