@@ -343,6 +343,16 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Whether `bytes` hold the end of a head: a line feed followed by an empty line (`\r\n` or a
+/// bare `\n`, which httparse accepts too). Only the few line feeds are looked at (memchr),
+/// not every position of the head and the body after it.
+fn has_blank_line(bytes: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', bytes).any(|at| {
+        let after = &bytes[at + 1..];
+        after.starts_with(b"\n") || after.starts_with(b"\r\n")
+    })
+}
+
 /// Moves `head` along `bytes`; true when a new head starts (the clock must start).
 fn follow(head: &mut Head, bytes: &[u8]) -> bool {
     if bytes.is_empty() {
@@ -370,9 +380,7 @@ fn follow(head: &mut Head, bytes: &[u8]) -> bool {
         seam[..*len].copy_from_slice(&tail[..*len]);
         seam[*len..*len + first].copy_from_slice(&bytes[..first]);
         let seam = &seam[..*len + first];
-        let ends =
-            |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n") || b.windows(2).any(|w| w == b"\n\n");
-        if ends(seam) || ends(bytes) {
+        if has_blank_line(seam) || has_blank_line(bytes) {
             *head = Head::Done;
             return started;
         }
@@ -575,6 +583,10 @@ mod tests {
         follow(&mut head, b"GET / HTTP/1.1\r\n");
         follow(&mut head, b"x-a: b\r\n");
         assert!(matches!(head, Head::Reading { total: 24, .. }), "{head:?}");
+        // A bare LF before the blank line ends a head too (httparse reads it as one).
+        assert!(ends(&[&b"GET / HTTP/1.1\nhost: x\n\r\n"[..]]));
+        assert!(ends(&[&b"GET / HTTP/1.1\r\nhost: x\r\n\n"[..]]));
+        assert!(!ends(&[&b"GET / HTTP/1.1\r\nhost: x\r\n\r"[..]]));
         let mut h2 = Head::Idle;
         assert!(!follow(&mut h2, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
         assert!(matches!(h2, Head::Off));
