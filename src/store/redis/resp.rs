@@ -36,7 +36,8 @@ pub(super) struct Commands {
 impl Commands {
     pub(super) fn new() -> Self {
         Self {
-            buf: Vec::with_capacity(256),
+            // The admission's pipeline, expiry and touch included, takes about 300 bytes.
+            buf: Vec::with_capacity(512),
             count: 0,
             first_key: None,
         }
@@ -46,24 +47,17 @@ impl Commands {
     pub(super) fn push(&mut self, args: &[Arg<'_>]) -> &mut Self {
         self.header(b'*', args.len());
         for (i, arg) in args.iter().enumerate() {
+            let payload = self.arg(arg);
             if self.count == 0 && i == 1 {
-                let start = self.buf.len();
-                self.arg(arg);
-                // The payload: past `$<len>\r\n`, before the closing CRLF.
-                let payload = self.buf[start..]
-                    .iter()
-                    .position(|&b| b == b'\n')
-                    .map_or(start, |p| start + p + 1);
-                self.first_key = Some((payload, self.buf.len() - 2));
-            } else {
-                self.arg(arg);
+                self.first_key = Some(payload);
             }
         }
         self.count += 1;
         self
     }
 
-    fn arg(&mut self, arg: &Arg<'_>) {
+    /// Writes one argument as a bulk string; where its payload lies in `buf`.
+    fn arg(&mut self, arg: &Arg<'_>) -> (usize, usize) {
         match *arg {
             Arg::Str(s) => self.bulk(&[s.as_bytes()]),
             Arg::Concat(parts) if parts.len() <= CONCAT_PARTS => {
@@ -71,7 +65,7 @@ impl Commands {
                 for (slot, part) in p.iter_mut().zip(parts) {
                     *slot = part.as_bytes();
                 }
-                self.bulk(&p[..parts.len()]);
+                self.bulk(&p[..parts.len()])
             }
             Arg::Concat(parts) => self.bulk(&[parts.concat().as_bytes()]),
             Arg::Int(n) => self.bulk(&[itoa::Buffer::new().format(n).as_bytes()]),
@@ -84,19 +78,33 @@ impl Commands {
         self.first_key.and_then(|(a, b)| self.buf.get(a..b))
     }
 
+    /// `<kind><len>\r\n`; lengths under 100 (nearly all) as one small fixed-size write.
     fn header(&mut self, kind: u8, len: usize) {
-        self.buf.push(kind);
-        self.buf
-            .extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
-        self.buf.extend_from_slice(b"\r\n");
+        match u8::try_from(len) {
+            Ok(n) if n < 10 => self.buf.extend_from_slice(&[kind, b'0' + n, b'\r', b'\n']),
+            Ok(n) if n < 100 => {
+                self.buf
+                    .extend_from_slice(&[kind, b'0' + n / 10, b'0' + n % 10, b'\r', b'\n']);
+            }
+            _ => {
+                self.buf.push(kind);
+                self.buf
+                    .extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+                self.buf.extend_from_slice(b"\r\n");
+            }
+        }
     }
 
-    fn bulk(&mut self, parts: &[&[u8]]) {
+    /// One bulk string of `parts` joined; where its payload lies in `buf`.
+    fn bulk(&mut self, parts: &[&[u8]]) -> (usize, usize) {
         self.header(b'$', parts.iter().map(|p| p.len()).sum());
+        let start = self.buf.len();
         for p in parts {
             self.buf.extend_from_slice(p);
         }
+        let end = self.buf.len();
         self.buf.extend_from_slice(b"\r\n");
+        (start, end)
     }
 
     /// How many commands, hence how many replies.
@@ -273,10 +281,50 @@ mod tests {
         );
         assert_eq!(c.len(), 2);
         assert_eq!(c.first_key(), Some(&b"mf:{a:acme}:tat:k1"[..]));
+        for n in [0, 9, 10, 99, 100, 12_345] {
+            let payload = "x".repeat(n);
+            let mut one = Commands::new();
+            one.push(&[Arg::Str(&payload)]);
+            assert_eq!(
+                one.bytes(),
+                format!("*1\r\n${n}\r\n{payload}\r\n").as_bytes()
+            );
+        }
         let joined = ["a"; 9];
         let mut long = Commands::new();
         long.push(&[Arg::Concat(&joined)]);
         assert_eq!(long.bytes(), b"*1\r\n$9\r\naaaaaaaaa\r\n");
+    }
+
+    proptest! {
+        /// Every command is written byte for byte as redis-rs writes it.
+        #[test]
+        fn commands_are_written_as_redis_rs_writes_them(
+            name in "[A-Z]{1,8}",
+            key in proptest::collection::vec("[a-z:{}]{0,12}", 1..5),
+            text in ".{0,120}",
+            signed: i64,
+            unsigned: u64,
+        ) {
+            let parts: Vec<&str> = key.iter().map(String::as_str).collect();
+            let mut c = Commands::new();
+            c.push(&[
+                Arg::Str(&name),
+                Arg::Concat(&parts),
+                Arg::Str(&text),
+                Arg::Int(signed),
+                Arg::UInt(unsigned),
+            ]);
+            let joined = key.concat();
+            let expected = redis::cmd(&name)
+                .arg(&joined)
+                .arg(&text)
+                .arg(signed)
+                .arg(unsigned)
+                .get_packed_command();
+            prop_assert_eq!(c.bytes(), &expected[..]);
+            prop_assert_eq!(c.first_key(), Some(joined.as_bytes()));
+        }
     }
 
     #[test]
