@@ -350,6 +350,15 @@ pub(crate) async fn authorize(
                 rate,
             ))
         }
+        Ok(Admission::Revoked) => {
+            // The store's word is final: this node's cache had not heard of the revoke yet.
+            gw.rate_blocks.unblock(key_id);
+            if let Some(raw) = session.req_header().headers.get(&super::X_API_KEY) {
+                let hash = crate::auth::api_key::KeyHash::of(raw.as_bytes());
+                gw.directory.forget_key(&hash.to_hex());
+            }
+            Err(GatewayError::invalid_api_key().into())
+        }
         Ok(Admission::QuotaExceeded {
             remaining,
             reset_after_ns,

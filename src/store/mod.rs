@@ -121,6 +121,8 @@ pub enum Admission {
     },
     /// Over the monthly quota: nothing consumed.
     QuotaExceeded { remaining: u32, reset_after_ns: u64 },
+    /// The key was revoked (a node's cache had not heard of it yet): nothing consumed.
+    Revoked,
 }
 
 /// Why a key could not be created.

@@ -1,16 +1,16 @@
 //! One authorized request: rate limit and quota in one round trip, without scripts.
 //!
-//! The pipeline is `ZADD tat GT now t; ZINCRBY tat T t; INCR q` (plus `EXPIREAT q` once per
-//! period and node, and `PEXPIRE tat` + `HSET used` at most once a minute per key and node: the
-//! TAT's TTL covers a minute without refresh). `ZADD GT` then `ZINCRBY` computes GCRA's
-//! `max(tat, now) + T` in Redis; what that TAT means (admit, refuse, remaining, reset) is
+//! The pipeline is `ZADD tat GT now t; ZINCRBY tat T t; INCR q; SISMEMBER active key` (plus
+//! `EXPIREAT q` once per period and node, and `PEXPIRE tat` + `HSET used` at most once a minute
+//! per key and node: the TAT's TTL covers a minute without refresh). `ZADD GT` then `ZINCRBY`
+//! computes GCRA's `max(tat, now) + T` in Redis; what that TAT means (admit, refuse, remaining, reset) is
 //! `limits::gcra::judge`'s arithmetic, the same the embedded store uses. A rejection (rate or
 //! quota) is compensated with `ZINCRBY -T` and `DECR`, so it consumes nothing. Between a
 //! rejected increment and its compensation another request can only see *more* usage, never
 //! less: the limits may briefly refuse early, never admit extra.
 //!
 //! No MULTI/EXEC around the pipeline (it cost more client CPU than the commands themselves:
-//! seven replies to parse instead of three). Redis runs one connection's commands in order, so a
+//! eight replies to parse instead of four). Redis runs one connection's commands in order, so a
 //! request's `ZADD GT` precedes its `ZINCRBY`; another node's commands may come in between.
 //! That only makes the answer more conservative: with requests numbered in `ZINCRBY` order,
 //! request k reads `v_k = max(tat₀, now_j of every ZADD before it) + k·T`, and every j ≤ k sent
@@ -18,10 +18,17 @@
 //! which is exactly what sequential GCRA would give request k. A request therefore never sees less
 //! usage than some serial order would show it. A pipeline cut short by a lost connection can
 //! leave a token taken without its request admitted: early refusal again, never extra.
+//!
+//! `SISMEMBER` makes a revoke final on every node at once, whatever its caches hold: a revoke
+//! takes the key out of the account's active set (and waits for a replica) before it answers,
+//! and every admission reads that set in the same pipeline, on the same primary, after it. The
+//! invalidation a revoke publishes only spares the nodes this refusal; a node that has not yet
+//! heard it (a busy subscriber, a message lost in a failover) still refuses the key here, and
+//! the admission's increments are undone (`DECR q`, the TAT deleted as the revoke did).
 
 use super::connection::Budget;
 use super::resp::{Arg, Commands, Reply};
-use super::schema::{quota_parts, tat_parts, used_parts};
+use super::schema::{active_parts, quota_parts, tat_parts, used_parts};
 use super::RedisStore;
 use crate::limits::gcra::{self, BucketDecision};
 use crate::store::{Admission, AdmitRequest, StoreError};
@@ -63,7 +70,12 @@ impl RedisStore {
             Arg::UInt(t_us),
             Arg::Str("t"),
         ])
-        .push(&[Arg::Str("INCR"), Arg::Concat(&quota)]);
+        .push(&[Arg::Str("INCR"), Arg::Concat(&quota)])
+        .push(&[
+            Arg::Str("SISMEMBER"),
+            Arg::Concat(&active_parts(req.account_id)),
+            Arg::Str(req.key_id),
+        ]);
         if set_expiry {
             let expire_at = req.period_end_unix + 35 * 86_400;
             c.push(&[
@@ -86,14 +98,19 @@ impl RedisStore {
             ]);
         }
         let replies = self.run(Budget::Admission, &c).await?;
-        let (Some(new_tat), Some(used)) = (
+        let (Some(new_tat), Some(used), Some(active)) = (
             replies.get(1).and_then(Reply::as_f64),
             replies.get(2).and_then(Reply::as_i64),
+            replies.get(3).and_then(Reply::as_i64),
         ) else {
             return Err(StoreError::Unavailable(
                 "unexpected reply to the admission".into(),
             ));
         };
+        if active == 0 {
+            self.undo_revoked(&tat, &quota).await;
+            return Ok(Admission::Revoked);
+        }
         let used = u64::try_from(used).unwrap_or(0);
         if set_expiry {
             self.quota_expiry_set.insert(
@@ -138,6 +155,20 @@ impl RedisStore {
                 remaining,
                 reset_after_ns,
             }),
+        }
+    }
+
+    /// Undoes an admission of a key that turned out revoked: its quota unit back, its TAT
+    /// gone again (the `ZADD` made it anew, and without an expiry when the node had touched
+    /// the key within the minute).
+    async fn undo_revoked(&self, tat: &[&str], quota: &[&str]) {
+        let mut c = Commands::new();
+        c.push(&[Arg::Str("DEL"), Arg::Concat(tat)])
+            .push(&[Arg::Str("DECR"), Arg::Concat(quota)]);
+        if let Err(e) = self.run(Budget::Admission, &c).await {
+            self.refunds_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, "could not give back a revoked key's usage");
         }
     }
 

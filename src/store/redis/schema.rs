@@ -27,7 +27,7 @@ pub(super) fn keys_key(a: &str) -> String {
     format!("mf:{{a:{a}}}:keys")
 }
 pub(super) fn active_key(a: &str) -> String {
-    format!("mf:{{a:{a}}}:active")
+    active_parts(a).concat()
 }
 pub(super) fn used_key(a: &str) -> String {
     used_parts(a).concat()
@@ -46,6 +46,9 @@ pub(super) fn hash_key(hash: &str) -> String {
 // (`resp::Arg::Concat`); the `*_key` functions above are the same keys as strings.
 pub(super) fn account_parts(a: &str) -> [&str; 3] {
     ["mf:{a:", a, "}"]
+}
+pub(super) fn active_parts(a: &str) -> [&str; 3] {
+    ["mf:{a:", a, "}:active"]
 }
 pub(super) fn used_parts(a: &str) -> [&str; 3] {
     ["mf:{a:", a, "}:used"]
