@@ -476,6 +476,45 @@ impl GatewayError {
     }
 }
 
+/// The decimal numbers 0 to 255 written one after another ("0123…99100…255"): header values
+/// of small numbers (remaining tokens, seconds to refill, bursts) are slices of it, shared by
+/// every response without an allocation.
+static SMALL_NUMBERS: [u8; 658] = small_numbers();
+
+const fn small_numbers() -> [u8; 658] {
+    let mut out = [0u8; 658];
+    let (mut n, mut i) = (0u32, 0usize);
+    while n < 256 {
+        if n >= 100 {
+            out[i] = b'0' + (n / 100) as u8;
+            i += 1;
+        }
+        if n >= 10 {
+            out[i] = b'0' + (n / 10 % 10) as u8;
+            i += 1;
+        }
+        out[i] = b'0' + (n % 10) as u8;
+        i += 1;
+        n += 1;
+    }
+    out
+}
+
+/// `n` as a header value; below 256 without an allocation.
+pub(crate) fn number_value(n: u64) -> http::HeaderValue {
+    let (start, len) = match n {
+        0..=9 => (n, 1),
+        10..=99 => (10 + (n - 10) * 2, 2),
+        100..=255 => (190 + (n - 100) * 3, 3),
+        _ => return http::HeaderValue::from(n),
+    };
+    let start = usize::try_from(start).unwrap_or(0);
+    match std::str::from_utf8(&SMALL_NUMBERS[start..start + len]) {
+        Ok(digits) => http::HeaderValue::from_static(digits),
+        Err(_) => http::HeaderValue::from(n),
+    }
+}
+
 /// The head of every answer the gateway writes itself, on either listener: status,
 /// content-type, content-length, and Retry-After when the client may try again later.
 pub(crate) fn answer_head(
@@ -484,7 +523,6 @@ pub(crate) fn answer_head(
     body_len: usize,
     retry_after: Option<u64>,
 ) -> http::response::Parts {
-    use crate::proxy::headers::number_value;
     use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
     let mut parts = http::Response::new(()).into_parts().0;
     // Room for these and what joins them (rate-limit state, the request id) without a regrow.
@@ -551,6 +589,13 @@ mod tests {
             }))
             .unwrap();
             proptest::prop_assert_eq!(e.body(), expected);
+        }
+    }
+
+    #[test]
+    fn number_values_are_the_numbers() {
+        for n in (0..1_000).chain([u64::from(u32::MAX), u64::MAX]) {
+            assert_eq!(number_value(n), n.to_string().as_str(), "{n}");
         }
     }
 

@@ -2,8 +2,7 @@
 //! Requests take one snapshot at their start, so a reload never changes a request midway.
 
 use crate::auth::jwt::{JwtVerifier, KeyError};
-use crate::config::Config;
-use crate::proxy::headers::OwnedNames;
+use crate::config::{Config, OwnedNames};
 use crate::routing::router::Router;
 use crate::routing::upstream::Pool;
 use std::sync::Arc;

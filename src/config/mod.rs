@@ -1,6 +1,7 @@
 //! Configuration: gateway.toml and the policy files turned into one validated model.
 
 mod file;
+mod owned;
 mod redis_url;
 mod secrets;
 mod validate;
@@ -9,6 +10,7 @@ use crate::diagnostics::{self as error, Reporter};
 pub use crate::diagnostics::{ConfigError, ConfigErrors, ConfigWarning};
 use crate::policy::Policies;
 use http::HeaderName;
+pub(crate) use owned::OwnedNames;
 pub use redis_url::{parse_sentinel_url, SentinelUrl};
 pub use secrets::{SecretProblem, MIN_ADMIN_TOKEN_BYTES, MIN_HMAC_SECRET_BYTES, PLACEHOLDER_WORDS};
 use std::net::SocketAddr;

@@ -1,5 +1,5 @@
-//! Header values the gateway writes (rate-limit state, request ids, the forwarding chain) and
-//! the client headers it removes because they would speak for it.
+//! Header values the gateway writes (rate-limit state, request ids, the forwarding chain). The
+//! client headers it removes because they would speak for it are `config::OwnedNames`.
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use std::net::IpAddr;
@@ -72,45 +72,6 @@ impl ValueBuf {
     }
 }
 
-/// The decimal numbers 0 to 255 written one after another ("0123…99100…255"): header values
-/// of small numbers (remaining tokens, seconds to refill, bursts) are slices of it, shared by
-/// every response without an allocation.
-static SMALL_NUMBERS: [u8; 658] = small_numbers();
-
-const fn small_numbers() -> [u8; 658] {
-    let mut out = [0u8; 658];
-    let (mut n, mut i) = (0u32, 0usize);
-    while n < 256 {
-        if n >= 100 {
-            out[i] = b'0' + (n / 100) as u8;
-            i += 1;
-        }
-        if n >= 10 {
-            out[i] = b'0' + (n / 10 % 10) as u8;
-            i += 1;
-        }
-        out[i] = b'0' + (n % 10) as u8;
-        i += 1;
-        n += 1;
-    }
-    out
-}
-
-/// `n` as a header value; below 256 without an allocation.
-pub(crate) fn number_value(n: u64) -> HeaderValue {
-    let (start, len) = match n {
-        0..=9 => (n, 1),
-        10..=99 => (10 + (n - 10) * 2, 2),
-        100..=255 => (190 + (n - 100) * 3, 3),
-        _ => return HeaderValue::from(n),
-    };
-    let start = usize::try_from(start).unwrap_or(0);
-    match std::str::from_utf8(&SMALL_NUMBERS[start..start + len]) {
-        Ok(digits) => HeaderValue::from_static(digits),
-        Err(_) => HeaderValue::from(n),
-    }
-}
-
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -133,7 +94,10 @@ impl RateHeaders {
                 .num(self.period_secs)
                 .value(),
         );
-        headers.insert(X_RATELIMIT_LIMIT.clone(), number_value(self.burst.into()));
+        headers.insert(
+            X_RATELIMIT_LIMIT.clone(),
+            crate::errors::number_value(self.burst.into()),
+        );
         if let Some((remaining, reset)) = self.live {
             headers.insert(
                 RATELIMIT.clone(),
@@ -146,76 +110,12 @@ impl RateHeaders {
             );
             headers.insert(
                 X_RATELIMIT_REMAINING.clone(),
-                number_value(remaining.into()),
+                crate::errors::number_value(remaining.into()),
             );
-            headers.insert(X_RATELIMIT_RESET.clone(), number_value(reset));
-        }
-    }
-}
-
-/// Headers the gateway writes or verifies itself, beyond the configured ones.
-const ALWAYS_OWNED: [&str; 3] = ["x-api-key", "x-forwarded-for", "x-forwarded-proto"];
-
-/// The request headers a client's copy of which never goes upstream: the configured owned ones
-/// (identity, request id, strips, overrides) as spelled, and those and [`ALWAYS_OWNED`] spelled
-/// with `_` for `-` (`x_account_id` is `HTTP_X_ACCOUNT_ID` to CGI, Rack and PHP, the same
-/// variable as the trusted `x-account-id`).
-///
-/// Kept by length, so that one pass over a request's few names finds every copy at a
-/// comparison or two per name, where a map probe per owned name (16 by default) hashed each.
-#[derive(Debug, Default)]
-pub(crate) struct OwnedNames {
-    /// By name length: each name, and whether only its `_` spellings are owned.
-    by_len: Vec<Vec<(Box<[u8]>, bool)>>,
-}
-
-impl OwnedNames {
-    pub(crate) fn new(fwd: &crate::config::Forward) -> Self {
-        let mut owned = Self::default();
-        for name in fwd.owned_headers() {
-            owned.add(name.as_str().as_bytes(), false);
-        }
-        for name in ALWAYS_OWNED {
-            if !fwd.owned_headers().any(|o| o.as_str() == name) {
-                owned.add(name.as_bytes(), true);
-            }
-        }
-        owned
-    }
-
-    fn add(&mut self, name: &[u8], underscored_only: bool) {
-        if self.by_len.len() <= name.len() {
-            self.by_len.resize_with(name.len() + 1, Vec::new);
-        }
-        self.by_len[name.len()].push((name.into(), underscored_only));
-    }
-
-    /// Whether a client header named `name` (lower case, as `http` keeps names) is owned.
-    pub(crate) fn owns(&self, name: &[u8]) -> bool {
-        let Some(same_length) = self.by_len.get(name.len()) else {
-            return false;
-        };
-        same_length.iter().any(|(owned, underscored_only)| {
-            let mut underscored = false;
-            let same = name.iter().zip(owned.iter()).all(|(&c, &o)| {
-                let dash_as_underscore = c == b'_' && o == b'-';
-                underscored |= dash_as_underscore;
-                c == o || dash_as_underscore
-            });
-            same && (underscored || !underscored_only)
-        })
-    }
-
-    /// Removes every owned header from `h`.
-    pub(crate) fn remove_from(&self, h: &mut HeaderMap) {
-        let mut doomed: Option<Vec<HeaderName>> = None;
-        for name in h.keys() {
-            if self.owns(name.as_str().as_bytes()) {
-                doomed.get_or_insert_with(Vec::new).push(name.clone());
-            }
-        }
-        for name in doomed.iter().flatten() {
-            h.remove(name);
+            headers.insert(
+                X_RATELIMIT_RESET.clone(),
+                crate::errors::number_value(reset),
+            );
         }
     }
 }
@@ -315,13 +215,6 @@ mod tests {
     }
 
     #[test]
-    fn number_values_are_the_numbers() {
-        for n in (0..1_000).chain([u64::from(u32::MAX), u64::MAX]) {
-            assert_eq!(number_value(n), n.to_string().as_str(), "{n}");
-        }
-    }
-
-    #[test]
     fn forwarded_for_appends_to_a_prior_value() {
         let ip: IpAddr = "10.0.0.7".parse().unwrap();
         assert_eq!(forwarded_for(None, ip), "10.0.0.7");
@@ -334,73 +227,6 @@ mod tests {
         let chain = vec!["203.0.113.9"; 20].join(", ");
         let appended = forwarded_for(Some(&HeaderValue::from_str(&chain).unwrap()), ip);
         assert_eq!(appended, format!("{chain}, 10.0.0.7").as_str());
-    }
-
-    /// The rule `OwnedNames` implements, spelled out: owned as spelled, or with `_` read as
-    /// `-` owned or always owned.
-    fn owned_by_rule(fwd: &crate::config::Forward, name: &str) -> bool {
-        let owned = |n: &str| fwd.owned_headers().any(|o| o.as_str() == n);
-        let dashed = name.replace('_', "-");
-        owned(name) || (name.contains('_') && (owned(&dashed) || ALWAYS_OWNED.contains(&&*dashed)))
-    }
-
-    fn forward() -> crate::config::Forward {
-        let name = |n: &str| HeaderName::from_bytes(n.as_bytes()).unwrap();
-        crate::config::Forward {
-            account_id_header: name("x-account-id"),
-            key_id_header: name("x-api-key-id"),
-            user_id_header: name("x-user-id"),
-            request_id_header: name("x-request-id"),
-            strip_request_headers: vec![name("x-internal-user"), name("x_odd")],
-            strip_override_headers: vec![name("forwarded"), name("x-http-method-override")],
-        }
-    }
-
-    #[test]
-    fn owned_names_word_for_word() {
-        let fwd = forward();
-        let owned = OwnedNames::new(&fwd);
-        for (name, expected) in [
-            ("x-account-id", true),
-            ("x_account_id", true),
-            ("x-account_id", true),
-            ("x-api-key-id", true),
-            ("x_api_key", true),
-            ("x-api-key", false), // removed per route (forward_api_key), not here
-            ("x_forwarded_for", true),
-            ("x-forwarded-for", false), // replaced, not removed
-            ("x_odd", true),
-            ("x-odd", false),
-            ("forwarded", true),
-            ("x_internal_user", true),
-            ("x-internal-users", false),
-            ("x_custom_header", false),
-            ("content-type", false),
-            ("", false),
-        ] {
-            assert_eq!(owned.owns(name.as_bytes()), expected, "{name}");
-            assert_eq!(owned_by_rule(&fwd, name), expected, "{name} by the rule");
-        }
-        let mut h = HeaderMap::new();
-        for n in ["x_account_id", "content-type", "forwarded", "x-custom"] {
-            h.append(
-                HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                HeaderValue::from_static("v"),
-            );
-        }
-        h.append("forwarded", HeaderValue::from_static("second"));
-        owned.remove_from(&mut h);
-        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
-        left.sort_unstable();
-        assert_eq!(left, ["content-type", "x-custom"]);
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn owned_names_follow_the_rule(name in "[a-z_-]{0,20}|x[-_](account|api|forwarded|user)[-_][a-z_-]{0,12}") {
-            let fwd = forward();
-            proptest::prop_assert_eq!(OwnedNames::new(&fwd).owns(name.as_bytes()), owned_by_rule(&fwd, &name));
-        }
     }
 
     #[test]

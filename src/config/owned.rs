@@ -1,0 +1,142 @@
+//! The request headers a client may not send upstream, from `[forward]`: what the proxy strips.
+
+use http::{HeaderMap, HeaderName};
+
+/// Headers the gateway writes or verifies itself, beyond the configured ones.
+const ALWAYS_OWNED: [&str; 3] = ["x-api-key", "x-forwarded-for", "x-forwarded-proto"];
+
+/// The request headers a client's copy of which never goes upstream: the configured owned ones
+/// (identity, request id, strips, overrides) as spelled, and those and [`ALWAYS_OWNED`] spelled
+/// with `_` for `-` (`x_account_id` is `HTTP_X_ACCOUNT_ID` to CGI, Rack and PHP, the same
+/// variable as the trusted `x-account-id`).
+///
+/// Kept by length, so that one pass over a request's few names finds every copy at a
+/// comparison or two per name, where a map probe per owned name (16 by default) hashed each.
+#[derive(Debug, Default)]
+pub(crate) struct OwnedNames {
+    /// By name length: each name, and whether only its `_` spellings are owned.
+    by_len: Vec<Vec<(Box<[u8]>, bool)>>,
+}
+
+impl OwnedNames {
+    pub(crate) fn new(fwd: &super::Forward) -> Self {
+        let mut owned = Self::default();
+        for name in fwd.owned_headers() {
+            owned.add(name.as_str().as_bytes(), false);
+        }
+        for name in ALWAYS_OWNED {
+            if !fwd.owned_headers().any(|o| o.as_str() == name) {
+                owned.add(name.as_bytes(), true);
+            }
+        }
+        owned
+    }
+
+    fn add(&mut self, name: &[u8], underscored_only: bool) {
+        if self.by_len.len() <= name.len() {
+            self.by_len.resize_with(name.len() + 1, Vec::new);
+        }
+        self.by_len[name.len()].push((name.into(), underscored_only));
+    }
+
+    /// Whether a client header named `name` (lower case, as `http` keeps names) is owned.
+    pub(crate) fn owns(&self, name: &[u8]) -> bool {
+        let Some(same_length) = self.by_len.get(name.len()) else {
+            return false;
+        };
+        same_length.iter().any(|(owned, underscored_only)| {
+            let mut underscored = false;
+            let same = name.iter().zip(owned.iter()).all(|(&c, &o)| {
+                let dash_as_underscore = c == b'_' && o == b'-';
+                underscored |= dash_as_underscore;
+                c == o || dash_as_underscore
+            });
+            same && (underscored || !underscored_only)
+        })
+    }
+
+    /// Removes every owned header from `h`.
+    pub(crate) fn remove_from(&self, h: &mut HeaderMap) {
+        let mut doomed: Option<Vec<HeaderName>> = None;
+        for name in h.keys() {
+            if self.owns(name.as_str().as_bytes()) {
+                doomed.get_or_insert_with(Vec::new).push(name.clone());
+            }
+        }
+        for name in doomed.iter().flatten() {
+            h.remove(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rule `OwnedNames` implements, spelled out: owned as spelled, or with `_` read as
+    /// `-` owned or always owned.
+    fn owned_by_rule(fwd: &super::super::Forward, name: &str) -> bool {
+        let owned = |n: &str| fwd.owned_headers().any(|o| o.as_str() == n);
+        let dashed = name.replace('_', "-");
+        owned(name) || (name.contains('_') && (owned(&dashed) || ALWAYS_OWNED.contains(&&*dashed)))
+    }
+
+    fn forward() -> super::super::Forward {
+        let name = |n: &str| HeaderName::from_bytes(n.as_bytes()).unwrap();
+        super::super::Forward {
+            account_id_header: name("x-account-id"),
+            key_id_header: name("x-api-key-id"),
+            user_id_header: name("x-user-id"),
+            request_id_header: name("x-request-id"),
+            strip_request_headers: vec![name("x-internal-user"), name("x_odd")],
+            strip_override_headers: vec![name("forwarded"), name("x-http-method-override")],
+        }
+    }
+
+    #[test]
+    fn owned_names_word_for_word() {
+        let fwd = forward();
+        let owned = OwnedNames::new(&fwd);
+        for (name, expected) in [
+            ("x-account-id", true),
+            ("x_account_id", true),
+            ("x-account_id", true),
+            ("x-api-key-id", true),
+            ("x_api_key", true),
+            ("x-api-key", false), // removed per route (forward_api_key), not here
+            ("x_forwarded_for", true),
+            ("x-forwarded-for", false), // replaced, not removed
+            ("x_odd", true),
+            ("x-odd", false),
+            ("forwarded", true),
+            ("x_internal_user", true),
+            ("x-internal-users", false),
+            ("x_custom_header", false),
+            ("content-type", false),
+            ("", false),
+        ] {
+            assert_eq!(owned.owns(name.as_bytes()), expected, "{name}");
+            assert_eq!(owned_by_rule(&fwd, name), expected, "{name} by the rule");
+        }
+        let mut h = HeaderMap::new();
+        for n in ["x_account_id", "content-type", "forwarded", "x-custom"] {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                http::HeaderValue::from_static("v"),
+            );
+        }
+        h.append("forwarded", http::HeaderValue::from_static("second"));
+        owned.remove_from(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-custom"]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn owned_names_follow_the_rule(name in "[a-z_-]{0,20}|x[-_](account|api|forwarded|user)[-_][a-z_-]{0,12}") {
+            let fwd = forward();
+            proptest::prop_assert_eq!(OwnedNames::new(&fwd).owns(name.as_bytes()), owned_by_rule(&fwd, &name));
+        }
+    }
+}
