@@ -9,14 +9,10 @@ use parking_lot::Mutex;
 
 const MAX_SHARDS: usize = 16;
 
-/// Keyed (a random seed per cache and per map, so that nobody outside can aim keys at one
-/// bucket) and several times cheaper than std's SipHash on the 64-character key hashes the
-/// caches hold: every request looks up two or three entries.
-type Hasher = foldhash::quality::RandomState;
-
 /// The hasher of every map on the request path (this cache, the limiters' and store's
-/// buckets, the metrics): keyed per map as above, and about a fifth of SipHash's cost per key
-/// (a `DashMap` hashes each key twice: once for the shard, once in it).
+/// buckets, the metrics): keyed (a random seed per map, so that nobody outside can aim keys at
+/// one bucket) and about a fifth of std's SipHash's cost per key (every request looks up two or
+/// three cache entries; a `DashMap` hashes each key twice: once for the shard, once in it).
 pub(crate) type Keyed = foldhash::quality::RandomState;
 
 /// A concurrent map with the [`Keyed`] hasher.
@@ -28,7 +24,7 @@ pub(crate) fn keyed_dash_map<K: Eq + Hash, V>() -> KeyedDashMap<K, V> {
 }
 
 struct Shard<K, V> {
-    map: Mutex<HashMap<K, (V, u64), Hasher>>,
+    map: Mutex<HashMap<K, (V, u64), Keyed>>,
     cap: usize,
     /// A full shard is swept for expired entries at most once per `ttl / 8`: sweeping on
     /// every insert would make each insert into a full cache a scan of the whole shard (a
@@ -44,7 +40,7 @@ struct Shard<K, V> {
 pub struct BoundedCache<K, V> {
     shards: Box<[Shard<K, V>]>,
     /// Picks the shard; each shard's map has its own seed.
-    hasher: Hasher,
+    hasher: Keyed,
     capacity: usize,
     ttl_ns: u64,
 }
@@ -73,14 +69,14 @@ impl<K: Eq + Hash + Clone, V: Clone> BoundedCache<K, V> {
         let (base, extra) = (capacity / shard_count, capacity % shard_count);
         let shards = (0..shard_count)
             .map(|i| Shard {
-                map: Mutex::new(HashMap::with_hasher(Hasher::default())),
+                map: Mutex::new(HashMap::with_hasher(Keyed::default())),
                 cap: base + usize::from(i < extra),
                 sweep_after_ns: AtomicU64::new(0),
             })
             .collect();
         Self {
             shards,
-            hasher: Hasher::default(),
+            hasher: Keyed::default(),
             capacity,
             ttl_ns,
         }

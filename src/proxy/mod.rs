@@ -306,11 +306,13 @@ impl ProxyHttp for GatewayProxy {
             .map(EdgeStream::request_began)
             .is_some();
         if session.get_keepalive().is_some() {
-            let secs = match edge {
-                true => 0, // pingora's "no timeout of its own"
-                false => ctx.live.config.server.keepalive_timeout.as_secs(),
+            // 0: pingora's "no timeout of its own".
+            let pingora_timeout = if edge {
+                0
+            } else {
+                ctx.live.config.server.keepalive_timeout.as_secs()
             };
-            session.set_keepalive(Some(secs));
+            session.set_keepalive(Some(pingora_timeout));
         }
         let headers = &session.req_header().headers;
         ctx.trace = TraceContext::from_request(
