@@ -297,6 +297,24 @@ impl GatewayError {
         ))
     }
 
+    /// An inspected JSON body whose bytes are not the document a backend reads: another
+    /// charset, a content coding, or not declared JSON at all.
+    pub fn body_not_plain_json(field: &str) -> Self {
+        Self::bad_request(format!(
+            "{field} is read from the JSON body: send it as Content-Type: application/json, \
+             UTF-8, without a Content-Encoding"
+        ))
+    }
+
+    /// A body sent with a restricted key that is not JSON: a form (or a body Rack takes for
+    /// one) can carry a method override.
+    pub fn restricted_body_not_json() -> Self {
+        Self::bad_request(
+            "A restricted key's request body must be Content-Type: application/json: \
+             form bodies can carry a method override (_method)",
+        )
+    }
+
     pub fn method_override() -> Self {
         Self::bad_request("The query string has a _method parameter: method overrides are refused")
     }

@@ -83,25 +83,60 @@ pub(crate) enum Ambiguity {
 /// The most parameters an inspected query string may carry.
 pub(crate) const MAX_INSPECTED_PARAMS: usize = 100;
 
-/// True when some backend could take query key `key` for `name`: the same name in any case,
-/// or that name with a bracket or dot suffix (`instanceId[]`, `instanceId[0]`, `instanceId.x`:
-/// arrays and objects to qs, PHP, Rails and Spring binders).
+/// True when some backend could take query key `key` for `name`: read as it stands, with an
+/// array or object suffix cut (`instanceId[]`, `instanceId[0]`, `instanceId.x`: qs, Rails,
+/// Spring), as qs and Rack read a bracket-led key (`[instanceId]`), or as PHP reads any key
+/// (leading spaces dropped, `.` and ` ` made `_`: `.method` is `_method` to PHP); each reading
+/// compared as [`same_name_to_some_backend`] does.
 fn same_parameter_to_some_backend(key: &str, name: &str) -> bool {
-    let stem = key.find(['[', '.']).map_or(key, |i| &key[..i]);
-    same_name_to_some_backend(stem, name)
+    let cut = |k: &str| k.find(['[', ']', '.']).map_or(k, |i| &k[..i]).to_owned();
+    let bracket_led = key.trim_start_matches(['[', ']']);
+    [key.to_owned(), cut(key), cut(bracket_led), php_name(key)]
+        .iter()
+        .any(|reading| same_name_to_some_backend(reading, name))
 }
 
-/// True when a backend matching names case-insensitively could take `key` for `name`. Go's
-/// encoding/json also folds `ſ` (U+017F) to `s` and the Kelvin sign to `k`: upper-casing
-/// then lower-casing each character catches both.
+/// The variable name PHP gives query or form key `key`: leading spaces dropped, spaces and
+/// dots made `_` up to an array bracket; an unclosed `[` is made `_` and ends the conversion.
+fn php_name(key: &str) -> String {
+    let key = key.trim_start_matches(' ');
+    let mut out = String::with_capacity(key.len());
+    for (i, c) in key.char_indices() {
+        match c {
+            ' ' | '.' => out.push('_'),
+            '[' if key[i..].contains(']') => break,
+            '[' => {
+                out.push('_');
+                out.push_str(&key[i + 1..]);
+                break;
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// True when a backend could take `key` for `name`: the same name in any case (ASP.NET, Go's
+/// encoding/json, which also folds `ſ` (U+017F) to `s` and the Kelvin sign to `k`), or with
+/// inner `_` and `-` (`instance_id`, `instance-id`: what a camelCase / snake_case converter
+/// in front of a handler reads as `instanceId`). Leading `_` and `-` are part of the name.
 fn same_name_to_some_backend(key: &str, name: &str) -> bool {
-    let fold = |s: &str| -> String {
-        s.chars()
-            .flat_map(char::to_uppercase)
-            .flat_map(char::to_lowercase)
-            .collect()
-    };
-    key.eq_ignore_ascii_case(name) || (!key.is_ascii() && fold(key) == fold(name))
+    key.eq_ignore_ascii_case(name) || folded(key) == folded(name)
+}
+
+/// `s` case-folded (upper-cased, then lower-cased, character by character), without the `_`
+/// and `-` that follow its first other character.
+fn folded(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut inner = false;
+    for c in s.chars() {
+        if inner && matches!(c, '_' | '-') {
+            continue;
+        }
+        inner |= !matches!(c, '_' | '-');
+        out.extend(c.to_uppercase().flat_map(char::to_lowercase));
+    }
+    out
 }
 
 /// The value of query parameter `name`, percent-decoded (`+` as a space); `Ok(None)` when
@@ -148,9 +183,12 @@ pub(crate) fn query_names(query: Option<&str>, name: &str) -> bool {
 /// override of Rack, Laravel and Symfony, which would turn a request into another method than
 /// the one its route policy was matched on.
 pub(crate) fn has_method_override(query: Option<&str>) -> bool {
-    // No '_' (raw or %5F), no override: the common case costs one scan.
-    query.is_some_and(|q| q.contains('_') || q.contains("%5F") || q.contains("%5f"))
-        && query_names(query, "_method")
+    // No '_', no character PHP turns into one, no percent-encoding: no override. The common
+    // case costs one scan.
+    query.is_some_and(|q| {
+        q.bytes()
+            .any(|b| matches!(b, b'_' | b'.' | b'[' | b'+' | b'%'))
+    }) && query_names(query, "_method")
 }
 
 /// True when the request comes with a body: declared or chunked in HTTP/1.1, or an HTTP/2
@@ -256,6 +294,24 @@ mod tests {
         assert!(has_method_override(Some("a=1&_Method=GET")));
         assert!(has_method_override(Some("_method")));
         assert!(!has_method_override(Some("method=GET&x_method=1")));
+        // Bracket-led (qs, Rack), PHP's spellings, inner separators.
+        assert_eq!(q("[instanceId]=B&instanceId=A"), Err(Ambiguity::Duplicate));
+        assert_eq!(q("instanceId=A&+instanceId=B"), Err(Ambiguity::Duplicate));
+        assert_eq!(q("instanceId=A&instance_id=B"), Err(Ambiguity::Duplicate));
+        assert_eq!(q("instanceId=A&x_instanceId=B"), Ok(Some("A".into())));
+        for spelled in [
+            ".method",
+            "%2Emethod",
+            "[method",
+            "[_method]",
+            "+_method",
+            "_METHOD[]",
+        ] {
+            assert!(has_method_override(Some(spelled)), "{spelled}");
+        }
+        assert!(!has_method_override(Some("__method=1&a.b=2")));
+        assert_eq!(php_name(" a.b c[d]"), "a_b_c");
+        assert_eq!(php_name("a[b.c"), "a_b.c");
         assert!(query_names(Some("instanceId[]=1"), "instanceId"));
         assert!(!query_names(None, "instanceId"));
         // A spelling only a case-insensitive backend reads is not ours: nothing named.
@@ -282,6 +338,8 @@ mod tests {
             r#"{"instanceId":"A","INSTANCEID":"B"}"#,
             r#"{"instanceId":"A","in\u017ftanceId":"B"}"#,
             r#"{"instanceId":"A","instanceId":7}"#,
+            r#"{"instanceId":"A","instance_id":"B"}"#,
+            r#"{"instance-Id":"B","instanceId":"A"}"#,
         ] {
             assert_eq!(body_field(dup.as_bytes(), "instanceId"), twice, "{dup}");
         }

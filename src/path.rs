@@ -23,6 +23,9 @@ pub enum PathError {
     /// A raw byte outside ASCII (RFC 3986 requires percent-encoding it; servers decode it
     /// as UTF-8, Latin-1 or not at all).
     NonAscii,
+    /// Upper-case letters without which the path would match another route: a backend that
+    /// routes without regard to case (Express, ASP.NET) would serve the other route's call.
+    CaseChangesRoute,
 }
 
 impl std::fmt::Display for PathError {
@@ -36,6 +39,9 @@ impl std::fmt::Display for PathError {
             PathError::DoubleEncoding => "an encoded '%' (%25)",
             PathError::ControlByte => "a control character",
             PathError::NonAscii => "a raw non-ASCII byte (percent-encode it)",
+            PathError::CaseChangesRoute => {
+                "upper-case letters: in lower case it matches another route"
+            }
         })
     }
 }

@@ -23,6 +23,7 @@ const LAYERS: &[&[&str]] = &[
         "diagnostics",
         "histogram",
         "echo",
+        "body_type",
     ],
     // Pure logic on top of the leaves.
     &["errors", "limits", "edge_stream", "metrics", "spans"],

@@ -359,19 +359,29 @@ fn d_user_header() -> Spanned<String> {
 fn d_request_id_header() -> Spanned<String> {
     spanned("x-request-id".into())
 }
-/// `Forwarded` and the other client-address and host headers (the gateway writes its own
-/// `X-Forwarded-For` / `-Proto` only), the URL overrides of IIS, Symfony and Zend, and the
-/// method overrides of Rails, Express, Spring and ASP.NET.
-pub(super) const OVERRIDE_HEADERS: [&str; 12] = [
+/// `Forwarded` and the other client-address, scheme and host headers (the gateway writes its
+/// own `X-Forwarded-For` / `-Proto` only; Rails, Rack and CDN-aware code read these), the URL
+/// overrides of IIS, Symfony and Zend, and the method overrides of Rails, Express, Spring and
+/// ASP.NET.
+pub(super) const OVERRIDE_HEADERS: [&str; 21] = [
     "forwarded",
     "x-real-ip",
     "x-client-ip",
     "true-client-ip",
+    "client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
     "x-forwarded-host",
     "x-forwarded-port",
     "x-forwarded-prefix",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "front-end-https",
+    "x-url-scheme",
     "x-original-url",
     "x-rewrite-url",
+    "x-original-host",
     "x-http-method-override",
     "x-http-method",
     "x-method-override",

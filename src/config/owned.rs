@@ -5,6 +5,19 @@ use http::{HeaderMap, HeaderName};
 /// Headers the gateway writes or verifies itself, beyond the configured ones.
 const ALWAYS_OWNED: [&str; 3] = ["x-api-key", "x-forwarded-for", "x-forwarded-proto"];
 
+/// Hop-by-hop headers (RFC 9110 §7.6.1), which speak of the client's connection, not of the
+/// request: never forwarded, as nginx does not. `Upgrade` going upstream would let a backend
+/// that accepts it (a WebSocket, h2c) turn the connection into a tunnel past every check, and
+/// a `Connection` naming an identity header would have a hop-by-hop-aware proxy behind the
+/// gateway drop it.
+const HOP_BY_HOP: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "http2-settings",
+];
+
 /// The request headers a client's copy of which never goes upstream: the configured owned ones
 /// (identity, request id, strips, overrides) as spelled, and those and [`ALWAYS_OWNED`] spelled
 /// with `_` for `-` (`x_account_id` is `HTTP_X_ACCOUNT_ID` to CGI, Rack and PHP, the same
@@ -23,6 +36,9 @@ impl OwnedNames {
         let mut owned = Self::default();
         for name in fwd.owned_headers() {
             owned.add(name.as_str().as_bytes(), false);
+        }
+        for name in HOP_BY_HOP {
+            owned.add(name.as_bytes(), false);
         }
         for name in ALWAYS_OWNED {
             if !fwd.owned_headers().any(|o| o.as_str() == name) {
@@ -76,7 +92,8 @@ mod tests {
     /// The rule `OwnedNames` implements, spelled out: owned as spelled, or with `_` read as
     /// `-` owned or always owned.
     fn owned_by_rule(fwd: &super::super::Forward, name: &str) -> bool {
-        let owned = |n: &str| fwd.owned_headers().any(|o| o.as_str() == n);
+        let owned =
+            |n: &str| fwd.owned_headers().any(|o| o.as_str() == n) || HOP_BY_HOP.contains(&n);
         let dashed = name.replace('_', "-");
         owned(name) || (name.contains('_') && (owned(&dashed) || ALWAYS_OWNED.contains(&&*dashed)))
     }
@@ -113,6 +130,12 @@ mod tests {
             ("x-internal-users", false),
             ("x_custom_header", false),
             ("content-type", false),
+            ("connection", true),
+            ("upgrade", true),
+            ("http2-settings", true),
+            ("http2_settings", true),
+            ("keep-alive", true),
+            ("te", false),
             ("", false),
         ] {
             assert_eq!(owned.owns(name.as_bytes()), expected, "{name}");

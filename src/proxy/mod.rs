@@ -201,6 +201,12 @@ impl GatewayProxy {
             ctx.path = Some(path.clone());
         }
         let route_index = live.router.find(&path).ok_or_else(GatewayError::no_route)?;
+        if path.bytes().any(|b| b.is_ascii_uppercase()) {
+            let lower = path.to_ascii_lowercase();
+            if live.router.find(&lower).is_some_and(|i| i != route_index) {
+                return Err(GatewayError::ambiguous_path(PathError::CaseChangesRoute));
+            }
+        }
         ctx.route = Some(route_index);
         let route = &live.config.routes[route_index];
         let policy = live.config.policies.routes.find(&req.method, &path);
@@ -460,6 +466,14 @@ impl ProxyHttp for GatewayProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            // No upgrade was asked for (`Upgrade` never goes upstream): a 101 would turn the
+            // connection into a tunnel past every check. A 502 instead.
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(502),
+                "upstream switched protocols unasked",
+            ));
+        }
         ctx.upstream_status = Some(resp.status.as_u16());
         ctx.upstream_us = ctx
             .upstream_started

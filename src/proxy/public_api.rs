@@ -3,6 +3,7 @@
 use super::headers::{ceil_secs, RateHeaders};
 use super::Identity;
 use crate::auth::{api_key, Lookup, Principal};
+use crate::body_type::{self, Declared};
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
 use crate::inspect;
@@ -147,6 +148,17 @@ async fn restrictions(
             None => return Err(GatewayError::scope_undeclared()),
         }
     }
+    if !key.scopes.is_empty() || !key.instance_ids.is_empty() {
+        // A body in a form, or one Rack takes for a form (no Content-Type), can carry
+        // `_method`: the backend would run another method than the policy was matched on.
+        let json = matches!(
+            body_type::declared(&session.req_header().headers),
+            Declared::PlainJson | Declared::EncodedJson
+        );
+        if !json && inspect::has_body(session) {
+            return Err(GatewayError::restricted_body_not_json());
+        }
+    }
     if key.instance_ids.is_empty() {
         return Ok(());
     }
@@ -171,6 +183,11 @@ async fn restrictions(
         InstanceSource::Body(field) => {
             if inspect::query_names(session.req_header().uri.query(), field) {
                 return Err(GatewayError::query_beside_body(field));
+            }
+            // The bytes read must be the document the backend parses: JSON in UTF-8, not
+            // decoded from another charset or a content coding first.
+            if body_type::declared(&session.req_header().headers) != Declared::PlainJson {
+                return Err(GatewayError::body_not_plain_json(field));
             }
             let body = read_body(session, live.config.server.max_inspected_body_bytes).await?;
             inspect::body_field(&body, field).map_err(|e| match e {

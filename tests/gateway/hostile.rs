@@ -519,6 +519,11 @@ fn identity_headers_in_any_spelling_never_reach_the_upstream() {
         ("x-http-method-override", "DELETE"),
         ("x-http-method", "DELETE"),
         ("x-method-override", "DELETE"),
+        ("x-forwarded-ssl", "on"),
+        ("x-forwarded-scheme", "https"),
+        ("front-end-https", "on"),
+        ("client-ip", "10.9.9.9"),
+        ("cf-connecting-ip", "10.9.9.9"),
         ("x-internal-user", "root"),
         ("x_internal_user", "root"),
         ("x_custom_header", "kept"),
@@ -628,4 +633,215 @@ fn the_admin_listener_never_drains_an_unbounded_body() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.ends_with(r#"{"status":"ok"}"#), "{text}");
+}
+
+/// A key restricted to instance A, POSTing to the body-sourced send route.
+fn post_send(gw: &Gateway, key: &str, headers: &[(&str, &str)], body: &str) -> HttpResponse {
+    let mut all = vec![("x-api-key", key)];
+    all.extend_from_slice(headers);
+    gw.send("POST", "/api/v1/messages/send", &all, Some(body.as_bytes()))
+}
+
+/// The gateway reads an inspected body as UTF-8 JSON; a backend decodes it by its headers
+/// first. A form body naming another instance past the JSON the gateway reads, UTF-7 JSON whose
+/// second key decodes to `instanceId`, gzip: the bytes inspected would not be what the backend
+/// reads, so they are refused.
+#[test]
+fn an_inspected_body_is_read_only_as_the_backend_reads_it() {
+    let gw = Gateway::start();
+    let key = restricted_key(&gw, &[], &[A]);
+    let not_json = "A restricted key's request body must be Content-Type: application/json: \
+                    form bodies can carry a method override (_method)";
+    let form = format!(r#"{{"instanceId":"{A}","x":"&instanceId={B}&"}}"#);
+    for headers in [
+        vec![("content-type", "application/x-www-form-urlencoded")],
+        vec![("content-type", "multipart/form-data; boundary=x")],
+        vec![("content-type", "text/plain")],
+        vec![],
+        vec![
+            ("content-type", "application/json"),
+            ("content-type", "application/json"),
+        ],
+    ] {
+        let r = post_send(&gw, &key, &headers, &form);
+        assert_refused(&r, 400, "BAD_REQUEST", not_json);
+    }
+    let encoded = "instanceId is read from the JSON body: send it as Content-Type: \
+                   application/json, UTF-8, without a Content-Encoding";
+    let utf7 = format!(r#"{{"instanceId":"{A}","instance+AEk-d":"{B}"}}"#);
+    for headers in [
+        vec![("content-type", "application/json; charset=utf-7")],
+        vec![("content-type", "application/json; charset=utf-8; x=1")],
+        vec![
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+        ],
+    ] {
+        let r = post_send(&gw, &key, &headers, &utf7);
+        assert_refused(&r, 400, "BAD_REQUEST", encoded);
+    }
+    let body = format!(r#"{{"instanceId":"{A}"}}"#);
+    for ct in ["application/json", "application/json; charset=UTF-8"] {
+        let seen = echoed(&post_send(&gw, &key, &[("content-type", ct)], &body));
+        assert_eq!(seen["body"], body.as_str());
+    }
+    // A key without restrictions is not held to any of this.
+    let free = restricted_key(&gw, &[], &[]);
+    echoed(&post_send(
+        &gw,
+        &free,
+        &[("content-type", "application/x-www-form-urlencoded")],
+        "a=1",
+    ));
+}
+
+/// A scoped key's form body could carry `_method` (Rack, Laravel, Symfony): a POST the policy
+/// granted would run as another method at the backend.
+#[test]
+fn a_scoped_key_may_not_send_a_form_body() {
+    let (gw, key) = shipped_with_key(&["webhooks:write"], &[]);
+    let r = gw.send(
+        "POST",
+        "/api/v1/webhooks",
+        &[
+            ("x-api-key", &key),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        Some(b"_method=GET"),
+    );
+    assert_refused(
+        &r,
+        400,
+        "BAD_REQUEST",
+        "A restricted key's request body must be Content-Type: application/json: \
+         form bodies can carry a method override (_method)",
+    );
+    echoed(&call(&gw, "POST", "/api/v1/webhooks", &key, Some("{}")));
+}
+
+/// Names as other parsers read them: qs and Rack take `[instanceId]` for `instanceId`, PHP
+/// drops leading spaces and reads `.` as `_`, a snake_case converter takes `instance_id`.
+#[test]
+fn parameters_count_under_every_name_a_backend_reads() {
+    let gw = Gateway::start();
+    let key = restricted_key(&gw, &[], &[A]);
+    let get = |query: String| {
+        call(
+            &gw,
+            "GET",
+            &format!("/api/v1/messages/1?{query}"),
+            &key,
+            None,
+        )
+    };
+    let twice = "The query parameter instanceId is given more than once";
+    for query in [
+        format!("[instanceId]={B}&instanceId={A}"),
+        format!("]instanceId[0]={B}&instanceId={A}"),
+        format!("instanceId={A}&+instanceId={B}"),
+        format!("instanceId={A}&instance_id={B}"),
+        format!("instanceId={A}&Instance-Id={B}"),
+    ] {
+        assert_refused(&get(query), 400, "BAD_REQUEST", twice);
+    }
+    echoed(&get(format!("instanceId={A}&instanceIdx=1&x_instanceId=2")));
+    let body = format!(r#"{{"instanceId":"{A}","instance_id":"{B}"}}"#);
+    let r = call(&gw, "POST", "/api/v1/messages/send", &key, Some(&body));
+    assert_refused(
+        &r,
+        400,
+        "BAD_REQUEST",
+        "The JSON field instanceId is given more than once",
+    );
+    // PHP reads `.method` and `[method` as `_method`; Rack reads `[_method]` as `_method`.
+    for query in [
+        ".method=GET",
+        "%2Emethod=GET",
+        "[method=GET",
+        "[_method]=GET",
+    ] {
+        let r = call(
+            &gw,
+            "POST",
+            &format!("/api/v1/messages/send?{query}"),
+            &key,
+            Some(&format!(r#"{{"instanceId":"{A}"}}"#)),
+        );
+        assert_refused(
+            &r,
+            400,
+            "BAD_REQUEST",
+            "The query string has a _method parameter: method overrides are refused",
+        );
+    }
+}
+
+/// `Upgrade` (h2c, WebSocket) and the other hop-by-hop headers never go upstream: a backend
+/// that accepted an upgrade would tunnel the connection past every check, and a `Connection`
+/// naming the identity header would have a proxy behind the gateway drop it.
+#[test]
+fn protocol_upgrades_and_hop_by_hop_headers_stay_at_the_gateway() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    for sent in [
+        vec![
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+        ],
+        vec![
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+        ],
+        vec![
+            ("connection", "keep-alive, x-account-id, x-api-key-id"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+        ],
+    ] {
+        let mut headers = vec![("x-api-key", key.as_str())];
+        headers.extend(sent);
+        let seen = echoed(&gw.get("/api/v1/messages", &headers));
+        let seen = seen["headers"].as_object().unwrap();
+        for name in [
+            "connection",
+            "upgrade",
+            "http2-settings",
+            "keep-alive",
+            "proxy-connection",
+        ] {
+            assert!(!seen.contains_key(name), "{name} went upstream: {seen:?}");
+        }
+        assert_eq!(seen["x-account-id"], "acme");
+    }
+}
+
+/// `/api/V1/…` matches the console's `/api/` route while `/api/v1/…` is the public API: a
+/// backend that routes without regard to case would serve the public API's call under a
+/// console token, unmetered. Refused; case inside one route stays the client's.
+#[test]
+fn a_path_whose_letter_case_picks_another_route_is_refused() {
+    let gw = Gateway::start();
+    let auth = format!("Bearer {}", gw.token("acme", 3600));
+    for path in ["/api/V1/messages/send", "/api/v1/../V1/messages"] {
+        let r = gw.get(path, &[("authorization", &auth)]);
+        assert_refused(
+            &r,
+            400,
+            "BAD_REQUEST",
+            "Ambiguous request path: it contains upper-case letters: in lower case it \
+             matches another route",
+        );
+    }
+    echoed(&gw.get("/api/Dashboard", &[("authorization", &auth)]));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let seen = echoed(&gw.get(
+        "/api/v1/instances/3FA85F64-5717-4562-B3FC-2C963F66AFA6/status",
+        &[("x-api-key", &key)],
+    ));
+    assert_eq!(
+        seen["uri"],
+        "/api/v1/instances/3FA85F64-5717-4562-B3FC-2C963F66AFA6/status"
+    );
 }

@@ -88,3 +88,47 @@ fn no_healthy_address_is_503() {
     );
     assert_eq!(r.header("retry-after"), Some("1"));
 }
+
+/// An upstream that answers every request head with `101 Switching Protocols`, then echoes.
+fn switching_upstream() -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(16) {
+            let Ok(conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let mut conn = reader.into_inner();
+                let _ = conn.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+                );
+                let _ = std::io::copy(&mut conn.try_clone().unwrap(), &mut conn);
+            });
+        }
+    });
+    addr
+}
+
+/// `Upgrade` never goes upstream; an upstream that switches protocols anyway would open a
+/// tunnel past every check: the client gets a 502 and the connection is not tunnelled.
+#[test]
+fn an_upstream_switching_protocols_is_a_bad_gateway() {
+    let gw = Gateway::start_with(upstream(vec![At::Addr(switching_upstream())], None));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    for headers in [
+        vec![("x-api-key", key.as_str())],
+        vec![
+            ("x-api-key", key.as_str()),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+        ],
+    ] {
+        let r = gw.get("/api/v1/x", &headers);
+        assert_error(&r, 502, "BAD_GATEWAY", "The upstream service failed");
+    }
+}
