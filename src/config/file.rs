@@ -259,6 +259,8 @@ pub(super) struct UpstreamFile {
     pub sni: Option<Spanned<String>>,
     /// CA certificates (PEM) to verify against instead of the system's roots.
     pub ca_file: Option<Spanned<String>>,
+    /// The `Host` requests to these addresses carry, in place of the client's.
+    pub host: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -230,6 +230,9 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     /// TLS to the upstream, when on.
     pub tls: Option<UpstreamTls>,
+    /// The `Host` forwarded requests carry instead of the client's (`upstreams.*.host`): where
+    /// the addresses are a shared ingress or virtual hosts, the client does not pick the site.
+    pub host: Option<http::HeaderValue>,
 }
 
 /// How the gateway speaks TLS to an upstream: the name it sends (SNI) and verifies, and the

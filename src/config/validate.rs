@@ -248,6 +248,25 @@ pub(super) fn resolved(r: &mut Reporter, field: &str, v: &Spanned<String>) -> So
     }
 }
 
+/// A `Host` value: a host name or address, with an optional port, nothing else.
+fn host_value(r: &mut Reporter, field: &str, v: &Spanned<String>) -> Option<http::HeaderValue> {
+    let text = v.get_ref();
+    let authority = text.parse::<http::uri::Authority>().ok();
+    match authority.filter(|a| !text.contains('@') && !a.host().is_empty()) {
+        Some(_) => http::HeaderValue::from_str(text).ok(),
+        None => {
+            r.at(
+                v.span(),
+                field,
+                format!(
+                    "\"{text}\" is not a host (use e.g. \"api.internal\" or \"api.internal:8080\")"
+                ),
+            );
+            None
+        }
+    }
+}
+
 pub(super) fn duration(r: &mut Reporter, field: &str, v: &Spanned<String>) -> Duration {
     parse_duration(v.get_ref()).unwrap_or_else(|| {
         r.at(
@@ -327,6 +346,10 @@ pub(super) fn upstream(
             ),
         }),
         tls: upstream_tls(r, &field, u, base),
+        host: u
+            .host
+            .as_ref()
+            .and_then(|h| host_value(r, &field("host"), h)),
     }
 }
 

@@ -405,6 +405,10 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let keep_api_key = ctx.route().is_some_and(|r| r.forward_api_key);
+        let host = ctx
+            .route()
+            .and_then(|r| ctx.live.config.upstreams.get(r.upstream))
+            .and_then(|u| u.host.as_ref());
         let fwd = &ctx.live.config.forward;
         header_edit::edit_request(up, |parts| {
             let h = &mut parts.headers;
@@ -412,6 +416,9 @@ impl ProxyHttp for GatewayProxy {
                 h.remove(&X_API_KEY);
             }
             ctx.live.owned_headers.remove_from(h);
+            if let Some(host) = host {
+                h.insert(http::header::HOST, host.clone());
+            }
             // Cloned, not taken: pingora rebuilds the upstream request for every attempt (a
             // retry after a reused connection failed), and each must carry the identity.
             if let Some(id) = &ctx.identity {

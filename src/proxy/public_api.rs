@@ -148,7 +148,15 @@ async fn restrictions(
             None => return Err(GatewayError::scope_undeclared()),
         }
     }
-    if !key.scopes.is_empty() || !key.instance_ids.is_empty() {
+    let source = policy.and_then(|p| p.instance.as_ref());
+    // Where the instance is read from the query or the body, the body is held to stricter
+    // rules below (none at all, or plain JSON), each with its own answer.
+    let body_read_below = !key.instance_ids.is_empty()
+        && matches!(
+            source,
+            Some(InstanceSource::Query(_) | InstanceSource::Body(_))
+        );
+    if (!key.scopes.is_empty() || !key.instance_ids.is_empty()) && !body_read_below {
         // A body in a form, or one Rack takes for a form (no Content-Type), can carry
         // `_method`: the backend would run another method than the policy was matched on.
         let json = matches!(
@@ -162,7 +170,7 @@ async fn restrictions(
     if key.instance_ids.is_empty() {
         return Ok(());
     }
-    let Some(source) = policy.and_then(|p| p.instance.as_ref()) else {
+    let Some(source) = source else {
         return Err(GatewayError::instance_source_undeclared());
     };
     let instance = match source {

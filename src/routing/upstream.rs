@@ -233,6 +233,7 @@ mod tests {
                 healthy_threshold: 1,
             }),
             tls: None,
+            host: None,
         })
     }
 

@@ -313,8 +313,7 @@ fn idle_connections_close_after_the_keepalive_timeout_and_slow_answers_do_not() 
                 addresses: vec![At::Addr(upstream)],
                 connect_timeout: "1s",
                 read_timeout: "10s",
-                health_check: None,
-                tls: None,
+                ..ApiUpstream::default()
             }),
     );
     let (key, _) = gw.account_with_key("acme", "pro");

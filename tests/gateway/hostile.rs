@@ -650,8 +650,8 @@ fn post_send(gw: &Gateway, key: &str, headers: &[(&str, &str)], body: &str) -> H
 fn an_inspected_body_is_read_only_as_the_backend_reads_it() {
     let gw = Gateway::start();
     let key = restricted_key(&gw, &[], &[A]);
-    let not_json = "A restricted key's request body must be Content-Type: application/json: \
-                    form bodies can carry a method override (_method)";
+    let encoded = "instanceId is read from the JSON body: send it as Content-Type: \
+                   application/json, UTF-8, without a Content-Encoding";
     let form = format!(r#"{{"instanceId":"{A}","x":"&instanceId={B}&"}}"#);
     for headers in [
         vec![("content-type", "application/x-www-form-urlencoded")],
@@ -664,10 +664,8 @@ fn an_inspected_body_is_read_only_as_the_backend_reads_it() {
         ],
     ] {
         let r = post_send(&gw, &key, &headers, &form);
-        assert_refused(&r, 400, "BAD_REQUEST", not_json);
+        assert_refused(&r, 400, "BAD_REQUEST", encoded);
     }
-    let encoded = "instanceId is read from the JSON body: send it as Content-Type: \
-                   application/json, UTF-8, without a Content-Encoding";
     let utf7 = format!(r#"{{"instanceId":"{A}","instance+AEk-d":"{B}"}}"#);
     for headers in [
         vec![("content-type", "application/json; charset=utf-7")],

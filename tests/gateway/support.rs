@@ -181,6 +181,8 @@ pub struct ApiUpstream {
     pub health_check: Option<&'static str>,
     /// Lines of TLS settings (`tls = true`, `sni = …`, `ca_file = …`).
     pub tls: Option<&'static str>,
+    /// `host = "…"`: the Host forwarded requests carry.
+    pub host: Option<&'static str>,
 }
 
 impl Default for ApiUpstream {
@@ -191,6 +193,7 @@ impl Default for ApiUpstream {
             read_timeout: "2s",
             health_check: None,
             tls: None,
+            host: None,
         }
     }
 }
@@ -212,6 +215,9 @@ impl ApiUpstream {
         );
         if let Some(h) = self.health_check {
             t.push_str(&format!("health_check = {h}\n"));
+        }
+        if let Some(host) = self.host {
+            t.push_str(&format!("host = \"{host}\"\n"));
         }
         if let Some(tls) = self.tls {
             t.push_str(tls);

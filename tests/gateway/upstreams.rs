@@ -11,6 +11,7 @@ fn upstream(addresses: Vec<At>, health_check: Option<&'static str>) -> Setup {
         read_timeout: "300ms",
         health_check,
         tls: None,
+        host: None,
     })
 }
 
@@ -130,5 +131,36 @@ fn an_upstream_switching_protocols_is_a_bad_gateway() {
     ] {
         let r = gw.get("/api/v1/x", &headers);
         assert_error(&r, 502, "BAD_GATEWAY", "The upstream service failed");
+    }
+}
+
+/// With `host` set, forwarded requests name the upstream's site, not the client's choice (a
+/// shared ingress behind the gateway picks its backend by `Host`); without it, the client's.
+#[test]
+fn an_upstream_host_replaces_the_clients() {
+    let gw = Gateway::start_with(Setup::new().api_upstream(ApiUpstream {
+        host: Some("api.internal:8080"),
+        ..ApiUpstream::default()
+    }));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let seen = echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+    assert_eq!(seen["headers"]["host"], "api.internal:8080");
+    let auth = format!("Bearer {}", gw.token("acme", 3600));
+    let seen = echoed(&gw.get("/api/dashboard", &[("authorization", &auth)]));
+    assert_eq!(seen["headers"]["host"], gw.proxy.to_string().as_str());
+
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["user@api.internal", "api internal", "http://api.internal/"] {
+        let (err, _) = config_errors(
+            dir.path(),
+            &Setup::new().api_upstream(ApiUpstream {
+                host: Some(bad),
+                ..ApiUpstream::default()
+            }),
+        );
+        let expected = format!(
+            "upstreams.api.host: \"{bad}\" is not a host (use e.g. \"api.internal\" or \"api.internal:8080\")"
+        );
+        assert!(err.contains(&expected), "{err}");
     }
 }
