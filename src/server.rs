@@ -393,6 +393,7 @@ impl BackgroundService for ReopenOnUsr1 {
 /// Serves until SIGTERM (graceful), SIGINT (fast) or SIGQUIT (hand-over to a new binary
 /// started with `run --upgrade`); SIGHUP reloads.
 pub fn run(config: Config, upgrade: bool) -> Result<(), StartError> {
+    handle_signals_from_the_start();
     let (server, gateway) = build(
         config,
         Launch {
@@ -420,6 +421,28 @@ pub fn run(config: Config, upgrade: bool) -> Result<(), StartError> {
         spans.flush();
     }
     Ok(())
+}
+
+/// SIGHUP and SIGUSR1 end a process by default, and the services that act on them start
+/// listening only once the server runs: one sent in between (logrotate right after a start)
+/// killed the gateway. Their handlers are installed now; tokio keeps a handler once installed
+/// for the life of the process, so a signal that comes before its service listens is dropped,
+/// never fatal.
+fn handle_signals_from_the_start() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build();
+    match runtime {
+        Ok(rt) => rt.block_on(async {
+            for kind in [SignalKind::hangup(), SignalKind::user_defined1()] {
+                if let Err(e) = signal(kind) {
+                    tracing::warn!(error = %e, "cannot handle a signal before the server runs");
+                }
+            }
+        }),
+        Err(e) => tracing::warn!(error = %e, "cannot handle signals before the server runs"),
+    }
 }
 
 /// Shutdown on demand, for gateways run inside another program (tests, benches).
