@@ -306,13 +306,17 @@ impl GatewayError {
         ))
     }
 
-    /// A body sent with a restricted key that is not JSON: a form (or a body Rack takes for
-    /// one) can carry a method override.
+    /// A restricted key's POST body the gateway cannot read for a method override: a form (or
+    /// a body Rack takes for one), or JSON it would have to decode first.
     pub fn restricted_body_not_json() -> Self {
         Self::bad_request(
-            "A restricted key's request body must be Content-Type: application/json: \
-             form bodies can carry a method override (_method)",
+            "A restricted key's POST body must be Content-Type: application/json, UTF-8, \
+             without a Content-Encoding: a body can carry a method override (_method)",
         )
+    }
+
+    pub fn method_override_in_body() -> Self {
+        Self::bad_request("The request body has a _method field: method overrides are refused")
     }
 
     pub fn method_override() -> Self {

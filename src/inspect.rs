@@ -89,6 +89,8 @@ pub(crate) const MAX_INSPECTED_PARAMS: usize = 100;
 /// (leading spaces dropped, `.` and ` ` made `_`: `.method` is `_method` to PHP); each reading
 /// compared as [`same_name_to_some_backend`] does.
 fn same_parameter_to_some_backend(key: &str, name: &str) -> bool {
+    // PHP reads a name as a C string: `instanceId%00x` is `instanceId` to it.
+    let key = key.split('\0').next().unwrap_or(key);
     let cut = |k: &str| k.find(['[', ']', '.']).map_or(k, |i| &k[..i]).to_owned();
     let bracket_led = key.trim_start_matches(['[', ']']);
     [key.to_owned(), cut(key), cut(bracket_led), php_name(key)]
@@ -209,21 +211,32 @@ pub(crate) enum BodyError {
 /// (`"instance\u0049d"` is `instanceId`); a second key that some backend reads as `field` is
 /// an ambiguity.
 pub(crate) fn body_field(body: &[u8], field: &str) -> Result<Option<String>, BodyError> {
+    match read_field(body, field)? {
+        FieldFound { seen: 0 | 1, value } => Ok(value),
+        FieldFound { .. } => Err(BodyError::Ambiguous(Ambiguity::Duplicate)),
+    }
+}
+
+/// True when a JSON object body has a top-level key some backend reads as `field`, whatever
+/// its value (Laravel runs a POST as the method a JSON body's `_method` names).
+pub(crate) fn body_names(body: &[u8], field: &str) -> Result<bool, BodyError> {
+    Ok(read_field(body, field)?.seen > 0)
+}
+
+fn read_field(body: &[u8], field: &str) -> Result<FieldFound, BodyError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let found = FieldSeed(field)
         .deserialize(&mut de)
         .map_err(|_| BodyError::NotAJsonObject)?;
     de.end().map_err(|_| BodyError::NotAJsonObject)?;
-    match found {
-        FieldFound::Once(v) => Ok(v),
-        FieldFound::Twice => Err(BodyError::Ambiguous(Ambiguity::Duplicate)),
-    }
+    Ok(found)
 }
 
-/// What the top level of a body said about the field.
-enum FieldFound {
-    Once(Option<String>),
-    Twice,
+/// What the top level of a body said about the field: how many keys read as it, and the
+/// string value of the one spelled exactly so.
+struct FieldFound {
+    seen: usize,
+    value: Option<String>,
 }
 
 struct FieldSeed<'a>(&'a str);
@@ -260,11 +273,7 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
             map.next_value::<IgnoredAny>()?;
         }
         // The whole document is still read to the end: a malformed tail is refused too.
-        Ok(if seen > 1 {
-            FieldFound::Twice
-        } else {
-            FieldFound::Once(found)
-        })
+        Ok(FieldFound { seen, value: found })
     }
 }
 
@@ -343,6 +352,27 @@ mod tests {
         ] {
             assert_eq!(body_field(dup.as_bytes(), "instanceId"), twice, "{dup}");
         }
+    }
+
+    #[test]
+    fn body_names_finds_a_field_whatever_its_value() {
+        for body in [
+            r#"{"_method":"GET"}"#,
+            r#"{"a":1,"_Method":null}"#,
+            r#"{"\u005fmethod":7}"#,
+            r#"{"_method":1,"_method":2}"#,
+        ] {
+            assert_eq!(body_names(body.as_bytes(), "_method"), Ok(true), "{body}");
+        }
+        for body in [r#"{"method":"GET"}"#, r#"{"x":{"_method":"GET"}}"#, "{}"] {
+            assert_eq!(body_names(body.as_bytes(), "_method"), Ok(false), "{body}");
+        }
+        assert_eq!(body_names(b"[]", "_method"), Err(BodyError::NotAJsonObject));
+        assert_eq!(q_nul(), Err(Ambiguity::Duplicate));
+    }
+
+    fn q_nul() -> Result<Option<String>, Ambiguity> {
+        query_param(Some("instanceId=A&instanceId%00x=B"), "instanceId")
     }
 
     /// Keys to build objects from: the field, its escaped and case-folded spellings, others.

@@ -14,6 +14,7 @@ pub(crate) mod header_edit;
 pub(crate) mod headers;
 pub(crate) mod public_api;
 pub(crate) mod respond;
+mod restrictions;
 
 use crate::client_ip;
 use crate::config::{AuthMode, Route};

@@ -3,17 +3,14 @@
 use super::headers::{ceil_secs, RateHeaders};
 use super::Identity;
 use crate::auth::{api_key, Lookup, Principal};
-use crate::body_type::{self, Declared};
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
-use crate::inspect;
 use crate::limits::blocks::RateGate;
 use crate::limits::quota;
 use crate::live::Live;
 use crate::metrics::Limit;
-use crate::policy::{InstanceSource, RoutePolicy, ScopeRule, StoreErrorMode};
+use crate::policy::{RoutePolicy, StoreErrorMode};
 use crate::store::{Admission, AdmitRequest, StoreError, Subscription};
-use inspect::{Ambiguity, BodyError};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 use std::net::IpAddr;
@@ -127,97 +124,6 @@ async fn principal(
     }
 }
 
-/// Check 5: the key's scopes and instances against what the route policy declares. Deny by
-/// default: a restricted key passes only a policy that says how the restriction applies.
-async fn restrictions(
-    live: &Live,
-    session: &mut Session,
-    principal: &Principal,
-    policy: Option<&RoutePolicy>,
-    path: &str,
-) -> Result<(), GatewayError> {
-    let key = &principal.key;
-    if !key.scopes.is_empty() {
-        match policy.and_then(|p| p.scope.as_ref()) {
-            Some(ScopeRule::NotNeeded) => {}
-            Some(ScopeRule::Required(scope)) => {
-                if !key.scopes.iter().any(|s| **s == **scope) {
-                    return Err(GatewayError::scope_missing(scope));
-                }
-            }
-            None => return Err(GatewayError::scope_undeclared()),
-        }
-    }
-    let source = policy.and_then(|p| p.instance.as_ref());
-    // Where the instance is read from the query or the body, the body is held to stricter
-    // rules below (none at all, or plain JSON), each with its own answer.
-    let body_read_below = !key.instance_ids.is_empty()
-        && matches!(
-            source,
-            Some(InstanceSource::Query(_) | InstanceSource::Body(_))
-        );
-    if (!key.scopes.is_empty() || !key.instance_ids.is_empty()) && !body_read_below {
-        // A body in a form, or one Rack takes for a form (no Content-Type), can carry
-        // `_method`: the backend would run another method than the policy was matched on.
-        let json = matches!(
-            body_type::declared(&session.req_header().headers),
-            Declared::PlainJson | Declared::EncodedJson
-        );
-        if !json && inspect::has_body(session) {
-            return Err(GatewayError::restricted_body_not_json());
-        }
-    }
-    if key.instance_ids.is_empty() {
-        return Ok(());
-    }
-    let Some(source) = source else {
-        return Err(GatewayError::instance_source_undeclared());
-    };
-    let instance = match source {
-        InstanceSource::InstanceFree => return Ok(()),
-        InstanceSource::PathSegment(n) => inspect::path_segment(path, *n).map(str::to_owned),
-        InstanceSource::Query(name) => {
-            if inspect::has_body(session) {
-                return Err(GatewayError::body_beside_query(name));
-            }
-            inspect::query_param(session.req_header().uri.query(), name).map_err(
-                |why| match why {
-                    Ambiguity::Duplicate => GatewayError::duplicate_parameter(name),
-                    Ambiguity::Semicolon => GatewayError::semicolon_in_query(name),
-                    Ambiguity::TooManyParameters => GatewayError::too_many_parameters(name),
-                },
-            )?
-        }
-        InstanceSource::Body(field) => {
-            if inspect::query_names(session.req_header().uri.query(), field) {
-                return Err(GatewayError::query_beside_body(field));
-            }
-            // The bytes read must be the document the backend parses: JSON in UTF-8, not
-            // decoded from another charset or a content coding first.
-            if body_type::declared(&session.req_header().headers) != Declared::PlainJson {
-                return Err(GatewayError::body_not_plain_json(field));
-            }
-            let body = read_body(session, live.config.server.max_inspected_body_bytes).await?;
-            inspect::body_field(&body, field).map_err(|e| match e {
-                BodyError::NotAJsonObject => GatewayError::body_not_json_object(),
-                BodyError::Ambiguous(_) => GatewayError::duplicate_field(field),
-            })?
-        }
-    };
-    match instance {
-        Some(id) if key.instance_ids.iter().any(|i| **i == *id) => Ok(()),
-        Some(id) => Err(GatewayError::instance_not_allowed(&id)),
-        None => Err(GatewayError::instance_missing()),
-    }
-}
-
-/// Reads the whole body (at most `limit` bytes) into pingora's replay buffer, from which it
-/// is forwarded unchanged.
-async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>, GatewayError> {
-    session.enable_retry_buffering();
-    inspect::read_body(session, limit).await
-}
-
 /// When a request first waited on the store, and for how long in all (microseconds).
 #[derive(Debug, Default)]
 pub(crate) struct StoreWait {
@@ -284,7 +190,7 @@ pub(crate) async fn authorize(
         return Err(refuse(GatewayError::subscription_inactive(), rate));
     }
     // 5. scopes and instances
-    if let Err(e) = restrictions(live, session, &principal, policy, path).await {
+    if let Err(e) = super::restrictions::check(live, session, &principal, policy, path).await {
         return Err(refuse(e, rate));
     }
     let identity = Identity {

@@ -693,28 +693,57 @@ fn an_inspected_body_is_read_only_as_the_backend_reads_it() {
     ));
 }
 
-/// A scoped key's form body could carry `_method` (Rack, Laravel, Symfony): a POST the policy
-/// granted would run as another method at the backend.
+/// A POST body can carry `_method` (a form to Rack, Laravel and Symfony; JSON to Laravel): a
+/// POST the policy granted would run as another method at the backend. A restricted key's POST
+/// body must be JSON the gateway reads, without that field; other methods are not overridden.
 #[test]
-fn a_scoped_key_may_not_send_a_form_body() {
-    let (gw, key) = shipped_with_key(&["webhooks:write"], &[]);
-    let r = gw.send(
-        "POST",
-        "/api/v1/webhooks",
-        &[
-            ("x-api-key", &key),
-            ("content-type", "application/x-www-form-urlencoded"),
-        ],
-        Some(b"_method=GET"),
-    );
+fn a_restricted_keys_post_body_may_not_override_its_method() {
+    let (gw, key) = shipped_with_key(&["contacts:write"], &[]);
+    let post = |ct: Option<&str>, body: &str| {
+        let mut headers = vec![("x-api-key", key.as_str())];
+        headers.extend(ct.map(|ct| ("content-type", ct)));
+        gw.send("POST", "/api/v1/contacts", &headers, Some(body.as_bytes()))
+    };
+    let not_json = "A restricted key's POST body must be Content-Type: application/json, UTF-8, \
+                    without a Content-Encoding: a body can carry a method override (_method)";
+    for ct in [
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        None,
+        Some("application/json; charset=utf-16"),
+    ] {
+        assert_refused(&post(ct, "_method=GET"), 400, "BAD_REQUEST", not_json);
+    }
+    let in_body = "The request body has a _method field: method overrides are refused";
+    for body in [
+        r#"{"_method":"GET","name":"x"}"#,
+        r#"{"name":"x","_METHOD":"GET"}"#,
+        r#"{"\u005fmethod":"GET"}"#,
+        r#"{"_method":["GET"]}"#,
+    ] {
+        let r = post(Some("application/json"), body);
+        assert_refused(&r, 400, "BAD_REQUEST", in_body);
+    }
     assert_refused(
-        &r,
+        &post(Some("application/json"), "[1]"),
         400,
         "BAD_REQUEST",
-        "A restricted key's request body must be Content-Type: application/json: \
-         form bodies can carry a method override (_method)",
+        "The request body is not a JSON object",
     );
-    echoed(&call(&gw, "POST", "/api/v1/webhooks", &key, Some("{}")));
+    let body = r#"{"name":"x","method":"sms"}"#;
+    let seen = echoed(&post(Some("application/json"), body));
+    assert_eq!(seen["body"], body);
+    // Only POST is overridden: a PATCH keeps its media type and body as sent.
+    let seen = echoed(&gw.send(
+        "PATCH",
+        "/api/v1/contacts/7",
+        &[
+            ("x-api-key", &key),
+            ("content-type", "application/merge-patch+json"),
+        ],
+        Some(br#"{"_method":"GET"}"#),
+    ));
+    assert_eq!(seen["method"], "PATCH");
 }
 
 /// Names as other parsers read them: qs and Rack take `[instanceId]` for `instanceId`, PHP
@@ -739,6 +768,7 @@ fn parameters_count_under_every_name_a_backend_reads() {
         format!("instanceId={A}&+instanceId={B}"),
         format!("instanceId={A}&instance_id={B}"),
         format!("instanceId={A}&Instance-Id={B}"),
+        format!("instanceId={A}&instanceId%00={B}"),
     ] {
         assert_refused(&get(query), 400, "BAD_REQUEST", twice);
     }
@@ -757,6 +787,7 @@ fn parameters_count_under_every_name_a_backend_reads() {
         "%2Emethod=GET",
         "[method=GET",
         "[_method]=GET",
+        "_method%00=GET",
     ] {
         let r = call(
             &gw,

@@ -1,0 +1,128 @@
+//! Check 5 of the public API (SPEC §2–3): the key's scopes and instances against what the
+//! route policy declares, and whatever in the request a backend could read differently from
+//! the gateway. Deny by default: a restricted key passes only a policy that says how the
+//! restriction applies, and only a request the gateway reads as the backend will.
+
+use crate::auth::Principal;
+use crate::body_type::{self, Declared};
+use crate::errors::GatewayError;
+use crate::inspect::{self, Ambiguity, BodyError};
+use crate::live::Live;
+use crate::policy::{InstanceSource, RoutePolicy, ScopeRule};
+use pingora::proxy::Session;
+
+/// Runs check 5 for `principal` on a request matched to `policy`.
+pub(crate) async fn check(
+    live: &Live,
+    session: &mut Session,
+    principal: &Principal,
+    policy: Option<&RoutePolicy>,
+    path: &str,
+) -> Result<(), GatewayError> {
+    let key = &principal.key;
+    if key.scopes.is_empty() && key.instance_ids.is_empty() {
+        return Ok(());
+    }
+    scopes(&key.scopes, policy)?;
+    let source = policy.and_then(|p| p.instance.as_ref());
+    let limit = live.config.server.max_inspected_body_bytes;
+    let instance = match (key.instance_ids.is_empty(), source) {
+        (true, _) | (false, Some(InstanceSource::InstanceFree)) => {
+            return no_body_override(session, limit).await
+        }
+        (false, None) => return Err(GatewayError::instance_source_undeclared()),
+        (false, Some(InstanceSource::PathSegment(n))) => {
+            no_body_override(session, limit).await?;
+            inspect::path_segment(path, *n).map(str::to_owned)
+        }
+        (false, Some(InstanceSource::Query(name))) => from_query(session, name)?,
+        (false, Some(InstanceSource::Body(field))) => from_body(session, field, limit).await?,
+    };
+    match instance {
+        Some(id) if key.instance_ids.iter().any(|i| **i == *id) => Ok(()),
+        Some(id) => Err(GatewayError::instance_not_allowed(&id)),
+        None => Err(GatewayError::instance_missing()),
+    }
+}
+
+/// A key with scopes passes a route whose policy names one of them, or says none is needed.
+fn scopes(granted: &[Box<str>], policy: Option<&RoutePolicy>) -> Result<(), GatewayError> {
+    if granted.is_empty() {
+        return Ok(());
+    }
+    match policy.and_then(|p| p.scope.as_ref()) {
+        Some(ScopeRule::NotNeeded) => Ok(()),
+        Some(ScopeRule::Required(scope)) if granted.iter().any(|s| **s == **scope) => Ok(()),
+        Some(ScopeRule::Required(scope)) => Err(GatewayError::scope_missing(scope)),
+        None => Err(GatewayError::scope_undeclared()),
+    }
+}
+
+/// Rack, Symfony and Laravel run a POST as the method a `_method` in its body names: from a
+/// form (Rack takes a body without `Content-Type` for one), and in Laravel from a JSON body
+/// too. A restricted key's POST body must be plain JSON without that field, or the backend
+/// could run another method than the policy was matched on.
+async fn no_body_override(session: &mut Session, limit: usize) -> Result<(), GatewayError> {
+    if session.req_header().method != http::Method::POST || !inspect::has_body(session) {
+        return Ok(());
+    }
+    if body_type::declared(&session.req_header().headers) != Declared::PlainJson {
+        return Err(GatewayError::restricted_body_not_json());
+    }
+    let body = read_body(session, limit).await?;
+    method_field(&body)
+}
+
+/// Refuses a JSON body with a top-level `_method` (in any spelling a backend reads as it).
+fn method_field(body: &[u8]) -> Result<(), GatewayError> {
+    match inspect::body_names(body, "_method") {
+        Ok(false) => Ok(()),
+        Ok(true) | Err(BodyError::Ambiguous(_)) => Err(GatewayError::method_override_in_body()),
+        Err(BodyError::NotAJsonObject) => Err(GatewayError::body_not_json_object()),
+    }
+}
+
+/// The instance named by query parameter `name`; the request may have no body, which could
+/// name it too (Laravel's `input()` merges both).
+fn from_query(session: &mut Session, name: &str) -> Result<Option<String>, GatewayError> {
+    if inspect::has_body(session) {
+        return Err(GatewayError::body_beside_query(name));
+    }
+    inspect::query_param(session.req_header().uri.query(), name).map_err(|why| match why {
+        Ambiguity::Duplicate => GatewayError::duplicate_parameter(name),
+        Ambiguity::Semicolon => GatewayError::semicolon_in_query(name),
+        Ambiguity::TooManyParameters => GatewayError::too_many_parameters(name),
+    })
+}
+
+/// The instance named by top-level JSON field `field`; the query may not name it too, and the
+/// bytes read must be the document the backend parses: JSON in UTF-8, not decoded from
+/// another charset or a content coding first.
+async fn from_body(
+    session: &mut Session,
+    field: &str,
+    limit: usize,
+) -> Result<Option<String>, GatewayError> {
+    if inspect::query_names(session.req_header().uri.query(), field) {
+        return Err(GatewayError::query_beside_body(field));
+    }
+    if body_type::declared(&session.req_header().headers) != Declared::PlainJson {
+        return Err(GatewayError::body_not_plain_json(field));
+    }
+    let body = read_body(session, limit).await?;
+    let instance = inspect::body_field(&body, field).map_err(|e| match e {
+        BodyError::NotAJsonObject => GatewayError::body_not_json_object(),
+        BodyError::Ambiguous(_) => GatewayError::duplicate_field(field),
+    })?;
+    if session.req_header().method == http::Method::POST {
+        method_field(&body)?;
+    }
+    Ok(instance)
+}
+
+/// Reads the whole body (at most `limit` bytes) into pingora's replay buffer, from which it
+/// is forwarded unchanged.
+async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>, GatewayError> {
+    session.enable_retry_buffering();
+    inspect::read_body(session, limit).await
+}
