@@ -26,6 +26,13 @@ pub(crate) async fn read_body(
     if declared_length(session).is_some_and(|n| n > limit) {
         return Err(GatewayError::payload_too_large());
     }
+    // A client that asked whether to send its body waits for this answer (pingora sends it
+    // only when the upstream does, and no request reaches the upstream before its body is
+    // read here): without it, the client stalls until its own timeout.
+    if expects_continue(session.req_header()) && session.write_continue_response().await.is_err() {
+        session.set_keepalive(None);
+        return Err(GatewayError::unreadable_body());
+    }
     let mut body = Vec::new();
     loop {
         match session.read_request_body().await {
@@ -45,11 +52,27 @@ pub(crate) async fn read_body(
     }
 }
 
+/// True when a request waits for `100 Continue` before sending its body (RFC 9110 §10.1.1).
+pub(crate) fn expects_continue(req: &pingora::http::RequestHeader) -> bool {
+    req.version != http::Version::HTTP_10
+        && req.headers.get(http::header::EXPECT).is_some_and(|v| {
+            v.as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"100-continue")
+        })
+}
+
 /// Before answering without reading the request body: drain a small declared body so
 /// keep-alive stays honest, or give up keep-alive for a large or unknown one (never read
 /// more than `max_bytes` for nothing).
 pub(crate) async fn settle_body(session: &mut ServerSession, max_bytes: usize) {
     if session.is_body_done() {
+        return;
+    }
+    if expects_continue(session.req_header()) {
+        // The client waits for `100 Continue` before sending the body, which an answer now
+        // tells it not to send: draining would wait for bytes that may never come.
+        session.set_keepalive(None);
         return;
     }
     match declared_length(session) {

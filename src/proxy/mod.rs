@@ -227,16 +227,13 @@ impl GatewayProxy {
                 let client = ctx
                     .client
                     .map(|c| client_ip::limit_key(c, live.config.server.ipv6_prefix));
-                let authorized = public_api::authorize(
-                    gw,
-                    &live,
-                    session,
+                let target = public_api::Target {
                     policy,
-                    &path,
-                    client,
-                    &mut ctx.store,
-                )
-                .await;
+                    path: &path,
+                    upstream: &live.pools[route.upstream],
+                };
+                let authorized =
+                    public_api::authorize(gw, &live, session, target, client, &mut ctx.store).await;
                 match authorized {
                     Ok((identity, rate)) => {
                         ctx.identity = Some(identity);
@@ -401,10 +398,14 @@ impl ProxyHttp for GatewayProxy {
     /// owned headers out, identity and forwarding headers in, the normalised path set.
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         up: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        // A body the gateway already read (and answered `100 Continue` for) is sent whole:
+        // the upstream's own `100` would reach the client a second time.
+        let body_read = up.headers.contains_key(http::header::EXPECT)
+            && session.as_downstream_mut().is_body_done();
         let keep_api_key = ctx.route().is_some_and(|r| r.forward_api_key);
         let host = ctx
             .route()
@@ -417,6 +418,9 @@ impl ProxyHttp for GatewayProxy {
                 h.remove(&X_API_KEY);
             }
             ctx.live.owned_headers.remove_from(h);
+            if body_read {
+                h.remove(http::header::EXPECT);
+            }
             if let Some(host) = host {
                 h.insert(http::header::HOST, host.clone());
             }

@@ -145,17 +145,29 @@ impl StoreWait {
     }
 }
 
+/// What a public API request is for: its route's policy, its normalised path, the upstream
+/// pool it would go to.
+pub(crate) struct Target<'a> {
+    pub policy: Option<&'a RoutePolicy>,
+    pub path: &'a str,
+    pub upstream: &'a crate::routing::upstream::Pool,
+}
+
 /// Runs checks 1–7 for a request from `client` (its per-client limit key); on success the
 /// request may be forwarded as `Identity`.
 pub(crate) async fn authorize(
     gw: &Gateway,
     live: &Live,
     session: &mut Session,
-    policy: Option<&RoutePolicy>,
-    path: &str,
+    target: Target<'_>,
     client: Option<IpAddr>,
     store: &mut StoreWait,
 ) -> Result<(Identity, RateHeaders), Refusal> {
+    let Target {
+        policy,
+        path,
+        upstream,
+    } = target;
     let waited = store.start();
     let principal = principal(gw, live, session.req_header(), client).await;
     store.add(waited);
@@ -198,6 +210,11 @@ pub(crate) async fn authorize(
         key_id: Some(principal.key_id_value.clone()),
         user_id: None,
     };
+    // Nothing to forward to: refused before steps 6 and 7, which would count a request that
+    // never reaches the upstream.
+    if !upstream.has_healthy() {
+        return Err(refuse(GatewayError::no_healthy_upstream(), rate));
+    }
     // 6 and 7. rate limit, then quota, in one store decision; a key the store just refused
     // is refused here until its retry time, at no store cost.
     let interval_ns = plan.bucket.emission_interval_ns();

@@ -164,6 +164,13 @@ impl Pool {
         }
     }
 
+    /// True when some address is considered healthy (what [`Pool::pick`] can give).
+    pub fn has_healthy(&self) -> bool {
+        self.members
+            .iter()
+            .any(|m| m.healthy.load(Ordering::Relaxed))
+    }
+
     /// Number of addresses currently considered healthy.
     pub fn healthy_count(&self) -> usize {
         self.members

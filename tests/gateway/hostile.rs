@@ -874,3 +874,32 @@ fn a_path_whose_letter_case_picks_another_route_is_refused() {
         "/api/v1/instances/3FA85F64-5717-4562-B3FC-2C963F66AFA6/status"
     );
 }
+
+/// A client that asks before sending its body (`Expect: 100-continue`, curl's habit for large
+/// bodies) gets `100 Continue` where the gateway reads the body itself, and its body is
+/// forwarded without the question (the upstream's own `100` would come a second time). Refused
+/// before the body, it gets the refusal at once and the connection closes.
+#[test]
+fn a_client_expecting_100_continue_is_answered_where_the_gateway_reads_the_body() {
+    let gw = Gateway::start();
+    let key = restricted_key(&gw, &[], &[A]);
+    let body = format!(r#"{{"instanceId":"{A}"}}"#);
+    let head = format!(
+        "POST /api/v1/messages/send HTTP/1.1\r\nhost: gw\r\nx-api-key: {key}\r\n\
+         content-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut conn = gw.connect();
+    let interim = conn.raw(head.as_bytes()).unwrap();
+    assert_eq!(interim.status, 100);
+    let r = conn.raw(body.as_bytes()).unwrap();
+    let seen = echoed(&r);
+    assert_eq!(seen["body"], body.as_str());
+    assert!(seen["headers"].get("expect").is_none(), "{seen}");
+
+    let refused = head.replace(&key, &format!("msgf_live_{}", "0".repeat(64)));
+    let mut conn = gw.connect();
+    let r = conn.raw(refused.as_bytes()).unwrap();
+    assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
+    assert_eq!(r.header("connection"), Some("close"));
+}

@@ -88,6 +88,16 @@ fn no_healthy_address_is_503() {
         "No healthy upstream is available",
     );
     assert_eq!(r.header("retry-after"), Some("1"));
+    // Nothing went anywhere: no rate-limit token and no quota spent (SPEC §3 counts requests
+    // forwarded), and the key is still checked first.
+    assert_eq!(r.header("ratelimit"), None);
+    let usage = gw
+        .admin_call("GET", "/admin/v1/accounts/acme", None)
+        .json()
+        .unwrap();
+    assert_eq!(usage["usage"]["requests"], 0);
+    let r = gw.get("/api/v1/x", &[("x-api-key", "msgf_live_nope")]);
+    assert_error(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
 }
 
 /// An upstream that answers every request head with `101 Switching Protocols`, then echoes.
