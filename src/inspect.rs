@@ -109,22 +109,29 @@ pub(crate) const MAX_INSPECTED_PARAMS: usize = 100;
 /// True when some backend could take query key `key` for `name`: read as it stands, with an
 /// array or object suffix cut (`instanceId[]`, `instanceId[0]`, `instanceId.x`: qs, Rails,
 /// Spring), as qs and Rack read a bracket-led key (`[instanceId]`), or as PHP reads any key
-/// (leading spaces dropped, `.` and ` ` made `_`: `.method` is `_method` to PHP); each reading
-/// compared as [`same_name_to_some_backend`] does.
+/// (up to a NUL, leading spaces dropped, `.` and ` ` made `_`: `.method` is `_method` to PHP);
+/// each reading compared as [`same_name_to_some_backend`] does. No allocation unless PHP's
+/// reading differs from the key.
 fn same_parameter_to_some_backend(key: &str, name: &str) -> bool {
     // PHP reads a name as a C string: `instanceId%00x` is `instanceId` to it.
     let key = key.split('\0').next().unwrap_or(key);
-    let cut = |k: &str| k.find(['[', ']', '.']).map_or(k, |i| &k[..i]).to_owned();
+    fn cut(k: &str) -> &str {
+        k.find(['[', ']', '.']).map_or(k, |i| &k[..i])
+    }
     let bracket_led = key.trim_start_matches(['[', ']']);
-    [key.to_owned(), cut(key), cut(bracket_led), php_name(key)]
-        .iter()
-        .any(|reading| same_name_to_some_backend(reading, name))
+    same_name_to_some_backend(key, name)
+        || same_name_to_some_backend(cut(key), name)
+        || same_name_to_some_backend(cut(bracket_led), name)
+        || same_name_to_some_backend(&php_name(key), name)
 }
 
 /// The variable name PHP gives query or form key `key`: leading spaces dropped, spaces and
 /// dots made `_` up to an array bracket; an unclosed `[` is made `_` and ends the conversion.
-fn php_name(key: &str) -> String {
+fn php_name(key: &str) -> Cow<'_, str> {
     let key = key.trim_start_matches(' ');
+    if !key.contains([' ', '.', '[']) {
+        return Cow::Borrowed(key);
+    }
     let mut out = String::with_capacity(key.len());
     for (i, c) in key.char_indices() {
         match c {
@@ -138,30 +145,40 @@ fn php_name(key: &str) -> String {
             c => out.push(c),
         }
     }
-    out
+    Cow::Owned(out)
+}
+
+/// What name converters and PHP read as word separators.
+fn is_separator(c: char) -> bool {
+    matches!(c, '_' | '-' | '.' | ' ')
 }
 
 /// True when a backend could take `key` for `name`: the same name in any case (ASP.NET, Go's
 /// encoding/json, which also folds `ſ` (U+017F) to `s` and the Kelvin sign to `k`), or with
-/// inner `_` and `-` (`instance_id`, `instance-id`: what a camelCase / snake_case converter
-/// in front of a handler reads as `instanceId`). Leading `_` and `-` are part of the name.
+/// separators (`_`, `-`, `.`, ` `) anywhere (`instance_id`, `_instanceId`, `instance.id`: what
+/// camelCase converters in front of a handler read as `instanceId`). Leading separators count
+/// only for a name that starts with one (`_method`).
 fn same_name_to_some_backend(key: &str, name: &str) -> bool {
-    key.eq_ignore_ascii_case(name) || folded(key) == folded(name)
+    if key.eq_ignore_ascii_case(name) {
+        return true;
+    }
+    let keep_leading = name.starts_with(is_separator);
+    folded(key, keep_leading).eq(folded(name, keep_leading))
 }
 
-/// `s` case-folded (upper-cased, then lower-cased, character by character), without the `_`
-/// and `-` that follow its first other character.
-fn folded(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut inner = false;
-    for c in s.chars() {
-        if inner && matches!(c, '_' | '-') {
-            continue;
-        }
-        inner |= !matches!(c, '_' | '-');
-        out.extend(c.to_uppercase().flat_map(char::to_lowercase));
-    }
-    out
+/// `s` case-folded (each character upper-cased, then lower-cased) without its separators,
+/// leading ones kept when `keep_leading`.
+fn folded(s: &str, keep_leading: bool) -> impl Iterator<Item = char> + '_ {
+    let lead = if keep_leading {
+        s.len() - s.trim_start_matches(is_separator).len()
+    } else {
+        0
+    };
+    let (head, rest) = s.split_at(lead);
+    head.chars()
+        .chain(rest.chars().filter(|c| !is_separator(*c)))
+        .flat_map(char::to_uppercase)
+        .flat_map(char::to_lowercase)
 }
 
 /// The value of query parameter `name`, percent-decoded (`+` as a space); `Ok(None)` when
@@ -331,6 +348,9 @@ mod tests {
         assert_eq!(q("instanceId=A&+instanceId=B"), Err(Ambiguity::Duplicate));
         assert_eq!(q("instanceId=A&instance_id=B"), Err(Ambiguity::Duplicate));
         assert_eq!(q("instanceId=A&x_instanceId=B"), Ok(Some("A".into())));
+        assert_eq!(q("instanceId=A&_instanceId=B"), Err(Ambiguity::Duplicate));
+        assert_eq!(q("instanceId=A&instance.id=B"), Err(Ambiguity::Duplicate));
+        assert_eq!(q("instanceId=A&instance+id=B"), Err(Ambiguity::Duplicate));
         for spelled in [
             ".method",
             "%2Emethod",
@@ -372,6 +392,9 @@ mod tests {
             r#"{"instanceId":"A","instanceId":7}"#,
             r#"{"instanceId":"A","instance_id":"B"}"#,
             r#"{"instance-Id":"B","instanceId":"A"}"#,
+            r#"{"instanceId":"A","_instance_id":"B"}"#,
+            r#"{"instanceId":"A","instance.id":"B"}"#,
+            r#"{"instanceId":"A","instance id":"B"}"#,
         ] {
             assert_eq!(body_field(dup.as_bytes(), "instanceId"), twice, "{dup}");
         }

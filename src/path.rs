@@ -88,6 +88,18 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
+/// [`prefix_matches`] with ASCII letter case ignored on both sides: how a backend that routes
+/// without regard to case (Express, ASP.NET) would match.
+pub fn prefix_matches_ignoring_case(prefix: &str, path: &str) -> bool {
+    let starts = |p: &str| {
+        path.len() >= p.len() && path.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+    };
+    match prefix.strip_suffix('/') {
+        Some(bare) => starts(prefix) || (!bare.is_empty() && path.eq_ignore_ascii_case(bare)),
+        None => starts(prefix) && path.as_bytes().get(prefix.len()).is_none_or(|b| *b == b'/'),
+    }
+}
+
 /// Normalises a request path (without query string):
 /// - it must start with `/`;
 /// - ambiguous input is refused (see [`PathError`]): `\`, `;`, control bytes and raw

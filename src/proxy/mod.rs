@@ -202,11 +202,13 @@ impl GatewayProxy {
             ctx.path = Some(path.clone());
         }
         let route_index = live.router.find(&path).ok_or_else(GatewayError::no_route)?;
-        if path.bytes().any(|b| b.is_ascii_uppercase()) {
-            let lower = path.to_ascii_lowercase();
-            if live.router.find(&lower).is_some_and(|i| i != route_index) {
-                return Err(GatewayError::ambiguous_path(PathError::CaseChangesRoute));
-            }
+        if path.bytes().any(|b| b.is_ascii_uppercase())
+            && live
+                .router
+                .find_ignoring_case(&path)
+                .is_some_and(|i| i != route_index)
+        {
+            return Err(GatewayError::ambiguous_path(PathError::CaseChangesRoute));
         }
         ctx.route = Some(route_index);
         let route = &live.config.routes[route_index];

@@ -60,17 +60,21 @@ fn scopes(granted: &[Box<str>], policy: Option<&RoutePolicy>) -> Result<(), Gate
 
 /// Rack, Symfony and Laravel run a POST as the method a `_method` in its body names: from a
 /// form (Rack takes a body without `Content-Type` for one), and in Laravel from a JSON body
-/// too. A restricted key's POST body must be plain JSON without that field, or the backend
-/// could run another method than the policy was matched on.
+/// too. A restricted key's POST body must be empty or plain JSON without that field, or the
+/// backend could run another method than the policy was matched on.
 async fn no_body_override(session: &mut Session, limit: usize) -> Result<(), GatewayError> {
     if session.req_header().method != http::Method::POST || !inspect::has_body(session) {
         return Ok(());
     }
-    if body_type::declared(&session.req_header().headers) != Declared::PlainJson {
-        return Err(GatewayError::restricted_body_not_json());
-    }
+    let plain_json = body_type::declared(&session.req_header().headers) == Declared::PlainJson;
+    // Read whatever the type: a stream that may carry a body (chunked, HTTP/2) can turn out
+    // empty, and an empty body carries nothing.
     let body = read_body(session, limit).await?;
-    method_field(&body)
+    match (body.is_empty(), plain_json) {
+        (true, _) => Ok(()),
+        (false, false) => Err(GatewayError::restricted_body_not_json()),
+        (false, true) => method_field(&body),
+    }
 }
 
 /// Refuses a JSON body with a top-level `_method` (in any spelling a backend reads as it).

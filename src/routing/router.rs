@@ -26,6 +26,13 @@ impl Router {
             .iter()
             .find_map(|(prefix, i)| crate::path::prefix_matches(prefix, path).then_some(*i))
     }
+
+    /// The index of the route `path` would match were ASCII letter case ignored.
+    pub fn find_ignoring_case(&self, path: &str) -> Option<usize> {
+        self.ordered.iter().find_map(|(prefix, i)| {
+            crate::path::prefix_matches_ignoring_case(prefix, path).then_some(*i)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -57,6 +64,11 @@ mod tests {
         assert_eq!(r.find("/api/v1/messages/send"), Some(1));
         assert_eq!(r.find("/api/v1"), Some(1));
         assert_eq!(r.find("/api/auth/login"), Some(2));
+        assert_eq!(r.find("/api/V1/messages"), Some(0));
+        assert_eq!(r.find_ignoring_case("/api/V1/messages"), Some(1));
+        assert_eq!(r.find_ignoring_case("/API/v1/STATUS"), Some(3));
+        assert_eq!(r.find_ignoring_case("/api/v1/STATUSX"), Some(1));
+        assert_eq!(r.find_ignoring_case("/API/V1"), Some(1));
         assert_eq!(r.find("/api/api-keys"), Some(0));
         assert_eq!(r.find("/api"), Some(0));
         assert_eq!(r.find("/API/v1/x"), None);

@@ -126,7 +126,9 @@ fn switching_upstream() -> String {
 }
 
 /// `Upgrade` never goes upstream; an upstream that switches protocols anyway would open a
-/// tunnel past every check: the client gets a 502 and the connection is not tunnelled.
+/// tunnel past every check: the client gets a 502 and the connection is not tunnelled. (The
+/// first request asked for no upgrade at all: pingora's own check, for a 101 to a request that
+/// asked downstream only, does not see it; the gateway's does.)
 #[test]
 fn an_upstream_switching_protocols_is_a_bad_gateway() {
     let gw = Gateway::start_with(upstream(vec![At::Addr(switching_upstream())], None));
