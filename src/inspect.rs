@@ -18,10 +18,13 @@ pub(crate) fn declared_length(session: &ServerSession) -> Option<usize> {
         .and_then(|v| v.parse::<usize>().ok())
 }
 
-/// Reads a whole request body, refusing more than `limit` bytes.
+/// Reads a whole request body, refusing more than `limit` bytes; each read may wait at most
+/// `idle` (`server.body_idle_timeout`): pingora bounds an HTTP/1 read by the session's read
+/// timeout, but an HTTP/2 read by nothing, so a stalled stream would hold its place forever.
 pub(crate) async fn read_body(
     session: &mut ServerSession,
     limit: usize,
+    idle: std::time::Duration,
 ) -> Result<Vec<u8>, GatewayError> {
     if declared_length(session).is_some_and(|n| n > limit) {
         return Err(GatewayError::payload_too_large());
@@ -35,7 +38,8 @@ pub(crate) async fn read_body(
     }
     let mut body = Vec::new();
     loop {
-        match session.read_request_body().await {
+        let read = tokio::time::timeout(idle, session.read_request_body()).await;
+        match read.unwrap_or_else(|_| Err(pingora::Error::new(pingora::ErrorType::ReadTimedout))) {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > limit {
                     session.set_keepalive(None);
@@ -67,6 +71,11 @@ pub(crate) fn expects_continue(req: &pingora::http::RequestHeader) -> bool {
 /// more than `max_bytes` for nothing).
 pub(crate) async fn settle_body(session: &mut ServerSession, max_bytes: usize) {
     if session.is_body_done() {
+        return;
+    }
+    if session.is_http2() {
+        // A stream's unread body goes with the stream; the connection has nothing to keep
+        // honest, and a read here would have no timeout (pingora bounds none on HTTP/2).
         return;
     }
     if expects_continue(session.req_header()) {

@@ -146,6 +146,7 @@ impl AdminApp {
         let live = gw.live();
         let policies = &live.config.policies;
         let limit = live.config.server.max_body_bytes;
+        let idle = live.config.server.body_idle_timeout;
         match (&method, segments.as_slice()) {
             (&Method::POST, ["reload"]) => match gw.reload() {
                 Ok(r) => Reply::json(
@@ -160,18 +161,20 @@ impl AdminApp {
                     Reply::error(&GatewayError::reload_refused(&why))
                 }
             },
-            (&Method::PUT, ["accounts", id]) => match read_body(session, limit).await {
+            (&Method::PUT, ["accounts", id]) => match read_body(session, limit, idle).await {
                 Ok(body) => m.put_account(policies, id, &body).await.into(),
                 Err(e) => Reply::error(&e),
             },
             (&Method::GET, ["accounts", id]) => m.show_account(policies, id).await.into(),
-            (&Method::POST, ["accounts", id, "keys"]) => match read_body(session, limit).await {
-                Ok(body) => match m.create_key(policies, id, &body).await {
-                    Ok(v) => Reply::json(201, &v),
+            (&Method::POST, ["accounts", id, "keys"]) => {
+                match read_body(session, limit, idle).await {
+                    Ok(body) => match m.create_key(policies, id, &body).await {
+                        Ok(v) => Reply::json(201, &v),
+                        Err(e) => Reply::error(&e),
+                    },
                     Err(e) => Reply::error(&e),
-                },
-                Err(e) => Reply::error(&e),
-            },
+                }
+            }
             (&Method::GET, ["accounts", id, "keys"]) => m.list_keys(id).await.into(),
             (&Method::DELETE, ["accounts", id, "keys", key_id]) => {
                 m.revoke_key(id, key_id).await.into()

@@ -111,8 +111,12 @@ pub(crate) async fn serve(
     let value = match call {
         KeyCall::List => gw.manager.list_keys(account_id).await?,
         KeyCall::Create => {
-            let body =
-                crate::inspect::read_body(session, live.config.server.max_body_bytes).await?;
+            let body = crate::inspect::read_body(
+                session,
+                live.config.server.max_body_bytes,
+                live.config.server.body_idle_timeout,
+            )
+            .await?;
             let created = gw
                 .manager
                 .create_key(&live.config.policies, account_id, &body)

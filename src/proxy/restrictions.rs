@@ -25,7 +25,10 @@ pub(crate) async fn check(
     }
     scopes(&key.scopes, policy)?;
     let source = policy.and_then(|p| p.instance.as_ref());
-    let limit = live.config.server.max_inspected_body_bytes;
+    let limit = BodyLimit {
+        bytes: live.config.server.max_inspected_body_bytes,
+        idle: live.config.server.body_idle_timeout,
+    };
     let instance = match (key.instance_ids.is_empty(), source) {
         (true, _) | (false, Some(InstanceSource::InstanceFree)) => {
             return no_body_override(session, limit).await
@@ -62,7 +65,7 @@ fn scopes(granted: &[Box<str>], policy: Option<&RoutePolicy>) -> Result<(), Gate
 /// form (Rack takes a body without `Content-Type` for one), and in Laravel from a JSON body
 /// too. A restricted key's POST body must be empty or plain JSON without that field, or the
 /// backend could run another method than the policy was matched on.
-async fn no_body_override(session: &mut Session, limit: usize) -> Result<(), GatewayError> {
+async fn no_body_override(session: &mut Session, limit: BodyLimit) -> Result<(), GatewayError> {
     if session.req_header().method != http::Method::POST || !inspect::has_body(session) {
         return Ok(());
     }
@@ -105,7 +108,7 @@ fn from_query(session: &mut Session, name: &str) -> Result<Option<String>, Gatew
 async fn from_body(
     session: &mut Session,
     field: &str,
-    limit: usize,
+    limit: BodyLimit,
 ) -> Result<Option<String>, GatewayError> {
     if inspect::query_names(session.req_header().uri.query(), field) {
         return Err(GatewayError::query_beside_body(field));
@@ -124,9 +127,16 @@ async fn from_body(
     Ok(instance)
 }
 
-/// Reads the whole body (at most `limit` bytes) into pingora's replay buffer, from which it
+/// How much of a body the gateway reads, and how long each read may wait.
+#[derive(Debug, Clone, Copy)]
+struct BodyLimit {
+    bytes: usize,
+    idle: std::time::Duration,
+}
+
+/// Reads the whole body (at most `limit.bytes`) into pingora's replay buffer, from which it
 /// is forwarded unchanged.
-async fn read_body(session: &mut Session, limit: usize) -> Result<Vec<u8>, GatewayError> {
+async fn read_body(session: &mut Session, limit: BodyLimit) -> Result<Vec<u8>, GatewayError> {
     session.enable_retry_buffering();
-    inspect::read_body(session, limit).await
+    inspect::read_body(session, limit.bytes, limit.idle).await
 }

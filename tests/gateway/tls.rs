@@ -504,3 +504,82 @@ fn h2c_serves_http2_with_prior_knowledge_on_the_plain_listener_when_enabled() {
     // HTTP/1.1 keeps working on the same listener.
     echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
 }
+
+/// An HTTP/2 stream that declares a body and never sends it: pingora bounds no HTTP/2 body
+/// read, so a refusal that drained it, or an inspection that waited for it, held the stream
+/// (and its connection's place under the caps) forever. A refusal answers at once; a body the
+/// gateway reads may pause `body_idle_timeout` (here 1 s) between reads, as on HTTP/1.
+#[test]
+fn a_stalled_http2_body_holds_nothing() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, tls) = tls_gateway_with(
+        &ca,
+        dir.path(),
+        &[("api", "api.test")],
+        "",
+        Setup::new().server("body_idle_timeout = \"1s\""),
+    );
+    let key = restricted_key(&gw, &[], &["3fa85f64-5717-4562-b3fc-2c963f66afa6"]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answers = rt.block_on(async move {
+        let mut config = (*ca.client_config()).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(tls).await.unwrap();
+        let name = ServerName::try_from("api.test".to_owned()).unwrap();
+        let stream = connector.connect(name, tcp).await.unwrap();
+        let (client, connection) = h2::client::handshake(stream).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut statuses = Vec::new();
+        let mut held = Vec::new();
+        for (path, key, sent) in [
+            ("/api/v1/messages/send", "msgf_live_nope", &b""[..]),
+            (
+                "/api/v1/messages/send",
+                key.as_str(),
+                &b"{\"instanceId\""[..],
+            ),
+        ] {
+            let mut client = client.clone().ready().await.unwrap();
+            let req = http::Request::post(format!("https://api.test{path}"))
+                .header("x-api-key", key)
+                .header("content-type", "application/json")
+                .header("content-length", "1000")
+                .body(())
+                .unwrap();
+            let (response, mut body) = client.send_request(req, false).unwrap();
+            if !sent.is_empty() {
+                body.send_data(sent.to_vec().into(), false).unwrap();
+            }
+            held.push(body);
+            // A guard, not a measurement: without the fix this never came.
+            let response = tokio::time::timeout(std::time::Duration::from_secs(20), response)
+                .await
+                .expect("an answer, not a stream held open")
+                .unwrap();
+            let mut body = response.into_body();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                let _ = body.flow_control().release_capacity(chunk.len());
+                bytes.extend_from_slice(&chunk);
+            }
+            statuses.push(String::from_utf8_lossy(&bytes).into_owned());
+        }
+        statuses
+    });
+    assert_eq!(
+        answers[0],
+        r#"{"error":{"code":"UNAUTHORIZED","message":"Invalid or revoked API key"}}"#
+    );
+    assert_eq!(
+        answers[1],
+        r#"{"error":{"code":"BAD_REQUEST","message":"Could not read the request body"}}"#
+    );
+}
