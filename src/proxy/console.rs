@@ -36,7 +36,11 @@ pub(crate) fn authenticate(
         .trim();
     match live.jwt.verify(token, gw.clock.now_unix()) {
         Ok(id) => {
-            // Claims become header values: anything a header cannot carry is refused.
+            // Claims become header values: anything a header cannot carry is refused, and so
+            // is whitespace in the account id, which a backend may trim or split on.
+            if id.account_id.contains([' ', '\t']) {
+                return Err(GatewayError::invalid_token());
+            }
             let value =
                 |s: &str| HeaderValue::from_str(s).map_err(|_| GatewayError::invalid_token());
             let identity = Identity {

@@ -355,6 +355,9 @@ fn an_account_claim_of_the_wrong_type_never_falls_back_to_sub() {
         json!({"account_id": 42, "sub": "acc_victim"}),
         json!({"account_id": "", "sub": "acc_victim"}),
         json!({"account_id": {"id": "acc_victim"}, "sub": "acc_victim"}),
+        json!({"account_id": "acc_victim\tx", "sub": "acc_victim"}),
+        json!({"account_id": "acc_victim x", "sub": "acc_victim"}),
+        json!({"account_id": " acc_victim", "sub": "acc_victim"}),
     ] {
         let auth = format!("Bearer {}", token_with(claims));
         let r = gw.get("/api/dashboard", &[("authorization", &auth)]);
