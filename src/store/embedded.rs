@@ -45,6 +45,16 @@ impl Data {
                 self.by_hash.insert(k.hash.clone(), k.id.clone());
                 self.keys.insert(k.id.clone(), k);
             }
+            Entry::Forget(id) => {
+                if let Some(k) = self.keys.remove(&id) {
+                    if self.by_hash.get(&k.hash) == Some(&id) {
+                        self.by_hash.remove(&k.hash);
+                    }
+                    if let Some(ids) = self.by_account.get_mut(&k.account_id) {
+                        ids.retain(|i| *i != id);
+                    }
+                }
+            }
         }
     }
 
@@ -237,6 +247,34 @@ impl EmbeddedStore {
         }
     }
 
+    /// Forgets the account's revoked records beyond [`super::REVOKED_KEYS_KEPT`], one journal
+    /// line each. The revoke is done whatever happens here: a failure is logged and retried
+    /// at the next revoke.
+    async fn forget_old_revoked(&self, account_id: &str) {
+        let doomed: Vec<String> = {
+            let data = self.data.read();
+            let keys = data
+                .by_account
+                .get(account_id)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| data.keys.get(id));
+            super::revoked_beyond_kept(keys)
+                .into_iter()
+                .map(|k| k.id.clone())
+                .collect()
+        };
+        for id in doomed {
+            let forgotten = self
+                .write(|_| Ok::<_, StoreError>(((), Some(Entry::Forget(id)))))
+                .await;
+            if let Err(e) = forgotten {
+                tracing::warn!(error = %e, "could not forget an old revoked key");
+                return;
+            }
+        }
+    }
+
     /// Decides a change under the writer lock, persists it (on a blocking thread), then
     /// applies it in memory: memory never holds what the disk does not. `decide` may refuse
     /// with its call's own error.
@@ -398,34 +436,32 @@ impl Store for EmbeddedStore {
     ) -> Result<Option<Revoked>, StoreError> {
         // Ownership first: a refused revoke touches nothing, not even the key's bucket. A key
         // already revoked is answered as it is, with nothing written.
-        self.write(|data| match data.keys.get(key_id) {
-            Some(key) if key.account_id == account_id && !key.is_active() => {
-                Ok((Some(key.clone()), None))
-            }
-            Some(key) if key.account_id == account_id => {
-                let mut key = key.clone();
-                key.revoked_at_ms = Some(now_ms);
-                if let Some(bucket) = self.buckets.get(key_id) {
-                    key.last_used_at_ms = Some(bucket.last_used_ms);
+        let revoked: Option<KeyRecord> = self
+            .write(|data| match data.keys.get(key_id) {
+                Some(key) if key.account_id == account_id && !key.is_active() => {
+                    Ok((Some(key.clone()), None))
                 }
-                Ok((Some(key.clone()), Some(Entry::Key(key))))
-            }
-            _ => Ok((None, None)),
-        })
-        .await
-        .inspect(|revoked| {
-            if revoked.is_some() {
-                self.buckets.remove(key_id);
-            }
-        })
-        // One node: the caller's own cache is all there is to tell.
-        .map(|revoked: Option<KeyRecord>| {
-            revoked.map(|record| Revoked {
-                record,
-                announced: true,
-                replicated: true,
+                Some(key) if key.account_id == account_id => {
+                    let mut key = key.clone();
+                    key.revoked_at_ms = Some(now_ms);
+                    if let Some(bucket) = self.buckets.get(key_id) {
+                        key.last_used_at_ms = Some(bucket.last_used_ms);
+                    }
+                    Ok((Some(key.clone()), Some(Entry::Key(key))))
+                }
+                _ => Ok((None, None)),
             })
-        })
+            .await?;
+        if revoked.is_some() {
+            self.buckets.remove(key_id);
+            self.forget_old_revoked(account_id).await;
+        }
+        // One node: the caller's own cache is all there is to tell.
+        Ok(revoked.map(|record| Revoked {
+            record,
+            announced: true,
+            replicated: true,
+        }))
     }
 
     async fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, StoreError> {

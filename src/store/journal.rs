@@ -17,12 +17,15 @@ struct Header {
     version: u32,
 }
 
-/// One line of the journal: the latest state of one record.
+/// One line of the journal: the latest state of one record, or a revoked key forgotten (by
+/// id; see `REVOKED_KEYS_KEPT`). A binary older than `forget` refuses a file with one until
+/// a compaction has dropped it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(super) enum Entry {
     Account(Account),
     Key(KeyRecord),
+    Forget(String),
 }
 
 pub(super) struct Journal {
@@ -200,6 +203,7 @@ mod tests {
             .map(|e| match e {
                 Entry::Account(a) => format!("{}={}", a.id, a.plan),
                 Entry::Key(k) => k.id.clone(),
+                Entry::Forget(id) => format!("-{id}"),
             })
             .collect()
     }

@@ -90,6 +90,22 @@ pub struct Revoked {
     pub replicated: bool,
 }
 
+/// Revoked key records an account keeps (listed with their `revokedAt`); older ones are
+/// forgotten when another key is revoked. Without a bound, a caller creating and revoking keys
+/// in a loop grew its records, and every listing of them, without end. A forgotten key is
+/// refused as any unknown key is.
+pub const REVOKED_KEYS_KEPT: usize = 100;
+
+/// The ids of `keys`' revoked records beyond the newest [`REVOKED_KEYS_KEPT`] (by revocation
+/// time, ties by id): the ones to forget.
+pub(crate) fn revoked_beyond_kept<'a>(
+    keys: impl Iterator<Item = &'a KeyRecord>,
+) -> Vec<&'a KeyRecord> {
+    let mut revoked: Vec<&KeyRecord> = keys.filter(|k| !k.is_active()).collect();
+    revoked.sort_by(|a, b| (b.revoked_at_ms, &b.id).cmp(&(a.revoked_at_ms, &a.id)));
+    revoked.split_off(revoked.len().min(REVOKED_KEYS_KEPT))
+}
+
 /// The order keys are listed in: oldest first, ties by id.
 pub fn oldest_first(keys: &mut [KeyRecord]) {
     keys.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));

@@ -226,7 +226,55 @@ fn concurrent_creates_never_exceed_the_plan_cap(b: Backend) {
     gw.create_key("acme");
 }
 
+/// An account keeps its newest 100 revoked records; an older one is forgotten when another key
+/// is revoked (a create-and-revoke loop grew the records, and every listing, without end). A
+/// forgotten key is refused as an unknown one is.
+fn old_revoked_keys_are_forgotten(b: Backend) {
+    let mut gw = Gateway::on(b);
+    gw.put_account("acme", "pro", "active");
+    let mut revoked = Vec::new();
+    for _ in 0..101 {
+        let (key, id) = gw.create_key("acme");
+        let r = gw.admin_call(
+            "DELETE",
+            &format!("/admin/v1/accounts/acme/keys/{id}"),
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        revoked.push((key, id));
+        gw.clock.advance_ms(1);
+    }
+    // Forgotten for good: the embedded store's data file says so after a restart.
+    gw.restart();
+    let list = gw
+        .admin_call("GET", "/admin/v1/accounts/acme/keys", None)
+        .json()
+        .unwrap();
+    let listed: Vec<&str> = list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed.len(), 100);
+    assert!(!listed.contains(&revoked[0].1.as_str()));
+    assert!(listed.contains(&revoked[1].1.as_str()));
+    for (key, _) in [&revoked[0], &revoked[100]] {
+        let r = gw.get("/api/v1/x", &[("x-api-key", key)]);
+        assert_error(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
+    }
+    let r = gw.admin_call(
+        "DELETE",
+        &format!("/admin/v1/accounts/acme/keys/{}", revoked[0].1),
+        None,
+    );
+    assert_eq!(r.status, 404);
+    let (key, _) = gw.create_key("acme");
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+}
+
 crate::on_both_stores!(
+    old_revoked_keys_are_forgotten,
     admin_api_needs_the_token,
     health_readiness_and_metrics,
     accounts_are_put_and_shown,

@@ -190,6 +190,10 @@ impl RedisStore {
                 .arg(tat_key(account_id, key_id))
                 .ignore();
             self.pipe::<()>(&p).await?;
+            if let Err(e) = self.forget_old_revoked(account_id).await {
+                // The revoke is done; the next one tries again.
+                tracing::warn!(error = %e, "could not forget old revoked keys");
+            }
         }
         // Where Redis has replicas, one must hold the revoke before it is reported done: a
         // failover to a replica that never saw it would bring the key back.
@@ -208,6 +212,38 @@ impl RedisStore {
             announced,
             replicated,
         }))
+    }
+
+    /// Forgets the account's revoked records beyond [`crate::store::REVOKED_KEYS_KEPT`]: out
+    /// of the listing first, then their lookup records (another slot in a cluster, so their
+    /// own commands). An absent lookup record is a 401, as a revoked one is.
+    async fn forget_old_revoked(&self, account_id: &str) -> Result<(), StoreError> {
+        let records: HashMap<String, String> = self
+            .cmd(redis::cmd("HGETALL").arg(keys_key(account_id)))
+            .await?;
+        let keys = records
+            .values()
+            .map(|json| decode::<KeyRecord>(json))
+            .collect::<Result<Vec<_>, _>>()?;
+        let doomed = crate::store::revoked_beyond_kept(keys.iter());
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        let mut p = redis::pipe();
+        p.atomic();
+        for hash in [keys_key(account_id), used_key(account_id)] {
+            p.cmd("HDEL").arg(hash);
+            for key in &doomed {
+                p.arg(&key.id);
+            }
+            p.ignore();
+        }
+        self.pipe::<()>(&p).await?;
+        for key in doomed {
+            self.cmd::<()>(redis::cmd("DEL").arg(hash_key(&key.hash)))
+                .await?;
+        }
+        Ok(())
     }
 
     /// True when this connection's writes so far are on at least one replica, or when there
