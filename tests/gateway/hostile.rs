@@ -29,6 +29,11 @@ fn call(gw: &Gateway, method: &str, path: &str, key: &str, body: Option<&str>) -
     )
 }
 
+/// `GET /api/v1/messages/1?{query}` with `key` (the query-sourced route).
+fn read_messages(gw: &Gateway, key: &str, query: &str) -> HttpResponse {
+    call(gw, "GET", &format!("/api/v1/messages/1?{query}"), key, None)
+}
+
 #[test]
 fn restricted_keys_are_refused_wherever_no_policy_says_how_their_restriction_applies() {
     let (gw, key) = shipped_with_key(&["messages:read"], &[A]);
@@ -118,15 +123,7 @@ fn a_duplicated_inspected_field_or_parameter_is_refused() {
         r#"{{"instanceId":"{A}","x":{{"instanceId":"{B}"}}}}"#
     )));
 
-    let get = |query: String| {
-        call(
-            &gw,
-            "GET",
-            &format!("/api/v1/messages/1?{query}"),
-            &key,
-            None,
-        )
-    };
+    let get = |query: String| read_messages(&gw, &key, &query);
     let twice = "The query parameter instanceId is given more than once";
     for query in [
         format!("instanceId={A}&instanceId={B}"),
@@ -761,15 +758,7 @@ fn a_restricted_keys_post_body_may_not_override_its_method() {
 fn parameters_count_under_every_name_a_backend_reads() {
     let gw = Gateway::start();
     let key = restricted_key(&gw, &[], &[A]);
-    let get = |query: String| {
-        call(
-            &gw,
-            "GET",
-            &format!("/api/v1/messages/1?{query}"),
-            &key,
-            None,
-        )
-    };
+    let get = |query: String| read_messages(&gw, &key, &query);
     let twice = "The query parameter instanceId is given more than once";
     for query in [
         format!("[instanceId]={B}&instanceId={A}"),

@@ -324,6 +324,23 @@ type H2Request = (String, Vec<(&'static str, String)>, Option<Vec<u8>>);
 
 /// HTTP/2 exchanges over TLS (ALPN h2), each with an optional body (sent without a
 /// content-length, as h2 allows).
+/// An HTTP/2 client over TLS (ALPN h2) to `api.test` at `addr`, its connection driven on the
+/// current runtime.
+async fn h2_client(addr: SocketAddr, ca: &Ca) -> h2::client::SendRequest<bytes::Bytes> {
+    let mut config = (*ca.client_config()).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("api.test".to_owned()).unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (client, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
 fn h2_send(
     addr: SocketAddr,
     ca: &Ca,
@@ -334,17 +351,7 @@ fn h2_send(
         .build()
         .unwrap();
     rt.block_on(async move {
-        let mut config = (*ca.client_config()).clone();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let name = ServerName::try_from("api.test".to_owned()).unwrap();
-        let tls = connector.connect(name, tcp).await.unwrap();
-        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-        let (client, connection) = h2::client::handshake(tls).await.unwrap();
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let client = h2_client(addr, ca).await;
         let mut out = Vec::new();
         for (path, headers, body) in requests {
             let mut client = client.clone().ready().await.unwrap();
@@ -526,16 +533,7 @@ fn a_stalled_http2_body_holds_nothing() {
         .build()
         .unwrap();
     let answers = rt.block_on(async move {
-        let mut config = (*ca.client_config()).clone();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tcp = tokio::net::TcpStream::connect(tls).await.unwrap();
-        let name = ServerName::try_from("api.test".to_owned()).unwrap();
-        let stream = connector.connect(name, tcp).await.unwrap();
-        let (client, connection) = h2::client::handshake(stream).await.unwrap();
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let client = h2_client(tls, &ca).await;
         let mut statuses = Vec::new();
         let mut held = Vec::new();
         for (path, key, sent) in [
