@@ -341,8 +341,9 @@ impl Sink {
     }
 }
 
-/// The writer thread: lines as they come, flushed whenever the queue is empty; ends when the
-/// log is dropped.
+/// The writer thread: lines as they come, flushed whenever the queue is empty, and counted
+/// written once flushed (a count that ran ahead of the file let a reader find fewer lines than
+/// it said); ends when the log is dropped.
 fn write_lines(
     lines: &Receiver<Vec<u8>>,
     mut sink: Sink,
@@ -351,6 +352,7 @@ fn write_lines(
     reopen: &AtomicBool,
 ) {
     while let Ok(mut line) = lines.recv() {
+        let mut pending = 0;
         loop {
             if reopen.swap(false, Ordering::AcqRel) {
                 let _ = sink.flush();
@@ -362,14 +364,16 @@ fn write_lines(
                 }
             }
             if sink.write(&line).is_ok() {
-                written.fetch_add(1, Ordering::Relaxed);
+                pending += 1;
             }
             match lines.try_recv() {
                 Ok(next) => line = next,
                 Err(_) => break,
             }
         }
-        let _ = sink.flush();
+        if sink.flush().is_ok() {
+            written.fetch_add(pending, Ordering::Relaxed);
+        }
     }
     let _ = sink.flush();
 }
