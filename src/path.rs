@@ -80,23 +80,22 @@ pub fn prefix_problem(prefix: &str) -> Option<&'static str> {
 /// (`/api/v1/` covers `/api/v1`); any other prefix covers itself and everything below it
 /// (`/api/v1/status` covers `/api/v1/status/x`, never `/api/v1/statusX`).
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
-    match prefix.strip_suffix('/') {
-        Some(bare) => path.starts_with(prefix) || (!bare.is_empty() && path == bare),
-        None => path
-            .strip_prefix(prefix)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
-    }
+    prefix_matches_by(prefix, path, |a, b| a == b)
 }
 
 /// [`prefix_matches`] with ASCII letter case ignored on both sides: how a backend that routes
 /// without regard to case (Express, ASP.NET) would match.
 pub fn prefix_matches_ignoring_case(prefix: &str, path: &str) -> bool {
-    let starts = |p: &str| {
-        path.len() >= p.len() && path.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
-    };
-    match prefix.strip_suffix('/') {
-        Some(bare) => starts(prefix) || (!bare.is_empty() && path.eq_ignore_ascii_case(bare)),
-        None => starts(prefix) && path.as_bytes().get(prefix.len()).is_none_or(|b| *b == b'/'),
+    prefix_matches_by(prefix, path, <[u8]>::eq_ignore_ascii_case)
+}
+
+/// The whole-segment prefix rule, with `same` deciding when two runs of bytes are equal.
+fn prefix_matches_by(prefix: &str, path: &str, same: impl Fn(&[u8], &[u8]) -> bool) -> bool {
+    let (prefix, path) = (prefix.as_bytes(), path.as_bytes());
+    let starts = |p: &[u8]| path.len() >= p.len() && same(&path[..p.len()], p);
+    match prefix.strip_suffix(b"/") {
+        Some(bare) => starts(prefix) || (!bare.is_empty() && same(path, bare)),
+        None => starts(prefix) && path.get(prefix.len()).is_none_or(|b| *b == b'/'),
     }
 }
 

@@ -4,7 +4,7 @@
 //! restriction applies, and only a request the gateway reads as the backend will.
 
 use crate::auth::Principal;
-use crate::body_type::{self, Declared};
+use crate::body_type;
 use crate::errors::GatewayError;
 use crate::inspect::{self, Ambiguity, BodyError};
 use crate::live::Live;
@@ -69,7 +69,7 @@ async fn no_body_override(session: &mut Session, limit: BodyLimit) -> Result<(),
     if session.req_header().method != http::Method::POST || !inspect::has_body(session) {
         return Ok(());
     }
-    let plain_json = body_type::declared(&session.req_header().headers) == Declared::PlainJson;
+    let plain_json = body_type::is_plain_json(&session.req_header().headers);
     // Read whatever the type: a stream that may carry a body (chunked, HTTP/2) can turn out
     // empty, and an empty body carries nothing.
     let body = read_body(session, limit).await?;
@@ -113,7 +113,7 @@ async fn from_body(
     if inspect::query_names(session.req_header().uri.query(), field) {
         return Err(GatewayError::query_beside_body(field));
     }
-    if body_type::declared(&session.req_header().headers) != Declared::PlainJson {
+    if !body_type::is_plain_json(&session.req_header().headers) {
         return Err(GatewayError::body_not_plain_json(field));
     }
     let body = read_body(session, limit).await?;

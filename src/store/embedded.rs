@@ -65,12 +65,17 @@ impl Data {
             .collect()
     }
 
+    /// The account's key records, revoked ones included.
+    fn keys_of<'a>(&'a self, account_id: &str) -> impl Iterator<Item = &'a KeyRecord> {
+        self.by_account
+            .get(account_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.keys.get(id))
+    }
+
     fn active_keys(&self, account_id: &str) -> usize {
-        self.by_account.get(account_id).map_or(0, |ids| {
-            ids.iter()
-                .filter(|id| self.keys.get(*id).is_some_and(KeyRecord::is_active))
-                .count()
-        })
+        self.keys_of(account_id).filter(|k| k.is_active()).count()
     }
 }
 
@@ -253,13 +258,7 @@ impl EmbeddedStore {
     async fn forget_old_revoked(&self, account_id: &str) {
         let doomed: Vec<String> = {
             let data = self.data.read();
-            let keys = data
-                .by_account
-                .get(account_id)
-                .into_iter()
-                .flatten()
-                .filter_map(|id| data.keys.get(id));
-            super::revoked_beyond_kept(keys)
+            super::revoked_beyond_kept(data.keys_of(account_id))
                 .into_iter()
                 .map(|k| k.id.clone())
                 .collect()
@@ -410,14 +409,7 @@ impl Store for EmbeddedStore {
 
     async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyRecord>, StoreError> {
         let data = self.data.read();
-        let mut keys: Vec<KeyRecord> = data
-            .by_account
-            .get(account_id)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| data.keys.get(id))
-            .cloned()
-            .collect();
+        let mut keys: Vec<KeyRecord> = data.keys_of(account_id).cloned().collect();
         drop(data);
         for key in &mut keys {
             if let Some(bucket) = self.buckets.get(&key.id) {

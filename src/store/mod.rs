@@ -96,8 +96,8 @@ pub struct Revoked {
 /// refused as any unknown key is.
 pub const REVOKED_KEYS_KEPT: usize = 100;
 
-/// The ids of `keys`' revoked records beyond the newest [`REVOKED_KEYS_KEPT`] (by revocation
-/// time, ties by id): the ones to forget.
+/// `keys`' revoked records beyond the newest [`REVOKED_KEYS_KEPT`] (by revocation time, ties
+/// by id): the ones to forget.
 pub(crate) fn revoked_beyond_kept<'a>(
     keys: impl Iterator<Item = &'a KeyRecord>,
 ) -> Vec<&'a KeyRecord> {
