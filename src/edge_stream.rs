@@ -147,14 +147,20 @@ enum Head {
     Idle,
     /// A head has started: it must end (blank line) before the deadline. `tail` holds the
     /// last bytes seen, so that a blank line split across reads is found; `total` counts the
-    /// head's bytes so far.
+    /// head's bytes so far. `line` is false while only line breaks have come: httparse skips
+    /// any number of empty lines before a request line, so they start the clock and count
+    /// toward the bound, but cannot end a head.
     Reading {
         tail: [u8; 3],
         len: usize,
         total: usize,
+        line: bool,
     },
-    /// The head is complete (a body may follow): no clock until the next response is written.
-    Done,
+    /// The head is complete (a body may follow): no clock until the request has ended
+    /// ([`EdgeStream::request_ended`]: its response is written). `ended` is how many requests
+    /// had ended when the head completed. Writes do not end it: an interim `100 Continue` is a
+    /// write, and the body after it is not a new head.
+    Done { ended: u64 },
     /// HTTP/2: not watched here.
     Off,
     /// The head grew past its bound: `answer` is being written (`sent` bytes so far); then the
@@ -283,11 +289,32 @@ impl EdgeStream {
         sleep.as_mut().poll(cx).is_ready()
     }
 
+    /// Brings the head's state up to what the proxy said (see [`Self::request_began`] and
+    /// [`Self::request_ended`]) before a read. While a request is under way, what is read is
+    /// its body (or a pipelined request's first bytes): not a head, whatever it holds. That
+    /// includes a head that pingora found whole in bytes it had already read. Once the request
+    /// whose head was read has ended, the next bytes start a new head.
+    fn catch_up(&mut self) {
+        let between = self.between.load(Ordering::Relaxed);
+        let waiting = between & 1 == 1;
+        let ended = between >> 1;
+        match self.head {
+            Head::Idle | Head::Reading { .. } | Head::Done { .. } if !waiting => {
+                self.head = Head::Done { ended };
+            }
+            Head::Done { ended: then } if ended > then => self.head = Head::Idle,
+            _ => {}
+        }
+    }
+
     /// Follows the head through the bytes just read; starts the clock when a head starts, and
     /// turns to refusing when the head grew past its bound.
     fn saw(&mut self, bytes: &[u8]) {
         if follow(&mut self.head, bytes) {
             self.deadline = Instant::now() + self.timeout;
+        }
+        if let Head::Done { ended } = &mut self.head {
+            *ended = self.between.load(Ordering::Relaxed) >> 1;
         }
         if matches!(self.head, Head::Reading { total, .. } if total > self.max_head) {
             self.head = Head::Refusing {
@@ -353,8 +380,9 @@ fn has_blank_line(bytes: &[u8]) -> bool {
     })
 }
 
-/// Moves `head` along `bytes`; true when a new head starts (the clock must start).
-fn follow(head: &mut Head, bytes: &[u8]) -> bool {
+/// Moves `head` along `bytes`; true when a new head starts (the clock must start). A completed
+/// head is `Done { ended: 0 }`: the caller records how many requests had ended.
+fn follow(head: &mut Head, mut bytes: &[u8]) -> bool {
     if bytes.is_empty() {
         return false;
     }
@@ -370,9 +398,29 @@ fn follow(head: &mut Head, bytes: &[u8]) -> bool {
             tail: [0; 3],
             len: 0,
             total: 0,
+            line: false,
         };
     }
-    if let Head::Reading { tail, len, total } = head {
+    if let Head::Reading {
+        tail,
+        len,
+        total,
+        line,
+    } = head
+    {
+        if !*line {
+            // Empty lines before the request line: counted, never the end of a head.
+            let breaks = bytes
+                .iter()
+                .take_while(|b| matches!(b, b'\r' | b'\n'))
+                .count();
+            *total = total.saturating_add(breaks);
+            bytes = &bytes[breaks..];
+            if bytes.is_empty() {
+                return started;
+            }
+            *line = true;
+        }
         // The blank line may straddle two reads: look at the seam (the kept tail and the
         // first bytes of this read), then within this read. No allocation.
         let mut seam = [0u8; 6];
@@ -381,7 +429,7 @@ fn follow(head: &mut Head, bytes: &[u8]) -> bool {
         seam[*len..*len + first].copy_from_slice(&bytes[..first]);
         let seam = &seam[..*len + first];
         if has_blank_line(seam) || has_blank_line(bytes) {
-            *head = Head::Done;
+            *head = Head::Done { ended: 0 };
             return started;
         }
         // Keep the last three bytes seen (from the seam when this read was shorter).
@@ -400,8 +448,9 @@ impl AsyncRead for EdgeStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        self.as_mut().get_mut().catch_up();
         match self.head {
-            Head::Done | Head::Off => return Pin::new(&mut self.inner).poll_read(cx, buf),
+            Head::Done { .. } | Head::Off => return Pin::new(&mut self.inner).poll_read(cx, buf),
             Head::Refusing { .. } | Head::Refused { .. } => return self.get_mut().poll_refuse(cx),
             Head::Idle | Head::Reading { .. } => {}
         }
@@ -453,12 +502,7 @@ impl AsyncWrite for EdgeStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
-        // A response is going out: the next bytes from the client start a new head.
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) && matches!(self.head, Head::Done) {
-            self.head = Head::Idle;
-        }
-        written
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -474,11 +518,7 @@ impl AsyncWrite for EdgeStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) && matches!(self.head, Head::Done) {
-            self.head = Head::Idle;
-        }
-        written
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -563,7 +603,7 @@ mod tests {
         for chunk in chunks {
             follow(&mut head, chunk);
         }
-        matches!(head, Head::Done)
+        matches!(head, Head::Done { .. })
     }
 
     #[test]
@@ -587,6 +627,26 @@ mod tests {
         assert!(ends(&[&b"GET / HTTP/1.1\nhost: x\n\r\n"[..]]));
         assert!(ends(&[&b"GET / HTTP/1.1\r\nhost: x\r\n\n"[..]]));
         assert!(!ends(&[&b"GET / HTTP/1.1\r\nhost: x\r\n\r"[..]]));
+        // Empty lines before a request line (httparse skips them) never end a head: they
+        // start the clock and count toward the bound.
+        assert!(!ends(&[&b"\r\n\r\n"[..]]));
+        assert!(!ends(&[&b"\r\n\r\n\r\n"[..], b"\n\n", b"\r\n"]));
+        assert!(ends(&[&b"\r\n\r\nGET / HTTP/1.1\r\n\r\n"[..]]));
+        assert!(ends(&[&b"\r\n"[..], b"\r\nGET / HTTP/1.1\r\n", b"\r\n"]));
+        let mut head = Head::Idle;
+        assert!(follow(&mut head, b"\r\n\r\n"), "the clock starts");
+        follow(&mut head, b"\n\n");
+        assert!(
+            matches!(
+                head,
+                Head::Reading {
+                    total: 6,
+                    line: false,
+                    ..
+                }
+            ),
+            "{head:?}"
+        );
         let mut h2 = Head::Idle;
         assert!(!follow(&mut h2, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
         assert!(matches!(h2, Head::Off));

@@ -180,6 +180,57 @@ fn slow_request_heads_are_cut_at_the_deadline_while_others_are_served() {
     echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
 }
 
+/// Empty lines before a request line (which pingora's parser skips, as RFC 9112 allows) are
+/// part of the next head: they start its clock and count toward its bound, on a fresh
+/// connection and on a kept-alive one. Before, `\r\n\r\n` read as a whole head: the clock
+/// stopped and the bound was off, and a kept-alive connection could be held without end.
+#[test]
+fn empty_lines_before_a_request_line_start_the_head_clock() {
+    use std::io::Write;
+    use std::time::Duration;
+    // The keep-alive timeout far beyond the test: only the head deadline can close these.
+    let gw = Gateway::start_with(
+        Setup::new()
+            .server("header_timeout = \"1s\"")
+            .server("keepalive_timeout = \"600s\""),
+    );
+    let (key, _) = gw.account_with_key("acme", "pro");
+
+    let mut fresh = std::net::TcpStream::connect(gw.proxy).unwrap();
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    fresh.write_all(b"\r\n\r\n").unwrap();
+    assert_closed_without_answer(&mut fresh, "empty lines on a fresh connection");
+
+    let mut kept = gw.connect();
+    echoed(
+        &kept
+            .send("GET", "/api/v1/x", &[("x-api-key", &key)], None)
+            .unwrap(),
+    );
+    kept.write_raw(b"\r\n\r\n").unwrap();
+    assert_eq!(
+        kept.read_until_closed()
+            .expect("closed at the head deadline"),
+        b"",
+        "empty lines on a kept-alive connection"
+    );
+
+    // Empty lines and then a request: served.
+    let head = format!("\r\n\r\nGET /api/v1/x HTTP/1.1\r\nhost: gw\r\nx-api-key: {key}\r\n\r\n");
+    let seen = echoed(&gw.connect().raw(head.as_bytes()).unwrap());
+    assert_eq!(seen["uri"], "/api/v1/x");
+
+    // Empty lines alone past the bound: 431, as any other head.
+    let r = gw
+        .connect()
+        .pipelined("\r\n".repeat(60_000).as_bytes(), 2)
+        .unwrap();
+    assert_eq!(r.len(), 1);
+    assert_refused(&r[0], 431, "HEADERS_TOO_LARGE", "Request headers too large");
+}
+
 /// A head that grows past `server.max_header_bytes` plus the request-line allowance (64 KiB) is
 /// answered 431 as it arrives, and the connection closed, without waiting for its end (pingora
 /// alone would buffer up to 1 MiB of it, then wait out the head deadline and answer nothing).

@@ -875,6 +875,33 @@ fn a_path_whose_letter_case_picks_another_route_is_refused() {
     );
 }
 
+/// The body that follows a `100 Continue` is a body, not the next request's head: it may take
+/// longer than `server.header_timeout` (each read within `body_idle_timeout`). Before, the
+/// interim answer made the edge stream watch the body as a head and cut it at the deadline.
+#[test]
+fn a_body_after_100_continue_is_not_held_to_the_head_deadline() {
+    use std::time::Duration;
+    let gw = Gateway::start_with(Setup::new().server("header_timeout = \"1s\""));
+    let key = restricted_key(&gw, &[], &[A]);
+    let body = format!(r#"{{"instanceId":"{A}","text":"slow"}}"#);
+    let head = format!(
+        "POST /api/v1/messages/send HTTP/1.1\r\nhost: gw\r\nx-api-key: {key}\r\n\
+         content-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut conn = gw.connect();
+    assert_eq!(conn.raw(head.as_bytes()).unwrap().status, 100);
+    // Eight pieces, 250 ms apart: 2 s in all, twice the head deadline.
+    let pieces: Vec<&[u8]> = body.as_bytes().chunks(body.len().div_ceil(8)).collect();
+    let (last, first) = pieces.split_last().unwrap();
+    for piece in first {
+        conn.write_raw(piece).unwrap();
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let seen = echoed(&conn.raw(last).unwrap());
+    assert_eq!(seen["body"], body.as_str());
+}
+
 /// A client that asks before sending its body (`Expect: 100-continue`, curl's habit for large
 /// bodies) gets `100 Continue` where the gateway reads the body itself, and its body is
 /// forwarded without the question (the upstream's own `100` would come a second time). Refused
