@@ -1,6 +1,7 @@
 //! The public API's checks (SPEC §3), in order, stopping at the first failure.
 
 use super::headers::{ceil_secs, RateHeaders};
+use super::restrictions::BodyRead;
 use super::Identity;
 use crate::auth::{api_key, Lookup, Principal};
 use crate::errors::GatewayError;
@@ -153,6 +154,67 @@ pub(crate) struct Target<'a> {
     pub upstream: &'a crate::routing::upstream::Pool,
 }
 
+/// What an account's plan allows now: the plan, the time the decision is taken at, the quota
+/// period it falls in and the rate-limit headers a refusal reports.
+struct Terms<'a> {
+    plan: &'a crate::policy::Plan,
+    now_ns: u64,
+    now_unix: i64,
+    period: quota::Period,
+    rate: RateHeaders,
+}
+
+impl<'a> Terms<'a> {
+    fn of(gw: &Gateway, live: &'a Live, account: &crate::store::Account) -> Result<Self, Refusal> {
+        let Some(plan) = live.config.policies.plans.get(&account.plan) else {
+            tracing::error!(account = %account.id, plan = %account.plan, "account refers to an unknown plan");
+            return Err(GatewayError::plan_unavailable().into());
+        };
+        let now_ns = gw.clock.now_ns();
+        let now_unix = i64::try_from(now_ns / 1_000_000_000).unwrap_or(i64::MAX);
+        let period = quota::period_at(now_unix, account.quota_anchor_day);
+        let rate = RateHeaders {
+            burst: plan.bucket.burst,
+            burst_window: u64::from(
+                plan.bucket
+                    .burst
+                    .div_ceil(plan.bucket.rate_per_second.max(1)),
+            )
+            .max(1),
+            quota: plan.monthly_requests,
+            period_secs: period.seconds(),
+            live: None,
+        };
+        Ok(Self {
+            plan,
+            now_ns,
+            now_unix,
+            period,
+            rate,
+        })
+    }
+
+    fn refuse(&self, error: GatewayError) -> Refusal {
+        Refusal {
+            error,
+            rate: Some(self.rate),
+        }
+    }
+}
+
+/// Check 4: the account's subscription, where the route requires one.
+fn subscribed(
+    policy: Option<&RoutePolicy>,
+    account: &crate::store::Account,
+    terms: &Terms<'_>,
+) -> Result<(), Refusal> {
+    let required = policy.and_then(|p| p.require_subscription).unwrap_or(true);
+    if required && account.subscription != Subscription::Active {
+        return Err(terms.refuse(GatewayError::subscription_inactive()));
+    }
+    Ok(())
+}
+
 /// Runs checks 1–7 for a request from `client` (its per-client limit key); on success the
 /// request may be forwarded as `Identity`.
 pub(crate) async fn authorize(
@@ -169,42 +231,40 @@ pub(crate) async fn authorize(
         upstream,
     } = target;
     let waited = store.start();
-    let principal = principal(gw, live, session.req_header(), client).await;
+    let found = principal(gw, live, session.req_header(), client).await;
     store.add(waited);
-    let principal = principal?;
+    let mut found = found?;
+    let mut terms = Terms::of(gw, live, &found.account)?;
+    // 4. subscription
+    subscribed(policy, &found.account, &terms)?;
+    // 5. scopes and instances
+    match super::restrictions::check(live, session, &found, policy, path).await {
+        Err(e) => return Err(terms.refuse(e)),
+        Ok(BodyRead::No) => {}
+        Ok(BodyRead::Yes) => {
+            // Reading the body took as long as the client chose: the key may have been
+            // revoked meanwhile, the account changed, the month turned. Look again.
+            let waited = store.start();
+            let again = principal(gw, live, session.req_header(), client).await;
+            store.add(waited);
+            found = again?;
+            terms = Terms::of(gw, live, &found.account)?;
+            subscribed(policy, &found.account, &terms)?;
+        }
+    }
+    let principal = found;
     let account = principal.account.clone();
-    let Some(plan) = live.config.policies.plans.get(&account.plan) else {
-        tracing::error!(account = %account.id, plan = %account.plan, "account refers to an unknown plan");
-        return Err(GatewayError::plan_unavailable().into());
-    };
-    let now_ns = gw.clock.now_ns();
-    let now_unix = i64::try_from(now_ns / 1_000_000_000).unwrap_or(i64::MAX);
-    let period = quota::period_at(now_unix, account.quota_anchor_day);
-    let mut rate = RateHeaders {
-        burst: plan.bucket.burst,
-        burst_window: u64::from(
-            plan.bucket
-                .burst
-                .div_ceil(plan.bucket.rate_per_second.max(1)),
-        )
-        .max(1),
-        quota: plan.monthly_requests,
-        period_secs: period.seconds(),
-        live: None,
-    };
+    let Terms {
+        plan,
+        now_ns,
+        now_unix,
+        period,
+        mut rate,
+    } = terms;
     let refuse = |error: GatewayError, rate: RateHeaders| Refusal {
         error,
         rate: Some(rate),
     };
-    // 4. subscription
-    let required = policy.and_then(|p| p.require_subscription).unwrap_or(true);
-    if required && account.subscription != Subscription::Active {
-        return Err(refuse(GatewayError::subscription_inactive(), rate));
-    }
-    // 5. scopes and instances
-    if let Err(e) = super::restrictions::check(live, session, &principal, policy, path).await {
-        return Err(refuse(e, rate));
-    }
     let identity = Identity {
         account_id: principal.account_id_value.clone(),
         key_id: Some(principal.key_id_value.clone()),

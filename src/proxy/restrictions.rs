@@ -11,6 +11,14 @@ use crate::live::Live;
 use crate::policy::{InstanceSource, RoutePolicy, ScopeRule};
 use pingora::proxy::Session;
 
+/// Whether check 5 read the request's body: it waited on the client, for as long as the
+/// client took, so what was looked up before it may have changed meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyRead {
+    No,
+    Yes,
+}
+
 /// Runs check 5 for `principal` on a request matched to `policy`.
 pub(crate) async fn check(
     live: &Live,
@@ -18,10 +26,10 @@ pub(crate) async fn check(
     principal: &Principal,
     policy: Option<&RoutePolicy>,
     path: &str,
-) -> Result<(), GatewayError> {
+) -> Result<BodyRead, GatewayError> {
     let key = &principal.key;
     if key.scopes.is_empty() && key.instance_ids.is_empty() {
-        return Ok(());
+        return Ok(BodyRead::No);
     }
     scopes(&key.scopes, policy)?;
     let source = policy.and_then(|p| p.instance.as_ref());
@@ -35,16 +43,18 @@ pub(crate) async fn check(
         }
         (false, None) => return Err(GatewayError::instance_source_undeclared()),
         (false, Some(InstanceSource::PathSegment(n))) => {
-            no_body_override(session, limit).await?;
-            inspect::path_segment(path, *n).map(str::to_owned)
+            let read = no_body_override(session, limit).await?;
+            (inspect::path_segment(path, *n).map(str::to_owned), read)
         }
-        (false, Some(InstanceSource::Query(name))) => from_query(session, name)?,
-        (false, Some(InstanceSource::Body(field))) => from_body(session, field, limit).await?,
+        (false, Some(InstanceSource::Query(name))) => (from_query(session, name)?, BodyRead::No),
+        (false, Some(InstanceSource::Body(field))) => {
+            (from_body(session, field, limit).await?, BodyRead::Yes)
+        }
     };
     match instance {
-        Some(id) if key.instance_ids.iter().any(|i| **i == *id) => Ok(()),
-        Some(id) => Err(GatewayError::instance_not_allowed(&id)),
-        None => Err(GatewayError::instance_missing()),
+        (Some(id), read) if key.instance_ids.iter().any(|i| **i == *id) => Ok(read),
+        (Some(id), _) => Err(GatewayError::instance_not_allowed(&id)),
+        (None, _) => Err(GatewayError::instance_missing()),
     }
 }
 
@@ -65,18 +75,21 @@ fn scopes(granted: &[Box<str>], policy: Option<&RoutePolicy>) -> Result<(), Gate
 /// form (Rack takes a body without `Content-Type` for one), and in Laravel from a JSON body
 /// too. A restricted key's POST body must be empty or plain JSON without that field, or the
 /// backend could run another method than the policy was matched on.
-async fn no_body_override(session: &mut Session, limit: BodyLimit) -> Result<(), GatewayError> {
+async fn no_body_override(
+    session: &mut Session,
+    limit: BodyLimit,
+) -> Result<BodyRead, GatewayError> {
     if session.req_header().method != http::Method::POST || !inspect::has_body(session) {
-        return Ok(());
+        return Ok(BodyRead::No);
     }
     let plain_json = body_type::is_plain_json(&session.req_header().headers);
     // Read whatever the type: a stream that may carry a body (chunked, HTTP/2) can turn out
     // empty, and an empty body carries nothing.
     let body = read_body(session, limit).await?;
     match (body.is_empty(), plain_json) {
-        (true, _) => Ok(()),
+        (true, _) => Ok(BodyRead::Yes),
         (false, false) => Err(GatewayError::restricted_body_not_json()),
-        (false, true) => method_field(&body),
+        (false, true) => method_field(&body).map(|()| BodyRead::Yes),
     }
 }
 

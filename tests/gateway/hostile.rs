@@ -497,6 +497,7 @@ crate::on_both_stores!(
     a_refused_revoke_changes_nothing,
     revoking_twice_changes_no_record_but_invalidates_again,
     a_new_quota_anchor_day_carries_the_usage_over,
+    what_changed_while_a_body_arrived_is_seen,
 );
 
 #[test]
@@ -929,4 +930,53 @@ fn a_client_expecting_100_continue_is_answered_where_the_gateway_reads_the_body(
     let r = conn.raw(refused.as_bytes()).unwrap();
     assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
     assert_eq!(r.header("connection"), Some("close"));
+}
+
+/// A restricted key's body is read before admission, for as long as its client takes. A key
+/// revoked, or an account whose subscription ended, while the body was on its way is refused
+/// once the body has come (both are looked up again), not admitted on what was true when the
+/// head arrived. The `100 Continue` proves the gateway had passed the head and was reading
+/// the body when the change was made.
+fn what_changed_while_a_body_arrived_is_seen(backend: Backend) {
+    let gw = Gateway::on(backend);
+    gw.put_account("acme", "pro", "active");
+    let created = gw
+        .admin_call(
+            "POST",
+            "/admin/v1/accounts/acme/keys",
+            Some(json!({"name": "restricted", "instanceIds": [A]})),
+        )
+        .json()
+        .unwrap();
+    let key = created["key"].as_str().unwrap();
+    let body = format!(r#"{{"instanceId":"{A}"}}"#);
+    let head = format!(
+        "POST /api/v1/messages/send HTTP/1.1\r\nhost: gw\r\nx-api-key: {key}\r\n\
+         content-type: application/json\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let send_after = |change: &dyn Fn()| {
+        let mut conn = gw.connect();
+        assert_eq!(conn.raw(head.as_bytes()).unwrap().status, 100);
+        change();
+        conn.raw(body.as_bytes()).unwrap()
+    };
+
+    echoed(&send_after(&|| {}));
+    let r = send_after(&|| gw.put_account("acme", "pro", "inactive"));
+    assert_refused(
+        &r,
+        403,
+        "SUBSCRIPTION_INACTIVE",
+        "The account has no active subscription for this action",
+    );
+    gw.put_account("acme", "pro", "active");
+    let r = send_after(&|| {
+        let path = format!(
+            "/admin/v1/accounts/acme/keys/{}",
+            created["id"].as_str().unwrap()
+        );
+        assert_eq!(gw.admin_call("DELETE", &path, None).status, 200);
+    });
+    assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
 }
