@@ -151,6 +151,17 @@ pub(crate) fn forwarded_for(prior: Option<&HeaderValue>, ip: IpAddr) -> HeaderVa
     }
 }
 
+/// Whether a trusted proxy's `X-Forwarded-Proto` says `https`: its last entry (the last line,
+/// the last of a comma list), since a proxy that appends puts its own word after whatever the
+/// client sent.
+pub(crate) fn last_says_https(h: &HeaderMap) -> bool {
+    h.get_all("x-forwarded-proto")
+        .iter()
+        .next_back()
+        .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"https"))
+}
+
 /// A client-supplied request id is kept when it is 1–128 characters of `[A-Za-z0-9._:-]`.
 pub(crate) fn is_sane_request_id(id: &[u8]) -> bool {
     !id.is_empty()
@@ -163,6 +174,25 @@ pub(crate) fn is_sane_request_id(id: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trusted_proxy_is_believed_on_its_last_word_about_the_scheme() {
+        let says = |lines: &[&str]| {
+            let mut h = HeaderMap::new();
+            for line in lines {
+                h.append("x-forwarded-proto", HeaderValue::from_str(line).unwrap());
+            }
+            last_says_https(&h)
+        };
+        assert!(says(&["https"]));
+        assert!(says(&["HTTPS "]));
+        assert!(says(&["http", "https"]));
+        assert!(says(&["http, https"]));
+        assert!(!says(&["https", "http"]));
+        assert!(!says(&["https, http"]));
+        assert!(!says(&["https,"]));
+        assert!(!says(&[]));
+    }
 
     #[test]
     fn rate_headers_word_for_word() {

@@ -432,6 +432,10 @@ impl ProxyHttp for GatewayProxy {
                 h.insert(fwd.account_id_header.clone(), id.account_id.clone());
                 if let Some(key_id) = &id.key_id {
                     h.insert(fwd.key_id_header.clone(), key_id.clone());
+                    // The key is the request's one credential: a bearer token beside it was
+                    // verified by nobody, and a backend that reads one where it finds one
+                    // (a console session, an unverified decode) would take its claims.
+                    h.remove(http::header::AUTHORIZATION);
                 }
                 if let Some(user_id) = &id.user_id {
                     h.insert(fwd.user_id_header.clone(), user_id.clone());
@@ -460,9 +464,7 @@ impl ProxyHttp for GatewayProxy {
                 h.insert(X_FORWARDED_FOR.clone(), xff);
             }
             // https where TLS terminates here, or where a trusted front proxy says it did.
-            let https = ctx.tls
-                || (ctx.peer_trusted
-                    && h.get(&X_FORWARDED_PROTO).map(HeaderValue::as_bytes) == Some(b"https"));
+            let https = ctx.tls || (ctx.peer_trusted && headers::last_says_https(h));
             let proto = HeaderValue::from_static(if https { "https" } else { "http" });
             h.insert(X_FORWARDED_PROTO.clone(), proto);
         });

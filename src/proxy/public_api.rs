@@ -91,7 +91,8 @@ async fn principal(
             });
         }
         (Some(_), Some(_)) => None,
-        (Some(key), None) => Some(key.as_bytes()),
+        // Surrounding spaces: what HTTP/1.1's parser drops, HTTP/2 delivers as sent.
+        (Some(key), None) => Some(key.as_bytes().trim_ascii()),
     };
     let per_minute = live.config.server.auth_failures_per_minute;
     let failures = AuthFailures {
@@ -362,7 +363,7 @@ pub(crate) async fn authorize(
             // The store's word is final: this node's cache had not heard of the revoke yet.
             gw.rate_blocks.unblock(key_id);
             if let Some(raw) = session.req_header().headers.get(&super::X_API_KEY) {
-                let hash = crate::auth::api_key::KeyHash::of(raw.as_bytes());
+                let hash = crate::auth::api_key::KeyHash::of(raw.as_bytes().trim_ascii());
                 gw.directory.forget_key(&hash.to_hex());
             }
             Err(GatewayError::invalid_api_key().into())

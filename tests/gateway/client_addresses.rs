@@ -53,6 +53,17 @@ fn a_trusted_proxy_says_who_the_client_is() {
         &[("x-forwarded-for", "198.51.100.9, 203.0.113.8")],
     ));
     assert_eq!(seen["headers"]["x-forwarded-for"], "203.0.113.8, 127.0.0.1");
+    // A proxy that appends speaks last: the client's own `https` in front of it is not
+    // believed, on another line or in the same list.
+    for proto in [&["https", "http"][..], &["https, http"]] {
+        let mut h = vec![("x-forwarded-for", "203.0.113.10")];
+        h.extend(proto.iter().map(|p| ("x-forwarded-proto", *p)));
+        assert_eq!(
+            echoed(&auth_call(&gw, &h))["headers"]["x-forwarded-proto"],
+            "http",
+            "{proto:?}"
+        );
+    }
     // A proto the proxy could not have meant is not passed on.
     let odd = [
         ("x-forwarded-for", "203.0.113.9"),

@@ -76,6 +76,9 @@ fn console_requests_carry_account_and_user(b: Backend) {
     assert_eq!(seen["headers"]["x-account-id"], "acme");
     assert_eq!(seen["headers"]["x-user-id"], "user-1");
     assert!(seen["headers"].get("x-api-key-id").is_none());
+    // The token the gateway verified goes on (a public API key's neighbour does not: see
+    // `authorized_requests_carry_identity_and_never_the_key`).
+    assert_eq!(seen["headers"]["authorization"], auth.as_str());
 }
 
 fn console_manages_the_tokens_own_keys(b: Backend) {

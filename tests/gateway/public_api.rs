@@ -65,6 +65,10 @@ fn authorized_requests_carry_identity_and_never_the_key(b: Backend) {
             ("x-internal-user", "forged"),
             ("x-request-id", "client-req-42"),
             ("x-forwarded-for", "203.0.113.9"),
+            (
+                "authorization",
+                "Bearer eyJhbGciOiJub25lIn0.eyJhY2NvdW50X2lkIjoidmljdGltIn0.",
+            ),
             ("content-type", "application/json"),
         ],
         Some(br#"{"instanceId":"3fa85f64-5717-4562-b3fc-2c963f66afa6","to":"+33612345000"}"#),
@@ -76,6 +80,9 @@ fn authorized_requests_carry_identity_and_never_the_key(b: Backend) {
     assert!(h.get("x-api-key").is_none(), "the key reached the upstream");
     assert!(h.get("x-user-id").is_none());
     assert!(h.get("x-internal-user").is_none());
+    // The key is the one credential: a bearer token beside it (verified by nobody) is not
+    // passed on for a backend to decode.
+    assert!(h.get("authorization").is_none(), "{h}");
     assert_eq!(h["x-request-id"], "client-req-42");
     // The peer is not a trusted proxy: its X-Forwarded-For is replaced, never extended.
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
