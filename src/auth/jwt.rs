@@ -166,20 +166,36 @@ impl JwtVerifier {
     /// Checks signature, algorithm, `exp`, `nbf`, `iss`, `aud` and extracts the account; a
     /// token verified before and not yet expired is answered from the cache.
     pub fn verify(&self, token: &str, now_unix: i64) -> Result<Arc<ConsoleIdentity>, JwtError> {
+        // Always allowed: never None.
+        self.verify_if(token, now_unix, || true)?
+            .ok_or(JwtError::Malformed)
+    }
+
+    /// [`Self::verify`], where a token the cache does not hold is verified only when `allowed`
+    /// says so (a client over its failure limit): `Ok(None)` when it was not.
+    pub fn verify_if(
+        &self,
+        token: &str,
+        now_unix: i64,
+        allowed: impl FnOnce() -> bool,
+    ) -> Result<Option<Arc<ConsoleIdentity>>, JwtError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now_ns = u64::try_from(now_unix)
             .unwrap_or(0)
             .saturating_mul(1_000_000_000);
         if let Some((identity, valid_until)) = self.verified.get(&digest, now_ns) {
             if now_unix < valid_until {
-                return Ok(identity);
+                return Ok(Some(identity));
             }
+        }
+        if !allowed() {
+            return Ok(None);
         }
         let (identity, valid_until) = self.verify_uncached(token, now_unix)?;
         let identity = Arc::new(identity);
         self.verified
             .insert(digest, (Arc::clone(&identity), valid_until), now_ns);
-        Ok(identity)
+        Ok(Some(identity))
     }
 
     /// The full check, without the cache (also what the benchmarks compare the cache with);

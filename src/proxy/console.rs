@@ -1,5 +1,6 @@
 //! The console surface: Bearer JWTs, and the key-management endpoints the gateway serves itself.
 
+use super::auth_failures::AuthFailures;
 use super::Identity;
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
@@ -7,19 +8,24 @@ use crate::live::Live;
 use http::{HeaderValue, Method};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
+use std::net::IpAddr;
 
-/// Verifies the console token of a request: the account it speaks for, and the identity to
-/// forward.
+/// Verifies the console token of a request from `client` (its per-client limit key): the
+/// account it speaks for, and the identity to forward. Failures count toward the client's
+/// limit on failed authentications; over it, only a token verified before is accepted.
 pub(crate) fn authenticate(
     gw: &Gateway,
     live: &Live,
     req: &RequestHeader,
+    client: Option<IpAddr>,
 ) -> Result<(String, Identity), GatewayError> {
+    let failures = AuthFailures::new(gw, live, client);
+    let invalid = || failures.failed(GatewayError::invalid_token());
     let mut values = req.headers.get_all(http::header::AUTHORIZATION).iter();
     let (Some(value), None) = (values.next(), values.next()) else {
         if req.headers.contains_key(http::header::AUTHORIZATION) {
             // Two credentials: the backend might read the one not verified here.
-            return Err(GatewayError::invalid_token());
+            return Err(invalid());
         }
         return Err(if req.headers.contains_key("x-api-key") {
             GatewayError::api_key_on_console()
@@ -29,32 +35,46 @@ pub(crate) fn authenticate(
     };
     let bytes = value.as_bytes();
     if bytes.len() <= 7 || !bytes[..7].eq_ignore_ascii_case(b"bearer ") {
-        return Err(GatewayError::invalid_token());
+        return Err(invalid());
     }
-    let token = std::str::from_utf8(&bytes[7..])
-        .map_err(|_| GatewayError::invalid_token())?
-        .trim();
-    match live.jwt.verify(token, gw.clock.now_unix()) {
-        Ok(id) => {
-            // Claims become header values: anything a header cannot carry is refused, and so
-            // is whitespace in the account id, which a backend may trim or split on.
-            if id.account_id.contains([' ', '\t']) {
-                return Err(GatewayError::invalid_token());
-            }
-            let value =
-                |s: &str| HeaderValue::from_str(s).map_err(|_| GatewayError::invalid_token());
-            let identity = Identity {
-                account_id: value(&id.account_id)?,
-                key_id: None,
-                user_id: id.user_id.as_deref().map(value).transpose()?,
-            };
-            Ok((id.account_id.clone(), identity))
+    let Ok(token) = std::str::from_utf8(&bytes[7..]) else {
+        return Err(invalid());
+    };
+    let verified = live.jwt.verify_if(token.trim(), gw.clock.now_unix(), || {
+        failures.refused().is_none()
+    });
+    let id = match verified {
+        Ok(Some(id)) => id,
+        Ok(None) => {
+            return Err(failures
+                .refused()
+                .unwrap_or_else(GatewayError::invalid_token))
         }
         Err(why) => {
             tracing::debug!(reason = %why, "console token refused");
-            Err(GatewayError::invalid_token())
+            return Err(invalid());
         }
+    };
+    // Claims become trusted header values: the account must be an id as accounts are named
+    // (no space, no byte a backend may trim, fold or split on), the user visible ASCII.
+    if !crate::manage::valid_id(&id.account_id)
+        || id.user_id.as_deref().is_some_and(|u| !is_plain_user_id(u))
+    {
+        return Err(invalid());
     }
+    let value = |s: &str| HeaderValue::from_str(s).map_err(|_| GatewayError::invalid_token());
+    let identity = Identity {
+        account_id: value(&id.account_id)?,
+        key_id: None,
+        user_id: id.user_id.as_deref().map(value).transpose()?,
+    };
+    Ok((id.account_id.clone(), identity))
+}
+
+/// A user id (`sub`) forwarded as `x-user-id`: 1–256 bytes of visible ASCII (e-mail addresses
+/// and provider ids such as `auth0|123` pass; spaces, controls and non-ASCII do not).
+fn is_plain_user_id(id: &str) -> bool {
+    (1..=256).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// A key-management call under `/api/api-keys`.

@@ -9,6 +9,7 @@
 //! (rate-limit headers) → [`fail_to_proxy` on any error after `request_filter`] → `logging`.
 
 mod access;
+mod auth_failures;
 pub(crate) mod console;
 pub(crate) mod header_edit;
 pub(crate) mod headers;
@@ -219,6 +220,10 @@ impl GatewayProxy {
                 .check((route_index, key), gw.clock.now_ns(), limit)
                 .map_err(|retry_ns| GatewayError::too_many_requests(ceil_secs(retry_ns)))?;
         }
+        // The client's limit key, for the limit on failed authentications.
+        let client = ctx
+            .client
+            .map(|c| client_ip::limit_key(c, live.config.server.ipv6_prefix));
         match route.auth {
             AuthMode::ApiKey => {
                 // A method override would turn the request into another method than the one
@@ -226,9 +231,6 @@ impl GatewayProxy {
                 if crate::inspect::has_method_override(req.uri.query()) {
                     return Err(GatewayError::method_override());
                 }
-                let client = ctx
-                    .client
-                    .map(|c| client_ip::limit_key(c, live.config.server.ipv6_prefix));
                 let target = public_api::Target {
                     policy,
                     path: &path,
@@ -249,7 +251,7 @@ impl GatewayProxy {
                 Ok(None)
             }
             AuthMode::Jwt => {
-                let (account_id, identity) = console::authenticate(gw, &live, req)?;
+                let (account_id, identity) = console::authenticate(gw, &live, req, client)?;
                 if let Some(call) = console::key_call(&req.method, &path) {
                     let answer = console::serve(gw, &live, session, &account_id, call?).await?;
                     return Ok(Some(answer));

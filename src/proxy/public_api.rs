@@ -1,5 +1,6 @@
 //! The public API's checks (SPEC §3), in order, stopping at the first failure.
 
+use super::auth_failures::AuthFailures;
 use super::headers::{ceil_secs, RateHeaders};
 use super::restrictions::BodyRead;
 use super::Identity;
@@ -25,46 +26,6 @@ pub(crate) struct Refusal {
 impl From<GatewayError> for Refusal {
     fn from(error: GatewayError) -> Self {
         Self { error, rate: None }
-    }
-}
-
-/// Failed authentications of one client (its limit key), as the gateway counts them: over
-/// `server.auth_failures_per_minute`, anything not already known here is refused without a
-/// lookup, so a flood of guessed keys stops costing the store anything.
-struct AuthFailures<'a> {
-    gw: &'a Gateway,
-    client: Option<IpAddr>,
-    every_ns: u64,
-    burst: u32,
-    /// Read when first needed: a key found in the cache never asks.
-    now_ns: std::sync::OnceLock<u64>,
-}
-
-impl AuthFailures<'_> {
-    fn now_ns(&self) -> u64 {
-        *self.now_ns.get_or_init(|| self.gw.clock.now_ns())
-    }
-
-    fn refused(&self) -> Option<GatewayError> {
-        let client = self.client?;
-        self.gw
-            .auth_failures
-            .exhausted(&client, self.now_ns(), self.every_ns, self.burst)
-            .map(|retry_ns| GatewayError::auth_failures_limited(ceil_secs(retry_ns)))
-    }
-
-    /// Counts one failure and answers it: 401, or 429 once the client is over its limit.
-    fn failed(&self) -> GatewayError {
-        if let Some(refused) = self.refused() {
-            return refused;
-        }
-        if let Some(client) = self.client {
-            let _ =
-                self.gw
-                    .auth_failures
-                    .check_every(client, self.now_ns(), self.every_ns, self.burst);
-        }
-        GatewayError::invalid_api_key()
     }
 }
 
@@ -94,17 +55,10 @@ async fn principal(
         // Surrounding spaces: what HTTP/1.1's parser drops, HTTP/2 delivers as sent.
         (Some(key), None) => Some(key.as_bytes().trim_ascii()),
     };
-    let per_minute = live.config.server.auth_failures_per_minute;
-    let failures = AuthFailures {
-        gw,
-        client,
-        every_ns: 60_000_000_000 / u64::from(per_minute.max(1)),
-        burst: per_minute,
-        now_ns: std::sync::OnceLock::new(),
-    };
+    let failures = AuthFailures::new(gw, live, client);
     // No store I/O for anything that cannot be a key.
     let Some(key) = key.filter(|k| api_key::is_well_formed(k)) else {
-        return Err(failures.failed());
+        return Err(failures.failed(GatewayError::invalid_api_key()));
     };
     match gw
         .directory
@@ -112,7 +66,7 @@ async fn principal(
         .await
     {
         Ok(Lookup::Found(p)) => Ok(p),
-        Ok(Lookup::Unknown) => Err(failures.failed()),
+        Ok(Lookup::Unknown) => Err(failures.failed(GatewayError::invalid_api_key())),
         Ok(Lookup::NotAsked) => Err(failures
             .refused()
             .unwrap_or_else(GatewayError::invalid_api_key)),

@@ -184,3 +184,88 @@ crate::on_both_stores!(
     console_key_creation_respects_the_plan_cap,
     open_routes_need_no_credential_but_are_limited_per_ip,
 );
+
+/// A token signed by the issuer whose claims a backend could read as another identity: an
+/// account id outside the ids accounts have (non-breaking space, comma, accented letter) or a
+/// user id with a space or non-ASCII bytes is refused; e-mail and provider-style user ids pass.
+#[test]
+fn claims_that_are_no_plain_id_are_refused() {
+    let gw = Gateway::start();
+    let token = |account: &str, sub: &str| {
+        msgflash_gateway::auth::jwt::mint_hs256(&msgflash_gateway::auth::jwt::MintRequest {
+            secret: JWT_SECRET,
+            account_claim: "account_id",
+            account_id: account,
+            sub: Some(sub),
+            issuer: Some("msgflash"),
+            audience: Some("msgflash-console"),
+            now_unix: T0 as i64,
+            ttl_secs: 3600,
+        })
+        .unwrap()
+    };
+    let call = |t: String| {
+        gw.get(
+            "/api/instances",
+            &[("authorization", &format!("Bearer {t}"))],
+        )
+    };
+    for (account, sub) in [
+        ("acme\u{a0}", "user-1"),
+        ("acme,other", "user-1"),
+        ("acm\u{e9}", "user-1"),
+        ("", "user-1"),
+        ("acme", "user 1"),
+        ("acme", "us\u{e9}r"),
+    ] {
+        assert_error(
+            &call(token(account, sub)),
+            401,
+            "UNAUTHORIZED",
+            INVALID_TOKEN,
+        );
+    }
+    for sub in ["ann@example.com", "auth0|5f7c8ec7c33c6c004bbafe82"] {
+        let seen = echoed(&call(token("acme", sub)));
+        assert_eq!(seen["headers"]["x-user-id"], sub);
+    }
+}
+
+/// Failed console authentications count toward the client's limit as failed keys do
+/// (SPEC §10): over it, a token not verified before is refused without its signature being
+/// checked, while one verified before still passes.
+#[test]
+fn failed_tokens_are_limited_per_client() {
+    let gw = Gateway::start_with(Setup::new().server("auth_failures_per_minute = 3"));
+    let known = format!("Bearer {}", gw.token("acme", 3600));
+    echoed(&gw.get("/api/instances", &[("authorization", &known)]));
+    let bad = format!("{}x", gw.token("acme", 3600));
+    for _ in 0..3 {
+        let r = gw.get(
+            "/api/instances",
+            &[("authorization", &format!("Bearer {bad}"))],
+        );
+        assert_error(&r, 401, "UNAUTHORIZED", INVALID_TOKEN);
+    }
+    let fresh = format!("Bearer {}", gw.token("other", 3600));
+    for auth in [
+        format!("Bearer {bad}"),
+        "Bearer nope".to_owned(),
+        fresh.clone(),
+    ] {
+        let r = gw.get("/api/instances", &[("authorization", &auth)]);
+        assert_error(
+            &r,
+            429,
+            "TOO_MANY_REQUESTS",
+            "Too many failed authentications from this client",
+        );
+        assert_eq!(r.header("retry-after"), Some("20"));
+    }
+    echoed(&gw.get("/api/instances", &[("authorization", &known)]));
+    // A missing token is no failed guess.
+    let r = gw.get("/api/instances", &[]);
+    assert_eq!(r.status, 401);
+    gw.clock.advance_ms(20_000);
+    echoed(&gw.get("/api/instances", &[("authorization", &fresh)]));
+}
