@@ -29,6 +29,8 @@ impl Process {
         let setup = Setup::new().on_redis(url);
         write_config(tmp.path(), &setup, proxy, admin, echo);
         let mut p = Self::start_in(tmp.path(), proxy, admin, &[]);
+        // Its upstream is its own echo service: a request before that listens is a 502.
+        wait_listening(echo);
         p._tmp = Some(tmp);
         p
     }
