@@ -485,6 +485,18 @@ impl GatewayError {
         Self::bad_request("Ambiguous request framing")
     }
 
+    pub fn transfer_coding_refused() -> Self {
+        Self::bad_request("Ambiguous request framing: Transfer-Encoding must be chunked alone")
+    }
+
+    pub fn content_length_refused() -> Self {
+        Self::bad_request("Ambiguous request framing: Content-Length must be one number")
+    }
+
+    pub fn body_on_get() -> Self {
+        Self::bad_request("A GET or HEAD request cannot have a body")
+    }
+
     pub fn malformed_request() -> Self {
         Self::bad_request("Malformed request")
     }

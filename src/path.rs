@@ -20,6 +20,13 @@ pub enum PathError {
     DoubleEncoding,
     /// A control byte, raw or encoded (`%00`–`%1F`, `%7F`).
     ControlByte,
+    /// `%3F` or `%23`: a query or fragment delimiter to a layer that decodes the path and
+    /// passes it on (Apache's mod_rewrite, an nginx `proxy_pass` with variables), which would
+    /// put a query of the client's choosing in front of the one the gateway checked.
+    EncodedDelimiter,
+    /// Percent-encoded bytes that are not UTF-8 (`%C0%AE`, an overlong `.`, or a lone
+    /// `%E9`): decoders disagree on them (replaced, Latin-1, or a dot to an old one).
+    EncodedNotUtf8,
     /// A raw byte outside ASCII (RFC 3986 requires percent-encoding it; servers decode it
     /// as UTF-8, Latin-1 or not at all).
     NonAscii,
@@ -38,6 +45,8 @@ impl std::fmt::Display for PathError {
             PathError::Semicolon => "a ';' (path parameters)",
             PathError::DoubleEncoding => "an encoded '%' (%25)",
             PathError::ControlByte => "a control character",
+            PathError::EncodedDelimiter => "an encoded '?' or '#' (%3F, %23)",
+            PathError::EncodedNotUtf8 => "percent-encoded bytes that are not UTF-8",
             PathError::NonAscii => "a raw non-ASCII byte (percent-encode it)",
             PathError::CaseChangesRoute => {
                 "upper-case letters: in lower case it matches another route"
@@ -205,6 +214,7 @@ fn decode_unreserved(path: &str, rules: PathRules) -> Result<String, PathError> 
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let bytes = path.as_bytes();
     let mut out = String::with_capacity(path.len());
+    let mut high = false;
     let mut i = 0;
     while i < bytes.len() {
         let Some(offset) = bytes[i..].iter().position(|&b| b == b'%') else {
@@ -225,6 +235,8 @@ fn decode_unreserved(path: &str, rules: PathRules) -> Result<String, PathError> 
             b';' => return Err(PathError::Semicolon),
             b'%' => return Err(PathError::DoubleEncoding),
             0x00..=0x1f | 0x7f => return Err(PathError::ControlByte),
+            b'?' | b'#' => return Err(PathError::EncodedDelimiter),
+            0x80.. => high = true,
             _ => {}
         }
         if is_unreserved(value) {
@@ -236,7 +248,33 @@ fn decode_unreserved(path: &str, rules: PathRules) -> Result<String, PathError> 
         }
         i = at + 3;
     }
+    if high && !decodes_to_utf8(bytes) {
+        return Err(PathError::EncodedNotUtf8);
+    }
     Ok(out)
+}
+
+/// Whether a path whose `%XX` are all well formed decodes to UTF-8 (overlong forms are not).
+fn decodes_to_utf8(path: &[u8]) -> bool {
+    let mut decoded = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < path.len() {
+        let hex = path
+            .get(i + 1..i + 3)
+            .filter(|_| path[i] == b'%')
+            .and_then(|h| Some(hex_value(h[0])? * 16 + hex_value(h[1])?));
+        match hex {
+            Some(b) => {
+                decoded.push(b);
+                i += 3;
+            }
+            None => {
+                decoded.push(path[i]);
+                i += 1;
+            }
+        }
+    }
+    std::str::from_utf8(&decoded).is_ok()
 }
 
 #[cfg(test)]
@@ -325,6 +363,14 @@ mod tests {
             ("/api/\u{7f}", PathError::ControlByte),
             ("/api/ x", PathError::ControlByte),
             ("/api/api-keys\u{e9}", PathError::NonAscii),
+            ("/api/v1/x%3FinstanceId=B", PathError::EncodedDelimiter),
+            ("/api/v1/x%3f", PathError::EncodedDelimiter),
+            ("/api/v1/x%23frag", PathError::EncodedDelimiter),
+            ("/api/v1/%C0%AE%C0%AE/x", PathError::EncodedNotUtf8),
+            ("/api/v1/caf%E9", PathError::EncodedNotUtf8),
+            ("/api/v1/%C3", PathError::EncodedNotUtf8),
+            ("/api/v1/%C3a%A9", PathError::EncodedNotUtf8),
+            ("/api/v1/%ED%A0%80", PathError::EncodedNotUtf8),
         ] {
             assert_eq!(e(path), Err(why), "{path:?}");
             assert!(why.is_ambiguous());

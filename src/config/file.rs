@@ -363,9 +363,11 @@ fn d_request_id_header() -> Spanned<String> {
 }
 /// `Forwarded` and the other client-address, scheme and host headers (the gateway writes its
 /// own `X-Forwarded-For` / `-Proto` only; Rails, Rack and CDN-aware code read these), the URL
-/// overrides of IIS, Symfony and Zend, and the method overrides of Rails, Express, Spring and
-/// ASP.NET.
-pub(super) const OVERRIDE_HEADERS: [&str; 21] = [
+/// overrides of IIS, Symfony and Zend, the method overrides of Rails, Express, Spring and
+/// ASP.NET, and the user other authenticating proxies vouch for (oauth2-proxy, Apache's
+/// `REMOTE_USER`, SiteMinder, Kong, Azure App Service, Google IAP, AWS ALB, Cloudflare Access),
+/// which a backend configured to trust one of them would take as the caller.
+pub(super) const OVERRIDE_HEADERS: [&str; 50] = [
     "forwarded",
     "x-real-ip",
     "x-client-ip",
@@ -387,6 +389,35 @@ pub(super) const OVERRIDE_HEADERS: [&str; 21] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-preferred-username",
+    "x-forwarded-groups",
+    "x-forwarded-access-token",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-auth-request-preferred-username",
+    "x-auth-request-groups",
+    "x-auth-request-access-token",
+    "remote-user",
+    "x-remote-user",
+    "sm-user",
+    "x-consumer-id",
+    "x-consumer-username",
+    "x-consumer-custom-id",
+    "x-credential-identifier",
+    "x-authenticated-userid",
+    "x-userinfo",
+    "x-ms-client-principal",
+    "x-ms-client-principal-id",
+    "x-ms-client-principal-name",
+    "x-goog-authenticated-user-email",
+    "x-goog-authenticated-user-id",
+    "x-amzn-oidc-identity",
+    "x-amzn-oidc-data",
+    "x-amzn-oidc-accesstoken",
+    "cf-access-authenticated-user-email",
+    "cf-access-jwt-assertion",
 ];
 fn d_override_headers() -> Vec<Spanned<String>> {
     OVERRIDE_HEADERS

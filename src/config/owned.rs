@@ -19,9 +19,9 @@ const HOP_BY_HOP: [&str; 5] = [
 ];
 
 /// The request headers a client's copy of which never goes upstream: the configured owned ones
-/// (identity, request id, strips, overrides) as spelled, and those and [`ALWAYS_OWNED`] spelled
-/// with `_` for `-` (`x_account_id` is `HTTP_X_ACCOUNT_ID` to CGI, Rack and PHP, the same
-/// variable as the trusted `x-account-id`).
+/// (identity, request id, strips, overrides) as spelled, and those and [`ALWAYS_OWNED`] with
+/// `_` and `-` exchanged anywhere (`x_account_id` is `HTTP_X_ACCOUNT_ID` to CGI, Rack and PHP,
+/// the same variable as the trusted `x-account-id`; a configured `sm_user` is `sm-user` too).
 ///
 /// Kept by length, so that one pass over a request's few names finds every copy at a
 /// comparison or two per name, where a map probe per owned name (16 by default) hashed each.
@@ -61,13 +61,13 @@ impl OwnedNames {
             return false;
         };
         same_length.iter().any(|(owned, underscored_only)| {
-            let mut underscored = false;
+            let mut respelled = false;
             let same = name.iter().zip(owned.iter()).all(|(&c, &o)| {
-                let dash_as_underscore = c == b'_' && o == b'-';
-                underscored |= dash_as_underscore;
-                c == o || dash_as_underscore
+                let other_separator = matches!((c, o), (b'_', b'-') | (b'-', b'_'));
+                respelled |= other_separator;
+                c == o || other_separator
             });
-            same && (underscored || !underscored_only)
+            same && (respelled || !underscored_only)
         })
     }
 
@@ -89,13 +89,18 @@ impl OwnedNames {
 mod tests {
     use super::*;
 
-    /// The rule `OwnedNames` implements, spelled out: owned as spelled, or with `_` read as
-    /// `-` owned or always owned.
+    /// The rule `OwnedNames` implements, spelled out: owned when it reads as an owned name with
+    /// `_` and `-` as one character, or as an always-owned name spelled otherwise.
     fn owned_by_rule(fwd: &super::super::Forward, name: &str) -> bool {
-        let owned =
-            |n: &str| fwd.owned_headers().any(|o| o.as_str() == n) || HOP_BY_HOP.contains(&n);
-        let dashed = name.replace('_', "-");
-        owned(name) || (name.contains('_') && (owned(&dashed) || ALWAYS_OWNED.contains(&&*dashed)))
+        let dashed = |n: &str| n.replace('_', "-");
+        let configured = fwd
+            .owned_headers()
+            .map(|o| o.as_str().to_owned())
+            .chain(HOP_BY_HOP.iter().map(|h| h.to_string()));
+        configured.into_iter().any(|o| dashed(&o) == dashed(name))
+            || ALWAYS_OWNED
+                .iter()
+                .any(|a| dashed(a) == dashed(name) && *a != name)
     }
 
     fn forward() -> super::super::Forward {
@@ -124,7 +129,7 @@ mod tests {
             ("x_forwarded_for", true),
             ("x-forwarded-for", false), // replaced, not removed
             ("x_odd", true),
-            ("x-odd", false),
+            ("x-odd", true),
             ("forwarded", true),
             ("x_internal_user", true),
             ("x-internal-users", false),

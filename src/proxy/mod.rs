@@ -11,6 +11,7 @@
 mod access;
 mod auth_failures;
 pub(crate) mod console;
+mod framing;
 pub(crate) mod header_edit;
 pub(crate) mod headers;
 pub(crate) mod public_api;
@@ -113,28 +114,6 @@ fn header_bytes(req: &RequestHeader) -> usize {
         .sum()
 }
 
-/// True when the request came with both Transfer-Encoding and Content-Length. pingora drops the
-/// Content-Length from the parsed head of such a request (RFC 9112 §6.1), so the request head
-/// as received says it. (Inferring it from keep-alive being off, as before, refused every
-/// chunked request during a graceful stop, when pingora turns keep-alive off for all.)
-fn had_te_and_cl(session: &Session) -> bool {
-    session
-        .req_header()
-        .headers
-        .contains_key(http::header::TRANSFER_ENCODING)
-        && head_has_field(&session.as_downstream().to_h1_raw(), b"content-length")
-}
-
-/// True when a raw HTTP/1 request head has a field named `name` (any case; a field name is
-/// followed by ':' directly, RFC 9112 §5.1).
-fn head_has_field(head: &[u8], name: &[u8]) -> bool {
-    head.split(|b| *b == b'\n').skip(1).any(|line| {
-        line.len() > name.len()
-            && line[..name.len()].eq_ignore_ascii_case(name)
-            && line[name.len()] == b':'
-    })
-}
-
 /// The normalised path and the URI to forward when it differs from the request's. The
 /// request-target as received must be what the URI says (origin-form, valid UTF-8): otherwise
 /// pingora would forward bytes the gateway never routed on.
@@ -171,11 +150,8 @@ impl GatewayProxy {
     ) -> Result<Option<(u16, Vec<u8>)>, GatewayError> {
         let gw = &*self.0;
         let live = ctx.live.clone();
+        framing::check(session)?;
         let req = session.req_header();
-        if had_te_and_cl(session) {
-            // A request smuggling shape (RFC 9112 §6.1): refuse it; the connection closes.
-            return Err(GatewayError::ambiguous_framing());
-        }
         if header_bytes(req) > live.config.server.max_header_bytes {
             return Err(GatewayError::headers_too_large());
         }
@@ -589,32 +565,5 @@ impl ProxyHttp for GatewayProxy {
         if let Some(log) = &self.0.access_log {
             access::log(log, session, ctx, status, elapsed, &self.0);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::head_has_field;
-
-    #[test]
-    fn fields_are_found_in_the_raw_head_by_name_only() {
-        let head = b"POST /content-length: HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n";
-        assert!(head_has_field(head, b"content-length"));
-        assert!(head_has_field(
-            b"GET / HTTP/1.1\r\nCONTENT-LENGTH:3\r\n",
-            b"content-length"
-        ));
-        assert!(!head_has_field(
-            b"GET /content-length: HTTP/1.1\r\n\r\n",
-            b"content-length"
-        ));
-        assert!(!head_has_field(
-            b"GET / HTTP/1.1\r\nx-content-length: 3\r\n",
-            b"content-length"
-        ));
-        assert!(!head_has_field(
-            b"GET / HTTP/1.1\r\ncontent-lengthy: 3\r\n",
-            b"content-length"
-        ));
     }
 }

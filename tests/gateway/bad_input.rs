@@ -129,6 +129,85 @@ fn pipelined_requests_are_each_answered_in_order_and_checked_on_their_own() {
     assert_refused(&r[1], 400, "BAD_REQUEST", "Ambiguous request framing");
 }
 
+/// A body's end in any but the one spelling every parser reads alike is refused before any
+/// check, and the connection closes (what follows cannot be told from the next request): a
+/// transfer coding beside `chunked` (the upstream would get coded bytes, re-chunked, with
+/// nothing saying so), a `Content-Length` list or twice. A body on GET or HEAD (a backend
+/// that does not expect one could read it as a request of its own) is refused; the
+/// connection goes on, the body read away by its length.
+#[test]
+fn framing_in_more_than_one_spelling_is_refused() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let get = |path: &str, key: &str| {
+        format!("GET {path} HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\n\r\n")
+    };
+    let post = |framing: &str, body: &str| {
+        format!(
+            "POST /api/v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\n{framing}\r\n{body}"
+        )
+    };
+    for (framing, body, message) in [
+        (
+            "transfer-encoding: gzip, chunked\r\n",
+            "0\r\n\r\n",
+            "Ambiguous request framing: Transfer-Encoding must be chunked alone",
+        ),
+        (
+            "transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n",
+            "0\r\n\r\n",
+            "Ambiguous request framing: Transfer-Encoding must be chunked alone",
+        ),
+        (
+            "content-length: 2, 2\r\n",
+            "{}",
+            "Ambiguous request framing: Content-Length must be one number",
+        ),
+        (
+            "content-length: 2\r\ncontent-length: 2\r\n",
+            "{}",
+            "Ambiguous request framing: Content-Length must be one number",
+        ),
+    ] {
+        let bytes = [post(framing, body), get("/api/v1/hidden", &key)].concat();
+        let r = gw.connect().pipelined(bytes.as_bytes(), 2).unwrap();
+        assert_eq!(r.len(), 1, "{framing:?}: nothing after it");
+        assert_refused(&r[0], 400, "BAD_REQUEST", message);
+        assert_eq!(r[0].header("connection"), Some("close"), "{framing:?}");
+    }
+    let get_with_body = format!(
+        "GET /api/v1/a HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\ncontent-length: 42\r\n\r\n\
+         GET /api/v1/smuggled HTTP/1.1\r\nhost: x\r\n\r\n"
+    );
+    let last = format!(
+        "GET /api/v1/after HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\nconnection: close\r\n\r\n"
+    );
+    let r = gw
+        .connect()
+        .pipelined([get_with_body, last].concat().as_bytes(), 3)
+        .unwrap();
+    assert_eq!(r.len(), 2, "the body is no request");
+    assert_refused(
+        &r[0],
+        400,
+        "BAD_REQUEST",
+        "A GET or HEAD request cannot have a body",
+    );
+    let after = echoed(&r[1]);
+    assert_eq!(
+        (after["method"].as_str(), after["uri"].as_str()),
+        (Some("GET"), Some("/api/v1/after"))
+    );
+    // An empty body said as such is no body.
+    let empty = format!(
+        "GET /api/v1/a HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\ncontent-length: 0\r\n\r\n"
+    );
+    assert_eq!(
+        echoed(&gw.connect().raw(empty.as_bytes()).unwrap())["uri"],
+        "/api/v1/a"
+    );
+}
+
 /// Slowloris: hundreds of connections that start a request head and never finish it (or
 /// trickle it a byte at a time, each read well inside pingora's per-read timeout) are cut at
 /// `server.header_timeout`, while normal clients keep being served beside them.
