@@ -236,10 +236,14 @@ impl JwtVerifier {
             Some(_) => return Err(JwtError::Expired),
             None => return Err(JwtError::Malformed),
         };
-        if let Some(nbf) = num("nbf") {
-            if now_unix.saturating_add(self.leeway_secs) < nbf {
-                return Err(JwtError::NotYetValid);
+        // Present but not an integer is no reason to skip it: refused, as `exp` is.
+        match (claims.get("nbf"), num("nbf")) {
+            (None, _) => {}
+            (Some(_), None) => return Err(JwtError::Malformed),
+            (Some(_), Some(nbf)) if now_unix.saturating_add(self.leeway_secs) < nbf => {
+                return Err(JwtError::NotYetValid)
             }
+            (Some(_), Some(_)) => {}
         }
         if let Some(iss) = &self.issuer {
             if claims.get("iss").and_then(Value::as_str) != Some(iss.as_str()) {
@@ -374,6 +378,31 @@ mod tests {
         let forged = format!("{unsigned}.AAAA");
         assert_eq!(v.verify(&forged, NOW), Err(JwtError::BadSignature));
         assert_eq!(v.cached_tokens(), 1, "failures are not cached");
+    }
+
+    #[test]
+    fn not_before_is_honoured_and_a_non_integer_one_refused() {
+        let v = JwtVerifier::new(&settings()).unwrap();
+        let with_nbf = |nbf: Value| {
+            let claims = serde_json::json!({
+                "account_id": "acc_1", "iss": "msgflash", "aud": "console",
+                "exp": NOW + 60, "nbf": nbf,
+            });
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(b"s3cret"),
+            )
+            .unwrap()
+        };
+        assert!(v.verify(&with_nbf(NOW.into()), NOW).is_ok());
+        assert_eq!(
+            v.verify(&with_nbf((NOW + 1).into()), NOW),
+            Err(JwtError::NotYetValid)
+        );
+        for odd in [Value::from("soon"), Value::from(1.5), Value::Null] {
+            assert_eq!(v.verify(&with_nbf(odd), NOW), Err(JwtError::Malformed));
+        }
     }
 
     #[test]

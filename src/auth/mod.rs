@@ -57,9 +57,18 @@ pub(crate) enum Lookup {
     NotAsked,
 }
 
-/// A header value for an id (ids are validated `[A-Za-z0-9._:-]` when created).
-fn id_value(id: &str) -> HeaderValue {
-    HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("invalid-id"))
+/// A header value for an id. Ids are validated `[A-Za-z0-9._:-]` when created; a record
+/// holding another (written to the store by something else) is a store fault, never a shared
+/// placeholder identity for the backend.
+fn id_value(id: &str) -> Result<HeaderValue, StoreError> {
+    if !crate::manage::valid_id(id) {
+        return Err(StoreError::Misconfigured(format!(
+            "a record holds an invalid id ({} bytes)",
+            id.len()
+        )));
+    }
+    HeaderValue::from_str(id)
+        .map_err(|_| StoreError::Misconfigured("a record holds an invalid id".into()))
 }
 
 /// Key and account lookups with bounded positive and negative caches in front of the store.
@@ -184,7 +193,7 @@ impl Directory {
                 count(2);
             }) {
                 Ok(Some(record)) if record.is_active() => {
-                    let value = id_value(&record.id);
+                    let value = id_value(&record.id)?;
                     let entry = (Arc::new(CachedKey::from(record)), value);
                     // Insert, then look again: `forget_*` bumps the generation before it
                     // removes, so an invalidation that slipped in between is seen here.
@@ -221,7 +230,7 @@ impl Directory {
             Some(entry) if trust_cache => entry,
             cached => match self.store.account(&record.account_id).await {
                 Ok(Some(account)) => {
-                    let entry = (Arc::new(account), id_value(&record.account_id));
+                    let entry = (Arc::new(account), id_value(&record.account_id)?);
                     self.accounts
                         .insert(record.account_id.to_string(), entry.clone(), now);
                     if g.of(account_slot) != account_seen {
