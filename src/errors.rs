@@ -208,6 +208,10 @@ impl GatewayError {
         .with_retry_after(retry_after)
     }
 
+    pub fn unknown_host() -> Self {
+        Self::new(ErrorCode::NotFound, "No route for this host")
+    }
+
     pub fn no_route() -> Self {
         Self::new(ErrorCode::NotFound, "No route matches this request")
     }

@@ -48,6 +48,9 @@ pub(super) struct ServerFile {
     /// Peers (CIDRs) whose X-Forwarded-For / X-Forwarded-Proto are believed.
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
+    /// The host names the gateway answers to (empty: any).
+    #[serde(default)]
+    pub hosts: Vec<Spanned<String>>,
     /// Invalid API keys one client may send per minute before unknown keys get 429.
     #[serde(default = "default_auth_failures")]
     pub auth_failures_per_minute: Spanned<u32>,

@@ -51,6 +51,9 @@ pub struct Server {
     pub path_rules: crate::path::PathRules,
     /// Peers whose forwarding headers say who the client is.
     pub trusted_proxies: crate::client_ip::TrustedProxies,
+    /// The host names requests may name (lower case; empty: any). A backend that builds links
+    /// from `Host` (a password reset mail) would otherwise build them to the client's choice.
+    pub hosts: Vec<Box<str>>,
     /// Bits of an IPv6 client address that per-client limits count under.
     pub ipv6_prefix: u8,
     /// Invalid API keys a client may send per minute (`auth_failures_per_minute`).
@@ -327,6 +330,7 @@ impl Config {
                 allow_encoded_slashes: raw.server.allow_encoded_slashes,
             },
             trusted_proxies: trusted_proxies(&mut r, &raw.server.trusted_proxies),
+            hosts: hosts(&mut r, &raw.server.hosts),
             ipv6_prefix: ipv6_prefix(&mut r, &raw.server.ipv6_prefix),
             h2c: raw.server.h2c,
             proxy_protocol: raw.server.proxy_protocol,

@@ -150,6 +150,30 @@ pub(super) fn trusted_proxies(
     )
 }
 
+/// `server.hosts`: host names (or addresses) without a port, kept in lower case.
+pub(super) fn hosts(r: &mut Reporter, raw: &[Spanned<String>]) -> Vec<Box<str>> {
+    raw.iter()
+        .filter_map(|h| {
+            let text = h.get_ref();
+            let plain = text
+                .parse::<http::uri::Authority>()
+                .ok()
+                .filter(|a| a.port().is_none() && !text.contains('@') && a.host() == text);
+            if plain.is_none() || text.is_empty() {
+                r.at(
+                    h.span(),
+                    "server.hosts",
+                    format!(
+                        "\"{text}\" is not a host name (use e.g. \"api.example.com\", no port)"
+                    ),
+                );
+                return None;
+            }
+            Some(text.to_ascii_lowercase().into_boxed_str())
+        })
+        .collect()
+}
+
 pub(super) fn ipv6_prefix(r: &mut Reporter, v: &Spanned<u8>) -> u8 {
     let n = *v.get_ref();
     if !(1..=128).contains(&n) {

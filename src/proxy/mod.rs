@@ -14,6 +14,7 @@ pub(crate) mod console;
 mod framing;
 pub(crate) mod header_edit;
 pub(crate) mod headers;
+mod host;
 pub(crate) mod public_api;
 pub(crate) mod respond;
 mod restrictions;
@@ -154,6 +155,9 @@ impl GatewayProxy {
         let req = session.req_header();
         if header_bytes(req) > live.config.server.max_header_bytes {
             return Err(GatewayError::headers_too_large());
+        }
+        if !host::allowed(req, &live.config.server.hosts) {
+            return Err(GatewayError::unknown_host());
         }
         // Who the client is: the peer, unless the peer is a trusted proxy.
         let trusted = &live.config.server.trusted_proxies;

@@ -1014,3 +1014,67 @@ fn what_changed_while_a_body_arrived_is_seen(backend: Backend) {
     });
     assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
 }
+
+/// With `server.hosts`, a request naming another host (in `Host`, or the authority of an
+/// absolute-form target) is refused before anything else: a backend that builds a password
+/// reset link from `Host` would build it to the client's choice. Letter case and the port do
+/// not matter; a trailing dot or a longer name does.
+#[test]
+fn requests_for_hosts_the_gateway_does_not_serve_are_refused() {
+    let gw = Gateway::start_with(Setup::new().server("hosts = [\"api.msgflash.test\"]"));
+    let reset = |host: &str| {
+        let req = format!(
+            "POST /api/auth/password-reset HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+        );
+        gw.connect().raw(req.as_bytes()).unwrap()
+    };
+    for host in ["api.msgflash.test", "API.MsgFlash.TEST:8443"] {
+        let seen = echoed(&reset(host));
+        assert_eq!(seen["headers"]["host"], host);
+    }
+    for host in [
+        "attacker.example",
+        "api.msgflash.test.",
+        "api.msgflash.test.attacker.example",
+        "127.0.0.1",
+    ] {
+        assert_refused(&reset(host), 404, "NOT_FOUND", "No route for this host");
+    }
+    let absolute =
+        b"GET http://attacker.example/api/auth/login HTTP/1.1\r\nhost: attacker.example\r\n\r\n";
+    assert_refused(
+        &gw.connect().raw(absolute).unwrap(),
+        404,
+        "NOT_FOUND",
+        "No route for this host",
+    );
+    let no_host = b"GET /api/auth/login HTTP/1.0\r\n\r\n";
+    assert_refused(
+        &gw.connect().raw(no_host).unwrap(),
+        404,
+        "NOT_FOUND",
+        "No route for this host",
+    );
+}
+
+#[test]
+fn server_hosts_are_host_names_without_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let (err, path) = config_errors(
+        dir.path(),
+        &Setup::new().server("hosts = [\"api.msgflash.test:443\", \"user@api.test\", \"\"]"),
+    );
+    let p = path.display();
+    let at = |col: usize, host: &str| {
+        format!("{p}:9:{col}: server.hosts: \"{host}\" is not a host name (use e.g. \"api.example.com\", no port)")
+    };
+    assert_eq!(
+        err,
+        [
+            at(10, "api.msgflash.test:443"),
+            at(35, "user@api.test"),
+            at(52, "")
+        ]
+        .join("\n")
+    );
+}
