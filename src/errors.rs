@@ -208,6 +208,14 @@ impl GatewayError {
         .with_retry_after(retry_after)
     }
 
+    pub fn key_reads_limited(retry_after: u64) -> Self {
+        Self::new(
+            ErrorCode::TooManyRequests,
+            "Too many API key listings for this account: at most 60 a minute",
+        )
+        .with_retry_after(retry_after)
+    }
+
     pub fn unknown_host() -> Self {
         Self::new(ErrorCode::NotFound, "No route for this host")
     }
@@ -416,7 +424,9 @@ impl GatewayError {
     }
 
     pub fn invalid_key_name() -> Self {
-        Self::bad_request("name must be 1 to 100 characters")
+        Self::bad_request(
+            "name must be 1 to 100 characters, without control or text-direction characters",
+        )
     }
 
     pub fn too_many(what: &str, max: usize) -> Self {

@@ -30,6 +30,8 @@ pub struct Gateway {
     pub ip_limiter: IpLimiter,
     /// Console key creations and revocations per account (`console::KEY_WRITES_PER_MINUTE`).
     pub key_writes: LocalLimiter<String>,
+    /// Console key listings per account (`console::KEY_READS_PER_MINUTE`).
+    pub key_reads: LocalLimiter<String>,
     /// Failed authentications per client (`server.auth_failures_per_minute`).
     pub(crate) auth_failures: LocalLimiter<std::net::IpAddr>,
     /// The TLS listener's certificates (replaced by a reload), when there is one.
@@ -163,6 +165,7 @@ impl Gateway {
             metrics: Metrics::new(),
             ip_limiter: IpLimiter::new(CLIENT_BUCKETS),
             key_writes: LocalLimiter::new(ACCOUNT_BUCKETS),
+            key_reads: LocalLimiter::new(ACCOUNT_BUCKETS),
             auth_failures: LocalLimiter::new(CLIENT_BUCKETS),
             certs,
             admin_certs,

@@ -7,6 +7,7 @@ use crate::errors::GatewayError;
 use crate::limits::quota;
 use crate::log_limit::LogLimit;
 use crate::policy::{Plans, Policies};
+use crate::store::valid_id;
 use crate::store::{Account, CreateKeyError, KeyRecord, Store, StoreError, Subscription};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -39,6 +40,20 @@ struct CreateKey {
     scopes: Vec<String>,
     #[serde(default)]
     instance_ids: Vec<String>,
+}
+
+/// Whether a character of a key name shows as itself: no control character, and none of the
+/// invisible marks that reorder text (U+200E/F, U+202A–U+202E, U+2066–U+2069), with which a
+/// name could show in a dashboard as another.
+fn shown_as_is(c: char) -> bool {
+    !c.is_control()
+        && !matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Drops repeated entries, keeping each first one where it was.
+fn dedup_in_order(list: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::with_capacity(list.len());
+    list.retain(|s| seen.insert(s.clone()));
 }
 
 /// The most instance ids one key may be restricted to.
@@ -80,15 +95,6 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, GatewayError> {
     })?;
     de.end().map_err(|_| GatewayError::body_not_json())?;
     Ok(value)
-}
-
-/// Account ids and key ids: 1 to 128 of `[A-Za-z0-9._:-]`.
-pub(crate) fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 fn valid_scope(s: &str) -> bool {
@@ -256,11 +262,14 @@ impl Manager {
         account_id: &str,
         body: &[u8],
     ) -> Result<Value, GatewayError> {
-        let req: CreateKey = parse(body)?;
+        let mut req: CreateKey = parse(body)?;
         let name = req.name.trim();
-        if name.is_empty() || name.chars().count() > 100 {
+        if name.is_empty() || name.chars().count() > 100 || !name.chars().all(shown_as_is) {
             return Err(GatewayError::invalid_key_name());
         }
+        // A scope or instance named twice is one: kept once, in the order given.
+        dedup_in_order(&mut req.scopes);
+        dedup_in_order(&mut req.instance_ids);
         if req.instance_ids.len() > MAX_INSTANCE_IDS {
             return Err(GatewayError::too_many("instanceIds", MAX_INSTANCE_IDS));
         }

@@ -61,7 +61,7 @@ pub(crate) enum Lookup {
 /// holding another (written to the store by something else) is a store fault, never a shared
 /// placeholder identity for the backend.
 fn id_value(id: &str) -> Result<HeaderValue, StoreError> {
-    if !crate::manage::valid_id(id) {
+    if !crate::store::valid_id(id) {
         return Err(StoreError::Misconfigured(format!(
             "a record holds an invalid id ({} bytes)",
             id.len()

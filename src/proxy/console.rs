@@ -57,7 +57,7 @@ pub(crate) fn authenticate(
     };
     // Claims become trusted header values: the account must be an id as accounts are named
     // (no space, no byte a backend may trim, fold or split on), the user visible ASCII.
-    if !crate::manage::valid_id(&id.account_id)
+    if !crate::store::valid_id(&id.account_id)
         || id.user_id.as_deref().is_some_and(|u| !is_plain_user_id(u))
     {
         return Err(invalid());
@@ -111,6 +111,11 @@ pub(crate) fn key_call(method: &Method, path: &str) -> Option<Result<KeyCall, Ga
 /// node: a token holder cannot drive unbounded writes (and fsyncs) into the store.
 pub(crate) const KEY_WRITES_PER_MINUTE: u32 = 10;
 
+/// Key listings one account may ask for through the console, per minute and node (a burst of
+/// 10): a listing reads every record the account keeps (up to its cap and 100 revoked ones),
+/// and a token holder could otherwise keep the store reading them in a loop.
+pub(crate) const KEY_READS_PER_MINUTE: u32 = 60;
+
 /// Serves a key-management call for the token's account: (status, JSON body).
 pub(crate) async fn serve(
     gw: &Gateway,
@@ -119,18 +124,23 @@ pub(crate) async fn serve(
     account_id: &str,
     call: KeyCall,
 ) -> Result<(u16, Vec<u8>), GatewayError> {
+    let now_ns = gw.clock.now_ns();
+    let secs = super::headers::ceil_secs;
     if matches!(call, KeyCall::Create | KeyCall::Revoke(_)) {
         let every_ns = 60_000_000_000 / u64::from(KEY_WRITES_PER_MINUTE);
         gw.key_writes
             .check_every(
                 account_id.to_owned(),
-                gw.clock.now_ns(),
+                now_ns,
                 every_ns,
                 KEY_WRITES_PER_MINUTE,
             )
-            .map_err(|retry_ns| {
-                GatewayError::key_writes_limited(super::headers::ceil_secs(retry_ns))
-            })?;
+            .map_err(|retry_ns| GatewayError::key_writes_limited(secs(retry_ns)))?;
+    } else {
+        let every_ns = 60_000_000_000 / u64::from(KEY_READS_PER_MINUTE);
+        gw.key_reads
+            .check_every(account_id.to_owned(), now_ns, every_ns, 10)
+            .map_err(|retry_ns| GatewayError::key_reads_limited(secs(retry_ns)))?;
     }
     let value = match call {
         KeyCall::List => gw.manager.list_keys(account_id).await?,

@@ -141,6 +141,15 @@ pub enum Admission {
     Revoked,
 }
 
+/// Account ids and key ids: 1 to 128 of `[A-Za-z0-9._:-]`.
+pub(crate) fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
 /// Why a key could not be created.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CreateKeyError {

@@ -645,12 +645,77 @@ fn console_key_writes_are_limited_per_account() {
     assert_eq!(
         gw.get("/api/api-keys", &h).status,
         200,
-        "reading is not limited"
+        "reading has its own limit"
     );
     let other = format!("Bearer {}", gw.token("other", 3600));
     assert_eq!(create(&[("authorization", &other)]).status, 201);
     gw.clock.advance_ms(6_000);
     assert_eq!(create(&h).status, 201);
+}
+
+/// A listing reads every record the account keeps: ten in a burst, then one a second (60 a
+/// minute) per account and node. Another account's listings are its own.
+#[test]
+fn console_key_listings_are_limited_per_account() {
+    let gw = Gateway::start();
+    gw.put_account("acme", "pro", "active");
+    gw.put_account("other", "pro", "active");
+    let auth = format!("Bearer {}", gw.token("acme", 3600));
+    let list = |auth: &str| gw.get("/api/api-keys", &[("authorization", auth)]);
+    for _ in 0..10 {
+        assert_eq!(list(&auth).status, 200);
+    }
+    let r = list(&auth);
+    assert_refused(
+        &r,
+        429,
+        "TOO_MANY_REQUESTS",
+        "Too many API key listings for this account: at most 60 a minute",
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(
+        list(&format!("Bearer {}", gw.token("other", 3600))).status,
+        200
+    );
+    gw.clock.advance_ms(1_000);
+    assert_eq!(list(&auth).status, 200);
+}
+
+/// A key's name shows as itself (no control or text-direction characters, which could make it
+/// show as another in a dashboard), and a scope or instance named twice is kept once.
+#[test]
+fn key_names_show_as_themselves_and_repeats_are_kept_once() {
+    let gw = Gateway::start();
+    gw.put_account("acme", "pro", "active");
+    // JSON escapes, decoded by the parser.
+    for name in [r"prod\u202eyek", r"a\u0007b", r"x\u2066y", r"tab\tname"] {
+        let body = format!(r#"{{"name":"{name}"}}"#);
+        let r = gw.admin_call(
+            "POST",
+            "/admin/v1/accounts/acme/keys",
+            Some(serde_json::from_str(&body).unwrap()),
+        );
+        assert_error(
+            &r,
+            400,
+            "BAD_REQUEST",
+            "name must be 1 to 100 characters, without control or text-direction characters",
+        );
+    }
+    let r = gw.admin_call(
+        "POST",
+        "/admin/v1/accounts/acme/keys",
+        Some(json!({
+            "name": "caf\u{e9} \u{1F680}",
+            "scopes": ["messages:read", "messages:send", "messages:read"],
+            "instanceIds": [A, B, A, A],
+        })),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let created = r.json().unwrap();
+    assert_eq!(created["name"], "caf\u{e9} \u{1F680}");
+    assert_eq!(created["scopes"], json!(["messages:read", "messages:send"]));
+    assert_eq!(created["instanceIds"], json!([A, B]));
 }
 
 #[test]
