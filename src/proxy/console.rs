@@ -88,10 +88,25 @@ pub(crate) enum KeyCall {
 /// Recognises `/api/api-keys` calls on whole path segments (`/api/api-keysX` is not one);
 /// `Some(Err)` for a known path with a wrong method or too many segments.
 pub(crate) fn key_call(method: &Method, path: &str) -> Option<Result<KeyCall, GatewayError>> {
-    let rest = path.strip_prefix("/api/api-keys")?;
+    const PREFIX: &str = "/api/api-keys";
+    let head = path.get(..PREFIX.len())?;
+    if !head.eq_ignore_ascii_case(PREFIX) {
+        return None;
+    }
+    let rest = &path[PREFIX.len()..];
+    let whole_segment = rest.is_empty() || rest.starts_with(['/', '.']);
+    if head != PREFIX && whole_segment {
+        // A backend routing without regard to case would take it for the gateway's own
+        // endpoint, and serve it without the plan cap or the write limit.
+        return Some(Err(GatewayError::ambiguous_path(
+            crate::path::PathError::CaseChangesRoute,
+        )));
+    }
     let not_a_call = || Some(Err(GatewayError::no_such_key_call()));
     let id = match rest {
         "" | "/" => None,
+        // A format suffix (`/api/api-keys.json`, as Rails routes it): the same endpoint.
+        _ if rest.starts_with('.') => return not_a_call(),
         _ => match rest.strip_prefix('/') {
             None => return None,
             Some(id) if id.contains('/') => return not_a_call(),
@@ -194,5 +209,16 @@ mod tests {
         assert!(key_call(&Method::DELETE, "/api/api-keysXYZ").is_none());
         assert!(key_call(&Method::DELETE, "/api/api-keys\u{e9}").is_none());
         assert!(key_call(&Method::GET, "/api/messages").is_none());
+        // Other spellings of the gateway's own endpoint are never forwarded.
+        for path in ["/api/API-keys", "/api/Api-Keys/key_1", "/API/api-keys"] {
+            assert!(
+                key_call(&Method::GET, path).is_some_and(|c| c.is_err()),
+                "{path}"
+            );
+        }
+        assert!(key_call(&Method::GET, "/api/api-keys.json")
+            .unwrap()
+            .is_err());
+        assert!(key_call(&Method::GET, "/api/API-keysX").is_none());
     }
 }

@@ -419,6 +419,22 @@ fn console_endpoints_match_whole_segments() {
         None,
     );
     assert_refused(&r, 404, "NOT_FOUND", "No such key-management call");
+    // Other spellings of the gateway's own endpoint, which a backend routing without regard to
+    // case or with format suffixes would serve as its own (no cap, no write limit), are never
+    // forwarded.
+    let h = [("authorization", auth.as_str())];
+    assert_refused(
+        &gw.send("POST", "/api/API-keys", &h, Some(br#"{"name":"k"}"#)),
+        400,
+        "BAD_REQUEST",
+        "Ambiguous request path: it contains upper-case letters: in lower case it matches another route",
+    );
+    assert_refused(
+        &gw.get("/api/api-keys.json", &h),
+        404,
+        "NOT_FOUND",
+        "No such key-management call",
+    );
     echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
 }
 
