@@ -174,11 +174,11 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                     anchor_day,
                 } => admin.call(
                     "PUT",
-                    &format!("/admin/v1/accounts/{account}"),
+                    &format!("/admin/v1/accounts/{}", id_arg(&account)?),
                     Some(json!({"plan": plan, "subscription": subscription, "quotaAnchorDay": anchor_day})),
                 )?,
                 AccountsCmd::Show { account } => {
-                    admin.call("GET", &format!("/admin/v1/accounts/{account}"), None)?
+                    admin.call("GET", &format!("/admin/v1/accounts/{}", id_arg(&account)?), None)?
                 }
             };
             print_json(&reply);
@@ -196,7 +196,7 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                 } => {
                     let reply = admin.call(
                         "POST",
-                        &format!("/admin/v1/accounts/{account}/keys"),
+                        &format!("/admin/v1/accounts/{}/keys", id_arg(&account)?),
                         Some(json!({"name": name, "scopes": scopes, "instanceIds": instances})),
                     )?;
                     if as_json {
@@ -210,12 +210,16 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                 }
                 KeysCmd::List { account } => print_json(&admin.call(
                     "GET",
-                    &format!("/admin/v1/accounts/{account}/keys"),
+                    &format!("/admin/v1/accounts/{}/keys", id_arg(&account)?),
                     None,
                 )?),
                 KeysCmd::Revoke { account, key_id } => print_json(&admin.call(
                     "DELETE",
-                    &format!("/admin/v1/accounts/{account}/keys/{key_id}"),
+                    &format!(
+                        "/admin/v1/accounts/{}/keys/{}",
+                        id_arg(&account)?,
+                        id_arg(&key_id)?
+                    ),
                     None,
                 )?),
             }
@@ -288,6 +292,19 @@ fn print_json(v: &Value) {
     ));
 }
 
+/// An account or key id as a path segment: only what ids are made of, so that no argument
+/// (`../other/keys/key_1`) can name another resource than the one it says.
+fn id_arg(id: &str) -> Result<&str, String> {
+    // `.` and `..` are ids too, but an HTTP client resolves them as path steps.
+    if crate::store::valid_id(id) && id != "." && id != ".." {
+        Ok(id)
+    } else {
+        Err(format!(
+            "{id:?} is not an id: ids are 1 to 128 characters of A-Z a-z 0-9 . _ : -"
+        ))
+    }
+}
+
 /// The admin API of a running gateway, as the configuration locates it.
 struct AdminClient {
     addr: SocketAddr,
@@ -296,6 +313,14 @@ struct AdminClient {
 
 impl AdminClient {
     fn new(config: &Config) -> Result<Self, String> {
+        if config.admin.tls.is_some() {
+            // This client speaks plain HTTP: the token must not go out in clear text.
+            return Err(format!(
+                "the admin listener at {} speaks TLS only, which this command does not: call \
+                 the admin API with an HTTPS client (e.g. curl --cacert)",
+                config.admin.listen
+            ));
+        }
         let mut addr = config.admin.listen;
         if addr.ip().is_unspecified() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());

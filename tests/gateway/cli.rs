@@ -121,6 +121,29 @@ fn keys_and_jwt_commands_drive_a_running_gateway() {
         &[("authorization", &format!("Bearer {}", token.trim()))],
     ));
     assert_eq!(seen["headers"]["x-user-id"], "u9");
+    // An argument that is no id cannot name another resource through the path it goes into.
+    let (_, other_key) = gw.account_with_key("other", "pro");
+    for args in [
+        &["keys", "revoke", "acme", &format!("../../other/keys/{other_key}")][..],
+        &["keys", "revoke", "..", "x"],
+        &["accounts", "show", "acme/keys"],
+    ] {
+        let out = bin()
+            .arg("-c")
+            .arg(gw.config_path())
+            .args(args)
+            .env("TEST_ADMIN_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("is not an id: ids are 1 to 128 characters of A-Z a-z 0-9 . _ : -"),
+            "{err}"
+        );
+    }
+    let other = gw.admin_call("GET", "/admin/v1/accounts/other", None).json().unwrap();
+    assert_eq!(other["keys"]["active"], 1, "nothing revoked");
 }
 
 #[test]

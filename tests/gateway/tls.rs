@@ -226,6 +226,24 @@ fn the_admin_listener_speaks_tls_when_given_certificates() {
     // Plain HTTP gets no HTTP answer there.
     let plain = crate::client::request(gw.admin, "GET", "/healthz", &[], None);
     assert!(plain.is_err(), "{:?}", plain.map(|r| r.status));
+    // The command-line client speaks plain HTTP: it refuses, rather than send the token in
+    // clear text to a listener that expects TLS.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_msgflash-gateway"))
+        .arg("-c")
+        .arg(gw.config_path())
+        .args(["accounts", "show", "acme"])
+        .env("TEST_ADMIN_TOKEN", crate::support::ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "the admin listener at {} speaks TLS only, which this command does not",
+            gw.admin
+        )),
+        "{err}"
+    );
 }
 
 #[test]
