@@ -594,6 +594,32 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
     }
 
+    /// The files the store creates hold key hashes and account ids: the owner's alone, and a
+    /// link left where the usage file's temporary goes is replaced, not written through.
+    #[test]
+    fn the_store_files_are_private_and_links_are_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.jsonl");
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, "untouched").unwrap();
+        let usage = usage::usage_path(&path);
+        let mut tmp = usage.as_os_str().to_owned();
+        tmp.push(".tmp");
+        std::os::unix::fs::symlink(&elsewhere, &tmp).unwrap();
+        let store = EmbeddedStore::open(&path).unwrap();
+        rt.block_on(store.put_account(account("pro"))).unwrap();
+        usage::write(&usage, usage::Usage::new()).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&usage), 0o600);
+        assert_eq!(mode(&file_lock::lock_path(&path)), 0o600);
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "untouched");
+    }
+
     fn key(id: &str) -> KeyRecord {
         KeyRecord {
             id: id.into(),

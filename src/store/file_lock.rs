@@ -5,6 +5,7 @@
 use super::StoreError;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// The held lock; dropping it lets the data file go.
@@ -31,6 +32,7 @@ fn open(data_file: &Path) -> Result<(File, PathBuf), StoreError> {
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(super::PRIVATE_FILE)
         .open(&path)
         .map_err(|e| StoreError::Persist(format!("{}: {e}", path.display())))?;
     Ok((file, path))

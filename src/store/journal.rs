@@ -6,6 +6,7 @@ use super::{Account, KeyRecord, StoreError};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Version of the data file's format (its first line).
@@ -120,6 +121,7 @@ impl Journal {
             let mut f = OpenOptions::new()
                 .create_new(true)
                 .append(true)
+                .mode(super::PRIVATE_FILE)
                 .open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;

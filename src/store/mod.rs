@@ -7,6 +7,10 @@ mod journal;
 pub mod redis;
 mod usage;
 
+/// The mode of the files the embedded store creates (data, usage, lock): they hold key hashes
+/// and account ids, for the gateway's user alone.
+const PRIVATE_FILE: u32 = 0o600;
+
 use crate::limits::gcra::BucketParams;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

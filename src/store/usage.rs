@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -226,7 +227,16 @@ pub(super) fn write(path: &Path, usage: Usage) -> Result<(), StoreError> {
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     (|| {
-        let mut f = File::create(&tmp)?;
+        // A fresh file, never one found there (a link to elsewhere), readable by the owner only.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(super::PRIVATE_FILE)
+            .open(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;

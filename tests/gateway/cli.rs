@@ -124,7 +124,12 @@ fn keys_and_jwt_commands_drive_a_running_gateway() {
     // An argument that is no id cannot name another resource through the path it goes into.
     let (_, other_key) = gw.account_with_key("other", "pro");
     for args in [
-        &["keys", "revoke", "acme", &format!("../../other/keys/{other_key}")][..],
+        &[
+            "keys",
+            "revoke",
+            "acme",
+            &format!("../../other/keys/{other_key}"),
+        ][..],
         &["keys", "revoke", "..", "x"],
         &["accounts", "show", "acme/keys"],
     ] {
@@ -142,7 +147,10 @@ fn keys_and_jwt_commands_drive_a_running_gateway() {
             "{err}"
         );
     }
-    let other = gw.admin_call("GET", "/admin/v1/accounts/other", None).json().unwrap();
+    let other = gw
+        .admin_call("GET", "/admin/v1/accounts/other", None)
+        .json()
+        .unwrap();
     assert_eq!(other["keys"]["active"], 1, "nothing revoked");
 }
 
