@@ -29,13 +29,22 @@ pub(super) fn log(
     let trace = ctx.trace.trace_hex();
     let route = ctx.route();
     let identity = ctx.identity.as_ref();
+    let path = ctx.path.as_deref().unwrap_or_else(|| req.uri.path());
+    // An open route's path can carry a secret (a reset or verification link's token): past the
+    // route's prefix, it is not written down.
+    let path = match route {
+        Some(r) if r.auth == AuthMode::Open && path.len() > r.prefix.len() => {
+            std::borrow::Cow::Owned(format!("{}…", r.prefix))
+        }
+        _ => std::borrow::Cow::Borrowed(path),
+    };
     let entry = Entry {
         time_ms: i64::try_from(gw.clock.now_ns() / 1_000_000).unwrap_or(i64::MAX),
         request_id: ctx.request_id.to_str().unwrap_or_default(),
         trace_id: &trace,
         client: ctx.client,
         method: req.method.as_str(),
-        path: ctx.path.as_deref().unwrap_or_else(|| req.uri.path()),
+        path: &path,
         route: ctx.route.and_then(|i| ctx.live.labels.get(i)).map(|l| &**l),
         auth: route.map(|r| match r.auth {
             AuthMode::ApiKey => "api_key",
