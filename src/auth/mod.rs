@@ -77,6 +77,11 @@ pub struct Directory {
     clock: Arc<dyn Clock>,
     keys: BoundedCache<KeyHash, (Arc<CachedKey>, HeaderValue)>,
     unknown: BoundedCache<KeyHash, ()>,
+    /// Keys this node found valid in the store within [`RECENTLY_VALID_NS`]: over a client's
+    /// limit on failed authentications they are still looked up, so that one client's guesses
+    /// do not lock out every legitimate key behind the same address (a NAT, a platform's egress)
+    /// once its cache entry expires. A guess is never in it.
+    recent: BoundedCache<KeyHash, ()>,
     accounts: BoundedCache<String, (Arc<Account>, HeaderValue)>,
     /// Invalidation counters. A lookup that read the store while its record's counter moved
     /// does not cache what it read: the record may predate the change (a revoke, a plan change)
@@ -102,6 +107,10 @@ struct Generations {
 }
 
 const GENERATION_SLOTS: usize = 1024;
+
+/// How long a key found valid stays exempt from a client's failure limit (see
+/// [`Directory::recent`]).
+const RECENTLY_VALID_NS: u64 = 24 * 3600 * 1_000_000_000;
 
 /// What a lookup saw of the counters that guard one record.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -150,6 +159,7 @@ impl Directory {
             clock,
             keys: BoundedCache::new(capacity, ttl_ns),
             unknown: BoundedCache::new(negative_capacity, ttl_ns),
+            recent: BoundedCache::new(capacity, RECENTLY_VALID_NS),
             accounts: BoundedCache::new(capacity, ttl_ns),
             generations: Generations::new(),
             unconfirmed_reads: AtomicU64::new(0),
@@ -160,7 +170,8 @@ impl Directory {
 
     /// The principal for a well-formed key, or `None` when the key is unknown or revoked.
     /// `may_look_further` is asked only when the key is not in the positive cache: `false`
-    /// answers [`Lookup::NotAsked`] without a store or negative-cache lookup.
+    /// answers [`Lookup::NotAsked`] without a store or negative-cache lookup, unless the key
+    /// was found valid here recently.
     pub(crate) async fn lookup(
         &self,
         key: &[u8],
@@ -184,7 +195,9 @@ impl Directory {
                 count(0);
                 entry
             }
-            None if !may_look_further() => return Ok(Lookup::NotAsked),
+            None if !may_look_further() && self.recent.get(&hash, now).is_none() => {
+                return Ok(Lookup::NotAsked)
+            }
             None if self.unknown.get(&hash, now).is_some() => {
                 count(1);
                 return Ok(Lookup::Unknown);
@@ -193,6 +206,7 @@ impl Directory {
                 count(2);
             }) {
                 Ok(Some(record)) if record.is_active() => {
+                    self.recent.insert(hash, (), now);
                     let value = id_value(&record.id)?;
                     let entry = (Arc::new(CachedKey::from(record)), value);
                     // Insert, then look again: `forget_*` bumps the generation before it
@@ -205,6 +219,7 @@ impl Directory {
                 }
                 Ok(_) => {
                     self.keys.remove(&hash);
+                    self.recent.remove(&hash);
                     self.unknown.insert(hash, (), now);
                     if !key_unchanged() {
                         self.unknown.remove(&hash);
