@@ -1,12 +1,15 @@
 //! Caps on concurrent connections, globally and per client address: a connection over a cap is
-//! closed at accept. The table holds only addresses with open connections, so it is bounded by
-//! the global cap.
+//! closed at accept (a TLS one before its handshake). The table holds only addresses with open
+//! connections, so it is bounded by the global cap.
 
 use parking_lot::Mutex;
+use pingora::protocols::UniqueIDType;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Which cap refused a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +134,59 @@ impl Drop for Permit {
     }
 }
 
+/// pingora's fixed bound on a handshake (`services/listening.rs`), and some margin: a place
+/// held longer than this belongs to a handshake that has failed.
+const HANDSHAKE_AT_MOST: Duration = Duration::from_secs(65);
+
+/// A place under the caps, whatever holds it (a [`Permit`], or a test's stand-in).
+pub(crate) type HeldPlace = Box<dyn std::fmt::Debug + Send + Sync>;
+
+/// Places TLS connections took before their handshakes (pingora handshakes before the
+/// application sees a stream), waiting by descriptor for the streams the handshakes yield. A
+/// handshake that fails leaves its place to be swept once pingora's handshake time has passed
+/// for certain, or replaced when its descriptor is reused.
+#[derive(Debug, Default)]
+pub(crate) struct Handshaking {
+    pending: Mutex<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    by_id: HashMap<UniqueIDType, (Instant, HeldPlace)>,
+    swept: Option<Instant>,
+}
+
+impl Handshaking {
+    /// Keeps `permit` for the connection `id` until its handshake ends.
+    pub(crate) fn hold(&self, id: UniqueIDType, permit: HeldPlace) {
+        let now = Instant::now();
+        let mut pending = self.pending.lock();
+        // At most once a second: drop the places of handshakes that can no longer be going on.
+        if pending
+            .swept
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
+            pending
+                .by_id
+                .retain(|_, (since, _)| now.duration_since(*since) < HANDSHAKE_AT_MOST);
+            pending.swept = Some(now);
+        }
+        // A descriptor reused: the connection it was is closed, and its place with it.
+        pending.by_id.insert(id, (now, permit));
+    }
+
+    /// The place taken for connection `id` before its handshake, if one was.
+    pub(crate) fn take(&self, id: UniqueIDType) -> Option<HeldPlace> {
+        self.pending.lock().by_id.remove(&id).map(|(_, p)| p)
+    }
+
+    /// How many places wait for handshakes.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.pending.lock().by_id.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +216,32 @@ mod tests {
             "a refused address leaves nothing"
         );
         assert_eq!(c.refused(), [("global", 2), ("per_client", 2)]);
+    }
+
+    #[derive(Debug)]
+    struct Place;
+
+    #[test]
+    fn places_wait_by_descriptor_and_stale_ones_are_swept() {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+            .block_on(async {
+                let h = Handshaking::default();
+                h.hold(7, Box::new(Place));
+                h.hold(8, Box::new(Place));
+                assert_eq!(h.waiting(), 2);
+                assert!(h.take(7).is_some());
+                assert!(h.take(7).is_none(), "taken once");
+                // A reused descriptor replaces its place.
+                h.hold(8, Box::new(Place));
+                assert_eq!(h.waiting(), 1);
+                tokio::time::advance(HANDSHAKE_AT_MOST).await;
+                h.hold(9, Box::new(Place));
+                assert_eq!(h.waiting(), 1, "the handshake of 8 is over for certain");
+                assert!(h.take(9).is_some());
+            });
     }
 }

@@ -13,13 +13,14 @@
 //! limits.
 //!
 //! On a listener with the PROXY protocol on, the header is read first (within the same
-//! timeout; [`ProxyHeader`] for TLS listeners, before the handshake), so that admission and
-//! everything after it see the client a trusted balancer names.
+//! timeout; on TLS listeners before the handshake, in `before_tls`), so that admission and
+//! everything after it see the client a trusted balancer names. A TLS connection is admitted
+//! before its handshake (`before_tls`); its stream comes here with its place already taken.
 
+use crate::conn_limit::HeldPlace;
 use crate::proxy_protocol::HeaderError;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
-use pingora::listeners::PreTlsProcess;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
@@ -46,12 +47,12 @@ pub(crate) trait EdgeLimits: std::fmt::Debug + Send + Sync + 'static {
     fn max_head_bytes(&self) -> usize;
     /// The whole HTTP/1.1 response sent before closing a connection whose head is too large.
     fn too_large(&self) -> Vec<u8>;
-    /// Whether a newly accepted connection is served: a guard held as long as the connection
-    /// lives, or None to close it at once.
-    fn admit(&self, stream: &Stream) -> Option<Box<dyn std::fmt::Debug + Send + Sync>>;
+    /// Whether a newly accepted connection from `peer` is served: a guard held as long as the
+    /// connection lives, or None to close it at once.
+    fn admit_peer(&self, peer: Option<IpAddr>) -> Option<HeldPlace>;
     /// A place under the global connection cap only, held while a connection's PROXY protocol
     /// header is read (before the client, and so its own cap, is known); None when full.
-    fn admit_any(&self) -> Option<Box<dyn std::fmt::Debug + Send + Sync>>;
+    fn admit_any(&self) -> Option<HeldPlace>;
     /// Whether a peer's PROXY protocol header is believed (a trusted proxy).
     fn trusts(&self, peer: IpAddr) -> bool;
     /// How long a connection may wait for its first request (then each request's end says
@@ -68,6 +69,8 @@ pub(crate) struct EdgeApp<A> {
     pub(crate) limits: Arc<dyn EdgeLimits>,
     /// The plain listener requires a PROXY protocol header on every connection.
     pub(crate) proxy_protocol: bool,
+    /// Places TLS connections took before their handshakes.
+    pub(crate) handshaking: Arc<crate::conn_limit::Handshaking>,
 }
 
 #[async_trait]
@@ -95,8 +98,22 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
             } else {
                 stream
             };
-            // Over a connection cap: dropping the stream closes it.
-            let permit = self.limits.admit(&stream)?;
+            // Over a connection cap: dropping the stream closes it. A TLS connection took its
+            // place before its handshake.
+            let taken = if stream.as_any().is::<L4Stream>() {
+                None
+            } else {
+                self.handshaking.take(stream.id())
+            };
+            let permit = match taken {
+                Some(permit) => permit,
+                None => {
+                    let peer = stream
+                        .get_socket_digest()
+                        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+                    self.limits.admit_peer(peer)?
+                }
+            };
             let idle = self.limits.keepalive_timeout();
             Box::new(EdgeStream::new(
                 stream,
@@ -111,32 +128,6 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
 
     async fn cleanup(&self) {
         self.inner.cleanup().await;
-    }
-}
-
-/// Reads the PROXY protocol header on a TLS listener, before the handshake (pingora's pre-TLS
-/// hook); a refused header drops the connection.
-pub(crate) struct ProxyHeader {
-    pub(crate) timeout: Duration,
-    pub(crate) limits: Arc<dyn EdgeLimits>,
-}
-
-#[async_trait]
-impl PreTlsProcess for ProxyHeader {
-    async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
-        let Some(_reading) = self.limits.admit_any() else {
-            return Err(pingora::Error::explain(
-                pingora::ErrorType::AcceptError,
-                "over the connection cap",
-            ));
-        };
-        let trusts = |ip| self.limits.trusts(ip);
-        crate::proxy_protocol::accept(stream, self.timeout, trusts)
-            .await
-            .map_err(|why| {
-                self.limits.proxy_header_refused(&why);
-                pingora::Error::explain(pingora::ErrorType::AcceptError, why.to_string())
-            })
     }
 }
 
@@ -185,7 +176,7 @@ pub(crate) struct EdgeStream {
     /// When the current head must be complete (set when it starts: one clock read).
     deadline: Instant,
     /// The connection's place under the connection caps, given back when it closes.
-    _permit: Box<dyn std::fmt::Debug + Send + Sync>,
+    _permit: HeldPlace,
     /// The connection's one timer, made at its first wait, and the deadline it is set to.
     /// Moving a set deadline later costs one atomic operation (tokio re-files the timer only
     /// when it fires early), so every keep-alive wait re-arms it almost for free.
@@ -208,7 +199,7 @@ impl EdgeStream {
         timeout: Duration,
         idle: Duration,
         limits: Arc<dyn EdgeLimits>,
-        permit: Box<dyn std::fmt::Debug + Send + Sync>,
+        permit: HeldPlace,
     ) -> Self {
         let off = inner.selected_alpn_proto() == Some(ALPN::H2);
         Self {

@@ -8,6 +8,7 @@
 pub mod access_log;
 pub(crate) mod admin;
 pub mod auth;
+pub(crate) mod before_tls;
 pub(crate) mod body_type;
 pub mod cache;
 pub mod certs;

@@ -2,10 +2,12 @@
 
 use crate::admin::AdminApp;
 use crate::auth::jwt::KeyError;
+use crate::before_tls::BeforeHandshake;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{process_env, Config, Env, SecretProblem};
+use crate::conn_limit::{Handshaking, HeldPlace};
 use crate::echo::EchoApp;
-use crate::edge_stream::{EdgeApp, EdgeLimits, ProxyHeader};
+use crate::edge_stream::{EdgeApp, EdgeLimits};
 use crate::errors::GatewayError;
 use crate::gateway::Gateway;
 use crate::log_limit::LogLimit;
@@ -71,15 +73,9 @@ impl EdgeLimits for ConfiguredEdge {
         out
     }
 
-    fn admit(
-        &self,
-        stream: &pingora::protocols::Stream,
-    ) -> Option<Box<dyn std::fmt::Debug + Send + Sync>> {
+    fn admit_peer(&self, peer: Option<std::net::IpAddr>) -> Option<HeldPlace> {
         let live = self.0.live();
         let server = &live.config.server;
-        let peer = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         // Trusted proxies carry many clients: they count toward the global cap only.
         let client = peer
             .map(crate::client_ip::canonical)
@@ -97,7 +93,7 @@ impl EdgeLimits for ConfiguredEdge {
         Some(Box::new(permit))
     }
 
-    fn admit_any(&self) -> Option<Box<dyn std::fmt::Debug + Send + Sync>> {
+    fn admit_any(&self) -> Option<HeldPlace> {
         let live = self.0.live();
         let server = &live.config.server;
         let permit = self
@@ -254,6 +250,7 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
     app.server_options = Some(options);
     // Every accepted connection's stream gets the whole-head deadline.
     let limits: Arc<dyn EdgeLimits> = Arc::new(ConfiguredEdge(gateway.clone()));
+    let handshaking = Arc::new(Handshaking::default());
     let mut proxy = Service::new(
         "msgflash-gateway".to_string(),
         EdgeApp {
@@ -261,6 +258,7 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
             timeout: cfg.server.header_timeout,
             limits: limits.clone(),
             proxy_protocol: cfg.server.proxy_protocol,
+            handshaking: handshaking.clone(),
         },
     );
     proxy.add_tcp(&cfg.server.listen.to_string());
@@ -271,15 +269,16 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
         // ALPN: h2 preferred, http/1.1 allowed; every phase runs the same on both.
         settings.enable_h2();
         proxy.add_tls_with_settings(&tls.listen.to_string(), None, settings);
-        if tls.proxy_protocol {
-            // pingora runs this hook on TLS listeners only, before each handshake.
-            proxy
-                .endpoints()
-                .set_pre_tls_callback(Arc::new(ProxyHeader {
-                    timeout: cfg.server.header_timeout,
-                    limits,
-                }));
-        }
+        // pingora runs this hook on TLS listeners only, before each handshake: the PROXY
+        // header, the connection caps, the ClientHello within the head deadline.
+        proxy
+            .endpoints()
+            .set_pre_tls_callback(Arc::new(BeforeHandshake {
+                timeout: cfg.server.header_timeout,
+                limits,
+                proxy_protocol: tls.proxy_protocol,
+                handshaking,
+            }));
     }
 
     let mut admin = Service::new("msgflash-admin".to_string(), AdminApp(gateway.clone()));

@@ -27,6 +27,7 @@ const LAYERS: &[&[&str]] = &[
     ],
     // Pure logic on top of the leaves.
     &["errors", "limits", "edge_stream", "metrics", "spans"],
+    &["before_tls"],
     // Policy files, then the configuration that holds them; reading requests.
     &["policy", "inspect"],
     &["config"],

@@ -603,3 +603,59 @@ fn a_stalled_http2_body_holds_nothing() {
         r#"{"error":{"code":"BAD_REQUEST","message":"Could not read the request body"}}"#
     );
 }
+
+/// A TLS connection takes its place under the connection caps before its handshake, and must
+/// send its ClientHello within `server.header_timeout`: connections that never start a
+/// handshake are cut at the deadline (pingora alone would give each a minute, outside every
+/// cap), and while they are open they count against their client's cap.
+#[test]
+fn tls_connections_are_capped_and_timed_before_their_handshake() {
+    use std::io::Write;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, tls) = tls_gateway_with(
+        &ca,
+        dir.path(),
+        &[("api", "api.test")],
+        "",
+        Setup::new()
+            .server("header_timeout = \"2s\"")
+            .server("max_connections_per_client = 2"),
+    );
+    let attempt = || -> std::io::Result<u16> {
+        let name = ServerName::try_from("api.test".to_owned()).unwrap();
+        let conn = rustls::ClientConnection::new(ca.client_config(), name).unwrap();
+        let tcp = TcpStream::connect(tls)?;
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
+        let mut stream = BufReader::new(rustls::StreamOwned::new(conn, tcp));
+        stream
+            .get_mut()
+            .write_all(b"GET /nowhere HTTP/1.1\r\nhost: api.test\r\n\r\n")?;
+        read_response(&mut stream, false).map(|r| r.status)
+    };
+    assert_eq!(
+        attempt().unwrap(),
+        404,
+        "a handshake with room under the cap"
+    );
+    let mut silent: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let s = TcpStream::connect(tls).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+                .unwrap();
+            s
+        })
+        .collect();
+    // Both places of this client are held by connections that have sent nothing.
+    eventually("both silent connections admitted", || {
+        gw.metric_line("msgflash_connections_open ") == "msgflash_connections_open 2"
+    });
+    assert!(
+        attempt().is_err(),
+        "a third connection is refused before its handshake"
+    );
+    for s in &mut silent {
+        assert_closed_without_answer(s, "no ClientHello");
+    }
+    assert_eq!(attempt().unwrap(), 404, "their places are given back");
+}

@@ -1,0 +1,74 @@
+//! A TLS connection before its handshake: its place under the connection caps is taken here,
+//! and its ClientHello must arrive within `server.header_timeout`. pingora handshakes before
+//! the application sees a stream (and gives each handshake 60 s), so without this a client
+//! that opens connections and sends nothing would hold a descriptor each for a minute, outside
+//! every cap. The place taken here waits, by the connection's descriptor, for the stream the
+//! handshake yields ([`Handshaking`]).
+
+use crate::conn_limit::Handshaking;
+use crate::edge_stream::EdgeLimits;
+use async_trait::async_trait;
+use pingora::listeners::PreTlsProcess;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::UniqueID;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+
+/// The most bytes of a TLS record (RFC 8446 §5.2: 2^14 plus expansion).
+const MAX_RECORD: usize = 16_384 + 2_048;
+
+/// pingora's pre-TLS hook on the public TLS listener.
+pub(crate) struct BeforeHandshake {
+    pub(crate) timeout: Duration,
+    pub(crate) limits: Arc<dyn EdgeLimits>,
+    /// Every connection starts with a PROXY protocol header, read first.
+    pub(crate) proxy_protocol: bool,
+    pub(crate) handshaking: Arc<Handshaking>,
+}
+
+fn refused(why: impl Into<String>) -> Box<pingora::Error> {
+    pingora::Error::explain(pingora::ErrorType::AcceptError, why.into())
+}
+
+#[async_trait]
+impl PreTlsProcess for BeforeHandshake {
+    async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
+        if self.proxy_protocol {
+            // Under the global cap while the header is read (the client is not known yet).
+            let Some(_reading) = self.limits.admit_any() else {
+                return Err(refused("over the connection cap"));
+            };
+            let trusts = |ip| self.limits.trusts(ip);
+            crate::proxy_protocol::accept(stream, self.timeout, trusts)
+                .await
+                .map_err(|why| {
+                    self.limits.proxy_header_refused(&why);
+                    refused(why.to_string())
+                })?;
+        }
+        let peer = crate::proxy_protocol::peer_ip(stream);
+        let Some(permit) = self.limits.admit_peer(peer) else {
+            return Err(refused("over a connection cap"));
+        };
+        let hello = tokio::time::timeout(self.timeout, first_record(stream))
+            .await
+            .map_err(|_| refused("no ClientHello within server.header_timeout"))?
+            .map_err(|e| refused(format!("reading the ClientHello: {e}")))?;
+        // The handshake reads it again.
+        stream.rewind(&hello);
+        self.handshaking.hold(stream.id(), permit);
+        Ok(())
+    }
+}
+
+/// Reads the connection's first TLS record whole (a ClientHello's, or whatever the client
+/// sent: the handshake judges it).
+async fn first_record(stream: &mut L4Stream) -> std::io::Result<Vec<u8>> {
+    let mut record = vec![0u8; 5];
+    stream.read_exact(&mut record).await?;
+    let len = usize::from(u16::from_be_bytes([record[3], record[4]])).min(MAX_RECORD);
+    record.resize(5 + len, 0);
+    stream.read_exact(&mut record[5..]).await?;
+    Ok(record)
+}
