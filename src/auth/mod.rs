@@ -461,7 +461,14 @@ mod tests {
             assert!(matches!(found, Ok(Lookup::Found(_))));
         });
         // Nothing was cached: the next request must ask the store again.
-        let cached = rt.block_on(directory.lookup(&secret, || false));
-        assert!(matches!(cached, Ok(Lookup::NotAsked)), "{cached:?}");
+        let hash = KeyHash::of(&secret);
+        assert!(directory
+            .keys
+            .get(&hash, 1_800_000_000_000_000_000)
+            .is_none());
+        assert!(directory
+            .unknown
+            .get(&hash, 1_800_000_000_000_000_000)
+            .is_none());
     }
 }
