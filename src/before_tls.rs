@@ -48,6 +48,7 @@ impl PreTlsProcess for BeforeHandshake {
                 })?;
         }
         let peer = crate::proxy_protocol::peer_ip(stream);
+        self.handshaking.sweep();
         let Some(permit) = self.limits.admit_peer(peer) else {
             return Err(refused("over a connection cap"));
         };
@@ -57,16 +58,25 @@ impl PreTlsProcess for BeforeHandshake {
             .map_err(|e| refused(format!("reading the ClientHello: {e}")))?;
         // The handshake reads it again.
         stream.rewind(&hello);
-        self.handshaking.hold(stream.id(), permit);
+        // The rest of the handshake gets as long again with its place reserved; a slower one
+        // is admitted afresh when it ends.
+        self.handshaking.hold(stream.id(), permit, self.timeout);
         Ok(())
     }
 }
 
-/// Reads the connection's first TLS record whole (a ClientHello's, or whatever the client
-/// sent: the handshake judges it).
+/// Reads the connection's first TLS record whole (a ClientHello's: the handshake judges it).
 async fn first_record(stream: &mut L4Stream) -> std::io::Result<Vec<u8>> {
     let mut record = vec![0u8; 5];
     stream.read_exact(&mut record).await?;
+    // A handshake record (22) of TLS (3.x): anything else (plain HTTP to the TLS port) is
+    // refused at once, not waited on for a length it never meant.
+    if record[0] != 22 || record[1] != 3 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a TLS handshake record",
+        ));
+    }
     let len = usize::from(u16::from_be_bytes([record[3], record[4]])).min(MAX_RECORD);
     record.resize(5 + len, 0);
     stream.read_exact(&mut record[5..]).await?;

@@ -134,17 +134,14 @@ impl Drop for Permit {
     }
 }
 
-/// pingora's fixed bound on a handshake (`services/listening.rs`), and some margin: a place
-/// held longer than this belongs to a handshake that has failed.
-const HANDSHAKE_AT_MOST: Duration = Duration::from_secs(65);
-
 /// A place under the caps, whatever holds it (a [`Permit`], or a test's stand-in).
 pub(crate) type HeldPlace = Box<dyn std::fmt::Debug + Send + Sync>;
 
 /// Places TLS connections took before their handshakes (pingora handshakes before the
-/// application sees a stream), waiting by descriptor for the streams the handshakes yield. A
-/// handshake that fails leaves its place to be swept once pingora's handshake time has passed
-/// for certain, or replaced when its descriptor is reused.
+/// application sees a stream), waiting by descriptor for the streams the handshakes yield.
+/// Each is reserved for a bounded time: a handshake that fails leaves its place to be swept
+/// then (at the next connection), or replaced when its descriptor is reused; one that ends
+/// later finds no place and is admitted afresh.
 #[derive(Debug, Default)]
 pub(crate) struct Handshaking {
     pending: Mutex<Pending>,
@@ -152,32 +149,39 @@ pub(crate) struct Handshaking {
 
 #[derive(Debug, Default)]
 struct Pending {
+    /// Each place, and until when it is reserved.
     by_id: HashMap<UniqueIDType, (Instant, HeldPlace)>,
     swept: Option<Instant>,
 }
 
 impl Handshaking {
-    /// Keeps `permit` for the connection `id` until its handshake ends.
-    pub(crate) fn hold(&self, id: UniqueIDType, permit: HeldPlace) {
+    /// Drops the places whose reservation has run out (at most once a second): called before
+    /// any connection is admitted, so that places left by failed handshakes never refuse one.
+    pub(crate) fn sweep(&self) {
         let now = Instant::now();
         let mut pending = self.pending.lock();
-        // At most once a second: drop the places of handshakes that can no longer be going on.
-        if pending
-            .swept
-            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        if pending.by_id.is_empty()
+            || pending
+                .swept
+                .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
         {
-            pending
-                .by_id
-                .retain(|_, (since, _)| now.duration_since(*since) < HANDSHAKE_AT_MOST);
-            pending.swept = Some(now);
+            return;
         }
-        // A descriptor reused: the connection it was is closed, and its place with it.
-        pending.by_id.insert(id, (now, permit));
+        pending.by_id.retain(|_, (until, _)| now < *until);
+        pending.swept = Some(now);
     }
 
-    /// The place taken for connection `id` before its handshake, if one was.
+    /// Keeps `permit` for the connection `id` for at most `reserved`, until its handshake ends.
+    pub(crate) fn hold(&self, id: UniqueIDType, permit: HeldPlace, reserved: Duration) {
+        // A descriptor reused: the connection it was is closed, and its place with it.
+        let until = Instant::now() + reserved;
+        self.pending.lock().by_id.insert(id, (until, permit));
+    }
+
+    /// The place taken for connection `id` before its handshake, if one is still reserved.
     pub(crate) fn take(&self, id: UniqueIDType) -> Option<HeldPlace> {
-        self.pending.lock().by_id.remove(&id).map(|(_, p)| p)
+        let (until, place) = self.pending.lock().by_id.remove(&id)?;
+        (Instant::now() < until).then_some(place)
     }
 
     /// How many places wait for handshakes.
@@ -222,7 +226,7 @@ mod tests {
     struct Place;
 
     #[test]
-    fn places_wait_by_descriptor_and_stale_ones_are_swept() {
+    fn places_wait_by_descriptor_and_lapsed_ones_are_swept() {
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
@@ -230,18 +234,24 @@ mod tests {
             .unwrap()
             .block_on(async {
                 let h = Handshaking::default();
-                h.hold(7, Box::new(Place));
-                h.hold(8, Box::new(Place));
+                let ten = Duration::from_secs(10);
+                h.hold(7, Box::new(Place), ten);
+                h.hold(8, Box::new(Place), ten);
                 assert_eq!(h.waiting(), 2);
                 assert!(h.take(7).is_some());
                 assert!(h.take(7).is_none(), "taken once");
                 // A reused descriptor replaces its place.
-                h.hold(8, Box::new(Place));
+                h.hold(8, Box::new(Place), ten);
                 assert_eq!(h.waiting(), 1);
-                tokio::time::advance(HANDSHAKE_AT_MOST).await;
-                h.hold(9, Box::new(Place));
-                assert_eq!(h.waiting(), 1, "the handshake of 8 is over for certain");
-                assert!(h.take(9).is_some());
+                h.sweep();
+                assert_eq!(h.waiting(), 1, "still reserved");
+                tokio::time::advance(ten).await;
+                h.hold(9, Box::new(Place), ten);
+                h.sweep();
+                assert_eq!(h.waiting(), 1, "the reservation of 8 ran out");
+                h.sweep();
+                tokio::time::advance(ten).await;
+                assert!(h.take(9).is_none(), "a lapsed place is not handed out");
             });
     }
 }

@@ -108,6 +108,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
             let permit = match taken {
                 Some(permit) => permit,
                 None => {
+                    // Places that failed handshakes left never refuse a connection.
+                    self.handshaking.sweep();
                     let peer = stream
                         .get_socket_digest()
                         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));

@@ -425,7 +425,7 @@ impl GatewayError {
 
     pub fn invalid_key_name() -> Self {
         Self::bad_request(
-            "name must be 1 to 100 characters, without control or text-direction characters",
+            "name must be 1 to 100 characters, without control, invisible or text-direction characters",
         )
     }
 

@@ -42,12 +42,21 @@ struct CreateKey {
     instance_ids: Vec<String>,
 }
 
-/// Whether a character of a key name shows as itself: no control character, and none of the
-/// invisible marks that reorder text (U+200E/F, U+202A–U+202E, U+2066–U+2069), with which a
-/// name could show in a dashboard as another.
+/// Whether a character of a key name shows as itself: no control character, no invisible
+/// one (zero-width spaces and joiners, word joiners, the byte-order mark, line and paragraph
+/// separators) and none of the marks that reorder text (U+061C, U+200E/F, U+202A–U+202E,
+/// U+2066–U+2069), with which a name could show in a dashboard as another.
 fn shown_as_is(c: char) -> bool {
     !c.is_control()
-        && !matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        && !matches!(
+            c,
+            '\u{061c}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{feff}'
+        )
 }
 
 /// Drops repeated entries, keeping each first one where it was.

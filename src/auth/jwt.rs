@@ -37,6 +37,21 @@ pub enum JwtError {
     NoAccount,
 }
 
+impl JwtError {
+    /// Whether the token carried a valid signature of one of the issuer's keys (refused for
+    /// its claims), rather than being no token of the issuer's at all.
+    pub fn is_signed(&self) -> bool {
+        matches!(
+            self,
+            Self::Expired
+                | Self::NotYetValid
+                | Self::WrongIssuer
+                | Self::WrongAudience
+                | Self::NoAccount
+        )
+    }
+}
+
 impl fmt::Display for JwtError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = match self {
@@ -228,16 +243,26 @@ impl JwtVerifier {
                 }
             })?;
         let claims = data.claims;
-        let num = |name: &str| claims.get(name).and_then(Value::as_i64);
-        let valid_until = match num("exp") {
+        // NumericDate (RFC 7519 §2): seconds, possibly fractional; rounded the strict way
+        // (`exp` down, `nbf` up).
+        let num = |name: &str, round: fn(f64) -> f64| {
+            let v = claims.get(name)?;
+            v.as_i64().or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.is_finite())
+                    // Saturating: a float beyond i64 is the farthest time there is.
+                    .map(|f| round(f) as i64)
+            })
+        };
+        let valid_until = match num("exp", f64::floor) {
             Some(exp) if now_unix < exp.saturating_add(self.leeway_secs) => {
                 exp.saturating_add(self.leeway_secs)
             }
             Some(_) => return Err(JwtError::Expired),
             None => return Err(JwtError::Malformed),
         };
-        // Present but not an integer is no reason to skip it: refused, as `exp` is.
-        match (claims.get("nbf"), num("nbf")) {
+        // Present but not a number is no reason to skip it: refused, as `exp` is.
+        match (claims.get("nbf"), num("nbf", f64::ceil)) {
             (None, _) => {}
             (Some(_), None) => return Err(JwtError::Malformed),
             (Some(_), Some(nbf)) if now_unix.saturating_add(self.leeway_secs) < nbf => {
@@ -381,7 +406,7 @@ mod tests {
     }
 
     #[test]
-    fn not_before_is_honoured_and_a_non_integer_one_refused() {
+    fn not_before_is_honoured_and_one_that_is_no_number_refused() {
         let v = JwtVerifier::new(&settings()).unwrap();
         let with_nbf = |nbf: Value| {
             let claims = serde_json::json!({
@@ -400,7 +425,15 @@ mod tests {
             v.verify(&with_nbf((NOW + 1).into()), NOW),
             Err(JwtError::NotYetValid)
         );
-        for odd in [Value::from("soon"), Value::from(1.5), Value::Null] {
+        // Fractional seconds are a NumericDate too, rounded the strict way.
+        assert!(v
+            .verify(&with_nbf(Value::from(NOW as f64 - 0.5)), NOW)
+            .is_ok());
+        assert_eq!(
+            v.verify(&with_nbf(Value::from(NOW as f64 + 0.5)), NOW),
+            Err(JwtError::NotYetValid)
+        );
+        for odd in [Value::from("soon"), Value::Null, Value::from(true)] {
             assert_eq!(v.verify(&with_nbf(odd), NOW), Err(JwtError::Malformed));
         }
     }

@@ -32,7 +32,13 @@ pub(super) fn log(
     let path = ctx.path.as_deref().unwrap_or_else(|| req.uri.path());
     // An open route's path can carry a secret (a reset or verification link's token): past the
     // route's prefix, it is not written down.
-    let path = match route {
+    // A request refused before it was routed (an unknown host, its framing) is judged by the
+    // route its path would have taken.
+    let routed = route.or_else(|| {
+        let i = ctx.live.router.find(path)?;
+        ctx.live.config.routes.get(i)
+    });
+    let path = match routed {
         Some(r) if r.auth == AuthMode::Open && path.len() > r.prefix.len() => {
             std::borrow::Cow::Owned(format!("{}…", r.prefix))
         }

@@ -52,7 +52,14 @@ pub(crate) fn authenticate(
         }
         Err(why) => {
             tracing::debug!(reason = %why, "console token refused");
-            return Err(invalid());
+            // A guess is a token no key of the issuer signed. One it did sign (expired, not
+            // yet valid, for another audience) is a browser behind on its session, and counting
+            // it would lock out the fresh tokens of everyone behind the same address.
+            return Err(if why.is_signed() {
+                GatewayError::invalid_token()
+            } else {
+                invalid()
+            });
         }
     };
     // Claims become trusted header values: the account must be an id as accounts are named
@@ -60,7 +67,7 @@ pub(crate) fn authenticate(
     if !crate::store::valid_id(&id.account_id)
         || id.user_id.as_deref().is_some_and(|u| !is_plain_user_id(u))
     {
-        return Err(invalid());
+        return Err(GatewayError::invalid_token());
     }
     let value = |s: &str| HeaderValue::from_str(s).map_err(|_| GatewayError::invalid_token());
     let identity = Identity {

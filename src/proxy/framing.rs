@@ -12,7 +12,10 @@ use pingora::proxy::Session;
 /// not one plain number, and a body on `GET` or `HEAD` (a backend that does not expect one
 /// could read it as the next request on a shared upstream connection). The first three close the connection
 /// (what follows the head cannot be told apart from the next request).
-pub(super) fn check(session: &mut Session) -> Result<(), GatewayError> {
+pub(super) async fn check(
+    session: &mut Session,
+    body_idle: std::time::Duration,
+) -> Result<(), GatewayError> {
     let h = &session.req_header().headers;
     let refused = if h.contains_key(TRANSFER_ENCODING) {
         // pingora drops the Content-Length from the parsed head of such a request; the head
@@ -39,14 +42,24 @@ pub(super) fn check(session: &mut Session) -> Result<(), GatewayError> {
     if *method != Method::GET && *method != Method::HEAD {
         return Ok(());
     }
-    // HTTP/2 clients may end a GET with an empty DATA frame: only a declared length counts.
-    let body = if session.as_downstream().is_http2() {
-        crate::inspect::declared_length(session.as_downstream()).is_some_and(|n| n > 0)
-    } else {
-        crate::inspect::has_body(session)
-    };
-    if body {
+    if !session.as_downstream().is_http2() {
+        return match crate::inspect::has_body(session) {
+            true => Err(GatewayError::body_on_get()),
+            false => Ok(()),
+        };
+    }
+    // HTTP/2: a stream whose head did not end it may still carry DATA, which pingora would
+    // forward as a chunked body; some clients end a GET with an empty DATA frame. Read up to
+    // its end: nothing passes, a byte is a body.
+    if crate::inspect::declared_length(session.as_downstream()).is_some_and(|n| n > 0) {
         return Err(GatewayError::body_on_get());
+    }
+    if crate::inspect::has_body(session) {
+        match crate::inspect::read_body(session.as_downstream_mut(), 0, body_idle).await {
+            Ok(_) => {}
+            Err(e) if e.status() == 413 => return Err(GatewayError::body_on_get()),
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

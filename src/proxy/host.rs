@@ -16,18 +16,23 @@ pub(super) fn allowed(req: &RequestHeader, hosts: &[Box<str>]) -> bool {
             .headers
             .get(http::header::HOST)
             .and_then(|v| v.to_str().ok())
-            .map(without_port),
+            .and_then(without_port),
     };
     named.is_some_and(|name| hosts.iter().any(|h| h.eq_ignore_ascii_case(name)))
 }
 
-/// The host part of a `Host` value: an IPv6 literal with its brackets, or what comes before a
-/// port.
-fn without_port(value: &str) -> &str {
-    match value.find(']') {
-        Some(end) if value.starts_with('[') => &value[..=end],
-        _ => value.split(':').next().unwrap_or(value),
-    }
+/// The host part of a `Host` value (an IPv6 literal with its brackets), when what follows it
+/// is nothing or a port of digits: `api.example.com:evil.example` names no host.
+fn without_port(value: &str) -> Option<&str> {
+    let (host, rest) = match value.find(']') {
+        Some(end) if value.starts_with('[') => value.split_at(end + 1),
+        _ => value.split_at(value.find(':').unwrap_or(value.len())),
+    };
+    let port_ok = match rest.strip_prefix(':') {
+        Some(port) => port.bytes().all(|b| b.is_ascii_digit()),
+        None => rest.is_empty(),
+    };
+    port_ok.then_some(host)
 }
 
 #[cfg(test)]
@@ -50,6 +55,16 @@ mod tests {
         assert!(!with_host("api.example.com.evil.example"));
         assert!(!with_host(""));
         assert!(!with_host("[::2]"));
+        assert!(with_host("api.example.com:"));
+        for odd in [
+            "api.example.com:evil.example",
+            "api.example.com:/x",
+            "api.example.com:80:80",
+            "[::1]x",
+            "[::1]:8o",
+        ] {
+            assert!(!with_host(odd), "{odd}");
+        }
         let bare = RequestHeader::build("GET", b"/api/v1/x", None).unwrap();
         assert!(!allowed(&bare, &hosts), "no Host at all");
         assert!(allowed(&bare, &[]), "no list: any");

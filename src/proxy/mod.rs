@@ -151,7 +151,7 @@ impl GatewayProxy {
     ) -> Result<Option<(u16, Vec<u8>)>, GatewayError> {
         let gw = &*self.0;
         let live = ctx.live.clone();
-        framing::check(session)?;
+        framing::check(session, live.config.server.body_idle_timeout).await?;
         let req = session.req_header();
         if header_bytes(req) > live.config.server.max_header_bytes {
             return Err(GatewayError::headers_too_large());

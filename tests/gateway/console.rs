@@ -239,6 +239,13 @@ fn failed_tokens_are_limited_per_client() {
     let gw = Gateway::start_with(Setup::new().server("auth_failures_per_minute = 3"));
     let known = format!("Bearer {}", gw.token("acme", 3600));
     echoed(&gw.get("/api/instances", &[("authorization", &known)]));
+    // A token the issuer signed, refused for its claims (a tab left open past its session),
+    // is no guess: it does not count.
+    let expired = format!("Bearer {}", gw.token("acme", -3600));
+    for _ in 0..5 {
+        let r = gw.get("/api/instances", &[("authorization", &expired)]);
+        assert_error(&r, 401, "UNAUTHORIZED", INVALID_TOKEN);
+    }
     let bad = format!("{}x", gw.token("acme", 3600));
     for _ in 0..3 {
         let r = gw.get(

@@ -704,7 +704,15 @@ fn key_names_show_as_themselves_and_repeats_are_kept_once() {
     let gw = Gateway::start();
     gw.put_account("acme", "pro", "active");
     // JSON escapes, decoded by the parser.
-    for name in [r"prod\u202eyek", r"a\u0007b", r"x\u2066y", r"tab\tname"] {
+    for name in [
+        r"prod\u202eyek",
+        r"a\u0007b",
+        r"x\u2066y",
+        r"tab\tname",
+        r"ad\u200bmin",
+        r"\ufeffprod",
+        r"a\u2028b",
+    ] {
         let body = format!(r#"{{"name":"{name}"}}"#);
         let r = gw.admin_call(
             "POST",
@@ -715,7 +723,7 @@ fn key_names_show_as_themselves_and_repeats_are_kept_once() {
             &r,
             400,
             "BAD_REQUEST",
-            "name must be 1 to 100 characters, without control or text-direction characters",
+            "name must be 1 to 100 characters, without control, invisible or text-direction characters",
         );
     }
     let r = gw.admin_call(

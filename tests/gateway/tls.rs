@@ -451,8 +451,11 @@ fn http2_gets_every_check_and_answer_of_http1() {
     }
 }
 
+/// A GET's body is refused on HTTP/2 too, where no `content-length` need announce it (pingora
+/// would forward it chunked, a body beside an inspected query as well); a GET that ends its
+/// stream with an empty DATA frame has none, and goes upstream without a body.
 #[test]
-fn an_http2_body_beside_an_inspected_query_is_refused_without_content_length() {
+fn an_http2_get_with_a_body_is_refused_without_content_length() {
     let ca = Ca::new();
     let dir = tempfile::tempdir().unwrap();
     let (gw, tls) = tls_gateway(&ca, dir.path(), &[("api", "api.test")]);
@@ -474,6 +477,11 @@ fn an_http2_body_beside_an_inspected_query_is_refused_without_content_length() {
                 vec![("x-api-key", key.clone())],
                 Some(br#"{"instanceId":"9b2e8a3c-1111-4222-8333-444455556666"}"#.to_vec()),
             ),
+            (
+                path.clone(),
+                vec![("x-api-key", key.clone())],
+                Some(Vec::new()),
+            ),
             (path, vec![("x-api-key", key)], None),
         ],
     );
@@ -482,12 +490,14 @@ fn an_http2_body_beside_an_inspected_query_is_refused_without_content_length() {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap();
     assert_eq!(
         v,
-        error_body(
-            "BAD_REQUEST",
-            "The request has a body: instanceId could be read from it instead of the query"
-        )
+        error_body("BAD_REQUEST", "A GET or HEAD request cannot have a body")
     );
-    assert_eq!(answers[1].0, 200);
+    for (status, _, body) in &answers[1..] {
+        assert_eq!(*status, 200, "{}", String::from_utf8_lossy(body));
+        let seen: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert!(seen["headers"].get("transfer-encoding").is_none(), "{seen}");
+        assert!(seen["headers"].get("content-length").is_none(), "{seen}");
+    }
 }
 
 #[test]
@@ -658,4 +668,43 @@ fn tls_connections_are_capped_and_timed_before_their_handshake() {
         assert_closed_without_answer(s, "no ClientHello");
     }
     assert_eq!(attempt().unwrap(), 404, "their places are given back");
+    // Handshakes that fail (a record that is no ClientHello) leave their places reserved
+    // for a bounded time only: the client gets in again once it has run out.
+    let mut failed: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(tls).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+                .unwrap();
+            s.write_all(&[22, 3, 1, 0, 5, 1, 2, 3, 4, 5]).unwrap();
+            s
+        })
+        .collect();
+    for s in &mut failed {
+        use std::io::Read;
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+    }
+    eventually("a handshake with room again", || attempt().is_ok());
+}
+
+/// Plain HTTP sent to the TLS port is closed at once: its first bytes are no TLS record, and
+/// nothing waits for the length they would spell.
+#[test]
+fn plain_http_to_the_tls_port_is_closed_at_once() {
+    use std::io::Write;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (_gw, tls) = tls_gateway_with(
+        &ca,
+        dir.path(),
+        &[("api", "api.test")],
+        "",
+        Setup::new().server("header_timeout = \"60s\""),
+    );
+    let mut s = TcpStream::connect(tls).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: api.test\r\n\r\n")
+        .unwrap();
+    assert_closed_without_answer(&mut s, "plain HTTP on the TLS port");
 }
