@@ -6,6 +6,7 @@
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -321,6 +322,9 @@ impl Sink {
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
+                    // Client addresses and account ids: the owner and its group (a log
+                    // shipper) only.
+                    .mode(0o640)
                     .open(path)?,
             )),
         })

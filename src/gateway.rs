@@ -240,6 +240,9 @@ impl Gateway {
         if !problems.is_empty() {
             return Err(ReloadError::Secrets(problems));
         }
+        for warning in &config.warnings {
+            tracing::warn!("{warning}");
+        }
         let needs_restart = current.restart_only_changes(&config);
         let next = Live::build(config, Some(&current))?;
         if let (Some(resolver), Some(tls)) = (&self.certs, &next.config.server.tls) {

@@ -79,9 +79,19 @@ impl Live {
         if a.admin.tls.is_some() != b.admin.tls.is_some() {
             changed.push("admin.tls");
         }
-        if a.store.data_file != b.store.data_file
-            || a.store.redis.as_ref().map(|r| &r.url) != b.store.redis.as_ref().map(|r| &r.url)
-        {
+        // Every store setting: the store (its timeout and breaker included) is built once.
+        let redis = |s: &crate::config::StoreSettings| {
+            s.redis.as_ref().map(|r| {
+                (
+                    r.url.clone(),
+                    r.timeout,
+                    r.breaker_threshold,
+                    r.breaker_cooldown,
+                    r.allow_eviction,
+                )
+            })
+        };
+        if a.store.data_file != b.store.data_file || redis(&a.store) != redis(&b.store) {
             changed.push("store");
         }
         if a.cache.capacity != b.cache.capacity

@@ -461,8 +461,11 @@ pub(crate) fn render_upstreams(out: &mut String, pools: &[(&str, usize, usize)])
     }
 }
 
+/// A label value as the Prometheus text format writes one: `\`, `"` and line feeds escaped.
 fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

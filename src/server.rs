@@ -142,6 +142,11 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot start the server thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot set up TLS: {0}")]
@@ -187,11 +192,49 @@ impl Default for Launch {
     }
 }
 
+/// Binds every listening address once, all at the same time, before pingora does: pingora
+/// builds each service's listeners on that service's own thread and panics there when one
+/// cannot bind, which leaves the others serving (a process up, ready, with no proxy). Not for
+/// `run --upgrade`, which takes the bound sockets over.
+fn listeners_free(config: &Config) -> Result<(), StartError> {
+    let addrs = [
+        Some(config.server.listen),
+        config.server.tls.as_ref().map(|t| t.listen),
+        Some(config.admin.listen),
+        config.echo,
+    ];
+    // Bound, never listening: a client that connects now is refused, not taken into a backlog
+    // that is dropped a moment later. SO_REUSEADDR as pingora sets it, so that connections
+    // of a previous process waiting out TIME_WAIT do not count as taken; one listening does.
+    let bind = |addr: std::net::SocketAddr| {
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        Ok(socket)
+    };
+    let bound = addrs
+        .into_iter()
+        .flatten()
+        .map(|addr| bind(addr).map_err(|source| StartError::Listen { addr, source }))
+        .collect::<Result<Vec<_>, _>>()?;
+    drop(bound);
+    Ok(())
+}
+
 /// Builds the pingora server and the gateway it serves.
 pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), StartError> {
     let missing = config.secret_problems();
     if !missing.is_empty() {
         return Err(StartError::Secrets(missing));
+    }
+    if !launch.upgrade {
+        listeners_free(&config)?;
+    }
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
     }
     let store = open_store(&config, launch.upgrade)?;
     let access_log = match &config.log.access {

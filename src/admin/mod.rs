@@ -65,6 +65,32 @@ fn authorized(gw: &Gateway, session: &ServerSession) -> bool {
 }
 
 impl AdminApp {
+    /// `POST /admin/v1/reload`, off the admin listener's one thread: a reload reads files and
+    /// resolves upstream names, and the probes must not wait for it.
+    async fn reload(&self) -> Reply {
+        let gw = self.0.clone();
+        let outcome = match tokio::task::spawn_blocking(move || gw.reload()).await {
+            Ok(outcome) => outcome,
+            Err(join) => {
+                tracing::error!(error = %join, "reload failed to run; the current configuration stays");
+                return Reply::error(&GatewayError::reload_refused("it did not run to its end"));
+            }
+        };
+        match outcome {
+            Ok(r) => Reply::json(
+                200,
+                &serde_json::json!({
+                    "reloaded": true, "routes": r.routes, "routePolicies": r.route_policies,
+                    "plans": r.plans, "needsRestart": r.needs_restart,
+                }),
+            ),
+            Err(why) => {
+                tracing::error!(reasons = %why, "reload refused; the current configuration stays");
+                Reply::error(&GatewayError::reload_refused(&why))
+            }
+        }
+    }
+
     async fn route(&self, session: &mut ServerSession) -> Reply {
         let gw = &*self.0;
         let method = session.req_header().method.clone();
@@ -148,19 +174,7 @@ impl AdminApp {
         let limit = live.config.server.max_body_bytes;
         let idle = live.config.server.body_idle_timeout;
         match (&method, segments.as_slice()) {
-            (&Method::POST, ["reload"]) => match gw.reload() {
-                Ok(r) => Reply::json(
-                    200,
-                    &serde_json::json!({
-                        "reloaded": true, "routes": r.routes, "routePolicies": r.route_policies,
-                        "plans": r.plans, "needsRestart": r.needs_restart,
-                    }),
-                ),
-                Err(why) => {
-                    tracing::error!(reasons = %why, "reload refused; the current configuration stays");
-                    Reply::error(&GatewayError::reload_refused(&why))
-                }
-            },
+            (&Method::POST, ["reload"]) => self.reload().await,
             (&Method::PUT, ["accounts", id]) => match read_body(session, limit, idle).await {
                 Ok(body) => m.put_account(policies, id, &body).await.into(),
                 Err(e) => Reply::error(&e),

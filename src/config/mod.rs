@@ -446,6 +446,17 @@ impl Config {
             .iter()
             .map(|(name, u)| upstream(&mut r, name, u, &base))
             .collect();
+        let mut listeners = vec![
+            ("server.listen", raw.server.listen.span(), server.listen),
+            ("admin.listen", raw.admin.listen.span(), admin.listen),
+        ];
+        if let (Some(t), Some(raw_tls)) = (&server.tls, &raw.server.tls) {
+            listeners.push(("server.tls.listen", raw_tls.listen.span(), t.listen));
+        }
+        if let (Some(e), Some(raw_echo)) = (echo, &raw.echo) {
+            listeners.push(("echo.listen", raw_echo.listen.span(), e));
+        }
+        listeners_apart(&mut r, &listeners);
         let routes = routes(&mut r, &raw.routes, &upstreams);
         let log = log_settings(&mut r, &raw.log, &base);
 

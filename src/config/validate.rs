@@ -26,7 +26,7 @@ pub(super) fn inspected_limit(r: &mut Reporter, v: &Spanned<usize>) -> usize {
 /// would truncate anything shorter to it).
 pub(super) fn keepalive(r: &mut Reporter, v: &Spanned<String>) -> Duration {
     let d = duration(r, "server.keepalive_timeout", v);
-    if parse_duration(v.get_ref()).is_some() && d < Duration::from_secs(1) {
+    if parse_duration(v.get_ref()).is_some_and(|p| p < Duration::from_secs(1)) {
         r.at(
             v.span(),
             "server.keepalive_timeout",
@@ -42,7 +42,7 @@ pub(super) fn keepalive(r: &mut Reporter, v: &Spanned<String>) -> Duration {
 /// A duration that must not be zero (a zero timeout would cut every connection at once).
 pub(super) fn nonzero_duration(r: &mut Reporter, field: &str, v: &Spanned<String>) -> Duration {
     let d = duration(r, field, v);
-    if parse_duration(v.get_ref()).is_some() && d.is_zero() {
+    if parse_duration(v.get_ref()).is_some_and(|p| p.is_zero()) {
         r.at(
             v.span(),
             field,
@@ -150,6 +150,28 @@ pub(super) fn trusted_proxies(
     )
 }
 
+/// The listeners (`field`, where, address) must not overlap: two on one port (or one on all
+/// addresses and another on one of them) would leave the second unable to bind at start.
+pub(super) fn listeners_apart(
+    r: &mut Reporter,
+    listeners: &[(&str, std::ops::Range<usize>, SocketAddr)],
+) {
+    for (i, (field, span, a)) in listeners.iter().enumerate() {
+        let clash = listeners[..i].iter().find(|(_, _, b)| {
+            a.port() != 0
+                && a.port() == b.port()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        });
+        if let Some((other, _, _)) = clash {
+            r.at(
+                span.clone(),
+                *field,
+                format!("{a} overlaps {other}: each listener needs its own address"),
+            );
+        }
+    }
+}
+
 /// `server.hosts`: host names (or addresses) without a port, kept in lower case.
 pub(super) fn hosts(r: &mut Reporter, raw: &[Spanned<String>]) -> Vec<Box<str>> {
     raw.iter()
@@ -193,7 +215,7 @@ pub(super) fn store_settings(
     url_from_env: Option<String>,
 ) -> StoreSettings {
     let timeout = raw.timeout.as_ref().map_or(Duration::from_millis(50), |t| {
-        duration(r, "store.timeout", t)
+        nonzero_duration(r, "store.timeout", t)
     });
     let breaker_cooldown = raw
         .breaker_cooldown
@@ -291,18 +313,33 @@ fn host_value(r: &mut Reporter, field: &str, v: &Spanned<String>) -> Option<http
     }
 }
 
+/// The longest duration any setting takes: a day. Nothing the gateway times needs more, and a
+/// deadline far enough out would overflow the clock it is added to.
+const LONGEST: Duration = Duration::from_secs(24 * 3600);
+
 pub(super) fn duration(r: &mut Reporter, field: &str, v: &Spanned<String>) -> Duration {
-    parse_duration(v.get_ref()).unwrap_or_else(|| {
-        r.at(
-            v.span(),
-            field,
-            format!(
-                "\"{}\" is not a duration (use e.g. \"250ms\", \"5s\", \"1m\")",
-                v.get_ref()
-            ),
-        );
-        Duration::ZERO
-    })
+    match parse_duration(v.get_ref()) {
+        Some(d) if d <= LONGEST => d,
+        Some(_) => {
+            r.at(
+                v.span(),
+                field,
+                format!("must be at most 24h, got \"{}\"", v.get_ref()),
+            );
+            Duration::ZERO
+        }
+        None => {
+            r.at(
+                v.span(),
+                field,
+                format!(
+                    "\"{}\" is not a duration (use e.g. \"250ms\", \"5s\", \"1m\")",
+                    v.get_ref()
+                ),
+            );
+            Duration::ZERO
+        }
+    }
 }
 
 pub(super) fn positive<T: Copy + Default + PartialOrd + std::fmt::Display>(
@@ -353,11 +390,11 @@ pub(super) fn upstream(
             .iter()
             .map(|a| resolved(r, &field("addresses"), a))
             .collect(),
-        connect_timeout: duration(r, &field("connect_timeout"), &u.connect_timeout),
-        read_timeout: duration(r, &field("read_timeout"), &u.read_timeout),
+        connect_timeout: nonzero_duration(r, &field("connect_timeout"), &u.connect_timeout),
+        read_timeout: nonzero_duration(r, &field("read_timeout"), &u.read_timeout),
         health_check: u.health_check.as_ref().map(|h| HealthCheck {
-            interval: duration(r, &field("health_check.interval"), &h.interval),
-            timeout: duration(r, &field("health_check.timeout"), &h.timeout),
+            interval: nonzero_duration(r, &field("health_check.interval"), &h.interval),
+            timeout: nonzero_duration(r, &field("health_check.timeout"), &h.timeout),
             unhealthy_threshold: positive(
                 r,
                 &field("health_check.unhealthy_threshold"),
@@ -509,6 +546,35 @@ pub(super) fn jwt_warnings(path: &Path, source: &str, raw: &file::JwtFile) -> Ve
     warnings
 }
 
+/// The key family an algorithm's signatures are checked with.
+fn jwt_family(alg: jsonwebtoken::Algorithm) -> u8 {
+    use jsonwebtoken::Algorithm as A;
+    match alg {
+        A::HS256 | A::HS384 | A::HS512 => 0,
+        A::RS256 | A::RS384 | A::RS512 | A::PS256 | A::PS384 | A::PS512 => 1,
+        A::ES256 | A::ES384 => 2,
+        A::EdDSA => 3,
+    }
+}
+
+/// Whether `pem` is a public key of `alg`'s family.
+fn public_key_parses(alg: jsonwebtoken::Algorithm, pem: &[u8]) -> Result<(), String> {
+    use jsonwebtoken::DecodingKey;
+    let parsed = match jwt_family(alg) {
+        1 => DecodingKey::from_rsa_pem(pem),
+        2 => DecodingKey::from_ec_pem(pem),
+        3 => DecodingKey::from_ed_pem(pem),
+        _ => {
+            return Err(format!(
+                "{alg:?} takes the secret from jwt.secret_env, not a PEM key"
+            ))
+        }
+    };
+    parsed
+        .map(|_| ())
+        .map_err(|e| format!("not a {alg:?} public key in PEM: {e}"))
+}
+
 pub(super) fn jwt_settings(
     r: &mut Reporter,
     raw: &file::JwtFile,
@@ -553,12 +619,21 @@ pub(super) fn jwt_settings(
                     )
                 })
                 .ok()?;
+            // Parsed here too, so that `check` finds what `run` would refuse.
+            if let Err(why) = public_key_parses(alg, &pem) {
+                r.at(
+                    k.pem_file.span(),
+                    "jwt.public_keys.pem_file",
+                    format!("{}: {why}", path.display()),
+                );
+                return None;
+            }
             Some((alg, k.kid.clone(), pem))
         })
-        .collect();
+        .collect::<Vec<_>>();
     let jwks = raw.jwks_file.as_ref().and_then(|f| {
         let path = base.join(f.get_ref());
-        std::fs::read_to_string(&path)
+        let text = std::fs::read_to_string(&path)
             .map_err(|e| {
                 r.at(
                     f.span(),
@@ -566,8 +641,45 @@ pub(super) fn jwt_settings(
                     format!("cannot read {}: {e}", path.display()),
                 )
             })
-            .ok()
+            .ok()?;
+        match serde_json::from_str::<jsonwebtoken::jwk::JwkSet>(&text) {
+            Ok(_) => Some(text),
+            Err(e) => {
+                r.at(
+                    f.span(),
+                    "jwt.jwks_file",
+                    format!("{}: not a JWK set: {e}", path.display()),
+                );
+                None
+            }
+        }
     });
+    // An allowed public-key algorithm needs a key to check it with.
+    for a in &raw.algorithms {
+        let Ok(alg) = jsonwebtoken::Algorithm::from_str(a.get_ref()) else {
+            continue;
+        };
+        let hmac = matches!(
+            alg,
+            jsonwebtoken::Algorithm::HS256
+                | jsonwebtoken::Algorithm::HS384
+                | jsonwebtoken::Algorithm::HS512
+        );
+        let keyed = raw.jwks_file.is_some()
+            || public_keys
+                .iter()
+                .any(|(k, _, _)| jwt_family(*k) == jwt_family(alg));
+        if !hmac && !keyed {
+            r.at(
+                a.span(),
+                "jwt.algorithms",
+                format!(
+                    "\"{}\" is allowed but no key checks it: add jwt.public_keys or jwt.jwks_file",
+                    a.get_ref()
+                ),
+            );
+        }
+    }
     JwtSettings {
         algorithms,
         secret: env(&raw.secret_env),
@@ -649,11 +761,13 @@ pub(super) fn log_settings(r: &mut Reporter, raw: &file::LogFile, base: &Path) -
             );
             return None;
         }
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+        // The exporter's HTTP client is built without TLS: an https:// endpoint would fail
+        // every export, quietly.
+        if !url.starts_with("http://") {
             r.at(
                 e.span(),
                 "log.otlp_endpoint",
-                format!("\"{url}\" is not an http:// or https:// URL"),
+                format!("\"{url}\" is not an http:// URL (the exporter speaks plain HTTP: send spans to a local collector)"),
             );
             return None;
         }

@@ -344,3 +344,68 @@ fn check_validates_certificate_files() {
         )
     );
 }
+
+/// `check` refuses what `run` could not start or would run broken: two listeners on one port,
+/// a timeout of zero, a duration past a day, a public key that does not parse, a public-key
+/// algorithm with no key to check it. Each is named by file, line and field.
+#[test]
+fn check_refuses_what_run_could_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.pem"), "not a key\n").unwrap();
+    std::fs::write(
+        dir.path().join("gateway.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:18080\"\nkeepalive_timeout = \"25h\"\n\
+             [admin]\nlisten = \"0.0.0.0:18080\"\n\
+             [store]\ntimeout = \"0ms\"\n\
+             [policies]\ndir = \"{}\"\n\
+             [jwt]\nalgorithms = [\"HS256\", \"RS256\", \"ES256\"]\n\
+             public_keys = [{{ alg = \"RS256\", pem_file = \"bad.pem\" }}]\n\
+             [upstreams.api]\naddresses = [\"127.0.0.1:1\"]\nconnect_timeout = \"0s\"\n\
+             [[routes]]\nprefix = \"/api/v1/\"\nauth = \"api_key\"\nupstream = \"api\"\n",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/lua-free-policies")
+        ),
+    )
+    .unwrap();
+    let out = check(&dir.path().join("gateway.toml"));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let d = dir.path().display();
+    for line in [
+        format!("{d}/gateway.toml:3:21: server.keepalive_timeout: must be at most 24h, got \"25h\""),
+        format!("{d}/gateway.toml:5:10: admin.listen: 0.0.0.0:18080 overlaps server.listen: each listener needs its own address"),
+        format!("{d}/gateway.toml:7:11: store.timeout: must be more than 0, got \"0ms\""),
+        format!("{d}/gateway.toml:11:33: jwt.algorithms: \"ES256\" is allowed but no key checks it: add jwt.public_keys or jwt.jwks_file"),
+        format!("{d}/gateway.toml:15:19: upstreams.api.connect_timeout: must be more than 0, got \"0s\""),
+    ] {
+        assert!(err.contains(&line), "{line}\nnot in:\n{err}");
+    }
+    assert!(
+        err.contains(&format!(
+            "{d}/gateway.toml:12:44: jwt.public_keys.pem_file: {d}/bad.pem: not a RS256 public key in PEM:"
+        )),
+        "{err}"
+    );
+}
+
+/// A listening address that is taken stops `run` with the reason, before anything serves
+/// (pingora would panic on that listener's thread alone and leave the rest up, ready).
+#[test]
+fn run_stops_when_an_address_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = minimal_config(dir.path(), "issuer = \"msgflash\"\naudience = \"console\"");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replacen("127.0.0.1:0", &addr.to_string(), 1)).unwrap();
+    let out = bin()
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("MSGFLASH_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("MSGFLASH_JWT_SECRET", JWT_SECRET)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen on {addr}: ")), "{err}");
+}

@@ -26,12 +26,13 @@ fn passes(tool: &str, args: &[&str]) -> String {
     text
 }
 
-const MANIFESTS: [&str; 5] = [
+const MANIFESTS: [&str; 6] = [
     "deploy/kubernetes/deployment.yaml",
     "deploy/kubernetes/service.yaml",
     "deploy/kubernetes/configmap.yaml",
     "deploy/kubernetes/pdb.yaml",
     "deploy/kubernetes/hpa.yaml",
+    "deploy/kubernetes/networkpolicy.yaml",
 ];
 
 #[test]
@@ -43,7 +44,7 @@ fn kubernetes_manifests_validate_against_the_api_schemas() {
     let mut args = vec!["--strict"];
     args.extend(files.iter().map(String::as_str));
     let out = passes("kubernetes-validate", &args);
-    assert_eq!(out.matches(" passed for resource ").count(), 6, "{out}");
+    assert_eq!(out.matches(" passed for resource ").count(), 7, "{out}");
 }
 
 #[test]
