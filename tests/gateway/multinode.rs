@@ -312,6 +312,9 @@ fn one_round_trip_per_authorized_request_and_none_for_a_known_bogus_key() {
         assert!(lines.iter().all(|l| !l.is_empty()), "{lines:?}");
         lines
     };
+    // So is a round in which a record was read again because an invalidation arrived while it
+    // was being cached: the node hears its own setup writes (the account, the key) back on the
+    // channel, and on a loaded machine that echo can come after the first request.
     let (before, after) = (0..5)
         .find_map(|_| {
             let checks = cache_checks();
@@ -321,9 +324,10 @@ fn one_round_trip_per_authorized_request_and_none_for_a_known_bogus_key() {
                 gw.clock.advance_ms(100);
             }
             let after = redis.command_calls();
-            (cache_checks() == checks).then_some((before, after))
+            let reread = after.get("get") != before.get("get");
+            (cache_checks() == checks && !reread).then_some((before, after))
         })
-        .expect("five rounds in which the invalidation channel lapsed");
+        .expect("five rounds, each with a record read again or the channel lapsed");
     let delta = |c: &str| after.get(c).copied().unwrap_or(0) - before.get(c).copied().unwrap_or(0);
     // Not counted: this INFO itself, and the subscriber's heartbeat (a PING on its own
     // connection every 50 ms, whatever the traffic).
