@@ -392,6 +392,8 @@ pub(crate) fn embedded_process(grace: &str) -> Process {
     let grace_line = format!("grace_period = \"{grace}\"");
     std::fs::write(&path, text.replace("grace_period = \"1s\"", &grace_line)).unwrap();
     let mut p = Process::start_in(tmp.path(), proxy, admin, &[]);
+    // Its upstream is its own echo service: a request before that listens is a 502.
+    wait_listening(echo);
     p._tmp = Some(tmp);
     p
 }
