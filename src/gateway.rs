@@ -51,6 +51,8 @@ pub struct Gateway {
     pub(crate) rate_blocks: Arc<RateBlocks>,
     /// Open connections on the proxy listeners (`server.max_connections*`).
     pub(crate) connections: Arc<crate::conn_limit::Connections>,
+    /// Open connections on the admin listener (its own fixed caps).
+    pub(crate) admin_connections: Arc<crate::conn_limit::Connections>,
 }
 
 /// Per-client-IP buckets of the open routes' limits kept at most (about 100 bytes each).
@@ -175,6 +177,7 @@ impl Gateway {
             reloads: ReloadState::default(),
             rate_blocks,
             connections: Arc::default(),
+            admin_connections: Arc::default(),
             store_error_log: LogLimit::per_second(),
             directory,
             store,

@@ -128,6 +128,55 @@ impl EdgeLimits for ConfiguredEdge {
     }
 }
 
+/// Connections the admin listener holds at once, in all and per client address: probes, a
+/// Prometheus and a few operators need far fewer, and no caller can take them all.
+const ADMIN_MAX_CONNECTIONS: usize = 100;
+const ADMIN_MAX_CONNECTIONS_PER_CLIENT: usize = 25;
+
+/// The admin listener's edge: the proxy's head deadline and bound, and its own connection caps
+/// (a caller that reaches it must not starve the probes on its one thread).
+#[derive(Debug)]
+struct AdminEdge(ConfiguredEdge);
+
+impl EdgeLimits for AdminEdge {
+    fn max_head_bytes(&self) -> usize {
+        self.0.max_head_bytes()
+    }
+
+    fn too_large(&self) -> Vec<u8> {
+        self.0.too_large()
+    }
+
+    fn admit_peer(&self, peer: Option<std::net::IpAddr>) -> Option<HeldPlace> {
+        let client = peer.map(crate::client_ip::canonical);
+        let permit = self
+            .0
+             .0
+            .admin_connections
+            .admit(
+                client,
+                ADMIN_MAX_CONNECTIONS,
+                ADMIN_MAX_CONNECTIONS_PER_CLIENT,
+            )
+            .ok()?;
+        Some(Box::new(permit))
+    }
+
+    fn admit_any(&self) -> Option<HeldPlace> {
+        self.admit_peer(None)
+    }
+
+    fn trusts(&self, _peer: std::net::IpAddr) -> bool {
+        false
+    }
+
+    fn keepalive_timeout(&self) -> std::time::Duration {
+        self.0.keepalive_timeout()
+    }
+
+    fn proxy_header_refused(&self, _why: &crate::proxy_protocol::HeaderError) {}
+}
+
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -324,7 +373,16 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
             }));
     }
 
-    let mut admin = Service::new("msgflash-admin".to_string(), AdminApp(gateway.clone()));
+    let mut admin = Service::new(
+        "msgflash-admin".to_string(),
+        EdgeApp {
+            inner: Arc::new(AdminApp(gateway.clone())),
+            timeout: cfg.server.header_timeout,
+            limits: Arc::new(AdminEdge(ConfiguredEdge(gateway.clone()))),
+            proxy_protocol: false,
+            handshaking: Arc::new(Handshaking::default()),
+        },
+    );
     match &gateway.admin_certs {
         // TLS only (HTTP/1.1), certificates by SNI, rotated on reload like the public ones.
         Some(resolver) => {

@@ -1,6 +1,7 @@
 //! The admin listener: /healthz, /readyz, /metrics, and the token-protected /admin/v1 API.
 
 use crate::auth::api_key::constant_time_eq;
+use crate::edge_stream::EdgeStream;
 use crate::errors::{answer_head, GatewayError};
 use crate::gateway::Gateway;
 use crate::inspect::read_body;
@@ -201,11 +202,20 @@ impl AdminApp {
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // The edge stream times each request head: this one is read.
+        if let Some(edge) = EdgeStream::of(session.stream()) {
+            edge.request_began();
+        }
         let reply = self.route(session).await;
         // Whatever the caller sent and we did not read would poison keep-alive: drained when
         // small, else the connection closes after the answer.
-        let limit = self.0.live().config.server.max_body_bytes;
-        crate::inspect::settle_body(session, limit).await;
+        let live = self.0.live();
+        crate::inspect::settle_body(session, live.config.server.max_body_bytes).await;
+        // What comes next on the connection is the next request's head (the answer is
+        // written as this returns).
+        if let Some(edge) = EdgeStream::of(session.stream()) {
+            edge.request_ended(live.config.server.keepalive_timeout);
+        }
         let (head, body) = match reply {
             Reply::Ok {
                 status,

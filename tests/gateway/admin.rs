@@ -282,3 +282,35 @@ crate::on_both_stores!(
     revocation_is_effective_on_the_next_request,
     concurrent_creates_never_exceed_the_plan_cap,
 );
+
+/// The admin listener has the proxy's head deadline and caps of its own (100 connections, 25 per
+/// client address): a caller that reaches it can neither hold its one thread with a head it
+/// never finishes nor take every connection the probes need.
+#[test]
+fn the_admin_listener_bounds_heads_and_connections() {
+    use std::io::Write;
+    let gw = Gateway::start_with(Setup::new().server("header_timeout = \"1s\""));
+    let mut slow = std::net::TcpStream::connect(gw.admin).unwrap();
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .unwrap();
+    assert_closed_without_answer(&mut slow, "an admin head never finished");
+
+    // 25 connections, each served once and kept alive: all admitted, all still open.
+    let mut kept: Vec<crate::client::Connection> = (0..25)
+        .map(|_| {
+            let mut c = crate::client::Connection::open(gw.admin).unwrap();
+            assert_eq!(c.send("GET", "/healthz", &[], None).unwrap().status, 200);
+            c
+        })
+        .collect();
+    assert!(
+        request(gw.admin, "GET", "/healthz", &[], None).is_err(),
+        "the 26th connection from this address is refused"
+    );
+    kept.truncate(20);
+    eventually("room again once some close", || {
+        request(gw.admin, "GET", "/healthz", &[], None).is_ok_and(|r| r.status == 200)
+    });
+}
