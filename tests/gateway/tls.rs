@@ -629,9 +629,12 @@ fn tls_connections_are_capped_and_timed_before_their_handshake() {
         &[("api", "api.test")],
         "",
         Setup::new()
-            .server("header_timeout = \"2s\"")
+            .server("header_timeout = \"4s\"")
             .server("max_connections_per_client = 2"),
     );
+    let open = |n: usize| {
+        gw.metric_line("msgflash_connections_open ") == format!("msgflash_connections_open {n}")
+    };
     let attempt = || -> std::io::Result<u16> {
         let name = ServerName::try_from("api.test".to_owned()).unwrap();
         let conn = rustls::ClientConnection::new(ca.client_config(), name).unwrap();
@@ -648,6 +651,10 @@ fn tls_connections_are_capped_and_timed_before_their_handshake() {
         404,
         "a handshake with room under the cap"
     );
+    // Its place is given back once the gateway has seen it close.
+    eventually("that connection closed on the gateway's side too", || {
+        open(0)
+    });
     let mut silent: Vec<TcpStream> = (0..2)
         .map(|_| {
             let s = TcpStream::connect(tls).unwrap();
@@ -657,9 +664,7 @@ fn tls_connections_are_capped_and_timed_before_their_handshake() {
         })
         .collect();
     // Both places of this client are held by connections that have sent nothing.
-    eventually("both silent connections admitted", || {
-        gw.metric_line("msgflash_connections_open ") == "msgflash_connections_open 2"
-    });
+    eventually("both silent connections admitted", || open(2));
     assert!(
         attempt().is_err(),
         "a third connection is refused before its handshake"
