@@ -149,9 +149,8 @@ impl EdgeLimits for AdminEdge {
 
     fn admit_peer(&self, peer: Option<std::net::IpAddr>) -> Option<HeldPlace> {
         let client = peer.map(crate::client_ip::canonical);
-        let permit = self
-            .0
-             .0
+        let gateway = &self.0 .0;
+        let permit = gateway
             .admin_connections
             .admit(
                 client,

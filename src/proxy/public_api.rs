@@ -80,6 +80,20 @@ async fn principal(
     }
 }
 
+/// [`principal`], its wait on the store counted in `store`.
+async fn principal_timed(
+    gw: &Gateway,
+    live: &Live,
+    req: &RequestHeader,
+    client: Option<IpAddr>,
+    store: &mut StoreWait,
+) -> Result<Principal, GatewayError> {
+    let waited = store.start();
+    let found = principal(gw, live, req, client).await;
+    store.add(waited);
+    found
+}
+
 /// When a request first waited on the store, and for how long in all (microseconds).
 #[derive(Debug, Default)]
 pub(crate) struct StoreWait {
@@ -185,10 +199,7 @@ pub(crate) async fn authorize(
         path,
         upstream,
     } = target;
-    let waited = store.start();
-    let found = principal(gw, live, session.req_header(), client).await;
-    store.add(waited);
-    let mut found = found?;
+    let mut found = principal_timed(gw, live, session.req_header(), client, store).await?;
     let mut terms = Terms::of(gw, live, &found.account)?;
     // 4. subscription
     subscribed(policy, &found.account, &terms)?;
@@ -199,10 +210,7 @@ pub(crate) async fn authorize(
         Ok(BodyRead::Yes) => {
             // Reading the body took as long as the client chose: the key may have been
             // revoked meanwhile, the account changed, the month turned. Look again.
-            let waited = store.start();
-            let again = principal(gw, live, session.req_header(), client).await;
-            store.add(waited);
-            found = again?;
+            found = principal_timed(gw, live, session.req_header(), client, store).await?;
             terms = Terms::of(gw, live, &found.account)?;
             subscribed(policy, &found.account, &terms)?;
         }

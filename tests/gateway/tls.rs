@@ -614,6 +614,15 @@ fn a_stalled_http2_body_holds_nothing() {
     );
 }
 
+/// A plain TCP connection to `addr` that has written `bytes` (reads wait at most 20 s).
+fn raw_tcp(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    s.write_all(bytes).unwrap();
+    s
+}
+
 /// A TLS connection takes its place under the connection caps before its handshake, and must
 /// send its ClientHello within `server.header_timeout`: connections that never start a
 /// handshake are cut at the deadline (pingora alone would give each a minute, outside every
@@ -655,14 +664,7 @@ fn tls_connections_are_capped_and_timed_before_their_handshake() {
     eventually("that connection closed on the gateway's side too", || {
         open(0)
     });
-    let mut silent: Vec<TcpStream> = (0..2)
-        .map(|_| {
-            let s = TcpStream::connect(tls).unwrap();
-            s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
-                .unwrap();
-            s
-        })
-        .collect();
+    let mut silent: Vec<TcpStream> = (0..2).map(|_| raw_tcp(tls, b"")).collect();
     // Both places of this client are held by connections that have sent nothing.
     eventually("both silent connections admitted", || open(2));
     assert!(
@@ -676,13 +678,7 @@ fn tls_connections_are_capped_and_timed_before_their_handshake() {
     // Handshakes that fail (a record that is no ClientHello) leave their places reserved
     // for a bounded time only: the client gets in again once it has run out.
     let mut failed: Vec<TcpStream> = (0..2)
-        .map(|_| {
-            let mut s = TcpStream::connect(tls).unwrap();
-            s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
-                .unwrap();
-            s.write_all(&[22, 3, 1, 0, 5, 1, 2, 3, 4, 5]).unwrap();
-            s
-        })
+        .map(|_| raw_tcp(tls, &[22, 3, 1, 0, 5, 1, 2, 3, 4, 5]))
         .collect();
     for s in &mut failed {
         use std::io::Read;
@@ -696,7 +692,6 @@ fn tls_connections_are_capped_and_timed_before_their_handshake() {
 /// nothing waits for the length they would spell.
 #[test]
 fn plain_http_to_the_tls_port_is_closed_at_once() {
-    use std::io::Write;
     let ca = Ca::new();
     let dir = tempfile::tempdir().unwrap();
     let (_gw, tls) = tls_gateway_with(
@@ -706,10 +701,6 @@ fn plain_http_to_the_tls_port_is_closed_at_once() {
         "",
         Setup::new().server("header_timeout = \"60s\""),
     );
-    let mut s = TcpStream::connect(tls).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
-        .unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nhost: api.test\r\n\r\n")
-        .unwrap();
+    let mut s = raw_tcp(tls, b"GET / HTTP/1.1\r\nhost: api.test\r\n\r\n");
     assert_closed_without_answer(&mut s, "plain HTTP on the TLS port");
 }
