@@ -11,6 +11,8 @@
 //! timer per connection, re-armed by moving its deadline, where pingora's own keep-alive timeout
 //! registers a new timer for every request. HTTP/2 heads and idle time are left to pingora's own
 //! limits.
+//! pingora's bare `400` for a head its parser refuses is replaced here by the gateway's JSON
+//! answer ([`EdgeLimits::malformed`]): pingora has no hook for it.
 //!
 //! On a listener with the PROXY protocol on, the header is read first (within the same
 //! timeout; on TLS listeners before the handshake, in `before_tls`), so that admission and
@@ -47,6 +49,9 @@ pub(crate) trait EdgeLimits: std::fmt::Debug + Send + Sync + 'static {
     fn max_head_bytes(&self) -> usize;
     /// The whole HTTP/1.1 response sent before closing a connection whose head is too large.
     fn too_large(&self) -> Vec<u8>;
+    /// The whole HTTP/1.1 response written in place of pingora's own bare `400` (a head its
+    /// parser refused, before any request began), or None to leave pingora's as it is.
+    fn malformed(&self) -> Option<Vec<u8>>;
     /// Whether a newly accepted connection from `peer` is served: a guard held as long as the
     /// connection lives, or None to close it at once.
     fn admit_peer(&self, peer: Option<IpAddr>) -> Option<HeldPlace>;
@@ -193,6 +198,32 @@ pub(crate) struct EdgeStream {
     idle_ms: AtomicU64,
     /// The current keep-alive wait's deadline, and the `between` value it was set for.
     idle_deadline: Option<(u64, Instant)>,
+    /// Whether pingora's own answer to a malformed head is being replaced by the gateway's.
+    own: OwnAnswer,
+}
+
+/// pingora answers a head its parser refuses with a bare `400` (no body, no JSON) and closes
+/// the connection, with no hook to change it; the edge stream sees that answer go out and
+/// writes the gateway's JSON one instead. The connection closes after it either way.
+#[derive(Debug)]
+enum OwnAnswer {
+    /// Writes pass through.
+    No,
+    /// The gateway's answer is being written (`sent` bytes so far) in place of pingora's.
+    Replacing { answer: Vec<u8>, sent: usize },
+    /// The gateway's answer is out: what pingora writes after it is dropped.
+    Replaced,
+}
+
+/// pingora's pre-built `400` (`error_resp::HTTP_400_RESPONSE`, written when `read_request`
+/// fails on a head it cannot parse): status 400 and an empty body. The gateway's own 400s
+/// always carry a JSON body, so they never look like this.
+fn is_bare_400(bytes: &[u8]) -> bool {
+    let Some(head) = bytes.strip_prefix(b"HTTP/1.1 400 ") else {
+        return false;
+    };
+    head.windows(20)
+        .any(|w| w.eq_ignore_ascii_case(b"\r\ncontent-length: 0\r"))
 }
 
 impl EdgeStream {
@@ -217,6 +248,7 @@ impl EdgeStream {
             between: AtomicU64::new(1),
             idle_ms: AtomicU64::new(millis(idle)),
             idle_deadline: None,
+            own: OwnAnswer::No,
         }
     }
 
@@ -315,6 +347,39 @@ impl EdgeStream {
                 sent: 0,
             };
         }
+    }
+
+    /// Whether `bytes`, about to be written, are pingora's bare `400` for a head it could not
+    /// parse (a write while no request is under way), and the gateway's answer replaces them.
+    fn replaces(&mut self, bytes: &[u8]) -> bool {
+        if matches!(self.head, Head::Off)
+            || self.between.load(Ordering::Relaxed) & 1 == 0
+            || !is_bare_400(bytes)
+        {
+            return false;
+        }
+        let Some(answer) = self.limits.malformed() else {
+            return false;
+        };
+        self.own = OwnAnswer::Replacing { answer, sent: 0 };
+        true
+    }
+
+    /// Writes the gateway's answer in place of pingora's; each of pingora's writes is taken
+    /// whole (`len` bytes) once it is out.
+    fn poll_own(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<std::io::Result<usize>> {
+        while let OwnAnswer::Replacing { answer, sent } = &mut self.own {
+            if *sent == answer.len() {
+                self.own = OwnAnswer::Replaced;
+                break;
+            }
+            match Pin::new(&mut self.inner).poll_write(cx, &answer[*sent..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+                Poll::Ready(Ok(n)) => *sent += n,
+                other => return other,
+            }
+        }
+        Poll::Ready(Ok(len))
     }
 
     /// Writes the refusal; once it is out, the reader sees the end of the stream.
@@ -491,11 +556,15 @@ impl AsyncRead for EdgeStream {
 
 impl AsyncWrite for EdgeStream {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if matches!(this.own, OwnAnswer::No) && !this.replaces(buf) {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
+        }
+        this.poll_own(cx, buf.len())
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -507,11 +576,19 @@ impl AsyncWrite for EdgeStream {
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
+        if matches!(this.own, OwnAnswer::No) && !this.replaces(first) {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
+        this.poll_own(cx, first.len())
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -597,6 +674,27 @@ mod tests {
             follow(&mut head, chunk);
         }
         matches!(head, Head::Done { .. })
+    }
+
+    #[test]
+    fn only_an_empty_400_is_taken_for_pingoras_own() {
+        assert!(is_bare_400(
+            b"HTTP/1.1 400 Bad Request\r\nServer: x\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(is_bare_400(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        ));
+        // The gateway's own 400s carry a body; other statuses and later writes pass.
+        assert!(!is_bare_400(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 70\r\n\r\n{}"
+        ));
+        assert!(!is_bare_400(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 01\r\n\r\n"
+        ));
+        assert!(!is_bare_400(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert!(!is_bare_400(b"{\"ok\":true}"));
     }
 
     #[test]

@@ -515,6 +515,10 @@ impl GatewayError {
         Self::bad_request("Malformed request")
     }
 
+    pub fn connect_refused() -> Self {
+        Self::bad_request("The CONNECT method is not served")
+    }
+
     fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
     }

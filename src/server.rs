@@ -50,27 +50,11 @@ impl EdgeLimits for ConfiguredEdge {
     }
 
     fn too_large(&self) -> Vec<u8> {
-        let (head, body) = self.0.refusal(&GatewayError::headers_too_large());
-        let mut out = Vec::with_capacity(256 + body.len());
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(head.status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(
-            head.status
-                .canonical_reason()
-                .unwrap_or_default()
-                .as_bytes(),
-        );
-        out.extend_from_slice(b"\r\n");
-        for (name, value) in &head.headers {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"connection: close\r\n\r\n");
-        out.extend_from_slice(&body);
-        out
+        raw_refusal(&self.0, &GatewayError::headers_too_large())
+    }
+
+    fn malformed(&self) -> Option<Vec<u8>> {
+        Some(raw_refusal(&self.0, &GatewayError::malformed_request()))
     }
 
     fn admit_peer(&self, peer: Option<std::net::IpAddr>) -> Option<HeldPlace> {
@@ -128,6 +112,32 @@ impl EdgeLimits for ConfiguredEdge {
     }
 }
 
+/// A refusal written whole by the edge stream, outside pingora's response writer: the
+/// gateway's JSON error, and a close.
+fn raw_refusal(gw: &Gateway, err: &GatewayError) -> Vec<u8> {
+    let (head, body) = gw.refusal(err);
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(head.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        head.status
+            .canonical_reason()
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &head.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"connection: close\r\n\r\n");
+    out.extend_from_slice(&body);
+    out
+}
+
 /// Connections the admin listener holds at once, in all and per client address: probes, a
 /// Prometheus and a few operators need far fewer, and no caller can take them all.
 const ADMIN_MAX_CONNECTIONS: usize = 100;
@@ -145,6 +155,11 @@ impl EdgeLimits for AdminEdge {
 
     fn too_large(&self) -> Vec<u8> {
         self.0.too_large()
+    }
+
+    /// The admin app (pingora's `HttpServer`) closes on a head it cannot parse, unanswered.
+    fn malformed(&self) -> Option<Vec<u8>> {
+        None
     }
 
     fn admit_peer(&self, peer: Option<std::net::IpAddr>) -> Option<HeldPlace> {
@@ -338,6 +353,9 @@ pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), S
     let mut options = pingora::apps::HttpServerOptions::default();
     options.h2_idle_timeout = Some(cfg.server.keepalive_timeout);
     options.h2c = cfg.server.h2c;
+    // CONNECT reaches the gateway's own checks, which refuse it in the JSON error shape
+    // (pingora's own refusal is a bare 405).
+    options.allow_connect_method_proxying = true;
     app.server_options = Some(options);
     // Every accepted connection's stream gets the whole-head deadline.
     let limits: Arc<dyn EdgeLimits> = Arc::new(ConfiguredEdge(gateway.clone()));

@@ -7,7 +7,7 @@ use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::Method;
 use pingora::proxy::Session;
 
-/// Refuses a request whose framing a parser could read otherwise: `Transfer-Encoding` beside
+/// Refuses `CONNECT` (and closes), and a request whose framing a parser could read otherwise: `Transfer-Encoding` beside
 /// `Content-Length`, a transfer coding other than `chunked` alone, a `Content-Length` that is
 /// not one plain number, and a body on `GET` or `HEAD` (a backend that does not expect one
 /// could read it as the next request on a shared upstream connection). The first three close the connection
@@ -16,6 +16,11 @@ pub(super) async fn check(
     session: &mut Session,
     body_idle: std::time::Duration,
 ) -> Result<(), GatewayError> {
+    if session.req_header().method == Method::CONNECT {
+        // A tunnel (or HTTP/2's extended CONNECT) would carry anything past every check.
+        session.set_keepalive(None);
+        return Err(GatewayError::connect_refused());
+    }
     let h = &session.req_header().headers;
     let refused = if h.contains_key(TRANSFER_ENCODING) {
         // pingora drops the Content-Length from the parsed head of such a request; the head

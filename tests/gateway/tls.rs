@@ -544,6 +544,49 @@ fn h2c_serves_http2_with_prior_knowledge_on_the_plain_listener_when_enabled() {
     echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
 }
 
+/// HTTP/2's CONNECT (a tunnel in one stream) is refused in the JSON shape, as HTTP/1.1's is.
+#[test]
+fn http2_connect_is_refused_in_the_json_shape() {
+    let gw = Gateway::start_with(Setup::new().server("h2c = true"));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, headers, body) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("api.test:443")
+            .header("x-api-key", key.as_str())
+            .body(())
+            .unwrap();
+        let (response, _) = client.send_request(req, true).unwrap();
+        let response = response.await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let mut body = response.into_body();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.data().await {
+            bytes.extend_from_slice(&chunk.unwrap());
+        }
+        (status, headers, bytes)
+    });
+    assert_eq!(status, 400);
+    assert_eq!(headers["content-type"], "application/json");
+    assert!(headers.get("x-echo").is_none());
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v,
+        error_body("BAD_REQUEST", "The CONNECT method is not served")
+    );
+}
+
 /// An HTTP/2 stream that declares a body and never sends it: pingora bounds no HTTP/2 body
 /// read, so a refusal that drained it, or an inspection that waited for it, held the stream
 /// (and its connection's place under the caps) forever. A refusal answers at once; a body the
