@@ -303,6 +303,25 @@ impl GatewayError {
         ))
     }
 
+    pub fn query_beside_path(name: &str) -> Self {
+        Self::bad_request(format!(
+            "The query string names {name} too: it could be read instead of the path"
+        ))
+    }
+
+    pub fn body_beside_path(name: &str) -> Self {
+        Self::bad_request(format!(
+            "The request body names {name} too: it could be read instead of the path"
+        ))
+    }
+
+    pub fn body_beside_path_not_json(name: &str) -> Self {
+        Self::bad_request(format!(
+            "{name} is read from the path: a restricted key's body must be Content-Type: \
+             application/json, UTF-8, without a Content-Encoding, and not name it"
+        ))
+    }
+
     pub fn query_beside_body(name: &str) -> Self {
         Self::bad_request(format!(
             "The query string names {name} too: it could be read instead of the body"

@@ -4,7 +4,7 @@
 
 use crate::errors::GatewayError;
 use pingora::protocols::http::ServerSession;
-use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::borrow::Cow;
 use std::fmt;
 
@@ -258,10 +258,16 @@ pub(crate) enum BodyError {
 /// The string value of top-level field `field` of a JSON object; `Ok(None)` when absent or not
 /// a string. Other fields are skipped, never materialised. Keys are compared once decoded
 /// (`"instance\u0049d"` is `instanceId`); a second key that some backend reads as `field` is
-/// an ambiguity.
+/// an ambiguity, and so is one nested at any depth with another value than the top-level one:
+/// Rails' `wrap_parameters` leaves `{"message": {...}}` as it is, and a controller reading
+/// `params.require(:message)` takes the nested copy.
 pub(crate) fn body_field(body: &[u8], field: &str) -> Result<Option<String>, BodyError> {
-    match read_field(body, field)? {
-        FieldFound { seen: 0 | 1, value } => Ok(value),
+    match read_field(body, field, Depth::Nested)? {
+        FieldFound {
+            seen: 0 | 1,
+            value,
+            nested,
+        } if nested.iter().all(|n| n.is_some() && *n == value) => Ok(value),
         FieldFound { .. } => Err(BodyError::Ambiguous(Ambiguity::Duplicate)),
     }
 }
@@ -269,26 +275,41 @@ pub(crate) fn body_field(body: &[u8], field: &str) -> Result<Option<String>, Bod
 /// True when a JSON object body has a top-level key some backend reads as `field`, whatever
 /// its value (Laravel runs a POST as the method a JSON body's `_method` names).
 pub(crate) fn body_names(body: &[u8], field: &str) -> Result<bool, BodyError> {
-    Ok(read_field(body, field)?.seen > 0)
+    Ok(read_field(body, field, Depth::Top)?.seen > 0)
 }
 
-fn read_field(body: &[u8], field: &str) -> Result<FieldFound, BodyError> {
+/// As [`body_names`], at any depth.
+pub(crate) fn body_names_anywhere(body: &[u8], field: &str) -> Result<bool, BodyError> {
+    let found = read_field(body, field, Depth::Nested)?;
+    Ok(found.seen > 0 || !found.nested.is_empty())
+}
+
+/// How deep a body is searched for a field.
+#[derive(Clone, Copy)]
+enum Depth {
+    Top,
+    Nested,
+}
+
+fn read_field(body: &[u8], field: &str, depth: Depth) -> Result<FieldFound, BodyError> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let found = FieldSeed(field)
+    let found = FieldSeed(field, depth)
         .deserialize(&mut de)
         .map_err(|_| BodyError::NotAJsonObject)?;
     de.end().map_err(|_| BodyError::NotAJsonObject)?;
     Ok(found)
 }
 
-/// What the top level of a body said about the field: how many keys read as it, and the
-/// string value of the one spelled exactly so.
+/// What a body said about the field: how many top-level keys read as it, the string value of
+/// the one spelled exactly so, and (when searched) the values of keys read as it below the top
+/// level (`None` for one that is not a string).
 struct FieldFound {
     seen: usize,
     value: Option<String>,
+    nested: Vec<Option<String>>,
 }
 
-struct FieldSeed<'a>(&'a str);
+struct FieldSeed<'a>(&'a str, Depth);
 
 impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
     type Value = FieldFound;
@@ -308,6 +329,7 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut found = None;
         let mut seen = 0usize;
+        let mut nested = Vec::new();
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             if same_name_to_some_backend(&key, self.0) {
                 seen += 1;
@@ -319,10 +341,93 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
                     continue;
                 }
             }
-            map.next_value::<IgnoredAny>()?;
+            match self.1 {
+                Depth::Top => map.next_value::<IgnoredAny>()?,
+                Depth::Nested => map.next_value_seed(Nested {
+                    field: self.0,
+                    out: &mut nested,
+                })?,
+            };
         }
         // The whole document is still read to the end: a malformed tail is refused too.
-        Ok(FieldFound { seen, value: found })
+        Ok(FieldFound {
+            seen,
+            value: found,
+            nested,
+        })
+    }
+}
+
+/// Walks a value below the top level, collecting the values of keys some backend reads as
+/// `field` (serde_json bounds the depth at 128).
+struct Nested<'a, 'b> {
+    field: &'a str,
+    out: &'b mut Vec<Option<String>>,
+}
+
+impl<'de> DeserializeSeed<'de> for Nested<'_, '_> {
+    type Value = IgnoredAny;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Nested<'_, '_> {
+    type Value = IgnoredAny;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if same_name_to_some_backend(&key, self.field) {
+                let value = map.next_value::<serde_json::Value>()?;
+                self.out.push(value.as_str().map(str::to_owned));
+                continue;
+            }
+            map.next_value_seed(Nested {
+                field: self.field,
+                out: &mut *self.out,
+            })?;
+        }
+        Ok(IgnoredAny)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq
+            .next_element_seed(Nested {
+                field: self.field,
+                out: &mut *self.out,
+            })?
+            .is_some()
+        {}
+        Ok(IgnoredAny)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(IgnoredAny)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(IgnoredAny)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(IgnoredAny)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(IgnoredAny)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(IgnoredAny)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(IgnoredAny)
     }
 }
 
@@ -381,7 +486,7 @@ mod tests {
 
     #[test]
     fn body_fields() {
-        let body = br#"{"to":"+33","nested":{"instanceId":"no"},"instanceId":"3fa85f64-5717-4562-b3fc-2c963f66afa6"}"#;
+        let body = br#"{"to":"+33","nested":{"instanceId":"3fa85f64-5717-4562-b3fc-2c963f66afa6"},"instanceId":"3fa85f64-5717-4562-b3fc-2c963f66afa6"}"#;
         assert_eq!(
             body_field(body, "instanceId").unwrap().as_deref(),
             Some("3fa85f64-5717-4562-b3fc-2c963f66afa6")
@@ -404,6 +509,11 @@ mod tests {
             r#"{"instanceId":"A","_instance_id":"B"}"#,
             r#"{"instanceId":"A","instance.id":"B"}"#,
             r#"{"instanceId":"A","instance id":"B"}"#,
+            // Nested at any depth with another value, or under no top-level one.
+            r#"{"to":"+33","nested":{"instanceId":"B"},"instanceId":"A"}"#,
+            r#"{"instanceId":"A","x":[[{"Instance_Id":"B"}]]}"#,
+            r#"{"instanceId":"A","x":{"instanceId":null}}"#,
+            r#"{"x":{"instanceId":"A"}}"#,
         ] {
             assert_eq!(body_field(dup.as_bytes(), "instanceId"), twice, "{dup}");
         }
@@ -421,6 +531,24 @@ mod tests {
         }
         for body in [r#"{"method":"GET"}"#, r#"{"x":{"_method":"GET"}}"#, "{}"] {
             assert_eq!(body_names(body.as_bytes(), "_method"), Ok(false), "{body}");
+        }
+        // At any depth, for a field a path segment names.
+        for body in [
+            r#"{"a":[{"b":{"instance_id":1}}]}"#,
+            r#"{"instanceId":"x"}"#,
+        ] {
+            assert_eq!(
+                body_names_anywhere(body.as_bytes(), "instanceId"),
+                Ok(true),
+                "{body}"
+            );
+        }
+        for body in [r#"{"a":["instanceId"]}"#, r#"{"a":{"instance":1}}"#, "{}"] {
+            assert_eq!(
+                body_names_anywhere(body.as_bytes(), "instanceId"),
+                Ok(false),
+                "{body}"
+            );
         }
         assert_eq!(body_names(b"[]", "_method"), Err(BodyError::NotAJsonObject));
         assert_eq!(q_nul(), Err(Ambiguity::Duplicate));
@@ -458,7 +586,8 @@ mod tests {
 
     proptest! {
         /// Against serde_json::Value (which keeps the last of duplicate keys): with one
-        /// spelling of the field at most, both read the same; with more, the reader refuses.
+        /// spelling of the field at most and no nested copy, both read the same; otherwise
+        /// the reader refuses.
         #[test]
         fn body_field_agrees_with_serde_json_or_refuses(
             entries in proptest::collection::vec((key_strategy(), value_strategy()), 0..6)
@@ -476,7 +605,11 @@ mod tests {
                 .iter()
                 .filter(|((_, decoded), _)| decoded.eq_ignore_ascii_case("instanceId"))
                 .count();
-            if lookalikes > 1 {
+            // A nested copy (any value but the exact field's own) is a second reading too.
+            let nested = entries
+                .iter()
+                .any(|((_, decoded), v)| decoded != "instanceId" && v.starts_with('{'));
+            if lookalikes > 1 || nested {
                 prop_assert_eq!(ours, Err(BodyError::Ambiguous(Ambiguity::Duplicate)), "{}", body);
             } else {
                 let reference: serde_json::Value = serde_json::from_str(&body).unwrap();

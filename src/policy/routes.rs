@@ -39,7 +39,10 @@ pub enum InstanceSource {
     /// `instance = "none"`: the route acts on no instance; instance-restricted keys may call it.
     InstanceFree,
     /// The n-th segment (0-based) of the normalised path: `/api/v1/instances/{id}` is segment 3.
-    PathSegment(usize),
+    /// `name` (`param`, default `instanceId`) is what a backend may read the instance from
+    /// instead of its route parameter (Laravel's input, Spring's binding): a restricted key's
+    /// request may not name it in its query or body.
+    PathSegment { segment: usize, name: String },
     /// A query parameter.
     Query(String),
     /// A top-level string field of a JSON body (read, bounded, and forwarded unchanged).
@@ -228,7 +231,12 @@ fn validate(r: &mut Reporter, i: usize, route: &RouteFile, scopes: &[String]) ->
             .as_ref()
             .map(|t| (t.from.as_str(), t.segment, &t.param, &t.field))
         {
-            Some(("path", Some(n), None, None)) => InstanceSource::PathSegment(n),
+            Some(("path", Some(segment), param, None)) if param.as_ref().is_none_or(|p| !p.is_empty()) => {
+                InstanceSource::PathSegment {
+                    segment,
+                    name: param.clone().unwrap_or_else(|| "instanceId".to_owned()),
+                }
+            }
             Some(("query", None, Some(p), None)) if !p.is_empty() => {
                 InstanceSource::Query(p.clone())
             }
@@ -239,7 +247,7 @@ fn validate(r: &mut Reporter, i: usize, route: &RouteFile, scopes: &[String]) ->
                 r.at(
                     span,
                     field("instance"),
-                    "expected \"none\", { from = \"path\", segment = N }, { from = \"query\", param = \"...\" } or { from = \"body\", field = \"...\" }",
+                    "expected \"none\", { from = \"path\", segment = N[, param = \"...\"] }, { from = \"query\", param = \"...\" } or { from = \"body\", field = \"...\" }",
                 );
                 return None;
             }
@@ -316,6 +324,14 @@ mod tests {
             Some(InstanceSource::Body("instanceId".into()))
         );
         assert_eq!(send.require_subscription, Some(true));
+        let instance = p.find(&Method::PATCH, "/api/v1/instances/x").unwrap();
+        assert_eq!(
+            instance.instance,
+            Some(InstanceSource::PathSegment {
+                segment: 3,
+                name: "instanceId".into()
+            })
+        );
     }
 
     fn scope_of(p: &RoutePolicies, m: Method, path: &str) -> Option<Option<ScopeRule>> {
@@ -381,7 +397,7 @@ mod tests {
              routes.toml:9:12: route[1].ip_burst: must be at least 1, got 0\n\
              routes.toml:11:10: route[2].prefix: \"/api/v1/a\" overlaps route[0] (line 3) for the same methods: conflicting rules\n\
              routes.toml:14:10: route[3].prefix: \"api/v1/c\" must start with '/'\n\
-             routes.toml:15:12: route[3].instance: expected \"none\", { from = \"path\", segment = N }, { from = \"query\", param = \"...\" } or { from = \"body\", field = \"...\" }\n\
+             routes.toml:15:12: route[3].instance: expected \"none\", { from = \"path\", segment = N[, param = \"...\"] }, { from = \"query\", param = \"...\" } or { from = \"body\", field = \"...\" }\n\
              routes.toml:16:18: route[3].on_store_error: unknown mode \"maybe\" (expected \"fail_closed\" or \"fail_open\")"
         );
     }

@@ -535,6 +535,17 @@ impl ProxyHttp for GatewayProxy {
             }
         }
         session.set_keepalive(None);
+        if respond::answered(session) {
+            // The upstream's head is out (its body failed, or timed out, midway): an answer
+            // now would be written into that body, and end it as if it were whole. The
+            // connection closes (HTTP/2: the stream is reset) with the body cut short, which
+            // the client can tell from its framing.
+            ctx.error_code = Some(err.code.as_str());
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         if let Err(write) = respond::send_error(&self.0, session, ctx, &err).await {
             tracing::debug!(error = %write, "could not write the error response");
         }

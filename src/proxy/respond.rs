@@ -32,13 +32,26 @@ pub(crate) async fn send(
     write(session, ctx, head, body).await
 }
 
-/// Writes a gateway-made answer: the request id and the rate-limit state join its head.
+/// Whether a final response (not an interim `1xx`) has gone to the client already: nothing
+/// can be answered after it.
+pub(crate) fn answered(session: &Session) -> bool {
+    session
+        .response_written()
+        .is_some_and(|r| !r.status.is_informational())
+}
+
+/// Writes a gateway-made answer: the request id and the rate-limit state join its head. Never
+/// after a final response (it would become that response's body); a `HEAD` gets the head
+/// alone (pingora drops the body on HTTP/1.1 but sends it on HTTP/2).
 async fn write(
     session: &mut Session,
     ctx: &mut Ctx,
     mut head: http::response::Parts,
     body: Vec<u8>,
 ) -> Result<()> {
+    if answered(session) {
+        return Ok(());
+    }
     crate::inspect::settle_body(session, ctx.live.config.server.max_body_bytes).await;
     let h = &mut head.headers;
     if let Some(rate) = &ctx.rate {
@@ -49,6 +62,9 @@ async fn write(
         ctx.request_id.clone(),
     );
     let h = ResponseHeader::from(head);
+    if session.req_header().method == http::Method::HEAD {
+        return session.write_response_header(Box::new(h), true).await;
+    }
     session.write_response_header(Box::new(h), false).await?;
     session.write_response_body(Some(body.into()), true).await?;
     Ok(())

@@ -42,9 +42,12 @@ pub(crate) async fn check(
             return no_body_override(session, limit).await
         }
         (false, None) => return Err(GatewayError::instance_source_undeclared()),
-        (false, Some(InstanceSource::PathSegment(n))) => {
-            let read = no_body_override(session, limit).await?;
-            (inspect::path_segment(path, *n).map(str::to_owned), read)
+        (false, Some(InstanceSource::PathSegment { segment, name })) => {
+            let read = nothing_beside_path(session, name, limit).await?;
+            (
+                inspect::path_segment(path, *segment).map(str::to_owned),
+                read,
+            )
         }
         (false, Some(InstanceSource::Query(name))) => (from_query(session, name)?, BodyRead::No),
         (false, Some(InstanceSource::Body(field))) => {
@@ -91,6 +94,42 @@ async fn no_body_override(
         (false, false) => Err(GatewayError::restricted_body_not_json()),
         (false, true) => method_field(&body).map(|()| BodyRead::Yes),
     }
+}
+
+/// On a route whose instance is a path segment, a backend may read `name` from the query or
+/// the body instead (Laravel's `$request->instanceId` prefers input to the route parameter;
+/// Spring binds a request parameter over a URI variable): neither may name it. A body, on any
+/// method, must be empty or plain JSON without that field (nor `_method` on a POST).
+async fn nothing_beside_path(
+    session: &mut Session,
+    name: &str,
+    limit: BodyLimit,
+) -> Result<BodyRead, GatewayError> {
+    if inspect::query_names(session.req_header().uri.query(), name) {
+        return Err(GatewayError::query_beside_path(name));
+    }
+    if !inspect::has_body(session) {
+        return Ok(BodyRead::No);
+    }
+    let plain_json = body_type::is_plain_json(&session.req_header().headers);
+    let body = read_body(session, limit).await?;
+    if body.is_empty() {
+        return Ok(BodyRead::Yes);
+    }
+    if !plain_json {
+        return Err(GatewayError::body_beside_path_not_json(name));
+    }
+    match inspect::body_names_anywhere(&body, name) {
+        Ok(false) => {}
+        Ok(true) | Err(BodyError::Ambiguous(_)) => {
+            return Err(GatewayError::body_beside_path(name))
+        }
+        Err(BodyError::NotAJsonObject) => return Err(GatewayError::body_not_json_object()),
+    }
+    if session.req_header().method == http::Method::POST {
+        method_field(&body)?;
+    }
+    Ok(BodyRead::Yes)
 }
 
 /// Refuses a JSON body with a top-level `_method` (in any spelling a backend reads as it).

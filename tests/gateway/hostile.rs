@@ -92,6 +92,11 @@ fn restricted_keys_are_refused_wherever_no_policy_says_how_their_restriction_app
     for path in ["/api/v1/webhooks", "/api/v1/contacts/7", "/api/v1/status"] {
         echoed(&call(&gw, "GET", path, &key, None));
     }
+    // But a webhook hears every instance's events: changing one names no instance.
+    for method in ["POST", "PUT", "PATCH", "DELETE"] {
+        let r = call(&gw, method, "/api/v1/webhooks/7", &key, Some("{}"));
+        assert_refused(&r, 403, "FORBIDDEN", NO_INSTANCE_SOURCE);
+    }
     let r = call(&gw, "GET", "/api/v1/instances", &key, None);
     assert_refused(
         &r,
@@ -121,9 +126,20 @@ fn a_duplicated_inspected_field_or_parameter_is_refused() {
     ] {
         assert_refused(&send(body), 400, "BAD_REQUEST", twice);
     }
-    // A nested field of the same name is not the top-level one.
+    // A nested copy with another value is a second reading (Rails' wrap_parameters leaves a
+    // `message` object as sent, and `params.require(:message)` reads the copy inside it); a
+    // nested copy of the same value says nothing new.
+    for body in [
+        format!(r#"{{"instanceId":"{A}","message":{{"instanceId":"{B}"}}}}"#),
+        format!(r#"{{"message":{{"instance_id":"{B}"}},"instanceId":"{A}"}}"#),
+        format!(r#"{{"instanceId":"{A}","x":[{{"y":{{"InstanceId":"{B}"}}}}]}}"#),
+        format!(r#"{{"instanceId":"{A}","x":{{"instanceId":7}}}}"#),
+        format!(r#"{{"message":{{"instanceId":"{A}"}}}}"#),
+    ] {
+        assert_refused(&send(body), 400, "BAD_REQUEST", twice);
+    }
     echoed(&send(format!(
-        r#"{{"instanceId":"{A}","x":{{"instanceId":"{B}"}}}}"#
+        r#"{{"instanceId":"{A}","x":{{"instanceId":"{A}"}},"y":[1,"instanceId",null]}}"#
     )));
 
     let get = |query: String| read_messages(&gw, &key, &query);
@@ -879,6 +895,80 @@ fn a_restricted_keys_post_body_may_not_override_its_method() {
         Some(br#"{"_method":"GET"}"#),
     ));
     assert_eq!(seen["method"], "PATCH");
+}
+
+/// On a route whose instance is a path segment, a backend may take the instance from the query
+/// or the body instead (Laravel's `$request->instanceId` prefers input to the route parameter,
+/// Spring binds a request parameter over a URI variable): a restricted key's request may name
+/// it in neither, and its body, on any method, must be plain JSON.
+#[test]
+fn a_path_sourced_instance_is_named_nowhere_else() {
+    let (gw, key) = shipped_with_key(&[], &[A]);
+    let send = |method: &str, path: &str, ct: Option<&str>, body: Option<&str>| {
+        let mut headers = vec![("x-api-key", key.as_str())];
+        headers.extend(ct.map(|ct| ("content-type", ct)));
+        gw.send(method, path, &headers, body.map(str::as_bytes))
+    };
+    let mine = format!("/api/v1/instances/{A}");
+    let in_query = "The query string names instanceId too: it could be read instead of the path";
+    for query in [
+        format!("instanceId={B}"),
+        format!("instance_id={B}"),
+        format!("x=1&instanceId%5B%5D={B}"),
+        format!("INSTANCEID={A}"),
+    ] {
+        let r = send("GET", &format!("{mine}/qr?{query}"), None, None);
+        assert_refused(&r, 400, "BAD_REQUEST", in_query);
+    }
+    let in_body = "The request body names instanceId too: it could be read instead of the path";
+    for method in ["PATCH", "PUT", "DELETE", "POST"] {
+        for body in [
+            format!(r#"{{"instanceId":"{B}"}}"#),
+            format!(r#"{{"name":"x","settings":{{"instance_id":"{B}"}}}}"#),
+        ] {
+            let r = send(method, &mine, Some("application/json"), Some(&body));
+            assert_refused(&r, 400, "BAD_REQUEST", in_body);
+        }
+        let r = send(
+            method,
+            &mine,
+            Some("application/x-www-form-urlencoded"),
+            Some(&format!("instanceId={B}")),
+        );
+        assert_refused(
+            &r,
+            400,
+            "BAD_REQUEST",
+            "instanceId is read from the path: a restricted key's body must be Content-Type: \
+             application/json, UTF-8, without a Content-Encoding, and not name it",
+        );
+        let seen = echoed(&send(
+            method,
+            &mine,
+            Some("application/json"),
+            Some(r#"{"name":"x"}"#),
+        ));
+        assert_eq!(seen["method"], method);
+        assert_eq!(seen["body"], r#"{"name":"x"}"#);
+    }
+    echoed(&send("GET", &format!("{mine}/qr?size=2"), None, None));
+    // The key's other restriction still holds: another instance in the path.
+    let r = send("GET", &format!("/api/v1/instances/{B}/qr"), None, None);
+    assert_refused(
+        &r,
+        403,
+        "FORBIDDEN",
+        &format!("This API key may not use instance {B}"),
+    );
+    // Keys without restrictions are never held up by any of this.
+    let free = restricted_key(&gw, &[], &[]);
+    let r = gw.send(
+        "PATCH",
+        &format!("{mine}?instanceId={B}"),
+        &[("x-api-key", &free), ("content-type", "text/plain")],
+        Some(b"instanceId=x"),
+    );
+    echoed(&r);
 }
 
 /// Names as other parsers read them: qs and Rack take `[instanceId]` for `instanceId`, PHP

@@ -587,6 +587,51 @@ fn http2_connect_is_refused_in_the_json_shape() {
     );
 }
 
+/// A `HEAD` answered by the gateway gets the head alone on HTTP/2 too (pingora drops the
+/// body on HTTP/1.1 only; a DATA frame after a HEAD response is a protocol error to nghttp2).
+#[test]
+fn http2_head_refusals_carry_no_body() {
+    let gw = Gateway::start_with(Setup::new().server("h2c = true"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, headers, body) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::head(format!("http://{}/api/v1/messages", gw.proxy))
+            .body(())
+            .unwrap();
+        let (response, _) = client.send_request(req, true).unwrap();
+        let response = response.await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let mut body = response.into_body();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.data().await {
+            bytes.extend_from_slice(&chunk.expect("no DATA after a HEAD response"));
+        }
+        (status, headers, bytes)
+    });
+    assert_eq!(status, 401);
+    assert_eq!(headers["content-type"], "application/json");
+    let announced: usize = headers["content-length"].to_str().unwrap().parse().unwrap();
+    assert_eq!(
+        announced,
+        serde_json::to_vec(&error_body(
+            "UNAUTHORIZED",
+            "Missing API key. Send it in the x-api-key header."
+        ))
+        .unwrap()
+        .len()
+    );
+    assert!(body.is_empty());
+}
+
 /// An HTTP/2 stream that declares a body and never sends it: pingora bounds no HTTP/2 body
 /// read, so a refusal that drained it, or an inspection that waited for it, held the stream
 /// (and its connection's place under the caps) forever. A refusal answers at once; a body the

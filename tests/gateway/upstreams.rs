@@ -100,6 +100,66 @@ fn no_healthy_address_is_503() {
     assert_error(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
 }
 
+/// An upstream that reads a request head, writes `answer` (a response cut short), then closes
+/// the connection or, with `stall`, holds it open.
+fn cut_upstream(answer: &'static [u8], stall: bool) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(16) {
+            let Ok(conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let mut conn = reader.into_inner();
+                let _ = conn.write_all(answer);
+                if stall {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream whose body fails after its head went to the client (reset, or past the read
+/// timeout) leaves the client a body cut short, which it can tell from the framing: the
+/// connection closes before the last chunk or the announced length. No error answer is
+/// written into the body (it would end a chunked body as if it were whole).
+#[test]
+fn an_upstream_failing_midway_through_its_body_leaves_the_body_cut_short() {
+    let chunked: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n";
+    let sized: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello";
+    for (answer, stall) in [
+        (chunked, false),
+        (chunked, true),
+        (sized, false),
+        (sized, true),
+    ] {
+        let gw = Gateway::start_with(upstream(vec![At::Addr(cut_upstream(answer, stall))], None));
+        let (key, _) = gw.account_with_key("acme", "pro");
+        let mut conn = gw.connect();
+        conn.write_raw(
+            format!("GET /api/v1/x HTTP/1.1\r\nhost: gw\r\nx-api-key: {key}\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let got = conn.read_until_closed().unwrap();
+        let text = String::from_utf8_lossy(&got);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(!text.contains("error"), "{text}");
+        if answer == chunked {
+            assert_eq!(body, "5\r\nhello\r\n", "stall {stall}");
+        } else {
+            assert_eq!(body, "hello", "stall {stall}");
+        }
+    }
+}
+
 /// An upstream that answers every request head with `101 Switching Protocols`, then echoes.
 fn switching_upstream() -> String {
     use std::io::{BufRead, BufReader, Write};
