@@ -147,12 +147,14 @@ enum Head {
     /// last bytes seen, so that a blank line split across reads is found; `total` counts the
     /// head's bytes so far. `line` is false while only line breaks have come: httparse skips
     /// any number of empty lines before a request line, so they start the clock and count
-    /// toward the bound, but cannot end a head.
+    /// toward the bound, but cannot end a head. `lines` counts the line feeds from the request
+    /// line on: past [`MAX_HEAD_LINES`] the head is too large, as past its byte bound.
     Reading {
         tail: [u8; 3],
         len: usize,
         total: usize,
         line: bool,
+        lines: usize,
     },
     /// The head is complete (a body may follow): no clock until the request has ended
     /// ([`EdgeStream::request_ended`]: its response is written). `ended` is how many requests
@@ -428,14 +430,25 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The most line feeds of a head pingora's parser takes: the request line, 256 header lines
+/// (the header array it gives httparse), the blank line. One more header line is a bare 400
+/// there; here it is the 431 of a head too large.
+const MAX_HEAD_LINES: usize = 258;
+
 /// Whether `bytes` hold the end of a head: a line feed followed by an empty line (`\r\n` or a
-/// bare `\n`, which httparse accepts too). Only the few line feeds are looked at (memchr),
-/// not every position of the head and the body after it.
-fn has_blank_line(bytes: &[u8]) -> bool {
-    memchr::memchr_iter(b'\n', bytes).any(|at| {
+/// bare `\n`, which httparse accepts too); and how many line feeds come up to that end (or in
+/// all). Only the few line feeds are looked at (memchr), not every position of the head and the
+/// body after it.
+fn blank_line(bytes: &[u8]) -> (bool, usize) {
+    let mut lines = 0;
+    for at in memchr::memchr_iter(b'\n', bytes) {
+        lines += 1;
         let after = &bytes[at + 1..];
-        after.starts_with(b"\n") || after.starts_with(b"\r\n")
-    })
+        if after.starts_with(b"\n") || after.starts_with(b"\r\n") {
+            return (true, lines + 1);
+        }
+    }
+    (false, lines)
 }
 
 /// Moves `head` along `bytes`; true when a new head starts (the clock must start). A completed
@@ -457,6 +470,7 @@ fn follow(head: &mut Head, mut bytes: &[u8]) -> bool {
             len: 0,
             total: 0,
             line: false,
+            lines: 0,
         };
     }
     if let Head::Reading {
@@ -464,6 +478,7 @@ fn follow(head: &mut Head, mut bytes: &[u8]) -> bool {
         len,
         total,
         line,
+        lines,
     } = head
     {
         if !*line {
@@ -486,7 +501,17 @@ fn follow(head: &mut Head, mut bytes: &[u8]) -> bool {
         seam[..*len].copy_from_slice(&tail[..*len]);
         seam[*len..*len + first].copy_from_slice(&bytes[..first]);
         let seam = &seam[..*len + first];
-        if has_blank_line(seam) || has_blank_line(bytes) {
+        let (ends, feeds) = match blank_line(seam) {
+            (true, _) => (true, memchr::memchr_iter(b'\n', &bytes[..first]).count()),
+            (false, _) => blank_line(bytes),
+        };
+        *lines += feeds;
+        if *lines > MAX_HEAD_LINES {
+            // Past the bound: refused as a head too large (see `EdgeStream::saw`).
+            *total = usize::MAX;
+            return started;
+        }
+        if ends {
             *head = Head::Done { ended: 0 };
             return started;
         }
@@ -674,6 +699,39 @@ mod tests {
             follow(&mut head, chunk);
         }
         matches!(head, Head::Done { .. })
+    }
+
+    #[test]
+    fn a_head_of_more_lines_than_the_parser_takes_is_too_large() {
+        let head = |headers: usize| {
+            let mut h = b"GET / HTTP/1.1\r\n".to_vec();
+            for _ in 0..headers {
+                h.extend_from_slice(b"a: 1\r\n");
+            }
+            h.extend_from_slice(b"\r\nGET / HTTP/1.1\r\n");
+            h
+        };
+        for cut in [1, 7, 100, 1500] {
+            let bytes = head(256);
+            let mut state = Head::Idle;
+            follow(&mut state, &bytes[..cut]);
+            follow(&mut state, &bytes[cut..]);
+            assert!(matches!(state, Head::Done { .. }), "{cut}: {state:?}");
+            let bytes = head(257);
+            let mut state = Head::Idle;
+            follow(&mut state, &bytes[..cut]);
+            follow(&mut state, &bytes[cut..]);
+            assert!(
+                matches!(
+                    state,
+                    Head::Reading {
+                        total: usize::MAX,
+                        ..
+                    }
+                ),
+                "{cut}: {state:?}"
+            );
+        }
     }
 
     #[test]
