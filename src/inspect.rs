@@ -334,10 +334,7 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
             if same_name_to_some_backend(&key, self.0) {
                 seen += 1;
                 if key == self.0 {
-                    found = map
-                        .next_value::<serde_json::Value>()?
-                        .as_str()
-                        .map(str::to_owned);
+                    found = map.next_value_seed(StrValue)?;
                     continue;
                 }
             }
@@ -355,6 +352,59 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
             value: found,
             nested,
         })
+    }
+}
+
+/// A value read as its string, when it is one: anything else is skipped, never materialised.
+struct StrValue;
+
+impl<'de> DeserializeSeed<'de> for StrValue {
+    type Value = Option<String>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StrValue {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(v.to_owned()))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
     }
 }
 
@@ -383,8 +433,8 @@ impl<'de> Visitor<'de> for Nested<'_, '_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             if same_name_to_some_backend(&key, self.field) {
-                let value = map.next_value::<serde_json::Value>()?;
-                self.out.push(value.as_str().map(str::to_owned));
+                let value = map.next_value_seed(StrValue)?;
+                self.out.push(value);
                 continue;
             }
             map.next_value_seed(Nested {

@@ -276,16 +276,35 @@ fn listeners_free(config: &Config) -> Result<(), StartError> {
         }?;
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
-        Ok(socket)
+        Ok::<_, std::io::Error>(socket)
+    };
+    // A previous process (or, in one process, a server just stopped) may close its listener a
+    // moment after it is gone: "in use" is retried for a while, as pingora retries its own
+    // bind (30 times, 1 s apart), but a port still taken then is refused.
+    let deadline = std::time::Instant::now() + LISTENER_WAIT;
+    let bind_soon = |addr: std::net::SocketAddr| loop {
+        match bind(addr) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(LISTENER_RETRY);
+            }
+            other => return other.map_err(|source| StartError::Listen { addr, source }),
+        }
     };
     let bound = addrs
         .into_iter()
         .flatten()
-        .map(|addr| bind(addr).map_err(|source| StartError::Listen { addr, source }))
+        .map(bind_soon)
         .collect::<Result<Vec<_>, _>>()?;
     drop(bound);
     Ok(())
 }
+
+/// How long `run` waits for a listening address in use to come free, and how often it looks.
+const LISTENER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const LISTENER_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Builds the pingora server and the gateway it serves.
 pub fn build(config: Config, launch: Launch) -> Result<(Server, Arc<Gateway>), StartError> {

@@ -65,6 +65,11 @@ pub(super) async fn check(
             Err(e) if e.status() == 413 => return Err(GatewayError::body_on_get()),
             Err(e) => return Err(e),
         }
+        // A stream that ends with trailers (HEADERS after the head) reads as no data but never
+        // as done: pingora would send it upstream as a chunked body.
+        if !session.as_downstream_mut().is_body_done() {
+            return Err(GatewayError::body_on_get());
+        }
     }
     Ok(())
 }

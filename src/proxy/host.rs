@@ -10,8 +10,10 @@ pub(super) fn allowed(req: &RequestHeader, hosts: &[Box<str>]) -> bool {
     if hosts.is_empty() {
         return true;
     }
-    let named = match req.uri.host() {
-        Some(host) => Some(host),
+    // The authority whole, port included: `http::Uri` accepts any port characters
+    // (`api.example.com:evil.example`), and pingora sends the authority upstream as `Host`.
+    let named = match req.uri.authority() {
+        Some(authority) => without_port(authority.as_str()),
         None => req
             .headers
             .get(http::header::HOST)
@@ -73,5 +75,14 @@ mod tests {
         assert!(allowed(&absolute, &hosts));
         absolute.set_uri(http::Uri::from_static("http://evil.example/api/v1/x"));
         assert!(!allowed(&absolute, &hosts));
+        // The authority's port is held to digits as `Host`'s is (HTTP/2's `:authority` too).
+        for odd in [
+            "http://api.example.com:evil.example/api/v1/x",
+            "http://api.example.com:';x;'/api/v1/x",
+            "http://user@api.example.com/api/v1/x",
+        ] {
+            absolute.set_uri(http::Uri::from_static(odd));
+            assert!(!allowed(&absolute, &hosts), "{odd}");
+        }
     }
 }

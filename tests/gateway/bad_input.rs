@@ -150,6 +150,36 @@ fn heads_the_parser_refuses_get_the_json_error_shape() {
     );
 }
 
+/// The JSON answer to a head the parser refuses comes whatever the client sent after it (a
+/// body nobody reads; the edge stream reads away what has arrived before the close, since a
+/// reset can overtake the answer on a real network: on loopback it arrives either way, so this
+/// proves the answer, not the drain), and a refused head that comes in a later read of a
+/// kept-alive connection is answered the same way.
+#[test]
+fn a_refused_head_is_answered_whatever_follows_or_precedes_it() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let mut conn = gw.connect();
+    let mut bytes = format!(
+        "POST /api/v1/x HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\ncontent-length: 200000\r\nx-folded: a\r\n b\r\n\r\n"
+    )
+    .into_bytes();
+    bytes.extend(std::iter::repeat_n(b'a', 200_000));
+    let r = conn.raw(&bytes).unwrap();
+    assert_refused(&r, 400, "BAD_REQUEST", "Malformed request");
+
+    let mut conn = gw.connect();
+    let r = conn
+        .send("GET", "/api/v1/first", &[("x-api-key", &key)], None)
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let r = conn
+        .raw(b"GET /api/v1/x HTTP/1.1\r\nhost: x\r\nbad name: 1\r\n\r\n")
+        .unwrap();
+    assert_refused(&r, 400, "BAD_REQUEST", "Malformed request");
+    assert!(conn.read_until_closed().unwrap().is_empty());
+}
+
 /// CONNECT would make the connection a tunnel past every check: refused in the JSON shape
 /// (pingora's own refusal is a bare 405), and the connection closes.
 #[test]

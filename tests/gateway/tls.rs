@@ -587,6 +587,48 @@ fn http2_connect_is_refused_in_the_json_shape() {
     );
 }
 
+/// A GET whose stream ends with trailers instead of its head has no DATA, but pingora never
+/// takes its body for done and would send it upstream chunked: refused as a body.
+#[test]
+fn an_http2_get_ending_in_trailers_is_refused() {
+    let gw = Gateway::start_with(Setup::new().server("h2c = true"));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, body) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::get(format!("http://{}/api/v1/messages", gw.proxy))
+            .header("x-api-key", key.as_str())
+            .body(())
+            .unwrap();
+        let (response, mut stream) = client.send_request(req, false).unwrap();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-a", http::HeaderValue::from_static("b"));
+        stream.send_trailers(trailers).unwrap();
+        let response = response.await.unwrap();
+        let status = response.status().as_u16();
+        let mut body = response.into_body();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.data().await {
+            bytes.extend_from_slice(&chunk.unwrap());
+        }
+        (status, bytes)
+    });
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        v,
+        error_body("BAD_REQUEST", "A GET or HEAD request cannot have a body")
+    );
+}
+
 /// A `HEAD` answered by the gateway gets the head alone on HTTP/2 too (pingora drops the
 /// body on HTTP/1.1 only; a DATA frame after a HEAD response is a protocol error to nghttp2).
 #[test]

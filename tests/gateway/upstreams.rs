@@ -160,6 +160,25 @@ fn an_upstream_failing_midway_through_its_body_leaves_the_body_cut_short() {
     }
 }
 
+/// The gateway's own JSON answer replaces only pingora's bare 400 for a head it could not
+/// parse: an upstream's empty 400 reaches the client as it is, and the connection stays usable.
+#[test]
+fn an_upstreams_empty_400_passes_unchanged() {
+    let answer: &[u8] =
+        b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nconnection: close\r\n\r\n";
+    let gw = Gateway::start_with(upstream(vec![At::Addr(cut_upstream(answer, false))], None));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let mut conn = gw.connect();
+    for _ in 0..2 {
+        let r = conn
+            .send("GET", "/api/v1/x", &[("x-api-key", &key)], None)
+            .unwrap();
+        assert_eq!((r.status, r.body.len()), (400, 0), "{}", r.text());
+        assert_eq!(r.header("content-length"), Some("0"));
+        assert_eq!(r.header("content-type"), None);
+    }
+}
+
 /// An upstream that answers every request head with `101 Switching Protocols`, then echoes.
 fn switching_upstream() -> String {
     use std::io::{BufRead, BufReader, Write};
