@@ -34,6 +34,9 @@ pub struct Gateway {
     pub key_reads: LocalLimiter<String>,
     /// Failed authentications per client (`server.auth_failures_per_minute`).
     pub(crate) auth_failures: LocalLimiter<std::net::IpAddr>,
+    /// Per-key rate limits this node keeps alone while the store cannot decide and a route
+    /// fails open: forwarded unmetered (no quota), never unlimited.
+    pub(crate) fail_open_rates: LocalLimiter<Box<str>>,
     /// The TLS listener's certificates (replaced by a reload), when there is one.
     pub(crate) certs: Option<Arc<CertResolver>>,
     /// The admin listener's certificates, when it speaks TLS.
@@ -59,6 +62,8 @@ pub struct Gateway {
 const CLIENT_BUCKETS: usize = 100_000;
 /// Per-account buckets of the console's key writes kept at most.
 const ACCOUNT_BUCKETS: usize = 100_000;
+/// Per-key buckets kept at most while a route fails open.
+const KEY_BUCKETS: usize = 100_000;
 
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +174,7 @@ impl Gateway {
             key_writes: LocalLimiter::new(ACCOUNT_BUCKETS),
             key_reads: LocalLimiter::new(ACCOUNT_BUCKETS),
             auth_failures: LocalLimiter::new(CLIENT_BUCKETS),
+            fail_open_rates: LocalLimiter::new(KEY_BUCKETS),
             certs,
             admin_certs,
             access_log: None,

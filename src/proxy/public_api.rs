@@ -350,7 +350,19 @@ pub(crate) async fn authorize(
                 .and_then(|p| p.on_store_error)
                 .unwrap_or(StoreErrorMode::FailClosed);
             if mode == StoreErrorMode::FailOpen {
-                // The caller is known (cached); only the counting is missing. Forward unmetered.
+                // The caller is known (cached); only the counting is missing. Forward unmetered
+                // (no quota), but within the plan's rate, kept by this node alone: a client
+                // that can make the store fail must not make its key unlimited.
+                if let Err(retry_ns) =
+                    gw.fail_open_rates
+                        .check(Box::from(key_id), now_ns, plan.bucket)
+                {
+                    gw.metrics.limit_refused(&account.plan, Limit::Rate);
+                    return Err(refuse(
+                        GatewayError::rate_limited(ceil_secs(retry_ns)),
+                        rate,
+                    ));
+                }
                 gw.metrics.fail_open();
                 if let Some(suppressed) = gw.store_error_log.admit(now_ns) {
                     tracing::warn!(error = %e, suppressed, "limits unavailable; forwarding unmetered (fail_open)");

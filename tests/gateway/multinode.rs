@@ -469,6 +469,20 @@ fn fail_open_routes_forward_known_callers_unmetered_during_an_outage() {
     let seen = echoed(&gw.get("/api/v1/status/1", &[("x-api-key", &cached)]));
     assert_eq!(seen["headers"]["x-account-id"], "acme");
     assert_eq!(seen["headers"]["x-api-key-id"], key_id.as_str());
+    // Unmetered is not unlimited: the plan's rate (burst 10) holds, kept by the node alone.
+    for _ in 0..9 {
+        echoed(&gw.get("/api/v1/status/1", &[("x-api-key", &cached)]));
+    }
+    let r = gw.get("/api/v1/status/1", &[("x-api-key", &cached)]);
+    assert_error(
+        &r,
+        429,
+        "API_RATE_LIMIT_EXCEEDED",
+        "Too many requests: more than the allowed requests per second on this API key",
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    gw.clock.advance_ms(100);
+    echoed(&gw.get("/api/v1/status/1", &[("x-api-key", &cached)]));
     // A caller the node cannot vouch for is never let through, and fail_closed routes stay closed.
     let r = gw.get("/api/v1/status/1", &[("x-api-key", &uncached)]);
     assert_error(
@@ -485,7 +499,7 @@ fn fail_open_routes_forward_known_callers_unmetered_during_an_outage() {
         .unwrap()
         .text();
     assert!(
-        metrics.contains("msgflash_fail_open_total 1\n"),
+        metrics.contains("msgflash_fail_open_total 11\n"),
         "{metrics}"
     );
 }
