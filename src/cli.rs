@@ -48,15 +48,16 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum AccountsCmd {
-    /// Create or update an account.
+    /// Create or update an account (an existing one keeps what is not given; a new one is
+    /// active, its quota period starting on the 1st).
     Put {
         account: String,
         #[arg(long)]
         plan: String,
-        #[arg(long, default_value = "active", value_parser = ["active", "inactive"])]
-        subscription: String,
-        #[arg(long, default_value_t = 1)]
-        anchor_day: u8,
+        #[arg(long, value_parser = ["active", "inactive"])]
+        subscription: Option<String>,
+        #[arg(long)]
+        anchor_day: Option<u8>,
     },
     /// Show an account, its usage and key count.
     Show { account: String },
@@ -172,14 +173,25 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                     plan,
                     subscription,
                     anchor_day,
-                } => admin.call(
-                    "PUT",
-                    &format!("/admin/v1/accounts/{}", id_arg(&account)?),
-                    Some(json!({"plan": plan, "subscription": subscription, "quotaAnchorDay": anchor_day})),
-                )?,
-                AccountsCmd::Show { account } => {
-                    admin.call("GET", &format!("/admin/v1/accounts/{}", id_arg(&account)?), None)?
+                } => {
+                    let mut body = json!({ "plan": plan });
+                    if let Some(subscription) = subscription {
+                        body["subscription"] = json!(subscription);
+                    }
+                    if let Some(day) = anchor_day {
+                        body["quotaAnchorDay"] = json!(day);
+                    }
+                    admin.call(
+                        "PUT",
+                        &format!("/admin/v1/accounts/{}", id_arg(&account)?),
+                        Some(body),
+                    )?
                 }
+                AccountsCmd::Show { account } => admin.call(
+                    "GET",
+                    &format!("/admin/v1/accounts/{}", id_arg(&account)?),
+                    None,
+                )?,
             };
             print_json(&reply);
             Ok(())

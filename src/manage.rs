@@ -13,22 +13,15 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-/// Body of `PUT /admin/v1/accounts/{id}`.
+/// Body of `PUT /admin/v1/accounts/{id}`. What it leaves out an existing account keeps (a
+/// plan change must not lift a suspension); a new account is active, its period starting on
+/// the 1st.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct PutAccount {
     plan: String,
-    #[serde(default = "active")]
-    subscription: Subscription,
-    #[serde(default = "first")]
-    quota_anchor_day: u8,
-}
-
-fn active() -> Subscription {
-    Subscription::Active
-}
-fn first() -> u8 {
-    1
+    subscription: Option<Subscription>,
+    quota_anchor_day: Option<u8>,
 }
 
 /// Body of a key creation.
@@ -214,7 +207,7 @@ impl Manager {
             let known: Vec<&str> = plans.names().collect();
             return Err(GatewayError::unknown_plan(&req.plan, &known));
         }
-        if !(1..=31).contains(&req.quota_anchor_day) {
+        if req.quota_anchor_day.is_some_and(|d| !(1..=31).contains(&d)) {
             return Err(GatewayError::invalid_anchor_day());
         }
         let now = self.clock.now_ms();
@@ -227,8 +220,14 @@ impl Manager {
         let account = Account {
             id: id.to_owned(),
             plan: req.plan,
-            subscription: req.subscription,
-            quota_anchor_day: req.quota_anchor_day,
+            subscription: req
+                .subscription
+                .or(existing.as_ref().map(|a| a.subscription))
+                .unwrap_or(Subscription::Active),
+            quota_anchor_day: req
+                .quota_anchor_day
+                .or(existing.as_ref().map(|a| a.quota_anchor_day))
+                .unwrap_or(1),
             created_at_ms: created,
             updated_at_ms: now,
         };

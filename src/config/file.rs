@@ -369,8 +369,12 @@ fn d_request_id_header() -> Spanned<String> {
 /// overrides of IIS, Symfony and Zend, the method overrides of Rails, Express, Spring and
 /// ASP.NET, and the user other authenticating proxies vouch for (oauth2-proxy, Apache's
 /// `REMOTE_USER`, SiteMinder, Kong, Azure App Service, Google IAP, AWS ALB, Cloudflare Access),
-/// which a backend configured to trust one of them would take as the caller.
-pub(super) const OVERRIDE_HEADERS: [&str; 50] = [
+/// which a backend configured to trust one of them would take as the caller; the client
+/// certificate a TLS-terminating proxy vouches for (Envoy's XFCC, Tomcat's `SSLValve`, nginx,
+/// IIS ARR, Traefik, AWS ALB mTLS: the gateway verifies none, and a certificate is public), and
+/// W3C `baggage` (OpenTelemetry SDKs load it as the request's context by default: an
+/// `account.id` there would sit beside the gateway's `x-account-id`).
+pub(super) const OVERRIDE_HEADERS: [&str; 66] = [
     "forwarded",
     "x-real-ip",
     "x-client-ip",
@@ -421,6 +425,22 @@ pub(super) const OVERRIDE_HEADERS: [&str; 50] = [
     "x-amzn-oidc-accesstoken",
     "cf-access-authenticated-user-email",
     "cf-access-jwt-assertion",
+    "x-original-forwarded-for",
+    "x-forwarded-client-cert",
+    "x-client-cert",
+    "x-ssl-client-cert",
+    "ssl-client-cert",
+    "ssl-client-escaped-cert",
+    "ssl-client-verify",
+    "ssl-client-subject-dn",
+    "ssl-client-issuer-dn",
+    "x-arr-clientcert",
+    "x-forwarded-tls-client-cert",
+    "x-forwarded-tls-client-cert-info",
+    "x-amzn-mtls-clientcert",
+    "x-amzn-mtls-clientcert-leaf",
+    "baggage",
+    "correlation-context",
 ];
 fn d_override_headers() -> Vec<Spanned<String>> {
     OVERRIDE_HEADERS

@@ -510,6 +510,16 @@ pub(super) fn routes(
                 );
                 0
             });
+        if route.forward_api_key && auth != AuthMode::ApiKey {
+            // Nobody checked a key on such a route: forwarded, a made-up or revoked one (on a
+            // console route, another account's) would reach a backend that may take it as
+            // vouched for.
+            r.at(
+                route.auth.span(),
+                field("forward_api_key"),
+                "only an api_key route can forward the key it checked",
+            );
+        }
         out.push(Route {
             prefix,
             auth,

@@ -106,6 +106,20 @@ fn accounts_are_put_and_shown(b: Backend) {
         Some(json!({"plan": "pro", "colour": "red"})),
     );
     assert_eq!(r.status, 400);
+    // What a PUT leaves out, the account keeps: a plan change lifts no suspension and moves
+    // no quota period.
+    gw.put_account("acme", "pro", "inactive");
+    let r = gw.admin_call(
+        "PUT",
+        "/admin/v1/accounts/acme",
+        Some(json!({"plan": "starter"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json().unwrap();
+    assert_eq!(
+        (&v["plan"], &v["subscription"], &v["quotaAnchorDay"]),
+        (&json!("starter"), &json!("inactive"), &json!(15))
+    );
 }
 
 fn keys_are_created_listed_and_revoked(b: Backend) {

@@ -49,7 +49,8 @@ fn check_names_file_line_and_field() {
         dir.path().join("gateway.toml"),
         "[server]\nlisten = \"0.0.0.0:80800\"\n[admin]\nlisten = \"127.0.0.1:9090\"\n[policies]\ndir = \"p\"\n\
          [upstreams.api]\naddresses = [\"127.0.0.1:1\"]\nread_timeout = \"soon\"\n\
-         [[routes]]\nprefix = \"/api/v1/\"\nauth = \"apikey\"\nupstream = \"apí\"\n",
+         [[routes]]\nprefix = \"/api/v1/\"\nauth = \"apikey\"\nupstream = \"apí\"\n\
+         [[routes]]\nprefix = \"/api/\"\nauth = \"jwt\"\nupstream = \"api\"\nforward_api_key = true\n",
     )
     .unwrap();
     let out = check(&dir.path().join("gateway.toml"));
@@ -63,6 +64,7 @@ fn check_names_file_line_and_field() {
              {d}/gateway.toml:9:16: upstreams.api.read_timeout: \"soon\" is not a duration (use e.g. \"250ms\", \"5s\", \"1m\")\n\
              {d}/gateway.toml:12:8: routes[0].auth: unknown auth mode \"apikey\" (expected \"api_key\", \"jwt\" or \"open\")\n\
              {d}/gateway.toml:13:12: routes[0].upstream: unknown upstream \"apí\"\n\
+             {d}/gateway.toml:16:8: routes[1].forward_api_key: only an api_key route can forward the key it checked\n\
              {d}/p/plans.toml:4:9: plans.free.burst: must be at least 1, got 0\n"
         )
     );

@@ -598,6 +598,19 @@ fn identity_headers_in_any_spelling_never_reach_the_upstream() {
         ),
         ("x-amzn-oidc-identity", "admin"),
         ("cf-access-authenticated-user-email", "admin@example.com"),
+        // A client certificate a TLS-terminating proxy would vouch for (Tomcat's SSLValve
+        // reads ssl_client_cert), and trace baggage naming another account.
+        ("ssl_client_cert", "-----BEGIN CERTIFICATE-----victim"),
+        (
+            "x-forwarded-client-cert",
+            "URI=spiffe://cluster.local/ns/admin/sa/admin",
+        ),
+        ("x-arr-clientcert", "victim"),
+        ("x-forwarded-tls-client-cert", "victim"),
+        ("ssl-client-verify", "SUCCESS"),
+        ("baggage", "account.id=acc_victim"),
+        ("correlation-context", "account.id=acc_victim"),
+        ("x-original-forwarded-for", "10.9.9.9"),
         ("x_custom_header", "kept"),
     ];
     let seen = echoed(&gw.get("/api/v1/messages", &sent));
