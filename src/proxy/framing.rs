@@ -7,11 +7,12 @@ use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::Method;
 use pingora::proxy::Session;
 
-/// Refuses `CONNECT` (and closes), and a request whose framing a parser could read otherwise: `Transfer-Encoding` beside
-/// `Content-Length`, a transfer coding other than `chunked` alone, a `Content-Length` that is
-/// not one plain number, and a body on `GET` or `HEAD` (a backend that does not expect one
-/// could read it as the next request on a shared upstream connection). The first three close the connection
-/// (what follows the head cannot be told apart from the next request).
+/// Refuses `CONNECT` (and closes), and a request whose framing a parser could read otherwise:
+/// `Transfer-Encoding` beside `Content-Length`, a transfer coding other than `chunked` alone, a
+/// `Content-Length` that is not one plain number, and a body on `GET` or `HEAD` (a backend that
+/// does not expect one could read it as the next request on a shared upstream connection). The
+/// first three close the connection (what follows the head cannot be told apart from the next
+/// request).
 pub(super) async fn check(
     session: &mut Session,
     body_idle: std::time::Duration,

@@ -544,39 +544,52 @@ fn h2c_serves_http2_with_prior_knowledge_on_the_plain_listener_when_enabled() {
     echoed(&gw.get("/api/v1/messages", &[("x-api-key", &key)]));
 }
 
-/// HTTP/2's CONNECT (a tunnel in one stream) is refused in the JSON shape, as HTTP/1.1's is.
-#[test]
-fn http2_connect_is_refused_in_the_json_shape() {
-    let gw = Gateway::start_with(Setup::new().server("h2c = true"));
-    let (key, _) = gw.account_with_key("acme", "pro");
+/// One HTTP/2 request with prior knowledge (h2c) to `addr`: the request (its body empty), and
+/// trailers to end the stream with instead of its head; (status, headers, body).
+fn h2c_exchange(
+    addr: SocketAddr,
+    req: http::Request<()>,
+    trailers: Option<http::HeaderMap>,
+) -> (u16, http::HeaderMap, Vec<u8>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let (status, headers, body) = rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (client, connection) = h2::client::handshake(tcp).await.unwrap();
         tokio::spawn(async move {
             let _ = connection.await;
         });
         let mut client = client.ready().await.unwrap();
-        let req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri("api.test:443")
-            .header("x-api-key", key.as_str())
-            .body(())
-            .unwrap();
-        let (response, _) = client.send_request(req, true).unwrap();
+        let (response, mut stream) = client.send_request(req, trailers.is_none()).unwrap();
+        if let Some(trailers) = trailers {
+            stream.send_trailers(trailers).unwrap();
+        }
         let response = response.await.unwrap();
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let mut body = response.into_body();
         let mut bytes = Vec::new();
         while let Some(chunk) = body.data().await {
-            bytes.extend_from_slice(&chunk.unwrap());
+            bytes.extend_from_slice(&chunk.expect("a well-formed response body"));
         }
         (status, headers, bytes)
-    });
+    })
+}
+
+/// HTTP/2's CONNECT (a tunnel in one stream) is refused in the JSON shape, as HTTP/1.1's is.
+#[test]
+fn http2_connect_is_refused_in_the_json_shape() {
+    let gw = Gateway::start_with(Setup::new().server("h2c = true"));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("api.test:443")
+        .header("x-api-key", key.as_str())
+        .body(())
+        .unwrap();
+    let (status, headers, body) = h2c_exchange(gw.proxy, req, None);
     assert_eq!(status, 400);
     assert_eq!(headers["content-type"], "application/json");
     assert!(headers.get("x-echo").is_none());
@@ -593,34 +606,13 @@ fn http2_connect_is_refused_in_the_json_shape() {
 fn an_http2_get_ending_in_trailers_is_refused() {
     let gw = Gateway::start_with(Setup::new().server("h2c = true"));
     let (key, _) = gw.account_with_key("acme", "pro");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    let req = http::Request::get(format!("http://{}/api/v1/messages", gw.proxy))
+        .header("x-api-key", key.as_str())
+        .body(())
         .unwrap();
-    let (status, body) = rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let mut client = client.ready().await.unwrap();
-        let req = http::Request::get(format!("http://{}/api/v1/messages", gw.proxy))
-            .header("x-api-key", key.as_str())
-            .body(())
-            .unwrap();
-        let (response, mut stream) = client.send_request(req, false).unwrap();
-        let mut trailers = http::HeaderMap::new();
-        trailers.insert("x-a", http::HeaderValue::from_static("b"));
-        stream.send_trailers(trailers).unwrap();
-        let response = response.await.unwrap();
-        let status = response.status().as_u16();
-        let mut body = response.into_body();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = body.data().await {
-            bytes.extend_from_slice(&chunk.unwrap());
-        }
-        (status, bytes)
-    });
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-a", http::HeaderValue::from_static("b"));
+    let (status, _, body) = h2c_exchange(gw.proxy, req, Some(trailers));
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(
@@ -634,31 +626,10 @@ fn an_http2_get_ending_in_trailers_is_refused() {
 #[test]
 fn http2_head_refusals_carry_no_body() {
     let gw = Gateway::start_with(Setup::new().server("h2c = true"));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    let req = http::Request::head(format!("http://{}/api/v1/messages", gw.proxy))
+        .body(())
         .unwrap();
-    let (status, headers, body) = rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let mut client = client.ready().await.unwrap();
-        let req = http::Request::head(format!("http://{}/api/v1/messages", gw.proxy))
-            .body(())
-            .unwrap();
-        let (response, _) = client.send_request(req, true).unwrap();
-        let response = response.await.unwrap();
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let mut body = response.into_body();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = body.data().await {
-            bytes.extend_from_slice(&chunk.expect("no DATA after a HEAD response"));
-        }
-        (status, headers, bytes)
-    });
+    let (status, headers, body) = h2c_exchange(gw.proxy, req, None);
     assert_eq!(status, 401);
     assert_eq!(headers["content-type"], "application/json");
     let announced: usize = headers["content-length"].to_str().unwrap().parse().unwrap();

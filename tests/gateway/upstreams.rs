@@ -100,9 +100,19 @@ fn no_healthy_address_is_503() {
     assert_error(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
 }
 
-/// An upstream that reads a request head, writes `answer` (a response cut short), then closes
-/// the connection or, with `stall`, holds it open.
-fn cut_upstream(answer: &'static [u8], stall: bool) -> String {
+/// What a scripted upstream does once it has written its answer.
+#[derive(Clone, Copy)]
+enum Then {
+    Close,
+    /// Holds the connection open, silent.
+    Stall,
+    /// Echoes whatever comes next (a tunnel).
+    Echo,
+}
+
+/// An upstream that reads each connection's first request head, writes `answer`, then does
+/// what `then` says.
+fn scripted_upstream(answer: &'static [u8], then: Then) -> String {
     use std::io::{BufRead, BufReader, Write};
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -117,8 +127,12 @@ fn cut_upstream(answer: &'static [u8], stall: bool) -> String {
                 }
                 let mut conn = reader.into_inner();
                 let _ = conn.write_all(answer);
-                if stall {
-                    std::thread::sleep(std::time::Duration::from_secs(5));
+                match then {
+                    Then::Close => {}
+                    Then::Stall => std::thread::sleep(std::time::Duration::from_secs(5)),
+                    Then::Echo => {
+                        let _ = std::io::copy(&mut conn.try_clone().unwrap(), &mut conn);
+                    }
                 }
             });
         }
@@ -140,7 +154,11 @@ fn an_upstream_failing_midway_through_its_body_leaves_the_body_cut_short() {
         (sized, false),
         (sized, true),
     ] {
-        let gw = Gateway::start_with(upstream(vec![At::Addr(cut_upstream(answer, stall))], None));
+        let then = if stall { Then::Stall } else { Then::Close };
+        let gw = Gateway::start_with(upstream(
+            vec![At::Addr(scripted_upstream(answer, then))],
+            None,
+        ));
         let (key, _) = gw.account_with_key("acme", "pro");
         let mut conn = gw.connect();
         conn.write_raw(
@@ -166,7 +184,10 @@ fn an_upstream_failing_midway_through_its_body_leaves_the_body_cut_short() {
 fn an_upstreams_empty_400_passes_unchanged() {
     let answer: &[u8] =
         b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nconnection: close\r\n\r\n";
-    let gw = Gateway::start_with(upstream(vec![At::Addr(cut_upstream(answer, false))], None));
+    let gw = Gateway::start_with(upstream(
+        vec![At::Addr(scripted_upstream(answer, Then::Close))],
+        None,
+    ));
     let (key, _) = gw.account_with_key("acme", "pro");
     let mut conn = gw.connect();
     for _ in 0..2 {
@@ -179,38 +200,18 @@ fn an_upstreams_empty_400_passes_unchanged() {
     }
 }
 
-/// An upstream that answers every request head with `101 Switching Protocols`, then echoes.
-fn switching_upstream() -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().take(16) {
-            let Ok(conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(conn);
-                let mut line = String::new();
-                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
-                    line.clear();
-                }
-                let mut conn = reader.into_inner();
-                let _ = conn.write_all(
-                    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
-                );
-                let _ = std::io::copy(&mut conn.try_clone().unwrap(), &mut conn);
-            });
-        }
-    });
-    addr
-}
-
 /// `Upgrade` never goes upstream; an upstream that switches protocols anyway would open a
 /// tunnel past every check: the client gets a 502 and the connection is not tunnelled. (The
 /// first request asked for no upgrade at all: pingora's own check, for a 101 to a request that
 /// asked downstream only, does not see it; the gateway's does.)
 #[test]
 fn an_upstream_switching_protocols_is_a_bad_gateway() {
-    let gw = Gateway::start_with(upstream(vec![At::Addr(switching_upstream())], None));
+    let switching: &[u8] =
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n";
+    let gw = Gateway::start_with(upstream(
+        vec![At::Addr(scripted_upstream(switching, Then::Echo))],
+        None,
+    ));
     let (key, _) = gw.account_with_key("acme", "pro");
     for headers in [
         vec![("x-api-key", key.as_str())],
