@@ -18,9 +18,13 @@ pub(crate) fn declared_length(session: &ServerSession) -> Option<usize> {
         .and_then(|v| v.parse::<usize>().ok())
 }
 
+/// How many body idle timeouts a body the gateway reads itself may take in all.
+pub(crate) const BODY_PAUSES: u32 = 3;
+
 /// Reads a whole request body, refusing more than `limit` bytes; each read may wait at most
 /// `idle` (`server.body_idle_timeout`): pingora bounds an HTTP/1 read by the session's read
 /// timeout, but an HTTP/2 read by nothing, so a stalled stream would hold its place forever.
+/// The whole body must come within [`BODY_PAUSES`] times `idle`.
 pub(crate) async fn read_body(
     session: &mut ServerSession,
     limit: usize,
@@ -36,9 +40,14 @@ pub(crate) async fn read_body(
         session.set_keepalive(None);
         return Err(GatewayError::unreadable_body());
     }
+    // The whole body within three pauses' time: each read may pause `idle`, but a body held
+    // open a byte at a time would keep its buffer (and, for a restricted key, its place before
+    // the rate limit) for as long as the client likes.
+    let whole = tokio::time::Instant::now() + idle.saturating_mul(BODY_PAUSES);
     let mut body = Vec::new();
     loop {
-        let read = tokio::time::timeout(idle, session.read_request_body()).await;
+        let wait = idle.min(whole.saturating_duration_since(tokio::time::Instant::now()));
+        let read = tokio::time::timeout(wait, session.read_request_body()).await;
         match read.unwrap_or_else(|_| Err(pingora::Error::new(pingora::ErrorType::ReadTimedout))) {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > limit {
@@ -68,14 +77,23 @@ pub(crate) fn expects_continue(req: &pingora::http::RequestHeader) -> bool {
 
 /// Before answering without reading the request body: drain a small declared body so
 /// keep-alive stays honest, or give up keep-alive for a large or unknown one (never read
-/// more than `max_bytes` for nothing).
-pub(crate) async fn settle_body(session: &mut ServerSession, max_bytes: usize) {
+/// more than `max_bytes` for nothing, nor for longer than [`BODY_PAUSES`] times `idle`).
+pub(crate) async fn settle_body(
+    session: &mut ServerSession,
+    max_bytes: usize,
+    idle: std::time::Duration,
+) {
     if session.is_body_done() {
         return;
     }
     if session.is_http2() {
         // A stream's unread body goes with the stream; the connection has nothing to keep
         // honest, and a read here would have no timeout (pingora bounds none on HTTP/2).
+        return;
+    }
+    if session.get_keepalive().is_none() {
+        // The connection closes after the answer: nothing to keep honest, and a client
+        // trickling its body would hold the answer back for as long as it liked.
         return;
     }
     if expects_continue(session.req_header()) {
@@ -86,7 +104,9 @@ pub(crate) async fn settle_body(session: &mut ServerSession, max_bytes: usize) {
     }
     match declared_length(session) {
         Some(n) if n <= max_bytes => {
-            if session.drain_request_body().await.is_err() {
+            let whole = idle.saturating_mul(BODY_PAUSES);
+            let drained = tokio::time::timeout(whole, session.drain_request_body()).await;
+            if !matches!(drained, Ok(Ok(()))) {
                 session.set_keepalive(None);
             }
         }

@@ -210,7 +210,12 @@ impl ServeHttp for AdminApp {
         // Whatever the caller sent and we did not read would poison keep-alive: drained when
         // small, else the connection closes after the answer.
         let live = self.0.live();
-        crate::inspect::settle_body(session, live.config.server.max_body_bytes).await;
+        crate::inspect::settle_body(
+            session,
+            live.config.server.max_body_bytes,
+            live.config.server.body_idle_timeout,
+        )
+        .await;
         // What comes next on the connection is the next request's head (the answer is
         // written as this returns).
         if let Some(edge) = EdgeStream::of(session.stream()) {

@@ -68,6 +68,9 @@ pub(super) struct ServerFile {
     /// How long a request body may pause between reads.
     #[serde(default = "default_body_idle_timeout")]
     pub body_idle_timeout: Spanned<String>,
+    /// How long one write of a response to the client may wait for the client to read.
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: Spanned<String>,
     /// Connections open at once on the proxy listeners, in all and per client address.
     #[serde(default = "default_max_connections")]
     pub max_connections: Spanned<usize>,
@@ -313,6 +316,9 @@ fn default_grace_period() -> Spanned<String> {
 fn default_body_idle_timeout() -> Spanned<String> {
     spanned("10s".into())
 }
+fn default_send_timeout() -> Spanned<String> {
+    spanned("60s".into())
+}
 fn default_max_connections() -> Spanned<usize> {
     spanned(10_000)
 }
@@ -371,10 +377,10 @@ fn d_request_id_header() -> Spanned<String> {
 /// `REMOTE_USER`, SiteMinder, Kong, Azure App Service, Google IAP, AWS ALB, Cloudflare Access),
 /// which a backend configured to trust one of them would take as the caller; the client
 /// certificate a TLS-terminating proxy vouches for (Envoy's XFCC, Tomcat's `SSLValve`, nginx,
-/// IIS ARR, Traefik, AWS ALB mTLS: the gateway verifies none, and a certificate is public), and
+/// IIS ARR, Traefik, AWS ALB and Cloudflare mTLS: the gateway verifies none, and a certificate is public), and
 /// W3C `baggage` (OpenTelemetry SDKs load it as the request's context by default: an
 /// `account.id` there would sit beside the gateway's `x-account-id`).
-pub(super) const OVERRIDE_HEADERS: [&str; 66] = [
+pub(super) const OVERRIDE_HEADERS: [&str; 72] = [
     "forwarded",
     "x-real-ip",
     "x-client-ip",
@@ -439,6 +445,12 @@ pub(super) const OVERRIDE_HEADERS: [&str; 66] = [
     "x-forwarded-tls-client-cert-info",
     "x-amzn-mtls-clientcert",
     "x-amzn-mtls-clientcert-leaf",
+    "x-ssl-client-verify",
+    "x-ssl-client-dn",
+    "x-ssl-client-s-dn",
+    "x-ssl-cert",
+    "cf-client-cert-der-base64",
+    "cf-client-cert-sha256",
     "baggage",
     "correlation-context",
 ];

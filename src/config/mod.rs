@@ -68,6 +68,9 @@ pub struct Server {
     pub header_timeout: Duration,
     /// The longest pause between reads of a request body (slow POST), HTTP/1.
     pub body_idle_timeout: Duration,
+    /// The longest one write of a response may wait on a client that does not read (an
+    /// HTTP/2 stream: for flow-control window), nginx's `send_timeout`.
+    pub send_timeout: Duration,
     /// Connections open at once on the proxy listeners, in all.
     pub max_connections: usize,
     /// Connections open at once per client address (IPv6 by `ipv6_prefix`); trusted proxies
@@ -344,6 +347,7 @@ impl Config {
                 "server.body_idle_timeout",
                 &raw.server.body_idle_timeout,
             ),
+            send_timeout: nonzero_duration(&mut r, "server.send_timeout", &raw.server.send_timeout),
             max_connections: positive(
                 &mut r,
                 "server.max_connections",

@@ -510,7 +510,8 @@ pub(super) fn routes(
                 );
                 0
             });
-        if route.forward_api_key && auth != AuthMode::ApiKey {
+        let known = matches!(route.auth.get_ref().as_str(), "api_key" | "jwt" | "open");
+        if route.forward_api_key && known && auth != AuthMode::ApiKey {
             // Nobody checked a key on such a route: forwarded, a made-up or revoked one (on a
             // console route, another account's) would reach a backend that may take it as
             // vouched for.

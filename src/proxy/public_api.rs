@@ -357,6 +357,9 @@ pub(crate) async fn authorize(
                     gw.fail_open_rates
                         .check(Box::from(key_id), now_ns, plan.bucket)
                 {
+                    // Emptied: full again after a burst's worth of intervals.
+                    let full_after = u64::from(plan.bucket.burst).saturating_mul(interval_ns);
+                    rate.live = Some((0, ceil_secs(full_after)));
                     gw.metrics.limit_refused(&account.plan, Limit::Rate);
                     return Err(refuse(
                         GatewayError::rate_limited(ceil_secs(retry_ns)),

@@ -52,7 +52,8 @@ async fn write(
     if answered(session) {
         return Ok(());
     }
-    crate::inspect::settle_body(session, ctx.live.config.server.max_body_bytes).await;
+    let server = &ctx.live.config.server;
+    crate::inspect::settle_body(session, server.max_body_bytes, server.body_idle_timeout).await;
     let h = &mut head.headers;
     if let Some(rate) = &ctx.rate {
         rate.write_to(h);

@@ -608,6 +608,8 @@ fn identity_headers_in_any_spelling_never_reach_the_upstream() {
         ("x-arr-clientcert", "victim"),
         ("x-forwarded-tls-client-cert", "victim"),
         ("ssl-client-verify", "SUCCESS"),
+        ("x-ssl-client-verify", "SUCCESS"),
+        ("cf-client-cert-sha256", "victim"),
         ("baggage", "account.id=acc_victim"),
         ("correlation-context", "account.id=acc_victim"),
         ("x-original-forwarded-for", "10.9.9.9"),
@@ -982,6 +984,66 @@ fn a_path_sourced_instance_is_named_nowhere_else() {
         Some(b"instanceId=x"),
     );
     echoed(&r);
+}
+
+/// A body the gateway reads itself (a restricted key's, before its rate limit is charged; the
+/// small body of a refused request, drained to keep the connection) must come whole within
+/// three body idle timeouts: trickled a byte at a time, each within the idle timeout, it would
+/// hold its buffer, or the answer, for as long as the client liked.
+#[test]
+fn a_body_the_gateway_reads_must_come_whole_in_three_idle_timeouts() {
+    use std::io::{Read, Write};
+    let gw = Gateway::start_with(
+        Setup::new()
+            .route_policies(SHIPPED_ROUTES)
+            .server("body_idle_timeout = \"1s\""),
+    );
+    let key = restricted_key(&gw, &[], &[A]);
+    let unknown = format!("msgf_live_{}", "0".repeat(64));
+    let trickled = |key: &str| {
+        let mut s = std::net::TcpStream::connect(gw.proxy).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_millis(400)))
+            .unwrap();
+        s.write_all(
+            format!(
+                "POST /api/v1/messages/send HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\n\
+                 content-type: application/json\r\ncontent-length: 100\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        // A byte every 400 ms (each pause within the 1 s idle timeout), until an answer.
+        let mut got = Vec::new();
+        let mut sent = 0;
+        while got.is_empty() && sent < 99 && s.write_all(b" ").is_ok() {
+            sent += 1;
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = s.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        assert!(sent < 20, "answered only after {sent} bytes");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let _ = s.read_to_end(&mut got);
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    let text = trickled(&key);
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    assert!(
+        text.ends_with(
+            r#"{"error":{"code":"BAD_REQUEST","message":"Could not read the request body"}}"#
+        ),
+        "{text}"
+    );
+    let text = trickled(&unknown);
+    assert!(text.starts_with("HTTP/1.1 401 "), "{text}");
+    assert!(
+        text.ends_with(
+            r#"{"error":{"code":"UNAUTHORIZED","message":"Invalid or revoked API key"}}"#
+        ),
+        "{text}"
+    );
 }
 
 /// Names as other parsers read them: qs and Rack take `[instanceId]` for `instanceId`, PHP

@@ -481,6 +481,7 @@ fn fail_open_routes_forward_known_callers_unmetered_during_an_outage() {
         "Too many requests: more than the allowed requests per second on this API key",
     );
     assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=0;t=1"));
     gw.clock.advance_ms(100);
     echoed(&gw.get("/api/v1/status/1", &[("x-api-key", &cached)]));
     // A caller the node cannot vouch for is never let through, and fail_closed routes stay closed.

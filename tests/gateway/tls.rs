@@ -645,6 +645,45 @@ fn http2_head_refusals_carry_no_body() {
     assert!(body.is_empty());
 }
 
+/// A client that never opens its flow-control window cannot hold an answer (its stream and its
+/// connection) forever: each write may wait `server.send_timeout`, then the stream is reset.
+#[test]
+fn an_http2_client_that_never_reads_holds_nothing() {
+    let gw = Gateway::start_with(
+        Setup::new()
+            .server("h2c = true")
+            .server("send_timeout = \"1s\""),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ended = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+        let (client, connection) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, bytes::Bytes>(tcp)
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::get(format!("http://{}/api/v1/messages", gw.proxy))
+            .body(())
+            .unwrap();
+        let (response, _) = client.send_request(req, true).unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status().as_u16(), 401);
+        let mut body = response.into_body();
+        // The head is out; its body waits on a window that never opens.
+        tokio::time::timeout(std::time::Duration::from_secs(10), body.data())
+            .await
+            .map(|d| d.map(|r| r.is_err()))
+    });
+    assert_eq!(ended, Ok(Some(true)), "the stream is reset, not held");
+}
+
 /// An HTTP/2 stream that declares a body and never sends it: pingora bounds no HTTP/2 body
 /// read, so a refusal that drained it, or an inspection that waited for it, held the stream
 /// (and its connection's place under the caps) forever. A refusal answers at once; a body the
