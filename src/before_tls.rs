@@ -18,6 +18,9 @@ use tokio::io::AsyncReadExt;
 /// The most bytes of a TLS record (RFC 8446 §5.2: 2^14 plus expansion).
 const MAX_RECORD: usize = 16_384 + 2_048;
 
+/// How long pingora 0.9.1 lets a TLS handshake take (`services/listening.rs`), a second more.
+const TLS_HANDSHAKE_LIMIT: Duration = Duration::from_secs(61);
+
 /// pingora's pre-TLS hook on the public TLS listener.
 pub(crate) struct BeforeHandshake {
     pub(crate) timeout: Duration,
@@ -58,9 +61,11 @@ impl PreTlsProcess for BeforeHandshake {
             .map_err(|e| refused(format!("reading the ClientHello: {e}")))?;
         // The handshake reads it again.
         stream.rewind(&hello);
-        // The rest of the handshake gets as long again with its place reserved; a slower one
-        // is admitted afresh when it ends.
-        self.handshaking.hold(stream.id(), permit, self.timeout);
+        // The rest of the handshake keeps its place for as long as pingora lets it take (or
+        // until its socket closes): a handshake stalled after its ClientHello holds a socket,
+        // which must count under the caps.
+        self.handshaking
+            .hold(stream.id(), permit, TLS_HANDSHAKE_LIMIT);
         Ok(())
     }
 }

@@ -139,24 +139,49 @@ pub(crate) type HeldPlace = Box<dyn std::fmt::Debug + Send + Sync>;
 
 /// Places TLS connections took before their handshakes (pingora handshakes before the
 /// application sees a stream), waiting by descriptor for the streams the handshakes yield.
-/// Each is reserved for a bounded time: a handshake that fails leaves its place to be swept
-/// then (at the next connection), or replaced when its descriptor is reused; one that ends
-/// later finds no place and is admitted afresh.
-#[derive(Debug, Default)]
+/// Each is reserved as long as pingora lets a handshake take: a handshake that fails closes
+/// its socket, and its place is swept once its descriptor no longer holds that socket (on
+/// Linux, where `/proc/self/fd` tells; elsewhere when the reservation runs out), or replaced
+/// when the descriptor is reused.
+#[derive(Debug)]
 pub(crate) struct Handshaking {
     pending: Mutex<Pending>,
+    probe: Probe,
+}
+
+/// What socket a descriptor holds now, if that can be told: None when it is closed.
+type Probe = fn(UniqueIDType) -> Option<u64>;
+
+impl Default for Handshaking {
+    fn default() -> Self {
+        Self {
+            pending: Mutex::default(),
+            probe: socket_inode,
+        }
+    }
+}
+
+/// The inode of the socket descriptor `fd` holds (`/proc/self/fd/{fd}` reads `socket:[N]`).
+fn socket_inode(fd: UniqueIDType) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    link.to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 #[derive(Debug, Default)]
 struct Pending {
-    /// Each place, and until when it is reserved.
-    by_id: HashMap<UniqueIDType, (Instant, HeldPlace)>,
+    /// Each place, until when it is reserved, and the socket its descriptor held then.
+    by_id: HashMap<UniqueIDType, (Instant, HeldPlace, Option<u64>)>,
     swept: Option<Instant>,
 }
 
 impl Handshaking {
-    /// Drops the places whose reservation has run out (at most once a second): called before
-    /// any connection is admitted, so that places left by failed handshakes never refuse one.
+    /// Drops the places whose reservation has run out or whose socket is gone (at most once a
+    /// second): called before any connection is admitted, so that places left by failed
+    /// handshakes never refuse one for long.
     pub(crate) fn sweep(&self) {
         let now = Instant::now();
         let mut pending = self.pending.lock();
@@ -167,7 +192,10 @@ impl Handshaking {
         {
             return;
         }
-        pending.by_id.retain(|_, (until, _)| now < *until);
+        let probe = self.probe;
+        pending.by_id.retain(|id, (until, _, socket)| {
+            now < *until && (socket.is_none() || probe(*id) == *socket)
+        });
         pending.swept = Some(now);
     }
 
@@ -175,12 +203,16 @@ impl Handshaking {
     pub(crate) fn hold(&self, id: UniqueIDType, permit: HeldPlace, reserved: Duration) {
         // A descriptor reused: the connection it was is closed, and its place with it.
         let until = Instant::now() + reserved;
-        self.pending.lock().by_id.insert(id, (until, permit));
+        let socket = (self.probe)(id);
+        self.pending
+            .lock()
+            .by_id
+            .insert(id, (until, permit, socket));
     }
 
     /// The place taken for connection `id` before its handshake, if one is still reserved.
     pub(crate) fn take(&self, id: UniqueIDType) -> Option<HeldPlace> {
-        let (until, place) = self.pending.lock().by_id.remove(&id)?;
+        let (until, place, _) = self.pending.lock().by_id.remove(&id)?;
         (Instant::now() < until).then_some(place)
     }
 
@@ -233,7 +265,10 @@ mod tests {
             .build()
             .unwrap()
             .block_on(async {
-                let h = Handshaking::default();
+                let h = Handshaking {
+                    pending: Mutex::default(),
+                    probe: |_| None,
+                };
                 let ten = Duration::from_secs(10);
                 h.hold(7, Box::new(Place), ten);
                 h.hold(8, Box::new(Place), ten);
@@ -252,6 +287,48 @@ mod tests {
                 h.sweep();
                 tokio::time::advance(ten).await;
                 assert!(h.take(9).is_none(), "a lapsed place is not handed out");
+            });
+    }
+
+    /// The socket each fake descriptor holds: 0 for none (closed).
+    static SOCKETS: [std::sync::atomic::AtomicU64; 4] =
+        [const { std::sync::atomic::AtomicU64::new(0) }; 4];
+
+    fn fake_socket(fd: UniqueIDType) -> Option<u64> {
+        let socket = SOCKETS[usize::try_from(fd).ok()?].load(std::sync::atomic::Ordering::Relaxed);
+        (socket != 0).then_some(socket)
+    }
+
+    #[test]
+    fn a_place_goes_when_its_socket_does() {
+        use std::sync::atomic::Ordering::Relaxed;
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+            .block_on(async {
+                let h = Handshaking {
+                    pending: Mutex::default(),
+                    probe: fake_socket,
+                };
+                let minute = Duration::from_secs(60);
+                SOCKETS[1].store(11, Relaxed);
+                SOCKETS[2].store(12, Relaxed);
+                h.hold(1, Box::new(Place), minute);
+                h.hold(2, Box::new(Place), minute);
+                // The handshake on 1 failed: its socket closed, and 2's descriptor now holds
+                // another socket than when its place was taken.
+                SOCKETS[1].store(0, Relaxed);
+                SOCKETS[2].store(22, Relaxed);
+                h.sweep();
+                assert_eq!(h.waiting(), 0, "both places went with their sockets");
+                SOCKETS[3].store(13, Relaxed);
+                h.hold(3, Box::new(Place), minute);
+                tokio::time::advance(Duration::from_secs(2)).await;
+                h.sweep();
+                assert_eq!(h.waiting(), 1, "a live handshake keeps its place");
+                assert!(h.take(3).is_some());
             });
     }
 }

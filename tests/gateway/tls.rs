@@ -766,7 +766,8 @@ fn raw_tcp(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
 /// A TLS connection takes its place under the connection caps before its handshake, and must
 /// send its ClientHello within `server.header_timeout`: connections that never start a
 /// handshake are cut at the deadline (pingora alone would give each a minute, outside every
-/// cap), and while they are open they count against their client's cap.
+/// cap), and while they are open they count against their client's cap (a handshake keeps its
+/// place as long as pingora lets it take, or until its socket closes).
 #[test]
 fn tls_connections_are_capped_and_timed_before_their_handshake() {
     use std::io::Write;
@@ -815,8 +816,8 @@ fn tls_connections_are_capped_and_timed_before_their_handshake() {
         assert_closed_without_answer(s, "no ClientHello");
     }
     assert_eq!(attempt().unwrap(), 404, "their places are given back");
-    // Handshakes that fail (a record that is no ClientHello) leave their places reserved
-    // for a bounded time only: the client gets in again once it has run out.
+    // Handshakes that fail (a record that is no ClientHello) give their places back once
+    // their sockets are closed: the client gets in again.
     let mut failed: Vec<TcpStream> = (0..2)
         .map(|_| raw_tcp(tls, &[22, 3, 1, 0, 5, 1, 2, 3, 4, 5]))
         .collect();
