@@ -63,9 +63,10 @@ impl PreTlsProcess for BeforeHandshake {
         stream.rewind(&hello);
         // The rest of the handshake keeps its place for as long as pingora lets it take (or
         // until its socket closes): a handshake stalled after its ClientHello holds a socket,
-        // which must count under the caps.
+        // which must count under the caps. Where its socket cannot be watched (no `/proc`), a
+        // failed handshake's place would stay that long: `header_timeout` then.
         self.handshaking
-            .hold(stream.id(), permit, TLS_HANDSHAKE_LIMIT);
+            .hold(stream.id(), permit, TLS_HANDSHAKE_LIMIT, self.timeout);
         Ok(())
     }
 }

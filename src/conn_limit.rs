@@ -192,18 +192,48 @@ impl Handshaking {
         {
             return;
         }
-        let probe = self.probe;
-        pending.by_id.retain(|id, (until, _, socket)| {
-            now < *until && (socket.is_none() || probe(*id) == *socket)
-        });
         pending.swept = Some(now);
+        pending.by_id.retain(|_, (until, _, _)| now < *until);
+        // Which sockets are gone is asked outside the lock (a descriptor each): admissions on
+        // the other workers do not wait on it.
+        let watched: Vec<(UniqueIDType, u64)> = pending
+            .by_id
+            .iter()
+            .filter_map(|(id, (_, _, socket))| socket.map(|s| (*id, s)))
+            .collect();
+        drop(pending);
+        let gone: Vec<(UniqueIDType, u64)> = watched
+            .into_iter()
+            .filter(|(id, socket)| (self.probe)(*id) != Some(*socket))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let mut pending = self.pending.lock();
+        for (id, socket) in gone {
+            // Unless a new connection took the descriptor meanwhile.
+            if pending
+                .by_id
+                .get(&id)
+                .is_some_and(|(_, _, s)| *s == Some(socket))
+            {
+                pending.by_id.remove(&id);
+            }
+        }
     }
 
-    /// Keeps `permit` for the connection `id` for at most `reserved`, until its handshake ends.
-    pub(crate) fn hold(&self, id: UniqueIDType, permit: HeldPlace, reserved: Duration) {
+    /// Keeps `permit` for the connection `id` until its handshake ends: for at most `reserved`
+    /// while its socket can be watched, else (no `/proc`) for at most `blind`.
+    pub(crate) fn hold(
+        &self,
+        id: UniqueIDType,
+        permit: HeldPlace,
+        reserved: Duration,
+        blind: Duration,
+    ) {
         // A descriptor reused: the connection it was is closed, and its place with it.
-        let until = Instant::now() + reserved;
         let socket = (self.probe)(id);
+        let until = Instant::now() + if socket.is_some() { reserved } else { blind };
         self.pending
             .lock()
             .by_id
@@ -270,18 +300,18 @@ mod tests {
                     probe: |_| None,
                 };
                 let ten = Duration::from_secs(10);
-                h.hold(7, Box::new(Place), ten);
-                h.hold(8, Box::new(Place), ten);
+                h.hold(7, Box::new(Place), ten, ten);
+                h.hold(8, Box::new(Place), ten, ten);
                 assert_eq!(h.waiting(), 2);
                 assert!(h.take(7).is_some());
                 assert!(h.take(7).is_none(), "taken once");
                 // A reused descriptor replaces its place.
-                h.hold(8, Box::new(Place), ten);
+                h.hold(8, Box::new(Place), ten, ten);
                 assert_eq!(h.waiting(), 1);
                 h.sweep();
                 assert_eq!(h.waiting(), 1, "still reserved");
                 tokio::time::advance(ten).await;
-                h.hold(9, Box::new(Place), ten);
+                h.hold(9, Box::new(Place), ten, ten);
                 h.sweep();
                 assert_eq!(h.waiting(), 1, "the reservation of 8 ran out");
                 h.sweep();
@@ -315,8 +345,8 @@ mod tests {
                 let minute = Duration::from_secs(60);
                 SOCKETS[1].store(11, Relaxed);
                 SOCKETS[2].store(12, Relaxed);
-                h.hold(1, Box::new(Place), minute);
-                h.hold(2, Box::new(Place), minute);
+                h.hold(1, Box::new(Place), minute, minute);
+                h.hold(2, Box::new(Place), minute, minute);
                 // The handshake on 1 failed: its socket closed, and 2's descriptor now holds
                 // another socket than when its place was taken.
                 SOCKETS[1].store(0, Relaxed);
@@ -324,7 +354,7 @@ mod tests {
                 h.sweep();
                 assert_eq!(h.waiting(), 0, "both places went with their sockets");
                 SOCKETS[3].store(13, Relaxed);
-                h.hold(3, Box::new(Place), minute);
+                h.hold(3, Box::new(Place), minute, minute);
                 tokio::time::advance(Duration::from_secs(2)).await;
                 h.sweep();
                 assert_eq!(h.waiting(), 1, "a live handshake keeps its place");

@@ -63,6 +63,9 @@ pub(crate) trait EdgeLimits: std::fmt::Debug + Send + Sync + 'static {
     /// How long a connection may wait for its first request (then each request's end says
     /// it again, see [`EdgeStream::request_ended`]).
     fn keepalive_timeout(&self) -> Duration;
+    /// How long a write to the client may make no progress (`server.send_timeout`), read when
+    /// a connection is accepted.
+    fn send_timeout(&self) -> Duration;
     /// A connection closed because its PROXY protocol header was refused.
     fn proxy_header_refused(&self, why: &HeaderError);
 }
@@ -202,6 +205,11 @@ pub(crate) struct EdgeStream {
     idle_deadline: Option<(u64, Instant)>,
     /// Whether pingora's own answer to a malformed head is being replaced by the gateway's.
     own: OwnAnswer,
+    /// How long a write may make no progress; when the one waiting now must have, and its
+    /// timer (made at the first write that waits: most connections never need one).
+    send_timeout: Duration,
+    write_deadline: Option<Instant>,
+    write_sleep: Option<Pin<Box<Sleep>>>,
 }
 
 /// pingora answers a head its parser refuses with a bare `400` (no body, no JSON) and closes
@@ -237,6 +245,7 @@ impl EdgeStream {
         permit: HeldPlace,
     ) -> Self {
         let off = inner.selected_alpn_proto() == Some(ALPN::H2);
+        let send_timeout = limits.send_timeout();
         Self {
             inner,
             timeout,
@@ -251,6 +260,9 @@ impl EdgeStream {
             idle_ms: AtomicU64::new(millis(idle)),
             idle_deadline: None,
             own: OwnAnswer::No,
+            send_timeout,
+            write_deadline: None,
+            write_sleep: None,
         }
     }
 
@@ -349,6 +361,38 @@ impl EdgeStream {
                 sent: 0,
             };
         }
+    }
+
+    /// A write (or flush) to the client that waits may wait `send_timeout` from when it began
+    /// waiting; any progress starts the clock again (nginx's `send_timeout`). pingora times
+    /// HTTP/1 body writes only, in batches, and neither a head nor a flush: a client that
+    /// stops reading held its connection for good.
+    fn timed<T>(
+        &mut self,
+        result: Poll<std::io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<T>> {
+        if !result.is_pending() {
+            self.write_deadline = None;
+            return result;
+        }
+        let deadline = *self
+            .write_deadline
+            .get_or_insert_with(|| Instant::now() + self.send_timeout);
+        let sleep = self
+            .write_sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            self.write_deadline = None;
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read nothing within server.send_timeout",
+            )));
+        }
+        Poll::Pending
     }
 
     /// Whether `bytes`, about to be written, are pingora's bare `400` for a head it could not
@@ -613,13 +657,16 @@ impl AsyncWrite for EdgeStream {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         if matches!(this.own, OwnAnswer::No) && !this.replaces(buf) {
-            return Pin::new(&mut this.inner).poll_write(cx, buf);
+            let wrote = Pin::new(&mut this.inner).poll_write(cx, buf);
+            return this.timed(wrote, cx);
         }
         this.poll_own(cx, buf.len())
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let flushed = Pin::new(&mut this.inner).poll_flush(cx);
+        this.timed(flushed, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -627,7 +674,8 @@ impl AsyncWrite for EdgeStream {
         if let OwnAnswer::Replaced = this.own {
             this.drain_arrived(cx);
         }
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        let shut = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.timed(shut, cx)
     }
 
     fn poll_write_vectored(
@@ -641,7 +689,8 @@ impl AsyncWrite for EdgeStream {
             .find(|b| !b.is_empty())
             .map_or(&[][..], |b| &b[..]);
         if matches!(this.own, OwnAnswer::No) && !this.replaces(first) {
-            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+            let wrote = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+            return this.timed(wrote, cx);
         }
         this.poll_own(cx, first.len())
     }

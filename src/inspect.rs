@@ -93,7 +93,13 @@ pub(crate) async fn settle_body(
     }
     if session.get_keepalive().is_none() {
         // The connection closes after the answer: nothing to keep honest, and a client
-        // trickling its body would hold the answer back for as long as it liked.
+        // trickling its body would hold the answer back for as long as it liked. What has
+        // already come is read away (briefly): closing on unread input resets the connection,
+        // and a reset can destroy the answer before the client reads it.
+        if matches!(declared_length(session), Some(n) if n <= max_bytes) {
+            let brief = idle.min(std::time::Duration::from_millis(100));
+            let _ = tokio::time::timeout(brief, session.drain_request_body()).await;
+        }
         return;
     }
     if expects_continue(session.req_header()) {

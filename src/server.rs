@@ -100,6 +100,10 @@ impl EdgeLimits for ConfiguredEdge {
         self.0.live().config.server.keepalive_timeout
     }
 
+    fn send_timeout(&self) -> std::time::Duration {
+        self.0.live().config.server.send_timeout
+    }
+
     fn proxy_header_refused(&self, why: &crate::proxy_protocol::HeaderError) {
         static LOG: LogLimit = LogLimit::per_second();
         if !why.is_refusal() {
@@ -186,6 +190,10 @@ impl EdgeLimits for AdminEdge {
 
     fn keepalive_timeout(&self) -> std::time::Duration {
         self.0.keepalive_timeout()
+    }
+
+    fn send_timeout(&self) -> std::time::Duration {
+        self.0.send_timeout()
     }
 
     fn proxy_header_refused(&self, _why: &crate::proxy_protocol::HeaderError) {}

@@ -287,9 +287,12 @@ impl ProxyHttp for GatewayProxy {
         // A request body may pause at most `body_idle_timeout` between reads (slow POST);
         // past it the connection is closed without an answer (see `fail_to_proxy`).
         session.set_read_timeout(Some(ctx.live.config.server.body_idle_timeout));
-        // A client that stops reading (HTTP/2: never opens its flow-control window) would hold
-        // its answers, its stream and its connection forever: each write may wait so long.
-        session.set_write_timeout(Some(ctx.live.config.server.send_timeout));
+        // An HTTP/2 client that never opens its flow-control window would hold its answers, its
+        // stream and its connection forever: each write may wait so long. (On HTTP/1 the edge
+        // stream times every write by its progress, heads and flushes included.)
+        if session.as_downstream().is_http2() {
+            session.set_write_timeout(Some(ctx.live.config.server.send_timeout));
+        }
         // Bound idle keep-alive, without reviving a connection pingora or the client chose to
         // close: the edge stream keeps the timeout when there is one (one timer per connection);
         // pingora's own (a new timer for every request) otherwise.
@@ -517,6 +520,7 @@ impl ProxyHttp for GatewayProxy {
             // A client that stopped sending (body idle timeout) or went away: nobody to answer.
             ErrorType::ReadTimedout
             | ErrorType::ReadError
+            | ErrorType::WriteTimedout
             | ErrorType::WriteError
             | ErrorType::ConnectionClosed
                 if e.esource() == &ErrorSource::Downstream =>

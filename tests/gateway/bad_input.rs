@@ -180,6 +180,57 @@ fn a_refused_head_is_answered_whatever_follows_or_precedes_it() {
     assert!(conn.read_until_closed().unwrap().is_empty());
 }
 
+/// A client that sends requests and never reads their answers cannot hold its connection: once
+/// the answers fill the socket buffers, each write may wait `server.send_timeout` (here 1 s)
+/// for progress, heads and flushes included (pingora times none of those on HTTP/1), then the
+/// connection is dropped.
+#[test]
+fn a_client_that_never_reads_holds_no_connection() {
+    use std::io::Write;
+    // An open route without a per-IP limit, whose answers (the echo of a 6 kB header) soon
+    // fill what the kernels hold for a reader that never reads.
+    let gw = Gateway::start_with(
+        Setup::new()
+            .route_policies("scopes = []\n")
+            .server("send_timeout = \"1s\""),
+    );
+    let open = |n: usize| {
+        gw.metric_line("msgflash_connections_open ") == format!("msgflash_connections_open {n}")
+    };
+    // A fixed, small receive buffer (the kernel would otherwise grow it to tens of MiB).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = rt
+        .block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.set_recv_buffer_size(4096)?;
+            socket.connect(gw.proxy).await?.into_std()
+        })
+        .unwrap();
+    stream.set_nonblocking(false).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    // Pipelined requests, written by a thread of their own: its writes block once the gateway
+    // stops reading, and fail once it has closed.
+    std::thread::spawn(move || {
+        let one = format!(
+            "GET /api/auth/x HTTP/1.1\r\nhost: x\r\nx-pad: {}\r\n\r\n",
+            "p".repeat(6000)
+        );
+        for _ in 0..4_000 {
+            if writer.write_all(one.as_bytes()).is_err() {
+                break;
+            }
+        }
+    });
+    eventually("the connection is open", || open(1));
+    eventually("the gateway dropped the connection that never read", || {
+        open(0)
+    });
+    drop(stream);
+}
+
 /// CONNECT would make the connection a tunnel past every check: refused in the JSON shape
 /// (pingora's own refusal is a bare 405), and the connection closes.
 #[test]
