@@ -445,11 +445,18 @@ impl EdgeStream {
 
     /// Writes the refusal; once it is out, the reader sees the end of the stream.
     fn poll_refuse(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        while let Head::Refusing { answer, sent } = &mut self.head {
+        // Written and flushed under the same clock as every other write (`timed`): a client
+        // that reads nothing cannot hold the connection by not taking its refusal either.
+        while let Head::Refusing { answer, sent } = &self.head {
             if *sent < answer.len() {
-                match Pin::new(&mut self.inner).poll_write(cx, &answer[*sent..]) {
+                let wrote = Pin::new(&mut self.inner).poll_write(cx, &answer[*sent..]);
+                match self.timed(wrote, cx) {
                     Poll::Ready(Ok(0)) => self.head = Head::Refused { drained: 0 },
-                    Poll::Ready(Ok(n)) => *sent += n,
+                    Poll::Ready(Ok(n)) => {
+                        if let Head::Refusing { sent, .. } = &mut self.head {
+                            *sent += n;
+                        }
+                    }
                     Poll::Ready(Err(e)) => {
                         self.head = Head::Refused {
                             drained: LINGER_BYTES,
@@ -459,7 +466,8 @@ impl EdgeStream {
                     Poll::Pending => return Poll::Pending,
                 }
             } else {
-                match Pin::new(&mut self.inner).poll_flush(cx) {
+                let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+                match self.timed(flushed, cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(_) => self.head = Head::Refused { drained: 0 },
                 }
@@ -703,7 +711,8 @@ impl AsyncWrite for EdgeStream {
 #[async_trait]
 impl Shutdown for EdgeStream {
     async fn shutdown(&mut self) {
-        self.inner.shutdown().await;
+        // Through `poll_shutdown`: timed like every write.
+        let _ = tokio::io::AsyncWriteExt::shutdown(self).await;
     }
 }
 
