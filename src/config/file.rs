@@ -176,8 +176,9 @@ impl Default for PoliciesFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct JwtFile {
+    /// Spanned whole too: an empty list has no element to point at.
     #[serde(default = "default_algorithms")]
-    pub algorithms: Vec<Spanned<String>>,
+    pub algorithms: Spanned<Vec<Spanned<String>>>,
     #[serde(default = "default_jwt_secret_env")]
     pub secret_env: String,
     pub issuer: Option<String>,
@@ -346,8 +347,8 @@ fn default_cache_ttl() -> Spanned<String> {
 fn default_policies_dir() -> String {
     "lua-free-policies".into()
 }
-fn default_algorithms() -> Vec<Spanned<String>> {
-    vec![spanned("HS256".into())]
+fn default_algorithms() -> Spanned<Vec<Spanned<String>>> {
+    spanned(vec![spanned("HS256".into())])
 }
 fn default_jwt_secret_env() -> String {
     "MSGFLASH_JWT_SECRET".into()

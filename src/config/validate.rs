@@ -592,8 +592,16 @@ pub(super) fn jwt_settings(
     base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> JwtSettings {
+    if raw.algorithms.get_ref().is_empty() {
+        r.at(
+            raw.algorithms.span(),
+            "jwt.algorithms",
+            "no algorithm allowed: every console token would be refused",
+        );
+    }
     let algorithms = raw
         .algorithms
+        .get_ref()
         .iter()
         .filter_map(|a| match jsonwebtoken::Algorithm::from_str(a.get_ref()) {
             Ok(alg) => Some(alg),
@@ -666,7 +674,7 @@ pub(super) fn jwt_settings(
         }
     });
     // An allowed public-key algorithm needs a key to check it with.
-    for a in &raw.algorithms {
+    for a in raw.algorithms.get_ref() {
         let Ok(alg) = jsonwebtoken::Algorithm::from_str(a.get_ref()) else {
             continue;
         };

@@ -388,6 +388,15 @@ fn check_refuses_what_run_could_not_start() {
         )),
         "{err}"
     );
+    // No algorithm at all: every console token would be refused.
+    let config = minimal_config(dir.path(), "algorithms = []");
+    let out = check(&config);
+    assert_eq!(out.status.code(), Some(1));
+    let none = String::from_utf8_lossy(&out.stderr);
+    let line = format!(
+        "{d}/gateway.toml:8:14: jwt.algorithms: no algorithm allowed: every console token would be refused"
+    );
+    assert!(none.contains(&line), "{line}\nnot in:\n{none}");
 }
 
 /// A listening address that is taken stops `run` with the reason, before anything serves
