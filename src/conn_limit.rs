@@ -287,18 +287,28 @@ mod tests {
     #[derive(Debug)]
     struct Place;
 
-    #[test]
-    fn places_wait_by_descriptor_and_lapsed_ones_are_swept() {
+    /// Runs `test` on a `Handshaking` that asks `probe` about sockets, with tokio's clock
+    /// paused (advanced by the test alone).
+    fn with_paused_clock<F: std::future::Future<Output = ()>>(
+        probe: Probe,
+        test: impl FnOnce(Handshaking) -> F,
+    ) {
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
             .build()
             .unwrap()
-            .block_on(async {
-                let h = Handshaking {
-                    pending: Mutex::default(),
-                    probe: |_| None,
-                };
+            .block_on(test(Handshaking {
+                pending: Mutex::default(),
+                probe,
+            }));
+    }
+
+    #[test]
+    fn places_wait_by_descriptor_and_lapsed_ones_are_swept() {
+        with_paused_clock(
+            |_| None,
+            |h| async move {
                 let ten = Duration::from_secs(10);
                 h.hold(7, Box::new(Place), ten, ten);
                 h.hold(8, Box::new(Place), ten, ten);
@@ -317,7 +327,8 @@ mod tests {
                 h.sweep();
                 tokio::time::advance(ten).await;
                 assert!(h.take(9).is_none(), "a lapsed place is not handed out");
-            });
+            },
+        );
     }
 
     /// The socket each fake descriptor holds: 0 for none (closed).
@@ -332,33 +343,24 @@ mod tests {
     #[test]
     fn a_place_goes_when_its_socket_does() {
         use std::sync::atomic::Ordering::Relaxed;
-        tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap()
-            .block_on(async {
-                let h = Handshaking {
-                    pending: Mutex::default(),
-                    probe: fake_socket,
-                };
-                let minute = Duration::from_secs(60);
-                SOCKETS[1].store(11, Relaxed);
-                SOCKETS[2].store(12, Relaxed);
-                h.hold(1, Box::new(Place), minute, minute);
-                h.hold(2, Box::new(Place), minute, minute);
-                // The handshake on 1 failed: its socket closed, and 2's descriptor now holds
-                // another socket than when its place was taken.
-                SOCKETS[1].store(0, Relaxed);
-                SOCKETS[2].store(22, Relaxed);
-                h.sweep();
-                assert_eq!(h.waiting(), 0, "both places went with their sockets");
-                SOCKETS[3].store(13, Relaxed);
-                h.hold(3, Box::new(Place), minute, minute);
-                tokio::time::advance(Duration::from_secs(2)).await;
-                h.sweep();
-                assert_eq!(h.waiting(), 1, "a live handshake keeps its place");
-                assert!(h.take(3).is_some());
-            });
+        with_paused_clock(fake_socket, |h| async move {
+            let minute = Duration::from_secs(60);
+            SOCKETS[1].store(11, Relaxed);
+            SOCKETS[2].store(12, Relaxed);
+            h.hold(1, Box::new(Place), minute, minute);
+            h.hold(2, Box::new(Place), minute, minute);
+            // The handshake on 1 failed: its socket closed, and 2's descriptor now holds
+            // another socket than when its place was taken.
+            SOCKETS[1].store(0, Relaxed);
+            SOCKETS[2].store(22, Relaxed);
+            h.sweep();
+            assert_eq!(h.waiting(), 0, "both places went with their sockets");
+            SOCKETS[3].store(13, Relaxed);
+            h.hold(3, Box::new(Place), minute, minute);
+            tokio::time::advance(Duration::from_secs(2)).await;
+            h.sweep();
+            assert_eq!(h.waiting(), 1, "a live handshake keeps its place");
+            assert!(h.take(3).is_some());
+        });
     }
 }

@@ -441,14 +441,26 @@ fn http2_gets_every_check_and_answer_of_http1() {
             "Missing API key. Send it in the x-api-key header.",
         ),
     ];
-    for ((status, headers, body), (want, code, message)) in answers[1..].iter().zip(refusals) {
-        assert_eq!(*status, want);
-        assert_eq!(headers["content-type"], "application/json");
-        assert_eq!(headers["content-length"], body.len().to_string().as_str());
-        assert!(headers.get("x-echo").is_none());
-        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
-        assert_eq!(v, error_body(code, message));
+    for (answer, (status, code, message)) in answers[1..].iter().zip(refusals) {
+        assert_h2_refused(answer, status, code, message);
     }
+}
+
+/// An HTTP/2 answer (status, headers, body) is the gateway's own refusal: the status, the JSON
+/// error word for word with its type and length, and nothing from the upstream.
+#[track_caller]
+fn assert_h2_refused(
+    (status, headers, body): &(u16, http::HeaderMap, Vec<u8>),
+    want: u16,
+    code: &str,
+    message: &str,
+) {
+    assert_eq!(*status, want, "{}", String::from_utf8_lossy(body));
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers["content-length"], body.len().to_string().as_str());
+    assert!(headers.get("x-echo").is_none());
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(v, error_body(code, message));
 }
 
 /// A GET's body is refused on HTTP/2 too, where no `content-length` need announce it (pingora
@@ -485,12 +497,11 @@ fn an_http2_get_with_a_body_is_refused_without_content_length() {
             (path, vec![("x-api-key", key)], None),
         ],
     );
-    let (status, _, body) = &answers[0];
-    assert_eq!(*status, 400);
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap();
-    assert_eq!(
-        v,
-        error_body("BAD_REQUEST", "A GET or HEAD request cannot have a body")
+    assert_h2_refused(
+        &answers[0],
+        400,
+        "BAD_REQUEST",
+        "A GET or HEAD request cannot have a body",
     );
     for (status, _, body) in &answers[1..] {
         assert_eq!(*status, 200, "{}", String::from_utf8_lossy(body));
@@ -589,14 +600,11 @@ fn http2_connect_is_refused_in_the_json_shape() {
         .header("x-api-key", key.as_str())
         .body(())
         .unwrap();
-    let (status, headers, body) = h2c_exchange(gw.proxy, req, None);
-    assert_eq!(status, 400);
-    assert_eq!(headers["content-type"], "application/json");
-    assert!(headers.get("x-echo").is_none());
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(
-        v,
-        error_body("BAD_REQUEST", "The CONNECT method is not served")
+    assert_h2_refused(
+        &h2c_exchange(gw.proxy, req, None),
+        400,
+        "BAD_REQUEST",
+        "The CONNECT method is not served",
     );
 }
 
@@ -612,12 +620,11 @@ fn an_http2_get_ending_in_trailers_is_refused() {
         .unwrap();
     let mut trailers = http::HeaderMap::new();
     trailers.insert("x-a", http::HeaderValue::from_static("b"));
-    let (status, _, body) = h2c_exchange(gw.proxy, req, Some(trailers));
-    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(
-        v,
-        error_body("BAD_REQUEST", "A GET or HEAD request cannot have a body")
+    assert_h2_refused(
+        &h2c_exchange(gw.proxy, req, Some(trailers)),
+        400,
+        "BAD_REQUEST",
+        "A GET or HEAD request cannot have a body",
     );
 }
 
