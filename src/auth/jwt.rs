@@ -35,6 +35,10 @@ pub enum JwtError {
     WrongIssuer,
     WrongAudience,
     NoAccount,
+    /// The header lists critical extensions (`crit`): none is understood here.
+    CriticalExtension,
+    /// The header's `typ` names another kind of token than an access token.
+    NotAnAccessToken,
 }
 
 impl JwtError {
@@ -64,6 +68,8 @@ impl fmt::Display for JwtError {
             Self::WrongIssuer => "wrong issuer",
             Self::WrongAudience => "wrong audience",
             Self::NoAccount => "no account claim",
+            Self::CriticalExtension => "critical header extension",
+            Self::NotAnAccessToken => "not an access token",
         };
         f.write_str(s)
     }
@@ -221,6 +227,7 @@ impl JwtVerifier {
         now_unix: i64,
     ) -> Result<(ConsoleIdentity, i64), JwtError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
+        super::jose::check_header(token)?;
         if !self.algorithms.contains(&header.alg) {
             return Err(JwtError::AlgorithmNotAllowed);
         }
@@ -232,17 +239,15 @@ impl JwtVerifier {
         validation.validate_nbf = false;
         validation.validate_aud = false;
         validation.required_spec_claims = HashSet::new();
-        let data =
-            jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation).map_err(|e| {
-                match e.kind() {
-                    jsonwebtoken::errors::ErrorKind::InvalidSignature => JwtError::BadSignature,
-                    jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => {
-                        JwtError::AlgorithmNotAllowed
-                    }
-                    _ => JwtError::Malformed,
-                }
-            })?;
-        let claims = data.claims;
+        // The signature checked here; the claims read below, each named once.
+        jsonwebtoken::decode::<serde::de::IgnoredAny>(token, &key, &validation).map_err(
+            |e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => JwtError::BadSignature,
+                jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => JwtError::AlgorithmNotAllowed,
+                _ => JwtError::Malformed,
+            },
+        )?;
+        let claims = super::jose::claims(token)?;
         // NumericDate (RFC 7519 §2): seconds, possibly fractional; rounded the strict way
         // (`exp` down, `nbf` up).
         let num = |name: &str, round: fn(f64) -> f64| {

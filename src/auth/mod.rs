@@ -1,6 +1,7 @@
 //! Authentication: API keys to principals (cache first, store on miss) and console JWTs.
 
 pub mod api_key;
+mod jose;
 pub mod jwt;
 
 use crate::cache::BoundedCache;
@@ -20,16 +21,69 @@ pub struct CachedKey {
     pub account_id: Box<str>,
     pub scopes: Box<[Box<str>]>,
     pub instance_ids: Box<[Box<str>]>,
+    /// The restrictions as forwarded to the backend, built once per cached key; `None` for a
+    /// key without any (most keys: they pay one word).
+    pub forwarded: Option<Box<ForwardedRestrictions>>,
+}
+
+/// A restricted key's scopes and instance ids as header values (`a,b`), so that a backend can
+/// hold an item it serves by id to them: the gateway checks the instance a request names, not
+/// the one a backend finds behind an id (`GET /api/v1/messages/{id}?instanceId=MINE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardedRestrictions {
+    /// `None`: the key may use every scope.
+    pub scopes: Option<HeaderValue>,
+    /// `None`: the key may use every instance.
+    pub instance_ids: Option<HeaderValue>,
+}
+
+impl ForwardedRestrictions {
+    fn of(scopes: &[Box<str>], instance_ids: &[Box<str>]) -> Option<Box<Self>> {
+        if scopes.is_empty() && instance_ids.is_empty() {
+            return None;
+        }
+        Some(Box::new(Self {
+            scopes: listed(scopes),
+            instance_ids: listed(instance_ids),
+        }))
+    }
+}
+
+/// `items` comma-separated, or `None` when there are none. An item that is not a plain token
+/// (declared scopes are; instance ids are UUIDs) is left out: the backend then reads fewer
+/// rights than the key has, never more, and never one item as two.
+fn listed(items: &[Box<str>]) -> Option<HeaderValue> {
+    if items.is_empty() {
+        return None;
+    }
+    let plain = |item: &&str| {
+        !item.is_empty()
+            && item
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b":._/-".contains(&b))
+    };
+    let joined = items
+        .iter()
+        .map(|i| &**i)
+        .filter(plain)
+        .collect::<Vec<_>>()
+        .join(",");
+    // Only token bytes and commas: always a valid value. Were it not, an empty one says "none
+    // of them", which is still no more than the key may do.
+    Some(HeaderValue::from_str(&joined).unwrap_or_else(|_| HeaderValue::from_static("")))
 }
 
 impl From<KeyRecord> for CachedKey {
     fn from(r: KeyRecord) -> Self {
         let boxed = |v: Vec<String>| v.into_iter().map(String::into_boxed_str).collect();
+        let scopes: Box<[Box<str>]> = boxed(r.scopes);
+        let instance_ids: Box<[Box<str>]> = boxed(r.instance_ids);
         Self {
             id: r.id.into_boxed_str(),
             account_id: r.account_id.into_boxed_str(),
-            scopes: boxed(r.scopes),
-            instance_ids: boxed(r.instance_ids),
+            forwarded: ForwardedRestrictions::of(&scopes, &instance_ids),
+            scopes,
+            instance_ids,
         }
     }
 }

@@ -226,11 +226,18 @@ pub(super) struct ForwardFile {
     pub user_id_header: Spanned<String>,
     #[serde(default = "d_request_id_header")]
     pub request_id_header: Spanned<String>,
+    #[serde(default = "d_key_scopes_header")]
+    pub key_scopes_header: Spanned<String>,
+    #[serde(default = "d_key_instances_header")]
+    pub key_instances_header: Spanned<String>,
     #[serde(default)]
     pub strip_request_headers: Vec<Spanned<String>>,
     /// Headers some backends take as the request's URL, method or client chain.
     #[serde(default = "d_override_headers")]
     pub strip_override_headers: Vec<Spanned<String>>,
+    /// Header name prefixes whose every header is removed (trace baggage one entry per header).
+    #[serde(default = "d_strip_prefixes")]
+    pub strip_header_prefixes: Vec<Spanned<String>>,
 }
 
 impl Default for ForwardFile {
@@ -240,8 +247,11 @@ impl Default for ForwardFile {
             key_id_header: d_key_header(),
             user_id_header: d_user_header(),
             request_id_header: d_request_id_header(),
+            key_scopes_header: d_key_scopes_header(),
+            key_instances_header: d_key_instances_header(),
             strip_request_headers: Vec::new(),
             strip_override_headers: d_override_headers(),
+            strip_header_prefixes: d_strip_prefixes(),
         }
     }
 }
@@ -371,6 +381,22 @@ fn d_user_header() -> Spanned<String> {
 fn d_request_id_header() -> Spanned<String> {
     spanned("x-request-id".into())
 }
+fn d_key_scopes_header() -> Spanned<String> {
+    spanned("x-api-key-scopes".into())
+}
+fn d_key_instances_header() -> Spanned<String> {
+    spanned("x-api-key-instance-ids".into())
+}
+/// Baggage carried one entry per header, under a prefix: Jaeger's `uberctx-{key}` and the
+/// OpenTracing propagator's `ot-baggage-{key}` (OpenTelemetry's `ot` propagator reads it into
+/// the request's baggage, as it reads W3C `baggage`).
+pub(super) const STRIP_PREFIXES: [&str; 2] = ["uberctx-", "ot-baggage-"];
+fn d_strip_prefixes() -> Vec<Spanned<String>> {
+    STRIP_PREFIXES
+        .iter()
+        .map(|p| spanned((*p).into()))
+        .collect()
+}
 /// `Forwarded` and the other client-address, scheme and host headers (the gateway writes its
 /// own `X-Forwarded-For` / `-Proto` only; Rails, Rack and CDN-aware code read these), the URL
 /// overrides of IIS, Symfony and Zend, the method overrides of Rails, Express, Spring and
@@ -379,9 +405,9 @@ fn d_request_id_header() -> Spanned<String> {
 /// which a backend configured to trust one of them would take as the caller; the client
 /// certificate a TLS-terminating proxy vouches for (Envoy's XFCC, Tomcat's `SSLValve`, nginx,
 /// IIS ARR, Traefik, AWS ALB and Cloudflare mTLS: the gateway verifies none, and a certificate is public), and
-/// W3C `baggage` (OpenTelemetry SDKs load it as the request's context by default: an
-/// `account.id` there would sit beside the gateway's `x-account-id`).
-pub(super) const OVERRIDE_HEADERS: [&str; 72] = [
+/// W3C `baggage` and Jaeger's `jaeger-baggage` (OpenTelemetry and Jaeger SDKs load them as the
+/// request's context: an `account.id` there would sit beside the gateway's `x-account-id`).
+pub(super) const OVERRIDE_HEADERS: [&str; 73] = [
     "forwarded",
     "x-real-ip",
     "x-client-ip",
@@ -454,6 +480,7 @@ pub(super) const OVERRIDE_HEADERS: [&str; 72] = [
     "cf-client-cert-sha256",
     "baggage",
     "correlation-context",
+    "jaeger-baggage",
 ];
 fn d_override_headers() -> Vec<Spanned<String>> {
     OVERRIDE_HEADERS

@@ -206,9 +206,15 @@ pub struct Forward {
     pub key_id_header: HeaderName,
     pub user_id_header: HeaderName,
     pub request_id_header: HeaderName,
+    /// A restricted key's scopes, comma-separated, for the backend (absent: no scope restriction).
+    pub key_scopes_header: HeaderName,
+    /// A restricted key's instance ids, comma-separated (absent: any instance).
+    pub key_instances_header: HeaderName,
     pub strip_request_headers: Vec<HeaderName>,
     /// Removed too, by default `Forwarded` and the URL and method override headers.
     pub strip_override_headers: Vec<HeaderName>,
+    /// Every header whose name starts with one of these is removed (lower case).
+    pub strip_header_prefixes: Vec<HeaderName>,
 }
 
 impl Forward {
@@ -220,6 +226,8 @@ impl Forward {
             &self.key_id_header,
             &self.user_id_header,
             &self.request_id_header,
+            &self.key_scopes_header,
+            &self.key_instances_header,
         ]
         .into_iter()
         .chain(self.strip_request_headers.iter())
@@ -428,6 +436,16 @@ impl Config {
                 "forward.request_id_header",
                 &raw.forward.request_id_header,
             ),
+            key_scopes_header: header(
+                &mut r,
+                "forward.key_scopes_header",
+                &raw.forward.key_scopes_header,
+            ),
+            key_instances_header: header(
+                &mut r,
+                "forward.key_instances_header",
+                &raw.forward.key_instances_header,
+            ),
             strip_request_headers: raw
                 .forward
                 .strip_request_headers
@@ -440,7 +458,14 @@ impl Config {
                 .iter()
                 .map(|h| header(&mut r, "forward.strip_override_headers", h))
                 .collect(),
+            strip_header_prefixes: raw
+                .forward
+                .strip_header_prefixes
+                .iter()
+                .map(|h| header(&mut r, "forward.strip_header_prefixes", h))
+                .collect(),
         };
+        validate::forwarded_names_distinct(&mut r, &raw.forward);
         let echo = raw
             .echo
             .as_ref()

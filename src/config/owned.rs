@@ -25,10 +25,27 @@ const HOP_BY_HOP: [&str; 5] = [
 ///
 /// Kept by length, so that one pass over a request's few names finds every copy at a
 /// comparison or two per name, where a map probe per owned name (16 by default) hashed each.
+///
+/// Names under a configured prefix (`forward.strip_header_prefixes`, `_` and `-` alike there
+/// too) are owned whatever follows it.
 #[derive(Debug, Default)]
 pub(crate) struct OwnedNames {
     /// By name length: each name, and whether only its `_` spellings are owned.
     by_len: Vec<Vec<(Box<[u8]>, bool)>>,
+    prefixes: Vec<Box<[u8]>>,
+}
+
+/// Whether `name` reads as `owned` with `_` and `-` as one character, and whether it took a
+/// separator spelled the other way to read so. Compares the first `owned.len()` bytes.
+fn reads_as(name: &[u8], owned: &[u8]) -> (bool, bool) {
+    let mut respelled = false;
+    let same = name.len() >= owned.len()
+        && name.iter().zip(owned.iter()).all(|(&c, &o)| {
+            let other_separator = matches!((c, o), (b'_', b'-') | (b'-', b'_'));
+            respelled |= other_separator;
+            c == o || other_separator
+        });
+    (same, respelled)
 }
 
 impl OwnedNames {
@@ -45,6 +62,11 @@ impl OwnedNames {
                 owned.add(name.as_bytes(), true);
             }
         }
+        owned.prefixes = fwd
+            .strip_header_prefixes
+            .iter()
+            .map(|p| p.as_str().as_bytes().into())
+            .collect();
         owned
     }
 
@@ -57,18 +79,13 @@ impl OwnedNames {
 
     /// Whether a client header named `name` (lower case, as `http` keeps names) is owned.
     pub(crate) fn owns(&self, name: &[u8]) -> bool {
-        let Some(same_length) = self.by_len.get(name.len()) else {
-            return false;
-        };
-        same_length.iter().any(|(owned, underscored_only)| {
-            let mut respelled = false;
-            let same = name.iter().zip(owned.iter()).all(|(&c, &o)| {
-                let other_separator = matches!((c, o), (b'_', b'-') | (b'-', b'_'));
-                respelled |= other_separator;
-                c == o || other_separator
-            });
-            same && (respelled || !underscored_only)
-        })
+        let named = self.by_len.get(name.len()).is_some_and(|same_length| {
+            same_length.iter().any(|(owned, underscored_only)| {
+                let (same, respelled) = reads_as(name, owned);
+                same && (respelled || !underscored_only)
+            })
+        });
+        named || self.prefixes.iter().any(|p| reads_as(name, p).0)
     }
 
     /// Removes every owned header from `h`.
@@ -98,6 +115,10 @@ mod tests {
             .map(|o| o.as_str().to_owned())
             .chain(HOP_BY_HOP.iter().map(|h| h.to_string()));
         configured.into_iter().any(|o| dashed(&o) == dashed(name))
+            || fwd
+                .strip_header_prefixes
+                .iter()
+                .any(|p| dashed(name).starts_with(&dashed(p.as_str())))
             || ALWAYS_OWNED
                 .iter()
                 .any(|a| dashed(a) == dashed(name) && *a != name)
@@ -110,8 +131,11 @@ mod tests {
             key_id_header: name("x-api-key-id"),
             user_id_header: name("x-user-id"),
             request_id_header: name("x-request-id"),
+            key_scopes_header: name("x-api-key-scopes"),
+            key_instances_header: name("x-api-key-instance-ids"),
             strip_request_headers: vec![name("x-internal-user"), name("x_odd")],
             strip_override_headers: vec![name("forwarded"), name("x-http-method-override")],
+            strip_header_prefixes: vec![name("uberctx-"), name("ot-baggage-")],
         }
     }
 
@@ -141,6 +165,15 @@ mod tests {
             ("http2_settings", true),
             ("keep-alive", true),
             ("te", false),
+            ("x-api-key-scopes", true),
+            ("x_api_key_instance_ids", true),
+            ("uberctx-account.id", true),
+            ("uberctx_account", true),
+            ("uberctx-", true),
+            ("uberctx", false),
+            ("ot-baggage-tenant", true),
+            ("ot_baggage_tenant", true),
+            ("x-uberctx-a", false),
             ("", false),
         ] {
             assert_eq!(owned.owns(name.as_bytes()), expected, "{name}");
@@ -162,7 +195,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn owned_names_follow_the_rule(name in "[a-z_-]{0,20}|x[-_](account|api|forwarded|user)[-_][a-z_-]{0,12}") {
+        fn owned_names_follow_the_rule(name in "[a-z_-]{0,20}|x[-_](account|api|forwarded|user)[-_][a-z_-]{0,12}|(uberctx|ot[-_]baggage)[-_]?[a-z_.-]{0,8}") {
             let fwd = forward();
             proptest::prop_assert_eq!(OwnedNames::new(&fwd).owns(name.as_bytes()), owned_by_rule(&fwd, &name));
         }

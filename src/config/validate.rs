@@ -368,6 +368,67 @@ pub(super) fn header(r: &mut Reporter, field: &str, v: &Spanned<String>) -> Head
     })
 }
 
+/// Headers whose meaning the gateway fixes on every forwarded request (it writes, replaces or
+/// removes them itself): none of the configured forwarded names may be one of them.
+const GATEWAY_WRITTEN: [&str; 8] = [
+    "x-api-key",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "traceparent",
+    "tracestate",
+    "host",
+    "authorization",
+    "content-length",
+];
+
+/// Each header the gateway writes upstream needs a name of its own: `account_id_header =
+/// "x-request-id"` would have the request id overwrite the account id under the one name the
+/// backend trusts. Names compare as a backend reads them (any case, `_` as `-`).
+pub(super) fn forwarded_names_distinct(r: &mut Reporter, f: &file::ForwardFile) {
+    let fold = |n: &str| n.to_ascii_lowercase().replace('_', "-");
+    let written = [
+        ("forward.account_id_header", &f.account_id_header),
+        ("forward.key_id_header", &f.key_id_header),
+        ("forward.user_id_header", &f.user_id_header),
+        ("forward.request_id_header", &f.request_id_header),
+        ("forward.key_scopes_header", &f.key_scopes_header),
+        ("forward.key_instances_header", &f.key_instances_header),
+    ];
+    // Defaults have no place in the file: a clash is reported where the file names a header.
+    let in_file = |n: &Spanned<String>| !n.span().is_empty();
+    for (i, this) in written.iter().enumerate() {
+        let folded = fold(this.1.get_ref());
+        let clash = written[..i]
+            .iter()
+            .find(|(_, o)| fold(o.get_ref()) == folded);
+        if let Some(earlier) = clash {
+            let (at, other) = if in_file(this.1) || !in_file(earlier.1) {
+                (this, earlier)
+            } else {
+                (earlier, this)
+            };
+            r.at(
+                at.1.span(),
+                at.0,
+                format!(
+                    "\"{}\" is {} too: each header the gateway writes needs its own name",
+                    at.1.get_ref(),
+                    other.0
+                ),
+            );
+        } else if GATEWAY_WRITTEN.contains(&folded.as_str()) {
+            r.at(
+                this.1.span(),
+                this.0,
+                format!(
+                    "\"{}\" is a header the gateway sets or removes itself",
+                    this.1.get_ref()
+                ),
+            );
+        }
+    }
+}
+
 pub(super) fn upstream(
     r: &mut Reporter,
     name: &str,

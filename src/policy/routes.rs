@@ -119,6 +119,16 @@ impl RoutePolicies {
                     "scopes",
                     "\"none\" is reserved (scope = \"none\" marks a route that needs no scope)",
                 );
+            } else if !scope_name_ok(s.get_ref()) {
+                r.at(
+                    s.span(),
+                    "scopes",
+                    format!(
+                        "\"{}\" is not a scope name: 1 to 64 letters, digits and : . _ / - \
+                         (a key's scopes are forwarded comma-separated)",
+                        s.get_ref()
+                    ),
+                );
             }
         }
         let scopes: Vec<String> = raw.scopes.iter().map(|s| s.get_ref().clone()).collect();
@@ -182,6 +192,14 @@ impl RoutePolicies {
     pub fn is_empty(&self) -> bool {
         self.ordered.is_empty()
     }
+}
+
+/// A scope name: what a header value can carry in a comma-separated list, as one item.
+fn scope_name_ok(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":._/-".contains(&b))
 }
 
 fn validate(r: &mut Reporter, i: usize, route: &RouteFile, scopes: &[String]) -> RoutePolicy {
@@ -377,6 +395,16 @@ mod tests {
             parse("scopes = [\"none\"]\n").unwrap_err(),
             "routes.toml:1:11: scopes: \"none\" is reserved (scope = \"none\" marks a route that needs no scope)"
         );
+    }
+
+    #[test]
+    fn scope_names_are_single_list_items() {
+        assert!(parse("scopes = [\"messages:send\", \"a.b/c_d-1\"]\n").is_ok());
+        for bad in ["a,b", "a b", "", "é"] {
+            let err = parse(&format!("scopes = [{bad:?}]\n")).unwrap_err();
+            assert!(err.contains("is not a scope name"), "{bad:?}: {err}");
+        }
+        assert!(parse(&format!("scopes = [{:?}]\n", "a".repeat(65))).is_err());
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub(crate) fn authenticate(
         account_id: value(&id.account_id)?,
         key_id: None,
         user_id: id.user_id.as_deref().map(value).transpose()?,
+        restrictions: None,
     };
     Ok((id.account_id.clone(), identity))
 }

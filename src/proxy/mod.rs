@@ -19,6 +19,7 @@ pub(crate) mod public_api;
 pub(crate) mod respond;
 mod restrictions;
 
+use crate::auth::ForwardedRestrictions;
 use crate::client_ip;
 use crate::config::{AuthMode, Route};
 use crate::edge_stream::EdgeStream;
@@ -44,6 +45,8 @@ pub(crate) struct Identity {
     pub account_id: HeaderValue,
     pub key_id: Option<HeaderValue>,
     pub user_id: Option<HeaderValue>,
+    /// A restricted key's scopes and instance ids (`None`: an unrestricted key, or no key).
+    pub restrictions: Option<ForwardedRestrictions>,
 }
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -427,6 +430,14 @@ impl ProxyHttp for GatewayProxy {
                 }
                 if let Some(user_id) = &id.user_id {
                     h.insert(fwd.user_id_header.clone(), user_id.clone());
+                }
+                if let Some(r) = &id.restrictions {
+                    if let Some(scopes) = &r.scopes {
+                        h.insert(fwd.key_scopes_header.clone(), scopes.clone());
+                    }
+                    if let Some(instance_ids) = &r.instance_ids {
+                        h.insert(fwd.key_instances_header.clone(), instance_ids.clone());
+                    }
                 }
             }
             h.insert(fwd.request_id_header.clone(), ctx.request_id.clone());

@@ -185,6 +185,32 @@ fn check_names_accounts_whose_plan_is_gone() {
 }
 
 /// A minimal valid gateway.toml (shipped policies) with `jwt` as its [jwt] table.
+/// Each header the gateway writes upstream has a name of its own (a backend reading `x_request_id`
+/// as `x-request-id` would take the request id for the account), and none is the gateway's.
+#[test]
+fn forwarded_header_names_are_distinct() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = minimal_config(
+        dir.path(),
+        "[forward]\naccount_id_header = \"X_Request_Id\"\n\
+         key_instances_header = \"x-api-key-scopes\"\nuser_id_header = \"traceparent\"\n\
+         strip_header_prefixes = [\"uber ctx\"]",
+    );
+    let out = check(&config);
+    assert_eq!(out.status.code(), Some(1));
+    let d = dir.path().display();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "msgflash-gateway: invalid configuration:\n\
+             {d}/gateway.toml:12:26: forward.strip_header_prefixes: \"uber ctx\" is not a valid header name\n\
+             {d}/gateway.toml:11:18: forward.user_id_header: \"traceparent\" is a header the gateway sets or removes itself\n\
+             {d}/gateway.toml:9:21: forward.account_id_header: \"X_Request_Id\" is forward.request_id_header too: each header the gateway writes needs its own name\n\
+             {d}/gateway.toml:10:24: forward.key_instances_header: \"x-api-key-scopes\" is forward.key_scopes_header too: each header the gateway writes needs its own name\n"
+        )
+    );
+}
+
 fn minimal_config(dir: &std::path::Path, jwt: &str) -> std::path::PathBuf {
     let path = dir.join("gateway.toml");
     std::fs::write(

@@ -231,6 +231,66 @@ fn claims_that_are_no_plain_id_are_refused() {
     }
 }
 
+/// Tokens the issuer signed that are not plain access tokens: a critical header extension the
+/// gateway does not understand (RFC 7515 §4.1.11), a `typ` naming another kind of token (a
+/// refresh token signed with the same key and claims), a claim or header member named twice
+/// (the gateway and a backend reading the forwarded token could take different copies).
+#[test]
+fn tokens_that_are_no_plain_access_token_are_refused() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let gw = Gateway::start();
+    gw.put_account("acme", "pro", "active");
+    gw.put_account("victim", "pro", "active");
+    let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes());
+    let sign = |header: &str, claims: &str| {
+        let message = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(claims)
+        );
+        let sig =
+            jsonwebtoken::crypto::sign(message.as_bytes(), &key, jsonwebtoken::Algorithm::HS256)
+                .unwrap();
+        format!("Bearer {message}.{sig}")
+    };
+    let claims = |account: &str| {
+        format!(
+            r#"{{"account_id":"{account}","sub":"u1","exp":{},"iss":"msgflash","aud":"msgflash-console"}}"#,
+            T0 + 3600
+        )
+    };
+    let call = |auth: String| gw.get("/api/instances", &[("authorization", &auth)]);
+    // The same claims pass under a plain header, with or without an access-token typ.
+    for header in [
+        r#"{"alg":"HS256"}"#,
+        r#"{"alg":"HS256","typ":"JWT"}"#,
+        r#"{"alg":"HS256","typ":"at+jwt"}"#,
+    ] {
+        let seen = echoed(&call(sign(header, &claims("acme"))));
+        assert_eq!(seen["headers"]["x-account-id"], "acme", "{header}");
+    }
+    let twice = format!(
+        r#"{{"account_id":"acme","account_id":"victim","exp":{},"iss":"msgflash","aud":"msgflash-console"}}"#,
+        T0 + 3600
+    );
+    for (header, claims) in [
+        (
+            r#"{"alg":"HS256","crit":["b64"],"b64":false}"#,
+            claims("acme"),
+        ),
+        (r#"{"alg":"HS256","typ":"refresh+jwt"}"#, claims("acme")),
+        (
+            r#"{"alg":"HS256","typ":"JWT","typ":"refresh+jwt"}"#,
+            claims("acme"),
+        ),
+        (r#"{"alg":"HS256"}"#, twice),
+    ] {
+        let r = call(sign(header, &claims));
+        assert_refused(&r, 401, "UNAUTHORIZED", INVALID_TOKEN);
+    }
+}
+
 /// Failed console authentications count toward the client's limit as failed keys do
 /// (SPEC §10): over it, a token not verified before is refused without its signature being
 /// checked, while one verified before still passes.

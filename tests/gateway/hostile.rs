@@ -613,6 +613,17 @@ fn identity_headers_in_any_spelling_never_reach_the_upstream() {
         ("baggage", "account.id=acc_victim"),
         ("correlation-context", "account.id=acc_victim"),
         ("x-original-forwarded-for", "10.9.9.9"),
+        // Baggage one entry per header (Jaeger, OpenTracing) and in Jaeger's own header.
+        ("uberctx-account.id", "acc_victim"),
+        ("uberctx_tenant", "acc_victim"),
+        ("ot-baggage-account", "acc_victim"),
+        ("jaeger-baggage", "account=acc_victim"),
+        // The restrictions the gateway forwards for a restricted key (this one has none).
+        ("x-api-key-scopes", "admin"),
+        (
+            "x_api_key_instance_ids",
+            "3fa85f64-5717-4562-b3fc-2c963f66afa6",
+        ),
         ("x_custom_header", "kept"),
     ];
     let seen = echoed(&gw.get("/api/v1/messages", &sent));

@@ -140,7 +140,55 @@ fn keys_only_take_declared_scopes(b: Backend) {
     assert_error(&r, 400, "BAD_REQUEST", "Unknown scope \"billing:admin\"");
 }
 
+/// A restricted key's restrictions go upstream with it, so that a backend serving an item by
+/// id (`GET /api/v1/messages/{id}?instanceId=MINE`: the gateway checks the instance named, not
+/// the one behind the id) can hold the item to them; a client's copies never do.
+fn restrictions_are_forwarded_and_client_copies_are_not(b: Backend) {
+    let gw = Gateway::on(b);
+    let forged = [
+        ("x-api-key-scopes", "admin"),
+        ("x_api_key_instance_ids", B),
+        ("X-Api-Key-Instance-Ids", B),
+    ];
+    let restricted = restricted_key(&gw, &["messages:read", "instances:read"], &[B, A]);
+    let mut h = vec![("x-api-key", restricted.as_str())];
+    h.extend(forged);
+    let seen = echoed(&gw.get(&format!("/api/v1/messages/42?instanceId={A}"), &h));
+    let headers = seen["headers"].as_object().unwrap();
+    assert_eq!(headers["x-api-key-scopes"], "messages:read,instances:read");
+    assert_eq!(
+        headers["x-api-key-instance-ids"],
+        format!("{B},{A}").as_str()
+    );
+    assert!(
+        !headers.contains_key("x_api_key_instance_ids"),
+        "{headers:?}"
+    );
+
+    // Restricted in one way only: the other header is absent.
+    let scoped = restricted_key(&gw, &["messages:read"], &[]);
+    let mut h = vec![("x-api-key", scoped.as_str())];
+    h.extend(forged);
+    let seen = echoed(&gw.get("/api/v1/messages/42", &h));
+    assert_eq!(seen["headers"]["x-api-key-scopes"], "messages:read");
+    assert!(seen["headers"].get("x-api-key-instance-ids").is_none());
+
+    let unrestricted = restricted_key(&gw, &[], &[]);
+    let mut h = vec![("x-api-key", unrestricted.as_str())];
+    h.extend(forged);
+    let seen = echoed(&gw.get("/api/v1/messages/42", &h));
+    let headers = seen["headers"].as_object().unwrap();
+    for name in [
+        "x-api-key-scopes",
+        "x-api-key-instance-ids",
+        "x_api_key_instance_ids",
+    ] {
+        assert!(!headers.contains_key(name), "{name}: {headers:?}");
+    }
+}
+
 crate::on_both_stores!(
+    restrictions_are_forwarded_and_client_copies_are_not,
     scopes_limit_what_a_key_may_call,
     instances_are_read_from_the_body_without_changing_it,
     unrestricted_keys_are_never_held_up_by_body_inspection,
