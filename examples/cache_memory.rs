@@ -92,7 +92,8 @@ fn main() {
             revoked_at_ms: None,
         };
         let id_value = HeaderValue::from_str(&record.id).expect("id");
-        key_cache.insert(key.hash(), (Arc::new(CachedKey::from(record)), id_value), 0);
+        let cached = CachedKey::of(record).expect("a plain record");
+        key_cache.insert(key.hash(), (Arc::new(cached), id_value), 0);
     }
     let after_keys = rss_bytes();
 

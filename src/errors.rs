@@ -538,6 +538,14 @@ impl GatewayError {
         Self::bad_request("The CONNECT method is not served")
     }
 
+    pub fn trace_refused() -> Self {
+        Self::bad_request("The TRACE method is not served")
+    }
+
+    pub fn method_not_upper_case() -> Self {
+        Self::bad_request("The request method must be upper-case letters")
+    }
+
     fn bad_request(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
     }

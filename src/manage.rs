@@ -6,6 +6,7 @@ use crate::clock::Clock;
 use crate::errors::GatewayError;
 use crate::limits::quota;
 use crate::log_limit::LogLimit;
+use crate::policy::routes::valid_scope;
 use crate::policy::{Plans, Policies};
 use crate::store::valid_id;
 use crate::store::{Account, CreateKeyError, KeyRecord, Store, StoreError, Subscription};
@@ -97,14 +98,6 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, GatewayError> {
     })?;
     de.end().map_err(|_| GatewayError::body_not_json())?;
     Ok(value)
-}
-
-fn valid_scope(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b':' | b'_' | b'-' | b'.')
-        })
 }
 
 /// `8-4-4-4-12` hex digits.

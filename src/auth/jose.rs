@@ -14,13 +14,15 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::{Map, Value};
+use std::cell::Cell;
 use std::fmt;
 
 /// The `typ` values an access token may carry (compared ignoring case, with or without the
 /// `application/` prefix, RFC 7515 §4.1.9); a token without `typ` passes.
 const ACCESS_TYPES: [&str; 2] = ["jwt", "at+jwt"];
 
-/// Checks the token's header; `Malformed` when it is not a JSON object named once per member.
+/// Checks the token's header (run once its signature is known good, so that a refusal here is
+/// a signed token's: no guess at a key).
 pub(super) fn check_header(token: &str) -> Result<(), JwtError> {
     let encoded = token.split('.').next().ok_or(JwtError::Malformed)?;
     let header = object(encoded)?;
@@ -46,23 +48,29 @@ fn is_access_type(typ: &str) -> bool {
     ACCESS_TYPES.contains(&bare)
 }
 
-/// A base64url (unpadded) JSON object whose members are each named once.
+/// A base64url (unpadded) JSON object whose members are each named once
+/// ([`JwtError::DuplicateMember`] otherwise).
 fn object(encoded: &str) -> Result<Map<String, Value>, JwtError> {
     let json = URL_SAFE_NO_PAD
         .decode(encoded)
         .map_err(|_| JwtError::Malformed)?;
+    let twice = Cell::new(false);
     let mut de = serde_json::Deserializer::from_slice(&json);
-    let map = de
-        .deserialize_map(OnceNamed)
-        .map_err(|_| JwtError::Malformed)?;
+    let map = de.deserialize_map(OnceNamed(&twice)).map_err(|_| {
+        if twice.get() {
+            JwtError::DuplicateMember
+        } else {
+            JwtError::Malformed
+        }
+    })?;
     de.end().map_err(|_| JwtError::Malformed)?;
     Ok(map)
 }
 
-/// Builds a top-level object's map, failing on a member name met twice.
-struct OnceNamed;
+/// Builds a top-level object's map, failing (and saying so) on a member name met twice.
+struct OnceNamed<'a>(&'a Cell<bool>);
 
-impl<'de> Visitor<'de> for OnceNamed {
+impl<'de> Visitor<'de> for OnceNamed<'_> {
     type Value = Map<String, Value>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -75,6 +83,7 @@ impl<'de> Visitor<'de> for OnceNamed {
             if map.contains_key(&name) {
                 // Read on past the value would be wasted: the whole token is refused.
                 access.next_value::<IgnoredAny>()?;
+                self.0.set(true);
                 return Err(serde::de::Error::custom("a member named twice"));
             }
             let value = access.next_value::<Value>()?;
@@ -127,7 +136,7 @@ mod tests {
             ),
             (
                 r#"{"alg":"HS256","typ":"JWT","typ":"refresh+jwt"}"#,
-                Err(JwtError::Malformed),
+                Err(JwtError::DuplicateMember),
             ),
             (r#"["alg"]"#, Err(JwtError::Malformed)),
             (r#"{"alg":"HS256"} x"#, Err(JwtError::Malformed)),
@@ -138,7 +147,7 @@ mod tests {
     }
 
     #[test]
-    fn a_claim_named_twice_is_malformed() {
+    fn a_claim_named_twice_is_refused() {
         let h = r#"{"alg":"HS256"}"#;
         let ok = claims(&token(h, r#"{"account_id":"a","sub":"u"}"#)).unwrap();
         assert_eq!(ok.get("account_id"), Some(&Value::from("a")));
@@ -148,7 +157,7 @@ mod tests {
         ] {
             assert_eq!(
                 claims(&token(h, twice)),
-                Err(JwtError::Malformed),
+                Err(JwtError::DuplicateMember),
                 "{twice}"
             );
         }

@@ -39,6 +39,8 @@ pub enum JwtError {
     CriticalExtension,
     /// The header's `typ` names another kind of token than an access token.
     NotAnAccessToken,
+    /// A header member or a claim is named twice: readers could take different copies.
+    DuplicateMember,
 }
 
 impl JwtError {
@@ -52,6 +54,9 @@ impl JwtError {
                 | Self::WrongIssuer
                 | Self::WrongAudience
                 | Self::NoAccount
+                | Self::CriticalExtension
+                | Self::NotAnAccessToken
+                | Self::DuplicateMember
         )
     }
 }
@@ -70,6 +75,7 @@ impl fmt::Display for JwtError {
             Self::NoAccount => "no account claim",
             Self::CriticalExtension => "critical header extension",
             Self::NotAnAccessToken => "not an access token",
+            Self::DuplicateMember => "a header member or claim named twice",
         };
         f.write_str(s)
     }
@@ -227,7 +233,6 @@ impl JwtVerifier {
         now_unix: i64,
     ) -> Result<(ConsoleIdentity, i64), JwtError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
-        super::jose::check_header(token)?;
         if !self.algorithms.contains(&header.alg) {
             return Err(JwtError::AlgorithmNotAllowed);
         }
@@ -247,6 +252,7 @@ impl JwtVerifier {
                 _ => JwtError::Malformed,
             },
         )?;
+        super::jose::check_header(token)?;
         let claims = super::jose::claims(token)?;
         // NumericDate (RFC 7519 §2): seconds, possibly fractional; rounded the strict way
         // (`exp` down, `nbf` up).

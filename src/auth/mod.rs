@@ -49,42 +49,41 @@ impl ForwardedRestrictions {
     }
 }
 
-/// `items` comma-separated, or `None` when there are none. An item that is not a plain token
-/// (declared scopes are; instance ids are UUIDs) is left out: the backend then reads fewer
-/// rights than the key has, never more, and never one item as two.
+/// `items` comma-separated, or `None` when there are none. Items are checked first (see
+/// [`CachedKey::of`]): never empty, never holding a comma.
 fn listed(items: &[Box<str>]) -> Option<HeaderValue> {
     if items.is_empty() {
         return None;
     }
-    let plain = |item: &&str| {
-        !item.is_empty()
-            && item
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b":._/-".contains(&b))
-    };
-    let joined = items
-        .iter()
-        .map(|i| &**i)
-        .filter(plain)
-        .collect::<Vec<_>>()
-        .join(",");
-    // Only token bytes and commas: always a valid value. Were it not, an empty one says "none
-    // of them", which is still no more than the key may do.
-    Some(HeaderValue::from_str(&joined).unwrap_or_else(|_| HeaderValue::from_static("")))
+    let joined = items.iter().map(|i| &**i).collect::<Vec<_>>().join(",");
+    HeaderValue::from_str(&joined).ok()
 }
 
-impl From<KeyRecord> for CachedKey {
-    fn from(r: KeyRecord) -> Self {
+impl CachedKey {
+    /// What the cache keeps of a key record. A scope or instance id outside what key creation
+    /// accepts (written to the store by something else) is a store fault: forwarded, the list
+    /// would say less than the key holds, or nothing, which a backend may read as "any".
+    pub fn of(r: KeyRecord) -> Result<Self, StoreError> {
+        let plain = r
+            .scopes
+            .iter()
+            .all(|s| crate::policy::routes::valid_scope(s))
+            && r.instance_ids.iter().all(|i| crate::manage::valid_uuid(i));
+        if !plain {
+            return Err(StoreError::Misconfigured(
+                "a key record holds a scope or instance id key creation would refuse".into(),
+            ));
+        }
         let boxed = |v: Vec<String>| v.into_iter().map(String::into_boxed_str).collect();
         let scopes: Box<[Box<str>]> = boxed(r.scopes);
         let instance_ids: Box<[Box<str>]> = boxed(r.instance_ids);
-        Self {
+        Ok(Self {
             id: r.id.into_boxed_str(),
             account_id: r.account_id.into_boxed_str(),
             forwarded: ForwardedRestrictions::of(&scopes, &instance_ids),
             scopes,
             instance_ids,
-        }
+        })
     }
 }
 
@@ -262,7 +261,7 @@ impl Directory {
                 Ok(Some(record)) if record.is_active() => {
                     self.recent.insert(hash, (), now);
                     let value = id_value(&record.id)?;
-                    let entry = (Arc::new(CachedKey::from(record)), value);
+                    let entry = (Arc::new(CachedKey::of(record)?), value);
                     // Insert, then look again: `forget_*` bumps the generation before it
                     // removes, so an invalidation that slipped in between is seen here.
                     self.keys.insert(hash, entry.clone(), now);
@@ -403,6 +402,64 @@ mod tests {
     };
     use async_trait::async_trait;
     use tokio::sync::Notify;
+
+    fn record(scopes: &[&str], instance_ids: &[&str]) -> KeyRecord {
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        KeyRecord {
+            id: "key_1".into(),
+            account_id: "acme".into(),
+            name: "k".into(),
+            hash: "00".repeat(32),
+            prefix: "msgf_live_0000".into(),
+            last4: "0000".into(),
+            scopes: owned(scopes),
+            instance_ids: owned(instance_ids),
+            created_at_ms: 0,
+            last_used_at_ms: None,
+            revoked_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn restrictions_are_forwarded_whole_or_the_record_is_refused() {
+        const A: &str = "3fa85f64-5717-4562-b3fc-2c963f66afa6";
+        const B: &str = "9b2e8a3c-1111-4222-8333-444455556666";
+        assert_eq!(CachedKey::of(record(&[], &[])).unwrap().forwarded, None);
+        let both = CachedKey::of(record(&["messages:read", "a.b_c-d"], &[A, B]))
+            .unwrap()
+            .forwarded
+            .unwrap();
+        assert_eq!(
+            both.scopes.as_ref().map(HeaderValue::as_bytes),
+            Some(b"messages:read,a.b_c-d".as_slice())
+        );
+        let ids = format!("{A},{B}");
+        assert_eq!(
+            both.instance_ids.as_ref().map(HeaderValue::as_bytes),
+            Some(ids.as_bytes())
+        );
+        let scoped = CachedKey::of(record(&["x"], &[]))
+            .unwrap()
+            .forwarded
+            .unwrap();
+        assert_eq!(scoped.instance_ids, None);
+        // What key creation would refuse never goes out as a shorter (or empty) list.
+        for (scopes, ids) in [
+            (&["a,b"][..], &[][..]),
+            (&[""][..], &[][..]),
+            (&["Admin"][..], &[][..]),
+            (&[][..], &["not-a-uuid"][..]),
+            (&["x"][..], &[A, "3fa85f64,5717"][..]),
+        ] {
+            assert!(
+                matches!(
+                    CachedKey::of(record(scopes, ids)),
+                    Err(StoreError::Misconfigured(_))
+                ),
+                "{scopes:?} {ids:?}"
+            );
+        }
+    }
 
     /// The embedded store, with key lookups held until the test lets them go.
     struct HeldLookups {

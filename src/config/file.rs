@@ -387,10 +387,11 @@ fn d_key_scopes_header() -> Spanned<String> {
 fn d_key_instances_header() -> Spanned<String> {
     spanned("x-api-key-instance-ids".into())
 }
-/// Baggage carried one entry per header, under a prefix: Jaeger's `uberctx-{key}` and the
+/// Baggage carried one entry per header, under a prefix: Jaeger's `uberctx-{key}`, the
 /// OpenTracing propagator's `ot-baggage-{key}` (OpenTelemetry's `ot` propagator reads it into
-/// the request's baggage, as it reads W3C `baggage`).
-pub(super) const STRIP_PREFIXES: [&str; 2] = ["uberctx-", "ot-baggage-"];
+/// the request's baggage, as it reads W3C `baggage`) and Spring Cloud Sleuth 2's
+/// `baggage-{key}`.
+pub(super) const STRIP_PREFIXES: [&str; 3] = ["uberctx-", "ot-baggage-", "baggage-"];
 fn d_strip_prefixes() -> Vec<Spanned<String>> {
     STRIP_PREFIXES
         .iter()

@@ -466,6 +466,7 @@ impl Config {
                 .collect(),
         };
         validate::forwarded_names_distinct(&mut r, &raw.forward);
+        validate::strips_spare_needed(&mut r, &raw.forward);
         let echo = raw
             .echo
             .as_ref()

@@ -135,7 +135,7 @@ mod tests {
             key_instances_header: name("x-api-key-instance-ids"),
             strip_request_headers: vec![name("x-internal-user"), name("x_odd")],
             strip_override_headers: vec![name("forwarded"), name("x-http-method-override")],
-            strip_header_prefixes: vec![name("uberctx-"), name("ot-baggage-")],
+            strip_header_prefixes: vec![name("uberctx-"), name("ot-baggage-"), name("baggage-")],
         }
     }
 
@@ -174,6 +174,8 @@ mod tests {
             ("ot-baggage-tenant", true),
             ("ot_baggage_tenant", true),
             ("x-uberctx-a", false),
+            ("baggage-tenant", true),
+            ("baggage", false), // a name of the override list, not configured in this test
             ("", false),
         ] {
             assert_eq!(owned.owns(name.as_bytes()), expected, "{name}");

@@ -368,24 +368,83 @@ pub(super) fn header(r: &mut Reporter, field: &str, v: &Spanned<String>) -> Head
     })
 }
 
-/// Headers whose meaning the gateway fixes on every forwarded request (it writes, replaces or
-/// removes them itself): none of the configured forwarded names may be one of them.
-const GATEWAY_WRITTEN: [&str; 8] = [
+/// Headers a forwarded request cannot be framed, routed or checked right without, or that the
+/// gateway reads while it forwards: no strip list or prefix may take them away (a
+/// `strip_header_prefixes = ["content-"]` would send a body without its length).
+const NEEDED: [&str; 13] = [
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "host",
+    "expect",
     "x-api-key",
     "x-forwarded-for",
     "x-forwarded-proto",
     "traceparent",
     "tracestate",
-    "host",
-    "authorization",
-    "content-length",
 ];
+
+/// Besides [`NEEDED`], what no forwarded name may be: the hop-by-hop headers (removed, or
+/// speaking of the connection) and the credential header the gateway removes on key routes.
+const NOT_WRITABLE: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "http2-settings",
+    "authorization",
+];
+
+fn folded(name: &str) -> String {
+    name.to_ascii_lowercase().replace('_', "-")
+}
+
+/// No strip name or prefix may cover a [`NEEDED`] header.
+pub(super) fn strips_spare_needed(r: &mut Reporter, f: &file::ForwardFile) {
+    let named = f
+        .strip_request_headers
+        .iter()
+        .map(|n| ("forward.strip_request_headers", n, false))
+        .chain(
+            f.strip_override_headers
+                .iter()
+                .map(|n| ("forward.strip_override_headers", n, false)),
+        )
+        .chain(
+            f.strip_header_prefixes
+                .iter()
+                .map(|n| ("forward.strip_header_prefixes", n, true)),
+        );
+    for (field, name, prefix) in named {
+        let strip = folded(name.get_ref());
+        let covered = NEEDED.iter().find(|n| {
+            if prefix {
+                n.starts_with(&strip)
+            } else {
+                **n == strip
+            }
+        });
+        if let Some(needed) = covered {
+            r.at(
+                name.span(),
+                field,
+                format!(
+                    "\"{}\" would remove {needed}, which forwarded requests need",
+                    name.get_ref()
+                ),
+            );
+        }
+    }
+}
 
 /// Each header the gateway writes upstream needs a name of its own: `account_id_header =
 /// "x-request-id"` would have the request id overwrite the account id under the one name the
 /// backend trusts. Names compare as a backend reads them (any case, `_` as `-`).
 pub(super) fn forwarded_names_distinct(r: &mut Reporter, f: &file::ForwardFile) {
-    let fold = |n: &str| n.to_ascii_lowercase().replace('_', "-");
+    let fold = folded;
     let written = [
         ("forward.account_id_header", &f.account_id_header),
         ("forward.key_id_header", &f.key_id_header),
@@ -416,7 +475,7 @@ pub(super) fn forwarded_names_distinct(r: &mut Reporter, f: &file::ForwardFile) 
                     other.0
                 ),
             );
-        } else if GATEWAY_WRITTEN.contains(&folded.as_str()) {
+        } else if NEEDED.contains(&folded.as_str()) || NOT_WRITABLE.contains(&folded.as_str()) {
             r.at(
                 this.1.span(),
                 this.0,

@@ -7,7 +7,8 @@ use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::Method;
 use pingora::proxy::Session;
 
-/// Refuses `CONNECT` (and closes), and a request whose framing a parser could read otherwise:
+/// Refuses `CONNECT` (and closes), `TRACE`, a method not in upper case, and a request whose
+/// framing a parser could read otherwise:
 /// `Transfer-Encoding` beside `Content-Length`, a transfer coding other than `chunked` alone, a
 /// `Content-Length` that is not one plain number, and a body on `GET` or `HEAD` (a backend that
 /// does not expect one could read it as the next request on a shared upstream connection). The
@@ -17,10 +18,23 @@ pub(super) async fn check(
     session: &mut Session,
     body_idle: std::time::Duration,
 ) -> Result<(), GatewayError> {
-    if session.req_header().method == Method::CONNECT {
+    let method = &session.req_header().method;
+    if *method == Method::CONNECT {
         // A tunnel (or HTTP/2's extended CONNECT) would carry anything past every check.
         session.set_keepalive(None);
         return Err(GatewayError::connect_refused());
+    }
+    if !upper_case_method(method.as_str()) {
+        // Methods are case-sensitive (RFC 9110 §9.1), so `post` matches no policy entry for
+        // POST, but Django upper-cases the method and ASP.NET Core compares it ignoring case:
+        // under a catch-all entry, `post /api/v1/messages/send` would pass as another method
+        // and run as a send. nginx refuses such methods too.
+        return Err(GatewayError::method_not_upper_case());
+    }
+    if *method == Method::TRACE {
+        // An echo of the request (headers a backend or this gateway added included), with no
+        // use through a public gateway: nginx refuses it too.
+        return Err(GatewayError::trace_refused());
     }
     let h = &session.req_header().headers;
     let refused = if h.contains_key(TRANSFER_ENCODING) {
@@ -75,6 +89,15 @@ pub(super) async fn check(
     Ok(())
 }
 
+/// A method of upper-case letters, `-` and `_` (what nginx accepts): every standard method,
+/// and extension methods as they are spelled (`PROPFIND`, `M-SEARCH`).
+fn upper_case_method(method: &str) -> bool {
+    !method.is_empty()
+        && method
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+}
+
 /// One `Transfer-Encoding` line saying `chunked` and nothing else (any case, spaces around).
 fn only_chunked<'a>(mut lines: impl Iterator<Item = &'a [u8]>) -> bool {
     match (lines.next(), lines.next()) {
@@ -104,6 +127,16 @@ fn head_has_field(head: &[u8], name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn methods_are_upper_case_letters() {
+        for ok in ["GET", "POST", "PROPFIND", "M-SEARCH", "VERSION_CONTROL"] {
+            assert!(upper_case_method(ok), "{ok}");
+        }
+        for bad in ["get", "Post", "POST1", "", "GE T", "GET\u{0}"] {
+            assert!(!upper_case_method(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn fields_are_found_in_the_raw_head_by_name_only() {

@@ -253,6 +253,33 @@ fn connect_is_refused_in_the_json_shape() {
     }
 }
 
+/// Methods are case-sensitive, but Django upper-cases them and ASP.NET Core compares them
+/// ignoring case: `post` would match no policy entry for POST and run as one behind. Refused,
+/// as nginx does, and so is TRACE (an echo of the request, headers added on the way included).
+#[test]
+fn methods_not_in_upper_case_and_trace_are_refused() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let h = [
+        ("x-api-key", key.as_str()),
+        ("content-type", "application/json"),
+    ];
+    for (method, message) in [
+        ("post", "The request method must be upper-case letters"),
+        ("Post", "The request method must be upper-case letters"),
+        ("G3T", "The request method must be upper-case letters"),
+        ("TRACE", "The TRACE method is not served"),
+    ] {
+        let r = gw.send(method, "/api/v1/messages/send", &h, Some(b"{}"));
+        assert_refused(&r, 400, "BAD_REQUEST", message);
+    }
+    // Extension methods as spelled go on.
+    for method in ["PROPFIND", "M-SEARCH"] {
+        let seen = echoed(&gw.send(method, "/api/v1/messages/1", &h, None));
+        assert_eq!(seen["method"], method);
+    }
+}
+
 #[test]
 fn plain_chunked_bodies_are_forwarded() {
     let gw = Gateway::start();

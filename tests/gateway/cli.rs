@@ -186,7 +186,8 @@ fn check_names_accounts_whose_plan_is_gone() {
 
 /// A minimal valid gateway.toml (shipped policies) with `jwt` as its [jwt] table.
 /// Each header the gateway writes upstream has a name of its own (a backend reading `x_request_id`
-/// as `x-request-id` would take the request id for the account), and none is the gateway's.
+/// as `x-request-id` would take the request id for the account), and none is the gateway's; no
+/// strip list or prefix takes away a header forwarded requests need.
 #[test]
 fn forwarded_header_names_are_distinct() {
     let dir = tempfile::tempdir().unwrap();
@@ -194,7 +195,7 @@ fn forwarded_header_names_are_distinct() {
         dir.path(),
         "[forward]\naccount_id_header = \"X_Request_Id\"\n\
          key_instances_header = \"x-api-key-scopes\"\nuser_id_header = \"traceparent\"\n\
-         strip_header_prefixes = [\"uber ctx\"]",
+         strip_header_prefixes = [\"uber ctx\", \"content-\"]\nstrip_request_headers = [\"Host\"]",
     );
     let out = check(&config);
     assert_eq!(out.status.code(), Some(1));
@@ -206,7 +207,9 @@ fn forwarded_header_names_are_distinct() {
              {d}/gateway.toml:12:26: forward.strip_header_prefixes: \"uber ctx\" is not a valid header name\n\
              {d}/gateway.toml:11:18: forward.user_id_header: \"traceparent\" is a header the gateway sets or removes itself\n\
              {d}/gateway.toml:9:21: forward.account_id_header: \"X_Request_Id\" is forward.request_id_header too: each header the gateway writes needs its own name\n\
-             {d}/gateway.toml:10:24: forward.key_instances_header: \"x-api-key-scopes\" is forward.key_scopes_header too: each header the gateway writes needs its own name\n"
+             {d}/gateway.toml:10:24: forward.key_instances_header: \"x-api-key-scopes\" is forward.key_scopes_header too: each header the gateway writes needs its own name\n\
+             {d}/gateway.toml:13:26: forward.strip_request_headers: \"Host\" would remove host, which forwarded requests need\n\
+             {d}/gateway.toml:12:38: forward.strip_header_prefixes: \"content-\" would remove content-length, which forwarded requests need\n"
         )
     );
 }

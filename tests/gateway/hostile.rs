@@ -617,6 +617,7 @@ fn identity_headers_in_any_spelling_never_reach_the_upstream() {
         ("uberctx-account.id", "acc_victim"),
         ("uberctx_tenant", "acc_victim"),
         ("ot-baggage-account", "acc_victim"),
+        ("baggage-account", "acc_victim"),
         ("jaeger-baggage", "account=acc_victim"),
         // The restrictions the gateway forwards for a restricted key (this one has none).
         ("x-api-key-scopes", "admin"),

@@ -290,6 +290,31 @@ fn account_changes_reach_every_node() {
     });
 }
 
+/// A counter gone from Redis while a node believes its expiry set (expired between refreshes,
+/// evicted, lost in a failover) is created again by the next admission, with an expiry: none
+/// outlives its use for good.
+#[test]
+fn counters_created_again_get_their_expiry() {
+    let redis = RedisServer::start();
+    let n = nodes(1, &redis);
+    let (key, key_id) = n[0].account_with_key("acme", "pro");
+    let tat = format!("mf:{{a:acme}}:tat:{key_id}");
+    let quota = redis.cli(&["KEYS", "mf:{a:acme}:q:*"]);
+    assert!(quota.trim().is_empty(), "{quota}");
+    assert_eq!(n[0].get("/api/v1/x", &[("x-api-key", &key)]).status, 200);
+    let quota = redis.cli(&["KEYS", "mf:{a:acme}:q:*"]).trim().to_owned();
+    assert!(quota.starts_with("mf:{a:acme}:q:"), "{quota}");
+    let pttl = |k: &str| -> i64 { redis.cli(&["PTTL", k]).trim().parse().expect("PTTL") };
+    for round in 0..2 {
+        assert!(pttl(&tat) > 0 && pttl(&quota) > 0, "round {round}");
+        // Both gone, within the minute in which the node sets neither expiry again.
+        assert_eq!(redis.cli(&["DEL", &tat, &quota]).trim(), "2");
+        n[0].clock.advance_ms(1_000);
+        assert_eq!(n[0].get("/api/v1/x", &[("x-api-key", &key)]).status, 200);
+    }
+    assert!(pttl(&tat) > 0 && pttl(&quota) > 0, "after recreation");
+}
+
 #[test]
 fn one_round_trip_per_authorized_request_and_none_for_a_known_bogus_key() {
     let redis = RedisServer::start();

@@ -608,6 +608,26 @@ fn http2_connect_is_refused_in_the_json_shape() {
     );
 }
 
+/// HTTP/2 carries the method as sent too: one not in upper case is refused before any policy
+/// reads it, as on HTTP/1.1.
+#[test]
+fn http2_methods_not_in_upper_case_are_refused() {
+    let gw = Gateway::start_with(Setup::new().server("h2c = true"));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let req = http::Request::builder()
+        .method(http::Method::from_bytes(b"post").unwrap())
+        .uri(format!("http://{}/api/v1/messages/send", gw.proxy))
+        .header("x-api-key", key.as_str())
+        .body(())
+        .unwrap();
+    assert_h2_refused(
+        &h2c_exchange(gw.proxy, req, None),
+        400,
+        "BAD_REQUEST",
+        "The request method must be upper-case letters",
+    );
+}
+
 /// A GET whose stream ends with trailers instead of its head has no DATA, but pingora never
 /// takes its body for done and would send it upstream chunked: refused as a body.
 #[test]

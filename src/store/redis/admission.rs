@@ -2,7 +2,9 @@
 //!
 //! The pipeline is `ZADD tat GT now t; ZINCRBY tat T t; INCR q; SISMEMBER active key` (plus
 //! `EXPIREAT q` once per period and node, and `PEXPIRE tat` + `HSET used` at most once a minute
-//! per key and node: the TAT's TTL covers a minute without refresh). `ZADD GT` then `ZINCRBY`
+//! per key and node: the TAT's TTL covers a minute without refresh). When the replies say the
+//! pipeline created a key the node believed had its expiry (`ZADD` added, `INCR` gave 1), the
+//! expiry follows in a second round trip. `ZADD GT` then `ZINCRBY`
 //! computes GCRA's `max(tat, now) + T` in Redis; what that TAT means (admit, refuse, remaining, reset) is
 //! `limits::gcra::judge`'s arithmetic, the same the embedded store uses. A rejection (rate or
 //! quota) is compensated with `ZINCRBY -T` and `DECR`, so it consumes nothing. Between a
@@ -41,6 +43,10 @@ pub(super) const LAST_USE_EVERY_NS: u64 = 60_000_000_000;
 /// TAT (at most a burst window ahead) by a second.
 const TAT_TTL_MARGIN_MS: u64 = LAST_USE_EVERY_NS / 1_000_000 + 1_000;
 
+/// A period's counter outlives the period by this long (usage of the last period stays
+/// readable).
+const QUOTA_TTL_AFTER_PERIOD_SECS: i64 = 35 * 86_400;
+
 impl RedisStore {
     pub(super) async fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, StoreError> {
         let t_us = (1_000_000 / u64::from(req.bucket.rate_per_second.max(1))).max(1);
@@ -77,7 +83,7 @@ impl RedisStore {
             Arg::Str(req.key_id),
         ]);
         if set_expiry {
-            let expire_at = req.period_end_unix + 35 * 86_400;
+            let expire_at = req.period_end_unix + QUOTA_TTL_AFTER_PERIOD_SECS;
             c.push(&[
                 Arg::Str("EXPIREAT"),
                 Arg::Concat(&quota),
@@ -107,6 +113,31 @@ impl RedisStore {
                 "unexpected reply to the admission".into(),
             ));
         };
+        // A key this pipeline created anew (gone meanwhile: expired between the node's
+        // refreshes, evicted, lost in a failover, deleted by hand) has no expiry when the node's
+        // caches said it was set: it gets one now, or it would outlive its use for good.
+        let tat_created = !touch && replies.first().and_then(Reply::as_i64) == Some(1);
+        let quota_created = !set_expiry && used == 1;
+        if tat_created || quota_created {
+            let mut c = Commands::new();
+            if tat_created {
+                c.push(&[
+                    Arg::Str("PEXPIRE"),
+                    Arg::Concat(&tat),
+                    Arg::UInt(burst_us / 1000 + TAT_TTL_MARGIN_MS),
+                ]);
+            }
+            if quota_created {
+                c.push(&[
+                    Arg::Str("EXPIREAT"),
+                    Arg::Concat(&quota),
+                    Arg::Int(req.period_end_unix + QUOTA_TTL_AFTER_PERIOD_SECS),
+                ]);
+            }
+            if let Err(e) = self.run(Budget::Admission, &c).await {
+                tracing::warn!(error = %e, "could not set the expiry of a recreated counter");
+            }
+        }
         if active == 0 {
             self.undo_revoked(&tat, &quota).await;
             return Ok(Admission::Revoked);
