@@ -620,6 +620,14 @@ pub(crate) fn answer_head(
     parts
 }
 
+/// `Cache-Control: no-store`, for answers that may carry a secret (a created key).
+pub(crate) fn no_store(h: &mut http::HeaderMap) {
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+}
+
 impl fmt::Display for GatewayError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

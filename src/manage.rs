@@ -8,7 +8,7 @@ use crate::limits::quota;
 use crate::log_limit::LogLimit;
 use crate::policy::routes::valid_scope;
 use crate::policy::{Plans, Policies};
-use crate::store::valid_id;
+use crate::store::{valid_id, valid_uuid};
 use crate::store::{Account, CreateKeyError, KeyRecord, Store, StoreError, Subscription};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -98,16 +98,6 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, GatewayError> {
     })?;
     de.end().map_err(|_| GatewayError::body_not_json())?;
     Ok(value)
-}
-
-/// `8-4-4-4-12` hex digits.
-pub(crate) fn valid_uuid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Milliseconds since the epoch as RFC 3339 UTC, e.g. `2026-11-29T03:27:35.120Z`.

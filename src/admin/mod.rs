@@ -5,6 +5,7 @@ use crate::edge_stream::EdgeStream;
 use crate::errors::{answer_head, GatewayError};
 use crate::gateway::Gateway;
 use crate::inspect::read_body;
+use crate::log_limit::LogLimit;
 use async_trait::async_trait;
 use http::{Method, Response};
 use pingora::apps::http_app::ServeHttp;
@@ -63,6 +64,45 @@ fn authorized(gw: &Gateway, session: &ServerSession) -> bool {
     bytes.len() > 7
         && bytes[..7].eq_ignore_ascii_case(b"bearer ")
         && constant_time_eq(&bytes[7..], expected.as_bytes())
+}
+
+/// The audit trail: one line per admin call that changes something (method, path, status, the
+/// peer, and a created key's id), and per refused admin credential (at most one a second, with
+/// how many were suppressed). Never a body, a key or a token.
+fn audit(gw: &Gateway, session: &ServerSession, method: &Method, path: &str, reply: &Reply) {
+    static REFUSED: LogLimit = LogLimit::per_second();
+    let Some(call) = path.strip_prefix("/admin/v1/") else {
+        return;
+    };
+    let status = match reply {
+        Reply::Ok { status, .. } => *status,
+        Reply::Refused(e) => e.status(),
+    };
+    let peer = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    // What the caller wrote, bounded (a URI path holds no control byte or space).
+    let call: String = call.chars().take(256).collect();
+    if status == 401 {
+        if let Some(suppressed) = REFUSED.admit(gw.clock.now_ns()) {
+            tracing::warn!(%method, %call, %peer, suppressed, "admin call refused: invalid or missing token");
+        }
+        return;
+    }
+    if *method == Method::GET || *method == Method::HEAD {
+        return;
+    }
+    let created = match reply {
+        Reply::Ok {
+            status: 201, body, ..
+        } => serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned)),
+        _ => None,
+    };
+    tracing::info!(%method, %call, status, %peer, created = created.as_deref().unwrap_or(""), "admin call");
 }
 
 impl AdminApp {
@@ -206,7 +246,10 @@ impl ServeHttp for AdminApp {
         if let Some(edge) = EdgeStream::of(session.stream()) {
             edge.request_began();
         }
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_owned();
         let reply = self.route(session).await;
+        audit(&self.0, session, &method, &path, &reply);
         // Whatever the caller sent and we did not read would poison keep-alive: drained when
         // small, else the connection closes after the answer.
         let live = self.0.live();
@@ -226,7 +269,12 @@ impl ServeHttp for AdminApp {
                 status,
                 content_type,
                 body,
-            } => (answer_head(status, content_type, body.len(), None), body),
+            } => {
+                // Key creation answers with the full key, once: no cache may keep it.
+                let mut head = answer_head(status, content_type, body.len(), None);
+                crate::errors::no_store(&mut head.headers);
+                (head, body)
+            }
             Reply::Refused(e) => self.0.refusal(&e),
         };
         Response::from_parts(head, body)

@@ -68,7 +68,7 @@ impl CachedKey {
             .scopes
             .iter()
             .all(|s| crate::policy::routes::valid_scope(s))
-            && r.instance_ids.iter().all(|i| crate::manage::valid_uuid(i));
+            && r.instance_ids.iter().all(|i| crate::store::valid_uuid(i));
         if !plain {
             return Err(StoreError::Misconfigured(
                 "a key record holds a scope or instance id key creation would refuse".into(),

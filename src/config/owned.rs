@@ -20,8 +20,9 @@ const HOP_BY_HOP: [&str; 5] = [
 
 /// The request headers a client's copy of which never goes upstream: the configured owned ones
 /// (identity, request id, strips, overrides) as spelled, and those and [`ALWAYS_OWNED`] with
-/// `_` and `-` exchanged anywhere (`x_account_id` is `HTTP_X_ACCOUNT_ID` to CGI, Rack and PHP,
-/// the same variable as the trusted `x-account-id`; a configured `sm_user` is `sm-user` too).
+/// `_`, `-` and `.` exchanged anywhere (`x_account_id` is `HTTP_X_ACCOUNT_ID` to CGI, Rack and
+/// PHP, the same variable as the trusted `x-account-id`, and so is `x-account.id` to PHP; a
+/// configured `sm_user` is `sm-user` too).
 ///
 /// Kept by length, so that one pass over a request's few names finds every copy at a
 /// comparison or two per name, where a map probe per owned name (16 by default) hashed each.
@@ -35,13 +36,16 @@ pub(crate) struct OwnedNames {
     prefixes: Vec<Box<[u8]>>,
 }
 
-/// Whether `name` reads as `owned` with `_` and `-` as one character, and whether it took a
-/// separator spelled the other way to read so. Compares the first `owned.len()` bytes.
+/// Whether `name` reads as `owned` with `-`, `_` and `.` as one character, and whether it took
+/// a separator spelled another way to read so. Compares the first `owned.len()` bytes. PHP
+/// turns `.` into `_` in every variable name it registers: behind Caddy or FrankenPHP (which
+/// pass `x-account.id` on as `HTTP_X_ACCOUNT.ID`), PHP-FPM files it as `HTTP_X_ACCOUNT_ID`.
 fn reads_as(name: &[u8], owned: &[u8]) -> (bool, bool) {
+    let separator = |b: u8| matches!(b, b'-' | b'_' | b'.');
     let mut respelled = false;
     let same = name.len() >= owned.len()
         && name.iter().zip(owned.iter()).all(|(&c, &o)| {
-            let other_separator = matches!((c, o), (b'_', b'-') | (b'-', b'_'));
+            let other_separator = c != o && separator(c) && separator(o);
             respelled |= other_separator;
             c == o || other_separator
         });
@@ -109,7 +113,7 @@ mod tests {
     /// The rule `OwnedNames` implements, spelled out: owned when it reads as an owned name with
     /// `_` and `-` as one character, or as an always-owned name spelled otherwise.
     fn owned_by_rule(fwd: &super::super::Forward, name: &str) -> bool {
-        let dashed = |n: &str| n.replace('_', "-");
+        let dashed = |n: &str| n.replace(['_', '.'], "-");
         let configured = fwd
             .owned_headers()
             .map(|o| o.as_str().to_owned())
@@ -175,6 +179,13 @@ mod tests {
             ("ot_baggage_tenant", true),
             ("x-uberctx-a", false),
             ("baggage-tenant", true),
+            ("x-account.id", true),
+            ("x.api.key.id", true),
+            ("x-api-key-instance.ids", true),
+            ("x-forwarded.for", true),
+            ("x-api.key", true),
+            ("uberctx.tenant", true),
+            ("content.type", false),
             ("baggage", false), // a name of the override list, not configured in this test
             ("", false),
         ] {
@@ -197,7 +208,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn owned_names_follow_the_rule(name in "[a-z_-]{0,20}|x[-_](account|api|forwarded|user)[-_][a-z_-]{0,12}|(uberctx|ot[-_]baggage)[-_]?[a-z_.-]{0,8}") {
+        fn owned_names_follow_the_rule(name in "[a-z_.-]{0,20}|x[-_.](account|api|forwarded|user)[-_.][a-z_.-]{0,12}|(uberctx|ot[-_.]baggage)[-_.]?[a-z_.-]{0,8}") {
             let fwd = forward();
             proptest::prop_assert_eq!(OwnedNames::new(&fwd).owns(name.as_bytes()), owned_by_rule(&fwd, &name));
         }

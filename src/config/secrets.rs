@@ -23,6 +23,8 @@ pub enum SecretProblem {
         var: String,
         word: &'static str,
     },
+    #[error("the admin token ({var}) is no header value a request can carry: it starts or ends with whitespace or holds a control byte (a trailing newline from a file?)")]
+    AdminTokenUnsendable { var: String },
     #[error("{what} ({var}) is too short: at least {min} bytes, got {got}")]
     TooShort {
         what: &'static str,
@@ -56,6 +58,13 @@ impl Config {
     pub fn weak_secrets(&self) -> Vec<SecretProblem> {
         let mut weak = Vec::new();
         if let Some(token) = &self.admin.token {
+            // Header values arrive trimmed and hold no control byte: such a token could never
+            // be matched, and every admin call would be refused without a word as to why.
+            if token.trim() != token || token.bytes().any(|b| b.is_ascii_control()) {
+                weak.push(SecretProblem::AdminTokenUnsendable {
+                    var: self.admin.token_env.clone(),
+                });
+            }
             weak.extend(weak_secret(
                 "the admin token",
                 &self.admin.token_env,

@@ -398,8 +398,9 @@ const NOT_WRITABLE: [&str; 6] = [
     "authorization",
 ];
 
+/// A header name as backends may read it: any case, `_` and `.` as `-` (CGI, PHP).
 fn folded(name: &str) -> String {
-    name.to_ascii_lowercase().replace('_', "-")
+    name.to_ascii_lowercase().replace(['_', '.'], "-")
 }
 
 /// No strip name or prefix may cover a [`NEEDED`] header.
@@ -442,7 +443,7 @@ pub(super) fn strips_spare_needed(r: &mut Reporter, f: &file::ForwardFile) {
 
 /// Each header the gateway writes upstream needs a name of its own: `account_id_header =
 /// "x-request-id"` would have the request id overwrite the account id under the one name the
-/// backend trusts. Names compare as a backend reads them (any case, `_` as `-`).
+/// backend trusts. Names compare as a backend reads them (any case, `_` and `.` as `-`).
 pub(super) fn forwarded_names_distinct(r: &mut Reporter, f: &file::ForwardFile) {
     let fold = folded;
     let written = [

@@ -21,14 +21,16 @@ pub(crate) async fn send_error(
     write(session, ctx, head, body).await
 }
 
-/// Sends a JSON document with `status` (an answer the gateway serves itself).
+/// Sends a JSON document with `status` (an answer the gateway serves itself: key listings, a
+/// created key). Never stored by a cache on the way or in the browser: one carries a full key.
 pub(crate) async fn send(
     session: &mut Session,
     ctx: &mut Ctx,
     status: u16,
     body: Vec<u8>,
 ) -> Result<()> {
-    let head = answer_head(status, "application/json", body.len(), None);
+    let mut head = answer_head(status, "application/json", body.len(), None);
+    crate::errors::no_store(&mut head.headers);
     write(session, ctx, head, body).await
 }
 

@@ -109,7 +109,11 @@ impl Journal {
             serde_json::to_writer(&mut bytes, entry).map_err(|e| before(persist_err(path, e)))?;
             bytes.push(b'\n');
         }
-        let tmp = path.with_extension("tmp");
+        // The whole name and `.tmp`: `with_extension` would make `store.tmp`'s temporary file
+        // the data file itself, and `a.jsonl` share one with `a.json`.
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp);
         // The handle written here is the one appended to after the rename: nothing to reopen.
         let file = (|| {
             // Append mode (a failed append's cut-back keeps later appends at the end); a
@@ -224,7 +228,25 @@ mod tests {
         j.compact(&[account("a", "pro"), account("b", "free")])
             .unwrap();
         assert_eq!(plans(&Journal::read(&path).unwrap()), ["a=pro", "b=free"]);
-        assert!(!path.with_extension("tmp").exists());
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1,
+            "a temporary file was left"
+        );
+    }
+
+    /// A compaction's temporary file is named after the whole data file name: `store.jsonl`'s is
+    /// never `store.tmp`, which may be another gateway's data file in the same directory.
+    #[test]
+    fn a_compaction_touches_no_other_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("store.tmp");
+        Journal::create(&other, &[account("o", "plus")]).unwrap();
+        let path = dir.path().join("store.jsonl");
+        let mut j = Journal::create(&path, &[account("a", "free")]).unwrap();
+        j.compact(&[account("a", "pro")]).unwrap();
+        assert_eq!(plans(&Journal::read(&path).unwrap()), ["a=pro"]);
+        assert_eq!(plans(&Journal::read(&other).unwrap()), ["o=plus"]);
     }
 
     #[test]

@@ -272,9 +272,11 @@ fn a_stalled_writer_drops_lines_and_counts_them_without_stalling_requests() {
     assert!(dropped > 0, "{metrics}");
 }
 
-/// `[log] format = "json"`: the operational lines (start, reload, …) are JSON objects too.
+/// `[log] format = "json"`: the operational lines (start, reload, …) are JSON objects too; every
+/// admin call that changes something leaves one (who, what, the answer, a created key's id,
+/// never the key), and so does a refused admin token.
 #[test]
-fn operational_logs_are_json_when_asked() {
+fn operational_logs_are_json_when_asked_and_admin_calls_are_audited() {
     let tmp = tempfile::tempdir().unwrap();
     let (proxy, admin, echo) = (free_addr(), free_addr(), free_addr());
     let path = write_config(
@@ -305,6 +307,36 @@ fn operational_logs_are_json_when_asked() {
     )
     .unwrap();
     assert_eq!(r.status, 200);
+    let call = |method: &str, path: &str, auth: &str, body: Option<&[u8]>| {
+        request(
+            admin,
+            method,
+            path,
+            &[
+                ("authorization", auth),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+        .unwrap()
+    };
+    let r = call(
+        "PUT",
+        "/admin/v1/accounts/acme",
+        &auth,
+        Some(br#"{"plan":"pro","subscription":"active"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = call(
+        "POST",
+        "/admin/v1/accounts/acme/keys",
+        &auth,
+        Some(br#"{"name":"k"}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let created = r.json().unwrap();
+    let r = call("GET", "/admin/v1/accounts/acme", "Bearer wrong-token", None);
+    assert_eq!(r.status, 401);
     child.kill().unwrap();
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
@@ -317,6 +349,61 @@ fn operational_logs_are_json_when_asked() {
         lines
             .iter()
             .any(|l| l["fields"]["message"] == "msgflash-gateway starting" && l["level"] == "INFO"),
+        "{err}"
+    );
+    let audit: Vec<(&str, &str, &str, String, &str, &str)> = lines
+        .iter()
+        .filter(|l| {
+            let m = &l["fields"]["message"];
+            *m == "admin call" || *m == "admin call refused: invalid or missing token"
+        })
+        .map(|l| {
+            let f = &l["fields"];
+            (
+                l["level"].as_str().unwrap(),
+                f["method"].as_str().unwrap(),
+                f["call"].as_str().unwrap(),
+                f["status"].to_string(),
+                f["peer"].as_str().unwrap(),
+                f["created"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    let key_id = created["id"].as_str().unwrap();
+    assert_eq!(
+        audit,
+        [
+            ("INFO", "POST", "reload", "200".into(), "127.0.0.1", ""),
+            (
+                "INFO",
+                "PUT",
+                "accounts/acme",
+                "200".into(),
+                "127.0.0.1",
+                ""
+            ),
+            (
+                "INFO",
+                "POST",
+                "accounts/acme/keys",
+                "201".into(),
+                "127.0.0.1",
+                key_id
+            ),
+            (
+                "WARN",
+                "GET",
+                "accounts/acme",
+                "null".into(),
+                "127.0.0.1",
+                "-"
+            ),
+        ],
+        "{err}"
+    );
+    assert!(!err.contains(created["key"].as_str().unwrap()), "{err}");
+    assert!(
+        !err.contains(ADMIN_TOKEN) && !err.contains("wrong-token"),
         "{err}"
     );
 }

@@ -131,6 +131,8 @@ fn keys_are_created_listed_and_revoked(b: Backend) {
         Some(json!({"name": "prod", "scopes": ["messages:send"], "instanceIds": ["3fa85f64-5717-4562-b3fc-2c963f66afa6"]})),
     );
     assert_eq!(r.status, 201);
+    // The one answer that carries the full key: no cache on the way may keep it.
+    assert_eq!(r.header("cache-control"), Some("no-store"));
     let created = r.json().unwrap();
     let key = created["key"].as_str().unwrap();
     assert_eq!(created["createdAt"], "2026-11-29T00:00:00.000Z");

@@ -246,6 +246,12 @@ fn weak_secrets_are_refused_by_check_and_run() {
             "the JWT HMAC secret (MSGFLASH_JWT_SECRET) contains the placeholder \"change-me\": generate one, e.g. $(openssl rand -hex 32)",
         ),
         (
+            // As `kubectl create secret --from-file` leaves it: a request can never carry it.
+            "0123456789abcdef01234567\n",
+            "0123456789abcdef0123456789abcdef",
+            "the admin token (MSGFLASH_ADMIN_TOKEN) is no header value a request can carry: it starts or ends with whitespace or holds a control byte (a trailing newline from a file?)",
+        ),
+        (
             "dev-admin-token-0123456789",
             "0123456789abcdef0123456789abcde",
             "the admin token (MSGFLASH_ADMIN_TOKEN) contains the placeholder \"dev-\": generate one, e.g. $(openssl rand -hex 32)\n\

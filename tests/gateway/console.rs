@@ -99,6 +99,7 @@ fn console_manages_the_tokens_own_keys(b: Backend) {
         Some(br#"{"name":"ci","scopes":["messages:send"]}"#),
     );
     assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.header("cache-control"), Some("no-store"));
     let created = r.json().unwrap();
     let key = created["key"].as_str().unwrap().to_owned();
     assert_eq!(created["prefix"], key[..14]);

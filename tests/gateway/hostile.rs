@@ -566,6 +566,15 @@ fn identity_headers_in_any_spelling_never_reach_the_upstream() {
         ("x-api-key", key.as_str()),
         ("x_account_id", "acc_victim"),
         ("x-account_id", "acc_victim"),
+        // PHP files `.` as `_`: behind Caddy or FrankenPHP these are HTTP_X_ACCOUNT_ID & co.
+        ("x-account.id", "acc_victim"),
+        ("x.api.key.id", "key_victim"),
+        (
+            "x-api-key-instance.ids",
+            "3fa85f64-5717-4562-b3fc-2c963f66afa6",
+        ),
+        ("x-forwarded.host", "evil.example"),
+        ("x-http-method.override", "DELETE"),
         ("X_API_KEY_ID", "key_victim"),
         ("x_user_id", "u_victim"),
         ("x_api_key", "msgf_live_forged"),

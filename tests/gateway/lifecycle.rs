@@ -28,7 +28,7 @@ fn restart_keeps_accounts_and_keys_but_never_the_key_itself() {
     );
     let hash = msgflash_gateway::auth::api_key::KeyHash::of(key.as_bytes()).to_hex();
     assert!(data.contains(&hash));
-    assert!(!gw.dir.path().join("data/store.tmp").exists());
+    assert!(!gw.dir.path().join("data/store.jsonl.tmp").exists());
 }
 
 #[test]
