@@ -29,19 +29,35 @@ const HOP_BY_HOP: [&str; 5] = [
 ///
 /// Names under a configured prefix (`forward.strip_header_prefixes`, `_` and `-` alike there
 /// too) are owned whatever follows it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct OwnedNames {
     /// By name length: each name, and whether only its `_` spellings are owned.
     by_len: Vec<Vec<(Box<[u8]>, bool)>>,
     prefixes: Vec<Box<[u8]>>,
+    /// Whether a name starting with this byte may be under a prefix: most names are not, at
+    /// one look-up.
+    prefix_first: [bool; 256],
 }
+
+impl Default for OwnedNames {
+    fn default() -> Self {
+        Self {
+            by_len: Vec::new(),
+            prefixes: Vec::new(),
+            prefix_first: [false; 256],
+        }
+    }
+}
+
+/// The bytes backends read as one another in a header name.
+const SEPARATORS: [u8; 3] = [b'-', b'_', b'.'];
 
 /// Whether `name` reads as `owned` with `-`, `_` and `.` as one character, and whether it took
 /// a separator spelled another way to read so. Compares the first `owned.len()` bytes. PHP
 /// turns `.` into `_` in every variable name it registers: behind Caddy or FrankenPHP (which
 /// pass `x-account.id` on as `HTTP_X_ACCOUNT.ID`), PHP-FPM files it as `HTTP_X_ACCOUNT_ID`.
 fn reads_as(name: &[u8], owned: &[u8]) -> (bool, bool) {
-    let separator = |b: u8| matches!(b, b'-' | b'_' | b'.');
+    let separator = |b: u8| SEPARATORS.contains(&b);
     let mut respelled = false;
     let same = name.len() >= owned.len()
         && name.iter().zip(owned.iter()).all(|(&c, &o)| {
@@ -71,6 +87,15 @@ impl OwnedNames {
             .iter()
             .map(|p| p.as_str().as_bytes().into())
             .collect();
+        for first in owned.prefixes.iter().filter_map(|p| p.first()) {
+            if SEPARATORS.contains(first) {
+                for s in SEPARATORS {
+                    owned.prefix_first[usize::from(s)] = true;
+                }
+            } else {
+                owned.prefix_first[usize::from(*first)] = true;
+            }
+        }
         owned
     }
 
@@ -89,7 +114,11 @@ impl OwnedNames {
                 same && (respelled || !underscored_only)
             })
         });
-        named || self.prefixes.iter().any(|p| reads_as(name, p).0)
+        named
+            || name
+                .first()
+                .is_some_and(|&b| self.prefix_first[usize::from(b)])
+                && self.prefixes.iter().any(|p| reads_as(name, p).0)
     }
 
     /// Removes every owned header from `h`.
