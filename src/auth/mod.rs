@@ -23,7 +23,7 @@ pub struct CachedKey {
     pub instance_ids: Box<[Box<str>]>,
     /// The restrictions as forwarded to the backend, built once per cached key; `None` for a
     /// key without any (most keys: they pay one word).
-    pub forwarded: Option<Box<ForwardedRestrictions>>,
+    pub forwarded: Option<Arc<ForwardedRestrictions>>,
 }
 
 /// A restricted key's scopes and instance ids as header values (`a,b`), so that a backend can
@@ -38,11 +38,11 @@ pub struct ForwardedRestrictions {
 }
 
 impl ForwardedRestrictions {
-    fn of(scopes: &[Box<str>], instance_ids: &[Box<str>]) -> Option<Box<Self>> {
+    fn of(scopes: &[Box<str>], instance_ids: &[Box<str>]) -> Option<Arc<Self>> {
         if scopes.is_empty() && instance_ids.is_empty() {
             return None;
         }
-        Some(Box::new(Self {
+        Some(Arc::new(Self {
             scopes: listed(scopes),
             instance_ids: listed(instance_ids),
         }))

@@ -46,7 +46,7 @@ pub(crate) struct Identity {
     pub key_id: Option<HeaderValue>,
     pub user_id: Option<HeaderValue>,
     /// A restricted key's scopes and instance ids (`None`: an unrestricted key, or no key).
-    pub restrictions: Option<ForwardedRestrictions>,
+    pub restrictions: Option<Arc<ForwardedRestrictions>>,
 }
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");

@@ -232,7 +232,7 @@ pub(crate) async fn authorize(
         account_id: principal.account_id_value.clone(),
         key_id: Some(principal.key_id_value.clone()),
         user_id: None,
-        restrictions: principal.key.forwarded.as_deref().cloned(),
+        restrictions: principal.key.forwarded.clone(),
     };
     // Nothing to forward to: refused before steps 6 and 7, which would count a request that
     // never reaches the upstream.
