@@ -111,6 +111,10 @@ impl GatewayProxy {
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
+/// The most header fields a request may carry, on either protocol: what pingora's HTTP/1.1
+/// parser takes.
+const MAX_REQUEST_HEADERS: usize = 256;
+
 fn header_bytes(req: &RequestHeader) -> usize {
     req.headers
         .iter()
@@ -156,7 +160,12 @@ impl GatewayProxy {
         let live = ctx.live.clone();
         framing::check(session, live.config.server.body_idle_timeout).await?;
         let req = session.req_header();
-        if header_bytes(req) > live.config.server.max_header_bytes {
+        // HTTP/1.1 heads hold at most 256 header lines (the edge stream counts them); an HTTP/2
+        // header list could hold thousands of tiny fields within its bytes, and Node keeps only
+        // a request's first 2000 headers, the gateway's own (added last) among those it drops.
+        if header_bytes(req) > live.config.server.max_header_bytes
+            || req.headers.len() > MAX_REQUEST_HEADERS
+        {
             return Err(GatewayError::headers_too_large());
         }
         if !host::allowed(req, &live.config.server.hosts) {
