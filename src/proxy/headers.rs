@@ -120,6 +120,14 @@ impl RateHeaders {
     }
 }
 
+/// Removes the headers that say a key's live rate state ([`RateHeaders::write_to`] writes them
+/// only when it has that state).
+pub(crate) fn remove_live_rate(headers: &mut HeaderMap) {
+    for name in [&RATELIMIT, &X_RATELIMIT_REMAINING, &X_RATELIMIT_RESET] {
+        headers.remove(name);
+    }
+}
+
 /// Addresses as one `X-Forwarded-For` value, `a, b, c`.
 pub(crate) fn chain_value(ips: impl Iterator<Item = IpAddr>) -> HeaderValue {
     let mut out = Vec::with_capacity(64);

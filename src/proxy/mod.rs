@@ -17,6 +17,7 @@ pub(crate) mod headers;
 mod host;
 pub(crate) mod public_api;
 pub(crate) mod respond;
+mod response_head;
 mod restrictions;
 
 use crate::auth::ForwardedRestrictions;
@@ -503,7 +504,13 @@ impl ProxyHttp for GatewayProxy {
             .upstream_started
             .map(|t| u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
         header_edit::edit_response(resp, |parts| {
+            response_head::clean(parts.status, &mut parts.headers);
             if let Some(rate) = &ctx.rate {
+                if rate.live.is_none() {
+                    // Forwarded unmetered (`fail_open`): no state of the gateway's to say, and
+                    // none of the upstream's own passes for it.
+                    headers::remove_live_rate(&mut parts.headers);
+                }
                 rate.write_to(&mut parts.headers);
             }
             parts.headers.insert(

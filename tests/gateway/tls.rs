@@ -557,7 +557,7 @@ fn h2c_serves_http2_with_prior_knowledge_on_the_plain_listener_when_enabled() {
 
 /// One HTTP/2 request with prior knowledge (h2c) to `addr`: the request (its body empty), and
 /// trailers to end the stream with instead of its head; (status, headers, body).
-fn h2c_exchange(
+pub(crate) fn h2c_exchange(
     addr: SocketAddr,
     req: http::Request<()>,
     trailers: Option<http::HeaderMap>,

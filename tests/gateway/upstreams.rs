@@ -200,6 +200,54 @@ fn an_upstreams_empty_400_passes_unchanged() {
     }
 }
 
+/// What speaks of the upstream's own connection never reaches the client (its keep-alive
+/// timeout, what its `Connection` names, `TE`, which HTTP/2 forbids in a response), and a
+/// `Content-Length` list pingora framed by arrives as one number.
+#[test]
+fn an_upstreams_hop_by_hop_headers_stay_behind() {
+    let answer: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\
+        keep-alive: timeout=300, max=100\r\nconnection: keep-alive, x-debug\r\n\
+        x-debug: internal\r\nte: trailers, deflate\r\ntrailer: x-sum\r\n\
+        proxy-connection: keep-alive\r\nproxy-authenticate: Basic realm=\"in\"\r\n\
+        content-length: 5, 5\r\n\r\nhello";
+    let gw = Gateway::start_with(
+        upstream(vec![At::Addr(scripted_upstream(answer, Then::Close))], None).server("h2c = true"),
+    );
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    assert_eq!((r.status, r.text()), (200, "hello".to_string()));
+    let mut names: Vec<&str> = r.headers.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(
+        names,
+        [
+            "connection",
+            "content-length",
+            "content-type",
+            "date",
+            "ratelimit",
+            "ratelimit-policy",
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+            "x-request-id"
+        ],
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(r.header("content-length"), Some("5"));
+    assert_eq!(r.header("connection"), Some("keep-alive"));
+    // On HTTP/2 the same answer arrives whole (a TE there reset the stream, no answer).
+    let req = http::Request::get(format!("http://{}/api/v1/x", gw.proxy))
+        .header("x-api-key", key.as_str())
+        .body(())
+        .unwrap();
+    let (status, headers, body) = crate::tls::h2c_exchange(gw.proxy, req, None);
+    assert_eq!((status, body.as_slice()), (200, b"hello".as_slice()));
+    assert!(headers.get("te").is_none() && headers.get("x-debug").is_none());
+}
+
 /// `Upgrade` never goes upstream; an upstream that switches protocols anyway would open a
 /// tunnel past every check: the client gets a 502 and the connection is not tunnelled. (The
 /// first request asked for no upgrade at all: pingora's own check, for a 101 to a request that
