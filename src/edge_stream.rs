@@ -124,7 +124,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
                     self.limits.admit_peer(peer)?
                 }
             };
-            let idle = self.limits.keepalive_timeout();
+            // A new connection's first head must begin within the header timeout, not the
+            // keep-alive one: silent connections would hold the places of those that speak
+            // (ten addresses at the per-client cap fill the whole table) for a minute each.
+            let idle = self.limits.keepalive_timeout().min(self.timeout);
             Box::new(EdgeStream::new(
                 stream,
                 self.timeout,

@@ -75,7 +75,11 @@ pub(super) async fn check(
         return Err(GatewayError::body_on_get());
     }
     if crate::inspect::has_body(session) {
-        match crate::inspect::read_body(session.as_downstream_mut(), 0, body_idle).await {
+        // Before the route, the key and every limit: a client that keeps its GET streams open
+        // would hold their headers (up to 64 KiB each, 100 streams a connection) for as long
+        // as this waits. An empty DATA frame ending the stream comes at once.
+        let wait = body_idle.min(GET_END_WAIT);
+        match crate::inspect::read_body(session.as_downstream_mut(), 0, wait).await {
             Ok(_) => {}
             Err(e) if e.status() == 413 => return Err(GatewayError::body_on_get()),
             Err(e) => return Err(e),
@@ -88,6 +92,10 @@ pub(super) async fn check(
     }
     Ok(())
 }
+
+/// How long an HTTP/2 GET or HEAD whose head did not end its stream is given to end it (idle,
+/// between frames).
+const GET_END_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A method of upper-case letters, `-` and `_` (what nginx accepts): every standard method,
 /// and extension methods as they are spelled (`PROPFIND`, `M-SEARCH`).

@@ -474,6 +474,37 @@ fn slow_request_heads_are_cut_at_the_deadline_while_others_are_served() {
     echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
 }
 
+/// A connection that never sends a byte holds a place of the connection caps: it has the header
+/// timeout to begin its first head, not the keep-alive timeout (an hour here), after which the
+/// gateway closes it without an answer. Kept-alive connections keep the keep-alive timeout.
+#[test]
+fn a_silent_new_connection_is_closed_at_the_header_timeout() {
+    use std::time::Duration;
+    let gw = Gateway::start_with(
+        Setup::new()
+            .server("header_timeout = \"1s\"")
+            .server("keepalive_timeout = \"1h\""),
+    );
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let mut silent = std::net::TcpStream::connect(gw.proxy).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut kept = gw.connect();
+    echoed(
+        &kept
+            .send("GET", "/api/v1/x", &[("x-api-key", &key)], None)
+            .unwrap(),
+    );
+    assert_closed_without_answer(&mut silent, "a connection that never spoke");
+    // The kept-alive one outlived it and still serves.
+    echoed(
+        &kept
+            .send("GET", "/api/v1/x", &[("x-api-key", &key)], None)
+            .unwrap(),
+    );
+}
+
 /// Empty lines before a request line (which pingora's parser skips, as RFC 9112 allows) are
 /// part of the next head: they start its clock and count toward its bound, on a fresh
 /// connection and on a kept-alive one. Before, `\r\n\r\n` read as a whole head: the clock
