@@ -16,6 +16,13 @@ use std::sync::Arc;
 const VERIFIED_CAPACITY: usize = 10_000;
 const VERIFIED_TTL_NS: u64 = 300_000_000_000;
 
+/// Tokens the issuer signed and the gateway refused for what they say (expired, another
+/// audience, a refresh token): such a refusal does not count toward the client's failure limit
+/// (it is no guess), so without this a replayed one would cost a signature check every time
+/// (50–150 µs with RSA or ECDSA keys), unbounded. What they say does not change; a minute.
+const REFUSED_CAPACITY: usize = 10_000;
+const REFUSED_TTL_NS: u64 = 60_000_000_000;
+
 /// Who a valid console token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsoleIdentity {
@@ -109,6 +116,8 @@ pub struct JwtVerifier {
     leeway_secs: i64,
     /// SHA-256 of a token -> who it speaks for and the Unix second it stops being valid.
     verified: BoundedCache<[u8; 32], (Arc<ConsoleIdentity>, i64)>,
+    /// SHA-256 of a signed token -> why it was refused.
+    refused: BoundedCache<[u8; 32], JwtError>,
 }
 
 fn is_hmac(a: Algorithm) -> bool {
@@ -162,7 +171,13 @@ impl JwtVerifier {
             account_claim: s.account_claim.clone(),
             leeway_secs: i64::try_from(s.leeway.as_secs()).unwrap_or(0),
             verified: BoundedCache::new(VERIFIED_CAPACITY, VERIFIED_TTL_NS),
+            refused: BoundedCache::new(REFUSED_CAPACITY, REFUSED_TTL_NS),
         })
+    }
+
+    /// Signed tokens held as refused.
+    pub fn refused_tokens(&self) -> usize {
+        self.refused.len()
     }
 
     /// Tokens held in the verified-token cache.
@@ -215,10 +230,22 @@ impl JwtVerifier {
                 return Ok(Some(identity));
             }
         }
+        if let Some(why) = self.refused.get(&digest, now_ns) {
+            return Err(why);
+        }
         if !allowed() {
             return Ok(None);
         }
-        let (identity, valid_until) = self.verify_uncached(token, now_unix)?;
+        let (identity, valid_until) = match self.verify_uncached(token, now_unix) {
+            Ok(verified) => verified,
+            Err(why) => {
+                // Signed and refused for good (a token not yet valid may become so).
+                if why.is_signed() && why != JwtError::NotYetValid {
+                    self.refused.insert(digest, why, now_ns);
+                }
+                return Err(why);
+            }
+        };
         let identity = Arc::new(identity);
         self.verified
             .insert(digest, (Arc::clone(&identity), valid_until), now_ns);
@@ -414,6 +441,14 @@ mod tests {
         let forged = format!("{unsigned}.AAAA");
         assert_eq!(v.verify(&forged, NOW), Err(JwtError::BadSignature));
         assert_eq!(v.cached_tokens(), 1, "failures are not cached");
+        // The expired one is held as refused: answered again without a signature check, even
+        // where no check is allowed; an unsigned guess never is.
+        assert_eq!(v.refused_tokens(), 1);
+        assert_eq!(
+            v.verify_if(&good, NOW + 61, || false),
+            Err(JwtError::Expired)
+        );
+        assert_eq!(v.verify_if(&forged, NOW, || false), Ok(None));
     }
 
     #[test]
@@ -436,6 +471,9 @@ mod tests {
             v.verify(&with_nbf((NOW + 1).into()), NOW),
             Err(JwtError::NotYetValid)
         );
+        // Not yet valid may become valid: never held as refused.
+        assert_eq!(v.refused_tokens(), 0);
+        assert!(v.verify(&with_nbf((NOW + 1).into()), NOW + 1).is_ok());
         // Fractional seconds are a NumericDate too, rounded the strict way.
         assert!(v
             .verify(&with_nbf(Value::from(NOW as f64 - 0.5)), NOW)
