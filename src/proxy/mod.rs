@@ -305,6 +305,10 @@ impl ProxyHttp for GatewayProxy {
         // stream times every write by its progress, heads and flushes included.)
         if session.as_downstream().is_http2() {
             session.set_write_timeout(Some(ctx.live.config.server.send_timeout));
+        } else if session.req_header().version == http::Version::HTTP_10 {
+            // HTTP/1.0 has no interim responses (RFC 9110 §15.2): an upstream's 103 would read
+            // as the final answer.
+            session.as_downstream_mut().set_ignore_info_resp(true);
         }
         // Bound idle keep-alive, without reviving a connection pingora or the client chose to
         // close: the edge stream keeps the timeout when there is one (one timer per connection);
@@ -487,7 +491,7 @@ impl ProxyHttp for GatewayProxy {
     /// and the request id added.
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
@@ -503,8 +507,19 @@ impl ProxyHttp for GatewayProxy {
         ctx.upstream_us = ctx
             .upstream_started
             .map(|t| u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX));
+        // HTTP/1.0 has no chunked coding: pingora re-frames a body without a length as chunked
+        // for every client; a 1.0 one gets it close-delimited instead.
+        let close_delimited = !session.as_downstream().is_http2()
+            && session.req_header().version == http::Version::HTTP_10
+            && resp.headers.contains_key(http::header::TRANSFER_ENCODING);
+        if close_delimited {
+            session.set_keepalive(None);
+        }
         header_edit::edit_response(resp, |parts| {
             response_head::clean(parts.status, &mut parts.headers);
+            if close_delimited {
+                parts.headers.remove(http::header::TRANSFER_ENCODING);
+            }
             if let Some(rate) = &ctx.rate {
                 if rate.live.is_none() {
                     // Forwarded unmetered (`fail_open`): no state of the gateway's to say, and

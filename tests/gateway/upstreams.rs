@@ -248,6 +248,30 @@ fn an_upstreams_hop_by_hop_headers_stay_behind() {
     assert!(headers.get("te").is_none() && headers.get("x-debug").is_none());
 }
 
+/// An HTTP/1.0 client knows neither interim responses nor the chunked coding: an upstream's 103
+/// is not passed on, and a body without a length arrives close-delimited, as 1.0 frames it.
+#[test]
+fn http_1_0_clients_get_no_interim_answers_and_no_chunks() {
+    let answer: &[u8] = b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n\
+        HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n\
+        5\r\nhello\r\n0\r\n\r\n";
+    let gw = Gateway::start_with(upstream(
+        vec![At::Addr(scripted_upstream(answer, Then::Close))],
+        None,
+    ));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let mut conn = gw.connect();
+    conn.write_raw(format!("GET /api/v1/x HTTP/1.0\r\nx-api-key: {key}\r\n\r\n").as_bytes())
+        .unwrap();
+    let out = String::from_utf8(conn.read_until_closed().unwrap()).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    let head = head.to_ascii_lowercase();
+    assert!(!head.contains("transfer-encoding"), "{out}");
+    assert!(head.contains("\r\nconnection: close"), "{out}");
+    assert_eq!(body, "hello");
+}
+
 /// `Upgrade` never goes upstream; an upstream that switches protocols anyway would open a
 /// tunnel past every check: the client gets a 502 and the connection is not tunnelled. (The
 /// first request asked for no upgrade at all: pingora's own check, for a 101 to a request that
