@@ -500,10 +500,14 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The most line feeds of a head pingora's parser takes: the request line, 256 header lines
-/// (the header array it gives httparse), the blank line. One more header line is a bare 400
-/// there; here it is the 431 of a head too large.
-const MAX_HEAD_LINES: usize = 258;
+/// The most header fields a request may carry, on either protocol: what pingora's HTTP/1.1
+/// parser takes (the header array it gives httparse).
+pub(crate) const MAX_HEADER_FIELDS: usize = 256;
+
+/// The most line feeds of a head pingora's parser takes: the request line, the header lines,
+/// the blank line. One more header line is a bare 400 there; here it is the 431 of a head too
+/// large.
+const MAX_HEAD_LINES: usize = MAX_HEADER_FIELDS + 2;
 
 /// Where in `bytes` a head ends (just past a line feed followed by an empty line, `\r\n` or a
 /// bare `\n`, which httparse accepts too), if it does; and how many line feeds come up to that

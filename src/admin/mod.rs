@@ -132,11 +132,9 @@ impl AdminApp {
         }
     }
 
-    async fn route(&self, session: &mut ServerSession) -> Reply {
+    async fn route(&self, session: &mut ServerSession, method: &Method, path: &str) -> Reply {
         let gw = &*self.0;
-        let method = session.req_header().method.clone();
-        let path = session.req_header().uri.path().to_owned();
-        match (&method, path.as_str()) {
+        match (method, path) {
             (&Method::GET, "/healthz") => {
                 return Reply::json(200, &serde_json::json!({"status": "ok"}))
             }
@@ -214,7 +212,7 @@ impl AdminApp {
         let policies = &live.config.policies;
         let limit = live.config.server.max_body_bytes;
         let idle = live.config.server.body_idle_timeout;
-        match (&method, segments.as_slice()) {
+        match (method, segments.as_slice()) {
             (&Method::POST, ["reload"]) => self.reload().await,
             (&Method::PUT, ["accounts", id]) => match read_body(session, limit, idle).await {
                 Ok(body) => m.put_account(policies, id, &body).await.into(),
@@ -248,7 +246,7 @@ impl ServeHttp for AdminApp {
         }
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
-        let reply = self.route(session).await;
+        let reply = self.route(session, &method, &path).await;
         audit(&self.0, session, &method, &path, &reply);
         // Whatever the caller sent and we did not read would poison keep-alive: drained when
         // small, else the connection closes after the answer.
@@ -264,19 +262,16 @@ impl ServeHttp for AdminApp {
         if let Some(edge) = EdgeStream::of(session.stream()) {
             edge.request_ended(live.config.server.keepalive_timeout);
         }
-        let (head, body) = match reply {
+        let (mut head, body) = match reply {
             Reply::Ok {
                 status,
                 content_type,
                 body,
-            } => {
-                // Key creation answers with the full key, once: no cache may keep it.
-                let mut head = answer_head(status, content_type, body.len(), None);
-                crate::errors::no_store(&mut head.headers);
-                (head, body)
-            }
+            } => (answer_head(status, content_type, body.len(), None), body),
             Reply::Refused(e) => self.0.refusal(&e),
         };
+        // Key creation answers with the full key, once: no cache may keep an admin answer.
+        crate::errors::no_store(&mut head.headers);
         Response::from_parts(head, body)
     }
 }

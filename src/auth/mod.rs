@@ -38,25 +38,26 @@ pub struct ForwardedRestrictions {
 }
 
 impl ForwardedRestrictions {
-    fn of(scopes: &[Box<str>], instance_ids: &[Box<str>]) -> Option<Arc<Self>> {
+    /// `Ok(None)` for a key without restrictions; `Err` when a list cannot be a header value
+    /// (the items are checked first: never so).
+    fn of(scopes: &[Box<str>], instance_ids: &[Box<str>]) -> Result<Option<Arc<Self>>, ()> {
         if scopes.is_empty() && instance_ids.is_empty() {
-            return None;
+            return Ok(None);
         }
-        Some(Arc::new(Self {
-            scopes: listed(scopes),
-            instance_ids: listed(instance_ids),
-        }))
+        Ok(Some(Arc::new(Self {
+            scopes: listed(scopes)?,
+            instance_ids: listed(instance_ids)?,
+        })))
     }
 }
 
-/// `items` comma-separated, or `None` when there are none. Items are checked first (see
-/// [`CachedKey::of`]): never empty, never holding a comma.
-fn listed(items: &[Box<str>]) -> Option<HeaderValue> {
+/// `items` comma-separated, or `None` when there are none.
+fn listed(items: &[Box<str>]) -> Result<Option<HeaderValue>, ()> {
     if items.is_empty() {
-        return None;
+        return Ok(None);
     }
     let joined = items.iter().map(|i| &**i).collect::<Vec<_>>().join(",");
-    HeaderValue::from_str(&joined).ok()
+    HeaderValue::from_str(&joined).map(Some).map_err(|_| ())
 }
 
 impl CachedKey {
@@ -69,10 +70,13 @@ impl CachedKey {
             .iter()
             .all(|s| crate::policy::routes::valid_scope(s))
             && r.instance_ids.iter().all(|i| crate::store::valid_uuid(i));
-        if !plain {
-            return Err(StoreError::Misconfigured(
+        let refused = || {
+            StoreError::Misconfigured(
                 "a key record holds a scope or instance id key creation would refuse".into(),
-            ));
+            )
+        };
+        if !plain {
+            return Err(refused());
         }
         let boxed = |v: Vec<String>| v.into_iter().map(String::into_boxed_str).collect();
         let scopes: Box<[Box<str>]> = boxed(r.scopes);
@@ -80,7 +84,7 @@ impl CachedKey {
         Ok(Self {
             id: r.id.into_boxed_str(),
             account_id: r.account_id.into_boxed_str(),
-            forwarded: ForwardedRestrictions::of(&scopes, &instance_ids),
+            forwarded: ForwardedRestrictions::of(&scopes, &instance_ids).map_err(|()| refused())?,
             scopes,
             instance_ids,
         })

@@ -10,7 +10,7 @@ const ALWAYS_OWNED: [&str; 3] = ["x-api-key", "x-forwarded-for", "x-forwarded-pr
 /// that accepts it (a WebSocket, h2c) turn the connection into a tunnel past every check, and
 /// a `Connection` naming an identity header would have a hop-by-hop-aware proxy behind the
 /// gateway drop it.
-const HOP_BY_HOP: [&str; 5] = [
+pub(super) const HOP_BY_HOP: [&str; 5] = [
     "connection",
     "keep-alive",
     "proxy-connection",

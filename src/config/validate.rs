@@ -387,17 +387,6 @@ const NEEDED: [&str; 13] = [
     "tracestate",
 ];
 
-/// Besides [`NEEDED`], what no forwarded name may be: the hop-by-hop headers (removed, or
-/// speaking of the connection) and the credential header the gateway removes on key routes.
-const NOT_WRITABLE: [&str; 6] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "upgrade",
-    "http2-settings",
-    "authorization",
-];
-
 /// A header name as backends may read it: any case, `_` and `.` as `-` (CGI, PHP).
 fn folded(name: &str) -> String {
     name.to_ascii_lowercase().replace(['_', '.'], "-")
@@ -441,7 +430,8 @@ pub(super) fn strips_spare_needed(r: &mut Reporter, f: &file::ForwardFile) {
     }
 }
 
-/// Each header the gateway writes upstream needs a name of its own: `account_id_header =
+/// Each header the gateway writes upstream needs a name of its own, none a [`NEEDED`] one, a
+/// hop-by-hop one or the credential header the gateway removes on key routes: `account_id_header =
 /// "x-request-id"` would have the request id overwrite the account id under the one name the
 /// backend trusts. Names compare as a backend reads them (any case, `_` and `.` as `-`).
 pub(super) fn forwarded_names_distinct(r: &mut Reporter, f: &file::ForwardFile) {
@@ -476,7 +466,10 @@ pub(super) fn forwarded_names_distinct(r: &mut Reporter, f: &file::ForwardFile) 
                     other.0
                 ),
             );
-        } else if NEEDED.contains(&folded.as_str()) || NOT_WRITABLE.contains(&folded.as_str()) {
+        } else if NEEDED.contains(&folded.as_str())
+            || super::owned::HOP_BY_HOP.contains(&folded.as_str())
+            || folded == "authorization"
+        {
             r.at(
                 this.1.span(),
                 this.0,

@@ -112,10 +112,6 @@ impl GatewayProxy {
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
-/// The most header fields a request may carry, on either protocol: what pingora's HTTP/1.1
-/// parser takes.
-const MAX_REQUEST_HEADERS: usize = 256;
-
 fn header_bytes(req: &RequestHeader) -> usize {
     req.headers
         .iter()
@@ -165,7 +161,7 @@ impl GatewayProxy {
         // header list could hold thousands of tiny fields within its bytes, and Node keeps only
         // a request's first 2000 headers, the gateway's own (added last) among those it drops.
         if header_bytes(req) > live.config.server.max_header_bytes
-            || req.headers.len() > MAX_REQUEST_HEADERS
+            || req.headers.len() > crate::edge_stream::MAX_HEADER_FIELDS
         {
             return Err(GatewayError::headers_too_large());
         }

@@ -8,58 +8,64 @@
 //! `Content-Length: 5, 5` pingora frames by is refused by Node and Go clients and by HTTP/2
 //! clients, and so is a `Content-Length` on a 204.
 
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{HeaderMap, HeaderName, StatusCode};
 
-/// Hop-by-hop response headers (RFC 9110 §7.6.1), and `Proxy-Authenticate`, which asks the
-/// client to authenticate to a proxy it never configured.
-fn hop_by_hop(name: &str) -> bool {
-    matches!(
-        name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "proxy-authenticate"
-    )
-}
+/// Hop-by-hop response headers (RFC 9110 §7.6.1), `Trailer` (pingora never forwards an
+/// HTTP/1 upstream's trailers, so the announcement would be false), and `Proxy-Authenticate`,
+/// which asks the client to authenticate to a proxy it never configured.
+static DOOMED: [HeaderName; 7] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TE,
+    TRAILER,
+    UPGRADE,
+    PROXY_AUTHENTICATE,
+];
 
 /// Takes out of `h` what may not reach the client (see the module doc). One pass over the
-/// names; the map is touched only when something is found.
+/// names, no allocation unless the upstream's `Connection` names a header of its own; the map
+/// is touched only when something is found.
 pub(super) fn clean(status: StatusCode, h: &mut HeaderMap) {
-    let mut doomed: Vec<HeaderName> = Vec::new();
+    // Bit i: `DOOMED[i]` is present.
+    let mut found = 0u8;
     let mut lengths = 0usize;
     let mut listed = false;
     for (name, value) in h.iter() {
-        if hop_by_hop(name.as_str()) {
-            if !doomed.contains(name) {
-                doomed.push(name.clone());
-            }
+        if let Some(i) = DOOMED.iter().position(|d| d == name) {
+            found |= 1 << i;
         } else if name == CONTENT_LENGTH {
             lengths += 1;
             listed |= value.as_bytes().contains(&b',');
         }
     }
-    if doomed.is_empty() && lengths == 0 {
+    if found == 0 && lengths == 0 {
         return;
     }
-    if doomed.contains(&CONNECTION) {
-        // The headers the upstream's `Connection` names are hop-by-hop too; never the
-        // framing pingora has already read from them.
+    if found & 1 != 0 {
+        // The headers the upstream's `Connection` names are hop-by-hop too (never the framing
+        // pingora has read from them); `keep-alive` and `close` name only the connection.
         let named: Vec<HeaderName> = h
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .filter(|n| *n != CONTENT_LENGTH && *n != TRANSFER_ENCODING)
             .collect();
-        doomed.extend(named);
+        for name in &named {
+            h.remove(name);
+        }
     }
-    for name in &doomed {
-        h.remove(name);
+    for (i, name) in DOOMED.iter().enumerate() {
+        if found & (1 << i) != 0 {
+            h.remove(name);
+        }
     }
     if lengths == 0 {
         return;

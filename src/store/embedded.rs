@@ -607,9 +607,7 @@ mod tests {
         let elsewhere = dir.path().join("elsewhere");
         std::fs::write(&elsewhere, "untouched").unwrap();
         let usage = usage::usage_path(&path);
-        let mut tmp = usage.as_os_str().to_owned();
-        tmp.push(".tmp");
-        std::os::unix::fs::symlink(&elsewhere, &tmp).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, crate::store::temp_path(&usage)).unwrap();
         let store = EmbeddedStore::open(&path).unwrap();
         rt.block_on(store.put_account(account("pro"))).unwrap();
         usage::write(&usage, usage::Usage::new()).unwrap();

@@ -109,11 +109,7 @@ impl Journal {
             serde_json::to_writer(&mut bytes, entry).map_err(|e| before(persist_err(path, e)))?;
             bytes.push(b'\n');
         }
-        // The whole name and `.tmp`: `with_extension` would make `store.tmp`'s temporary file
-        // the data file itself, and `a.jsonl` share one with `a.json`.
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = std::path::PathBuf::from(tmp);
+        let tmp = super::temp_path(path);
         // The handle written here is the one appended to after the rename: nothing to reopen.
         let file = (|| {
             // Append mode (a failed append's cut-back keeps later appends at the end); a

@@ -11,6 +11,15 @@ mod usage;
 /// and account ids, for the gateway's user alone.
 const PRIVATE_FILE: u32 = 0o600;
 
+/// Where a file is written before it is renamed over `path`: the whole name and `.tmp`
+/// (`with_extension` would make `store.tmp`'s temporary file the data file itself, and
+/// `a.jsonl` share one with `a.json`).
+fn temp_path(path: &std::path::Path) -> std::path::PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    tmp.into()
+}
+
 use crate::limits::gcra::BucketParams;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

@@ -223,9 +223,7 @@ pub(super) fn write(path: &Path, usage: Usage) -> Result<(), StoreError> {
         usage,
     })
     .map_err(|e| err(path, e))?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    let tmp = super::temp_path(path);
     (|| {
         // A fresh file, never one found there (a link to elsewhere), readable by the owner only.
         match std::fs::remove_file(&tmp) {

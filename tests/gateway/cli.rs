@@ -184,7 +184,6 @@ fn check_names_accounts_whose_plan_is_gone() {
     );
 }
 
-/// A minimal valid gateway.toml (shipped policies) with `jwt` as its [jwt] table.
 /// Each header the gateway writes upstream has a name of its own (a backend reading `x_request_id`
 /// as `x-request-id` would take the request id for the account), and none is the gateway's; no
 /// strip list or prefix takes away a header forwarded requests need.
@@ -214,6 +213,7 @@ fn forwarded_header_names_are_distinct() {
     );
 }
 
+/// A minimal valid gateway.toml (shipped policies) with `jwt` as its [jwt] table.
 fn minimal_config(dir: &std::path::Path, jwt: &str) -> std::path::PathBuf {
     let path = dir.join("gateway.toml");
     std::fs::write(

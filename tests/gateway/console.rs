@@ -281,10 +281,8 @@ fn tokens_that_are_no_plain_access_token_are_refused() {
             claims("acme"),
         ),
         (r#"{"alg":"HS256","typ":"refresh+jwt"}"#, claims("acme")),
-        (
-            r#"{"alg":"HS256","typ":"JWT","typ":"refresh+jwt"}"#,
-            claims("acme"),
-        ),
+        // A member jsonwebtoken does not know, twice (one it knows twice it refuses itself).
+        (r#"{"alg":"HS256","x":"a","x":"b"}"#, claims("acme")),
         (r#"{"alg":"HS256"}"#, twice),
     ] {
         let r = call(sign(header, &claims));

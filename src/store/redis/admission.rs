@@ -47,6 +47,24 @@ const TAT_TTL_MARGIN_MS: u64 = LAST_USE_EVERY_NS / 1_000_000 + 1_000;
 /// readable).
 const QUOTA_TTL_AFTER_PERIOD_SECS: i64 = 35 * 86_400;
 
+/// `PEXPIRE tat …`: the TAT outlives a minute without refresh and its burst window.
+fn tat_expiry<'a>(tat: &'a [&'a str], burst_us: u64) -> [Arg<'a>; 3] {
+    [
+        Arg::Str("PEXPIRE"),
+        Arg::Concat(tat),
+        Arg::UInt(burst_us / 1000 + TAT_TTL_MARGIN_MS),
+    ]
+}
+
+/// `EXPIREAT q …`: the period's counter outlives the period.
+fn quota_expiry<'a>(quota: &'a [&'a str], period_end_unix: i64) -> [Arg<'a>; 3] {
+    [
+        Arg::Str("EXPIREAT"),
+        Arg::Concat(quota),
+        Arg::Int(period_end_unix + QUOTA_TTL_AFTER_PERIOD_SECS),
+    ]
+}
+
 impl RedisStore {
     pub(super) async fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, StoreError> {
         let t_us = (1_000_000 / u64::from(req.bucket.rate_per_second.max(1))).max(1);
@@ -83,20 +101,10 @@ impl RedisStore {
             Arg::Str(req.key_id),
         ]);
         if set_expiry {
-            let expire_at = req.period_end_unix + QUOTA_TTL_AFTER_PERIOD_SECS;
-            c.push(&[
-                Arg::Str("EXPIREAT"),
-                Arg::Concat(&quota),
-                Arg::Int(expire_at),
-            ]);
+            c.push(&quota_expiry(&quota, req.period_end_unix));
         }
         if touch {
-            c.push(&[
-                Arg::Str("PEXPIRE"),
-                Arg::Concat(&tat),
-                Arg::UInt(burst_us / 1000 + TAT_TTL_MARGIN_MS),
-            ])
-            .push(&[
+            c.push(&tat_expiry(&tat, burst_us)).push(&[
                 Arg::Str("HSET"),
                 Arg::Concat(&used_parts(req.account_id)),
                 Arg::Str(req.key_id),
@@ -121,18 +129,10 @@ impl RedisStore {
         if tat_created || quota_created {
             let mut c = Commands::new();
             if tat_created {
-                c.push(&[
-                    Arg::Str("PEXPIRE"),
-                    Arg::Concat(&tat),
-                    Arg::UInt(burst_us / 1000 + TAT_TTL_MARGIN_MS),
-                ]);
+                c.push(&tat_expiry(&tat, burst_us));
             }
             if quota_created {
-                c.push(&[
-                    Arg::Str("EXPIREAT"),
-                    Arg::Concat(&quota),
-                    Arg::Int(req.period_end_unix + QUOTA_TTL_AFTER_PERIOD_SECS),
-                ]);
+                c.push(&quota_expiry(&quota, req.period_end_unix));
             }
             if let Err(e) = self.run(Budget::Admission, &c).await {
                 tracing::warn!(error = %e, "could not set the expiry of a recreated counter");
