@@ -226,6 +226,10 @@ pub(crate) fn peer_ip(stream: &L4Stream) -> Option<IpAddr> {
 }
 
 /// Makes `client` the connection's peer address for everything that reads it later.
+/// The port a connection's peer address gets when a trusted balancer's PROXY header named no
+/// client: no TCP peer has it.
+pub(crate) const UNNAMED_PORT: u16 = 0;
+
 pub(crate) fn set_peer(stream: &mut L4Stream, client: SocketAddr) {
     let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
     // A fresh cell: the set cannot fail.
@@ -242,10 +246,15 @@ pub(crate) async fn accept(
     trusts: impl Fn(IpAddr) -> bool,
 ) -> Result<(), HeaderError> {
     let header = read(stream, timeout).await?;
-    if let Header::Proxied(client) = header {
-        if peer_ip(stream).is_some_and(trusts) {
-            set_peer(stream, client);
+    match (header, peer_ip(stream)) {
+        (Header::Proxied(client), Some(peer)) if trusts(peer) => set_peer(stream, client),
+        // The balancer names no client (its own health check, a client of another family):
+        // the peer stays, marked by port 0 (no TCP peer has it) as speaking for nobody. Its
+        // forwarding headers are then not believed: they came from whoever it relayed.
+        (Header::Unknown, Some(peer)) if trusts(peer) => {
+            set_peer(stream, SocketAddr::new(peer, UNNAMED_PORT));
         }
+        _ => {}
     }
     Ok(())
 }

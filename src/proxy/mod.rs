@@ -170,11 +170,13 @@ impl GatewayProxy {
         }
         // Who the client is: the peer, unless the peer is a trusted proxy.
         let trusted = &live.config.server.trusted_proxies;
-        ctx.peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| client_ip::canonical(a.ip()));
-        ctx.peer_trusted = ctx.peer.is_some_and(|p| trusted.trusts(p));
+        let inet = session.client_addr().and_then(|a| a.as_inet());
+        ctx.peer = inet.map(|a| client_ip::canonical(a.ip()));
+        // A balancer whose PROXY header named no client speaks for nobody: its address is the
+        // client's, and the forwarding headers it relayed are the client's own words.
+        let speaks_for_client =
+            inet.is_some_and(|a| a.port() != crate::proxy_protocol::UNNAMED_PORT);
+        ctx.peer_trusted = speaks_for_client && ctx.peer.is_some_and(|p| trusted.trusts(p));
         ctx.tls = session
             .as_downstream()
             .digest()

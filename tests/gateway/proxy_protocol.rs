@@ -90,14 +90,22 @@ fn an_untrusted_peers_header_is_read_and_its_address_ignored() {
     assert_refused(&r, 429, "TOO_MANY_REQUESTS", LIMITED);
 }
 
+/// v2 `LOCAL` (a health check) and v1 `UNKNOWN` name no client: the peer is the client, and
+/// although the balancer is trusted, the forwarding headers on such a connection are not (an
+/// L4 balancer writes none: they are whatever it relayed from the client).
 #[test]
 fn a_balancers_own_connection_is_its_own_client() {
     let gw = proxied_gateway(TRUSTED);
-    // v2 LOCAL (a health check) and v1 UNKNOWN name no client: the peer is the client.
     let local = v2(0x20, 0x11, &[192, 0, 2, 1, 10, 0, 0, 1, 0, 80, 0, 80]);
     for header in [local, b"PROXY UNKNOWN\r\n".to_vec()] {
-        let seen = echoed(&login(&mut behind(&gw, &header)));
+        let mut c = behind(&gw, &header);
+        let claimed = [
+            ("x-forwarded-for", "198.51.100.1"),
+            ("x-forwarded-proto", "https"),
+        ];
+        let seen = echoed(&c.send("GET", "/api/auth/login", &claimed, None).unwrap());
         assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(seen["headers"]["x-forwarded-proto"], "http");
     }
 }
 
