@@ -52,8 +52,9 @@ pub enum AccountsCmd {
     /// active, its quota period starting on the 1st).
     Put {
         account: String,
+        /// Required for a new account.
         #[arg(long)]
-        plan: String,
+        plan: Option<String>,
         #[arg(long, value_parser = ["active", "inactive"])]
         subscription: Option<String>,
         #[arg(long)]
@@ -174,7 +175,10 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                     subscription,
                     anchor_day,
                 } => {
-                    let mut body = json!({ "plan": plan });
+                    let mut body = json!({});
+                    if let Some(plan) = plan {
+                        body["plan"] = json!(plan);
+                    }
                     if let Some(subscription) = subscription {
                         body["subscription"] = json!(subscription);
                     }

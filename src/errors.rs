@@ -438,6 +438,10 @@ impl GatewayError {
         ))
     }
 
+    pub fn plan_required() -> Self {
+        Self::bad_request("A new account needs a plan")
+    }
+
     pub fn invalid_anchor_day() -> Self {
         Self::bad_request("quotaAnchorDay must be between 1 and 31")
     }

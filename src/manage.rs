@@ -20,7 +20,8 @@ use std::sync::Arc;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct PutAccount {
-    plan: String,
+    /// Required for a new account only.
+    plan: Option<String>,
     subscription: Option<Subscription>,
     quota_anchor_day: Option<u8>,
 }
@@ -186,9 +187,9 @@ impl Manager {
             return Err(GatewayError::invalid_account_id());
         }
         let req: PutAccount = parse(body)?;
-        if plans.get(&req.plan).is_none() {
+        if let Some(plan) = req.plan.as_deref().filter(|p| plans.get(p).is_none()) {
             let known: Vec<&str> = plans.names().collect();
-            return Err(GatewayError::unknown_plan(&req.plan, &known));
+            return Err(GatewayError::unknown_plan(plan, &known));
         }
         if req.quota_anchor_day.is_some_and(|d| !(1..=31).contains(&d)) {
             return Err(GatewayError::invalid_anchor_day());
@@ -200,9 +201,14 @@ impl Manager {
             .await
             .map_err(unavailable)?;
         let created = existing.as_ref().map_or(now, |a| a.created_at_ms);
+        let plan = match (req.plan, &existing) {
+            (Some(plan), _) => plan,
+            (None, Some(existing)) => existing.plan.clone(),
+            (None, None) => return Err(GatewayError::plan_required()),
+        };
         let account = Account {
             id: id.to_owned(),
-            plan: req.plan,
+            plan,
             subscription: req
                 .subscription
                 .or(existing.as_ref().map(|a| a.subscription))

@@ -8,6 +8,7 @@ use toml::Spanned;
 #[serde(deny_unknown_fields)]
 pub(super) struct GatewayFile {
     pub server: ServerFile,
+    #[serde(default)]
     pub admin: AdminFile,
     #[serde(default)]
     pub store: StoreFile,
@@ -104,11 +105,27 @@ pub(super) struct CertFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AdminFile {
+    /// SPEC §7: `127.0.0.1:9090` unless said otherwise.
+    #[serde(default = "default_admin_listen")]
     pub listen: Spanned<String>,
     #[serde(default = "default_admin_token_env")]
     pub token_env: String,
     /// TLS on the admin listener (it then speaks nothing else).
     pub tls: Option<AdminTlsFile>,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            token_env: default_admin_token_env(),
+            tls: None,
+        }
+    }
+}
+
+fn default_admin_listen() -> Spanned<String> {
+    spanned("127.0.0.1:9090".into())
 }
 
 #[derive(Debug, Deserialize)]

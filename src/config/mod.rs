@@ -498,6 +498,11 @@ impl Config {
                 Policies::default()
             }
         };
+        warnings.extend(validate::policies_beside_keys(
+            &policies_dir.join("routes.toml"),
+            &policies,
+            &routes,
+        ));
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }

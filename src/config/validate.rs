@@ -387,6 +387,52 @@ const NEEDED: [&str; 13] = [
     "tracestate",
 ];
 
+/// A routes.toml entry that names a scope, an instance source or a required subscription for
+/// paths that no `api_key` route serves: nothing there is checked against a key (console
+/// tokens and open routes carry none), and the operator who wrote it should know.
+pub(super) fn policies_beside_keys(
+    file: &Path,
+    policies: &crate::policy::Policies,
+    routes: &[Route],
+) -> Vec<crate::diagnostics::ConfigWarning> {
+    let route_of = |path: &str| {
+        routes
+            .iter()
+            .filter(|r| crate::path::prefix_matches(&r.prefix, path))
+            .max_by_key(|r| r.prefix.len())
+    };
+    policies
+        .routes
+        .iter()
+        .filter(|p| p.binds_keys())
+        // Enforced wherever an api_key route lies under it (`/api/` covers `/api/v1/`).
+        .filter(|p| {
+            !routes.iter().any(|r| {
+                r.auth == AuthMode::ApiKey && crate::path::prefix_matches(&p.prefix, &r.prefix)
+            })
+        })
+        .filter_map(|p| {
+            let auth = route_of(&p.prefix)?.auth;
+            let served_by = match auth {
+                AuthMode::ApiKey => return None,
+                AuthMode::Jwt => "a jwt route",
+                AuthMode::Open => "an open route",
+            };
+            let (index, line, column) = p.declared;
+            Some(crate::diagnostics::ConfigWarning {
+                file: file.to_path_buf(),
+                line,
+                column,
+                message: format!(
+                    "route[{index}] (\"{}\"): its scope, instance and subscription rules are not \
+                     enforced: {served_by} serves these paths, and only API keys carry them",
+                    p.prefix
+                ),
+            })
+        })
+        .collect()
+}
+
 /// A header name as backends may read it: any case, `_` and `.` as `-` (CGI, PHP).
 fn folded(name: &str) -> String {
     name.to_ascii_lowercase().replace(['_', '.'], "-")

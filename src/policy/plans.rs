@@ -97,6 +97,11 @@ impl Plans {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.0.keys().map(String::as_str)
     }
+
+    /// The largest key cap of any plan (0 with no plans).
+    pub fn largest_max_keys(&self) -> u32 {
+        self.0.values().map(|p| p.max_keys).max().unwrap_or(0)
+    }
 }
 
 #[cfg(test)]

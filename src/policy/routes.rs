@@ -61,6 +61,25 @@ pub struct RoutePolicy {
     pub instance: Option<InstanceSource>,
     pub ip_limit: Option<BucketParams>,
     pub on_store_error: Option<StoreErrorMode>,
+    /// Where it is declared: `route[index]`, and the line and column of its prefix.
+    pub declared: (usize, usize, usize),
+}
+
+impl RoutePolicy {
+    /// Whether it says anything that only an API key can be held to: a scope, an instance
+    /// source, a subscription required.
+    pub fn binds_keys(&self) -> bool {
+        matches!(self.scope, Some(ScopeRule::Required(_)))
+            || matches!(
+                self.instance,
+                Some(
+                    InstanceSource::PathSegment { .. }
+                        | InstanceSource::Query(_)
+                        | InstanceSource::Body(_)
+                )
+            )
+            || self.require_subscription == Some(true)
+    }
 }
 
 /// All route policies; the most specific match wins (longest prefix, then a method list over none).
@@ -134,8 +153,8 @@ impl RoutePolicies {
         // (policy, route index, line of its prefix)
         let mut out: Vec<(RoutePolicy, usize, usize)> = Vec::new();
         for (i, route) in raw.route.iter().enumerate() {
-            let policy = validate(&mut r, i, route, &scopes);
-            let line = crate::diagnostics::line_col(source, route.prefix.span().start).0;
+            let (line, column) = crate::diagnostics::line_col(source, route.prefix.span().start);
+            let policy = validate(&mut r, i, route, &scopes, (i, line, column));
             let overlap = |o: &RoutePolicy| {
                 o.prefix == policy.prefix
                     && (o.methods.is_empty()
@@ -163,6 +182,11 @@ impl RoutePolicies {
                 .then(b.methods.is_empty().cmp(&a.methods.is_empty()).reverse())
         });
         r.finish(RoutePolicies { scopes, ordered })
+    }
+
+    /// Every policy, most specific first.
+    pub fn iter(&self) -> impl Iterator<Item = &RoutePolicy> {
+        self.ordered.iter()
     }
 
     /// The policy for a request, if any declares it. `HEAD` matches entries listing `GET`.
@@ -202,7 +226,13 @@ pub fn valid_scope(name: &str) -> bool {
         })
 }
 
-fn validate(r: &mut Reporter, i: usize, route: &RouteFile, scopes: &[String]) -> RoutePolicy {
+fn validate(
+    r: &mut Reporter,
+    i: usize,
+    route: &RouteFile,
+    scopes: &[String],
+    declared: (usize, usize, usize),
+) -> RoutePolicy {
     let field = |f: &str| format!("route[{i}].{f}");
     let prefix = route.prefix.get_ref().clone();
     if let Some(problem) = crate::path::prefix_problem(&prefix) {
@@ -318,6 +348,7 @@ fn validate(r: &mut Reporter, i: usize, route: &RouteFile, scopes: &[String]) ->
         instance,
         ip_limit,
         on_store_error,
+        declared,
     }
 }
 

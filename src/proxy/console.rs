@@ -151,13 +151,17 @@ pub(crate) async fn serve(
     let secs = super::headers::ceil_secs;
     if matches!(call, KeyCall::Create | KeyCall::Revoke(_)) {
         let every_ns = 60_000_000_000 / u64::from(KEY_WRITES_PER_MINUTE);
+        // An account may fill its plan's cap in one go and still be told, truthfully, that it
+        // is full (403 API_KEY_LIMIT_REACHED), with room for a few revocations besides.
+        let burst = live
+            .config
+            .policies
+            .plans
+            .largest_max_keys()
+            .saturating_add(KEY_WRITES_PER_MINUTE)
+            .max(KEY_WRITES_PER_MINUTE);
         gw.key_writes
-            .check_every(
-                account_id.to_owned(),
-                now_ns,
-                every_ns,
-                KEY_WRITES_PER_MINUTE,
-            )
+            .check_every(account_id.to_owned(), now_ns, every_ns, burst)
             .map_err(|retry_ns| GatewayError::key_writes_limited(secs(retry_ns)))?;
     } else {
         let every_ns = 60_000_000_000 / u64::from(KEY_READS_PER_MINUTE);

@@ -120,6 +120,25 @@ fn accounts_are_put_and_shown(b: Backend) {
         (&v["plan"], &v["subscription"], &v["quotaAnchorDay"]),
         (&json!("starter"), &json!("inactive"), &json!(15))
     );
+    // The plan too: a subscription alone turns it back on, on the plan it had.
+    let r = gw.admin_call(
+        "PUT",
+        "/admin/v1/accounts/acme",
+        Some(json!({"subscription": "active"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json().unwrap();
+    assert_eq!(
+        (&v["plan"], &v["subscription"], &v["quotaAnchorDay"]),
+        (&json!("starter"), &json!("active"), &json!(15))
+    );
+    // A new account has nothing to keep: it needs its plan.
+    let r = gw.admin_call(
+        "PUT",
+        "/admin/v1/accounts/newco",
+        Some(json!({"subscription": "active"})),
+    );
+    assert_error(&r, 400, "BAD_REQUEST", "A new account needs a plan");
 }
 
 fn keys_are_created_listed_and_revoked(b: Backend) {

@@ -213,6 +213,96 @@ fn forwarded_header_names_are_distinct() {
     );
 }
 
+/// A routes.toml entry that would hold keys to a scope, an instance or a subscription on paths
+/// only console tokens or open routes reach is enforced nowhere: `check` says so (and still
+/// accepts it), while one covering an api_key route too says nothing.
+#[test]
+fn check_warns_of_key_rules_on_routes_without_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("p")).unwrap();
+    std::fs::write(
+        dir.path().join("p/plans.toml"),
+        "[plans.free]\nmax_keys = 1\nmonthly_requests = 10\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("p/routes.toml"),
+        "scopes = [\"a\"]\n\
+         [[route]]\nprefix = \"/api/instances\"\nscope = \"a\"\n\
+         [[route]]\nprefix = \"/api/auth/login\"\nrequire_subscription = true\n\
+         [[route]]\nprefix = \"/api/\"\nscope = \"a\"\n\
+         [[route]]\nprefix = \"/api/auth/\"\nip_rate_per_second = 1\nip_burst = 1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("gateway.toml"),
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [policies]\ndir = \"p\"\n[jwt]\nissuer = \"i\"\naudience = \"a\"\n\
+         [upstreams.api]\naddresses = [\"127.0.0.1:1\"]\n\
+         [[routes]]\nprefix = \"/api/v1/\"\nauth = \"api_key\"\nupstream = \"api\"\n\
+         [[routes]]\nprefix = \"/api/auth/\"\nauth = \"open\"\nupstream = \"api\"\n\
+         [[routes]]\nprefix = \"/api/\"\nauth = \"jwt\"\nupstream = \"api\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check", "-c"])
+        .arg(dir.path().join("gateway.toml"))
+        .env("MSGFLASH_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("MSGFLASH_JWT_SECRET", JWT_SECRET)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let p = dir.path().join("p/routes.toml");
+    let p = p.display();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "{p}:6:10: warning: route[1] (\"/api/auth/login\"): its scope, instance and subscription rules are not enforced: an open route serves these paths, and only API keys carry them\n\
+             {p}:3:10: warning: route[0] (\"/api/instances\"): its scope, instance and subscription rules are not enforced: a jwt route serves these paths, and only API keys carry them\n"
+        )
+    );
+}
+
+/// `[admin]` may be left out: the admin API then listens on 127.0.0.1:9090 (SPEC §7).
+#[test]
+fn the_admin_listener_has_a_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[policies]\ndir = \"{}\"\n\
+             [jwt]\nissuer = \"i\"\naudience = \"a\"\n\
+             [upstreams.api]\naddresses = [\"127.0.0.1:1\"]\n\
+             [[routes]]\nprefix = \"/api/v1/\"\nauth = \"api_key\"\nupstream = \"api\"\n",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/lua-free-policies")
+        ),
+    )
+    .unwrap();
+    let out = check(&config);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Said so where the listeners are: 9090 is taken by the admin API.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("127.0.0.1:0", "127.0.0.1:9090"),
+    )
+    .unwrap();
+    let out = check(&config);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("overlaps"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A minimal valid gateway.toml (shipped policies) with `jwt` as its [jwt] table.
 fn minimal_config(dir: &std::path::Path, jwt: &str) -> std::path::PathBuf {
     let path = dir.join("gateway.toml");
