@@ -28,11 +28,18 @@ pub(crate) async fn check(
     path: &str,
 ) -> Result<BodyRead, GatewayError> {
     let key = &principal.key;
+    let source = policy.and_then(|p| p.instance.as_ref());
     if key.scopes.is_empty() && key.instance_ids.is_empty() {
+        // Nothing to hold the key to, but a query the route reads its instance from is read
+        // alike for every key (SPEC §2: a duplicated query parameter is 400): no backend is
+        // handed a request whose instance two readers would take differently. A body is read
+        // for restricted keys only (an unrestricted send is never held up).
+        if let Some(InstanceSource::Query(name)) = source {
+            from_query(session, name)?;
+        }
         return Ok(BodyRead::No);
     }
     scopes(&key.scopes, policy)?;
-    let source = policy.and_then(|p| p.instance.as_ref());
     let limit = BodyLimit {
         bytes: live.config.server.max_inspected_body_bytes,
         idle: live.config.server.body_idle_timeout,

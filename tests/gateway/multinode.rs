@@ -138,7 +138,11 @@ fn creates_lists_and_revokes_racing_on_two_nodes_never_exceed_the_cap() {
                                 .and_then(|k| k.iter().find(|k| k["revokedAt"].is_null()));
                             if let Some(id) = victim.and_then(|k| k["id"].as_str()) {
                                 let path = format!("/admin/v1/accounts/acme/keys/{id}");
-                                assert_eq!(gw.admin_call("DELETE", &path, None).status, 200);
+                                // 404: the other node's revoker took the same victim since
+                                // the listing, and enough revokes followed that its record was
+                                // forgotten (only the last REVOKED_KEYS_KEPT are kept).
+                                let r = gw.admin_call("DELETE", &path, None);
+                                assert!(matches!(r.status, 200 | 404), "{}", r.text());
                             }
                         }
                     }

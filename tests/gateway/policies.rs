@@ -91,6 +91,20 @@ fn unrestricted_keys_are_never_held_up_by_body_inspection(b: Backend) {
     let big = format!(r#"{{"instanceId":"{B}","text":"{}"}}"#, "x".repeat(3000));
     let seen = echoed(&send(&gw, &key, big.as_bytes()));
     assert_eq!(seen["bodyBytes"], big.len());
+    // A query the route reads its instance from is read alike for every key: twice is 400
+    // (SPEC §2), any other instance passes.
+    let h = [("x-api-key", key.as_str())];
+    echoed(&gw.get(&format!("/api/v1/messages/1?instanceId={B}"), &h));
+    let r = gw.get(
+        &format!("/api/v1/messages/1?instanceId={A}&instance_id={B}"),
+        &h,
+    );
+    assert_refused(
+        &r,
+        400,
+        "BAD_REQUEST",
+        "The query parameter instanceId is given more than once",
+    );
 }
 
 fn instances_are_read_from_query_and_path(b: Backend) {
