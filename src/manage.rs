@@ -206,6 +206,12 @@ impl Manager {
             (None, Some(existing)) => existing.plan.clone(),
             (None, None) => return Err(GatewayError::plan_required()),
         };
+        // A plan kept from before may have left plans.toml since: the account would answer
+        // every request with 503 until it names one that exists.
+        if plans.get(&plan).is_none() {
+            let known: Vec<&str> = plans.names().collect();
+            return Err(GatewayError::unknown_plan(&plan, &known));
+        }
         let account = Account {
             id: id.to_owned(),
             plan,

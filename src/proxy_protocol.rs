@@ -225,11 +225,11 @@ pub(crate) fn peer_ip(stream: &L4Stream) -> Option<IpAddr> {
         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
 }
 
-/// Makes `client` the connection's peer address for everything that reads it later.
 /// The port a connection's peer address gets when a trusted balancer's PROXY header named no
 /// client: no TCP peer has it.
 pub(crate) const UNNAMED_PORT: u16 = 0;
 
+/// Makes `client` the connection's peer address for everything that reads it later.
 pub(crate) fn set_peer(stream: &mut L4Stream, client: SocketAddr) {
     let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
     // A fresh cell: the set cannot fail.

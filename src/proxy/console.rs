@@ -133,6 +133,8 @@ pub(crate) fn key_call(method: &Method, path: &str) -> Option<Result<KeyCall, Ga
 /// Key creations and revocations one account may make through the console, per minute and
 /// node: a token holder cannot drive unbounded writes (and fsyncs) into the store.
 pub(crate) const KEY_WRITES_PER_MINUTE: u32 = 10;
+/// The most of a plan's key cap the write bucket's burst makes room for.
+const MAX_WRITE_BURST_CAP: u32 = 100;
 
 /// Key listings one account may ask for through the console, per minute and node (a burst of
 /// 10): a listing reads every record the account keeps (up to its cap and 100 revoked ones),
@@ -152,14 +154,15 @@ pub(crate) async fn serve(
     if matches!(call, KeyCall::Create | KeyCall::Revoke(_)) {
         let every_ns = 60_000_000_000 / u64::from(KEY_WRITES_PER_MINUTE);
         // An account may fill its plan's cap in one go and still be told, truthfully, that it
-        // is full (403 API_KEY_LIMIT_REACHED), with room for a few revocations besides.
+        // is full (403 API_KEY_LIMIT_REACHED), with room for a few revocations besides; a cap
+        // past 100 (an unusual plan) fills at the bucket's rate.
         let burst = live
             .config
             .policies
             .plans
             .largest_max_keys()
-            .saturating_add(KEY_WRITES_PER_MINUTE)
-            .max(KEY_WRITES_PER_MINUTE);
+            .min(MAX_WRITE_BURST_CAP)
+            + KEY_WRITES_PER_MINUTE;
         gw.key_writes
             .check_every(account_id.to_owned(), now_ns, every_ns, burst)
             .map_err(|retry_ns| GatewayError::key_writes_limited(secs(retry_ns)))?;

@@ -30,12 +30,15 @@ pub(crate) async fn check(
     let key = &principal.key;
     let source = policy.and_then(|p| p.instance.as_ref());
     if key.scopes.is_empty() && key.instance_ids.is_empty() {
-        // Nothing to hold the key to, but a query the route reads its instance from is read
-        // alike for every key (SPEC §2: a duplicated query parameter is 400): no backend is
-        // handed a request whose instance two readers would take differently. A body is read
-        // for restricted keys only (an unrestricted send is never held up).
+        // Nothing to hold the key to, but the parameter a route reads its instance from is
+        // never handed on twice, for any key (SPEC §2: a duplicated query parameter is 400).
+        // The rest of a restricted key's query rules (`;`, 100 parameters, a body beside) and
+        // every body rule are for restricted keys only: an unrestricted send is never held up.
         if let Some(InstanceSource::Query(name)) = source {
-            from_query(session, name)?;
+            let query = session.req_header().uri.query();
+            if let Err(Ambiguity::Duplicate) = inspect::query_param(query, name) {
+                return Err(GatewayError::duplicate_parameter(name));
+            }
         }
         return Ok(BodyRead::No);
     }

@@ -95,6 +95,8 @@ fn unrestricted_keys_are_never_held_up_by_body_inspection(b: Backend) {
     // (SPEC §2), any other instance passes.
     let h = [("x-api-key", key.as_str())];
     echoed(&gw.get(&format!("/api/v1/messages/1?instanceId={B}"), &h));
+    // The restricted keys' other query rules are theirs alone.
+    echoed(&gw.get(&format!("/api/v1/messages/1?instanceId={B};x=1"), &h));
     let r = gw.get(
         &format!("/api/v1/messages/1?instanceId={A}&instance_id={B}"),
         &h,

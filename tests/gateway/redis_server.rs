@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
 /// Runs `redis-cli` against the server at `addr` and returns its output.
-fn redis_cli(addr: SocketAddr, args: &[&str]) -> String {
+pub fn redis_cli(addr: SocketAddr, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
         .args(args)
