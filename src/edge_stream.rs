@@ -167,6 +167,10 @@ enum Head {
     /// had ended when the head completed. Writes do not end it: an interim `100 Continue` is a
     /// write, and the body after it is not a new head.
     Done { ended: u64 },
+    /// HTTP/2 by ALPN, before the client's first byte (its preface): the first-byte deadline
+    /// runs, as before an HTTP/1 connection's first head; then [`Head::Off`]. pingora waits for
+    /// the preface with no deadline of its own.
+    Preface,
     /// HTTP/2: not watched here.
     Off,
     /// The head grew past its bound: `answer` is being written (`sent` bytes so far); then the
@@ -255,7 +259,7 @@ impl EdgeStream {
             max_head: limits.max_head_bytes(),
             limits,
             _permit: permit,
-            head: if off { Head::Off } else { Head::Idle },
+            head: if off { Head::Preface } else { Head::Idle },
             deadline: Instant::now(),
             sleep: None,
             armed: None,
@@ -352,6 +356,12 @@ impl EdgeStream {
     /// Follows the head through the bytes just read; starts the clock when a head starts, and
     /// turns to refusing when the head grew past its bound.
     fn saw(&mut self, bytes: &[u8]) {
+        if matches!(self.head, Head::Preface) {
+            if !bytes.is_empty() {
+                self.head = Head::Off;
+            }
+            return;
+        }
         if follow(&mut self.head, bytes) {
             self.deadline = Instant::now() + self.timeout;
         }
@@ -401,7 +411,7 @@ impl EdgeStream {
     /// Whether `bytes`, about to be written, are pingora's bare `400` for a head it could not
     /// parse (a write while no request is under way), and the gateway's answer replaces them.
     fn replaces(&mut self, bytes: &[u8]) -> bool {
-        if matches!(self.head, Head::Off)
+        if matches!(self.head, Head::Off | Head::Preface)
             || self.between.load(Ordering::Relaxed) & 1 == 0
             || !is_bare_400(bytes)
         {
@@ -620,7 +630,7 @@ impl AsyncRead for EdgeStream {
         match self.head {
             Head::Done { .. } | Head::Off => return Pin::new(&mut self.inner).poll_read(cx, buf),
             Head::Refusing { .. } | Head::Refused { .. } => return self.get_mut().poll_refuse(cx),
-            Head::Idle | Head::Reading { .. } => {}
+            Head::Idle | Head::Reading { .. } | Head::Preface => {}
         }
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
@@ -646,9 +656,10 @@ impl AsyncRead for EdgeStream {
                             )));
                         }
                     }
-                    Head::Idle => {
-                        // Kept alive too long without a new request: the end of the stream,
-                        // as pingora's own keep-alive timeout would have it (a quiet close).
+                    Head::Idle | Head::Preface => {
+                        // Kept alive too long without a new request (or, new, silent past the
+                        // first-byte deadline): the end of the stream, as pingora's own
+                        // keep-alive timeout would have it (a quiet close).
                         if let Some(deadline) = this.idle_deadline() {
                             if this.passed(deadline, cx) {
                                 return Poll::Ready(Ok(()));

@@ -589,6 +589,47 @@ pub(crate) fn h2c_exchange(
     })
 }
 
+/// A TLS client that negotiates HTTP/2 and then sends nothing (not even the preface) holds a
+/// place of the connection caps: pingora waits for the preface with no deadline. It has the
+/// first-byte deadline (`header_timeout`, 1 s here, against a keep-alive of an hour), and then
+/// the connection closes, without a request.
+#[test]
+fn a_silent_http2_connection_over_tls_is_closed_at_the_header_timeout() {
+    use tokio::io::AsyncReadExt;
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (_gw, tls) = tls_gateway_with(
+        &ca,
+        dir.path(),
+        &[("api", "api.test")],
+        "",
+        Setup::new()
+            .server("header_timeout = \"1s\"")
+            .server("keepalive_timeout = \"1h\""),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut config = (*ca.client_config()).clone();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(tls).await.unwrap();
+        let name = ServerName::try_from("api.test".to_owned()).unwrap();
+        let mut stream = connector.connect(name, tcp).await.unwrap();
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        // Whatever the server sends (its SETTINGS), then the end: well before the hour.
+        let mut sink = Vec::new();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            stream.read_to_end(&mut sink),
+        )
+        .await;
+        assert!(ended.is_ok(), "the silent connection was not closed");
+    });
+}
+
 /// HTTP/2's CONNECT (a tunnel in one stream) is refused in the JSON shape, as HTTP/1.1's is.
 #[test]
 fn http2_connect_is_refused_in_the_json_shape() {
