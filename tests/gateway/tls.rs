@@ -345,6 +345,19 @@ type H2Request = (String, Vec<(&'static str, String)>, Option<Vec<u8>>);
 /// An HTTP/2 client over TLS (ALPN h2) to `api.test` at `addr`, its connection driven on the
 /// current runtime.
 async fn h2_client(addr: SocketAddr, ca: &Ca) -> h2::client::SendRequest<bytes::Bytes> {
+    let tls = h2_tls(addr, ca).await;
+    let (client, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// A TLS connection to `api.test` at `addr` that negotiated HTTP/2 (ALPN h2), nothing sent on it.
+async fn h2_tls(
+    addr: SocketAddr,
+    ca: &Ca,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut config = (*ca.client_config()).clone();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
@@ -352,11 +365,7 @@ async fn h2_client(addr: SocketAddr, ca: &Ca) -> h2::client::SendRequest<bytes::
     let name = ServerName::try_from("api.test".to_owned()).unwrap();
     let tls = connector.connect(name, tcp).await.unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (client, connection) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
+    tls
 }
 
 fn h2_send(
@@ -612,13 +621,7 @@ fn a_silent_http2_connection_over_tls_is_closed_at_the_header_timeout() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut config = (*ca.client_config()).clone();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tcp = tokio::net::TcpStream::connect(tls).await.unwrap();
-        let name = ServerName::try_from("api.test".to_owned()).unwrap();
-        let mut stream = connector.connect(name, tcp).await.unwrap();
-        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let mut stream = h2_tls(tls, &ca).await;
         // Whatever the server sends (its SETTINGS), then the end: well before the hour.
         let mut sink = Vec::new();
         let ended = tokio::time::timeout(
