@@ -149,6 +149,15 @@ fn handing_over() -> StoreError {
 }
 
 impl EmbeddedStore {
+    /// When the key last authenticated a request (admitted or refused by a limit), if it did
+    /// since this process started.
+    fn last_used_ms(&self, key_id: &str) -> Option<u64> {
+        self.buckets
+            .get(key_id)
+            .map(|b| b.last_used_ms)
+            .filter(|ms| *ms > 0)
+    }
+
     /// Opens (or starts) the data file at `path`, owned by this process from now on, and
     /// compacts it; refused while another process owns it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -412,8 +421,8 @@ impl Store for EmbeddedStore {
         let mut keys: Vec<KeyRecord> = data.keys_of(account_id).cloned().collect();
         drop(data);
         for key in &mut keys {
-            if let Some(bucket) = self.buckets.get(&key.id) {
-                key.last_used_at_ms = Some(bucket.last_used_ms);
+            if let Some(used) = self.last_used_ms(&key.id) {
+                key.last_used_at_ms = Some(used);
             }
         }
         super::oldest_first(&mut keys);
@@ -436,8 +445,8 @@ impl Store for EmbeddedStore {
                 Some(key) if key.account_id == account_id => {
                     let mut key = key.clone();
                     key.revoked_at_ms = Some(now_ms);
-                    if let Some(bucket) = self.buckets.get(key_id) {
-                        key.last_used_at_ms = Some(bucket.last_used_ms);
+                    if let Some(used) = self.last_used_ms(key_id) {
+                        key.last_used_at_ms = Some(used);
                     }
                     Ok((Some(key.clone()), Some(Entry::Key(key))))
                 }
@@ -462,6 +471,9 @@ impl Store for EmbeddedStore {
             Some(b) => b,
             None => self.buckets.entry(req.key_id.to_owned()).or_default(),
         };
+        // Used: it authenticated a request, admitted or refused by a limit (as the Redis
+        // store records it).
+        bucket.last_used_ms = req.now_ns / 1_000_000;
         let prior = Some(bucket.tat_ns).filter(|t| *t > 0);
         let (new_tat_ns, remaining, reset_after_ns) =
             match gcra::decide(prior, req.now_ns, req.bucket) {
@@ -498,7 +510,6 @@ impl Store for EmbeddedStore {
             .dirty
             .store(true, std::sync::atomic::Ordering::Relaxed);
         bucket.tat_ns = new_tat_ns;
-        bucket.last_used_ms = req.now_ns / 1_000_000;
         Ok(Admission::Allowed {
             remaining,
             reset_after_ns,

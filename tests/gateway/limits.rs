@@ -127,6 +127,22 @@ fn monthly_quota_is_exact_and_retry_after_points_at_the_next_period(b: Backend) 
         usage["usage"],
         serde_json::json!({"period": "2026-11-01", "requests": 5, "quota": 5})
     );
+    // A key whose only request the quota refused authenticated one: it was used then, on both
+    // stores (the embedded one listed such a key as last used at the epoch).
+    let (unused, unused_id) = gw.create_key("small");
+    assert_eq!(gw.get("/api/v1/x", &[("x-api-key", &unused)]).status, 429);
+    let listed = gw
+        .admin_call("GET", "/admin/v1/accounts/small/keys", None)
+        .json()
+        .unwrap();
+    let record = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == unused_id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(record["lastUsedAt"], "2026-11-29T00:00:00.000Z", "{record}");
     // The next period starts afresh.
     gw.clock.advance_ms(2 * 86_400 * 1000);
     echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
