@@ -51,6 +51,18 @@ pub fn decide_every(tat_ns: Option<u64>, now_ns: u64, t: u64, burst: u32) -> Buc
     judge(tat.saturating_add(t), now_ns, t, burst)
 }
 
+/// How far out of order concurrent requests of one key may reach the bucket. Each request's
+/// time is read before the bucket's atomic step, so under load a burst's requests can reach it
+/// in another order than their times say; without slack, the last request of a burst of exactly
+/// `burst` was refused whenever one that came after it in time had gone first (with a real
+/// clock, not the tests' manual one). Less than half an interval (so the request past the burst
+/// in one instant is still refused), and at most a millisecond: a token comes that much early.
+const JITTER_NS: u64 = 1_000_000;
+
+fn jitter(t: u64) -> u64 {
+    JITTER_NS.min(t / 2)
+}
+
 /// Judges a TAT already advanced by one interval, `new_tat = max(tat, now) + t`, as a shared
 /// store computes it in one command (`ZADD GT` + `ZINCRBY`): admit with the remaining burst, or
 /// refuse with the retry time. [`decide_every`] is this after computing `new_tat` itself.
@@ -58,13 +70,14 @@ pub fn judge(new_tat_ns: u64, now_ns: u64, t: u64, burst: u32) -> BucketDecision
     let t = t.max(1);
     let burst = u64::from(burst.max(1));
     let horizon = now_ns.saturating_add(burst.saturating_mul(t));
-    if horizon < new_tat_ns {
+    if horizon.saturating_add(jitter(t)) < new_tat_ns {
         BucketDecision::Deny {
             retry_after_ns: new_tat_ns - horizon,
             reset_after_ns: new_tat_ns.saturating_sub(t).saturating_sub(now_ns),
         }
     } else {
-        let spare = (horizon - new_tat_ns) / t;
+        // Within the jitter past the horizon: admitted, with nothing to spare.
+        let spare = horizon.saturating_sub(new_tat_ns) / t;
         BucketDecision::Allow {
             new_tat_ns,
             remaining: clamp_u32(spare.min(burst - 1)),
@@ -127,6 +140,34 @@ mod tests {
         assert_eq!(params(10, 1).emission_interval_ns(), 100 * MS);
         assert_eq!(params(0, 0).emission_interval_ns(), SEC);
         assert_eq!(params(u32::MAX, 1).emission_interval_ns(), 1);
+    }
+
+    #[test]
+    fn a_burst_reaching_the_bucket_out_of_order_is_admitted_whole() {
+        // Ten requests read their times within half a millisecond; the latest reaches the
+        // bucket first. Without slack the tenth was refused; the eleventh still is, even one
+        // read a little later still.
+        let p = params(10, 10);
+        let times: Vec<u64> = [500, 0, 100, 200, 300, 400, 50, 150, 250, 350]
+            .iter()
+            .map(|us| BASE + us * 1_000)
+            .collect();
+        let mut tat = None;
+        for (i, now) in times.iter().enumerate() {
+            match decide(tat, *now, p) {
+                BucketDecision::Allow { new_tat_ns, .. } => tat = Some(new_tat_ns),
+                other => panic!("request {i} at +{} ns: {other:?}", now - BASE),
+            }
+        }
+        for late_us in [0, 500, 900] {
+            assert!(
+                matches!(
+                    decide(tat, BASE + late_us * 1_000, p),
+                    BucketDecision::Deny { .. }
+                ),
+                "an eleventh at +{late_us} µs"
+            );
+        }
     }
 
     #[test]
@@ -285,9 +326,16 @@ mod tests {
                     matches!(decide(tat, now + retry_after_ns, p), BucketDecision::Allow { .. }),
                     "not allowed after retry_after"
                 );
+                // The jitter lets a request in that much before the advertised time, never
+                // earlier.
+                let early = jitter(p.emission_interval_ns());
+                prop_assert!(retry_after_ns > early);
                 prop_assert!(
-                    matches!(decide(tat, now + retry_after_ns - 1, p), BucketDecision::Deny { .. }),
-                    "retry_after is not the earliest instant"
+                    matches!(
+                        decide(tat, now + retry_after_ns - early - 1, p),
+                        BucketDecision::Deny { .. }
+                    ),
+                    "admitted before retry_after less the jitter"
                 );
             }
         }
