@@ -636,20 +636,30 @@ fn a_silent_http2_connection_over_tls_is_closed_at_the_header_timeout() {
 /// HTTP/2's CONNECT (a tunnel in one stream) is refused in the JSON shape, as HTTP/1.1's is.
 #[test]
 fn http2_connect_is_refused_in_the_json_shape() {
-    let gw = Gateway::start_with(Setup::new().server("h2c = true"));
-    let (key, _) = gw.account_with_key("acme", "pro");
-    let req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri("api.test:443")
-        .header("x-api-key", key.as_str())
-        .body(())
-        .unwrap();
+    let answer = h2c_keyed(http::Method::CONNECT, |_| "api.test:443".into());
     assert_h2_refused(
-        &h2c_exchange(gw.proxy, req, None),
+        &answer,
         400,
         "BAD_REQUEST",
         "The CONNECT method is not served",
     );
+}
+
+/// One HTTP/2 request with prior knowledge to a gateway with h2c on, by a valid key: `method`
+/// on the target `uri` makes of the gateway's address.
+fn h2c_keyed(
+    method: http::Method,
+    uri: impl Fn(SocketAddr) -> String,
+) -> (u16, http::HeaderMap, Vec<u8>) {
+    let gw = Gateway::start_with(Setup::new().server("h2c = true"));
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let req = http::Request::builder()
+        .method(method)
+        .uri(uri(gw.proxy))
+        .header("x-api-key", key.as_str())
+        .body(())
+        .unwrap();
+    h2c_exchange(gw.proxy, req, None)
 }
 
 /// An HTTP/2 header list may hold thousands of tiny fields within its bytes; past 256 fields
@@ -683,16 +693,11 @@ fn http2_requests_with_over_256_header_fields_are_refused() {
 /// reads it, as on HTTP/1.1.
 #[test]
 fn http2_methods_not_in_upper_case_are_refused() {
-    let gw = Gateway::start_with(Setup::new().server("h2c = true"));
-    let (key, _) = gw.account_with_key("acme", "pro");
-    let req = http::Request::builder()
-        .method(http::Method::from_bytes(b"post").unwrap())
-        .uri(format!("http://{}/api/v1/messages/send", gw.proxy))
-        .header("x-api-key", key.as_str())
-        .body(())
-        .unwrap();
+    let answer = h2c_keyed(http::Method::from_bytes(b"post").unwrap(), |addr| {
+        format!("http://{addr}/api/v1/messages/send")
+    });
     assert_h2_refused(
-        &h2c_exchange(gw.proxy, req, None),
+        &answer,
         400,
         "BAD_REQUEST",
         "The request method must be upper-case letters",
