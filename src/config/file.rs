@@ -52,7 +52,8 @@ pub(super) struct ServerFile {
     /// The host names the gateway answers to (empty: any).
     #[serde(default)]
     pub hosts: Vec<Spanned<String>>,
-    /// Invalid API keys one client may send per minute before unknown keys get 429.
+    /// Unknown API keys and unsigned tokens one client may send per minute before unknown
+    /// credentials get 429.
     #[serde(default = "default_auth_failures")]
     pub auth_failures_per_minute: Spanned<u32>,
     /// Prefix length an IPv6 client is limited by.
@@ -357,7 +358,7 @@ fn default_header_timeout() -> Spanned<String> {
     spanned("10s".into())
 }
 fn default_auth_failures() -> Spanned<u32> {
-    spanned(100)
+    spanned(600)
 }
 fn default_ipv6_prefix() -> Spanned<u8> {
     spanned(64)

@@ -56,7 +56,8 @@ pub struct Server {
     pub hosts: Vec<Box<str>>,
     /// Bits of an IPv6 client address that per-client limits count under.
     pub ipv6_prefix: u8,
-    /// Invalid API keys a client may send per minute (`auth_failures_per_minute`).
+    /// Unknown well-formed API keys and unsigned tokens a client may send per minute
+    /// (`auth_failures_per_minute`).
     pub auth_failures_per_minute: u32,
     /// The TLS listener, when configured.
     pub tls: Option<TlsListener>,

@@ -24,8 +24,9 @@ pub(crate) fn authenticate(
     let mut values = req.headers.get_all(http::header::AUTHORIZATION).iter();
     let (Some(value), None) = (values.next(), values.next()) else {
         if req.headers.contains_key(http::header::AUTHORIZATION) {
-            // Two credentials: the backend might read the one not verified here.
-            return Err(invalid());
+            // Two credentials: the backend might read the one not verified here. Refused
+            // before any work, so not counted (as a malformed API key is not).
+            return Err(GatewayError::invalid_token());
         }
         return Err(if req.headers.contains_key("x-api-key") {
             GatewayError::api_key_on_console()
@@ -35,10 +36,10 @@ pub(crate) fn authenticate(
     };
     let bytes = value.as_bytes();
     if bytes.len() <= 7 || !bytes[..7].eq_ignore_ascii_case(b"bearer ") {
-        return Err(invalid());
+        return Err(GatewayError::invalid_token());
     }
     let Ok(token) = std::str::from_utf8(&bytes[7..]) else {
-        return Err(invalid());
+        return Err(GatewayError::invalid_token());
     };
     let verified = live.jwt.verify_if(token.trim(), gw.clock.now_unix(), || {
         failures.refused().is_none()
