@@ -503,6 +503,15 @@ mod tests {
         async fn admit(&self, r: &AdmitRequest<'_>) -> Result<Admission, StoreError> {
             self.inner.admit(r).await
         }
+        async fn bucket_state(
+            &self,
+            a: &str,
+            k: &str,
+            now: u64,
+            b: crate::limits::gcra::BucketParams,
+        ) -> Result<(u32, u64), StoreError> {
+            self.inner.bucket_state(a, k, now, b).await
+        }
         async fn usage(&self, a: &str, p: &str) -> Result<u64, StoreError> {
             self.inner.usage(a, p).await
         }

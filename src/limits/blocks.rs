@@ -48,6 +48,15 @@ impl RateBlocks {
         self.blocks.clear();
     }
 
+    /// When a blocked key's bucket is full again (nanoseconds from `now_ns`), if it is blocked
+    /// now; changes nothing (a refusal before the bucket reports it, and takes no turn).
+    pub(crate) fn blocked_until_full(&self, key_id: &str, now_ns: u64) -> Option<u64> {
+        self.blocks
+            .get(key_id, now_ns)
+            .filter(|(until, _)| now_ns < *until)
+            .map(|(_, full_at)| full_at.saturating_sub(now_ns))
+    }
+
     /// What the local blocks say about a request of `key_id` at `now_ns`. Within one emission
     /// interval after a block ends, at most one token exists: one request asks the store
     /// (`Probe`) and the others are refused until it has answered.
@@ -91,7 +100,17 @@ mod tests {
         assert_eq!(b.gate("k", 1_000, t), RateGate::Probe);
         assert!(matches!(b.gate("k", 1_001, t), RateGate::Refuse { .. }));
         assert_eq!(b.gate("k", 1_000 + 2 * t, t), RateGate::Open);
-        b.block("k", 9_000, 9_000, 2_000);
+        assert_eq!(b.blocked_until_full("k", 1_000 + 2 * t), None);
+        b.block("k", 9_000, 9_500, 2_000);
+        assert_eq!(b.blocked_until_full("k", 2_500), Some(7_000));
+        assert_eq!(
+            b.gate("k", 2_500, t),
+            RateGate::Refuse {
+                retry_after_ns: 6_500,
+                reset_after_ns: 7_000
+            }
+        );
+        assert_eq!(b.blocked_until_full("k", 9_000), None);
         b.unblock("k");
         assert_eq!(b.gate("k", 2_001, t), RateGate::Open);
         b.block("k", 9_000, 9_000, 2_000);

@@ -186,6 +186,40 @@ fn subscribed(
     Ok(())
 }
 
+/// `refused` (a refusal after the key is known, before its bucket) with the bucket's state
+/// as it stands, no token taken: SPEC §3 has every `/api/v1/` response carry it. A key this
+/// node holds blocked costs no store call; a store that cannot answer leaves the policy alone.
+async fn with_bucket(
+    gw: &Gateway,
+    found: &Principal,
+    terms: &Terms<'_>,
+    mut refused: Refusal,
+    store: &mut StoreWait,
+) -> Refusal {
+    let Some(rate) = refused.rate.as_mut() else {
+        return refused;
+    };
+    let key_id: &str = &found.key.id;
+    if let Some(full_after_ns) = gw.rate_blocks.blocked_until_full(key_id, terms.now_ns) {
+        rate.live = Some((0, ceil_secs(full_after_ns)));
+        return refused;
+    }
+    if found.store_failed {
+        return refused;
+    }
+    let waited = store.start();
+    let state = gw
+        .store
+        .bucket_state(&found.account.id, key_id, terms.now_ns, terms.plan.bucket)
+        .await;
+    store.add(waited);
+    match state {
+        Ok((remaining, reset_after_ns)) => rate.live = Some((remaining, ceil_secs(reset_after_ns))),
+        Err(e) => tracing::debug!(error = %e, "bucket state unavailable for a refusal"),
+    }
+    refused
+}
+
 /// Runs checks 1–7 for a request from `client` (its per-client limit key); on success the
 /// request may be forwarded as `Identity`.
 pub(crate) async fn authorize(
@@ -204,18 +238,28 @@ pub(crate) async fn authorize(
     let mut found = principal_timed(gw, live, session.req_header(), client, store).await?;
     let mut terms = Terms::of(gw, live, &found.account)?;
     // 4. subscription
-    subscribed(policy, &found.account, &terms)?;
+    if let Err(refused) = subscribed(policy, &found.account, &terms) {
+        return Err(with_bucket(gw, &found, &terms, refused, store).await);
+    }
     // 5. scopes and instances
     match super::restrictions::check(live, session, &found, policy, path).await {
-        Err(e) => return Err(terms.refuse(e)),
+        Err(e) => return Err(with_bucket(gw, &found, &terms, terms.refuse(e), store).await),
         Ok(BodyRead::No) => {}
         Ok(BodyRead::Yes) => {
             // Reading the body took as long as the client chose: the key may have been
             // revoked meanwhile, the account changed, the month turned. Look again.
             found = principal_timed(gw, live, session.req_header(), client, store).await?;
             terms = Terms::of(gw, live, &found.account)?;
-            subscribed(policy, &found.account, &terms)?;
+            if let Err(refused) = subscribed(policy, &found.account, &terms) {
+                return Err(with_bucket(gw, &found, &terms, refused, store).await);
+            }
         }
+    }
+    // Nothing to forward to: refused before steps 6 and 7, which would count a request that
+    // never reaches the upstream.
+    if !upstream.has_healthy() {
+        let refused = terms.refuse(GatewayError::no_healthy_upstream());
+        return Err(with_bucket(gw, &found, &terms, refused, store).await);
     }
     let principal = found;
     let account = principal.account.clone();
@@ -236,11 +280,6 @@ pub(crate) async fn authorize(
         user_id: None,
         restrictions: principal.key.forwarded.clone(),
     };
-    // Nothing to forward to: refused before steps 6 and 7, which would count a request that
-    // never reaches the upstream.
-    if !upstream.has_healthy() {
-        return Err(refuse(GatewayError::no_healthy_upstream(), rate));
-    }
     // 6 and 7. rate limit, then quota, in one store decision; a key the store just refused
     // is refused here until its retry time, at no store cost.
     let interval_ns = plan.bucket.emission_interval_ns();

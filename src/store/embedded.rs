@@ -9,7 +9,7 @@ use super::{
     Revoked, Store, StoreError,
 };
 use crate::cache::{keyed_dash_map, KeyedDashMap};
-use crate::limits::gcra::{self, BucketDecision};
+use crate::limits::gcra::{self, BucketDecision, BucketParams};
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
@@ -514,6 +514,21 @@ impl Store for EmbeddedStore {
             remaining,
             reset_after_ns,
         })
+    }
+
+    async fn bucket_state(
+        &self,
+        _account_id: &str,
+        key_id: &str,
+        now_ns: u64,
+        bucket: BucketParams,
+    ) -> Result<(u32, u64), StoreError> {
+        let tat = self
+            .buckets
+            .get(key_id)
+            .map(|b| b.tat_ns)
+            .filter(|t| *t > 0);
+        Ok(gcra::peek(tat, now_ns, bucket))
     }
 
     async fn usage(&self, account_id: &str, period_id: &str) -> Result<u64, StoreError> {

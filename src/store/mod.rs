@@ -252,6 +252,16 @@ pub trait Store: Send + Sync + 'static {
     /// Rate limit then quota, atomically; a rejection consumes nothing.
     async fn admit(&self, request: &AdmitRequest<'_>) -> Result<Admission, StoreError>;
 
+    /// The key's rate-limit bucket at `now_ns` without taking a token: `(remaining,
+    /// reset_after_ns)`, what a request refused before the bucket (SPEC §3 steps 4–5) reports.
+    async fn bucket_state(
+        &self,
+        account_id: &str,
+        key_id: &str,
+        now_ns: u64,
+        bucket: BucketParams,
+    ) -> Result<(u32, u64), StoreError>;
+
     /// Requests counted in the account's period `period_id`.
     async fn usage(&self, account_id: &str, period_id: &str) -> Result<u64, StoreError>;
 

@@ -27,20 +27,38 @@ fn scopes_limit_what_a_key_may_call(b: Backend) {
         "This API key lacks the scope messages:send",
     );
     assert!(!r.text().contains(&key));
+    // The key's rate-limit state, as on every /api/v1/ response: a full bucket.
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=10;t=0"));
     echoed(&gw.get("/api/v1/messages/42", &[("x-api-key", &key)]));
     // Deny by default: a route whose policy names no scope is closed to keys with scopes.
+    let other = || gw.get("/api/v1/other", &[("x-api-key", &key)]);
+    let r = other();
     assert_error(
-        &gw.get("/api/v1/other", &[("x-api-key", &key)]),
+        &r,
         403,
         "FORBIDDEN",
         "This API key is restricted to scopes and this route is granted by none of them",
     );
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=9;t=1"));
     // A refused request consumed nothing: one request went through the limiter so far.
     let v = gw
         .admin_call("GET", "/admin/v1/accounts/acme", None)
         .json()
         .unwrap();
     assert_eq!(v["usage"]["requests"], 1);
+    // A key over its rate: its 403s say so too (and still take nothing).
+    for _ in 0..9 {
+        echoed(&gw.get("/api/v1/messages/42", &[("x-api-key", &key)]));
+    }
+    assert_eq!(
+        gw.get("/api/v1/messages/42", &[("x-api-key", &key)]).status,
+        429
+    );
+    let r = other();
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=0;t=1"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    assert_eq!(r.header("retry-after"), None);
 }
 
 fn instances_are_read_from_the_body_without_changing_it(b: Backend) {

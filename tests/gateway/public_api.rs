@@ -123,24 +123,44 @@ fn rate_limit_headers_word_for_word(b: Backend) {
     assert_eq!(r.header("x-ratelimit-reset"), Some("1"));
 }
 
+/// A 403 carries the key's rate-limit state as every `/api/v1/` response does (SPEC §3), read
+/// without taking a token: three requests spent, the 403s leave seven, and so on.
 fn inactive_subscription_is_403_before_any_limit(b: Backend) {
     let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "pro");
+    for _ in 0..3 {
+        echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+    }
     gw.put_account("acme", "pro", "inactive");
-    let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
-    assert_error(
-        &r,
-        403,
-        "SUBSCRIPTION_INACTIVE",
-        "The account has no active subscription for this action",
-    );
-    assert_eq!(
-        r.header("ratelimit-policy"),
-        Some("\"burst\";q=10;w=1, \"monthly\";q=500000;w=2592000")
-    );
-    assert_eq!(r.header("ratelimit"), None);
+    for _ in 0..2 {
+        let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+        assert_error(
+            &r,
+            403,
+            "SUBSCRIPTION_INACTIVE",
+            "The account has no active subscription for this action",
+        );
+        assert_eq!(
+            r.header("ratelimit-policy"),
+            Some("\"burst\";q=10;w=1, \"monthly\";q=500000;w=2592000")
+        );
+        assert_eq!(r.header("ratelimit"), Some("\"burst\";r=7;t=1"));
+        assert_eq!(r.header("x-ratelimit-limit"), Some("10"));
+        assert_eq!(r.header("x-ratelimit-remaining"), Some("7"));
+        assert_eq!(r.header("x-ratelimit-reset"), Some("1"));
+        assert_eq!(r.header("retry-after"), None);
+    }
     gw.put_account("acme", "pro", "active");
-    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+    let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    echoed(&r);
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=6;t=1"));
+    // A fresh key's bucket is full: nothing to wait for.
+    let (fresh, _) = gw.create_key("acme");
+    gw.put_account("acme", "pro", "inactive");
+    let r = gw.get("/api/v1/x", &[("x-api-key", &fresh)]);
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=10;t=0"));
+    assert_eq!(r.header("x-ratelimit-reset"), Some("0"));
 }
 
 fn paths_are_normalised_before_routing_and_forwarding(b: Backend) {

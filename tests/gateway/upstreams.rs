@@ -90,7 +90,7 @@ fn no_healthy_address_is_503() {
     assert_eq!(r.header("retry-after"), Some("1"));
     // Nothing went anywhere: no rate-limit token and no quota spent (SPEC §3 counts requests
     // forwarded), and the key is still checked first.
-    assert_eq!(r.header("ratelimit"), None);
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=10;t=0"));
     let usage = gw
         .admin_call("GET", "/admin/v1/accounts/acme", None)
         .json()

@@ -32,7 +32,7 @@ use super::connection::Budget;
 use super::resp::{Arg, Commands, Reply};
 use super::schema::{active_parts, quota_parts, tat_parts, used_parts};
 use super::RedisStore;
-use crate::limits::gcra::{self, BucketDecision};
+use crate::limits::gcra::{self, BucketDecision, BucketParams};
 use crate::store::{Admission, AdmitRequest, StoreError};
 
 /// How often one node records a key's last use and pushes back its TAT's expiry.
@@ -187,6 +187,31 @@ impl RedisStore {
                 reset_after_ns,
             }),
         }
+    }
+
+    /// The key's bucket without taking a token: one `ZSCORE` of its TAT (microseconds).
+    pub(super) async fn bucket_state(
+        &self,
+        account_id: &str,
+        key_id: &str,
+        now_ns: u64,
+        bucket: BucketParams,
+    ) -> Result<(u32, u64), StoreError> {
+        let mut c = Commands::new();
+        c.push(&[
+            Arg::Str("ZSCORE"),
+            Arg::Concat(&tat_parts(account_id, key_id)),
+            Arg::Str("t"),
+        ]);
+        let tat_ns = match self.run(Budget::Admission, &c).await?.first() {
+            Some(Reply::Nil) => None,
+            Some(reply) => match reply.as_f64() {
+                Some(us) if us.is_finite() && us >= 0.0 => Some((us as u64).saturating_mul(1000)),
+                _ => return Err(StoreError::Unavailable("unexpected reply to ZSCORE".into())),
+            },
+            None => return Err(StoreError::Unavailable("no reply to ZSCORE".into())),
+        };
+        Ok(gcra::peek(tat_ns, now_ns, bucket))
     }
 
     /// Undoes an admission of a key that turned out revoked: its quota unit back, its TAT

@@ -32,6 +32,7 @@ use super::{
     StoreError,
 };
 use crate::cache::BoundedCache;
+use crate::limits::gcra::BucketParams;
 use async_trait::async_trait;
 pub use connection::cluster_seeds;
 use connection::{Conn, Connector, RequestRoute};
@@ -108,6 +109,16 @@ impl Store for RedisStore {
 
     async fn admit(&self, req: &AdmitRequest<'_>) -> Result<Admission, StoreError> {
         RedisStore::admit(self, req).await
+    }
+
+    async fn bucket_state(
+        &self,
+        account_id: &str,
+        key_id: &str,
+        now_ns: u64,
+        bucket: BucketParams,
+    ) -> Result<(u32, u64), StoreError> {
+        RedisStore::bucket_state(self, account_id, key_id, now_ns, bucket).await
     }
 
     async fn usage(&self, account_id: &str, period_id: &str) -> Result<u64, StoreError> {
