@@ -5,6 +5,14 @@ use std::sync::{Arc, Barrier};
 
 /// Sends `n` requests at once with `key`, returns the statuses.
 fn burst(gw: &Gateway, key: &str, n: usize) -> Vec<u16> {
+    burst_answers(gw, key, n)
+        .into_iter()
+        .map(|r| r.status)
+        .collect()
+}
+
+/// Sends `n` requests at once with `key`, returns the answers.
+fn burst_answers(gw: &Gateway, key: &str, n: usize) -> Vec<crate::client::HttpResponse> {
     let barrier = Arc::new(Barrier::new(n));
     let handles: Vec<_> = (0..n)
         .map(|_| {
@@ -15,7 +23,6 @@ fn burst(gw: &Gateway, key: &str, n: usize) -> Vec<u16> {
                 barrier.wait();
                 conn.send("GET", "/api/v1/messages", &[("x-api-key", &key)], None)
                     .expect("request")
-                    .status
             })
         })
         .collect();
@@ -32,12 +39,20 @@ fn count(statuses: &[u16], status: u16) -> usize {
 fn concurrent_burst_of_16_lets_exactly_10_through(b: Backend) {
     let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "pro");
-    let statuses = burst(&gw, &key, 16);
+    let answers = burst_answers(&gw, &key, 16);
+    let statuses: Vec<u16> = answers.iter().map(|r| r.status).collect();
     assert_eq!(
         (count(&statuses, 200), count(&statuses, 429)),
         (10, 6),
         "{statuses:?}"
     );
+    // Every refusal tells what the bucket holds, whatever else was in flight beside it (on
+    // Redis each concurrent refusal adds an interval until it is taken back).
+    for r in answers.iter().filter(|r| r.status == 429) {
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert_eq!(r.header("ratelimit"), Some("\"burst\";r=0;t=1"));
+        assert_eq!(r.header("x-ratelimit-reset"), Some("1"));
+    }
 }
 
 fn the_11th_request_in_the_same_instant_is_429_with_retry_after(b: Backend) {
@@ -148,6 +163,33 @@ fn monthly_quota_is_exact_and_retry_after_points_at_the_next_period(b: Backend) 
     echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
 }
 
+/// Past the quota, a burst of concurrent requests is refused for the quota, every one: the
+/// bucket still holds tokens (refusals take none), so step 6 passes them all to step 7. On
+/// Redis each refusal holds an interval of the bucket until it is given back; read through
+/// them, the 11th of the burst looked rate-limited.
+fn a_burst_past_the_quota_is_refused_for_the_quota(b: Backend) {
+    let gw = Gateway::on(b);
+    let (key, _) = gw.account_with_key("small", "tiny"); // 5 requests a month
+    for _ in 0..5 {
+        echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+    }
+    gw.clock.advance_ms(1_000);
+    for r in burst_answers(&gw, &key, 16) {
+        assert_error(
+            &r,
+            429,
+            "MONTHLY_API_REQUEST_QUOTA_EXCEEDED",
+            "Monthly API request quota exhausted",
+        );
+        assert_eq!(r.header("ratelimit"), Some("\"burst\";r=10;t=0"));
+    }
+    let usage = gw
+        .admin_call("GET", "/admin/v1/accounts/small", None)
+        .json()
+        .unwrap();
+    assert_eq!(usage["usage"]["requests"], 5);
+}
+
 fn rate_limited_requests_do_not_count_toward_the_quota(b: Backend) {
     let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "starter"); // quota 50
@@ -180,6 +222,7 @@ fn rejected_before_the_limiter_consumes_nothing(b: Backend) {
 
 crate::on_both_stores!(
     concurrent_burst_of_16_lets_exactly_10_through,
+    a_burst_past_the_quota_is_refused_for_the_quota,
     the_11th_request_in_the_same_instant_is_429_with_retry_after,
     steady_10_per_second_for_3_seconds_never_sees_429,
     offered_20_per_second_gets_10_per_second_through,

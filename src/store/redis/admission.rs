@@ -11,6 +11,12 @@
 //! rejected increment and its compensation another request can only see *more* usage, never
 //! less: the limits may briefly refuse early, never admit extra.
 //!
+//! What a refusal reports leaves out the refusals in flight beside it (each holds an interval of
+//! the bucket and a unit of the quota until given back): a rate refusal's retry is at most one
+//! interval and its reset at most `burst`; past the quota, the units counted beyond it are
+//! refusals in flight, and the bucket is judged without their intervals, so a key with a token
+//! is refused for the quota, as step 7 says, not for the rate.
+//!
 //! No MULTI/EXEC around the pipeline (it cost more client CPU than the commands themselves:
 //! eight replies to parse instead of four). Redis runs one connection's commands in order, so a
 //! request's `ZADD GT` precedes its `ZINCRBY`; another node's commands may come in between.
@@ -157,22 +163,54 @@ impl RedisStore {
         // Redis keeps microseconds; the decision is limits::gcra's, in nanoseconds.
         let (new_tat_ns, now_ns, t_ns) = ((new_tat as u64) * 1000, now_us * 1000, t_us * 1000);
         let burst = req.bucket.burst;
+        let over_quota = used > req.monthly_quota;
+        // Over the quota, every other request of the account counted beyond it is in flight
+        // and will be given back, its interval with it: a bucket read through their
+        // increments is fuller than it looks. Judged without them, a key whose bucket holds a
+        // token is refused for the quota (step 7), as the embedded store and the SPEC's order
+        // answer, not for a rate that only refusals in flight exhausted.
+        let settled_tat_ns = if over_quota {
+            let in_flight = (used - req.monthly_quota - 1).saturating_mul(t_ns);
+            new_tat_ns
+                .saturating_sub(in_flight)
+                .max(now_ns.saturating_add(t_ns))
+        } else {
+            new_tat_ns
+        };
         match gcra::judge(new_tat_ns, now_ns, t_ns, burst) {
+            BucketDecision::Deny { .. }
+                if over_quota
+                    && matches!(
+                        gcra::judge(settled_tat_ns, now_ns, t_ns, burst),
+                        BucketDecision::Allow { .. }
+                    ) =>
+            {
+                self.compensate(&tat, &quota, t_us).await;
+                let (remaining, reset_after_ns) =
+                    gcra::peek_every(Some(settled_tat_ns - t_ns), now_ns, t_ns, burst);
+                Ok(Admission::QuotaExceeded {
+                    remaining,
+                    reset_after_ns,
+                })
+            }
             BucketDecision::Deny {
                 retry_after_ns,
                 reset_after_ns,
             } => {
                 self.compensate(&tat, &quota, t_us).await;
+                // Concurrent refusals not yet taken back inflate the TAT this pipeline read
+                // (each added an interval). Admissions alone never leave a bucket more than
+                // `burst` intervals from full, nor its next token more than one away: the
+                // answer says what the bucket holds, not what is in flight.
                 Ok(Admission::RateLimited {
-                    retry_after_ns,
-                    reset_after_ns,
+                    retry_after_ns: retry_after_ns.min(t_ns),
+                    reset_after_ns: reset_after_ns.min(u64::from(burst.max(1)) * t_ns),
                 })
             }
-            BucketDecision::Allow { .. } if used > req.monthly_quota => {
+            BucketDecision::Allow { .. } if over_quota => {
                 self.compensate(&tat, &quota, t_us).await;
-                let prior_tat_ns = new_tat_ns.saturating_sub(t_ns);
                 let (remaining, reset_after_ns) =
-                    gcra::peek_every(Some(prior_tat_ns), now_ns, t_ns, burst);
+                    gcra::peek_every(Some(settled_tat_ns - t_ns), now_ns, t_ns, burst);
                 Ok(Admission::QuotaExceeded {
                     remaining,
                     reset_after_ns,
