@@ -1,5 +1,6 @@
 //! Keys the store found over their rate, remembered locally until a token can exist again:
-//! an abusive key costs no store round trip (as Envoy's ratelimit "local cache" does).
+//! an abusive key costs no store round trip (as Envoy's ratelimit "local cache" does); and
+//! buckets read for refusals before them, remembered for an interval.
 
 use crate::cache::BoundedCache;
 
@@ -17,10 +18,22 @@ pub(crate) enum RateGate {
     },
 }
 
-/// key id -> (blocked until, bucket full at), Unix ns. Bounded; an entry is never useful for
-/// longer than a bucket takes to refill (seconds).
+/// What this node knows of one key's bucket, Unix ns.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    /// No token before this (0: not blocked).
+    until_ns: u64,
+    /// The bucket is full again at this time.
+    full_at_ns: u64,
+    /// The bucket as read for a refusal before it (tokens left, read at), if that is what
+    /// this entry holds.
+    read: Option<(u32, u64)>,
+}
+
+/// key id -> what is known of its bucket. Bounded; an entry is never useful for longer than a
+/// bucket takes to refill (seconds).
 pub(crate) struct RateBlocks {
-    blocks: BoundedCache<String, (u64, u64)>,
+    blocks: BoundedCache<String, Known>,
 }
 
 impl RateBlocks {
@@ -34,8 +47,45 @@ impl RateBlocks {
     /// Remembers that `key_id` gets no token before `until_ns`: nothing can give it one
     /// earlier (other nodes only take tokens), so refusing locally until then is exact.
     pub(crate) fn block(&self, key_id: &str, until_ns: u64, full_at_ns: u64, now_ns: u64) {
-        self.blocks
-            .insert(key_id.to_owned(), (until_ns, full_at_ns), now_ns);
+        let known = Known {
+            until_ns,
+            full_at_ns,
+            read: None,
+        };
+        self.blocks.insert(key_id.to_owned(), known, now_ns);
+    }
+
+    /// Remembers a bucket read for a refusal before it (`remaining` tokens, full after
+    /// `reset_after_ns`): a key refused again and again (a lapsed subscription, a scope it
+    /// lacks) costs the store one read per emission interval and node, not one per request.
+    /// An admission or a block replaces it.
+    pub(crate) fn remember_read(
+        &self,
+        key_id: &str,
+        remaining: u32,
+        reset_after_ns: u64,
+        now_ns: u64,
+    ) {
+        let known = Known {
+            until_ns: 0,
+            full_at_ns: now_ns.saturating_add(reset_after_ns),
+            read: Some((remaining, now_ns)),
+        };
+        self.blocks.insert(key_id.to_owned(), known, now_ns);
+    }
+
+    /// A bucket read remembered by [`Self::remember_read`] less than `interval_ns` ago:
+    /// `(remaining, reset_after_ns)` at `now_ns`.
+    pub(crate) fn recent_read(
+        &self,
+        key_id: &str,
+        now_ns: u64,
+        interval_ns: u64,
+    ) -> Option<(u32, u64)> {
+        let known = self.blocks.get(key_id, now_ns)?;
+        let (remaining, read_at) = known.read?;
+        (now_ns >= read_at && now_ns - read_at < interval_ns)
+            .then(|| (remaining, known.full_at_ns.saturating_sub(now_ns)))
     }
 
     /// Forgets a key's block (the store admitted it with tokens to spare, or failed).
@@ -53,8 +103,8 @@ impl RateBlocks {
     pub(crate) fn blocked_until_full(&self, key_id: &str, now_ns: u64) -> Option<u64> {
         self.blocks
             .get(key_id, now_ns)
-            .filter(|(until, _)| now_ns < *until)
-            .map(|(_, full_at)| full_at.saturating_sub(now_ns))
+            .filter(|k| now_ns < k.until_ns)
+            .map(|k| k.full_at_ns.saturating_sub(now_ns))
     }
 
     /// What the local blocks say about a request of `key_id` at `now_ns`. Within one emission
@@ -62,14 +112,17 @@ impl RateBlocks {
     /// (`Probe`) and the others are refused until it has answered.
     pub(crate) fn gate(&self, key_id: &str, now_ns: u64, interval_ns: u64) -> RateGate {
         self.blocks
-            .update(key_id, now_ns, |(until, full_at)| {
-                if now_ns < *until {
+            .update(key_id, now_ns, |k| {
+                if k.read.is_some() {
+                    // A read, not a block: nothing to hold the request back for.
+                    RateGate::Open
+                } else if now_ns < k.until_ns {
                     RateGate::Refuse {
-                        retry_after_ns: *until - now_ns,
-                        reset_after_ns: full_at.saturating_sub(now_ns),
+                        retry_after_ns: k.until_ns - now_ns,
+                        reset_after_ns: k.full_at_ns.saturating_sub(now_ns),
                     }
-                } else if now_ns < until.saturating_add(interval_ns) {
-                    *until = now_ns.saturating_add(interval_ns);
+                } else if now_ns < k.until_ns.saturating_add(interval_ns) {
+                    k.until_ns = now_ns.saturating_add(interval_ns);
                     RateGate::Probe
                 } else {
                     RateGate::Open
@@ -111,6 +164,14 @@ mod tests {
             }
         );
         assert_eq!(b.blocked_until_full("k", 9_000), None);
+        // A read for a refusal: kept one interval, never a block, replaced by a block.
+        b.remember_read("r", 7, 300, 10_000);
+        assert_eq!(b.recent_read("r", 10_100, t), Some((7, 200)));
+        assert_eq!(b.recent_read("r", 10_000 + t, t), None);
+        assert_eq!(b.blocked_until_full("r", 10_100), None);
+        assert_eq!(b.gate("r", 10_100, t), RateGate::Open);
+        b.block("r", 20_000, 20_000, 10_200);
+        assert_eq!(b.recent_read("r", 10_300, t), None);
         b.unblock("k");
         assert_eq!(b.gate("k", 2_001, t), RateGate::Open);
         b.block("k", 9_000, 9_000, 2_000);

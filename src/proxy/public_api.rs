@@ -188,7 +188,8 @@ fn subscribed(
 
 /// `refused` (a refusal after the key is known, before its bucket) with the bucket's state
 /// as it stands, no token taken: SPEC §3 has every `/api/v1/` response carry it. A key this
-/// node holds blocked costs no store call; a store that cannot answer leaves the policy alone.
+/// node holds blocked, or whose bucket it read within an interval, costs no store call; a
+/// store that cannot answer leaves the policy alone.
 async fn with_bucket(
     gw: &Gateway,
     found: &Principal,
@@ -200,8 +201,16 @@ async fn with_bucket(
         return refused;
     };
     let key_id: &str = &found.key.id;
-    if let Some(full_after_ns) = gw.rate_blocks.blocked_until_full(key_id, terms.now_ns) {
+    // Now, not when the terms were read: a body read in between took the client's time.
+    let now_ns = gw.clock.now_ns();
+    let blocks = &gw.rate_blocks;
+    if let Some(full_after_ns) = blocks.blocked_until_full(key_id, now_ns) {
         rate.live = Some((0, ceil_secs(full_after_ns)));
+        return refused;
+    }
+    let interval_ns = terms.plan.bucket.emission_interval_ns();
+    if let Some((remaining, reset_after_ns)) = blocks.recent_read(key_id, now_ns, interval_ns) {
+        rate.live = Some((remaining, ceil_secs(reset_after_ns)));
         return refused;
     }
     if found.store_failed {
@@ -210,12 +219,18 @@ async fn with_bucket(
     let waited = store.start();
     let state = gw
         .store
-        .bucket_state(&found.account.id, key_id, terms.now_ns, terms.plan.bucket)
+        .bucket_state(&found.account.id, key_id, now_ns, terms.plan.bucket)
         .await;
     store.add(waited);
     match state {
-        Ok((remaining, reset_after_ns)) => rate.live = Some((remaining, ceil_secs(reset_after_ns))),
-        Err(e) => tracing::debug!(error = %e, "bucket state unavailable for a refusal"),
+        Ok((remaining, reset_after_ns)) => {
+            blocks.remember_read(key_id, remaining, reset_after_ns, now_ns);
+            rate.live = Some((remaining, ceil_secs(reset_after_ns)));
+        }
+        Err(e) => {
+            gw.metrics.store_error();
+            tracing::debug!(error = %e, "bucket state unavailable for a refusal");
+        }
     }
     refused
 }

@@ -163,6 +163,35 @@ fn inactive_subscription_is_403_before_any_limit(b: Backend) {
     assert_eq!(r.header("x-ratelimit-reset"), Some("0"));
 }
 
+/// A key refused again and again before its bucket (a lapsed subscription) costs the store one
+/// read of its bucket per emission interval and node, whatever the number of refusals; an
+/// admission in between is never hidden by that read.
+#[test]
+fn repeated_refusals_read_the_bucket_once_an_interval() {
+    let gw = Gateway::on(Backend::Redis);
+    let redis = gw.redis.as_ref().expect("a Redis");
+    let (key, _) = gw.account_with_key("acme", "pro");
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+    gw.put_account("acme", "pro", "inactive");
+    let reads = || redis.command_calls().get("zscore").copied().unwrap_or(0);
+    for _ in 0..50 {
+        let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+        assert_eq!(r.status, 403);
+        assert_eq!(r.header("ratelimit"), Some("\"burst\";r=9;t=1"));
+    }
+    assert_eq!(reads(), 1);
+    gw.clock.advance_ms(100);
+    let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=10;t=0"));
+    assert_eq!(reads(), 2);
+    gw.put_account("acme", "pro", "active");
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+    gw.put_account("acme", "pro", "inactive");
+    let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=9;t=1"));
+    assert_eq!(reads(), 3);
+}
+
 fn paths_are_normalised_before_routing_and_forwarding(b: Backend) {
     let gw = Gateway::on(b);
     let (key, _) = gw.account_with_key("acme", "pro");

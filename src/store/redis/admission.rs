@@ -241,7 +241,8 @@ impl RedisStore {
             Arg::Concat(&tat_parts(account_id, key_id)),
             Arg::Str("t"),
         ]);
-        let tat_ns = match self.run(Budget::Admission, &c).await?.first() {
+        // A read: the lookups' budget (the admissions' counts admissions that may have run).
+        let tat_ns = match self.run(Budget::Lookup, &c).await?.first() {
             Some(Reply::Nil) => None,
             Some(reply) => match reply.as_f64() {
                 Some(us) if us.is_finite() && us >= 0.0 => Some((us as u64).saturating_mul(1000)),
@@ -249,7 +250,11 @@ impl RedisStore {
             },
             None => return Err(StoreError::Unavailable("no reply to ZSCORE".into())),
         };
-        Ok(gcra::peek(tat_ns, now_ns, bucket))
+        // Refusals in flight may have inflated the TAT; the bucket itself is never more than
+        // `burst` intervals from full.
+        let (remaining, reset_after_ns) = gcra::peek(tat_ns, now_ns, bucket);
+        let full_ns = u64::from(bucket.burst.max(1)).saturating_mul(bucket.emission_interval_ns());
+        Ok((remaining, reset_after_ns.min(full_ns)))
     }
 
     /// Undoes an admission of a key that turned out revoked: its quota unit back, its TAT
