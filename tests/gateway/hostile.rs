@@ -34,6 +34,36 @@ fn read_messages(gw: &Gateway, key: &str, query: &str) -> HttpResponse {
     call(gw, "GET", &format!("/api/v1/messages/1?{query}"), key, None)
 }
 
+/// The shipped policies keep SPEC §3's default: every `/api/v1/` route needs an active
+/// subscription, reads and the status route included.
+#[test]
+fn shipped_routes_need_an_active_subscription_everywhere() {
+    let (gw, key) = shipped_with_key(&[], &[]);
+    gw.put_account("acme", "pro", "inactive");
+    for (method, path) in [
+        ("GET", "/api/v1/messages"),
+        ("GET", "/api/v1/messages/42"),
+        ("GET", &format!("/api/v1/instances/{A}")),
+        ("GET", "/api/v1/webhooks"),
+        ("GET", "/api/v1/contacts"),
+        ("GET", "/api/v1/status"),
+        ("POST", "/api/v1/messages/send"),
+        ("DELETE", "/api/v1/contacts/7"),
+        ("GET", "/api/v1/unlisted"),
+    ] {
+        let body = (method == "POST").then(|| format!(r#"{{"instanceId":"{A}"}}"#));
+        let r = call(&gw, method, path, &key, body.as_deref());
+        assert_refused(
+            &r,
+            403,
+            "SUBSCRIPTION_INACTIVE",
+            "The account has no active subscription for this action",
+        );
+    }
+    gw.put_account("acme", "pro", "active");
+    echoed(&call(&gw, "GET", "/api/v1/status", &key, None));
+}
+
 #[test]
 fn restricted_keys_are_refused_wherever_no_policy_says_how_their_restriction_applies() {
     let (gw, key) = shipped_with_key(&["messages:read"], &[A]);
