@@ -385,7 +385,7 @@ fn default_account_claim() -> String {
     "account_id".into()
 }
 fn default_leeway() -> Spanned<String> {
-    spanned("30s".into())
+    spanned("0s".into())
 }
 fn d_account_header() -> Spanned<String> {
     spanned("x-account-id".into())
