@@ -546,6 +546,10 @@ impl GatewayError {
         Self::bad_request("The TRACE method is not served")
     }
 
+    pub fn header_not_utf8() -> Self {
+        Self::bad_request("A request header value is not valid UTF-8")
+    }
+
     pub fn method_not_upper_case() -> Self {
         Self::bad_request("The request method must be upper-case letters")
     }

@@ -112,11 +112,20 @@ impl GatewayProxy {
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
-fn header_bytes(req: &RequestHeader) -> usize {
-    req.headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum()
+/// The request's header fields in one pass: their size as HTTP/1.1 carries them, and whether
+/// every value is UTF-8 (SPEC §6 refuses one that is not; `x-api-key` has its own refusal,
+/// a malformed key's 401, and is never forwarded).
+fn header_fields(req: &RequestHeader) -> (usize, bool) {
+    let mut bytes = 0;
+    let mut utf8 = true;
+    for (name, value) in &req.headers {
+        bytes += name.as_str().len() + value.len() + 4;
+        let v = value.as_bytes();
+        if !v.is_ascii() && std::str::from_utf8(v).is_err() && name != X_API_KEY {
+            utf8 = false;
+        }
+    }
+    (bytes, utf8)
 }
 
 /// The normalised path and the URI to forward when it differs from the request's. The
@@ -160,10 +169,14 @@ impl GatewayProxy {
         // HTTP/1.1 heads hold at most 256 header lines (the edge stream counts them); an HTTP/2
         // header list could hold thousands of tiny fields within its bytes, and Node keeps only
         // a request's first 2000 headers, the gateway's own (added last) among those it drops.
-        if header_bytes(req) > live.config.server.max_header_bytes
+        let (header_bytes, utf8) = header_fields(req);
+        if header_bytes > live.config.server.max_header_bytes
             || req.headers.len() > crate::edge_stream::MAX_HEADER_FIELDS
         {
             return Err(GatewayError::headers_too_large());
+        }
+        if !utf8 {
+            return Err(GatewayError::header_not_utf8());
         }
         if !host::allowed(req, &live.config.server.hosts) {
             return Err(GatewayError::unknown_host());

@@ -70,6 +70,42 @@ fn non_utf8_key_is_401() {
     assert_error(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
 }
 
+/// SPEC §6: invalid UTF-8 in a header value is refused and never reaches the upstream, on
+/// every route; UTF-8 beyond ASCII passes.
+#[test]
+fn header_values_that_are_not_utf8_are_400() {
+    let gw = Gateway::start();
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let token = gw.token("acme", 3600);
+    for (path, credential) in [
+        ("/api/v1/x", format!("x-api-key: {key}\r\n")),
+        (
+            "/api/dashboard",
+            format!("authorization: Bearer {token}\r\n"),
+        ),
+        ("/api/auth/login", String::new()),
+    ] {
+        for bad in [&b"caf\xe9"[..], b"\xc0\xae", b"ok\xed\xa0\x80", b"\xff"] {
+            let mut head =
+                format!("GET {path} HTTP/1.1\r\nhost: x\r\n{credential}x-note: ").into_bytes();
+            head.extend_from_slice(bad);
+            head.extend_from_slice(b"\r\n\r\n");
+            let r = gw.connect().raw(&head).unwrap();
+            assert_refused(
+                &r,
+                400,
+                "BAD_REQUEST",
+                "A request header value is not valid UTF-8",
+            );
+        }
+        let mut head =
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\n{credential}x-note: ").into_bytes();
+        head.extend_from_slice("café ✓".as_bytes());
+        head.extend_from_slice(b"\r\n\r\n");
+        echoed(&gw.connect().raw(&head).unwrap());
+    }
+}
+
 #[test]
 fn smuggling_shapes_never_reach_the_upstream() {
     let gw = Gateway::start();
