@@ -28,6 +28,7 @@ use crate::errors::GatewayError;
 use crate::gateway::Gateway;
 use crate::live::Live;
 use crate::path::PathError;
+use crate::policy::InstanceSource;
 use crate::trace_context::TraceContext;
 use async_trait::async_trait;
 use headers::{ceil_secs, RateHeaders};
@@ -88,6 +89,10 @@ pub(crate) struct Ctx {
     upstream_started: Option<Instant>,
     upstream_us: Option<u64>,
     upstream_status: Option<u16>,
+    /// Body bytes this request may still forward (routes that inspect bodies: every key's
+    /// body is bounded by `server.max_body_bytes`), and whether it sent more.
+    body_allowance: Option<usize>,
+    body_over: bool,
     /// The code of a refusal the gateway answered.
     error_code: Option<&'static str>,
     /// Counts this request in `msgflash_requests_in_flight` while it lives.
@@ -246,6 +251,11 @@ impl GatewayProxy {
                     Ok((identity, rate)) => {
                         ctx.identity = Some(identity);
                         ctx.rate = Some(rate);
+                        if let Some(InstanceSource::Body(_)) =
+                            policy.and_then(|p| p.instance.as_ref())
+                        {
+                            ctx.body_allowance = Some(live.config.server.max_body_bytes);
+                        }
                     }
                     Err(refusal) => {
                         ctx.rate = refusal.rate;
@@ -295,6 +305,8 @@ impl ProxyHttp for GatewayProxy {
             upstream_started: None,
             upstream_us: None,
             upstream_status: None,
+            body_allowance: None,
+            body_over: false,
             error_code: None,
             _in_flight: self.0.metrics.in_flight(),
         }
@@ -410,6 +422,31 @@ impl ProxyHttp for GatewayProxy {
             }
         }
         e
+    }
+
+    /// Counts a body on a route that inspects bodies (`Ctx::body_allowance`): past the limit
+    /// the request fails, answered 413 when nothing has been answered yet. A declared length
+    /// over it was refused before forwarding; this catches a body without one.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let (Some(left), Some(chunk)) = (ctx.body_allowance.as_mut(), body.as_ref()) {
+            match left.checked_sub(chunk.len()) {
+                Some(rest) => *left = rest,
+                None => {
+                    ctx.body_over = true;
+                    return Error::e_explain(
+                        ErrorType::InvalidHTTPHeader,
+                        "request body over server.max_body_bytes",
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs before the request head goes upstream (again on a retry): client copies of the
@@ -556,6 +593,7 @@ impl ProxyHttp for GatewayProxy {
         let client_stalled = matches!(e.etype(), ErrorType::ReadTimedout)
             && !session.as_downstream_mut().is_body_done();
         let err = match e.etype() {
+            _ if ctx.body_over => GatewayError::payload_too_large(),
             _ if client_stalled => {
                 return FailToProxy {
                     error_code: 0,

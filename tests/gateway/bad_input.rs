@@ -335,6 +335,52 @@ fn plain_chunked_bodies_are_forwarded() {
     );
 }
 
+/// SPEC §6: oversized bodies on inspected routes are 413 whatever the key: an unrestricted
+/// key's body is not read, but bounded by `server.max_body_bytes`, by its declared length
+/// before anything is forwarded, or counted as a chunked body goes.
+#[test]
+fn oversized_bodies_on_inspected_routes_are_413_for_every_key() {
+    let gw = Gateway::start(); // max_body_bytes = 4096
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let send = |body: &[u8]| {
+        gw.send(
+            "POST",
+            "/api/v1/messages/send",
+            &[("x-api-key", &key), ("content-type", "application/json")],
+            Some(body),
+        )
+    };
+    let r = send(&[b' '; 4097]);
+    assert_refused(&r, 413, "PAYLOAD_TOO_LARGE", "Request body too large");
+    // A refusal of step 5: the key's rate-limit state, no token taken.
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=10;t=0"));
+    let seen = echoed(&send(&[b' '; 4096]));
+    assert_eq!(seen["bodyBytes"], 4096);
+    // Routes that read no body are not bounded by it.
+    let r = gw.send(
+        "POST",
+        "/api/v1/other",
+        &[("x-api-key", &key)],
+        Some(&[b' '; 10_000]),
+    );
+    assert_eq!(echoed(&r)["bodyBytes"], 10_000);
+    // A chunked body is counted on its way: cut past the limit.
+    let chunk = format!("834\r\n{}\r\n", " ".repeat(2100));
+    let head = format!(
+        "POST /api/v1/messages/send HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\ntransfer-encoding: chunked\r\n\r\n"
+    );
+    let r = gw
+        .connect()
+        .raw(format!("{head}{chunk}{chunk}0\r\n\r\n").as_bytes())
+        .unwrap();
+    assert_refused(&r, 413, "PAYLOAD_TOO_LARGE", "Request body too large");
+    let r = gw
+        .connect()
+        .raw(format!("{head}{chunk}0\r\n\r\n").as_bytes())
+        .unwrap();
+    assert_eq!(echoed(&r)["bodyBytes"], 2100);
+}
+
 #[test]
 fn pipelined_requests_are_each_answered_in_order_and_checked_on_their_own() {
     let gw = Gateway::start();
