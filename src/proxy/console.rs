@@ -138,7 +138,7 @@ pub(crate) const KEY_WRITES_PER_MINUTE: u32 = 10;
 const MAX_WRITE_BURST_CAP: u32 = 100;
 
 /// Key listings one account may ask for through the console, per minute and node (a burst of
-/// 10): a listing reads every record the account keeps (up to its cap and 100 revoked ones),
+/// as many): a listing reads every record the account keeps (up to its cap and 100 revoked ones),
 /// and a token holder could otherwise keep the store reading them in a loop.
 pub(crate) const KEY_READS_PER_MINUTE: u32 = 60;
 
@@ -154,10 +154,10 @@ pub(crate) async fn serve(
     let secs = super::headers::ceil_secs;
     if matches!(call, KeyCall::Create | KeyCall::Revoke(_)) {
         let every_ns = 60_000_000_000 / u64::from(KEY_WRITES_PER_MINUTE);
-        // An account may fill its plan's cap in one go and still be told, truthfully, that it
-        // is full (403 API_KEY_LIMIT_REACHED), with room for a few revocations besides; a cap
-        // past 100 (an unusual plan) fills at the bucket's rate.
-        let burst = live
+        // An account may fill its plan's cap in one go, be told truthfully that it is full
+        // (403 API_KEY_LIMIT_REACHED), revoke every key and make a few more (rotating them
+        // all at once); a cap past 100 (an unusual plan) fills at the bucket's rate.
+        let burst = 2 * live
             .config
             .policies
             .plans
@@ -170,7 +170,12 @@ pub(crate) async fn serve(
     } else {
         let every_ns = 60_000_000_000 / u64::from(KEY_READS_PER_MINUTE);
         gw.key_reads
-            .check_every(account_id.to_owned(), now_ns, every_ns, 10)
+            .check_every(
+                account_id.to_owned(),
+                now_ns,
+                every_ns,
+                KEY_READS_PER_MINUTE,
+            )
             .map_err(|retry_ns| GatewayError::key_reads_limited(secs(retry_ns)))?;
     }
     let value = match call {
