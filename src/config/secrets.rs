@@ -6,8 +6,17 @@ use super::Config;
 /// Minimum lengths of the secrets (SPEC §9).
 pub const MIN_ADMIN_TOKEN_BYTES: usize = 24;
 pub const MIN_HMAC_SECRET_BYTES: usize = 32;
-/// Words that mark a secret copied from an example rather than generated.
-pub const PLACEHOLDER_WORDS: [&str; 5] = ["change-me", "changeme", "secret", "example", "dev-"];
+/// Words that mark a secret copied from an example rather than generated. Only unmistakable
+/// ones: a generated secret may well hold `secret` or `dev` (`test-jwt-secret-...` is a
+/// test's own, and stopping the gateway for it would be the check's fault).
+pub const PLACEHOLDER_WORDS: [&str; 6] = [
+    "change-me",
+    "changeme",
+    "replace-me",
+    "replaceme",
+    "your-secret",
+    "example",
+];
 
 /// What is wrong with a secret: it stops `run` and a reload (`check` too, unless it is only
 /// missing: `check` may run where the secrets are not).

@@ -342,9 +342,9 @@ fn weak_secrets_are_refused_by_check_and_run() {
             "the admin token (MSGFLASH_ADMIN_TOKEN) is no header value a request can carry: it starts or ends with whitespace or holds a control byte (a trailing newline from a file?)",
         ),
         (
-            "dev-admin-token-0123456789",
+            "example-admin-token-0123456789",
             "0123456789abcdef0123456789abcde",
-            "the admin token (MSGFLASH_ADMIN_TOKEN) contains the placeholder \"dev-\": generate one, e.g. $(openssl rand -hex 32)\n\
+            "the admin token (MSGFLASH_ADMIN_TOKEN) contains the placeholder \"example\": generate one, e.g. $(openssl rand -hex 32)\n\
              the JWT HMAC secret (MSGFLASH_JWT_SECRET) is too short: at least 32 bytes, got 31",
         ),
     ] {
@@ -374,6 +374,20 @@ fn weak_secrets_are_refused_by_check_and_run() {
             "{stderr}"
         );
     }
+    // Long enough and no placeholder: a secret may hold "secret" or "dev".
+    let out = bin()
+        .args(["check", "-c"])
+        .arg(&config)
+        .env("MSGFLASH_ADMIN_TOKEN", "dev-admin-token-0123456789")
+        .env("MSGFLASH_JWT_SECRET", "test-jwt-secret-0123456789abcdef")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
