@@ -355,6 +355,18 @@ impl GatewayError {
     }
 
     /// An inspected query string with a `;`, a separator to some parsers only.
+    pub fn instance_beside_request(name: &str) -> Self {
+        Self::bad_request(format!(
+            "A cookie or header is named {name}: a backend could read the instance from it"
+        ))
+    }
+
+    pub fn bad_escape_in_query(name: &str) -> Self {
+        Self::bad_request(format!(
+            "The query string has a '%' not followed by two hex digits: {name} could be read differently"
+        ))
+    }
+
     pub fn semicolon_in_query(name: &str) -> Self {
         Self::bad_request(format!(
             "The query string contains ';': {name} could be read differently"

@@ -136,6 +136,9 @@ pub(crate) enum Ambiguity {
     /// More parameters than [`MAX_INSPECTED_PARAMS`]: backends silently drop those past their
     /// own limit (PHP's `max_input_vars`, qs's `parameterLimit`), the inspected one included.
     TooManyParameters,
+    /// A `%` not followed by two hex digits: kept as it is by most parsers, but `%u0049` is
+    /// `I` to .NET's `HttpUtility` (and classic ASP.NET), so `instance%u0049d` names it there.
+    BadEscape,
 }
 
 /// The most parameters an inspected query string may carry.
@@ -150,14 +153,64 @@ pub(crate) const MAX_INSPECTED_PARAMS: usize = 100;
 fn same_parameter_to_some_backend(key: &str, name: &str) -> bool {
     // PHP reads a name as a C string: `instanceId%00x` is `instanceId` to it.
     let key = key.split('\0').next().unwrap_or(key);
-    fn cut(k: &str) -> &str {
-        k.find(['[', ']', '.']).map_or(k, |i| &k[..i])
-    }
-    let bracket_led = key.trim_start_matches(['[', ']']);
     same_name_to_some_backend(key, name)
-        || same_name_to_some_backend(cut(key), name)
-        || same_name_to_some_backend(cut(bracket_led), name)
+        // Any member of an array or object key (`instanceId[]`, `[instanceId]`, and a prefixed
+        // one: ASP.NET Core binds `query.instanceId` to a `[FromQuery] query` model's property
+        // before the bare name); Spring's field-default marker (`!instanceId`) too.
+        || key
+            .split(['[', ']', '.'])
+            .any(|piece| same_name_to_some_backend(piece.trim_start_matches('!'), name))
         || same_name_to_some_backend(&php_name(key), name)
+}
+
+/// True when `text`, a query key or value decoded once, names `name` when decoded and split
+/// again: a backend (or a proxy before it) that unescapes the query before splitting it reads
+/// `instance%2549d` as `instanceId`, and `x=a%26instanceId%3DB` as a parameter of its own.
+fn names_when_decoded_again(text: &str, name: &str) -> bool {
+    text.contains(['%', '&', ';', '=', '+'])
+        && text.split(';').any(|part| {
+            form_urlencoded::parse(part.as_bytes())
+                .any(|(k, _)| same_parameter_to_some_backend(&k, name))
+        })
+}
+
+/// True when a cookie or a header field could be read as request input named `name`: PHP's
+/// `$_REQUEST` holds cookies (over the query and body when no `request_order` is set, as in the
+/// official images), classic ASP.NET's `Request[name]` falls back to cookies, and Spring 6.2
+/// binds header fields to a model's properties (`instance-id` to `instanceId`).
+pub(crate) fn named_by_cookie_or_header(headers: &http::HeaderMap, name: &str) -> bool {
+    !name.is_empty()
+        && headers.iter().any(|(n, v)| {
+            same_name_to_some_backend(n.as_str(), name)
+                || (n == http::header::COOKIE
+                    && String::from_utf8_lossy(v.as_bytes())
+                        .split(';')
+                        .any(|pair| {
+                            let key = pair.split('=').next().unwrap_or(pair).trim();
+                            let key = percent_encoding_lossy(key);
+                            same_parameter_to_some_backend(&key, name)
+                        }))
+        })
+}
+
+/// A cookie name as PHP reads it: percent-decoded.
+fn percent_encoding_lossy(key: &str) -> Cow<'_, str> {
+    if key.contains(['%', '+']) {
+        form_urlencoded::parse(key.as_bytes())
+            .next()
+            .map_or(Cow::Borrowed(key), |(k, _)| Cow::Owned(k.into_owned()))
+    } else {
+        Cow::Borrowed(key)
+    }
+}
+
+/// True when the query holds a `%` that is not followed by two hex digits.
+fn has_bad_escape(query: &str) -> bool {
+    let b = query.as_bytes();
+    memchr::memchr_iter(b'%', b).any(|i| {
+        !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+            && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    })
 }
 
 /// The variable name PHP gives query or form key `key`: leading spaces dropped, spaces and
@@ -201,6 +254,12 @@ fn same_name_to_some_backend(key: &str, name: &str) -> bool {
     folded(key, keep_leading).eq(folded(name, keep_leading))
 }
 
+/// [`same_name_to_some_backend`] for a JSON member name, read up to a NUL as a parser built
+/// on C strings reads it (`"instanceId\u0000"` is `instanceId` there).
+fn same_member_to_some_backend(key: &str, name: &str) -> bool {
+    same_name_to_some_backend(key.split('\0').next().unwrap_or(key), name)
+}
+
 /// `s` case-folded (each character upper-cased, then lower-cased) without its separators,
 /// leading ones kept when `keep_leading`.
 fn folded(s: &str, keep_leading: bool) -> impl Iterator<Item = char> + '_ {
@@ -231,14 +290,15 @@ pub(crate) fn query_param(query: Option<&str>, name: &str) -> Result<Option<Stri
     let mut seen = 0usize;
     // application/x-www-form-urlencoded, as the backends parse it: `+` is a space.
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-        if same_parameter_to_some_backend(&k, name) {
-            seen += 1;
-            if seen > 1 {
-                return Err(Ambiguity::Duplicate);
-            }
-            if k == name {
-                found = Some(v.into_owned());
-            }
+        // What a second decoding would name counts beside the real one, and is never it.
+        let again = names_when_decoded_again(&k, name) || names_when_decoded_again(&v, name);
+        let direct = same_parameter_to_some_backend(&k, name);
+        seen += usize::from(again) + usize::from(direct);
+        if seen > 1 {
+            return Err(Ambiguity::Duplicate);
+        }
+        if direct && k == name {
+            found = Some(v.into_owned());
         }
     }
     Ok(found)
@@ -250,10 +310,22 @@ pub(crate) fn query_names(query: Option<&str>, name: &str) -> bool {
     // Split at ';' too: some parsers do, and this answer must hold for all of them.
     query.is_some_and(|q| {
         q.split(';').any(|part| {
-            form_urlencoded::parse(part.as_bytes())
-                .any(|(k, _)| same_parameter_to_some_backend(&k, name))
+            form_urlencoded::parse(part.as_bytes()).any(|(k, v)| {
+                same_parameter_to_some_backend(&k, name)
+                    || names_when_decoded_again(&k, name)
+                    || names_when_decoded_again(&v, name)
+            })
         })
     })
+}
+
+/// The query's escapes, for a restricted key's inspected query: `Err(BadEscape)` when one is
+/// not `%` and two hex digits (`%u0049` is `I` to .NET).
+pub(crate) fn query_escapes(query: Option<&str>) -> Result<(), Ambiguity> {
+    match query {
+        Some(q) if has_bad_escape(q) => Err(Ambiguity::BadEscape),
+        _ => Ok(()),
+    }
 }
 
 /// True when the query string carries a `_method` parameter (in any case): the method
@@ -357,7 +429,7 @@ impl<'de> Visitor<'de> for FieldSeed<'_> {
         let mut seen = 0usize;
         let mut nested = Vec::new();
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            if same_name_to_some_backend(&key, self.0) {
+            if same_member_to_some_backend(&key, self.0) {
                 seen += 1;
                 if key == self.0 {
                     found = map.next_value_seed(StrValue)?;
@@ -458,7 +530,7 @@ impl<'de> Visitor<'de> for Nested<'_, '_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            if same_name_to_some_backend(&key, self.field) {
+            if same_member_to_some_backend(&key, self.field) {
                 let value = map.next_value_seed(StrValue)?;
                 self.out.push(value);
                 continue;
@@ -558,6 +630,67 @@ mod tests {
         assert!(!query_names(None, "instanceId"));
         // A spelling only a case-insensitive backend reads is not ours: nothing named.
         assert_eq!(q("InstanceId=A"), Ok(None));
+        // A prefixed member (ASP.NET Core's `[FromQuery] query` model), Spring's `!` default.
+        assert_eq!(
+            q("query.instanceId=B&instanceId=A"),
+            Err(Ambiguity::Duplicate)
+        );
+        assert_eq!(
+            q("a[b][instanceId]=B&instanceId=A"),
+            Err(Ambiguity::Duplicate)
+        );
+        assert_eq!(q("instanceId=A&!instanceId=B"), Err(Ambiguity::Duplicate));
+        assert!(query_names(Some("filter.instanceId=B"), "instanceId"));
+        // What a second decoding names (a key, or a value that splits into one).
+        assert_eq!(
+            q("instance%2549d=B&instanceId=A"),
+            Err(Ambiguity::Duplicate)
+        );
+        assert_eq!(
+            q("instanceId=A&x=a%26instanceId%3DB"),
+            Err(Ambiguity::Duplicate)
+        );
+        assert_eq!(
+            q("instanceId=a%26instanceId%3DB"),
+            Err(Ambiguity::Duplicate)
+        );
+        assert_eq!(q("instanceId=A&x=a%26b%3Dc"), Ok(Some("A".into())));
+        assert!(query_names(Some("x=1%26instance_id%3D2"), "instanceId"));
+        // `%u0049` is `I` to .NET: refused before reading.
+        assert_eq!(
+            query_escapes(Some("instance%u0049d=B")),
+            Err(Ambiguity::BadEscape)
+        );
+        assert_eq!(query_escapes(Some("a=100%")), Err(Ambiguity::BadEscape));
+        assert_eq!(query_escapes(Some("a=%4")), Err(Ambiguity::BadEscape));
+        assert_eq!(query_escapes(Some("a=%41%2f")), Ok(()));
+        assert_eq!(query_escapes(None), Ok(()));
+        // Cookies and header fields a backend binds as input.
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = http::HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(
+                    http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            h
+        };
+        let named =
+            |pairs: &[(&str, &str)]| named_by_cookie_or_header(&headers(pairs), "instanceId");
+        assert!(named(&[("cookie", "a=1; instanceId=B")]));
+        assert!(named(&[("cookie", "instance%49d=B")]));
+        assert!(named(&[("cookie", "INSTANCE_ID=B")]));
+        assert!(named(&[("instance-id", "B")]));
+        assert!(named(&[("InstanceId", "B")]));
+        assert!(!named(&[
+            ("cookie", "session=instanceId"),
+            ("x-instance-id", "B")
+        ]));
+        assert!(!named_by_cookie_or_header(
+            &headers(&[("cookie", "a=1")]),
+            ""
+        ));
     }
 
     #[test]
@@ -585,6 +718,8 @@ mod tests {
             r#"{"instanceId":"A","_instance_id":"B"}"#,
             r#"{"instanceId":"A","instance.id":"B"}"#,
             r#"{"instanceId":"A","instance id":"B"}"#,
+            // Read up to a NUL, as a C-string parser reads a name.
+            r#"{"instanceId\u0000x":"B","instanceId":"A"}"#,
             // Nested at any depth with another value, or under no top-level one.
             r#"{"to":"+33","nested":{"instanceId":"B"},"instanceId":"A"}"#,
             r#"{"instanceId":"A","x":[[{"Instance_Id":"B"}]]}"#,

@@ -49,6 +49,18 @@ pub enum InstanceSource {
     Body(String),
 }
 
+impl InstanceSource {
+    /// The name a backend may read the instance by (`""` for an instance-free route).
+    pub fn name(&self) -> &str {
+        match self {
+            InstanceSource::InstanceFree => "",
+            InstanceSource::PathSegment { name, .. }
+            | InstanceSource::Query(name)
+            | InstanceSource::Body(name) => name,
+        }
+    }
+}
+
 /// The rules for one prefix (and optionally some methods).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutePolicy {

@@ -64,6 +64,11 @@ pub(crate) async fn check(
             return no_body_override(session, limit).await
         }
         (false, None) => return Err(GatewayError::instance_source_undeclared()),
+        (false, Some(source))
+            if inspect::named_by_cookie_or_header(&session.req_header().headers, source.name()) =>
+        {
+            return Err(GatewayError::instance_beside_request(source.name()))
+        }
         (false, Some(InstanceSource::PathSegment { segment, name })) => {
             let read = nothing_beside_path(session, name, limit).await?;
             (
@@ -127,7 +132,11 @@ async fn nothing_beside_path(
     name: &str,
     limit: BodyLimit,
 ) -> Result<BodyRead, GatewayError> {
-    if inspect::query_names(session.req_header().uri.query(), name) {
+    let query = session.req_header().uri.query();
+    if inspect::query_escapes(query).is_err() {
+        return Err(GatewayError::bad_escape_in_query(name));
+    }
+    if inspect::query_names(query, name) {
         return Err(GatewayError::query_beside_path(name));
     }
     if !inspect::has_body(session) {
@@ -169,11 +178,15 @@ fn from_query(session: &mut Session, name: &str) -> Result<Option<String>, Gatew
     if inspect::has_body(session) {
         return Err(GatewayError::body_beside_query(name));
     }
-    inspect::query_param(session.req_header().uri.query(), name).map_err(|why| match why {
-        Ambiguity::Duplicate => GatewayError::duplicate_parameter(name),
-        Ambiguity::Semicolon => GatewayError::semicolon_in_query(name),
-        Ambiguity::TooManyParameters => GatewayError::too_many_parameters(name),
-    })
+    let query = session.req_header().uri.query();
+    inspect::query_escapes(query)
+        .and_then(|()| inspect::query_param(query, name))
+        .map_err(|why| match why {
+            Ambiguity::Duplicate => GatewayError::duplicate_parameter(name),
+            Ambiguity::Semicolon => GatewayError::semicolon_in_query(name),
+            Ambiguity::TooManyParameters => GatewayError::too_many_parameters(name),
+            Ambiguity::BadEscape => GatewayError::bad_escape_in_query(name),
+        })
 }
 
 /// The instance named by top-level JSON field `field`; the query may not name it too, and the
@@ -184,7 +197,11 @@ async fn from_body(
     field: &str,
     limit: BodyLimit,
 ) -> Result<Option<String>, GatewayError> {
-    if inspect::query_names(session.req_header().uri.query(), field) {
+    let query = session.req_header().uri.query();
+    if inspect::query_escapes(query).is_err() {
+        return Err(GatewayError::bad_escape_in_query(field));
+    }
+    if inspect::query_names(query, field) {
         return Err(GatewayError::query_beside_body(field));
     }
     if !body_type::is_plain_json(&session.req_header().headers) {

@@ -140,6 +140,71 @@ fn restricted_keys_are_refused_wherever_no_policy_says_how_their_restriction_app
     echoed(&call(&gw, "GET", "/api/v1/unknown", &free, None));
 }
 
+/// Readings earlier reviews had not met (session 11): a prefixed query key ASP.NET Core binds
+/// to a model's property (`query.instanceId`), `%u0049` (`I` to .NET's decoder), a key or a
+/// value that a second decoding turns into the parameter, a JSON member name read up to a NUL,
+/// and a cookie or header field a backend binds as input (PHP's `$_REQUEST`, classic ASP.NET's
+/// `Request[name]`, Spring 6.2's header binding). Each refused for a key held to instance A.
+#[test]
+fn other_readings_of_the_instance_are_refused() {
+    let (gw, key) = shipped_with_key(&[], &[A]);
+    let twice = "The query parameter instanceId is given more than once";
+    for query in [
+        format!("query.instanceId={B}&instanceId={A}"),
+        format!("instanceId={A}&!instanceId={B}"),
+        format!("instance%2549d={B}&instanceId={A}"),
+        format!("instanceId={A}&x=a%26instanceId%3D{B}"),
+    ] {
+        assert_refused(&read_messages(&gw, &key, &query), 400, "BAD_REQUEST", twice);
+    }
+    let r = read_messages(&gw, &key, &format!("instance%u0049d={B}&instanceId={A}"));
+    assert_refused(
+        &r,
+        400,
+        "BAD_REQUEST",
+        "The query string has a '%' not followed by two hex digits: instanceId could be read differently",
+    );
+    let beside =
+        "A cookie or header is named instanceId: a backend could read the instance from it";
+    for header in [
+        ("cookie", format!("theme=dark; instanceId={B}")),
+        ("cookie", format!("instance_id={B}")),
+        ("instance-id", B.to_owned()),
+        ("InstanceId", B.to_owned()),
+    ] {
+        let r = gw.send(
+            "GET",
+            &format!("/api/v1/messages/1?instanceId={A}"),
+            &[("x-api-key", &key), (header.0, &header.1)],
+            None,
+        );
+        assert_refused(&r, 400, "BAD_REQUEST", beside);
+        let r = gw.send(
+            "GET",
+            &format!("/api/v1/instances/{A}"),
+            &[("x-api-key", &key), (header.0, &header.1)],
+            None,
+        );
+        assert_refused(&r, 400, "BAD_REQUEST", beside);
+    }
+    let body = format!(r#"{{"instanceId\u0000x":"{B}","instanceId":"{A}"}}"#);
+    let r = call(&gw, "POST", "/api/v1/messages/send", &key, Some(&body));
+    assert_refused(
+        &r,
+        400,
+        "BAD_REQUEST",
+        "The JSON field instanceId is given more than once",
+    );
+    // What names nothing passes: a cookie of another name, an escaped value, the key's own id.
+    let r = gw.send(
+        "GET",
+        &format!("/api/v1/messages/1?instanceId={A}&q=100%25%20sure%26more"),
+        &[("x-api-key", &key), ("cookie", "session=instanceId")],
+        None,
+    );
+    echoed(&r);
+}
+
 #[test]
 fn a_duplicated_inspected_field_or_parameter_is_refused() {
     let gw = Gateway::start_with(Setup::new().more_policies(
