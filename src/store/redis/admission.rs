@@ -13,9 +13,12 @@
 //!
 //! What a refusal reports leaves out the refusals in flight beside it (each holds an interval of
 //! the bucket and a unit of the quota until given back): a rate refusal's retry is at most one
-//! interval and its reset at most `burst`; past the quota, the units counted beyond it are
-//! refusals in flight, and the bucket is judged without their intervals, so a key with a token
-//! is refused for the quota, as step 7 says, not for the rate.
+//! interval and its reset at most `burst`; a quota refusal reports the bucket without as many
+//! intervals as the quota's count has units beyond it. Which refusal it is, is not corrected:
+//! in a burst of more than `burst` concurrent requests past the quota, those past the burst are
+//! refused for the rate (`Retry-After` ≤ one interval), where the embedded store says quota;
+//! corrected by the account's count, a key truly over its rate could be told to wait for the
+//! next period when another key's refusals were in flight.
 //!
 //! No MULTI/EXEC around the pipeline (it cost more client CPU than the commands themselves:
 //! eight replies to parse instead of four). Redis runs one connection's commands in order, so a
@@ -164,11 +167,11 @@ impl RedisStore {
         let (new_tat_ns, now_ns, t_ns) = ((new_tat as u64) * 1000, now_us * 1000, t_us * 1000);
         let burst = req.bucket.burst;
         let over_quota = used > req.monthly_quota;
-        // Over the quota, every other request of the account counted beyond it is in flight
-        // and will be given back, its interval with it: a bucket read through their
-        // increments is fuller than it looks. Judged without them, a key whose bucket holds a
-        // token is refused for the quota (step 7), as the embedded store and the SPEC's order
-        // answer, not for a rate that only refusals in flight exhausted.
+        // Over the quota, the account's other requests counted beyond it are refusals in flight,
+        // each holding an interval of its key's bucket until given back: a quota refusal
+        // reports this key's bucket without as many (at most: they may be other keys'). Only
+        // the report: which refusal it is stays the one the bucket as read gives, since a
+        // key truly over its rate must not be told to wait for the next period.
         let settled_tat_ns = if over_quota {
             let in_flight = (used - req.monthly_quota - 1).saturating_mul(t_ns);
             new_tat_ns
@@ -178,21 +181,6 @@ impl RedisStore {
             new_tat_ns
         };
         match gcra::judge(new_tat_ns, now_ns, t_ns, burst) {
-            BucketDecision::Deny { .. }
-                if over_quota
-                    && matches!(
-                        gcra::judge(settled_tat_ns, now_ns, t_ns, burst),
-                        BucketDecision::Allow { .. }
-                    ) =>
-            {
-                self.compensate(&tat, &quota, t_us).await;
-                let (remaining, reset_after_ns) =
-                    gcra::peek_every(Some(settled_tat_ns - t_ns), now_ns, t_ns, burst);
-                Ok(Admission::QuotaExceeded {
-                    remaining,
-                    reset_after_ns,
-                })
-            }
             BucketDecision::Deny {
                 retry_after_ns,
                 reset_after_ns,
