@@ -165,13 +165,46 @@ fn same_parameter_to_some_backend(key: &str, name: &str) -> bool {
 
 /// True when `text`, a query key or value decoded once, names `name` when decoded and split
 /// again: a backend (or a proxy before it) that unescapes the query before splitting it reads
-/// `instance%2549d` as `instanceId`, and `x=a%26instanceId%3DB` as a parameter of its own.
+/// `instance%2549d` as `instanceId`, and `x=a%26instanceId%3DB` as a parameter of its own;
+/// .NET's decoder also reads `%u0049` as `I` (`instance%25u0049d`).
 fn names_when_decoded_again(text: &str, name: &str) -> bool {
-    text.contains(['%', '&', ';', '=', '+'])
-        && text.split(';').any(|part| {
+    let names = |text: &str| {
+        text.split(';').any(|part| {
             form_urlencoded::parse(part.as_bytes())
                 .any(|(k, _)| same_parameter_to_some_backend(&k, name))
         })
+    };
+    text.contains(['%', '&', ';', '=', '+'])
+        && (names(text) || dotnet_unescaped(text).is_some_and(|t| names(&t)))
+}
+
+/// `text` with .NET's `%uXXXX` escapes decoded (`None` when it has none): what
+/// `HttpUtility.UrlDecode` reads besides `%XX`.
+fn dotnet_unescaped(text: &str) -> Option<String> {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let (mut i, mut changed) = (0, false);
+    while i < b.len() {
+        let escape = (b[i] == b'%' && matches!(b.get(i + 1), Some(b'u' | b'U')))
+            .then(|| text.get(i + 2..i + 6))
+            .flatten()
+            .filter(|hex| hex.bytes().all(|c| c.is_ascii_hexdigit()))
+            .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+            .and_then(char::from_u32);
+        match escape {
+            Some(c) => {
+                out.push(c);
+                i += 6;
+                changed = true;
+            }
+            None => {
+                let c = text[i..].chars().next().unwrap_or('\u{fffd}');
+                out.push(c);
+                i += c.len_utf8().max(1);
+            }
+        }
+    }
+    changed.then_some(out)
 }
 
 /// True when a cookie or a header field could be read as request input named `name`: PHP's
@@ -317,6 +350,24 @@ pub(crate) fn query_names(query: Option<&str>, name: &str) -> bool {
             })
         })
     })
+}
+
+/// True when the query names `name` more than once as the backends read names (every reading
+/// [`query_param`] counts), whatever else it holds (`;`, any number of parameters): the
+/// duplicate rule that holds for every key.
+pub(crate) fn query_names_twice(query: Option<&str>, name: &str) -> bool {
+    let Some(query) = query else { return false };
+    let mut seen = 0usize;
+    for part in query.split(';') {
+        for (k, v) in form_urlencoded::parse(part.as_bytes()) {
+            let again = names_when_decoded_again(&k, name) || names_when_decoded_again(&v, name);
+            seen += usize::from(again) + usize::from(same_parameter_to_some_backend(&k, name));
+            if seen > 1 {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 /// The query's escapes, for a restricted key's inspected query: `Err(BadEscape)` when one is
@@ -656,6 +707,30 @@ mod tests {
         );
         assert_eq!(q("instanceId=A&x=a%26b%3Dc"), Ok(Some("A".into())));
         assert!(query_names(Some("x=1%26instance_id%3D2"), "instanceId"));
+        assert_eq!(
+            q("instance%25u0049d=B&instanceId=A"),
+            Err(Ambiguity::Duplicate)
+        );
+        assert_eq!(
+            q("instanceId=A&x=a%26instance%25u0049d%3DB"),
+            Err(Ambiguity::Duplicate)
+        );
+        assert_eq!(q("instanceId=A&x=%25u+049"), Ok(Some("A".into())));
+        assert_eq!(
+            dotnet_unescaped("a%u00e9%U0041%u12"),
+            Some("aéA%u12".into())
+        );
+        assert_eq!(dotnet_unescaped("é%41"), None);
+        // The duplicate rule for every key holds whatever else the query holds.
+        let twice = |s: &str| query_names_twice(Some(s), "instanceId");
+        assert!(twice("instanceId=A&instanceId=B;x"));
+        assert!(twice("instanceId=A;instance_id=B"));
+        assert!(twice(&format!(
+            "{}instanceId=A&instanceId=B",
+            "x=1&".repeat(200)
+        )));
+        assert!(!twice("instanceId=A;x=1&y=100%"));
+        assert!(!query_names_twice(None, "instanceId"));
         // `%u0049` is `I` to .NET: refused before reading.
         assert_eq!(
             query_escapes(Some("instance%u0049d=B")),

@@ -24,6 +24,9 @@ pub struct CachedKey {
     /// The restrictions as forwarded to the backend, built once per cached key; `None` for a
     /// key without any (most keys: they pay one word).
     pub forwarded: Option<Arc<ForwardedRestrictions>>,
+    /// This node's admissions of the key in flight (a shared store's replies may include the
+    /// increments of those that went first).
+    pub in_flight: crate::store::InFlight,
 }
 
 /// A restricted key's scopes and instance ids as header values (`a,b`), so that a backend can
@@ -87,6 +90,7 @@ impl CachedKey {
             forwarded: ForwardedRestrictions::of(&scopes, &instance_ids).map_err(|()| refused())?,
             scopes,
             instance_ids,
+            in_flight: crate::store::InFlight::default(),
         })
     }
 }

@@ -336,7 +336,11 @@ impl Config {
                 &raw.server.max_header_bytes,
             ),
             max_body_bytes: positive(&mut r, "server.max_body_bytes", &raw.server.max_body_bytes),
-            max_inspected_body_bytes: inspected_limit(&mut r, &raw.server.max_inspected_body_bytes),
+            max_inspected_body_bytes: inspected_limit(
+                &mut r,
+                &raw.server.max_inspected_body_bytes,
+                *raw.server.max_body_bytes.get_ref(),
+            ),
             grace_period: duration(&mut r, "server.grace_period", &raw.server.grace_period),
             path_rules: crate::path::PathRules {
                 allow_encoded_slashes: raw.server.allow_encoded_slashes,

@@ -10,13 +10,20 @@ use std::str::FromStr;
 use std::time::Duration;
 use toml::Spanned;
 
-pub(super) fn inspected_limit(r: &mut Reporter, v: &Spanned<usize>) -> usize {
+pub(super) fn inspected_limit(r: &mut Reporter, v: &Spanned<usize>, max_body: usize) -> usize {
     let n = positive(r, "server.max_inspected_body_bytes", v);
     if n > 64 * 1024 {
         r.at(
             v.span(),
             "server.max_inspected_body_bytes",
             format!("at most 65536 (the body is replayed from pingora's 64 KiB buffer), got {n}"),
+        );
+    } else if n > max_body {
+        // A body read and passed would be cut on its way out by the forwarded-body bound.
+        r.at(
+            v.span(),
+            "server.max_inspected_body_bytes",
+            format!("at most server.max_body_bytes ({max_body}), got {n}"),
         );
     }
     n

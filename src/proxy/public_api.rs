@@ -328,6 +328,7 @@ pub(crate) async fn authorize(
                 period_id: &period_id,
                 period_end_unix: period.end_unix,
                 monthly_quota: plan.monthly_requests,
+                in_flight: &principal.key.in_flight,
             })
             .await
     };

@@ -29,28 +29,24 @@ pub(crate) async fn check(
 ) -> Result<BodyRead, GatewayError> {
     let key = &principal.key;
     let source = policy.and_then(|p| p.instance.as_ref());
+    // An inspected route's body is bounded for every key (SPEC §6: 413), though only an
+    // instance-restricted key's is read: by its declared length here, and a body without one
+    // is counted as it is forwarded (`Ctx::body_allowance`).
+    if matches!(source, Some(InstanceSource::Body(_)))
+        && inspect::declared_length(session).is_some_and(|n| n > live.config.server.max_body_bytes)
+    {
+        return Err(GatewayError::payload_too_large());
+    }
     if key.scopes.is_empty() && key.instance_ids.is_empty() {
         // Nothing to hold the key to, but the parameter a route reads its instance from is
-        // never handed on twice, for any key (SPEC §2: a duplicated query parameter is 400).
-        // The rest of a restricted key's query rules (`;`, 100 parameters, a body beside) and
-        // every body rule are for restricted keys only: an unrestricted send is never held up.
-        match source {
-            Some(InstanceSource::Query(name)) => {
-                let query = session.req_header().uri.query();
-                if let Err(Ambiguity::Duplicate) = inspect::query_param(query, name) {
-                    return Err(GatewayError::duplicate_parameter(name));
-                }
+        // never handed on twice, for any key (SPEC §2: a duplicated query parameter is 400),
+        // whatever else the query holds. The rest of a restricted key's query rules (`;`, 100
+        // parameters, escapes, a body beside) and every body rule are for restricted keys
+        // only: an unrestricted send is never held up.
+        if let Some(InstanceSource::Query(name)) = source {
+            if inspect::query_names_twice(session.req_header().uri.query(), name) {
+                return Err(GatewayError::duplicate_parameter(name));
             }
-            // An inspected route's body is bounded for every key (SPEC §6: 413), though only
-            // a restricted key's is read: here by its declared length, and a body without one
-            // is counted as it is forwarded (`Ctx::body_allowance`).
-            Some(InstanceSource::Body(_))
-                if inspect::declared_length(session)
-                    .is_some_and(|n| n > live.config.server.max_body_bytes) =>
-            {
-                return Err(GatewayError::payload_too_large());
-            }
-            _ => {}
         }
         return Ok(BodyRead::No);
     }

@@ -672,6 +672,7 @@ mod tests {
             period_id: "2026-11-01",
             period_end_unix: 0,
             monthly_quota: 1_000_000,
+            in_flight: &crate::store::InFlight::default(),
         }))
         .unwrap()
     }

@@ -136,6 +136,47 @@ pub struct AdmitRequest<'a> {
     /// End of the current quota period (Unix seconds): counters may expire after it.
     pub period_end_unix: i64,
     pub monthly_quota: u64,
+    /// The key's admissions in flight on this node (see [`InFlight`]).
+    pub in_flight: &'a InFlight,
+}
+
+/// Admissions of one key in flight on this node, shared by its requests (the cached key holds
+/// it): a shared store counts how many of the key's own requests went to the store before this
+/// one and are not finished, whose increments its replies may still include.
+#[derive(Debug, Default)]
+pub struct InFlight(std::sync::atomic::AtomicU32);
+
+impl InFlight {
+    /// Enters one admission: how many of the key's were in flight before it, and a guard that
+    /// leaves when dropped.
+    pub fn enter(&self) -> (u32, InFlightGuard<'_>) {
+        let ahead = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (ahead, InFlightGuard(self))
+    }
+}
+
+/// A copy starts at zero: it counts for whoever holds it, and is no part of what it sits in.
+impl Clone for InFlight {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for InFlight {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for InFlight {}
+
+/// One admission in flight; leaves when dropped.
+pub struct InFlightGuard<'a>(&'a InFlight);
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The store's decision for one request: checks 6 and 7 of SPEC §3, atomically.

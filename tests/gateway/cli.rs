@@ -433,6 +433,32 @@ fn a_keepalive_under_a_second_is_a_config_error() {
     );
 }
 
+/// A body read for an instance and passed must not be cut on its way upstream by the bound
+/// on forwarded bodies: the inspected limit may not exceed it.
+#[test]
+fn an_inspected_limit_over_the_body_limit_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = minimal_config(dir.path(), "issuer = \"i\"\naudience = \"a\"");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(
+            "[server]\n",
+            "[server]\nmax_body_bytes = 16384\nmax_inspected_body_bytes = 65536\n",
+        ),
+    )
+    .unwrap();
+    let out = check(&config);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "msgflash-gateway: invalid configuration:\n{}:3:28: server.max_inspected_body_bytes: at most server.max_body_bytes (16384), got 65536\n",
+            config.display()
+        )
+    );
+}
+
 #[test]
 fn check_validates_certificate_files() {
     let dir = tempfile::tempdir().unwrap();

@@ -153,6 +153,7 @@ fn other_readings_of_the_instance_are_refused() {
         format!("query.instanceId={B}&instanceId={A}"),
         format!("instanceId={A}&!instanceId={B}"),
         format!("instance%2549d={B}&instanceId={A}"),
+        format!("instance%25u0049d={B}&instanceId={A}"),
         format!("instanceId={A}&x=a%26instanceId%3D{B}"),
     ] {
         assert_refused(&read_messages(&gw, &key, &query), 400, "BAD_REQUEST", twice);

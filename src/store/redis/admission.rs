@@ -13,12 +13,11 @@
 //!
 //! What a refusal reports leaves out the refusals in flight beside it (each holds an interval of
 //! the bucket and a unit of the quota until given back): a rate refusal's retry is at most one
-//! interval and its reset at most `burst`; a quota refusal reports the bucket without as many
-//! intervals as the quota's count has units beyond it. Which refusal it is, is not corrected:
-//! in a burst of more than `burst` concurrent requests past the quota, those past the burst are
-//! refused for the rate (`Retry-After` ≤ one interval), where the embedded store says quota;
-//! corrected by the account's count, a key truly over its rate could be told to wait for the
-//! next period when another key's refusals were in flight.
+//! interval and its reset at most `burst`. Past the quota, the key's own refusals in flight
+//! (the node's admissions of the key that went first unfinished, at most the count beyond the
+//! quota) are left out of its bucket, so a burst past the quota is refused for the quota as on
+//! the embedded store; other nodes' refusals are not known here (they may still make a request
+//! past the burst read as over the rate: refused, with a retry of one interval).
 //!
 //! No MULTI/EXEC around the pipeline (it cost more client CPU than the commands themselves:
 //! eight replies to parse instead of four). Redis runs one connection's commands in order, so a
@@ -120,6 +119,8 @@ impl RedisStore {
                 Arg::UInt(req.now_ns / 1_000_000),
             ]);
         }
+        // Left when this admission is done, its refund included.
+        let (ahead, _in_flight) = req.in_flight.enter();
         let replies = self.run(Budget::Admission, &c).await?;
         let (Some(new_tat), Some(used), Some(active)) = (
             replies.get(1).and_then(Reply::as_f64),
@@ -167,20 +168,37 @@ impl RedisStore {
         let (new_tat_ns, now_ns, t_ns) = ((new_tat as u64) * 1000, now_us * 1000, t_us * 1000);
         let burst = req.bucket.burst;
         let over_quota = used > req.monthly_quota;
-        // Over the quota, the account's other requests counted beyond it are refusals in flight,
-        // each holding an interval of its key's bucket until given back: a quota refusal
-        // reports this key's bucket without as many (at most: they may be other keys'). Only
-        // the report: which refusal it is stays the one the bucket as read gives, since a
-        // key truly over its rate must not be told to wait for the next period.
+        // Over the quota, the requests counted beyond it before this one are refusals in flight,
+        // each holding an interval of its key's bucket until given back. Those of this key
+        // (at most the node's own admissions of it that went first unfinished, and at most
+        // the count beyond the quota) are left out of this key's bucket: a key with a token is
+        // refused for the quota (step 7), as the embedded store answers, not for a rate only
+        // its own refusals in flight exhausted; another key's refusals never count here, so a
+        // key truly over its rate is not told to wait for the next period.
         let settled_tat_ns = if over_quota {
-            let in_flight = (used - req.monthly_quota - 1).saturating_mul(t_ns);
+            let refusals = u64::from(ahead).min(used - req.monthly_quota - 1);
             new_tat_ns
-                .saturating_sub(in_flight)
+                .saturating_sub(refusals.saturating_mul(t_ns))
                 .max(now_ns.saturating_add(t_ns))
         } else {
             new_tat_ns
         };
         match gcra::judge(new_tat_ns, now_ns, t_ns, burst) {
+            BucketDecision::Deny { .. }
+                if over_quota
+                    && matches!(
+                        gcra::judge(settled_tat_ns, now_ns, t_ns, burst),
+                        BucketDecision::Allow { .. }
+                    ) =>
+            {
+                self.compensate(&tat, &quota, t_us).await;
+                let (remaining, reset_after_ns) =
+                    gcra::peek_every(Some(settled_tat_ns - t_ns), now_ns, t_ns, burst);
+                Ok(Admission::QuotaExceeded {
+                    remaining,
+                    reset_after_ns,
+                })
+            }
             BucketDecision::Deny {
                 retry_after_ns,
                 reset_after_ns,
