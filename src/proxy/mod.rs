@@ -92,6 +92,8 @@ pub(crate) struct Ctx {
     /// Body bytes this request may still forward (routes that inspect bodies: every key's
     /// body is bounded by `server.max_body_bytes`), and whether it sent more.
     body_allowance: Option<usize>,
+    /// The bound itself, to start each attempt from (a retry replays the body).
+    body_limit: Option<usize>,
     body_over: bool,
     /// The code of a refusal the gateway answered.
     error_code: Option<&'static str>,
@@ -254,7 +256,7 @@ impl GatewayProxy {
                         if let Some(InstanceSource::Body(_)) =
                             policy.and_then(|p| p.instance.as_ref())
                         {
-                            ctx.body_allowance = Some(live.config.server.max_body_bytes);
+                            ctx.body_limit = Some(live.config.server.max_body_bytes);
                         }
                     }
                     Err(refusal) => {
@@ -306,6 +308,7 @@ impl ProxyHttp for GatewayProxy {
             upstream_us: None,
             upstream_status: None,
             body_allowance: None,
+            body_limit: None,
             body_over: false,
             error_code: None,
             _in_flight: self.0.metrics.in_flight(),
@@ -457,6 +460,8 @@ impl ProxyHttp for GatewayProxy {
         up: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        // Each attempt counts the body from nothing: a retry replays it.
+        ctx.body_allowance = ctx.body_limit;
         // A body the gateway already read (and answered `100 Continue` for) is sent whole:
         // the upstream's own `100` would reach the client a second time.
         let body_read = up.headers.contains_key(http::header::EXPECT)
