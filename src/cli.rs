@@ -57,7 +57,8 @@ pub enum AccountsCmd {
         plan: Option<String>,
         #[arg(long, value_parser = ["active", "inactive"])]
         subscription: Option<String>,
-        #[arg(long)]
+        /// The quota period's first day of the month, 1-31 (`quotaAnchorDay`).
+        #[arg(long, visible_alias = "quota-anchor-day")]
         anchor_day: Option<u8>,
     },
     /// Show an account, its usage and key count.
@@ -71,11 +72,15 @@ pub enum KeysCmd {
         account: String,
         #[arg(long)]
         name: String,
-        /// Restrict the key to a scope (repeatable).
-        #[arg(long = "scope")]
+        /// Restrict the key to scopes (repeatable, or comma-separated).
+        #[arg(long = "scope", visible_alias = "scopes", value_delimiter = ',')]
         scopes: Vec<String>,
-        /// Restrict the key to an instance id (repeatable).
-        #[arg(long = "instance")]
+        /// Restrict the key to instance ids (repeatable, or comma-separated).
+        #[arg(
+            long = "instance",
+            visible_aliases = ["instance-id", "instance-ids"],
+            value_delimiter = ','
+        )]
         instances: Vec<String>,
         #[arg(long)]
         json: bool,
@@ -249,8 +254,8 @@ fn dispatch(cli: Cli) -> Result<(), String> {
                     config.jwt.secret_env
                 )
             })?;
-            let ttl = parse_duration(&args.ttl)
-                .ok_or_else(|| format!("--ttl {}: not a duration", args.ttl))?;
+            let ttl =
+                mint_ttl(&args.ttl).ok_or_else(|| format!("--ttl {}: not a duration", args.ttl))?;
             let token = mint_hs256(&MintRequest {
                 secret,
                 account_claim: &config.jwt.account_claim,
@@ -377,4 +382,17 @@ impl AdminClient {
             Err(format!("{status} {code}: {msg}"))
         }
     }
+}
+
+/// A token's lifetime as `jwt mint --ttl` takes it: a config duration (`90s`, `1h`), whole
+/// days (`1d`), or bare seconds (`3600`).
+fn mint_ttl(s: &str) -> Option<std::time::Duration> {
+    let t = s.trim();
+    if let Ok(secs) = t.parse::<u64>() {
+        return Some(std::time::Duration::from_secs(secs));
+    }
+    if let Some(days) = t.strip_suffix('d').and_then(|d| d.parse::<u64>().ok()) {
+        return Some(std::time::Duration::from_secs(days.checked_mul(86_400)?));
+    }
+    parse_duration(t)
 }

@@ -324,9 +324,10 @@ pub(crate) fn query_param(query: Option<&str>, name: &str) -> Result<Option<Stri
     // application/x-www-form-urlencoded, as the backends parse it: `+` is a space.
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         // What a second decoding would name counts beside the real one, and is never it.
-        let again = names_when_decoded_again(&k, name) || names_when_decoded_again(&v, name);
+        // A key read as the name directly and again after a second decoding is one reading.
         let direct = same_parameter_to_some_backend(&k, name);
-        seen += usize::from(again) + usize::from(direct);
+        let key = direct || names_when_decoded_again(&k, name);
+        seen += usize::from(key) + usize::from(names_when_decoded_again(&v, name));
         if seen > 1 {
             return Err(Ambiguity::Duplicate);
         }
@@ -360,8 +361,9 @@ pub(crate) fn query_names_twice(query: Option<&str>, name: &str) -> bool {
     let mut seen = 0usize;
     for part in query.split(';') {
         for (k, v) in form_urlencoded::parse(part.as_bytes()) {
-            let again = names_when_decoded_again(&k, name) || names_when_decoded_again(&v, name);
-            seen += usize::from(again) + usize::from(same_parameter_to_some_backend(&k, name));
+            let key =
+                same_parameter_to_some_backend(&k, name) || names_when_decoded_again(&k, name);
+            seen += usize::from(key) + usize::from(names_when_decoded_again(&v, name));
             if seen > 1 {
                 return true;
             }
@@ -731,6 +733,9 @@ mod tests {
         )));
         assert!(!twice("instanceId=A;x=1&y=100%"));
         assert!(!query_names_twice(None, "instanceId"));
+        // One key read two ways is still one parameter.
+        assert!(!twice("instanceId[%2B]=1;x"));
+        assert_eq!(q("instanceId[%2B]=1"), Ok(None));
         // `%u0049` is `I` to .NET: refused before reading.
         assert_eq!(
             query_escapes(Some("instance%u0049d=B")),

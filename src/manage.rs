@@ -31,10 +31,16 @@ struct PutAccount {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct CreateKey {
     name: String,
-    #[serde(default)]
+    /// Absent or `null`: none.
+    #[serde(default, deserialize_with = "null_as_empty")]
     scopes: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     instance_ids: Vec<String>,
+}
+
+/// A list that `null` leaves empty (what many clients send for "none").
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
 }
 
 /// Whether a character of a key name shows as itself: no control character, no invisible

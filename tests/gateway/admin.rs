@@ -165,6 +165,18 @@ fn keys_are_created_listed_and_revoked(b: Backend) {
         .unwrap();
     assert_eq!(list["keys"][0]["id"], created["id"]);
     assert!(!list.to_string().contains(key));
+    // `null` restrictions are none, as leaving them out is.
+    let r = gw.admin_call(
+        "POST",
+        "/admin/v1/accounts/acme/keys",
+        Some(json!({"name": "plain", "scopes": null, "instanceIds": null})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let plain = r.json().unwrap();
+    assert_eq!(
+        (&plain["scopes"], &plain["instanceIds"]),
+        (&json!([]), &json!([]))
+    );
     let r = gw.admin_call(
         "DELETE",
         &format!(

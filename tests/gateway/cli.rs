@@ -123,6 +123,44 @@ fn keys_and_jwt_commands_drive_a_running_gateway() {
         &[("authorization", &format!("Bearer {}", token.trim()))],
     ));
     assert_eq!(seen["headers"]["x-user-id"], "u9");
+    // The flags also read as the admin API's fields name them; --ttl takes days and seconds.
+    let record: serde_json::Value = serde_json::from_str(&run(&[
+        "keys",
+        "create",
+        "acme",
+        "--name",
+        "scoped",
+        "--scopes",
+        "messages:send,messages:read",
+        "--instance-ids",
+        "3fa85f64-5717-4562-b3fc-2c963f66afa6",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        record["scopes"],
+        serde_json::json!(["messages:send", "messages:read"])
+    );
+    assert_eq!(
+        record["instanceIds"],
+        serde_json::json!(["3fa85f64-5717-4562-b3fc-2c963f66afa6"])
+    );
+    let shown: serde_json::Value = serde_json::from_str(&run(&[
+        "accounts",
+        "put",
+        "acme",
+        "--quota-anchor-day",
+        "15",
+    ]))
+    .unwrap();
+    assert_eq!(shown["quotaAnchorDay"], 15);
+    for ttl in ["1d", "3600", "90m"] {
+        let token = run(&["jwt", "mint", "acme", "--ttl", ttl]);
+        echoed(&gw.get(
+            "/api/x",
+            &[("authorization", &format!("Bearer {}", token.trim()))],
+        ));
+    }
     // An argument that is no id cannot name another resource through the path it goes into.
     let (_, other_key) = gw.account_with_key("other", "pro");
     for args in [

@@ -13,11 +13,12 @@
 //!
 //! What a refusal reports leaves out the refusals in flight beside it (each holds an interval of
 //! the bucket and a unit of the quota until given back): a rate refusal's retry is at most one
-//! interval and its reset at most `burst`. Past the quota, the key's own refusals in flight
-//! (the node's admissions of the key that went first unfinished, at most the count beyond the
-//! quota) are left out of its bucket, so a burst past the quota is refused for the quota as on
-//! the embedded store; other nodes' refusals are not known here (they may still make a request
-//! past the burst read as over the rate: refused, with a retry of one interval).
+//! interval and its reset at most `burst`. Past the quota, as many intervals as the node's own
+//! admissions of the key that went first unfinished (at most the count beyond the quota) are
+//! left out of its bucket, so a burst past the quota is refused for the quota as on the
+//! embedded store. Only which refusal it is can be wrong: other nodes' refusals are not known
+//! here (a request past the burst may read as over the rate), and an admitted request of the
+//! key in flight beside other keys' refusals may make one over its rate read as over the quota.
 //!
 //! No MULTI/EXEC around the pipeline (it cost more client CPU than the commands themselves:
 //! eight replies to parse instead of four). Redis runs one connection's commands in order, so a
@@ -169,12 +170,13 @@ impl RedisStore {
         let burst = req.bucket.burst;
         let over_quota = used > req.monthly_quota;
         // Over the quota, the requests counted beyond it before this one are refusals in flight,
-        // each holding an interval of its key's bucket until given back. Those of this key
-        // (at most the node's own admissions of it that went first unfinished, and at most
-        // the count beyond the quota) are left out of this key's bucket: a key with a token is
-        // refused for the quota (step 7), as the embedded store answers, not for a rate only
-        // its own refusals in flight exhausted; another key's refusals never count here, so a
-        // key truly over its rate is not told to wait for the next period.
+        // each holding an interval of its key's bucket until given back. As many as this
+        // node's own admissions of the key that went first unfinished (at most the count
+        // beyond the quota) are left out of this key's bucket: a key with a token is refused
+        // for the quota (step 7), as the embedded store answers, not for a rate only its own
+        // refusals in flight exhausted. Only the label can be wrong, never an admission: an
+        // admitted request of the key still in flight, beside other keys' refusals, can make a
+        // key over its rate read as over the quota (both are refusals).
         let settled_tat_ns = if over_quota {
             let refusals = u64::from(ahead).min(used - req.monthly_quota - 1);
             new_tat_ns
