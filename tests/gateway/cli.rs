@@ -450,16 +450,22 @@ fn check_warns_when_tokens_are_not_bound_to_an_issuer_and_audience() {
     );
 }
 
-#[test]
-fn a_keepalive_under_a_second_is_a_config_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = minimal_config(dir.path(), "issuer = \"i\"\naudience = \"a\"");
+/// A minimal config (issuer and audience set) with `lines` first in its `[server]` table.
+fn config_with_server(dir: &std::path::Path, lines: &str) -> std::path::PathBuf {
+    let config = minimal_config(dir, "issuer = \"i\"\naudience = \"a\"");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,
-        text.replace("[server]\n", "[server]\nkeepalive_timeout = \"500ms\"\n"),
+        text.replace("[server]\n", &format!("[server]\n{lines}")),
     )
     .unwrap();
+    config
+}
+
+#[test]
+fn a_keepalive_under_a_second_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with_server(dir.path(), "keepalive_timeout = \"500ms\"\n");
     let out = check(&config);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
@@ -476,16 +482,10 @@ fn a_keepalive_under_a_second_is_a_config_error() {
 #[test]
 fn an_inspected_limit_over_the_body_limit_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
-    let config = minimal_config(dir.path(), "issuer = \"i\"\naudience = \"a\"");
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace(
-            "[server]\n",
-            "[server]\nmax_body_bytes = 16384\nmax_inspected_body_bytes = 65536\n",
-        ),
-    )
-    .unwrap();
+    let config = config_with_server(
+        dir.path(),
+        "max_body_bytes = 16384\nmax_inspected_body_bytes = 65536\n",
+    );
     let out = check(&config);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(

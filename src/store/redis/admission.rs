@@ -185,22 +185,20 @@ impl RedisStore {
         } else {
             new_tat_ns
         };
-        match gcra::judge(new_tat_ns, now_ns, t_ns, burst) {
-            BucketDecision::Deny { .. }
-                if over_quota
-                    && matches!(
-                        gcra::judge(settled_tat_ns, now_ns, t_ns, burst),
-                        BucketDecision::Allow { .. }
-                    ) =>
-            {
-                self.compensate(&tat, &quota, t_us).await;
-                let (remaining, reset_after_ns) =
-                    gcra::peek_every(Some(settled_tat_ns - t_ns), now_ns, t_ns, burst);
-                Ok(Admission::QuotaExceeded {
-                    remaining,
-                    reset_after_ns,
-                })
-            }
+        let judged = gcra::judge(new_tat_ns, now_ns, t_ns, burst);
+        let admits = |d: BucketDecision| matches!(d, BucketDecision::Allow { .. });
+        if over_quota
+            && (admits(judged) || admits(gcra::judge(settled_tat_ns, now_ns, t_ns, burst)))
+        {
+            self.compensate(&tat, &quota, t_us).await;
+            let (remaining, reset_after_ns) =
+                gcra::peek_every(Some(settled_tat_ns - t_ns), now_ns, t_ns, burst);
+            return Ok(Admission::QuotaExceeded {
+                remaining,
+                reset_after_ns,
+            });
+        }
+        match judged {
             BucketDecision::Deny {
                 retry_after_ns,
                 reset_after_ns,
@@ -213,15 +211,6 @@ impl RedisStore {
                 Ok(Admission::RateLimited {
                     retry_after_ns: retry_after_ns.min(t_ns),
                     reset_after_ns: reset_after_ns.min(u64::from(burst.max(1)) * t_ns),
-                })
-            }
-            BucketDecision::Allow { .. } if over_quota => {
-                self.compensate(&tat, &quota, t_us).await;
-                let (remaining, reset_after_ns) =
-                    gcra::peek_every(Some(settled_tat_ns - t_ns), now_ns, t_ns, burst);
-                Ok(Admission::QuotaExceeded {
-                    remaining,
-                    reset_after_ns,
                 })
             }
             BucketDecision::Allow {
