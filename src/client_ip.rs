@@ -157,6 +157,19 @@ fn entry_ip(entry: &str) -> Option<IpAddr> {
         .map(canonical)
 }
 
+/// The prefix of an IPv6 site (a customer's usual allocation): a site holds 65,536 /64s.
+pub const SITE_PREFIX: u8 = 48;
+
+/// The IPv6 site a client's limit key belongs to, when clients count by a longer prefix than
+/// a site's (`None` for IPv4, or when `ipv6_prefix` is a site or wider): what aggregates the
+/// per-client budgets one holder of a /48 could otherwise multiply by 65,536.
+pub fn site_key(client: IpAddr, ipv6_prefix: u8) -> Option<IpAddr> {
+    match client {
+        IpAddr::V6(_) if ipv6_prefix > SITE_PREFIX => Some(masked(client, SITE_PREFIX)),
+        _ => None,
+    }
+}
+
 /// The address a per-client limit counts under: IPv4 as it is, IPv6 by its first
 /// `ipv6_prefix` bits (64: one customer allocation).
 pub fn limit_key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
@@ -177,6 +190,13 @@ mod tests {
 
     fn trusted(list: &[&str]) -> TrustedProxies {
         TrustedProxies(list.iter().map(|c| c.parse().unwrap()).collect())
+    }
+
+    #[test]
+    fn an_ipv6_client_belongs_to_its_site() {
+        assert_eq!(site_key(ip("2001:db8:5:9::"), 64), Some(ip("2001:db8:5::")));
+        assert_eq!(site_key(ip("2001:db8:5::"), 48), None);
+        assert_eq!(site_key(ip("203.0.113.9"), 64), None);
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Gateway {
     pub key_reads: LocalLimiter<String>,
     /// Failed authentications per client (`server.auth_failures_per_minute`).
     pub(crate) auth_failures: LocalLimiter<std::net::IpAddr>,
+    /// The same per IPv6 site (`client_ip::SITE_PREFIX`), for `SITE_FACTOR` clients' worth.
+    pub(crate) auth_failures_by_site: LocalLimiter<std::net::IpAddr>,
     /// Per-key rate limits this node keeps alone while the store cannot decide and a route
     /// fails open: forwarded unmetered (no quota), never unlimited.
     pub(crate) fail_open_rates: LocalLimiter<Box<str>>,
@@ -174,6 +176,7 @@ impl Gateway {
             key_writes: LocalLimiter::new(ACCOUNT_BUCKETS),
             key_reads: LocalLimiter::new(ACCOUNT_BUCKETS),
             auth_failures: LocalLimiter::new(CLIENT_BUCKETS),
+            auth_failures_by_site: LocalLimiter::new(CLIENT_BUCKETS),
             fail_open_rates: LocalLimiter::new(KEY_BUCKETS),
             certs,
             admin_certs,

@@ -90,6 +90,44 @@ fn ipv6_clients_share_a_limit_per_64() {
     echoed(&auth_call(&gw, &[("x-forwarded-for", "2001:db8:1:3::1")]));
 }
 
+/// Failed authentications count per client (an IPv6 /64) and per site (its /48), which may
+/// fail sixteen clients' worth: one holder of a /48 does not get 65,536 budgets of guesses.
+#[test]
+fn an_ipv6_site_shares_a_budget_of_failed_authentications() {
+    let gw = Gateway::start_with(
+        Setup::new().server("trusted_proxies = [\"127.0.0.1\"]\nauth_failures_per_minute = 2"),
+    );
+    let guess = |xff: &str| {
+        gw.get(
+            "/api/v1/x",
+            &[
+                ("x-api-key", &format!("msgf_live_{}", "7".repeat(64))),
+                ("x-forwarded-for", xff),
+            ],
+        )
+    };
+    for client in 0..16 {
+        for _ in 0..2 {
+            let r = guess(&format!("2001:db8:5:{client:x}::1"));
+            assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
+        }
+    }
+    // A seventeenth /64 of the same /48, its own budget untouched.
+    let r = guess("2001:db8:5:99::1");
+    assert_refused(
+        &r,
+        429,
+        "TOO_MANY_REQUESTS",
+        "Too many failed authentications from this client",
+    );
+    assert_eq!(r.header("retry-after"), Some("2"));
+    // Another site, and an IPv4 client, are their own.
+    let r = guess("2001:db8:6::1");
+    assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
+    let r = guess("203.0.113.9");
+    assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
+}
+
 #[test]
 fn trusted_proxies_are_validated() {
     let dir = tempfile::tempdir().unwrap();
