@@ -52,8 +52,8 @@ pub(super) struct ServerFile {
     /// The host names the gateway answers to (empty: any).
     #[serde(default)]
     pub hosts: Vec<Spanned<String>>,
-    /// Unknown API keys and unsigned tokens one client may send per minute before unknown
-    /// credentials get 429.
+    /// Invalid API keys and tokens one client may send per minute before unknown credentials
+    /// get 429.
     #[serde(default = "default_auth_failures")]
     pub auth_failures_per_minute: Spanned<u32>,
     /// Prefix length an IPv6 client is limited by.

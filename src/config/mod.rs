@@ -56,8 +56,7 @@ pub struct Server {
     pub hosts: Vec<Box<str>>,
     /// Bits of an IPv6 client address that per-client limits count under.
     pub ipv6_prefix: u8,
-    /// Unknown well-formed API keys and unsigned tokens a client may send per minute
-    /// (`auth_failures_per_minute`).
+    /// Invalid API keys and tokens a client may send per minute (`auth_failures_per_minute`).
     pub auth_failures_per_minute: u32,
     /// The TLS listener, when configured.
     pub tls: Option<TlsListener>,

@@ -24,9 +24,8 @@ pub(crate) fn authenticate(
     let mut values = req.headers.get_all(http::header::AUTHORIZATION).iter();
     let (Some(value), None) = (values.next(), values.next()) else {
         if req.headers.contains_key(http::header::AUTHORIZATION) {
-            // Two credentials: the backend might read the one not verified here. Refused
-            // before any work, so not counted (as a malformed API key is not).
-            return Err(GatewayError::invalid_token());
+            // Two credentials: the backend might read the one not verified here.
+            return Err(invalid());
         }
         return Err(if req.headers.contains_key("x-api-key") {
             GatewayError::api_key_on_console()
@@ -36,10 +35,10 @@ pub(crate) fn authenticate(
     };
     let bytes = value.as_bytes();
     if bytes.len() <= 7 || !bytes[..7].eq_ignore_ascii_case(b"bearer ") {
-        return Err(GatewayError::invalid_token());
+        return Err(invalid());
     }
     let Ok(token) = std::str::from_utf8(&bytes[7..]) else {
-        return Err(GatewayError::invalid_token());
+        return Err(invalid());
     };
     let verified = live.jwt.verify_if(token.trim(), gw.clock.now_unix(), || {
         failures.refused().is_none()

@@ -55,13 +55,12 @@ async fn principal(
         // Surrounding spaces: what HTTP/1.1's parser drops, HTTP/2 delivers as sent.
         (Some(key), None) => Some(key.as_bytes().trim_ascii()),
     };
-    // No store I/O for anything that cannot be a key, and no count either: such a refusal
-    // costs nothing, and counting it would lock a misconfigured client's neighbours (one NAT
-    // address) out of their own keys.
-    let Some(key) = key.filter(|k| api_key::is_well_formed(k)) else {
-        return Err(GatewayError::invalid_api_key());
-    };
     let failures = AuthFailures::new(gw, live, client);
+    // No store I/O for anything that cannot be a key; a failed authentication all the same
+    // (SPEC §10), and past the limit refused as one.
+    let Some(key) = key.filter(|k| api_key::is_well_formed(k)) else {
+        return Err(failures.failed(GatewayError::invalid_api_key()));
+    };
     match gw
         .directory
         .lookup(key, || failures.refused().is_none())

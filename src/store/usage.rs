@@ -153,12 +153,17 @@ impl Counters {
     }
 }
 
-/// Writes changed counts every [`FLUSH_EVERY`] until the counters are dropped.
+/// Writes changed counts every [`FLUSH_EVERY`] until the counters are dropped, on a fixed
+/// tick (a write's own time does not push the next one later: a crash loses at most one
+/// interval's counts, not an interval plus a write).
 pub(super) fn spawn_flusher(counters: Weak<Counters>) -> Result<(), StoreError> {
+    let mut next = std::time::Instant::now() + FLUSH_EVERY;
     std::thread::Builder::new()
         .name("msgflash-usage".into())
         .spawn(move || loop {
-            std::thread::sleep(FLUSH_EVERY);
+            std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+            // Behind by more than a tick (a stalled disk): start again from now.
+            next = (next + FLUSH_EVERY).max(std::time::Instant::now());
             let Some(counters) = counters.upgrade() else {
                 return;
             };

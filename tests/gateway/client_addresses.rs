@@ -179,26 +179,13 @@ fn a_flood_of_guessed_keys_stops_costing_lookups(b: Backend) {
         .as_ref()
         .map(|r| r.command_calls().get("get").copied().unwrap_or(0));
     let guess = |i: u32| format!("msgf_live_{:064x}", u64::from(i) + 7);
-    // What cannot be a key costs nothing to refuse and is not counted: a malformed key, a
-    // key sent twice.
-    for _ in 0..30 {
-        for headers in [
-            &[("x-api-key", "msgf_live_nope")][..],
-            &[("x-api-key", &valid), ("x-api-key", &valid)],
-        ] {
-            let r = gw.get("/api/v1/x", headers);
-            assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
-        }
-    }
     for i in 0..20 {
         let r = gw.get("/api/v1/x", &[("x-api-key", &guess(i))]);
         assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
     }
-    // Over the limit: a guess and a valid key this node has not seen yet are refused without
-    // a lookup; the key it knows still passes, and a malformed key is still just malformed.
-    let r = gw.get("/api/v1/x", &[("x-api-key", "msgf_live_nope")]);
-    assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
-    for key in [guess(99).as_str(), uncached.as_str()] {
+    // Over the limit: a guess, a malformed key and a valid key this node has not seen yet are
+    // all refused without a lookup; the key it knows still passes.
+    for key in [guess(99).as_str(), "msgf_live_nope", uncached.as_str()] {
         let r = gw.get("/api/v1/x", &[("x-api-key", key)]);
         assert_refused(
             &r,

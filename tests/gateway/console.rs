@@ -305,16 +305,6 @@ fn failed_tokens_are_limited_per_client() {
         let r = gw.get("/api/instances", &[("authorization", &expired)]);
         assert_error(&r, 401, "UNAUTHORIZED", INVALID_TOKEN);
     }
-    // Nor is what cannot be a token refused before any work: another scheme, two credentials.
-    for _ in 0..5 {
-        for headers in [
-            &[("authorization", "Basic YWNtZTpodW50ZXIy")][..],
-            &[("authorization", &known), ("authorization", &known)],
-        ] {
-            let r = gw.get("/api/instances", headers);
-            assert_error(&r, 401, "UNAUTHORIZED", INVALID_TOKEN);
-        }
-    }
     let bad = format!("{}x", gw.token("acme", 3600));
     for _ in 0..3 {
         let r = gw.get(
