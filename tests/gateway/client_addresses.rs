@@ -128,6 +128,57 @@ fn an_ipv6_site_shares_a_budget_of_failed_authentications() {
     assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
 }
 
+/// Every failed authentication counts (SPEC §10), the ones refused before any lookup too: a
+/// malformed key, a key sent twice, two `Authorization` headers, another scheme. A missing
+/// credential is no failed authentication.
+#[test]
+fn malformed_and_doubled_credentials_count_as_failures() {
+    let over = |r: crate::client::HttpResponse| {
+        assert_refused(
+            &r,
+            429,
+            "TOO_MANY_REQUESTS",
+            "Too many failed authentications from this client",
+        );
+    };
+    let unseen = format!("msgf_live_{}", "7".repeat(64));
+    for doubled in [false, true] {
+        let gw = Gateway::start_with(Setup::new().server("auth_failures_per_minute = 3"));
+        let (valid, _) = gw.account_with_key("acme", "pro");
+        for _ in 0..5 {
+            assert_eq!(gw.get("/api/v1/x", &[]).status, 401, "missing: not counted");
+        }
+        for _ in 0..3 {
+            let r = if doubled {
+                gw.get("/api/v1/x", &[("x-api-key", &valid), ("x-api-key", &valid)])
+            } else {
+                gw.get("/api/v1/x", &[("x-api-key", "msgf_live_nope")])
+            };
+            assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or revoked API key");
+        }
+        over(gw.get("/api/v1/x", &[("x-api-key", &unseen)]));
+    }
+    for doubled in [false, true] {
+        let gw = Gateway::start_with(Setup::new().server("auth_failures_per_minute = 3"));
+        let token = format!("Bearer {}", gw.token("acme", 3600));
+        for _ in 0..3 {
+            let r = if doubled {
+                gw.get(
+                    "/api/instances",
+                    &[("authorization", &token), ("authorization", &token)],
+                )
+            } else {
+                gw.get(
+                    "/api/instances",
+                    &[("authorization", "Basic YWNtZTpodW50ZXIy")],
+                )
+            };
+            assert_refused(&r, 401, "UNAUTHORIZED", "Invalid or expired token");
+        }
+        over(gw.get("/api/instances", &[("authorization", &token)]));
+    }
+}
+
 #[test]
 fn trusted_proxies_are_validated() {
     let dir = tempfile::tempdir().unwrap();

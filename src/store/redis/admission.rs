@@ -16,7 +16,9 @@
 //! interval and its reset at most `burst`. Past the quota, as many intervals as the node's own
 //! admissions of the key that went first unfinished (at most the count beyond the quota) are
 //! left out of its bucket, so a burst past the quota is refused for the quota as on the
-//! embedded store. Only which refusal it is can be wrong: other nodes' refusals are not known
+//! embedded store (the count is taken just before the pipeline is queued: across worker
+//! threads one request may overtake another in between, one interval off). Only which refusal
+//! it is can be wrong: other nodes' refusals are not known
 //! here (a request past the burst may read as over the rate), and an admitted request of the
 //! key in flight beside other keys' refusals may make one over its rate read as over the quota.
 //!
