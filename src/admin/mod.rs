@@ -66,6 +66,30 @@ fn authorized(gw: &Gateway, session: &ServerSession) -> bool {
         && constant_time_eq(&bytes[7..], expected.as_bytes())
 }
 
+/// Whether a request names the admin listener as nothing but the machine itself would: an IP
+/// address, `localhost` or a `*.localhost` name, or no host at all. A page in an operator's
+/// browser that rebinds its own DNS name to 127.0.0.1 (DNS rebinding) reaches a loopback
+/// listener under that name, and may read what needs no token (`/metrics`, `/readyz`);
+/// applied only on a listener bound to a loopback address, which nothing else reaches by name.
+fn addressed_locally(req: &http::request::Parts) -> bool {
+    let named = match req.uri.authority() {
+        Some(authority) => authority.host().to_owned(),
+        None => match req.headers.get(http::header::HOST) {
+            None => return true,
+            Some(v) => {
+                let Ok(v) = v.to_str() else { return false };
+                match v.strip_prefix('[') {
+                    Some(rest) => rest.split(']').next().unwrap_or_default().to_owned(),
+                    None => v.split(':').next().unwrap_or_default().to_owned(),
+                }
+            }
+        },
+    };
+    let name = named.trim_start_matches('[').trim_end_matches(']');
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name.parse::<std::net::IpAddr>().is_ok() || name == "localhost" || name.ends_with(".localhost")
+}
+
 /// The audit trail: one line per admin call that changes something (method, path, status, the
 /// peer, and a created key's id), and per refused admin credential (at most one a second, with
 /// how many were suppressed). Never a body, a key or a token.
@@ -246,11 +270,17 @@ impl ServeHttp for AdminApp {
         }
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
-        let reply = self.route(session, &method, &path).await;
+        let live = self.0.live();
+        let reply = if live.config.admin.listen.ip().is_loopback()
+            && !addressed_locally(session.req_header())
+        {
+            Reply::error(&GatewayError::unknown_host())
+        } else {
+            self.route(session, &method, &path).await
+        };
         audit(&self.0, session, &method, &path, &reply);
         // Whatever the caller sent and we did not read would poison keep-alive: drained when
         // small, else the connection closes after the answer.
-        let live = self.0.live();
         crate::inspect::settle_body(
             session,
             live.config.server.max_body_bytes,

@@ -333,6 +333,46 @@ crate::on_both_stores!(
 /// The admin listener has the proxy's head deadline and caps of its own (100 connections, 25 per
 /// client address): a caller that reaches it can neither hold its one thread with a head it
 /// never finishes nor take every connection the probes need.
+/// A page in an operator's browser that rebinds its DNS name to 127.0.0.1 reaches a loopback
+/// admin listener under that name: what needs no token (metrics, readiness) is not for it.
+/// The machine's own names and addresses pass.
+#[test]
+fn a_loopback_admin_listener_answers_only_local_names() {
+    let gw = Gateway::start();
+    let get = |host: Option<&str>| {
+        let head = match host {
+            Some(h) => format!("GET /metrics HTTP/1.1\r\nhost: {h}\r\n\r\n"),
+            None => "GET /metrics HTTP/1.0\r\n\r\n".to_owned(),
+        };
+        crate::client::Connection::open(gw.admin)
+            .unwrap()
+            .raw(head.as_bytes())
+            .unwrap()
+    };
+    for host in [
+        "evil.example",
+        "evil.example:9090",
+        "localhost.evil.example",
+        "127.0.0.1.nip.io",
+    ] {
+        assert_error(&get(Some(host)), 404, "NOT_FOUND", "No route for this host");
+    }
+    let port = gw.admin.port();
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "LOCALHOST.".to_owned(),
+        "app.localhost".to_owned(),
+        format!("[::1]:{port}"),
+        "10.1.2.3".to_owned(),
+    ] {
+        let r = get(Some(&host));
+        assert_eq!(r.status, 200, "{host}");
+        assert!(r.text().contains("msgflash_"), "{host}");
+    }
+    assert_eq!(get(None).status, 200, "no Host at all (HTTP/1.0)");
+}
+
 #[test]
 fn the_admin_listener_bounds_heads_and_connections() {
     use std::io::Write;
