@@ -70,7 +70,8 @@ fn authorized(gw: &Gateway, session: &ServerSession) -> bool {
 /// address, `localhost` or a `*.localhost` name, or no host at all. A page in an operator's
 /// browser that rebinds its own DNS name to 127.0.0.1 (DNS rebinding) reaches a loopback
 /// listener under that name, and may read what needs no token (`/metrics`, `/readyz`);
-/// applied only on a listener bound to a loopback address, which nothing else reaches by name.
+/// applied only on a plain listener bound to a loopback address, which nothing else reaches
+/// by name.
 fn addressed_locally(req: &http::request::Parts) -> bool {
     let named = match req.uri.authority() {
         Some(authority) => authority.host().to_owned(),
@@ -271,7 +272,11 @@ impl ServeHttp for AdminApp {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
         let live = self.0.live();
-        let reply = if live.config.admin.listen.ip().is_loopback()
+        // Over TLS a rebound name fails the certificate check first; `/healthz` tells nothing.
+        let admin = &live.config.admin;
+        let reply = if admin.tls.is_none()
+            && admin.listen.ip().is_loopback()
+            && path != "/healthz"
             && !addressed_locally(session.req_header())
         {
             Reply::error(&GatewayError::unknown_host())

@@ -357,6 +357,12 @@ fn a_loopback_admin_listener_answers_only_local_names() {
     ] {
         assert_error(&get(Some(host)), 404, "NOT_FOUND", "No route for this host");
     }
+    // Liveness tells nothing: any name.
+    let r = crate::client::Connection::open(gw.admin)
+        .unwrap()
+        .raw(b"GET /healthz HTTP/1.1\r\nhost: evil.example\r\n\r\n")
+        .unwrap();
+    assert_eq!(r.status, 200);
     let port = gw.admin.port();
     for host in [
         format!("127.0.0.1:{port}"),
