@@ -1,11 +1,15 @@
 //! Caps on concurrent connections, globally and per client address: a connection over a cap is
 //! closed at accept (a TLS one before its handshake). The table holds only addresses with open
-//! connections, so it is bounded by the global cap.
+//! connections, so it is bounded by the global cap. At the global cap, a connection kept alive
+//! idle between requests gives its place to the new one and is closed (nginx's reusable
+//! connections): idle connections cannot keep out those that have something to ask.
 
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use pingora::protocols::UniqueIDType;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,20 +39,97 @@ pub(crate) struct Connections {
     refused_per_client: AtomicU64,
     /// Connections closed because their PROXY protocol header was refused.
     refused_proxy_header: AtomicU64,
+    /// Idle connections whose place went to a new one at the global cap.
+    reclaimed: AtomicU64,
 }
 
 #[derive(Debug, Default)]
 struct Open {
     total: usize,
     per_client: HashMap<IpAddr, usize>,
+    /// Each open connection's handle and client, by slot; `free` slots are reused.
+    tracked: Vec<Option<(Arc<Reclaim>, Option<IpAddr>)>>,
+    free: Vec<usize>,
+    /// Where the next search for an idle connection starts.
+    cursor: usize,
 }
 
-/// One admitted connection; dropping it (the connection closed) gives its place back.
+/// How many slots one search for an idle connection looks at, at most: admission at the cap
+/// costs a bounded time under the lock whatever the table's size.
+const RECLAIM_SCAN: usize = 256;
+
+/// What the table and a connection share: whether it waits idle between requests (set by the
+/// connection), and whether its place was given to another (set by the table, which then wakes
+/// it so that it closes).
+#[derive(Debug, Default)]
+pub(crate) struct Reclaim {
+    idle: AtomicBool,
+    released: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Reclaim {
+    /// The connection waits between requests (`true`), or a request is under way.
+    pub(crate) fn set_idle(&self, idle: bool) {
+        self.idle.store(idle, Ordering::Relaxed);
+    }
+
+    /// Whether the connection's place was given away: it must close. `waker` is woken when it
+    /// is, from now on.
+    pub(crate) fn released(&self, waker: &std::task::Waker) -> bool {
+        self.waker.register(waker);
+        self.released.load(Ordering::Acquire)
+    }
+}
+
+impl Open {
+    /// Gives the place of an idle connection back (the connection is woken, to close), when one
+    /// is found among the next [`RECLAIM_SCAN`] slots.
+    fn reclaim_idle(&mut self) -> bool {
+        let n = self.tracked.len();
+        for step in 0..n.min(RECLAIM_SCAN) {
+            let i = (self.cursor + step) % n;
+            let idle = matches!(&self.tracked[i], Some((r, _)) if r.idle.load(Ordering::Relaxed));
+            if !idle {
+                continue;
+            }
+            let Some((reclaim, client)) = self.tracked[i].take() else {
+                continue;
+            };
+            self.free.push(i);
+            self.cursor = (i + 1) % n;
+            self.release(client);
+            reclaim.released.store(true, Ordering::Release);
+            reclaim.waker.wake();
+            return true;
+        }
+        self.cursor = (self.cursor + RECLAIM_SCAN) % n.max(1);
+        false
+    }
+
+    /// One connection of `client` fewer.
+    fn release(&mut self, client: Option<IpAddr>) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(ip) = client {
+            if let Some(n) = self.per_client.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_client.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// One admitted connection; dropping it (the connection closed) gives its place back, unless
+/// the table took it back already.
 #[derive(Debug)]
 pub(crate) struct Permit {
     connections: Arc<Connections>,
     /// The address counted against the per-client cap (none for exempt peers).
     client: Option<IpAddr>,
+    slot: usize,
+    reclaim: Arc<Reclaim>,
 }
 
 impl Connections {
@@ -70,7 +151,10 @@ impl Connections {
         };
         let mut open = self.open.lock();
         if open.total >= max_total {
-            return refused(Over::Global);
+            if !open.reclaim_idle() {
+                return refused(Over::Global);
+            }
+            self.reclaimed.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(ip) = client {
             let n = open.per_client.entry(ip).or_insert(0);
@@ -83,10 +167,29 @@ impl Connections {
             *n += 1;
         }
         open.total += 1;
+        let reclaim = Arc::new(Reclaim::default());
+        let entry = Some((reclaim.clone(), client));
+        let slot = match open.free.pop() {
+            Some(i) => {
+                open.tracked[i] = entry;
+                i
+            }
+            None => {
+                open.tracked.push(entry);
+                open.tracked.len() - 1
+            }
+        };
         Ok(Permit {
             connections: self.clone(),
             client,
+            slot,
+            reclaim,
         })
+    }
+
+    /// Idle connections closed to give their place to a new one.
+    pub(crate) fn reclaimed(&self) -> u64 {
+        self.reclaimed.load(Ordering::Relaxed)
     }
 
     /// Open connections in all.
@@ -122,20 +225,43 @@ impl Connections {
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut open = self.connections.open.lock();
-        open.total = open.total.saturating_sub(1);
-        if let Some(ip) = self.client {
-            if let Some(n) = open.per_client.get_mut(&ip) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    open.per_client.remove(&ip);
-                }
-            }
+        // Released under this lock: the place (and the slot) went to another connection.
+        if self.reclaim.released.load(Ordering::Acquire) {
+            return;
+        }
+        open.release(self.client);
+        open.tracked[self.slot] = None;
+        open.free.push(self.slot);
+    }
+}
+
+/// A place under the caps, whatever holds it (a [`Permit`], or a test's stand-in), and what
+/// the table may ask of the connection that holds it.
+#[derive(Debug)]
+pub(crate) struct HeldPlace {
+    _held: Box<dyn std::fmt::Debug + Send + Sync>,
+    pub(crate) reclaim: Option<Arc<Reclaim>>,
+}
+
+impl HeldPlace {
+    /// A place the table never takes back (a test's stand-in).
+    #[cfg(test)]
+    pub(crate) fn fixed(held: impl std::fmt::Debug + Send + Sync + 'static) -> Self {
+        Self {
+            _held: Box::new(held),
+            reclaim: None,
         }
     }
 }
 
-/// A place under the caps, whatever holds it (a [`Permit`], or a test's stand-in).
-pub(crate) type HeldPlace = Box<dyn std::fmt::Debug + Send + Sync>;
+impl From<Permit> for HeldPlace {
+    fn from(permit: Permit) -> Self {
+        Self {
+            reclaim: Some(permit.reclaim.clone()),
+            _held: Box::new(permit),
+        }
+    }
+}
 
 /// Places TLS connections took before their handshakes (pingora handshakes before the
 /// application sees a stream), waiting by descriptor for the streams the handshakes yield.
@@ -284,6 +410,36 @@ mod tests {
         assert_eq!(c.refused(), [("global", 2), ("per_client", 2)]);
     }
 
+    /// At the global cap an idle connection's place goes to the new one, once; a connection
+    /// with a request under way (or none yet) keeps its place; the counts stay exact.
+    #[test]
+    fn an_idle_connection_gives_its_place_at_the_global_cap() {
+        let c = Arc::new(Connections::default());
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = c.admit(Some(a), 2, 5).unwrap();
+        let b1 = c.admit(Some(b), 2, 5).unwrap();
+        assert_eq!(c.admit(Some(b), 2, 5).unwrap_err(), Over::Global);
+        a1.reclaim.set_idle(true);
+        let waker = futures_util::task::noop_waker();
+        assert!(!a1.reclaim.released(&waker));
+        let b2 = c.admit(Some(b), 2, 5).unwrap();
+        assert!(a1.reclaim.released(&waker), "the idle one gave its place");
+        assert!(!b1.reclaim.released(&waker));
+        assert_eq!(c.open(), 2);
+        assert_eq!(c.open.lock().per_client.get(&a), None);
+        assert_eq!(c.open.lock().per_client.get(&b), Some(&2));
+        // Its place is gone already: closing it gives back nothing.
+        drop(a1);
+        assert_eq!(c.open(), 2);
+        assert_eq!(c.admit(Some(a), 2, 5).unwrap_err(), Over::Global);
+        drop(b2);
+        let _a2 = c.admit(Some(a), 2, 5).unwrap();
+        assert_eq!(c.open(), 2);
+        assert_eq!(c.reclaimed(), 1);
+        assert_eq!(c.refused(), [("global", 2), ("per_client", 0)]);
+    }
+
     #[derive(Debug)]
     struct Place;
 
@@ -310,18 +466,18 @@ mod tests {
             |_| None,
             |h| async move {
                 let ten = Duration::from_secs(10);
-                h.hold(7, Box::new(Place), ten, ten);
-                h.hold(8, Box::new(Place), ten, ten);
+                h.hold(7, HeldPlace::fixed(Place), ten, ten);
+                h.hold(8, HeldPlace::fixed(Place), ten, ten);
                 assert_eq!(h.waiting(), 2);
                 assert!(h.take(7).is_some());
                 assert!(h.take(7).is_none(), "taken once");
                 // A reused descriptor replaces its place.
-                h.hold(8, Box::new(Place), ten, ten);
+                h.hold(8, HeldPlace::fixed(Place), ten, ten);
                 assert_eq!(h.waiting(), 1);
                 h.sweep();
                 assert_eq!(h.waiting(), 1, "still reserved");
                 tokio::time::advance(ten).await;
-                h.hold(9, Box::new(Place), ten, ten);
+                h.hold(9, HeldPlace::fixed(Place), ten, ten);
                 h.sweep();
                 assert_eq!(h.waiting(), 1, "the reservation of 8 ran out");
                 h.sweep();
@@ -347,8 +503,8 @@ mod tests {
             let minute = Duration::from_secs(60);
             SOCKETS[1].store(11, Relaxed);
             SOCKETS[2].store(12, Relaxed);
-            h.hold(1, Box::new(Place), minute, minute);
-            h.hold(2, Box::new(Place), minute, minute);
+            h.hold(1, HeldPlace::fixed(Place), minute, minute);
+            h.hold(2, HeldPlace::fixed(Place), minute, minute);
             // The handshake on 1 failed: its socket closed, and 2's descriptor now holds
             // another socket than when its place was taken.
             SOCKETS[1].store(0, Relaxed);
@@ -356,7 +512,7 @@ mod tests {
             h.sweep();
             assert_eq!(h.waiting(), 0, "both places went with their sockets");
             SOCKETS[3].store(13, Relaxed);
-            h.hold(3, Box::new(Place), minute, minute);
+            h.hold(3, HeldPlace::fixed(Place), minute, minute);
             tokio::time::advance(Duration::from_secs(2)).await;
             h.sweep();
             assert_eq!(h.waiting(), 1, "a live handshake keeps its place");

@@ -194,8 +194,9 @@ pub(crate) struct EdgeStream {
     head: Head,
     /// When the current head must be complete (set when it starts: one clock read).
     deadline: Instant,
-    /// The connection's place under the connection caps, given back when it closes.
-    _permit: HeldPlace,
+    /// The connection's place under the connection caps, given back when it closes, or taken
+    /// back by the table while the connection waits idle (it then closes).
+    place: HeldPlace,
     /// The connection's one timer, made at its first wait, and the deadline it is set to.
     /// Moving a set deadline later costs one atomic operation (tokio re-files the timer only
     /// when it fires early), so every keep-alive wait re-arms it almost for free.
@@ -258,7 +259,7 @@ impl EdgeStream {
             timeout,
             max_head: limits.max_head_bytes(),
             limits,
-            _permit: permit,
+            place: permit,
             head: if off { Head::Preface } else { Head::Idle },
             deadline: Instant::now(),
             sleep: None,
@@ -283,6 +284,9 @@ impl EdgeStream {
     pub(crate) fn request_began(&self) {
         let v = self.between.load(Ordering::Relaxed);
         self.between.store(v & !1, Ordering::Relaxed);
+        if let Some(reclaim) = &self.place.reclaim {
+            reclaim.set_idle(false);
+        }
     }
 
     /// A request on this connection ended (its response is written): until the next one
@@ -294,6 +298,22 @@ impl EdgeStream {
         let v = self.between.load(Ordering::Relaxed);
         self.between
             .store(((v >> 1) + 1) << 1 | 1, Ordering::Relaxed);
+        // Kept alive after a request: the table may give this place to a new connection (a
+        // connection yet to send its first request never is: it may be about to).
+        if let Some(reclaim) = &self.place.reclaim {
+            reclaim.set_idle(true);
+        }
+    }
+
+    /// Whether the table gave this connection's place to another while it waited between
+    /// requests (the task is woken when it does).
+    fn reclaimed(&self, cx: &Context<'_>) -> bool {
+        self.between.load(Ordering::Relaxed) & 1 == 1
+            && self
+                .place
+                .reclaim
+                .as_ref()
+                .is_some_and(|r| r.released(cx.waker()))
     }
 
     /// The keep-alive wait's deadline, when the connection waits between requests.
@@ -627,6 +647,10 @@ impl AsyncRead for EdgeStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         self.as_mut().get_mut().catch_up();
+        if matches!(self.head, Head::Idle) && self.reclaimed(cx) {
+            // Its place went to a new connection while it waited: closed, whatever comes now.
+            return Poll::Ready(Ok(()));
+        }
         match self.head {
             Head::Done { .. } | Head::Off => return Pin::new(&mut self.inner).poll_read(cx, buf),
             Head::Refusing { .. } | Head::Refused { .. } => return self.get_mut().poll_refuse(cx),
@@ -657,9 +681,13 @@ impl AsyncRead for EdgeStream {
                         }
                     }
                     Head::Idle | Head::Preface => {
-                        // Kept alive too long without a new request (or, new, silent past the
-                        // first-byte deadline): the end of the stream, as pingora's own
-                        // keep-alive timeout would have it (a quiet close).
+                        // Its place given to a new connection at the cap, or kept alive too
+                        // long without a new request (or, new, silent past the first-byte
+                        // deadline): the end of the stream, as pingora's own keep-alive timeout
+                        // would have it (a quiet close).
+                        if this.reclaimed(cx) {
+                            return Poll::Ready(Ok(()));
+                        }
                         if let Some(deadline) = this.idle_deadline() {
                             if this.passed(deadline, cx) {
                                 return Poll::Ready(Ok(()));

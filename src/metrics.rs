@@ -314,6 +314,7 @@ pub(crate) fn render_connections(
     out: &mut String,
     open: usize,
     refused: &[(&str, u64)],
+    reclaimed: u64,
     proxy_headers_refused: u64,
 ) {
     single(
@@ -331,6 +332,13 @@ pub(crate) fn render_connections(
             "msgflash_connections_refused_total{{cap=\"{cap}\"}} {n}"
         );
     }
+    single(
+        out,
+        "msgflash_connections_reclaimed_total",
+        "counter",
+        "Idle kept-alive connections closed at the global cap to admit a new one.",
+        reclaimed,
+    );
     single(
         out,
         "msgflash_proxy_headers_refused_total",

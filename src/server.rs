@@ -74,7 +74,7 @@ impl EdgeLimits for ConfiguredEdge {
                 server.max_connections_per_client,
             )
             .ok()?;
-        Some(Box::new(permit))
+        Some(permit.into())
     }
 
     fn admit_any(&self) -> Option<HeldPlace> {
@@ -89,7 +89,7 @@ impl EdgeLimits for ConfiguredEdge {
                 server.max_connections_per_client,
             )
             .ok()?;
-        Some(Box::new(permit))
+        Some(permit.into())
     }
 
     fn trusts(&self, peer: std::net::IpAddr) -> bool {
@@ -177,7 +177,7 @@ impl EdgeLimits for AdminEdge {
                 ADMIN_MAX_CONNECTIONS_PER_CLIENT,
             )
             .ok()?;
-        Some(Box::new(permit))
+        Some(permit.into())
     }
 
     fn admit_any(&self) -> Option<HeldPlace> {

@@ -195,6 +195,7 @@ impl AdminApp {
                     &mut text,
                     gw.connections.open(),
                     &gw.connections.refused(),
+                    gw.connections.reclaimed(),
                     gw.connections.proxy_headers_refused(),
                 );
                 if let Some(log) = &gw.access_log {

@@ -314,9 +314,12 @@ fn connections_per_client_are_capped_at_accept() {
     echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
 }
 
-/// Trusted proxies are exempt from the per-client cap, not from the global one.
+/// Trusted proxies are exempt from the per-client cap, not from the global one. At the global
+/// cap, connections with a request under way keep their places; one kept alive idle gives its
+/// place to the new connection and is closed (nginx's reusable connections).
 #[test]
 fn trusted_proxies_meet_only_the_global_connection_cap() {
+    use std::io::Write;
     let gw = Gateway::start_with(
         Setup::new()
             .server("trusted_proxies = [\"127.0.0.1/32\"]")
@@ -324,10 +327,44 @@ fn trusted_proxies_meet_only_the_global_connection_cap() {
             .server("max_connections = 2"),
     );
     let (key, _) = gw.account_with_key("acme", "pro");
-    let _held = gw.held_connections(&key, 2);
+    // Two heads begun, not finished: requests under way.
+    let busy: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(gw.proxy).unwrap();
+            s.write_all(b"GET /api/v1/x HTTP/1.1\r\nhost: x\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    eventually("both are admitted", || {
+        gw.metric_line("msgflash_connections_open ") == "msgflash_connections_open 2"
+    });
     assert_closed_at_accept(&gw);
     assert_eq!(
         gw.metric_line("msgflash_connections_refused_total{cap=\"global\"}"),
         "msgflash_connections_refused_total{cap=\"global\"} 1"
+    );
+    drop(busy);
+    eventually("their places come back", || {
+        gw.metric_line("msgflash_connections_open ") == "msgflash_connections_open 0"
+    });
+    // Two connections kept alive after a request each: a new one is served in one's place.
+    let mut idle = gw.held_connections(&key, 2);
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+    assert_eq!(
+        gw.metric_line("msgflash_connections_reclaimed_total"),
+        "msgflash_connections_reclaimed_total 1"
+    );
+    let served: Vec<bool> = idle
+        .iter_mut()
+        .map(|c| {
+            c.send("GET", "/api/v1/x", &[("x-api-key", &key)], None)
+                .is_ok_and(|r| r.status == 200)
+        })
+        .collect();
+    assert_eq!(
+        served.iter().filter(|s| **s).count(),
+        1,
+        "one of the two was closed: {served:?}"
     );
 }
