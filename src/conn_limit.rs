@@ -9,8 +9,7 @@ use parking_lot::Mutex;
 use pingora::protocols::UniqueIDType;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -41,6 +40,8 @@ pub(crate) struct Connections {
     refused_proxy_header: AtomicU64,
     /// Idle connections whose place went to a new one at the global cap.
     reclaimed: AtomicU64,
+    /// Connections idle now: no search for one when there is none.
+    idle: Arc<AtomicUsize>,
 }
 
 #[derive(Debug, Default)]
@@ -54,56 +55,93 @@ struct Open {
     cursor: usize,
 }
 
-/// How many slots one search for an idle connection looks at, at most: admission at the cap
-/// costs a bounded time under the lock whatever the table's size.
-const RECLAIM_SCAN: usize = 256;
+/// A connection's state as the table sees it.
+const BUSY: u8 = 0;
+/// Blocked reading the next request's head with nothing read of it (after a request ended).
+const IDLE: u8 = 1;
+/// Its place went to another connection: it closes at its next read.
+const RELEASED: u8 = 2;
 
-/// What the table and a connection share: whether it waits idle between requests (set by the
-/// connection), and whether its place was given to another (set by the table, which then wakes
-/// it so that it closes).
-#[derive(Debug, Default)]
+/// What the table and a connection share: whether the connection waits idle between requests
+/// (set by the connection only while it is blocked on a read with nothing buffered), and
+/// whether its place was given to another (set by the table, which then wakes it so that it
+/// closes). Exactly one side wins a race: the table takes only an idle connection, and a
+/// connection that reads a byte leaves idle first or closes.
+#[derive(Debug)]
 pub(crate) struct Reclaim {
-    idle: AtomicBool,
-    released: AtomicBool,
+    state: AtomicU8,
     waker: AtomicWaker,
+    idle_count: Arc<AtomicUsize>,
 }
 
 impl Reclaim {
-    /// The connection waits between requests (`true`), or a request is under way.
-    pub(crate) fn set_idle(&self, idle: bool) {
-        self.idle.store(idle, Ordering::Relaxed);
+    /// The connection is blocked reading with nothing buffered, after a request: its place may
+    /// be given away, and `waker` woken when it is. `false` when it already was (it must close).
+    pub(crate) fn wait_idle(&self, waker: &std::task::Waker) -> bool {
+        self.waker.register(waker);
+        match self
+            .state
+            .compare_exchange(BUSY, IDLE, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                self.idle_count.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(state) => state == IDLE,
+        }
     }
 
-    /// Whether the connection's place was given away: it must close. `waker` is woken when it
-    /// is, from now on.
-    pub(crate) fn released(&self, waker: &std::task::Waker) -> bool {
-        self.waker.register(waker);
-        self.released.load(Ordering::Acquire)
+    /// The connection read something: it is busy again, or `false` when its place was given
+    /// away meanwhile (it must close, whatever came).
+    pub(crate) fn wake_busy(&self) -> bool {
+        match self
+            .state
+            .compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                self.idle_count.fetch_sub(1, Ordering::Relaxed);
+                true
+            }
+            Err(state) => state == BUSY,
+        }
+    }
+
+    /// Whether the place was given away.
+    pub(crate) fn released(&self) -> bool {
+        self.state.load(Ordering::Acquire) == RELEASED
     }
 }
 
 impl Open {
-    /// Gives the place of an idle connection back (the connection is woken, to close), when one
-    /// is found among the next [`RECLAIM_SCAN`] slots.
-    fn reclaim_idle(&mut self) -> bool {
+    /// Gives the place of an idle connection back (the connection is woken, to close), when
+    /// `idle` says there is one: a search of the table, under its lock, only then.
+    fn reclaim_idle(&mut self, idle: &AtomicUsize) -> bool {
+        if idle.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
         let n = self.tracked.len();
-        for step in 0..n.min(RECLAIM_SCAN) {
+        for step in 0..n {
             let i = (self.cursor + step) % n;
-            let idle = matches!(&self.tracked[i], Some((r, _)) if r.idle.load(Ordering::Relaxed));
-            if !idle {
+            let Some((reclaim, _)) = &self.tracked[i] else {
+                continue;
+            };
+            if reclaim
+                .state
+                .compare_exchange(IDLE, RELEASED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
                 continue;
             }
+            idle.fetch_sub(1, Ordering::Relaxed);
             let Some((reclaim, client)) = self.tracked[i].take() else {
                 continue;
             };
             self.free.push(i);
             self.cursor = (i + 1) % n;
             self.release(client);
-            reclaim.released.store(true, Ordering::Release);
             reclaim.waker.wake();
             return true;
         }
-        self.cursor = (self.cursor + RECLAIM_SCAN) % n.max(1);
         false
     }
 
@@ -134,12 +172,14 @@ pub(crate) struct Permit {
 
 impl Connections {
     /// Admits a connection from `client` (None: exempt from the per-client cap) when both caps
-    /// have room.
+    /// have room; at the global cap, in the place of an idle connection when `may_reclaim`
+    /// (a connection whose client is known) and the per-client cap has room.
     pub(crate) fn admit(
         self: &Arc<Self>,
         client: Option<IpAddr>,
         max_total: usize,
         max_per_client: usize,
+        may_reclaim: bool,
     ) -> Result<Permit, Over> {
         let refused = |over: Over| {
             match over {
@@ -151,7 +191,9 @@ impl Connections {
         };
         let mut open = self.open.lock();
         if open.total >= max_total {
-            if !open.reclaim_idle() {
+            let client_has_room = client
+                .is_none_or(|ip| open.per_client.get(&ip).copied().unwrap_or(0) < max_per_client);
+            if !(may_reclaim && client_has_room && open.reclaim_idle(&self.idle)) {
                 return refused(Over::Global);
             }
             self.reclaimed.fetch_add(1, Ordering::Relaxed);
@@ -167,7 +209,11 @@ impl Connections {
             *n += 1;
         }
         open.total += 1;
-        let reclaim = Arc::new(Reclaim::default());
+        let reclaim = Arc::new(Reclaim {
+            state: AtomicU8::new(BUSY),
+            waker: AtomicWaker::new(),
+            idle_count: self.idle.clone(),
+        });
         let entry = Some((reclaim.clone(), client));
         let slot = match open.free.pop() {
             Some(i) => {
@@ -185,6 +231,11 @@ impl Connections {
             slot,
             reclaim,
         })
+    }
+
+    /// Connections waiting idle between requests now.
+    pub(crate) fn idle(&self) -> usize {
+        self.idle.load(Ordering::Relaxed)
     }
 
     /// Idle connections closed to give their place to a new one.
@@ -226,8 +277,12 @@ impl Drop for Permit {
     fn drop(&mut self) {
         let mut open = self.connections.open.lock();
         // Released under this lock: the place (and the slot) went to another connection.
-        if self.reclaim.released.load(Ordering::Acquire) {
+        if self.reclaim.released() {
             return;
+        }
+        // Closed while idle (a keep-alive timeout, the client gone): no longer idle.
+        if self.reclaim.state.swap(BUSY, Ordering::AcqRel) == IDLE {
+            self.connections.idle.fetch_sub(1, Ordering::Relaxed);
         }
         open.release(self.client);
         open.tracked[self.slot] = None;
@@ -388,20 +443,20 @@ mod tests {
         let c = Arc::new(Connections::default());
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let a1 = c.admit(Some(a), 3, 2).unwrap();
-        let _a2 = c.admit(Some(a), 3, 2).unwrap();
-        assert_eq!(c.admit(Some(a), 3, 2).unwrap_err(), Over::PerClient);
-        let b1 = c.admit(Some(b), 3, 2).unwrap();
-        assert_eq!(c.admit(None, 3, 2).unwrap_err(), Over::Global);
+        let a1 = c.admit(Some(a), 3, 2, true).unwrap();
+        let _a2 = c.admit(Some(a), 3, 2, true).unwrap();
+        assert_eq!(c.admit(Some(a), 3, 2, true).unwrap_err(), Over::PerClient);
+        let b1 = c.admit(Some(b), 3, 2, true).unwrap();
+        assert_eq!(c.admit(None, 3, 2, true).unwrap_err(), Over::Global);
         drop(a1);
-        let _a3 = c.admit(Some(a), 3, 2).unwrap();
+        let _a3 = c.admit(Some(a), 3, 2, true).unwrap();
         drop(b1);
         // An exempt peer counts toward the global cap only.
-        let _p = c.admit(None, 3, 2).unwrap();
+        let _p = c.admit(None, 3, 2, true).unwrap();
         assert_eq!(c.open(), 3);
         assert_eq!(c.open.lock().per_client.len(), 1);
-        assert_eq!(c.admit(Some(b), 3, 0).unwrap_err(), Over::Global);
-        assert_eq!(c.admit(Some(b), 4, 0).unwrap_err(), Over::PerClient);
+        assert_eq!(c.admit(Some(b), 3, 0, true).unwrap_err(), Over::Global);
+        assert_eq!(c.admit(Some(b), 4, 0, true).unwrap_err(), Over::PerClient);
         assert_eq!(
             c.open.lock().per_client.len(),
             1,
@@ -410,34 +465,47 @@ mod tests {
         assert_eq!(c.refused(), [("global", 2), ("per_client", 2)]);
     }
 
-    /// At the global cap an idle connection's place goes to the new one, once; a connection
-    /// with a request under way (or none yet) keeps its place; the counts stay exact.
+    /// At the global cap an idle connection's place goes to the new one, once; a busy one
+    /// keeps its place; a connection that reads first stays; the counts stay exact.
     #[test]
     fn an_idle_connection_gives_its_place_at_the_global_cap() {
         let c = Arc::new(Connections::default());
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let a1 = c.admit(Some(a), 2, 5).unwrap();
-        let b1 = c.admit(Some(b), 2, 5).unwrap();
-        assert_eq!(c.admit(Some(b), 2, 5).unwrap_err(), Over::Global);
-        a1.reclaim.set_idle(true);
         let waker = futures_util::task::noop_waker();
-        assert!(!a1.reclaim.released(&waker));
-        let b2 = c.admit(Some(b), 2, 5).unwrap();
-        assert!(a1.reclaim.released(&waker), "the idle one gave its place");
-        assert!(!b1.reclaim.released(&waker));
+        let a1 = c.admit(Some(a), 2, 5, true).unwrap();
+        let b1 = c.admit(Some(b), 2, 5, true).unwrap();
+        assert_eq!(c.admit(Some(b), 2, 5, true).unwrap_err(), Over::Global);
+        // Idle, then busy again before anyone came: nothing to take.
+        assert!(a1.reclaim.wait_idle(&waker));
+        assert!(a1.reclaim.wake_busy());
+        assert_eq!(c.admit(Some(b), 2, 5, true).unwrap_err(), Over::Global);
+        assert!(a1.reclaim.wait_idle(&waker));
+        // Not for a place that may not reclaim, nor for a client at its own cap.
+        assert_eq!(c.admit(None, 2, 5, false).unwrap_err(), Over::Global);
+        assert_eq!(c.admit(Some(b), 2, 1, true).unwrap_err(), Over::Global);
+        assert!(!a1.reclaim.released());
+        let b2 = c.admit(Some(b), 2, 5, true).unwrap();
+        assert!(a1.reclaim.released(), "the idle one gave its place");
+        assert!(!a1.reclaim.wake_busy(), "and closes whatever comes");
+        assert!(!a1.reclaim.wait_idle(&waker));
+        assert!(!b1.reclaim.released());
         assert_eq!(c.open(), 2);
         assert_eq!(c.open.lock().per_client.get(&a), None);
         assert_eq!(c.open.lock().per_client.get(&b), Some(&2));
+        assert_eq!(c.idle.load(Ordering::Relaxed), 0);
         // Its place is gone already: closing it gives back nothing.
         drop(a1);
         assert_eq!(c.open(), 2);
-        assert_eq!(c.admit(Some(a), 2, 5).unwrap_err(), Over::Global);
+        assert_eq!(c.admit(Some(a), 2, 5, true).unwrap_err(), Over::Global);
+        // One closed while idle leaves the idle count as it found it.
+        assert!(b2.reclaim.wait_idle(&waker));
         drop(b2);
-        let _a2 = c.admit(Some(a), 2, 5).unwrap();
+        assert_eq!(c.idle.load(Ordering::Relaxed), 0);
+        let _a2 = c.admit(Some(a), 2, 5, true).unwrap();
         assert_eq!(c.open(), 2);
         assert_eq!(c.reclaimed(), 1);
-        assert_eq!(c.refused(), [("global", 2), ("per_client", 0)]);
+        assert_eq!(c.refused(), [("global", 5), ("per_client", 0)]);
     }
 
     #[derive(Debug)]

@@ -284,9 +284,6 @@ impl EdgeStream {
     pub(crate) fn request_began(&self) {
         let v = self.between.load(Ordering::Relaxed);
         self.between.store(v & !1, Ordering::Relaxed);
-        if let Some(reclaim) = &self.place.reclaim {
-            reclaim.set_idle(false);
-        }
     }
 
     /// A request on this connection ended (its response is written): until the next one
@@ -298,22 +295,27 @@ impl EdgeStream {
         let v = self.between.load(Ordering::Relaxed);
         self.between
             .store(((v >> 1) + 1) << 1 | 1, Ordering::Relaxed);
-        // Kept alive after a request: the table may give this place to a new connection (a
-        // connection yet to send its first request never is: it may be about to).
-        if let Some(reclaim) = &self.place.reclaim {
-            reclaim.set_idle(true);
+    }
+
+    /// Whether the table gave this connection's place to another (it must close).
+    fn released(&self) -> bool {
+        self.place.reclaim.as_ref().is_some_and(|r| r.released())
+    }
+
+    /// A read between requests found nothing: after a request has ended (a connection yet to
+    /// send its first never is: it may be about to), the table may give the place away while
+    /// it waits, waking it. `false` when it already did.
+    fn wait_idle(&self, cx: &Context<'_>) -> bool {
+        match &self.place.reclaim {
+            Some(r) if self.between.load(Ordering::Relaxed) >> 1 > 0 => r.wait_idle(cx.waker()),
+            _ => true,
         }
     }
 
-    /// Whether the table gave this connection's place to another while it waited between
-    /// requests (the task is woken when it does).
-    fn reclaimed(&self, cx: &Context<'_>) -> bool {
-        self.between.load(Ordering::Relaxed) & 1 == 1
-            && self
-                .place
-                .reclaim
-                .as_ref()
-                .is_some_and(|r| r.released(cx.waker()))
+    /// A read between requests brought bytes: busy again, or `false` when the place went to
+    /// another connection first.
+    fn wake_busy(&self) -> bool {
+        self.place.reclaim.as_ref().is_none_or(|r| r.wake_busy())
     }
 
     /// The keep-alive wait's deadline, when the connection waits between requests.
@@ -647,7 +649,7 @@ impl AsyncRead for EdgeStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         self.as_mut().get_mut().catch_up();
-        if matches!(self.head, Head::Idle) && self.reclaimed(cx) {
+        if matches!(self.head, Head::Idle) && self.released() {
             // Its place went to a new connection while it waited: closed, whatever comes now.
             return Poll::Ready(Ok(()));
         }
@@ -660,6 +662,14 @@ impl AsyncRead for EdgeStream {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let this = self.as_mut().get_mut();
+                if matches!(this.head, Head::Idle)
+                    && buf.filled().len() > before
+                    && !this.wake_busy()
+                {
+                    // The place went to another connection just before these bytes came.
+                    buf.set_filled(before);
+                    return Poll::Ready(Ok(()));
+                }
                 this.saw(&buf.filled()[before..]);
                 if let Head::Refusing { .. } = this.head {
                     // The reader never sees the read that crossed the bound.
@@ -685,7 +695,7 @@ impl AsyncRead for EdgeStream {
                         // long without a new request (or, new, silent past the first-byte
                         // deadline): the end of the stream, as pingora's own keep-alive timeout
                         // would have it (a quiet close).
-                        if this.reclaimed(cx) {
+                        if matches!(this.head, Head::Idle) && !this.wait_idle(cx) {
                             return Poll::Ready(Ok(()));
                         }
                         if let Some(deadline) = this.idle_deadline() {

@@ -312,7 +312,7 @@ pub(crate) fn render_invalidations(
 /// their PROXY protocol header.
 pub(crate) fn render_connections(
     out: &mut String,
-    open: usize,
+    (open, idle): (usize, usize),
     refused: &[(&str, u64)],
     reclaimed: u64,
     proxy_headers_refused: u64,
@@ -323,6 +323,13 @@ pub(crate) fn render_connections(
         "gauge",
         "Connections open on the proxy listeners.",
         open as u64,
+    );
+    single(
+        out,
+        "msgflash_connections_idle",
+        "gauge",
+        "Connections kept alive, waiting for their next request (given to new ones at the global cap).",
+        idle as u64,
     );
     out.push_str("# HELP msgflash_connections_refused_total Connections closed at accept, by the cap they met.\n");
     out.push_str("# TYPE msgflash_connections_refused_total counter\n");

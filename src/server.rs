@@ -72,6 +72,7 @@ impl EdgeLimits for ConfiguredEdge {
                 client,
                 server.max_connections,
                 server.max_connections_per_client,
+                true,
             )
             .ok()?;
         Some(permit.into())
@@ -87,6 +88,8 @@ impl EdgeLimits for ConfiguredEdge {
                 None,
                 server.max_connections,
                 server.max_connections_per_client,
+                // A place to read a PROXY header in: its client is not known yet.
+                false,
             )
             .ok()?;
         Some(permit.into())
@@ -175,6 +178,7 @@ impl EdgeLimits for AdminEdge {
                 client,
                 ADMIN_MAX_CONNECTIONS,
                 ADMIN_MAX_CONNECTIONS_PER_CLIENT,
+                true,
             )
             .ok()?;
         Some(permit.into())

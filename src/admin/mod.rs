@@ -193,7 +193,7 @@ impl AdminApp {
                 );
                 crate::metrics::render_connections(
                     &mut text,
-                    gw.connections.open(),
+                    (gw.connections.open(), gw.connections.idle()),
                     &gw.connections.refused(),
                     gw.connections.reclaimed(),
                     gw.connections.proxy_headers_refused(),
