@@ -79,31 +79,26 @@ impl Reclaim {
     /// be given away, and `waker` woken when it is. `false` when it already was (it must close).
     pub(crate) fn wait_idle(&self, waker: &std::task::Waker) -> bool {
         self.waker.register(waker);
-        match self
-            .state
-            .compare_exchange(BUSY, IDLE, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => {
-                self.idle_count.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(state) => state == IDLE,
-        }
+        matches!(self.shift(BUSY, IDLE), Ok(()) | Err(IDLE))
     }
 
     /// The connection read something: it is busy again, or `false` when its place was given
     /// away meanwhile (it must close, whatever came).
     pub(crate) fn wake_busy(&self) -> bool {
-        match self
-            .state
-            .compare_exchange(IDLE, BUSY, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => {
-                self.idle_count.fetch_sub(1, Ordering::Relaxed);
-                true
-            }
-            Err(state) => state == BUSY,
+        matches!(self.shift(IDLE, BUSY), Ok(()) | Err(BUSY))
+    }
+
+    /// Moves the state from `from` to `to`, keeping the count of idle connections; `Err` with
+    /// the state found when it was another.
+    fn shift(&self, from: u8, to: u8) -> Result<(), u8> {
+        self.state
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)?;
+        if to == IDLE {
+            self.idle_count.fetch_add(1, Ordering::Relaxed);
+        } else if from == IDLE {
+            self.idle_count.fetch_sub(1, Ordering::Relaxed);
         }
+        Ok(())
     }
 
     /// Whether the place was given away.
@@ -125,14 +120,9 @@ impl Open {
             let Some((reclaim, _)) = &self.tracked[i] else {
                 continue;
             };
-            if reclaim
-                .state
-                .compare_exchange(IDLE, RELEASED, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
+            if reclaim.shift(IDLE, RELEASED).is_err() {
                 continue;
             }
-            idle.fetch_sub(1, Ordering::Relaxed);
             let Some((reclaim, client)) = self.tracked[i].take() else {
                 continue;
             };
@@ -281,9 +271,7 @@ impl Drop for Permit {
             return;
         }
         // Closed while idle (a keep-alive timeout, the client gone): no longer idle.
-        if self.reclaim.state.swap(BUSY, Ordering::AcqRel) == IDLE {
-            self.connections.idle.fetch_sub(1, Ordering::Relaxed);
-        }
+        let _ = self.reclaim.shift(IDLE, BUSY);
         open.release(self.client);
         open.tracked[self.slot] = None;
         open.free.push(self.slot);

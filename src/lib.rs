@@ -23,6 +23,7 @@ pub(crate) mod edge_stream;
 pub mod errors;
 pub(crate) mod gateway;
 pub(crate) mod histogram;
+pub(crate) mod host_name;
 pub(crate) mod inspect;
 pub mod limits;
 pub(crate) mod live;

@@ -24,6 +24,7 @@ const LAYERS: &[&[&str]] = &[
         "histogram",
         "echo",
         "body_type",
+        "host_name",
     ],
     // Pure logic on top of the leaves.
     &["errors", "limits", "edge_stream", "metrics", "spans"],

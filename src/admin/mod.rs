@@ -73,18 +73,11 @@ fn authorized(gw: &Gateway, session: &ServerSession) -> bool {
 /// applied only on a plain listener bound to a loopback address, which nothing else reaches
 /// by name.
 fn addressed_locally(req: &http::request::Parts) -> bool {
-    let named = match req.uri.authority() {
-        Some(authority) => authority.host().to_owned(),
-        None => match req.headers.get(http::header::HOST) {
-            None => return true,
-            Some(v) => {
-                let Ok(v) = v.to_str() else { return false };
-                match v.strip_prefix('[') {
-                    Some(rest) => rest.split(']').next().unwrap_or_default().to_owned(),
-                    None => v.split(':').next().unwrap_or_default().to_owned(),
-                }
-            }
-        },
+    if crate::host_name::absent(req) {
+        return true;
+    }
+    let Some(named) = crate::host_name::named(req) else {
+        return false;
     };
     let name = named.trim_start_matches('[').trim_end_matches(']');
     let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();

@@ -10,31 +10,8 @@ pub(super) fn allowed(req: &RequestHeader, hosts: &[Box<str>]) -> bool {
     if hosts.is_empty() {
         return true;
     }
-    // The authority whole, port included: `http::Uri` accepts any port characters
-    // (`api.example.com:evil.example`), and pingora sends the authority upstream as `Host`.
-    let named = match req.uri.authority() {
-        Some(authority) => without_port(authority.as_str()),
-        None => req
-            .headers
-            .get(http::header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .and_then(without_port),
-    };
-    named.is_some_and(|name| hosts.iter().any(|h| h.eq_ignore_ascii_case(name)))
-}
-
-/// The host part of a `Host` value (an IPv6 literal with its brackets), when what follows it
-/// is nothing or a port of digits: `api.example.com:evil.example` names no host.
-fn without_port(value: &str) -> Option<&str> {
-    let (host, rest) = match value.find(']') {
-        Some(end) if value.starts_with('[') => value.split_at(end + 1),
-        _ => value.split_at(value.find(':').unwrap_or(value.len())),
-    };
-    let port_ok = match rest.strip_prefix(':') {
-        Some(port) => port.bytes().all(|b| b.is_ascii_digit()),
-        None => rest.is_empty(),
-    };
-    port_ok.then_some(host)
+    crate::host_name::named(req)
+        .is_some_and(|name| hosts.iter().any(|h| h.eq_ignore_ascii_case(name)))
 }
 
 #[cfg(test)]

@@ -231,21 +231,27 @@ fn sighup_reloads_the_policies_of_a_running_process() {
         .as_str()
         .unwrap()
         .to_owned();
+    // The process runs on the real clock: the period is this month, 28 to 31 days long.
     let quota_of = || {
         let r = request(node.proxy, "GET", "/api/v1/x", &[("x-api-key", &key)], None).unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
-        r.header("ratelimit-policy").unwrap_or_default().to_owned()
+        let policy = r.header("ratelimit-policy").unwrap_or_default().to_owned();
+        let (quota, window) = policy
+            .strip_prefix("\"burst\";q=10;w=1, \"monthly\";q=")
+            .and_then(|rest| rest.split_once(";w="))
+            .unwrap_or_else(|| panic!("{policy}"));
+        let days = window.parse::<u64>().unwrap_or(0) / 86_400;
+        assert!((28..=31).contains(&days), "{policy}");
+        quota.to_owned()
     };
-    assert!(quota_of().ends_with("\"monthly\";q=500000;w=2592000"));
+    assert_eq!(quota_of(), "500000");
     let plans = node.dir.join("policies/plans.toml");
     let text = std::fs::read_to_string(&plans)
         .unwrap()
         .replace("monthly_requests = 500000", "monthly_requests = 600000");
     std::fs::write(&plans, text).unwrap();
     node.signal("HUP");
-    eventually("the new quota is in force", || {
-        quota_of().ends_with("\"monthly\";q=600000;w=2592000")
-    });
+    eventually("the new quota is in force", || quota_of() == "600000");
     // Still alive and serving: SIGHUP reloads, it does not terminate.
     assert_eq!(
         request(node.admin, "GET", "/healthz", &[], None)
