@@ -20,6 +20,7 @@ NAMES = {
     "gw_embedded": "msgflash-gateway, embedded store",
     "gw_redis": "msgflash-gateway, Redis store",
     "gw_redis_b": "msgflash-gateway at GW_B (A/B), same Redis",
+    "refuser": "pingora answering the gateway's 401 itself (floor)",
 }
 SCENARIOS = {
     "valid": "(a) valid traffic, 10k keys",
@@ -265,6 +266,7 @@ CG_SCENARIOS = {
     "valid": "forwarded (200)",
     "abusive": "one key over its rate (429)",
     "bogus_repeat": "one repeated unknown key (401)",
+    "refused": "every request answered 401 by pingora itself",
 }
 
 

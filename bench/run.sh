@@ -19,12 +19,14 @@
 #             gw_redis_b (with gw_redis): the binary GW_B on the same Redis, for an A/B of two builds
 #             kong_*: a Kong-shaped gateway, nginx + ngx_lua (bench/kong/auth.lua): key-auth from a
 #             shared dict, rate limiting with Kong's local or redis policy
+#             refuser: the passthrough answering every request with the gateway's 401 itself
+#             (PT_REFUSE=1): pingora's floor for a refusal; not in the defaults
 #   HALF_PEAK [1]  also run the latency phase: valid traffic at a fixed rate, half of each
 #             gateway's measured peak, from examples/openloop.rs (open loop, latency counted from
 #             each request's due time); OPEN_CONNS [50] its connections; HALF_PEAK_RPS: one rate
 #             to use instead of the measured halves
 #   JOBS [1]  cargo -j (the machine is shared)       NO_BUILD [0]  1: use the existing binaries
-#   PORT_BASE [27180]  the ports used are PORT_BASE .. PORT_BASE+10
+#   PORT_BASE [27180]  the ports used are PORT_BASE .. PORT_BASE+16
 # Raw output: target/bench/run-<UTC date>/ (target/bench/latest points to it).
 set -euo pipefail
 
@@ -50,7 +52,7 @@ PB=${PORT_BASE:-27180}
 P_UP=$PB P_PASS=$((PB + 1)) P_NGX_PROXY=$((PB + 2)) P_NGX_GW=$((PB + 3)) P_GW_EMB=$((PB + 4))
 P_ADM_EMB=$((PB + 5)) P_GW_REDIS=$((PB + 6)) P_ADM_REDIS=$((PB + 7)) P_REDIS=$((PB + 8))
 P_GW_TLS=$((PB + 9)) P_NGX_TLS=$((PB + 10)) P_KONG_L=$((PB + 11)) P_KONG_R=$((PB + 12))
-P_ALLOC=$((PB + 13)) P_GW_REDIS_B=$((PB + 14)) P_ADM_REDIS_B=$((PB + 15))
+P_ALLOC=$((PB + 13)) P_GW_REDIS_B=$((PB + 14)) P_ADM_REDIS_B=$((PB + 15)) P_REFUSER=$((PB + 16))
 
 export MSGFLASH_ADMIN_TOKEN=$(openssl rand -hex 24)
 export MSGFLASH_JWT_SECRET=$(openssl rand -hex 32)
@@ -361,7 +363,7 @@ port_of() {
   case $1 in
     direct) echo $P_UP ;; passthrough*) echo $P_PASS ;; nginx_proxy) echo $P_NGX_PROXY ;;
     nginx_gw) echo $P_NGX_GW ;; gw_embedded*) echo $P_GW_EMB ;; gw_redis) echo $P_GW_REDIS ;; gw_redis_b) echo $P_GW_REDIS_B ;;
-    kong_local) echo $P_KONG_L ;; kong_redis) echo $P_KONG_R ;;
+    kong_local) echo $P_KONG_L ;; kong_redis) echo $P_KONG_R ;; refuser) echo $P_REFUSER ;;
     *) log "unknown target $1"; exit 1 ;;
   esac
 }
@@ -398,7 +400,7 @@ run_wrk() {
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$tag" "$round" "$scenario" "$target" "$file" \
     "$((after - before))" "$conns" "$((cpu_after - cpu_before))" >>"$OUT/results.tsv"
   log "$(printf '%-6s r%s %-13s %-12s %s' "$tag" "$round" "$scenario" "$target" \
-    "$(awk '/Requests\/sec/ { printf "%s req/s", $2 } /Non-2xx/ { printf ", non-2xx %s", $NF }' "$file")")"
+    "$(awk '/Requests\/sec/ { r = $2 } /Non-2xx/ { n = $NF } END { printf "%s req/s", r; if (n != "") printf ", non-2xx %s", n }' "$file")")"
   sleep 1 # let the buckets refill between runs
 }
 
@@ -419,6 +421,7 @@ TOKEN=""
 setup_all() {
   start_upstream
   case " $TARGETS " in *" passthrough "*) start_passthrough passthrough $P_PASS ;; esac
+  case " $TARGETS " in *" refuser "*) start_passthrough refuser $P_REFUSER PT_REFUSE=1 ;; esac
   case " $TARGETS " in *" nginx_proxy "*) start_nginx_proxy ;; esac
   case " $TARGETS " in *" gw_redis "* | *" kong_redis "*) start_redis ;; esac
   rm -f "$OUT/conf/store.json"
@@ -445,6 +448,7 @@ setup_all() {
   # sanity: a valid key and a console token are forwarded (200) by every target
   local t key code
   for t in $TARGETS; do
+    [ "$t" = refuser ] && continue # answers 401 to everything, by design
     key=$(head -n 1 "$(keys_of "$t")")
     code=$(curl -s -o "$OUT/logs/sanity-$t.txt" -w '%{http_code}' -X POST \
       "http://127.0.0.1:$(port_of "$t")/api/v1/messages/send" -H "x-api-key: $key" \
@@ -533,20 +537,21 @@ variant_env() { # VARIANT: prints the environment assignments, one a line
   done
 }
 
-# perf profile of PIDS (comma-separated) while wrk runs (PROFILE=1, DURATION >= 5):
+# perf profile of PIDS (comma-separated) while wrk runs (PROFILE=1, DURATION >= PROFILE_SECS + 2;
+# PROFILE_HZ [499], PROFILE_SECS [3]):
 # the top symbols go to target/bench/.../profiles/
 PROFILE_JOB=""
 wait_profiles() { [ -z "$PROFILE_JOB" ] || wait "$PROFILE_JOB" || true; PROFILE_JOB=""; }
 profile_pid() { # NAME PIDS
   [ "${PROFILE:-0}" = 1 ] && command -v perf >/dev/null 2>&1 || return 0
   mkdir -p "$OUT/profiles"
-  (set +e; sleep 1; perf record -e cpu-clock -F 499 -g -p "$2" -o "$OUT/profiles/$1.data" -- sleep 3 \
+  (set +e; sleep 1; perf record -e cpu-clock -F "${PROFILE_HZ:-499}" -g -p "$2" -o "$OUT/profiles/$1.data" -- sleep "${PROFILE_SECS:-3}" \
      >/dev/null 2>&1;
    perf report -i "$OUT/profiles/$1.data" --stdio --no-children -g none --sort dso,symbol 2>/dev/null |
      grep -v '^$' | grep -E '^ +[0-9]' | head -n 40 >"$OUT/profiles/$1.top.txt";
    perf report -i "$OUT/profiles/$1.data" --stdio --no-children -g none --sort dso 2>/dev/null |
      grep -E '^ +[0-9]' | head -n 15 >"$OUT/profiles/$1.dso.txt";
-   echo "$(perf script -i "$OUT/profiles/$1.data" -F period 2>/dev/null | wc -l) samples at 499 Hz over 3 s" \
+   echo "$(perf script -i "$OUT/profiles/$1.data" -F period 2>/dev/null | wc -l) samples at ${PROFILE_HZ:-499} Hz over ${PROFILE_SECS:-3} s" \
      >"$OUT/profiles/$1.samples.txt") &
   PROFILE_JOB=$!
 }
@@ -654,6 +659,10 @@ callgrind_run() {
   cg_start passthrough
   start_passthrough passthrough $P_PASS
   cg_measure passthrough $P_PASS "$bogus" valid
+  cg_stop
+  cg_start refuser
+  start_passthrough refuser $P_REFUSER PT_REFUSE=1
+  cg_measure refuser $P_REFUSER "$bogus" refused
   cg_stop
   rm -f "$OUT/conf/store.json"
   cg_start gw_embedded

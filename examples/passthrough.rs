@@ -16,12 +16,15 @@
 // | `PT_KEEPALIVE_LIMIT` | unset | `HttpServerOptions::keepalive_request_limit` |
 // | `PT_REUSEPORT` | `0` | `TcpSocketOptions::so_reuseport` on the listener |
 // | `PT_PID_FILE` | `/tmp/msgflash-passthrough.pid` | pid file (`ServerConf::pid_file`) |
+// | `PT_REFUSE` | `0` | 1: answer every request itself with the gateway's 401 (same status, headers and body), forwarding nothing: pingora's floor for a refusal |
 //
 // The allocator is the system one; `bench/run.sh` tries jemalloc and mimalloc through
 // `LD_PRELOAD` (Debian's libjemalloc2 / libmimalloc2.0), which needs no new dependency.
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use pingora::apps::HttpServerOptions;
+use pingora::http::ResponseHeader;
 use pingora::listeners::TcpSocketOptions;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
@@ -32,13 +35,48 @@ use std::net::SocketAddr;
 
 struct Passthrough {
     upstream: SocketAddr,
+    refuse: bool,
 }
+
+/// The gateway's answer to an unknown key, byte for byte but for the request id.
+const REFUSAL_BODY: &[u8] =
+    br#"{"error":{"code":"UNAUTHORIZED","message":"Invalid or revoked API key"}}"#;
 
 #[async_trait]
 impl ProxyHttp for Passthrough {
     type CTX = ();
 
     fn new_ctx(&self) -> Self::CTX {}
+
+    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> Result<bool> {
+        if !self.refuse {
+            return Ok(false);
+        }
+        // The body is read first, as the gateway does: unread, it would cost the connection.
+        session.drain_request_body().await?;
+        // Built on the `http` maps with static values: the cheapest head pingora can write.
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = http::StatusCode::UNAUTHORIZED;
+        let h = &mut parts.headers;
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from(REFUSAL_BODY.len()),
+        );
+        h.insert(
+            http::HeaderName::from_static("x-request-id"),
+            http::HeaderValue::from_static("a35b3ba15ba1d6d8c84fa86163571bc7"),
+        );
+        let head = ResponseHeader::from(parts);
+        session.write_response_header(Box::new(head), false).await?;
+        session
+            .write_response_body(Some(Bytes::from_static(REFUSAL_BODY)), true)
+            .await?;
+        Ok(true)
+    }
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
         Ok(Box::new(HttpPeer::new(self.upstream, false, String::new())))
@@ -92,7 +130,10 @@ fn main() {
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Passthrough { upstream },
+        Passthrough {
+            upstream,
+            refuse: env_or::<u8>("PT_REFUSE", 0) != 0,
+        },
         "passthrough",
     );
     if let Ok(v) = std::env::var("PT_KEEPALIVE_LIMIT") {

@@ -303,7 +303,9 @@ impl ProxyHttp for GatewayProxy {
             tls: false,
             trace: TraceContext::NONE,
             path: None,
-            store: public_api::StoreWait::default(),
+            store: public_api::StoreWait::new(
+                self.0.access_log.is_some() || self.0.exports_spans(),
+            ),
             upstream_started: None,
             upstream_us: None,
             upstream_status: None,

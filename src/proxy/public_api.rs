@@ -95,24 +95,40 @@ async fn principal_timed(
     found
 }
 
-/// When a request first waited on the store, and for how long in all (microseconds).
+/// When a request first waited on the store, and for how long in all (microseconds): read
+/// only where something reports it (the access log, exported spans), so that a node with
+/// neither reads no clock for it.
 #[derive(Debug, Default)]
 pub(crate) struct StoreWait {
     pub(crate) started: Option<std::time::Instant>,
     pub(crate) us: u64,
+    timed: bool,
 }
 
 impl StoreWait {
-    fn start(&mut self) -> std::time::Instant {
-        let now = std::time::Instant::now();
-        self.started.get_or_insert(now);
-        now
+    /// A wait that is measured when `timed`.
+    pub(crate) fn new(timed: bool) -> Self {
+        Self {
+            timed,
+            ..Self::default()
+        }
     }
 
-    fn add(&mut self, since: std::time::Instant) {
-        self.us = self
-            .us
-            .saturating_add(u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX));
+    fn start(&mut self) -> Option<std::time::Instant> {
+        if !self.timed {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        self.started.get_or_insert(now);
+        Some(now)
+    }
+
+    fn add(&mut self, since: Option<std::time::Instant>) {
+        if let Some(since) = since {
+            self.us = self
+                .us
+                .saturating_add(u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX));
+        }
     }
 }
 
