@@ -236,7 +236,7 @@ def redis_report(runs, files):
         rows.append(f"| {SCENARIOS[s]} | {parts or 'none'} |")
     if rows:
         print("\n#### Redis commands per request by command (gateway on Redis; medians over the rounds)\n")
-        print("An admission is one pipeline (ZADD, ZINCRBY, INCR, SISMEMBER; EXPIREAT once per period, "
+        print("An admission is one pipeline (ZADD, ZINCRBY, INCR, SISMEMBER; EXPIRE once per period, "
               "PEXPIRE + HSET once a minute per key and node), so round trips per request = INCR "
               "+ the lone GETs (key and account lookups on a cache miss) + DECR (refund of a "
               "refused token, sent with its ZINCRBY).\n")

@@ -210,14 +210,16 @@ fn dotnet_unescaped(text: &str) -> Option<String> {
 /// True when a cookie or a header field could be read as request input named `name`: PHP's
 /// `$_REQUEST` holds cookies (over the query and body when no `request_order` is set, as in the
 /// official images), classic ASP.NET's `Request[name]` falls back to cookies, and Spring 6.2
-/// binds header fields to a model's properties (`instance-id` to `instanceId`).
+/// binds header fields to a model's properties (`instance-id` to `instanceId`). Cookie pairs
+/// are split at `,` as well as `;`: RFC 2109 parsers (Tomcat's legacy cookie processor) read
+/// `a=1,instanceId=B` as two cookies.
 pub(crate) fn named_by_cookie_or_header(headers: &http::HeaderMap, name: &str) -> bool {
     !name.is_empty()
         && headers.iter().any(|(n, v)| {
             same_name_to_some_backend(n.as_str(), name)
                 || (n == http::header::COOKIE
                     && String::from_utf8_lossy(v.as_bytes())
-                        .split(';')
+                        .split([';', ','])
                         .any(|pair| {
                             let key = pair.split('=').next().unwrap_or(pair).trim();
                             let key = percent_encoding_lossy(key);

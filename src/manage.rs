@@ -247,7 +247,7 @@ impl Manager {
             let to = quota::period_at(now_unix, account.quota_anchor_day);
             if from.id() != to.id() {
                 self.store
-                    .carry_usage(id, &from.id(), &to.id(), to.end_unix)
+                    .carry_usage(id, &from.id(), &to.id(), to.end_unix, now_unix)
                     .await
                     .map_err(unavailable)?;
             }

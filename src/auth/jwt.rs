@@ -19,7 +19,8 @@ const VERIFIED_TTL_NS: u64 = 300_000_000_000;
 /// Tokens the issuer signed and the gateway refused for what they say (expired, another
 /// audience, a refresh token): such a refusal does not count toward the client's failure limit
 /// (it is no guess), so without this a replayed one would cost a signature check every time
-/// (50–150 µs with RSA or ECDSA keys), unbounded. What they say does not change; a minute.
+/// (50–150 µs with RSA or ECDSA keys), unbounded. What they say does not change; a minute. A
+/// token not yet valid may become so: held until the next second, one check a second at most.
 const REFUSED_CAPACITY: usize = 10_000;
 const REFUSED_TTL_NS: u64 = 60_000_000_000;
 
@@ -116,8 +117,9 @@ pub struct JwtVerifier {
     leeway_secs: i64,
     /// SHA-256 of a token -> who it speaks for and the Unix second it stops being valid.
     verified: BoundedCache<[u8; 32], (Arc<ConsoleIdentity>, i64)>,
-    /// SHA-256 of a signed token -> why it was refused.
-    refused: BoundedCache<[u8; 32], JwtError>,
+    /// SHA-256 of a signed token -> why it was refused, and the Unix second the refusal
+    /// holds until (the next one for a token not yet valid; for ever, within the TTL, else).
+    refused: BoundedCache<[u8; 32], (JwtError, i64)>,
 }
 
 fn is_hmac(a: Algorithm) -> bool {
@@ -230,8 +232,10 @@ impl JwtVerifier {
                 return Ok(Some(identity));
             }
         }
-        if let Some(why) = self.refused.get(&digest, now_ns) {
-            return Err(why);
+        if let Some((why, until)) = self.refused.get(&digest, now_ns) {
+            if now_unix < until {
+                return Err(why);
+            }
         }
         if !allowed() {
             return Ok(None);
@@ -239,9 +243,14 @@ impl JwtVerifier {
         let (identity, valid_until) = match self.verify_uncached(token, now_unix) {
             Ok(verified) => verified,
             Err(why) => {
-                // Signed and refused for good (a token not yet valid may become so).
-                if why.is_signed() && why != JwtError::NotYetValid {
-                    self.refused.insert(digest, why, now_ns);
+                // Signed and refused for good, or (not yet valid) until the next second.
+                if why.is_signed() {
+                    let until = if why == JwtError::NotYetValid {
+                        now_unix.saturating_add(1)
+                    } else {
+                        i64::MAX
+                    };
+                    self.refused.insert(digest, (why, until), now_ns);
                 }
                 return Err(why);
             }
@@ -471,8 +480,13 @@ mod tests {
             v.verify(&with_nbf((NOW + 1).into()), NOW),
             Err(JwtError::NotYetValid)
         );
-        // Not yet valid may become valid: never held as refused.
-        assert_eq!(v.refused_tokens(), 0);
+        // Not yet valid may become valid: held as refused until the next second only (a replay
+        // costs one signature check a second, not one each time).
+        assert_eq!(v.refused_tokens(), 1);
+        assert_eq!(
+            v.verify(&with_nbf((NOW + 1).into()), NOW),
+            Err(JwtError::NotYetValid)
+        );
         assert!(v.verify(&with_nbf((NOW + 1).into()), NOW + 1).is_ok());
         // Fractional seconds are a NumericDate too, rounded the strict way.
         assert!(v

@@ -519,8 +519,15 @@ mod tests {
         async fn usage(&self, a: &str, p: &str) -> Result<u64, StoreError> {
             self.inner.usage(a, p).await
         }
-        async fn carry_usage(&self, a: &str, f: &str, t: &str, e: i64) -> Result<(), StoreError> {
-            self.inner.carry_usage(a, f, t, e).await
+        async fn carry_usage(
+            &self,
+            a: &str,
+            f: &str,
+            t: &str,
+            e: i64,
+            n: i64,
+        ) -> Result<(), StoreError> {
+            self.inner.carry_usage(a, f, t, e, n).await
         }
         async fn ready(&self) -> bool {
             true

@@ -40,9 +40,12 @@ pub(crate) fn authenticate(
     let Ok(token) = std::str::from_utf8(&bytes[7..]) else {
         return Err(invalid());
     };
-    let verified = live.jwt.verify_if(token.trim(), gw.clock.now_unix(), || {
-        failures.refused().is_none()
-    });
+    // Spaces and tabs around it only: `str::trim` would also take Unicode spaces (U+3000,
+    // U+00A0) that the backend, which gets the header as sent, would not.
+    let token = token.trim_matches([' ', '\t']);
+    let verified = live
+        .jwt
+        .verify_if(token, gw.clock.now_unix(), || failures.refused().is_none());
     let id = match verified {
         Ok(Some(id)) => id,
         Ok(None) => {
@@ -80,9 +83,14 @@ pub(crate) fn authenticate(
 }
 
 /// A user id (`sub`) forwarded as `x-user-id`: 1–256 bytes of visible ASCII (e-mail addresses
-/// and provider ids such as `auth0|123` pass; spaces, controls and non-ASCII do not).
+/// and provider ids such as `auth0|123` pass; spaces, controls and non-ASCII do not), none of
+/// them a byte a backend splits a header value or a parameter on (`,` `;`) or quotes with
+/// (`"` `\`): `u1,u2` would be two users to a backend that reads the header as a list.
 fn is_plain_user_id(id: &str) -> bool {
-    (1..=256).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
+    (1..=256).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b',' | b';' | b'"' | b'\\'))
 }
 
 /// A key-management call under `/api/api-keys`.

@@ -128,6 +128,27 @@ pub(crate) fn remove_live_rate(headers: &mut HeaderMap) {
     }
 }
 
+/// Several `Cookie` fields made one, joined by `; `: HTTP/2 sends each cookie as its own field
+/// and RFC 9113 §8.2.3 asks for one before HTTP/1.1, where a backend reading only the first
+/// `Cookie` line would see part of what the gateway checked. One field is left as it is.
+pub(crate) fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(http::header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for (i, value) in headers.get_all(http::header::COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Each part was a valid field value, and so is their join.
+    if let Ok(one) = HeaderValue::from_bytes(&joined) {
+        headers.insert(http::header::COOKIE, one);
+    }
+}
+
 /// Addresses as one `X-Forwarded-For` value, `a, b, c`.
 pub(crate) fn chain_value(ips: impl Iterator<Item = IpAddr>) -> HeaderValue {
     let mut out = Vec::with_capacity(64);
@@ -281,5 +302,20 @@ mod tests {
         assert_eq!(ceil_secs(1), 1);
         assert_eq!(ceil_secs(1_000_000_000), 1);
         assert_eq!(ceil_secs(1_000_000_001), 2);
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_only_when_there_are_several() {
+        let mut h = HeaderMap::new();
+        join_cookies(&mut h);
+        assert!(h.is_empty());
+        h.append(http::header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(http::header::COOKIE).iter().count(), 1);
+        h.append(http::header::COOKIE, HeaderValue::from_static("b=2; c=3"));
+        h.append(http::header::COOKIE, HeaderValue::from_static("d=4"));
+        join_cookies(&mut h);
+        let all: Vec<_> = h.get_all(http::header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3; d=4"]);
     }
 }

@@ -135,6 +135,18 @@ fn header_fields(req: &RequestHeader) -> (usize, bool) {
     (bytes, utf8)
 }
 
+/// Whether a request-target is absolute-form: a scheme (RFC 3986 §3.1) and `://`.
+fn is_absolute_form(target: &[u8]) -> bool {
+    let Some(end) = memchr::memmem::find(target, b"://") else {
+        return false;
+    };
+    let scheme = &target[..end];
+    scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        && scheme
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+}
+
 /// The normalised path and the URI to forward when it differs from the request's. The
 /// request-target as received must be what the URI says (origin-form, valid UTF-8): otherwise
 /// pingora would forward bytes the gateway never routed on.
@@ -144,6 +156,19 @@ fn normalised(
 ) -> Result<(String, Option<http::Uri>), GatewayError> {
     if !req.raw_path_is_utf8() {
         return Err(GatewayError::ambiguous_path(PathError::NonAscii));
+    }
+    // Origin-form starts with `/`, absolute-form with a scheme and its path with `/`. A target
+    // that starts with its query (`GET ?x`, an HTTP/2 `:path` of `?x`) or a bare name (`GET x`)
+    // has the path `/` to the `http` crate, and pingora would forward it as it came: a
+    // request-target the gateway never routed on.
+    let raw_target = req.raw_path();
+    let starts_with_path = req
+        .uri
+        .path_and_query()
+        .is_none_or(|pq| pq.as_str().starts_with('/'))
+        && (raw_target.starts_with(b"/") || is_absolute_form(raw_target));
+    if !starts_with_path {
+        return Err(GatewayError::bad_path());
     }
     let raw = req.uri.path();
     let path = crate::path::normalise(raw, rules).map_err(GatewayError::ambiguous_path)?;
@@ -535,6 +560,7 @@ impl ProxyHttp for GatewayProxy {
             let https = ctx.tls || (ctx.peer_trusted && headers::last_says_https(h));
             let proto = HeaderValue::from_static(if https { "https" } else { "http" });
             h.insert(X_FORWARDED_PROTO.clone(), proto);
+            headers::join_cookies(h);
         });
         if let Some(uri) = &ctx.rewritten {
             up.set_uri(uri.clone());

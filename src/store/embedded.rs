@@ -545,6 +545,7 @@ impl Store for EmbeddedStore {
         from: &str,
         to: &str,
         _to_end_unix: i64,
+        _now_unix: i64,
     ) -> Result<(), StoreError> {
         if let Some(mut counts) = self.counters.quotas.get_mut(account_id) {
             let moved = std::mem::take(counts.of_mut(from));

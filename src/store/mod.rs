@@ -307,13 +307,15 @@ pub trait Store: Send + Sync + 'static {
     async fn usage(&self, account_id: &str, period_id: &str) -> Result<u64, StoreError>;
 
     /// Moves the requests counted in period `from` to period `to` (the account's quota anchor
-    /// day changed: the month's usage carries over). `to_end_unix` is when `to` ends.
+    /// day changed: the month's usage carries over). `to_end_unix` is when `to` ends, `now_unix`
+    /// the time the move is made at (the gateway's clock).
     async fn carry_usage(
         &self,
         account_id: &str,
         from: &str,
         to: &str,
         to_end_unix: i64,
+        now_unix: i64,
     ) -> Result<(), StoreError>;
 
     /// True when the store can serve requests.

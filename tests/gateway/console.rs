@@ -188,7 +188,8 @@ crate::on_both_stores!(
 
 /// A token signed by the issuer whose claims a backend could read as another identity: an
 /// account id outside the ids accounts have (non-breaking space, comma, accented letter) or a
-/// user id with a space or non-ASCII bytes is refused; e-mail and provider-style user ids pass.
+/// user id with a space, a list or quoting character or non-ASCII bytes is refused, and so is a
+/// token with a Unicode space after it; e-mail and provider-style user ids pass.
 #[test]
 fn claims_that_are_no_plain_id_are_refused() {
     let gw = Gateway::start();
@@ -218,6 +219,10 @@ fn claims_that_are_no_plain_id_are_refused() {
         ("", "user-1"),
         ("acme", "user 1"),
         ("acme", "us\u{e9}r"),
+        // A backend reading `x-user-id` as a list, or a parameter, would see two users.
+        ("acme", "u1,u2"),
+        ("acme", "u1;admin"),
+        ("acme", "\"u1\""),
     ] {
         assert_error(
             &call(token(account, sub)),
@@ -229,6 +234,18 @@ fn claims_that_are_no_plain_id_are_refused() {
     for sub in ["ann@example.com", "auth0|5f7c8ec7c33c6c004bbafe82"] {
         let seen = echoed(&call(token("acme", sub)));
         assert_eq!(seen["headers"]["x-user-id"], sub);
+    }
+    // Spaces and tabs around the token are HTTP's; a Unicode space is part of what the backend
+    // gets, so it is no token the gateway verified.
+    let good = token("acme", "user-1");
+    echoed(&call(format!("{good} \t")));
+    for space in ['\u{3000}', '\u{a0}'] {
+        assert_error(
+            &call(format!("{good}{space}")),
+            401,
+            "UNAUTHORIZED",
+            INVALID_TOKEN,
+        );
     }
 }
 

@@ -170,6 +170,8 @@ fn other_readings_of_the_instance_are_refused() {
     for header in [
         ("cookie", format!("theme=dark; instanceId={B}")),
         ("cookie", format!("instance_id={B}")),
+        // An RFC 2109 parser (Tomcat's legacy one) splits at `,` too.
+        ("cookie", format!("theme=dark,instanceId={B}")),
         ("instance-id", B.to_owned()),
         ("InstanceId", B.to_owned()),
     ] {

@@ -163,6 +163,40 @@ fn monthly_quota_is_exact_and_retry_after_points_at_the_next_period(b: Backend) 
     echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
 }
 
+/// The quota holds whatever date the gateway's clock says: a Redis store told the counters'
+/// expiry as an instant deleted every counter made while the gateway's clock was more than a
+/// month behind Redis's (this test's 2020 clock, and, from 2027-01-05, every test's 2026 one),
+/// and every request was then the month's first. The usage an anchor-day change carries over
+/// is kept the same way.
+fn the_quota_holds_whatever_date_the_gateway_clock_says(b: Backend) {
+    // 2020-02-10T00:00:00Z: its period (from the 1st) ended in March 2020.
+    let clock = Arc::new(msgflash_gateway::clock::ManualClock::at_unix(1_581_292_800));
+    let gw = Gateway::start_with_backend(b, Setup::new().sharing(&clock));
+    let (key, _) = gw.account_with_key("small", "tiny"); // 5 requests a month
+    let statuses = burst(&gw, &key, 8);
+    assert_eq!(
+        (count(&statuses, 200), count(&statuses, 429)),
+        (5, 3),
+        "{statuses:?}"
+    );
+    let r = gw.admin_call(
+        "PUT",
+        "/admin/v1/accounts/small",
+        Some(serde_json::json!({"plan": "tiny", "quotaAnchorDay": 5})),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json().unwrap()["usage"],
+        serde_json::json!({"period": "2020-02-05", "requests": 5, "quota": 5})
+    );
+    assert_error(
+        &gw.get("/api/v1/x", &[("x-api-key", &key)]),
+        429,
+        "MONTHLY_API_REQUEST_QUOTA_EXCEEDED",
+        "Monthly API request quota exhausted",
+    );
+}
+
 /// Past the quota, a burst of concurrent requests is refused for the quota, every one, even
 /// past the bucket's burst: the bucket still holds tokens (refusals take none), so step 6
 /// passes them all to step 7, and each says the bucket is full. On Redis each refusal holds
@@ -234,6 +268,7 @@ fn rejected_before_the_limiter_consumes_nothing(b: Backend) {
 
 crate::on_both_stores!(
     concurrent_burst_of_16_lets_exactly_10_through,
+    the_quota_holds_whatever_date_the_gateway_clock_says,
     a_burst_past_the_quota_is_refused_for_the_quota,
     the_11th_request_in_the_same_instant_is_429_with_retry_after,
     steady_10_per_second_for_3_seconds_never_sees_429,

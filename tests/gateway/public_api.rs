@@ -211,6 +211,39 @@ fn paths_are_normalised_before_routing_and_forwarding(b: Backend) {
     assert_error(&r, 400, "BAD_REQUEST", "Malformed request path");
 }
 
+/// A request-target that starts with its query is the path `/` to the `http` crate; pingora
+/// would have forwarded it as it came (`GET ?x`), a target the gateway never routed on.
+/// Cookie fields sent apart (as HTTP/2 sends them) reach the upstream as one (RFC 9113 §8.2.3).
+fn a_target_without_a_path_is_400_and_cookies_go_up_as_one(b: Backend) {
+    let gw = Gateway::on(b);
+    let (key, _) = gw.account_with_key("acme", "pro");
+    for target in ["?instanceId=x", "?", "x"] {
+        let r = gw
+            .connect()
+            .raw(format!("GET {target} HTTP/1.1\r\nhost: x\r\nx-api-key: {key}\r\n\r\n").as_bytes())
+            .unwrap();
+        assert_error(&r, 400, "BAD_REQUEST", "Malformed request path");
+    }
+    let r = gw.send(
+        "GET",
+        "/api/v1/x",
+        &[
+            ("x-api-key", &key),
+            ("cookie", "a=1"),
+            ("cookie", "b=2; c=3"),
+        ],
+        None,
+    );
+    assert_eq!(echoed(&r)["headers"]["cookie"], "a=1; b=2; c=3");
+    let r = gw.send(
+        "GET",
+        "/api/v1/x",
+        &[("x-api-key", &key), ("cookie", "a=1")],
+        None,
+    );
+    assert_eq!(echoed(&r)["headers"]["cookie"], "a=1");
+}
+
 fn unknown_paths_are_404_json(b: Backend) {
     let gw = Gateway::on(b);
     let r = gw.get("/internal/metrics", &[]);
@@ -226,5 +259,6 @@ crate::on_both_stores!(
     rate_limit_headers_word_for_word,
     inactive_subscription_is_403_before_any_limit,
     paths_are_normalised_before_routing_and_forwarding,
+    a_target_without_a_path_is_400_and_cookies_go_up_as_one,
     unknown_paths_are_404_json,
 );

@@ -455,6 +455,37 @@ fn http2_gets_every_check_and_answer_of_http1() {
     }
 }
 
+/// HTTP/2 only: a `:path` that starts with its query is refused as HTTP/1.1's `GET ?x` is, and
+/// cookies sent as separate fields (as HTTP/2 clients send them) reach the HTTP/1.1 upstream
+/// as one field (RFC 9113 §8.2.3), so that no backend reads only the first.
+#[test]
+fn http2_targets_without_a_path_are_refused_and_cookies_go_up_as_one() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, tls) = tls_gateway(&ca, dir.path(), &[("api", "api.test")]);
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let answers = h2_get(
+        tls,
+        &ca,
+        vec![
+            ("?instanceId=x".into(), vec![("x-api-key", key.clone())]),
+            (
+                "/api/v1/messages".into(),
+                vec![
+                    ("x-api-key", key.clone()),
+                    ("cookie", "a=1".into()),
+                    ("cookie", "b=2".into()),
+                ],
+            ),
+        ],
+    );
+    assert_h2_refused(&answers[0], 400, "BAD_REQUEST", "Malformed request path");
+    let (status, _, body) = &answers[1];
+    assert_eq!(*status, 200, "{}", String::from_utf8_lossy(body));
+    let seen: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(seen["headers"]["cookie"], "a=1; b=2");
+}
+
 /// An HTTP/2 answer (status, headers, body) is the gateway's own refusal: the status, the JSON
 /// error word for word with its type and length, and nothing from the upstream.
 #[track_caller]

@@ -1,7 +1,7 @@
 //! One authorized request: rate limit and quota in one round trip, without scripts.
 //!
 //! The pipeline is `ZADD tat GT now t; ZINCRBY tat T t; INCR q; SISMEMBER active key` (plus
-//! `EXPIREAT q` once per period and node, and `PEXPIRE tat` + `HSET used` at most once a minute
+//! `EXPIRE q` once per period and node, and `PEXPIRE tat` + `HSET used` at most once a minute
 //! per key and node: the TAT's TTL covers a minute without refresh). When the replies say the
 //! pipeline created a key the node believed had its expiry (`ZADD` added, `INCR` gave 1), the
 //! expiry follows in a second round trip. `ZADD GT` then `ZINCRBY`
@@ -58,6 +58,19 @@ const TAT_TTL_MARGIN_MS: u64 = LAST_USE_EVERY_NS / 1_000_000 + 1_000;
 /// readable).
 const QUOTA_TTL_AFTER_PERIOD_SECS: i64 = 35 * 86_400;
 
+/// Seconds a period's counter is kept from `now_unix`: to its period's end and
+/// [`QUOTA_TTL_AFTER_PERIOD_SECS`] more (at least one). Relative to the gateway's clock, not an
+/// instant for Redis's: Redis deletes a key at once when told to expire it at an instant its
+/// own clock has passed, so a gateway whose clock is behind Redis's (an injected clock in
+/// tests, a node set back) would have had every counter deleted as it was made, and the quota
+/// never reached.
+pub(super) fn quota_ttl_secs(period_end_unix: i64, now_unix: i64) -> i64 {
+    period_end_unix
+        .saturating_add(QUOTA_TTL_AFTER_PERIOD_SECS)
+        .saturating_sub(now_unix)
+        .max(1)
+}
+
 /// `PEXPIRE tat …`: the TAT outlives a minute without refresh and its burst window.
 fn tat_expiry<'a>(tat: &'a [&'a str], burst_us: u64) -> [Arg<'a>; 3] {
     [
@@ -67,12 +80,12 @@ fn tat_expiry<'a>(tat: &'a [&'a str], burst_us: u64) -> [Arg<'a>; 3] {
     ]
 }
 
-/// `EXPIREAT q …`: the period's counter outlives the period.
-fn quota_expiry<'a>(quota: &'a [&'a str], period_end_unix: i64) -> [Arg<'a>; 3] {
+/// `EXPIRE q …`: the period's counter outlives the period.
+fn quota_expiry<'a>(quota: &'a [&'a str], period_end_unix: i64, now_unix: i64) -> [Arg<'a>; 3] {
     [
-        Arg::Str("EXPIREAT"),
+        Arg::Str("EXPIRE"),
         Arg::Concat(quota),
-        Arg::Int(period_end_unix + QUOTA_TTL_AFTER_PERIOD_SECS),
+        Arg::Int(quota_ttl_secs(period_end_unix, now_unix)),
     ]
 }
 
@@ -81,6 +94,7 @@ impl RedisStore {
         let t_us = (1_000_000 / u64::from(req.bucket.rate_per_second.max(1))).max(1);
         let burst_us = u64::from(req.bucket.burst.max(1)) * t_us;
         let now_us = req.now_ns / 1000;
+        let now_unix = i64::try_from(req.now_ns / 1_000_000_000).unwrap_or(i64::MAX);
         let tat = tat_parts(req.account_id, req.key_id);
         let quota = quota_parts(req.account_id, req.period_id);
         // Counter expiry once per period and node; TAT expiry and last use at most once a
@@ -112,7 +126,7 @@ impl RedisStore {
             Arg::Str(req.key_id),
         ]);
         if set_expiry {
-            c.push(&quota_expiry(&quota, req.period_end_unix));
+            c.push(&quota_expiry(&quota, req.period_end_unix, now_unix));
         }
         if touch {
             c.push(&tat_expiry(&tat, burst_us)).push(&[
@@ -145,7 +159,7 @@ impl RedisStore {
                 c.push(&tat_expiry(&tat, burst_us));
             }
             if quota_created {
-                c.push(&quota_expiry(&quota, req.period_end_unix));
+                c.push(&quota_expiry(&quota, req.period_end_unix, now_unix));
             }
             if let Err(e) = self.run(Budget::Admission, &c).await {
                 tracing::warn!(error = %e, "could not set the expiry of a recreated counter");

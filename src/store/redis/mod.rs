@@ -131,8 +131,9 @@ impl Store for RedisStore {
         from: &str,
         to: &str,
         to_end_unix: i64,
+        now_unix: i64,
     ) -> Result<(), StoreError> {
-        RedisStore::carry_usage(self, account_id, from, to, to_end_unix).await
+        RedisStore::carry_usage(self, account_id, from, to, to_end_unix, now_unix).await
     }
 
     async fn ready(&self) -> bool {

@@ -288,6 +288,7 @@ impl RedisStore {
         from: &str,
         to: &str,
         to_end_unix: i64,
+        now_unix: i64,
     ) -> Result<(), StoreError> {
         let (from, to) = (quota_key(account_id, from), quota_key(account_id, to));
         // GETDEL takes the count once: two carries racing move it once, not twice.
@@ -301,9 +302,9 @@ impl RedisStore {
             .arg(&to)
             .arg(n)
             .ignore()
-            .cmd("EXPIREAT")
+            .cmd("EXPIRE")
             .arg(&to)
-            .arg(to_end_unix + 35 * 86_400)
+            .arg(super::admission::quota_ttl_secs(to_end_unix, now_unix))
             .ignore();
         self.pipe::<()>(&p).await
     }
