@@ -311,9 +311,17 @@ impl ProxyHttp for GatewayProxy {
 
     /// Runs first, once per request: the snapshot the request lives by, taken now.
     fn new_ctx(&self) -> Ctx {
+        let live = self.0.live();
+        // The wait is measured where a store can make a request wait (Redis: the store-wait
+        // histogram), or something reports it; the embedded store answers in place.
+        let store = public_api::StoreWait::new(
+            live.config.store.redis.is_some()
+                || self.0.access_log.is_some()
+                || self.0.exports_spans(),
+        );
         Ctx {
             started: Instant::now(),
-            live: self.0.live(),
+            live,
             route: None,
             rewritten: None,
             request_id: HeaderValue::from_static(""),
@@ -328,9 +336,7 @@ impl ProxyHttp for GatewayProxy {
             tls: false,
             trace: TraceContext::NONE,
             path: None,
-            store: public_api::StoreWait::new(
-                self.0.access_log.is_some() || self.0.exports_spans(),
-            ),
+            store,
             upstream_started: None,
             upstream_us: None,
             upstream_status: None,

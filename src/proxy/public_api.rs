@@ -96,8 +96,9 @@ async fn principal_timed(
 }
 
 /// When a request first waited on the store, and for how long in all (microseconds): read
-/// only where something reports it (the access log, exported spans), so that a node with
-/// neither reads no clock for it.
+/// only on a store that can make a request wait (Redis, for the store-wait histogram) or where
+/// something else reports it (the access log, exported spans): the embedded store, with
+/// neither, reads no clock for it.
 #[derive(Debug, Default)]
 pub(crate) struct StoreWait {
     pub(crate) started: Option<std::time::Instant>,
