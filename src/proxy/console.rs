@@ -162,9 +162,10 @@ pub(crate) async fn serve(
     if matches!(call, KeyCall::Create | KeyCall::Revoke(_)) {
         let every_ns = 60_000_000_000 / u64::from(KEY_WRITES_PER_MINUTE);
         // An account may fill its plan's cap in one go, be told truthfully that it is full
-        // (403 API_KEY_LIMIT_REACHED), revoke every key and make a few more (rotating them
-        // all at once); a cap past 100 (an unusual plan) fills at the bucket's rate.
-        let burst = 2 * live
+        // (403 API_KEY_LIMIT_REACHED), revoke every key and make every one again (rotating
+        // them all at once: 3 × cap + 1), with room to spare; a cap past 100 (an unusual plan)
+        // fills at the bucket's rate.
+        let burst = 3 * live
             .config
             .policies
             .plans

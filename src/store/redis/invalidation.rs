@@ -47,6 +47,12 @@ impl Liveness {
         self.heard_ns.store(ns.max(1), Ordering::Release);
     }
 
+    /// The subscription is gone (its stream ended, a ping failed): nothing is believed from
+    /// the caches alone until the next subscription is made (which flushes them).
+    fn lost(&self) {
+        self.heard_ns.store(0, Ordering::Release);
+    }
+
     pub(super) fn confirmed(&self) -> bool {
         let heard = self.heard_ns.load(Ordering::Acquire);
         let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -110,11 +116,34 @@ pub(super) async fn subscribe(
                         }
                     }
                 }
-                // Keep serving from the caches while away (an outage must not turn cached
-                // callers away); the flush comes with the resubscription.
+                // Deaf from now on, not from SILENCE_TOLERATED after the last ping: a change
+                // published meanwhile would be missed. The caches still answer when the store
+                // cannot (an outage must not turn cached callers away); the flush comes with
+                // the resubscription.
+                liveness.lost();
                 tracing::warn!("invalidation channel lost; resubscribing");
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_subscription_is_not_believed_until_heard_again() {
+        let l = Liveness::new();
+        assert!(!l.confirmed(), "never heard");
+        l.heard();
+        assert!(l.confirmed());
+        l.lost();
+        assert!(
+            !l.confirmed(),
+            "lost at once, not after the silence tolerated"
+        );
+        l.heard();
+        assert!(l.confirmed());
     }
 }
