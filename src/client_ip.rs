@@ -53,6 +53,11 @@ impl FromStr for Cidr {
 }
 
 impl Cidr {
+    /// The block's prefix length (0: every address of its family).
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix
+    }
+
     /// True when `ip` is inside this block (IPv4-mapped IPv6 addresses count as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);

@@ -42,6 +42,9 @@ use tokio::time::{Instant, Sleep};
 /// The most input read away after a refusal, before the connection closes.
 const LINGER_BYTES: usize = 256 * 1024;
 
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n` (RFC 9113 §3.4): what an HTTP/2 client sends first.
+const H2_PREFACE_LEN: usize = 24;
+
 /// How many bytes a request head may take, and what a head that takes more is answered.
 pub(crate) trait EdgeLimits: std::fmt::Debug + Send + Sync + 'static {
     /// The most bytes of one request head (request line, headers, blank line), read when a
@@ -167,10 +170,11 @@ enum Head {
     /// had ended when the head completed. Writes do not end it: an interim `100 Continue` is a
     /// write, and the body after it is not a new head.
     Done { ended: u64 },
-    /// HTTP/2 by ALPN, before the client's first byte (its preface): the first-byte deadline
-    /// runs, as before an HTTP/1 connection's first head; then [`Head::Off`]. pingora waits for
-    /// the preface with no deadline of its own.
-    Preface,
+    /// HTTP/2 by ALPN, until the client's 24-byte connection preface is in (`seen` bytes so
+    /// far): the first-byte deadline runs, as before an HTTP/1 connection's first head, for the
+    /// whole preface (one byte and then silence is no way past it); then [`Head::Off`]. pingora
+    /// waits for the preface with no deadline of its own.
+    Preface { seen: usize },
     /// HTTP/2: not watched here.
     Off,
     /// The head grew past its bound: `answer` is being written (`sent` bytes so far); then the
@@ -260,7 +264,11 @@ impl EdgeStream {
             max_head: limits.max_head_bytes(),
             limits,
             place: permit,
-            head: if off { Head::Preface } else { Head::Idle },
+            head: if off {
+                Head::Preface { seen: 0 }
+            } else {
+                Head::Idle
+            },
             deadline: Instant::now(),
             sleep: None,
             armed: None,
@@ -378,8 +386,9 @@ impl EdgeStream {
     /// Follows the head through the bytes just read; starts the clock when a head starts, and
     /// turns to refusing when the head grew past its bound.
     fn saw(&mut self, bytes: &[u8]) {
-        if matches!(self.head, Head::Preface) {
-            if !bytes.is_empty() {
+        if let Head::Preface { seen } = &mut self.head {
+            *seen = seen.saturating_add(bytes.len());
+            if *seen >= H2_PREFACE_LEN {
                 self.head = Head::Off;
             }
             return;
@@ -433,7 +442,7 @@ impl EdgeStream {
     /// Whether `bytes`, about to be written, are pingora's bare `400` for a head it could not
     /// parse (a write while no request is under way), and the gateway's answer replaces them.
     fn replaces(&mut self, bytes: &[u8]) -> bool {
-        if matches!(self.head, Head::Off | Head::Preface)
+        if matches!(self.head, Head::Off | Head::Preface { .. })
             || self.between.load(Ordering::Relaxed) & 1 == 0
             || !is_bare_400(bytes)
         {
@@ -656,7 +665,7 @@ impl AsyncRead for EdgeStream {
         match self.head {
             Head::Done { .. } | Head::Off => return Pin::new(&mut self.inner).poll_read(cx, buf),
             Head::Refusing { .. } | Head::Refused { .. } => return self.get_mut().poll_refuse(cx),
-            Head::Idle | Head::Reading { .. } | Head::Preface => {}
+            Head::Idle | Head::Reading { .. } | Head::Preface { .. } => {}
         }
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
@@ -690,7 +699,7 @@ impl AsyncRead for EdgeStream {
                             )));
                         }
                     }
-                    Head::Idle | Head::Preface => {
+                    Head::Idle | Head::Preface { .. } => {
                         // Its place given to a new connection at the cap, or kept alive too
                         // long without a new request (or, new, silent past the first-byte
                         // deadline): the end of the stream, as pingora's own keep-alive timeout

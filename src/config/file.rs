@@ -417,7 +417,8 @@ fn d_strip_prefixes() -> Vec<Spanned<String>> {
         .collect()
 }
 /// `Forwarded` and the other client-address, scheme and host headers (the gateway writes its
-/// own `X-Forwarded-For` / `-Proto` only; Rails, Rack and CDN-aware code read these), the URL
+/// own `X-Forwarded-For` / `-Proto` only; Rails, Rack, CDN-aware code, WebLogic's and Jetty's
+/// proxy support and the usual PHP client-address snippets read these), the URL
 /// overrides of IIS, Symfony and Zend, the method overrides of Rails, Express, Spring and
 /// ASP.NET, and the user other authenticating proxies vouch for (oauth2-proxy, Apache's
 /// `REMOTE_USER`, SiteMinder, Kong, Azure App Service, Google IAP, AWS ALB, Cloudflare Access),
@@ -426,7 +427,7 @@ fn d_strip_prefixes() -> Vec<Spanned<String>> {
 /// IIS ARR, Traefik, AWS ALB and Cloudflare mTLS: the gateway verifies none, and a certificate is public), and
 /// W3C `baggage` and Jaeger's `jaeger-baggage` (OpenTelemetry and Jaeger SDKs load them as the
 /// request's context: an `account.id` there would sit beside the gateway's `x-account-id`).
-pub(super) const OVERRIDE_HEADERS: [&str; 73] = [
+pub(super) const OVERRIDE_HEADERS: [&str; 91] = [
     "forwarded",
     "x-real-ip",
     "x-client-ip",
@@ -478,6 +479,24 @@ pub(super) const OVERRIDE_HEADERS: [&str; 73] = [
     "cf-access-authenticated-user-email",
     "cf-access-jwt-assertion",
     "x-original-forwarded-for",
+    "x-forwarded",
+    "forwarded-for",
+    "proxy-client-ip",
+    "wl-proxy-client-ip",
+    "wl-proxy-ssl",
+    "wl-proxy-client-cert",
+    "x-proxied-https",
+    "proxy-ssl-id",
+    "proxy-auth-cert",
+    "x-forwarded-server",
+    "x-forwarded-uri",
+    "x-forwarded-method",
+    "x-original-uri",
+    "x-original-method",
+    "fly-client-ip",
+    "x-appengine-remote-addr",
+    "x-azure-clientip",
+    "x-envoy-external-address",
     "x-forwarded-client-cert",
     "x-client-cert",
     "x-ssl-client-cert",

@@ -142,16 +142,21 @@ pub(super) fn trusted_proxies(
     crate::client_ip::TrustedProxies(
         raw.iter()
             .filter_map(|c| {
-                c.get_ref()
-                    .parse()
-                    .map_err(|e: crate::client_ip::CidrError| {
-                        r.at(
-                            c.span(),
-                            "server.trusted_proxies",
-                            format!("\"{}\": {e}", c.get_ref()),
-                        )
-                    })
-                    .ok()
+                let parsed: Result<crate::client_ip::Cidr, _> = c.get_ref().parse();
+                let why = match parsed {
+                    // Every client would name its own address: no per-client limit would hold.
+                    Ok(cidr) if cidr.prefix_len() == 0 => "trusts every address, so any client \
+                        could name its own (list the front proxies' networks)"
+                        .to_owned(),
+                    Ok(cidr) => return Some(cidr),
+                    Err(e) => e.to_string(),
+                };
+                r.at(
+                    c.span(),
+                    "server.trusted_proxies",
+                    format!("\"{}\": {why}", c.get_ref()),
+                );
+                None
             })
             .collect(),
     )

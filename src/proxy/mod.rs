@@ -561,6 +561,9 @@ impl ProxyHttp for GatewayProxy {
                     headers::forwarded_for(None, peer)
                 };
                 h.insert(X_FORWARDED_FOR.clone(), xff);
+            } else {
+                // No peer address (a connection already reset): nothing of the client's goes on.
+                h.remove(&X_FORWARDED_FOR);
             }
             // https where TLS terminates here, or where a trusted front proxy says it did.
             let https = ctx.tls || (ctx.peer_trusted && headers::last_says_https(h));

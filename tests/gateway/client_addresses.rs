@@ -184,8 +184,9 @@ fn trusted_proxies_are_validated() {
     let dir = tempfile::tempdir().unwrap();
     let (err, path) = config_errors(
         dir.path(),
-        &Setup::new()
-            .server("trusted_proxies = [\"10.0.0.1/8\", \"proxy.local\"]\nipv6_prefix = 0"),
+        &Setup::new().server(
+            "trusted_proxies = [\"10.0.0.1/8\", \"proxy.local\", \"::/0\"]\nipv6_prefix = 0",
+        ),
     );
     let p = path.display();
     assert_eq!(
@@ -193,6 +194,7 @@ fn trusted_proxies_are_validated() {
         format!(
             "{p}:9:20: server.trusted_proxies: \"10.0.0.1/8\": bits are set below the prefix length (write the network address)\n\
              {p}:9:34: server.trusted_proxies: \"proxy.local\": not an IP address or CIDR block (e.g. \"10.0.0.0/8\")\n\
+             {p}:9:49: server.trusted_proxies: \"::/0\": trusts every address, so any client could name its own (list the front proxies' networks)\n\
              {p}:10:15: server.ipv6_prefix: must be between 1 and 128, got 0"
         )
     );

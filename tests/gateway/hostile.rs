@@ -720,6 +720,14 @@ fn identity_headers_in_any_spelling_never_reach_the_upstream() {
         ("baggage", "account.id=acc_victim"),
         ("correlation-context", "account.id=acc_victim"),
         ("x-original-forwarded-for", "10.9.9.9"),
+        // WebLogic's and Jetty's proxy headers, PHP snippets' and hosting platforms'.
+        ("wl-proxy-client-ip", "10.9.9.9"),
+        ("x-proxied-https", "on"),
+        ("x-forwarded", "for=10.9.9.9"),
+        ("forwarded-for", "10.9.9.9"),
+        ("x-original-uri", "/admin"),
+        ("fly-client-ip", "10.9.9.9"),
+        ("x-envoy-external-address", "10.9.9.9"),
         // Baggage one entry per header (Jaeger, OpenTracing) and in Jaeger's own header.
         ("uberctx-account.id", "acc_victim"),
         ("uberctx_tenant", "acc_victim"),

@@ -629,13 +629,13 @@ pub(crate) fn h2c_exchange(
     })
 }
 
-/// A TLS client that negotiates HTTP/2 and then sends nothing (not even the preface) holds a
-/// place of the connection caps: pingora waits for the preface with no deadline. It has the
+/// A TLS client that negotiates HTTP/2 and then sends nothing, or only part of the preface,
+/// holds a place of the connection caps: pingora waits for the preface with no deadline. It has the
 /// first-byte deadline (`header_timeout`, 1 s here, against a keep-alive of an hour), and then
 /// the connection closes, without a request.
 #[test]
 fn a_silent_http2_connection_over_tls_is_closed_at_the_header_timeout() {
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ca = Ca::new();
     let dir = tempfile::tempdir().unwrap();
     let (_gw, tls) = tls_gateway_with(
@@ -652,15 +652,21 @@ fn a_silent_http2_connection_over_tls_is_closed_at_the_header_timeout() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut stream = h2_tls(tls, &ca).await;
-        // Whatever the server sends (its SETTINGS), then the end: well before the hour.
-        let mut sink = Vec::new();
-        let ended = tokio::time::timeout(
-            std::time::Duration::from_secs(20),
-            stream.read_to_end(&mut sink),
-        )
-        .await;
-        assert!(ended.is_ok(), "the silent connection was not closed");
+        // Silent, and silent after one byte of the 24-byte preface (that byte once turned the
+        // deadline off).
+        for sent in [&b""[..], b"P", b"PRI * HTTP/2.0\r\n"] {
+            let mut stream = h2_tls(tls, &ca).await;
+            stream.write_all(sent).await.unwrap();
+            stream.flush().await.unwrap();
+            // Whatever the server sends (its SETTINGS), then the end: well before the hour.
+            let mut sink = Vec::new();
+            let ended = tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                stream.read_to_end(&mut sink),
+            )
+            .await;
+            assert!(ended.is_ok(), "not closed after {sent:?}");
+        }
     });
 }
 
