@@ -837,8 +837,21 @@ impl GetSocketDigest for EdgeStream {
 
 #[async_trait]
 impl Peek for EdgeStream {
+    /// pingora peeks for an h2c preface (`server.h2c`: 24 bytes, however slowly they come)
+    /// before it reads anything: under the deadline a read would have (the first byte's, or
+    /// the keep-alive one between requests), or a silent or 23-byte client is held for ever.
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
-        self.inner.try_peek(buf).await
+        self.catch_up();
+        let Some(deadline) = self.idle_deadline() else {
+            return self.inner.try_peek(buf).await;
+        };
+        match tokio::time::timeout_at(deadline, self.inner.try_peek(buf)).await {
+            Ok(peeked) => peeked,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no request (or h2c preface) within the connection's deadline",
+            )),
+        }
     }
 }
 

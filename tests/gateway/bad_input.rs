@@ -587,6 +587,30 @@ fn a_silent_new_connection_is_closed_at_the_header_timeout() {
     );
 }
 
+/// With h2c on, pingora peeks for 24 bytes (the HTTP/2 preface) before anything reads the
+/// connection: a silent client, or one that sends 23 bytes and stops, was held with no deadline.
+/// The first-byte deadline holds there too; a normal HTTP/1.1 client is served beside them.
+#[test]
+fn with_h2c_on_a_client_short_of_24_bytes_is_closed_at_the_header_timeout() {
+    use std::io::Write;
+    use std::time::Duration;
+    let gw = Gateway::start_with(
+        Setup::new()
+            .server("h2c = true")
+            .server("header_timeout = \"1s\"")
+            .server("keepalive_timeout = \"1h\""),
+    );
+    let (key, _) = gw.account_with_key("acme", "pro");
+    for sent in [&b""[..], b"GET / HTTP/1.1\r\nHost: a"] {
+        let mut slow = std::net::TcpStream::connect(gw.proxy).unwrap();
+        slow.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        slow.write_all(sent).unwrap();
+        assert_closed_without_answer(&mut slow, "a client short of the peek's 24 bytes");
+    }
+    echoed(&gw.get("/api/v1/x", &[("x-api-key", &key)]));
+}
+
 /// Empty lines before a request line (which pingora's parser skips, as RFC 9112 allows) are
 /// part of the next head: they start its clock and count toward its bound, on a fresh
 /// connection and on a kept-alive one. Before, `\r\n\r\n` read as a whole head: the clock
