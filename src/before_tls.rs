@@ -37,11 +37,16 @@ fn refused(why: impl Into<String>) -> Box<pingora::Error> {
 #[async_trait]
 impl PreTlsProcess for BeforeHandshake {
     async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
+        let mut early = None;
         if self.proxy_protocol {
-            // Under the global cap while the header is read (the client is not known yet).
-            let Some(_reading) = self.limits.admit_any() else {
-                return Err(refused("over the connection cap"));
+            // Its own place for an untrusted peer, a global one for a balancer's connection
+            // while the header is read (the client is not known yet).
+            let Some((own, _reading)) =
+                crate::edge_stream::place_to_read_a_proxy_header(&*self.limits, stream)
+            else {
+                return Err(refused("over a connection cap"));
             };
+            early = own;
             let trusts = |ip| self.limits.trusts(ip);
             crate::proxy_protocol::accept(stream, self.timeout, trusts)
                 .await
@@ -52,7 +57,7 @@ impl PreTlsProcess for BeforeHandshake {
         }
         let peer = crate::proxy_protocol::peer_ip(stream);
         self.handshaking.sweep();
-        let Some(permit) = self.limits.admit_peer(peer) else {
+        let Some(permit) = early.or_else(|| self.limits.admit_peer(peer)) else {
             return Err(refused("over a connection cap"));
         };
         let hello = tokio::time::timeout(self.timeout, first_record(stream))

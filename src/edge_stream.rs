@@ -42,6 +42,21 @@ use tokio::time::{Instant, Sleep};
 /// The most input read away after a refusal, before the connection closes.
 const LINGER_BYTES: usize = 256 * 1024;
 
+/// The place a connection reads its PROXY header in: a peer that is no trusted balancer is its
+/// own client from the start (its header is read and ignored), so it takes its place under its
+/// own cap at once (`.0`, kept for the connection): otherwise one address could fill the global
+/// cap, a header timeout at a time. A balancer's connection takes a place under the global cap
+/// while the header is read (`.1`), and its client's place once the header names it.
+pub(crate) fn place_to_read_a_proxy_header(
+    limits: &dyn EdgeLimits,
+    stream: &L4Stream,
+) -> Option<(Option<HeldPlace>, Option<HeldPlace>)> {
+    match crate::proxy_protocol::peer_ip(stream).filter(|ip| !limits.trusts(*ip)) {
+        Some(untrusted) => Some((Some(limits.admit_peer(Some(untrusted))?), None)),
+        None => Some((None, Some(limits.admit_any()?))),
+    }
+}
+
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n` (RFC 9113 §3.4): what an HTTP/2 client sends first.
 const H2_PREFACE_LEN: usize = 24;
 
@@ -96,22 +111,24 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
             stream
         } else {
             // A plain connection (TLS ones had theirs read before the handshake).
-            let stream = if self.proxy_protocol && stream.as_any().is::<L4Stream>() {
-                let _reading = self.limits.admit_any()?;
+            let (stream, early) = if self.proxy_protocol && stream.as_any().is::<L4Stream>() {
                 let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+                let (early, _reading) = place_to_read_a_proxy_header(&*self.limits, &l4)?;
                 let trusts = |ip| self.limits.trusts(ip);
                 if let Err(why) = crate::proxy_protocol::accept(&mut l4, self.timeout, trusts).await
                 {
                     self.limits.proxy_header_refused(&why);
                     return None;
                 }
-                l4
+                (l4 as Stream, early)
             } else {
-                stream
+                (stream, None)
             };
             // Over a connection cap: dropping the stream closes it. A TLS connection took its
             // place before its handshake.
-            let taken = if stream.as_any().is::<L4Stream>() {
+            let taken = if early.is_some() {
+                early
+            } else if stream.as_any().is::<L4Stream>() {
                 None
             } else {
                 self.handshaking.take(stream.id())

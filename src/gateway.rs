@@ -28,6 +28,8 @@ pub struct Gateway {
     pub clock: Arc<dyn Clock>,
     pub metrics: Metrics,
     pub ip_limiter: IpLimiter,
+    /// The same limits by IPv6 site (a /48), with `SITE_FACTOR` clients' budget.
+    pub ip_site_limiter: IpLimiter,
     /// Console key creations and revocations per account (`console::KEY_WRITES_PER_MINUTE`).
     pub key_writes: LocalLimiter<String>,
     /// Console key listings per account (`console::KEY_READS_PER_MINUTE`).
@@ -173,6 +175,7 @@ impl Gateway {
             manager: Manager::new(store.clone(), directory.clone(), clock.clone()),
             metrics: Metrics::new(),
             ip_limiter: IpLimiter::new(CLIENT_BUCKETS),
+            ip_site_limiter: IpLimiter::new(CLIENT_BUCKETS),
             key_writes: LocalLimiter::new(ACCOUNT_BUCKETS),
             key_reads: LocalLimiter::new(ACCOUNT_BUCKETS),
             auth_failures: LocalLimiter::new(CLIENT_BUCKETS),

@@ -251,10 +251,25 @@ impl GatewayProxy {
         let route = &live.config.routes[route_index];
         let policy = live.config.policies.routes.find(&req.method, &path);
         if let (Some(limit), Some(client)) = (policy.and_then(|p| p.ip_limit), ctx.client) {
-            let key = client_ip::limit_key(client, live.config.server.ipv6_prefix);
+            let prefix = live.config.server.ipv6_prefix;
+            let now_ns = gw.clock.now_ns();
+            let refused = |retry_ns| GatewayError::too_many_requests(ceil_secs(retry_ns));
+            let key = client_ip::limit_key(client, prefix);
             gw.ip_limiter
-                .check((route_index, key), gw.clock.now_ns(), limit)
-                .map_err(|retry_ns| GatewayError::too_many_requests(ceil_secs(retry_ns)))?;
+                .check((route_index, key), now_ns, limit)
+                .map_err(refused)?;
+            // A /48 holds 65,536 /64s: together they get SITE_FACTOR clients' budget, not
+            // one each (a login or a password reset guessed from a whole site).
+            if let Some(site) = client_ip::site_key(client, prefix) {
+                let factor = auth_failures::SITE_FACTOR;
+                let site_limit = crate::limits::gcra::BucketParams {
+                    rate_per_second: limit.rate_per_second.saturating_mul(factor),
+                    burst: limit.burst.saturating_mul(factor),
+                };
+                gw.ip_site_limiter
+                    .check((route_index, site), now_ns, site_limit)
+                    .map_err(refused)?;
+            }
         }
         // The client's limit key, for the limit on failed authentications.
         let client = ctx

@@ -149,6 +149,32 @@ fn connection_caps_count_the_client_a_balancer_names() {
     );
 }
 
+/// A peer that is no trusted balancer is its own client from its first byte (its header is
+/// read and ignored): its connections take places under its own cap at once, so one address
+/// cannot fill the global cap with connections that never finish a header. A third silent one
+/// over a cap of two is closed at once, not held for the header timeout (an hour here).
+#[test]
+fn an_untrusted_peer_reading_its_header_counts_under_its_own_cap() {
+    let gw = proxied_gateway("max_connections_per_client = 2\nheader_timeout = \"1h\"");
+    let silent: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(gw.proxy).unwrap())
+        .collect();
+    // Both hold their places before the third comes (the table is filled in accept order).
+    eventually("two connections are open", || {
+        gw.metric_line("msgflash_connections_open") == "msgflash_connections_open 2"
+    });
+    let mut third = TcpStream::connect(gw.proxy).unwrap();
+    third
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    assert_closed_without_answer(&mut third, "a third connection over the peer's cap");
+    assert_eq!(
+        gw.metric_line("msgflash_connections_refused_total{cap=\"per_client\"}"),
+        "msgflash_connections_refused_total{cap=\"per_client\"} 1"
+    );
+    drop(silent);
+}
+
 #[test]
 fn turning_it_on_or_off_takes_a_restart() {
     let gw = proxied_gateway(TRUSTED);
