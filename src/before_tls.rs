@@ -38,6 +38,7 @@ fn refused(why: impl Into<String>) -> Box<pingora::Error> {
 impl PreTlsProcess for BeforeHandshake {
     async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
         let mut early = None;
+        self.handshaking.sweep();
         if self.proxy_protocol {
             // Its own place for an untrusted peer, a global one for a balancer's connection
             // while the header is read (the client is not known yet).
@@ -56,7 +57,6 @@ impl PreTlsProcess for BeforeHandshake {
                 })?;
         }
         let peer = crate::proxy_protocol::peer_ip(stream);
-        self.handshaking.sweep();
         let Some(permit) = early.or_else(|| self.limits.admit_peer(peer)) else {
             return Err(refused("over a connection cap"));
         };

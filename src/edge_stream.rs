@@ -113,6 +113,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
             // A plain connection (TLS ones had theirs read before the handshake).
             let (stream, early) = if self.proxy_protocol && stream.as_any().is::<L4Stream>() {
                 let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+                // Places that failed handshakes left never refuse a connection.
+                self.handshaking.sweep();
                 let (early, _reading) = place_to_read_a_proxy_header(&*self.limits, &l4)?;
                 let trusts = |ip| self.limits.trusts(ip);
                 if let Err(why) = crate::proxy_protocol::accept(&mut l4, self.timeout, trusts).await

@@ -254,20 +254,35 @@ impl GatewayProxy {
             let prefix = live.config.server.ipv6_prefix;
             let now_ns = gw.clock.now_ns();
             let refused = |retry_ns| GatewayError::too_many_requests(ceil_secs(retry_ns));
+            // A /48 holds 65,536 /64s: together they get SITE_FACTOR clients' budget, not
+            // one each (a login or a password reset guessed from a whole site). A full site
+            // refuses before the client's own bucket is charged.
+            let site = client_ip::site_key(client, prefix).map(|site| {
+                let factor = auth_failures::SITE_FACTOR;
+                let params = crate::limits::gcra::BucketParams {
+                    rate_per_second: limit.rate_per_second.saturating_mul(factor),
+                    burst: limit.burst.saturating_mul(factor),
+                };
+                ((route_index, site), params)
+            });
+            if let Some((site_key, params)) = &site {
+                let full = gw.ip_site_limiter.exhausted(
+                    site_key,
+                    now_ns,
+                    params.emission_interval_ns(),
+                    params.burst,
+                );
+                if let Some(retry_ns) = full {
+                    return Err(refused(retry_ns));
+                }
+            }
             let key = client_ip::limit_key(client, prefix);
             gw.ip_limiter
                 .check((route_index, key), now_ns, limit)
                 .map_err(refused)?;
-            // A /48 holds 65,536 /64s: together they get SITE_FACTOR clients' budget, not
-            // one each (a login or a password reset guessed from a whole site).
-            if let Some(site) = client_ip::site_key(client, prefix) {
-                let factor = auth_failures::SITE_FACTOR;
-                let site_limit = crate::limits::gcra::BucketParams {
-                    rate_per_second: limit.rate_per_second.saturating_mul(factor),
-                    burst: limit.burst.saturating_mul(factor),
-                };
+            if let Some((site_key, params)) = site {
                 gw.ip_site_limiter
-                    .check((route_index, site), now_ns, site_limit)
+                    .check(site_key, now_ns, params)
                     .map_err(refused)?;
             }
         }

@@ -181,7 +181,8 @@ fn malformed_and_doubled_credentials_count_as_failures() {
 
 /// Per-client limits count IPv6 clients by their /64, and a /48 holds 65,536 of them: the
 /// site's /64s together get 16 clients' budget on a limited route (a login guessed from a whole
-/// site), and a client of another site is not touched.
+/// site), a client refused for its site keeps its own budget, and a client of another site is
+/// not touched.
 #[test]
 fn an_ipv6_site_shares_sixteen_clients_budget_on_a_limited_route() {
     let gw = Gateway::start_with(Setup::new().server("trusted_proxies = [\"127.0.0.1/32\"]"));
@@ -192,9 +193,28 @@ fn an_ipv6_site_shares_sixteen_clients_budget_on_a_limited_route() {
             echoed(&auth_call(&gw, &[("x-forwarded-for", &from)]));
         }
     }
-    // A 17th /64 of the same site, its own bucket full: refused for the site.
-    let r = auth_call(&gw, &[("x-forwarded-for", "2001:db8:1:10::1")]);
-    assert_refused(&r, 429, "TOO_MANY_REQUESTS", LIMITED);
+    // A 17th /64 of the same site, its own bucket full: refused for the site, and those
+    // refusals take nothing from its own bucket: a second later (the site has refilled 16) it
+    // still has its burst of 3, then its own limit.
+    let seventeenth = [("x-forwarded-for", "2001:db8:1:10::1")];
+    for _ in 0..3 {
+        assert_refused(
+            &auth_call(&gw, &seventeenth),
+            429,
+            "TOO_MANY_REQUESTS",
+            LIMITED,
+        );
+    }
+    gw.clock.advance_ms(1000);
+    for _ in 0..3 {
+        echoed(&auth_call(&gw, &seventeenth));
+    }
+    assert_refused(
+        &auth_call(&gw, &seventeenth),
+        429,
+        "TOO_MANY_REQUESTS",
+        LIMITED,
+    );
     echoed(&auth_call(&gw, &[("x-forwarded-for", "2001:db8:2::1")]));
     echoed(&auth_call(&gw, &[("x-forwarded-for", "203.0.113.20")]));
 }

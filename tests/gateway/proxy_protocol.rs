@@ -156,6 +156,10 @@ fn connection_caps_count_the_client_a_balancer_names() {
 #[test]
 fn an_untrusted_peer_reading_its_header_counts_under_its_own_cap() {
     let gw = proxied_gateway("max_connections_per_client = 2\nheader_timeout = \"1h\"");
+    // The start-up probe's connection (from 127.0.0.1 too) is gone first.
+    eventually("no connection is open", || {
+        gw.metric_line("msgflash_connections_open") == "msgflash_connections_open 0"
+    });
     let silent: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(gw.proxy).unwrap())
         .collect();
