@@ -11,6 +11,7 @@
 mod access;
 mod auth_failures;
 pub(crate) mod console;
+mod early;
 mod framing;
 pub(crate) mod header_edit;
 pub(crate) mod headers;
@@ -31,7 +32,8 @@ use crate::path::PathError;
 use crate::policy::InstanceSource;
 use crate::trace_context::TraceContext;
 use async_trait::async_trait;
-use headers::{ceil_secs, RateHeaders};
+use early::{header_fields, ip_limited, normalised};
+use headers::RateHeaders;
 use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -119,74 +121,6 @@ impl GatewayProxy {
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
-/// The request's header fields in one pass: their size as HTTP/1.1 carries them, and whether
-/// every value is UTF-8 (SPEC §6 refuses one that is not; `x-api-key` has its own refusal,
-/// a malformed key's 401, and is never forwarded).
-fn header_fields(req: &RequestHeader) -> (usize, bool) {
-    let mut bytes = 0;
-    let mut utf8 = true;
-    for (name, value) in &req.headers {
-        bytes += name.as_str().len() + value.len() + 4;
-        let v = value.as_bytes();
-        if !v.is_ascii() && std::str::from_utf8(v).is_err() && name != X_API_KEY {
-            utf8 = false;
-        }
-    }
-    (bytes, utf8)
-}
-
-/// Whether a request-target is absolute-form: a scheme (RFC 3986 §3.1) and `://`.
-fn is_absolute_form(target: &[u8]) -> bool {
-    let Some(end) = memchr::memmem::find(target, b"://") else {
-        return false;
-    };
-    let scheme = &target[..end];
-    scheme.first().is_some_and(u8::is_ascii_alphabetic)
-        && scheme
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
-}
-
-/// The normalised path and the URI to forward when it differs from the request's. The
-/// request-target as received must be what the URI says (origin-form, valid UTF-8): otherwise
-/// pingora would forward bytes the gateway never routed on.
-fn normalised(
-    req: &RequestHeader,
-    rules: crate::path::PathRules,
-) -> Result<(String, Option<http::Uri>), GatewayError> {
-    if !req.raw_path_is_utf8() {
-        return Err(GatewayError::ambiguous_path(PathError::NonAscii));
-    }
-    // Origin-form starts with `/`, absolute-form with a scheme and its path with `/`. A target
-    // that starts with its query (`GET ?x`, an HTTP/2 `:path` of `?x`) or a bare name (`GET x`)
-    // has the path `/` to the `http` crate, and pingora would forward it as it came: a
-    // request-target the gateway never routed on.
-    let raw_target = req.raw_path();
-    let starts_with_path = req
-        .uri
-        .path_and_query()
-        .is_none_or(|pq| pq.as_str().starts_with('/'))
-        && (raw_target.starts_with(b"/") || is_absolute_form(raw_target));
-    if !starts_with_path {
-        return Err(GatewayError::bad_path());
-    }
-    let raw = req.uri.path();
-    let path = crate::path::normalise(raw, rules).map_err(GatewayError::ambiguous_path)?;
-    let origin_form = req
-        .uri
-        .path_and_query()
-        .is_some_and(|pq| pq.as_str().as_bytes() == req.raw_path());
-    if path == raw && origin_form {
-        return Ok((path.into_owned(), None));
-    }
-    let pq = match req.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
-    };
-    let uri = http::Uri::try_from(pq).map_err(|_| GatewayError::bad_path())?;
-    Ok((path.into_owned(), Some(uri)))
-}
-
 impl GatewayProxy {
     /// Decides what happens to a request: `Ok(None)` forward, `Ok(Some(..))` answered locally.
     async fn decide(
@@ -251,40 +185,13 @@ impl GatewayProxy {
         let route = &live.config.routes[route_index];
         let policy = live.config.policies.routes.find(&req.method, &path);
         if let (Some(limit), Some(client)) = (policy.and_then(|p| p.ip_limit), ctx.client) {
-            let prefix = live.config.server.ipv6_prefix;
-            let now_ns = gw.clock.now_ns();
-            let refused = |retry_ns| GatewayError::too_many_requests(ceil_secs(retry_ns));
-            // A /48 holds 65,536 /64s: together they get SITE_FACTOR clients' budget, not
-            // one each (a login or a password reset guessed from a whole site). A full site
-            // refuses before the client's own bucket is charged.
-            let site = client_ip::site_key(client, prefix).map(|site| {
-                let factor = auth_failures::SITE_FACTOR;
-                let params = crate::limits::gcra::BucketParams {
-                    rate_per_second: limit.rate_per_second.saturating_mul(factor),
-                    burst: limit.burst.saturating_mul(factor),
-                };
-                ((route_index, site), params)
-            });
-            if let Some((site_key, params)) = &site {
-                let full = gw.ip_site_limiter.exhausted(
-                    site_key,
-                    now_ns,
-                    params.emission_interval_ns(),
-                    params.burst,
-                );
-                if let Some(retry_ns) = full {
-                    return Err(refused(retry_ns));
-                }
-            }
-            let key = client_ip::limit_key(client, prefix);
-            gw.ip_limiter
-                .check((route_index, key), now_ns, limit)
-                .map_err(refused)?;
-            if let Some((site_key, params)) = site {
-                gw.ip_site_limiter
-                    .check(site_key, now_ns, params)
-                    .map_err(refused)?;
-            }
+            ip_limited(
+                gw,
+                route_index,
+                client,
+                limit,
+                live.config.server.ipv6_prefix,
+            )?;
         }
         // The client's limit key, for the limit on failed authentications.
         let client = ctx
