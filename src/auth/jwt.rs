@@ -204,6 +204,20 @@ impl JwtVerifier {
             Some(kid) => jwks.find(kid)?,
             None => jwks.keys.first()?,
         };
+        // A JWK that says what it is for is used for nothing else (RFC 8725 §3.1): `use` other
+        // than `sig` (an encryption key) verifies no signature, and a key naming its `alg` no
+        // token of another algorithm, even one of its family.
+        let common = &jwk.common;
+        if common
+            .public_key_use
+            .as_ref()
+            .is_some_and(|u| *u != jsonwebtoken::jwk::PublicKeyUse::Signature)
+            || common
+                .key_algorithm
+                .is_some_and(|named| format!("{named:?}") != format!("{alg:?}"))
+        {
+            return None;
+        }
         DecodingKey::from_jwk(jwk).ok()
     }
 
@@ -569,6 +583,47 @@ mod tests {
             )
             .unwrap();
             assert_eq!(v.verify(&t, NOW), Err(JwtError::NoAccount), "{claims}");
+        }
+    }
+
+    /// A JWKS key is used only as it says: for signatures (`use`), with its own algorithm
+    /// (`alg`); one that says neither verifies any token of its family.
+    #[test]
+    fn a_jwks_key_verifies_only_what_it_names() {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        let pair = rcgen::KeyPair::generate().unwrap(); // ECDSA P-256
+        let point = pair.public_key_raw(); // 0x04 || x || y
+        let (x, y) = (
+            URL_SAFE_NO_PAD.encode(&point[1..33]),
+            URL_SAFE_NO_PAD.encode(&point[33..65]),
+        );
+        let claims = serde_json::json!({
+            "account_id": "acc_1", "iss": "msgflash", "aud": "console", "exp": NOW + 60,
+        });
+        let signing = EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &signing).unwrap();
+        let verifier = |extra: &str| {
+            let jwks =
+                format!(r#"{{"keys":[{{"kty":"EC","crv":"P-256","x":"{x}","y":"{y}"{extra}}}]}}"#);
+            JwtVerifier::new(&JwtSettings {
+                algorithms: vec![Algorithm::ES256],
+                jwks: Some(jwks),
+                ..settings()
+            })
+            .unwrap()
+        };
+        for fine in ["", r#","use":"sig""#, r#","alg":"ES256","use":"sig""#] {
+            let id = verifier(fine).verify(&token, NOW).unwrap();
+            assert_eq!(id.account_id, "acc_1", "{fine}");
+        }
+        for not_for_this in [r#","use":"enc""#, r#","alg":"ES384""#] {
+            assert_eq!(
+                verifier(not_for_this).verify(&token, NOW),
+                Err(JwtError::NoKey),
+                "{not_for_this}"
+            );
         }
     }
 }
