@@ -60,6 +60,58 @@ pub(crate) fn place_to_read_a_proxy_header(
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n` (RFC 9113 §3.4): what an HTTP/2 client sends first.
 const H2_PREFACE_LEN: usize = 24;
 
+/// HTTP/2 frames as they pass, followed only as far as their 9-byte headers (payloads are
+/// skipped by length): enough to see when a request's header block is open, from a `HEADERS`
+/// or `PUSH_PROMISE` frame without `END_HEADERS` to the `CONTINUATION` frame that has it
+/// (RFC 9113 §6.10: nothing else may come between).
+#[derive(Debug, Default)]
+struct H2Frames {
+    header: [u8; 9],
+    have: usize,
+    payload_left: usize,
+    block_open: bool,
+}
+
+impl H2Frames {
+    /// Follows `bytes`; true when a header block opened in them and is still open (its
+    /// deadline starts now).
+    fn follow(&mut self, mut bytes: &[u8]) -> bool {
+        const HEADERS: u8 = 0x1;
+        const PUSH_PROMISE: u8 = 0x5;
+        const CONTINUATION: u8 = 0x9;
+        const END_HEADERS: u8 = 0x4;
+        let mut opened = false;
+        while !bytes.is_empty() {
+            if self.payload_left > 0 {
+                let n = self.payload_left.min(bytes.len());
+                self.payload_left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (self.header.len() - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have < self.header.len() {
+                break;
+            }
+            self.have = 0;
+            let [l0, l1, l2, kind, flags, ..] = self.header;
+            self.payload_left = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
+            let ends = flags & END_HEADERS != 0;
+            match kind {
+                HEADERS | PUSH_PROMISE => {
+                    opened |= !ends;
+                    self.block_open = !ends;
+                }
+                CONTINUATION if ends => self.block_open = false,
+                _ => {}
+            }
+        }
+        opened && self.block_open
+    }
+}
+
 /// How many bytes a request head may take, and what a head that takes more is answered.
 pub(crate) trait EdgeLimits: std::fmt::Debug + Send + Sync + 'static {
     /// The most bytes of one request head (request line, headers, blank line), read when a
@@ -191,11 +243,14 @@ enum Head {
     Done { ended: u64 },
     /// HTTP/2 by ALPN, until the client's 24-byte connection preface is in (`seen` bytes so
     /// far): the first-byte deadline runs, as before an HTTP/1 connection's first head, for the
-    /// whole preface (one byte and then silence is no way past it); then [`Head::Off`]. pingora
-    /// waits for the preface with no deadline of its own.
+    /// whole preface (one byte and then silence is no way past it); then [`Head::H2`]. pingora
+    /// waits for the preface with no deadline of its own. Also HTTP/2 with prior knowledge
+    /// (h2c), once its first bytes are the preface's.
     Preface { seen: usize },
-    /// HTTP/2: not watched here.
-    Off,
+    /// HTTP/2 after its preface: its frames are followed far enough to see a request's header
+    /// block, which must be complete within the head deadline as an HTTP/1 head must (h2 and
+    /// pingora would wait on `CONTINUATION` frames sent a minute apart for ever).
+    H2(H2Frames),
     /// The head grew past its bound: `answer` is being written (`sent` bytes so far); then the
     /// reader sees the end of the stream and the connection closes.
     Refusing { answer: Vec<u8>, sent: usize },
@@ -402,14 +457,58 @@ impl EdgeStream {
         }
     }
 
+    /// An HTTP/2 connection's read: frames followed; while a request's header block is open,
+    /// a read that waits past the head deadline fails (the connection closes).
+    fn poll_frames(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let Head::H2(frames) = &mut self.head else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) => {
+                if frames.follow(&buf.filled()[before..]) {
+                    self.deadline = Instant::now() + self.timeout;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if frames.block_open => {
+                let deadline = self.deadline;
+                if self.passed(deadline, cx) {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "HTTP/2 header block not complete within server.header_timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+
     /// Follows the head through the bytes just read; starts the clock when a head starts, and
     /// turns to refusing when the head grew past its bound.
     fn saw(&mut self, bytes: &[u8]) {
-        if let Head::Preface { seen } = &mut self.head {
-            *seen = seen.saturating_add(bytes.len());
-            if *seen >= H2_PREFACE_LEN {
-                self.head = Head::Off;
+        if matches!(self.head, Head::Idle) && bytes.starts_with(b"PRI * HTTP/2") {
+            // h2c with prior knowledge: the preface, then frames, not an HTTP/1 head.
+            self.head = Head::Preface { seen: 0 };
+        }
+        if let Head::Preface { seen } = self.head {
+            let total = seen.saturating_add(bytes.len());
+            if total < H2_PREFACE_LEN {
+                self.head = Head::Preface { seen: total };
+                return;
             }
+            let mut frames = H2Frames::default();
+            let rest = &bytes[H2_PREFACE_LEN.saturating_sub(seen).min(bytes.len())..];
+            if frames.follow(rest) {
+                self.deadline = Instant::now() + self.timeout;
+            }
+            self.head = Head::H2(frames);
             return;
         }
         if follow(&mut self.head, bytes) {
@@ -461,7 +560,7 @@ impl EdgeStream {
     /// Whether `bytes`, about to be written, are pingora's bare `400` for a head it could not
     /// parse (a write while no request is under way), and the gateway's answer replaces them.
     fn replaces(&mut self, bytes: &[u8]) -> bool {
-        if matches!(self.head, Head::Off | Head::Preface { .. })
+        if matches!(self.head, Head::H2(_) | Head::Preface { .. })
             || self.between.load(Ordering::Relaxed) & 1 == 0
             || !is_bare_400(bytes)
         {
@@ -598,7 +697,7 @@ fn follow(head: &mut Head, mut bytes: &[u8]) -> bool {
     if let Head::Idle = head {
         // The h2c preface ("PRI * HTTP/2.0") is not an HTTP/1 head.
         if bytes.starts_with(b"PRI * HTTP/2") {
-            *head = Head::Off;
+            *head = Head::Preface { seen: 0 };
             return false;
         }
         started = true;
@@ -682,7 +781,8 @@ impl AsyncRead for EdgeStream {
             return Poll::Ready(Ok(()));
         }
         match self.head {
-            Head::Done { .. } | Head::Off => return Pin::new(&mut self.inner).poll_read(cx, buf),
+            Head::Done { .. } => return Pin::new(&mut self.inner).poll_read(cx, buf),
+            Head::H2(_) => return self.get_mut().poll_frames(cx, buf),
             Head::Refusing { .. } | Head::Refused { .. } => return self.get_mut().poll_refuse(cx),
             Head::Idle | Head::Reading { .. } | Head::Preface { .. } => {}
         }
@@ -985,6 +1085,41 @@ mod tests {
         );
         let mut h2 = Head::Idle;
         assert!(!follow(&mut h2, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
-        assert!(matches!(h2, Head::Off));
+        assert!(matches!(h2, Head::Preface { seen: 0 }));
+    }
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        let mut out = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 1];
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn an_http2_header_block_is_open_from_headers_to_end_headers() {
+        // SETTINGS, DATA and a whole HEADERS frame open nothing.
+        let mut f = H2Frames::default();
+        let mut bytes = frame(0x4, 0, &[0; 6]);
+        bytes.extend(frame(0x1, 0x4 | 0x1, &[0x82; 40]));
+        bytes.extend(frame(0x0, 0x1, &[0x04; 300]));
+        assert!(!f.follow(&bytes));
+        assert!(!f.block_open);
+        // HEADERS without END_HEADERS opens a block, split across reads at every byte.
+        let open = frame(0x1, 0x1, &[0x82; 10]);
+        let mut opened = false;
+        for b in &open {
+            opened |= f.follow(std::slice::from_ref(b));
+        }
+        assert!(opened && f.block_open);
+        // A CONTINUATION without END_HEADERS keeps it open; one with it closes it.
+        assert!(!f.follow(&frame(0x9, 0, &[0x84; 5])));
+        assert!(f.block_open);
+        assert!(!f.follow(&frame(0x9, 0x4, &[0x84; 5])));
+        assert!(!f.block_open);
+        // Opened and closed within one read: no deadline to start.
+        let mut both = frame(0x1, 0, &[1]);
+        both.extend(frame(0x9, 0x4, &[1]));
+        assert!(!f.follow(&both));
+        assert!(!f.block_open);
     }
 }

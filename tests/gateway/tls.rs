@@ -670,6 +670,65 @@ fn a_silent_http2_connection_over_tls_is_closed_at_the_header_timeout() {
     });
 }
 
+/// An HTTP/2 request's header block (a `HEADERS` frame without `END_HEADERS`, then
+/// `CONTINUATION` frames) must be complete within `header_timeout`, as an HTTP/1 head must: h2
+/// and pingora would wait on a block left open for ever (one frame a minute kept it so). A
+/// normal HTTP/2 request on the same gateway is served.
+#[test]
+fn an_http2_header_block_left_open_is_closed_at_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, tls) = tls_gateway_with(
+        &ca,
+        dir.path(),
+        &[("api", "api.test")],
+        "",
+        Setup::new()
+            .server("header_timeout = \"1s\"")
+            .server("keepalive_timeout = \"1h\""),
+    );
+    let (key, _) = gw.account_with_key("acme", "pro");
+    let frame = |kind: u8, flags: u8, stream: u8, payload: &[u8]| {
+        let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        let mut out = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, stream];
+        out.extend_from_slice(payload);
+        out
+    };
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    opening.extend(frame(0x1, 0x1, 1, &[0x82])); // HEADERS, END_STREAM, no END_HEADERS
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut stream = h2_tls(tls, &ca).await;
+        stream.write_all(&opening).await.unwrap();
+        stream.flush().await.unwrap();
+        // Whatever the server sends (its SETTINGS and ACK), then the end: well before the
+        // 60 s HTTP/2 idle timeout or the hour.
+        let mut sink = Vec::new();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            stream.read_to_end(&mut sink),
+        )
+        .await;
+        assert!(ended.is_ok(), "a header block left open was not closed");
+    });
+    let answers = h2_get(
+        tls,
+        &ca,
+        vec![("/api/v1/messages".into(), vec![("x-api-key", key)])],
+    );
+    assert_eq!(
+        answers[0].0,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answers[0].2)
+    );
+}
+
 /// HTTP/2's CONNECT (a tunnel in one stream) is refused in the JSON shape, as HTTP/1.1's is.
 #[test]
 fn http2_connect_is_refused_in_the_json_shape() {
