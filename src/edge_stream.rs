@@ -62,14 +62,16 @@ const H2_PREFACE_LEN: usize = 24;
 
 /// HTTP/2 frames as they pass, followed only as far as their 9-byte headers (payloads are
 /// skipped by length): enough to see when a request's header block is open, from a `HEADERS`
-/// or `PUSH_PROMISE` frame without `END_HEADERS` to the `CONTINUATION` frame that has it
-/// (RFC 9113 §6.10: nothing else may come between).
+/// or `PUSH_PROMISE` frame's header to the last byte of the frame that has `END_HEADERS` (RFC
+/// 9113 §6.10: nothing else may come between; h2 decodes a frame only once it is whole).
 #[derive(Debug, Default)]
 struct H2Frames {
     header: [u8; 9],
     have: usize,
     payload_left: usize,
     block_open: bool,
+    /// The frame being read ends the header block (`END_HEADERS`) once its payload is in.
+    ends_block: bool,
 }
 
 impl H2Frames {
@@ -86,6 +88,7 @@ impl H2Frames {
                 let n = self.payload_left.min(bytes.len());
                 self.payload_left -= n;
                 bytes = &bytes[n..];
+                self.frame_read_so_far();
                 continue;
             }
             let n = (self.header.len() - self.have).min(bytes.len());
@@ -101,14 +104,24 @@ impl H2Frames {
             let ends = flags & END_HEADERS != 0;
             match kind {
                 HEADERS | PUSH_PROMISE => {
-                    opened |= !ends;
-                    self.block_open = !ends;
+                    opened = true;
+                    self.block_open = true;
+                    self.ends_block = ends;
                 }
-                CONTINUATION if ends => self.block_open = false,
+                CONTINUATION => self.ends_block = ends,
                 _ => {}
             }
+            self.frame_read_so_far();
         }
         opened && self.block_open
+    }
+
+    /// A frame that ends the header block closes it once its payload is all in.
+    fn frame_read_so_far(&mut self) {
+        if self.payload_left == 0 && self.ends_block {
+            self.block_open = false;
+            self.ends_block = false;
+        }
     }
 }
 
@@ -1120,6 +1133,15 @@ mod tests {
         let mut both = frame(0x1, 0, &[1]);
         both.extend(frame(0x9, 0x4, &[1]));
         assert!(!f.follow(&both));
+        assert!(!f.block_open);
+        // A frame with END_HEADERS ends the block only once its payload is in: trickling the
+        // payload of a last frame is no way past the deadline.
+        let whole = frame(0x1, 0x4, &[0x82; 100]);
+        assert!(f.follow(&whole[..9]));
+        assert!(f.block_open);
+        assert!(!f.follow(&whole[9..50]));
+        assert!(f.block_open);
+        assert!(!f.follow(&whole[50..]));
         assert!(!f.block_open);
     }
 }
