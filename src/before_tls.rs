@@ -42,12 +42,9 @@ impl PreTlsProcess for BeforeHandshake {
         if self.proxy_protocol {
             // Its own place for an untrusted peer, a global one for a balancer's connection
             // while the header is read (the client is not known yet).
-            let Some((own, _reading)) =
-                crate::edge_stream::place_to_read_a_proxy_header(&*self.limits, stream)
-            else {
+            let Some(place) = crate::edge_stream::HeaderPlace::take(&*self.limits, stream) else {
                 return Err(refused("over a connection cap"));
             };
-            early = own;
             let trusts = |ip| self.limits.trusts(ip);
             crate::proxy_protocol::accept(stream, self.timeout, trusts)
                 .await
@@ -55,6 +52,7 @@ impl PreTlsProcess for BeforeHandshake {
                     self.limits.proxy_header_refused(&why);
                     refused(why.to_string())
                 })?;
+            early = place.client();
         }
         let peer = crate::proxy_protocol::peer_ip(stream);
         let Some(permit) = early.or_else(|| self.limits.admit_peer(peer)) else {

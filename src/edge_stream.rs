@@ -42,18 +42,36 @@ use tokio::time::{Instant, Sleep};
 /// The most input read away after a refusal, before the connection closes.
 const LINGER_BYTES: usize = 256 * 1024;
 
-/// The place a connection reads its PROXY header in: a peer that is no trusted balancer is its
-/// own client from the start (its header is read and ignored), so it takes its place under its
-/// own cap at once (`.0`, kept for the connection): otherwise one address could fill the global
-/// cap, a header timeout at a time. A balancer's connection takes a place under the global cap
-/// while the header is read (`.1`), and its client's place once the header names it.
-pub(crate) fn place_to_read_a_proxy_header(
-    limits: &dyn EdgeLimits,
-    stream: &L4Stream,
-) -> Option<(Option<HeldPlace>, Option<HeldPlace>)> {
-    match crate::proxy_protocol::peer_ip(stream).filter(|ip| !limits.trusts(*ip)) {
-        Some(untrusted) => Some((Some(limits.admit_peer(Some(untrusted))?), None)),
-        None => Some((None, Some(limits.admit_any()?))),
+/// The place a connection reads its PROXY header in.
+pub(crate) enum HeaderPlace {
+    /// A peer that is no trusted balancer is its own client from the start (its header is read
+    /// and ignored): its place under its own cap, taken at once and kept for the connection
+    /// (otherwise one address could fill the global cap, a header timeout at a time).
+    Client(HeldPlace),
+    /// A balancer's connection: a place under the global cap while the header is read; its
+    /// client's place is taken once the header names it.
+    Reading {
+        /// Held for its drop only: given back when the header is read.
+        _held: HeldPlace,
+    },
+}
+
+impl HeaderPlace {
+    /// Takes the place for a connection about to read its PROXY header (None: over a cap).
+    pub(crate) fn take(limits: &dyn EdgeLimits, stream: &L4Stream) -> Option<Self> {
+        match crate::proxy_protocol::peer_ip(stream).filter(|ip| !limits.trusts(*ip)) {
+            Some(untrusted) => limits.admit_peer(Some(untrusted)).map(Self::Client),
+            None => limits.admit_any().map(|held| Self::Reading { _held: held }),
+        }
+    }
+
+    /// Once the header is read: the connection's own place, if it has one already (a place
+    /// taken for reading is given back).
+    pub(crate) fn client(self) -> Option<HeldPlace> {
+        match self {
+            Self::Client(place) => Some(place),
+            Self::Reading { .. } => None,
+        }
     }
 }
 
@@ -180,14 +198,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for EdgeApp<A> {
                 let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
                 // Places that failed handshakes left never refuse a connection.
                 self.handshaking.sweep();
-                let (early, _reading) = place_to_read_a_proxy_header(&*self.limits, &l4)?;
+                let place = HeaderPlace::take(&*self.limits, &l4)?;
                 let trusts = |ip| self.limits.trusts(ip);
                 if let Err(why) = crate::proxy_protocol::accept(&mut l4, self.timeout, trusts).await
                 {
                     self.limits.proxy_header_refused(&why);
                     return None;
                 }
-                (l4 as Stream, early)
+                (l4 as Stream, place.client())
             } else {
                 (stream, None)
             };

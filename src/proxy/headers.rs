@@ -133,14 +133,12 @@ pub(crate) fn remove_live_rate(headers: &mut HeaderMap) {
 /// `Cookie` line would see part of what the gateway checked. One field is left as it is.
 pub(crate) fn join_cookies(headers: &mut HeaderMap) {
     let mut values = headers.get_all(http::header::COOKIE).iter();
-    if values.next().is_none() || values.next().is_none() {
+    let (Some(first), Some(second)) = (values.next(), values.next()) else {
         return;
-    }
-    let mut joined = Vec::new();
-    for (i, value) in headers.get_all(http::header::COOKIE).iter().enumerate() {
-        if i > 0 {
-            joined.extend_from_slice(b"; ");
-        }
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for value in std::iter::once(second).chain(values) {
+        joined.extend_from_slice(b"; ");
         joined.extend_from_slice(value.as_bytes());
     }
     // Each part was a valid field value, and so is their join.

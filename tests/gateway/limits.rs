@@ -114,15 +114,22 @@ fn keys_have_separate_buckets(b: Backend) {
     assert_eq!(count(&burst(&gw, &b, 12), 200), 10);
 }
 
-fn monthly_quota_is_exact_and_retry_after_points_at_the_next_period(b: Backend) {
-    let gw = Gateway::on(b);
-    let (key, _) = gw.account_with_key("small", "tiny"); // 5 requests a month
-    let statuses = burst(&gw, &key, 8);
+/// A key of an account on plan `tiny` (5 requests a month), which 8 requests at once used up:
+/// 5 forwarded, 3 refused.
+fn eight_on_a_quota_of_five(gw: &Gateway) -> String {
+    let (key, _) = gw.account_with_key("small", "tiny");
+    let statuses = burst(gw, &key, 8);
     assert_eq!(
         (count(&statuses, 200), count(&statuses, 429)),
         (5, 3),
         "{statuses:?}"
     );
+    key
+}
+
+fn monthly_quota_is_exact_and_retry_after_points_at_the_next_period(b: Backend) {
+    let gw = Gateway::on(b);
+    let key = eight_on_a_quota_of_five(&gw);
     let r = gw.get("/api/v1/x", &[("x-api-key", &key)]);
     assert_error(
         &r,
@@ -172,13 +179,7 @@ fn the_quota_holds_whatever_date_the_gateway_clock_says(b: Backend) {
     // 2020-02-10T00:00:00Z: its period (from the 1st) ended in March 2020.
     let clock = Arc::new(msgflash_gateway::clock::ManualClock::at_unix(1_581_292_800));
     let gw = Gateway::start_with_backend(b, Setup::new().sharing(&clock));
-    let (key, _) = gw.account_with_key("small", "tiny"); // 5 requests a month
-    let statuses = burst(&gw, &key, 8);
-    assert_eq!(
-        (count(&statuses, 200), count(&statuses, 429)),
-        (5, 3),
-        "{statuses:?}"
-    );
+    let key = eight_on_a_quota_of_five(&gw);
     let r = gw.admin_call(
         "PUT",
         "/admin/v1/accounts/small",

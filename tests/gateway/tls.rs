@@ -629,65 +629,65 @@ pub(crate) fn h2c_exchange(
     })
 }
 
-/// A TLS client that negotiates HTTP/2 and then sends nothing, or only part of the preface,
-/// holds a place of the connection caps: pingora waits for the preface with no deadline. It has the
-/// first-byte deadline (`header_timeout`, 1 s here, against a keep-alive of an hour), and then
-/// the connection closes, without a request.
-#[test]
-fn a_silent_http2_connection_over_tls_is_closed_at_the_header_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ca = Ca::new();
-    let dir = tempfile::tempdir().unwrap();
-    let (_gw, tls) = tls_gateway_with(
-        &ca,
-        dir.path(),
+/// A gateway whose head deadline is 1 s, against a keep-alive of an hour: a connection closed
+/// within seconds was closed by the deadline.
+fn quick_head_deadline_gateway(ca: &Ca, dir: &std::path::Path) -> (Gateway, SocketAddr) {
+    tls_gateway_with(
+        ca,
+        dir,
         &[("api", "api.test")],
         "",
         Setup::new()
             .server("header_timeout = \"1s\"")
             .server("keepalive_timeout = \"1h\""),
-    );
+    )
+}
+
+/// Whether the gateway closes an HTTP/2 connection over TLS (ALPN h2) on which `sent` was
+/// written and nothing more, within 20 s (whatever it sends first: its SETTINGS, an ACK).
+fn closes_after(tls: SocketAddr, ca: &Ca, sent: &[u8]) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        // Silent, and silent after one byte of the 24-byte preface (that byte once turned the
-        // deadline off).
-        for sent in [&b""[..], b"P", b"PRI * HTTP/2.0\r\n"] {
-            let mut stream = h2_tls(tls, &ca).await;
-            stream.write_all(sent).await.unwrap();
-            stream.flush().await.unwrap();
-            // Whatever the server sends (its SETTINGS), then the end: well before the hour.
-            let mut sink = Vec::new();
-            let ended = tokio::time::timeout(
-                std::time::Duration::from_secs(20),
-                stream.read_to_end(&mut sink),
-            )
-            .await;
-            assert!(ended.is_ok(), "not closed after {sent:?}");
-        }
-    });
+        let mut stream = h2_tls(tls, ca).await;
+        stream.write_all(sent).await.unwrap();
+        stream.flush().await.unwrap();
+        let mut sink = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            stream.read_to_end(&mut sink),
+        )
+        .await
+        .is_ok()
+    })
+}
+
+/// A TLS client that negotiates HTTP/2 and then sends nothing, or only part of the preface,
+/// holds a place of the connection caps: pingora waits for the preface with no deadline. It has
+/// the first-byte deadline, and then the connection closes, without a request (one byte of the
+/// 24-byte preface once turned the deadline off).
+#[test]
+fn a_silent_http2_connection_over_tls_is_closed_at_the_header_timeout() {
+    let ca = Ca::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (_gw, tls) = quick_head_deadline_gateway(&ca, dir.path());
+    for sent in [&b""[..], b"P", b"PRI * HTTP/2.0\r\n"] {
+        assert!(closes_after(tls, &ca, sent), "not closed after {sent:?}");
+    }
 }
 
 /// An HTTP/2 request's header block (a `HEADERS` frame without `END_HEADERS`, then
 /// `CONTINUATION` frames) must be complete within `header_timeout`, as an HTTP/1 head must: h2
-/// and pingora would wait on a block left open for ever (one frame a minute kept it so). A
-/// normal HTTP/2 request on the same gateway is served.
+/// and pingora would wait on a block left open for ever (one frame a minute kept it so), well
+/// past the 60 s HTTP/2 idle timeout. A normal HTTP/2 request on the same gateway is served.
 #[test]
 fn an_http2_header_block_left_open_is_closed_at_the_header_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ca = Ca::new();
     let dir = tempfile::tempdir().unwrap();
-    let (gw, tls) = tls_gateway_with(
-        &ca,
-        dir.path(),
-        &[("api", "api.test")],
-        "",
-        Setup::new()
-            .server("header_timeout = \"1s\"")
-            .server("keepalive_timeout = \"1h\""),
-    );
+    let (gw, tls) = quick_head_deadline_gateway(&ca, dir.path());
     let (key, _) = gw.account_with_key("acme", "pro");
     let frame = |kind: u8, flags: u8, stream: u8, payload: &[u8]| {
         let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
@@ -698,24 +698,10 @@ fn an_http2_header_block_left_open_is_closed_at_the_header_timeout() {
     let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     opening.extend(frame(0x4, 0, 0, &[])); // SETTINGS
     opening.extend(frame(0x1, 0x1, 1, &[0x82])); // HEADERS, END_STREAM, no END_HEADERS
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut stream = h2_tls(tls, &ca).await;
-        stream.write_all(&opening).await.unwrap();
-        stream.flush().await.unwrap();
-        // Whatever the server sends (its SETTINGS and ACK), then the end: well before the
-        // 60 s HTTP/2 idle timeout or the hour.
-        let mut sink = Vec::new();
-        let ended = tokio::time::timeout(
-            std::time::Duration::from_secs(20),
-            stream.read_to_end(&mut sink),
-        )
-        .await;
-        assert!(ended.is_ok(), "a header block left open was not closed");
-    });
+    assert!(
+        closes_after(tls, &ca, &opening),
+        "a header block left open was not closed"
+    );
     let answers = h2_get(
         tls,
         &ca,
